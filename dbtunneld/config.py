@@ -143,7 +143,8 @@ class _Reader:
         self.path = path
         self.problems = problems
         self.seen: set[str] = set()
-        if not isinstance(table, dict):
+        self.valid = isinstance(table, dict)
+        if not self.valid:
             self.problem("", f"must be a table, not {_kind(table)}", f"write it as [{path}]")
             table = {}
         self.table = table
@@ -158,7 +159,7 @@ class _Reader:
     def get(self, name: str, kind: type | tuple, default: Any, *, required: bool = False, fix: str = "") -> Any:
         self.seen.add(name)
         if name not in self.table:
-            if required:
+            if required and self.valid:
                 self.problem(name, "is required", fix)
             return default
         value = self.table[name]
@@ -167,7 +168,7 @@ class _Reader:
             value = float(value)
         if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
             want = " or ".join(_TYPE_NAMES.get(k, k.__name__) for k in kinds)
-            self.problem(name, f"must be {want}, not {_kind(value)} {value!r}", f"write a {want}")
+            self.problem(name, f"must be {want}, not {_kind(value)} {value!r}", f"write {want}")
             return default
         return value
 
@@ -276,7 +277,7 @@ def _parse_bastion(r: _Reader) -> BastionConfig:
                   'write e.g. "i-0123456789abcdef0" or "ecs:cluster_taskid_runtimeid"')
     tags = r.string_table("tags")
     host = r.text("host")
-    if transport in ("ssm-ssh", "ssm-port-forward", "plugin") and not (instance_id or tags):
+    if transport in ("ssm-ssh", "ssm-port-forward", "plugin") and not (instance_id or "tags" in r.table):
         r.problem("", f"transport {transport!r} needs a target", "set bastion.instance_id or bastion.tags")
     if instance_id and tags:
         r.problem("tags", "both instance_id and tags are set", "keep one of them")

@@ -1,0 +1,111 @@
+"""The layers of DESIGN.md, enforced: imports point down only, and no UI toolkit below the front-ends.
+
+vocabulary -> adapters -> engine -> process -> front-ends. A module may import its own layer and
+the ones below. Every module must be classified here, so a new one is placed on purpose.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parent.parent / "dbtunneld"
+
+LAYERS = {
+    0: {"__init__", "errors", "model", "timing", "config", "paths"},
+    1: {"aws", "vault", "ssm", "ssh", "keystore", "log", "discovery", "ports", "wake", "transport"},
+    2: {"lease", "tunnel", "supervisor"},
+    3: {"protocol", "control", "client", "daemon", "doctor"},
+    4: {"cli", "menu", "tray", "clipboard", "notify", "autostart", "__main__"},
+}
+RANK = {name: rank for rank, names in LAYERS.items() for name in names}
+UI_PACKAGES = {"pystray", "PIL", "gi", "Xlib", "tkinter", "AppKit", "objc"}
+SANDBOX = "sandbox"
+
+
+def _top(module_path: Path, root: Path = PKG) -> str:
+    rel = module_path.relative_to(root)
+    return rel.parts[0].removesuffix(".py")
+
+
+def _imports(path: Path, root: Path = PKG) -> list[tuple[str, int]]:
+    """(dotted module name, line) for every import in ``path``, relative ones resolved."""
+    tree = ast.parse(path.read_text(), str(path))
+    package_parts = ("dbtunneld",) + path.relative_to(root).with_suffix("").parts[:-1]
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, node.lineno) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            mod = node.module or ""
+            if node.level:
+                base = list(package_parts[: len(package_parts) - node.level + 1])
+                if not node.module:
+                    found += [(".".join(base + [a.name]), node.lineno) for a in node.names]
+                    continue
+                mod = ".".join(base + [node.module])
+            found.append((mod, node.lineno))
+    return found
+
+
+def _files(root: Path):
+    for path in sorted(root.rglob("*.py")):
+        if _top(path, root) != SANDBOX:
+            yield path
+
+
+def upward_imports(root: Path = PKG) -> list[str]:
+    violations = []
+    for path in _files(root):
+        me = _top(path, root)
+        for name, line in _imports(path, root):
+            parts = name.split(".")
+            if parts[0] != "dbtunneld" or len(parts) < 2:
+                continue
+            target = parts[1]
+            if target == SANDBOX:
+                if me != "cli":
+                    violations.append(f"{path.name}:{line} imports the sandbox (only `dbtunneld sandbox` in cli may)")
+            elif target in RANK and RANK[target] > RANK.get(me, 0):
+                violations.append(f"{path.relative_to(root)}:{line}: {me} (layer {RANK[me]}) imports {target} (layer {RANK[target]})")
+    return violations
+
+
+def ui_imports_below_front_ends(root: Path = PKG) -> list[str]:
+    violations = []
+    for path in _files(root):
+        if RANK.get(_top(path, root), 0) >= 4:
+            continue
+        for name, line in _imports(path, root):
+            if name.split(".")[0] in UI_PACKAGES:
+                violations.append(f"{path.relative_to(root)}:{line} imports {name}")
+    return violations
+
+
+def test_every_module_is_placed_in_a_layer():
+    unplaced = {_top(p) for p in _files(PKG)} - set(RANK)
+    assert not unplaced, f"classify these modules in tests/test_layers.py LAYERS: {sorted(unplaced)}"
+
+
+def test_imports_point_down_only():
+    violations = upward_imports()
+    assert not violations, "\n".join(violations)
+
+
+def test_no_ui_toolkit_below_front_ends():
+    violations = ui_imports_below_front_ends()
+    assert not violations, "\n".join(violations)
+
+
+def test_the_checker_finds_planted_violations(tmp_path):
+    """The checks must be able to fail: plant an upward import, a UI import and a sandbox import."""
+    (tmp_path / "ssm").mkdir()
+    (tmp_path / "tunnel.py").write_text("from .tray import run\nfrom dbtunneld import model\n")
+    (tmp_path / "ssm" / "client.py").write_text("from ..supervisor import Supervisor\nimport pystray\n")
+    (tmp_path / "lease.py").write_text("from dbtunneld.sandbox import stack\nfrom . import vault\n")
+    up = upward_imports(tmp_path)
+    assert any("tunnel.py:1: tunnel (layer 2) imports tray (layer 4)" in v for v in up), up
+    assert any("ssm/client.py:1: ssm (layer 1) imports supervisor (layer 2)" in v for v in up), up
+    assert any("lease.py:1 imports the sandbox" in v for v in up), up
+    assert len(up) == 3, up
+    assert ui_imports_below_front_ends(tmp_path) == ["ssm/client.py:2 imports pystray"]
