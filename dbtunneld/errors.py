@@ -91,6 +91,12 @@ class Problem:
         return where + self.message + (f"; {self.fix}" if self.fix else "")
 
 
+class UnknownNameError(DbtunneldError):
+    """A cluster (or other named thing) that the config does not define."""
+
+    hint = "run `dbtunneld status` to list the configured clusters"
+
+
 class ClosedError(DbtunneldError):
     """Used after close() by its owner (as opposed to broken underneath)."""
 
