@@ -1,0 +1,306 @@
+"""The control server on a real Unix socket: framing, errors, events, peer uid, cleanup."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import socket
+import stat
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from dbtunneld import control, errors, protocol as P
+from dbtunneld.client import Client, DaemonNotRunning
+
+NOBODY = 65534
+
+
+@pytest.fixture
+def rundir():
+    d = Path(tempfile.mkdtemp(prefix="dbt-ctl-", dir="/tmp")) / "run"
+    yield d
+    shutil.rmtree(d.parent, ignore_errors=True)
+
+
+class FakeDaemon:
+    """A dispatch function with scripted answers."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, req: P.Request):
+        self.calls.append(req)
+        if req.cmd == "status":
+            return {"tunnels": [], "n": len(self.calls)}
+        if req.cmd == "connect" and req.args.get("name") == "busy":
+            raise errors.PortInUseError(13306, "pid 9 (nc)")
+        if req.cmd == "connect" and req.args.get("name") == "boom":
+            raise ZeroDivisionError("division by zero")
+        if req.cmd == "creds":
+            return {"username": "u"}
+        return {"cmd": req.cmd, "args": req.args}
+
+
+@pytest.fixture
+def server(rundir):
+    srv = control.ControlServer(rundir / "control.sock", FakeDaemon()).start()
+    yield srv
+    srv.close()
+
+
+def raw(server, payload: bytes, *, read_lines: int = 1, timeout: float = 5.0) -> list[dict]:
+    """Send raw bytes; return the first read_lines JSON replies."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(timeout)
+        s.connect(str(server.path))
+        s.sendall(payload)
+        return read_replies(s, read_lines)
+
+
+def read_replies(s: socket.socket, n: int) -> list[dict]:
+    data = b""
+    while data.count(b"\n") < n:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return [json.loads(x) for x in data.splitlines()[:n]]
+
+
+def test_request_round_trip_and_modes(server, rundir):
+    assert Client(server.path).request("status")["tunnels"] == []
+    assert stat.S_IMODE(os.stat(server.path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(rundir).st_mode) == 0o700
+
+
+def test_error_kinds_reach_the_client(server):
+    c = Client(server.path)
+    with pytest.raises(errors.PortInUseError) as info:
+        c.request("connect", name="busy")
+    assert info.value.port == 13306 and "pid 9" in info.value.message
+    with pytest.raises(P.RemoteError) as info:
+        c.request("connect", name="boom")
+    assert info.value.kind == "internal"
+    assert c.request("status")["tunnels"] == []   # still serving
+
+
+def test_malformed_line_gets_a_reply_and_the_connection_goes_on(server):
+    replies = raw(server, b"garbage\n" + P.encode_request(5, "status"), read_lines=2)
+    assert replies[0]["ok"] is False and replies[0]["error"]["kind"] == "malformed"
+    assert replies[0]["id"] is None
+    assert replies[1]["ok"] is True and replies[1]["id"] == 5
+
+
+def test_unknown_command_keeps_the_id(server):
+    [reply] = raw(server, b'{"v":1,"id":9,"cmd":"rm","args":{}}\n')
+    assert reply["id"] == 9 and reply["error"]["kind"] == "unknown_command"
+    assert "status" in reply["error"]["hint"]
+
+
+def test_oversized_line_is_refused_without_buffering_it(server):
+    big = b'{"v":1,"id":1,"cmd":"status","args":{"x":"' + b"a" * (P.MAX_REQUEST_BYTES * 3) + b'"}}\n'
+    replies = raw(server, big + P.encode_request(2, "status"), read_lines=2)
+    assert replies[0]["error"]["kind"] == "too_large"
+    assert replies[1]["ok"] is True
+
+
+def test_client_sending_only_garbage_is_dropped(server):
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(5)
+        s.connect(str(server.path))
+        s.sendall(b"x\n" * (control.MAX_BAD_LINES + 10))
+        replies = read_replies(s, control.MAX_BAD_LINES + 10)
+    assert len(replies) == control.MAX_BAD_LINES       # then the daemon hung up
+    assert Client(server.path).request("status")
+
+
+def test_truncated_line_then_close_leaves_server_up(server):
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(server.path))
+        s.sendall(b'{"v":1,"id":1,"cmd":"sta')
+    assert Client(server.path).request("status")
+
+
+def test_random_bytes_fuzz(server):
+    rng = random.Random(1234)
+    for _ in range(40):
+        blob = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 3000)))
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(5)
+            s.connect(str(server.path))
+            try:
+                s.sendall(blob + (b"\n" if rng.random() < 0.5 else b""))
+                s.shutdown(socket.SHUT_WR)
+                while s.recv(65536):
+                    pass
+            except OSError:
+                pass          # dropped by the daemon: allowed
+    assert Client(server.path).request("status")
+    deadline = time.monotonic() + 5
+    while server.clients and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server.clients == 0
+
+
+def test_subscribe_streams_snapshot_then_events(server):
+    with Client(server.path).subscribe() as sub:
+        events = iter(sub)
+        first = next(events)
+        assert first.event == "status" and first.data["tunnels"] == []
+        wait_for(lambda: server.bus.subscribers == 1)
+        server.bus.publish("tunnel", {"name": "orders", "state": "up"})
+        assert next(events) == P.Event("tunnel", {"name": "orders", "state": "up"})
+    wait_for(lambda: server.bus.subscribers == 0)
+
+
+def test_close_wakes_a_blocked_subscriber(server):
+    sub = Client(server.path).subscribe()
+    got = []
+    t = threading.Thread(target=lambda: got.extend(sub))
+    t.start()
+    wait_for(lambda: len(got) == 1)
+    sub.close()
+    t.join(5)
+    assert not t.is_alive()
+
+
+def test_slow_subscriber_is_dropped_not_the_daemon(server, monkeypatch):
+    monkeypatch.setattr(control, "EVENT_QUEUE", 4)
+    with socket.socket(socket.AF_UNIX) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect(str(server.path))
+        s.sendall(P.encode_request(1, "subscribe"))
+        wait_for(lambda: server.bus.subscribers == 1)
+        payload = {"blob": "z" * 60000}
+        for _ in range(200):                      # never read: the daemon's queue overflows
+            server.bus.publish("noise", payload)
+            if server.bus.subscribers == 0:
+                break
+        assert server.bus.subscribers == 0
+    assert Client(server.path).request("status")
+
+
+def test_other_uid_is_refused(rundir):
+    srv = control.ControlServer(rundir / "control.sock", FakeDaemon(), allowed_uid=os.getuid() + 4242).start()
+    try:
+        with pytest.raises(errors.PermissionDeniedError) as info:
+            Client(srv.path).request("status")
+        assert f"uid {os.getuid()}" in info.value.message
+        assert srv.dispatch.calls == []
+    finally:
+        srv.close()
+
+
+def test_peer_credentials_name_us():
+    a, b = socket.socketpair(socket.AF_UNIX)
+    with a, b:
+        cred = control.peer_credentials(a)
+    assert cred.uid == os.getuid() and cred.pid in (os.getpid(), None)
+
+
+def _connect_as_nobody(path: Path) -> str:
+    """Fork a child that drops to uid 65534, connects and reports what happened."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        result = "?"
+        try:
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            with socket.socket(socket.AF_UNIX) as s:
+                s.settimeout(5)
+                s.connect(str(path))
+                s.sendall(P.encode_request(1, "stop"))
+                result = s.recv(65536).decode() or "closed"
+        except PermissionError:
+            result = "EACCES"
+        except BaseException as exc:  # report anything to the parent
+            result = f"error {exc!r}"
+        finally:
+            os.write(w, result.encode()[:4000])
+            os._exit(0)
+    os.close(w)
+    try:
+        with os.fdopen(r, "rb") as f:
+            return f.read().decode()
+    finally:
+        os.waitpid(pid, 0)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to run a client as another uid")
+def test_nobody_cannot_reach_the_socket_through_the_0700_dir(server, rundir):
+    os.chmod(rundir.parent, 0o711)      # only the runtime dir's own 0700 stands in the way
+    os.chmod(server.path, 0o666)
+    assert _connect_as_nobody(server.path) == "EACCES"
+    assert server.dispatch.calls == []
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to run a client as another uid")
+def test_nobody_is_refused_by_peer_uid_even_when_the_socket_is_reachable(server, rundir):
+    os.chmod(rundir.parent, 0o711)      # loosen both layers so only the uid check stands
+    os.chmod(rundir, 0o711)
+    os.chmod(server.path, 0o666)
+    reply = json.loads(_connect_as_nobody(server.path).splitlines()[0])
+    assert reply["ok"] is False and reply["error"]["kind"] == "permission_denied"
+    assert f"uid {NOBODY}" in reply["error"]["message"]
+    assert server.dispatch.calls == []               # `stop` never reached the daemon
+    assert Client(server.path).request("status")
+
+
+def test_close_removes_socket_and_ends_threads(rundir):
+    srv = control.ControlServer(rundir / "control.sock", FakeDaemon()).start()
+    idle = socket.socket(socket.AF_UNIX)
+    idle.connect(str(srv.path))
+    wait_for(lambda: srv.clients == 1)
+    srv.close()
+    srv.close()                                      # idempotent
+    assert not srv.path.exists()
+    assert idle.recv(10) == b""
+    idle.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("control-")]
+    with pytest.raises(DaemonNotRunning):
+        Client(srv.path).request("status")
+
+
+def test_stale_socket_file_is_replaced(rundir):
+    rundir.mkdir(mode=0o700)
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(rundir / "control.sock"))
+    stale.close()
+    with control.ControlServer(rundir / "control.sock", FakeDaemon()) as srv:
+        assert Client(srv.path).request("status")
+
+
+def test_loose_runtime_dir_is_tightened(rundir):
+    rundir.mkdir(mode=0o755)
+    os.chmod(rundir, 0o755)
+    control.prepare_runtime_dir(rundir)
+    assert stat.S_IMODE(os.stat(rundir).st_mode) == 0o700
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to chown")
+def test_runtime_dir_of_another_user_is_refused(rundir):
+    rundir.mkdir(mode=0o700)
+    os.chown(rundir, NOBODY, NOBODY)
+    with pytest.raises(errors.PermissionDeniedError):
+        control.prepare_runtime_dir(rundir)
+
+
+def test_too_long_socket_path_is_a_clear_error(rundir):
+    with pytest.raises(errors.PermissionDeniedError) as info:
+        control.bind_control_socket(rundir / ("x" * 120) / "control.sock")
+    assert "DBTUNNELD_HOME" in info.value.hint
+
+
+def wait_for(cond, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
