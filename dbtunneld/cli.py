@@ -39,6 +39,12 @@ def _cmd_sandbox(args: argparse.Namespace) -> int:
     return run_sandbox(args)
 
 
+def _cmd_autostart(args: argparse.Namespace) -> int:
+    from .autostart import run_cli
+
+    return run_cli(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dbtunneld", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"dbtunneld {__version__}")
@@ -57,6 +63,19 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--no-daemon", action="store_true", help="only the servers, not the daemon")
     sb.add_argument("--short-ttl", action="store_true", help="use TTLs of seconds (for demos of renewal)")
     sb.set_defaults(func=_cmd_sandbox)
+
+    au = sub.add_parser("autostart", help="start at login: enable | disable | status")
+    au.set_defaults(func=_cmd_autostart, autostart_command="status")
+    au_sub = au.add_subparsers(dest="autostart_command", metavar="ACTION")
+    au_on = au_sub.add_parser("enable", help="start at login (replaces any other login item of ours)")
+    au_on.add_argument("--mode", choices=("tray", "daemon"),
+                       help="tray (default with a desktop) or daemon (default when headless)")
+    au_on.add_argument("--no-start", action="store_true", help="only at the next login, not now")
+    au_off = au_sub.add_parser("disable", help="stop starting at login (a running copy keeps running)")
+    au_off.add_argument("--stop", action="store_true", help="also stop what launchd/systemd runs")
+    au_st = au_sub.add_parser("status", help="what starts at login, read from the system")
+    au_st.add_argument("--mode", choices=("tray", "daemon"), help="only that mode's login item")
+    au_st.add_argument("--json", action="store_true", help="machine-readable output")
     return p
 
 

@@ -1,0 +1,7 @@
+"""`python -m dbtunneld`: the same entry point as the `dbtunneld` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
