@@ -1,0 +1,168 @@
+"""Logging for dbtunneld: a private rotating log file plus stderr, secret masking, unit context.
+
+Any module that holds a secret (Vault token, DB password, SSO access token) registers it with
+``register_secret``; the ``MaskingFilter`` installed on every handler by ``setup_logging`` then
+replaces it, wherever it appears (message, arguments, tracebacks), with ``***``. Values that look
+like Vault tokens are masked even when nobody registered them. ``unit_logger`` prefixes lines
+with the unit they concern (``[db=orders] lease renewed ...``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+import threading
+from collections import OrderedDict
+from logging.handlers import RotatingFileHandler
+from pathlib import Path
+from typing import Any, MutableMapping
+
+MASK = "***"
+MIN_SECRET_LENGTH = 6          # shorter values would mask ordinary words
+MAX_SECRETS = 4096             # oldest registrations are dropped past this (old passwords)
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# Vault / OpenBao service and batch tokens (hvs./hvb./hvr. and the older s./b. forms).
+TOKEN_RE = re.compile(r"\b(?:hv[sbr]\.[A-Za-z0-9_-]{20,}|[sb]\.[A-Za-z0-9]{24,})\b")
+
+
+class SecretRegistry:
+    """The secrets to mask, most recent last (thread-safe)."""
+
+    def __init__(self, limit: int = MAX_SECRETS) -> None:
+        self._limit = limit
+        self._secrets: OrderedDict[str, None] = OrderedDict()
+        self._lock = threading.Lock()
+        self._pattern: re.Pattern[str] | None = None
+
+    def register(self, value: str | None) -> None:
+        if not value or len(value) < MIN_SECRET_LENGTH:
+            return
+        with self._lock:
+            self._secrets[value] = None
+            self._secrets.move_to_end(value)
+            while len(self._secrets) > self._limit:
+                self._secrets.popitem(last=False)
+            self._pattern = None
+
+    def forget(self, value: str | None) -> None:
+        with self._lock:
+            if value in self._secrets:
+                del self._secrets[value]
+                self._pattern = None
+
+    def mask(self, text: str) -> str:
+        pattern = self._compiled()
+        if pattern is not None:
+            text = pattern.sub(MASK, text)
+        return TOKEN_RE.sub(MASK, text)
+
+    def _compiled(self) -> re.Pattern[str] | None:
+        with self._lock:
+            if self._pattern is None and self._secrets:
+                # Longest first, so a secret containing another is masked whole.
+                alternatives = sorted(self._secrets, key=len, reverse=True)
+                self._pattern = re.compile("|".join(re.escape(s) for s in alternatives))
+            return self._pattern
+
+
+# One registry per process, on purpose: any module may log any value, so masking must see
+# every secret the process holds.
+SECRETS = SecretRegistry()
+
+
+def register_secret(value: str | None) -> None:
+    """Mask ``value`` in every log line from now on."""
+    SECRETS.register(value)
+
+
+def forget_secret(value: str | None) -> None:
+    SECRETS.forget(value)
+
+
+def mask(text: str) -> str:
+    """``text`` with every registered secret (and anything token-shaped) replaced by ``***``."""
+    return SECRETS.mask(text)
+
+
+class MaskingFilter(logging.Filter):
+    """Rewrites each record so that no registered secret reaches a handler."""
+
+    def __init__(self, registry: SecretRegistry = SECRETS) -> None:
+        super().__init__()
+        self.registry = registry
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a bad format string must not hide the record
+            message = f"{record.msg} {record.args!r}"
+        record.msg, record.args = self.registry.mask(message), None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = self.registry.mask(record.exc_text)
+        if record.stack_info:
+            record.stack_info = self.registry.mask(record.stack_info)
+        return True
+
+
+class PrivateRotatingFileHandler(RotatingFileHandler):
+    """A rotating log file created with mode 0600 (the log names users and lease ids)."""
+
+    def _open(self):  # noqa: D401 - logging's hook
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.chmod(self.baseFilename, 0o600)
+        return os.fdopen(fd, "a", encoding=self.encoding or "utf-8", errors=self.errors)
+
+
+_installed: list[logging.Handler] = []
+
+
+def install_masking(handler: logging.Handler) -> logging.Handler:
+    """Add the masking filter to a handler set up elsewhere (tests, other front-ends)."""
+    if not any(isinstance(f, MaskingFilter) for f in handler.filters):
+        handler.addFilter(MaskingFilter())
+    return handler
+
+
+def setup_logging(log_file: str | Path | None = None, *, level: int = logging.INFO,
+                  stderr: bool = True, max_bytes: int = 5 * 1024 * 1024, backups: int = 5) -> list[logging.Handler]:
+    """Send the root logger to ``log_file`` (rotating, 0600) and/or stderr, both masked.
+
+    Calling it again replaces the handlers it installed before (not anyone else's).
+    """
+    root = logging.getLogger()
+    for old in _installed:
+        root.removeHandler(old)
+        old.close()
+    _installed.clear()
+    formatter = logging.Formatter(FORMAT)
+    if log_file:
+        path = Path(log_file)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _installed.append(PrivateRotatingFileHandler(path, maxBytes=max_bytes, backupCount=backups,
+                                                     encoding="utf-8"))
+    if stderr:
+        _installed.append(logging.StreamHandler(sys.stderr))
+    for handler in _installed:
+        handler.setFormatter(formatter)
+        install_masking(handler)
+        root.addHandler(handler)
+    root.setLevel(level)
+    return list(_installed)
+
+
+class UnitLogger(logging.LoggerAdapter):
+    """A logger whose lines start with the unit's context: ``[db=orders] ...``."""
+
+    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
+        return f"[{self.extra['context']}] {msg}", kwargs
+
+
+def unit_logger(logger: logging.Logger | str, **context: Any) -> UnitLogger:
+    """``unit_logger(__name__, db="orders")`` -> lines prefixed ``[db=orders]``."""
+    base = logging.getLogger(logger) if isinstance(logger, str) else logger
+    text = ", ".join(f"{k}={v}" for k, v in context.items())
+    return UnitLogger(base, {"context": text})
