@@ -1,0 +1,411 @@
+"""SSH to the bastion with paramiko, tuned for forwarding: the adapter under the ssh transports.
+
+Owns: connecting over a socket-like (TCP with TCP_NODELAY, an SSM stream, a ProxyCommand),
+host-key verification (known_hosts or a key pinned in config; never auto-accepted), public-key
+auth (key file, ssh-agent, or an ephemeral key sent through EC2 Instance Connect), a keepalive
+ping that notices a frozen bastion, and ``direct-tcpip`` channels. Failures are raised as the
+errors of ``dbtunneld.errors``; this module never retries (the tunnel owns retries).
+
+Tuning (see STACK-NOTES, "SSH forwarding speed"): 16 MiB channel windows, 256 KiB packets,
+aes128-gcm first, TCP_NODELAY, and a transport thread that wakes once a second when idle
+instead of ten times.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import os
+import select
+import signal
+import socket
+import subprocess
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import paramiko
+
+from .errors import HostKeyError, NeedsUserError, PermissionDeniedError, TransientError
+
+log = logging.getLogger(__name__)
+
+WINDOW_SIZE = 16 * 1024 * 1024
+MAX_PACKET = 256 * 1024
+READ_SIZE = 256 * 1024
+PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
+SSH_PORT = 22
+
+
+class ChannelOpenError(TransientError):
+    """The bastion could not open a channel to host:port (the tunnel may retry)."""
+
+
+class ForwardingRefusedError(PermissionDeniedError):
+    """The bastion refuses to forward to host:port (PermitOpen / AllowTcpForwarding)."""
+
+
+class _QuietTransport(paramiko.Transport):
+    """paramiko's Transport, waking once a second when idle (default: ten times)."""
+
+    _active_check_timeout = 1.0
+
+
+@dataclass(frozen=True)
+class SshOptions:
+    """Who to log in as, how to check the server, and the transport tuning."""
+
+    user: str
+    host_label: str                 # known_hosts name: "host", "[host]:2222" or an instance id
+    key_file: str = ""
+    use_agent: bool = True
+    pkey: Any = None                # an in-memory paramiko.PKey (e.g. an ephemeral EIC key)
+    host_key: str = ""              # pinned "ssh-ed25519 AAAA..." line
+    known_hosts: str = ""           # path; default ~/.ssh/known_hosts
+    timeout: float = 15.0
+    window_size: int = WINDOW_SIZE
+    max_packet: int = MAX_PACKET
+
+
+def known_hosts_name(host: str, port: int = SSH_PORT) -> str:
+    """How OpenSSH names a host in known_hosts."""
+    return host if port == SSH_PORT else f"[{host}]:{port}"
+
+
+def tcp_connect(host: str, port: int, timeout: float = 10.0) -> socket.socket:
+    """A TCP socket to the bastion with TCP_NODELAY (no 40 ms Nagle stalls) and keepalives."""
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except OSError as exc:
+        raise TransientError(f"cannot reach the bastion {host}:{port}: {_reason(exc)}",
+                             hint="check the bastion address and that it is running") from None
+    tune_socket(sock)
+    return sock
+
+
+def tune_socket(sock: socket.socket) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+
+
+class PluginProxy(paramiko.ProxyCommand):
+    """A ProxyCommand child (e.g. session-manager-plugin), stopped with SIGINT so it closes its
+    session (SIGTERM would leave the SSM session open until the idle timeout)."""
+
+    def __init__(self, argv: list[str], env: dict[str, str] | None = None) -> None:
+        self.cmd = list(argv)
+        self.process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=subprocess.DEVNULL, bufsize=0, env=env)
+        self.timeout = None
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=3)
+        for pipe in (self.process.stdin, self.process.stdout):
+            if pipe:
+                pipe.close()
+
+    def recv(self, size: int) -> bytes:
+        """Up to ``size`` bytes; b"" at end of stream (paramiko's own loops on EOF)."""
+        fd = self.process.stdout.fileno()
+        ready, _, _ = select.select([fd], [], [], self.timeout)
+        if not ready:
+            raise socket.timeout()
+        return os.read(fd, size)
+
+    @property
+    def closed(self) -> bool:
+        return self.process.poll() is not None
+
+
+def connect(sock: Any, options: SshOptions) -> "SshConnection":
+    """Handshake, verify the host key, authenticate; return a ready connection.
+
+    ``sock`` is closed when this fails.
+    """
+    transport = _QuietTransport(sock, default_window_size=options.window_size,
+                                default_max_packet_size=options.max_packet)
+    try:
+        _prefer_known_key_types(transport, options)
+        _prefer_fast_ciphers(transport)
+        _start(transport, options)
+        verify_host_key(transport.get_remote_server_key(), options)
+        _authenticate(transport, options)
+    except BaseException:
+        _close_quietly(transport, sock)
+        raise
+    conn = SshConnection(transport, sock, options)
+    log.info("ssh: connected to %s as %s (cipher %s)", options.host_label, options.user,
+             transport.remote_cipher)
+    return conn
+
+
+def _start(transport: paramiko.Transport, options: SshOptions) -> None:
+    transport.banner_timeout = options.timeout
+    transport.handshake_timeout = options.timeout
+    transport.auth_timeout = options.timeout
+    try:
+        transport.start_client(timeout=options.timeout)
+    except (paramiko.SSHException, EOFError, OSError) as exc:
+        raise TransientError(f"ssh handshake with {options.host_label} failed: {_reason(exc)}",
+                             hint="the bastion may be restarting; dbtunneld retries") from None
+
+
+def _prefer_fast_ciphers(transport: paramiko.Transport) -> None:
+    opts = transport.get_security_options()
+    offered = tuple(opts.ciphers)
+    first = tuple(c for c in PREFERRED_CIPHERS if c in offered)
+    opts.ciphers = first + tuple(c for c in offered if c not in first)
+
+
+def _prefer_known_key_types(transport: paramiko.Transport, options: SshOptions) -> None:
+    """Ask for the host key types we can check first (as OpenSSH does)."""
+    known = [k.get_name() for k in _expected_keys(options)]
+    if not known:
+        return
+    opts = transport.get_security_options()
+    offered = tuple(opts.key_types)
+    wanted = [t for t in offered if t in known or _base_type(t) in known]
+    opts.key_types = tuple(wanted) + tuple(t for t in offered if t not in wanted)
+
+
+def _base_type(key_type: str) -> str:
+    return "ssh-rsa" if key_type in ("rsa-sha2-256", "rsa-sha2-512") else key_type
+
+
+# ---- host keys -------------------------------------------------------------------------------
+
+def verify_host_key(key: paramiko.PKey, options: SshOptions) -> None:
+    """Accept only a key pinned in config or listed in known_hosts; raise HostKeyError."""
+    expected = _expected_keys(options)
+    if any(_same_key(key, e) for e in expected):
+        return
+    seen = f"{key.get_name()} {key.fingerprint}"
+    source = "bastion.host_key" if options.host_key else _known_hosts_path(options)
+    if any(e.get_name() == key.get_name() for e in expected):
+        raise HostKeyError(
+            f"host key of {options.host_label} does not match {source}: the server sent {seen}",
+            hint=("someone may be intercepting the connection, or the bastion was rebuilt; "
+                  "verify the new key with your admin, then update " + source))
+    raise HostKeyError(
+        f"host key of {options.host_label} is not known ({seen}); it is never accepted blindly",
+        hint=(f'verify the fingerprint with your admin, then pin it: bastion.host_key = '
+              f'"{key.get_name()} {key.get_base64()}" (or add it to {_known_hosts_path(options)})'))
+
+
+def _same_key(a: paramiko.PKey, b: paramiko.PKey) -> bool:
+    return a.get_name() == b.get_name() and a.asbytes() == b.asbytes()
+
+
+def _expected_keys(options: SshOptions) -> list[paramiko.PKey]:
+    if options.host_key:
+        return [parse_public_key(options.host_key)]
+    return _known_host_keys(options)
+
+
+def parse_public_key(line: str) -> paramiko.PKey:
+    """Parse an OpenSSH public key line ("ssh-ed25519 AAAA... comment")."""
+    parts = line.split()
+    if len(parts) < 2:
+        raise HostKeyError(f"bastion.host_key {line[:40]!r} is not an OpenSSH public key line",
+                           hint='write it as in known_hosts: "ssh-ed25519 AAAA..."')
+    try:
+        return paramiko.PKey.from_type_string(parts[0], base64.b64decode(parts[1]))
+    except Exception as exc:  # paramiko raises several types for a bad blob
+        raise HostKeyError(f"bastion.host_key cannot be parsed: {exc}",
+                           hint="copy the whole key line from ssh-keyscan or the admin") from None
+
+
+def _known_hosts_path(options: SshOptions) -> str:
+    return os.path.expanduser(options.known_hosts or "~/.ssh/known_hosts")
+
+
+def _known_host_keys(options: SshOptions) -> list[paramiko.PKey]:
+    path = _known_hosts_path(options)
+    if not os.path.isfile(path):
+        return []
+    try:
+        keys = paramiko.HostKeys(path).lookup(options.host_label) or {}
+    except (OSError, paramiko.SSHException) as exc:
+        log.warning("ssh: cannot read %s: %s", path, exc)
+        return []
+    return list(keys.values())
+
+
+# ---- authentication --------------------------------------------------------------------------
+
+def _authenticate(transport: paramiko.Transport, options: SshOptions) -> None:
+    tried: list[str] = []
+    for label, key in _candidate_keys(options):
+        tried.append(label)
+        try:
+            transport.auth_publickey(options.user, key)
+        except paramiko.AuthenticationException:
+            continue
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            raise TransientError(f"ssh auth with {options.host_label} broke off: {_reason(exc)}") from None
+        if transport.is_authenticated():
+            return
+    raise PermissionDeniedError(
+        f"the bastion {options.host_label} refused user {options.user!r} "
+        f"(tried: {', '.join(tried) or 'no keys'})",
+        hint="check bastion.user and bastion.key_file, or load your key with `ssh-add`")
+
+
+def _candidate_keys(options: SshOptions):
+    if options.pkey is not None:
+        yield "ephemeral key", options.pkey
+    if options.key_file:
+        yield options.key_file, load_private_key(options.key_file)
+    if options.use_agent:
+        for key in _agent_keys():
+            yield f"agent key {key.fingerprint}", key
+
+
+def load_private_key(path: str) -> paramiko.PKey:
+    full = os.path.expanduser(path)
+    try:
+        return paramiko.PKey.from_path(full)
+    except (paramiko.PasswordRequiredException, TypeError):  # TypeError: cryptography's "no password"
+        raise NeedsUserError(f"the SSH key {path} is protected by a passphrase",
+                             hint=f"load it into your agent (`ssh-add {path}`) and remove bastion.key_file") from None
+    except (OSError, paramiko.SSHException, ValueError) as exc:
+        raise NeedsUserError(f"cannot read the SSH key {path}: {exc}",
+                             hint="point bastion.key_file at an OpenSSH private key") from None
+
+
+def _agent_keys() -> list[paramiko.AgentKey]:
+    if not os.environ.get("SSH_AUTH_SOCK"):
+        return []
+    try:
+        agent = paramiko.Agent()
+        return list(agent.get_keys())
+    except paramiko.SSHException as exc:
+        log.warning("ssh: the ssh-agent did not answer: %s", exc)
+        return []
+
+
+def ephemeral_key() -> paramiko.PKey:
+    """A fresh in-memory Ed25519 key (never written to disk)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    pem = Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
+    return paramiko.Ed25519Key.from_private_key(io.StringIO(pem.decode()))
+
+
+def send_ephemeral_key(eic_client: Any, instance_id: str, os_user: str,
+                       classify: Callable[[Exception, str], Exception]) -> paramiko.PKey:
+    """Make a key, push its public half with EC2 Instance Connect (valid 60 s), return it."""
+    key = ephemeral_key()
+    try:
+        eic_client.send_ssh_public_key(InstanceId=instance_id, InstanceOSUser=os_user,
+                                       SSHPublicKey=f"{key.get_name()} {key.get_base64()}")
+    except Exception as exc:
+        raise classify(exc, f"EC2 Instance Connect to {instance_id}") from None
+    log.info("ssh: sent an ephemeral key for %s@%s through EC2 Instance Connect", os_user, instance_id)
+    return key
+
+
+# ---- the connection --------------------------------------------------------------------------
+
+class SshConnection:
+    """A live SSH connection that hands out ``direct-tcpip`` channels."""
+
+    def __init__(self, transport: paramiko.Transport, sock: Any, options: SshOptions) -> None:
+        self._transport = transport
+        self._sock = sock
+        self._options = options
+        self._ping_lock = threading.Lock()
+
+    @property
+    def label(self) -> str:
+        return self._options.host_label
+
+    def open_channel(self, host: str, port: int, timeout: float = 10.0,
+                     src: tuple[str, int] = ("127.0.0.1", 0)) -> paramiko.Channel:
+        """A ``direct-tcpip`` channel to host:port through the bastion."""
+        try:
+            chan = self._transport.open_channel(
+                "direct-tcpip", (host, port), src, window_size=self._options.window_size,
+                max_packet_size=self._options.max_packet, timeout=timeout)
+        except paramiko.ChannelException as exc:
+            raise _channel_error(exc, host, port, self.label) from None
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            raise TransientError(f"ssh to {self.label}: cannot open a channel to {host}:{port}: "
+                                 f"{_reason(exc)}") from None
+        return chan
+
+    def ping(self, timeout: float) -> bool:
+        """True when the server answers a keepalive request within ``timeout`` seconds."""
+        if not self.is_alive():
+            return False
+        with self._ping_lock:
+            answered = threading.Event()
+            worker = threading.Thread(target=self._ping_once, args=(answered,),
+                                      name=f"ssh-ping {self.label}", daemon=True)
+            worker.start()
+            return answered.wait(timeout)
+
+    def _ping_once(self, answered: threading.Event) -> None:
+        try:
+            self._transport.global_request("keepalive@openssh.com", wait=True)
+        except Exception:  # a dying transport raises assorted errors: not an answer
+            return
+        if self._transport.is_active():
+            answered.set()   # success or failure reply: either proves the server is alive
+
+    def is_alive(self) -> bool:
+        return self._transport.is_active()
+
+    def wait_closed(self, timeout: float | None = None) -> bool:
+        """Block until the connection has died (or ``timeout``); True when it is gone."""
+        self._transport.join(timeout)
+        return not self._transport.is_alive()
+
+    def close(self) -> None:
+        _close_quietly(self._transport, self._sock)
+
+    def __enter__(self) -> "SshConnection":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _channel_error(exc: paramiko.ChannelException, host: str, port: int, label: str) -> Exception:
+    if exc.code == paramiko.common.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED:
+        return ForwardingRefusedError(
+            f"the bastion {label} refuses to forward to {host}:{port}",
+            hint="the bastion's sshd must allow it (AllowTcpForwarding, PermitOpen)")
+    return ChannelOpenError(f"the bastion {label} could not reach {host}:{port}: {exc.text}",
+                            hint="check the cluster endpoint and the security group between bastion and cluster")
+
+
+def _close_quietly(transport: paramiko.Transport, sock: Any) -> None:
+    if isinstance(sock, socket.socket):
+        try:
+            sock.shutdown(socket.SHUT_RDWR)   # wakes paramiko's reader at once
+        except OSError:
+            pass
+    try:
+        transport.close()
+    except Exception as exc:  # closing must never raise
+        log.debug("ssh: close: %s", exc)
+    try:
+        sock.close()
+    except Exception:
+        pass
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if isinstance(exc, (paramiko.SSHException, OSError)) else f"{type(exc).__name__} {text}".strip()
