@@ -1,0 +1,179 @@
+"""The OS keychain (through the ``keyring`` library), for the secrets that must survive a restart.
+
+Keys follow a versioned schema (service ``dbtunneld``, user name ``v1:<kind>:<name>``), so a
+later schema can ignore or migrate old entries. Backends that keep secrets in plain files
+(``keyrings.alt``) or that cannot store anything (``fail`` / ``null``, an empty chainer) are never
+used. With no secure backend the store keeps secrets in memory only and says so once; it never
+falls back to plain text. A backend that breaks at run time (locked, bus gone) degrades the same way.
+
+Modes (``Keystore.open(mode)``, default from ``DBTUNNELD_KEYRING``): ``auto`` (a secure backend
+if there is one, else memory), ``system`` (a secure backend or an error), ``memory``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+import keyring
+import keyring.backend
+import keyring.errors
+from keyring.backends import chainer, fail, null
+
+from .errors import NeedsUserError
+
+log = logging.getLogger(__name__)
+
+SERVICE = "dbtunneld"
+SCHEMA = "v1"
+MODES = ("auto", "system", "memory")
+ENV_MODE = "DBTUNNELD_KEYRING"
+PLAINTEXT_MODULES = ("keyrings.alt",)
+MEMORY_NOTE = "secrets are kept in memory only: a restart of dbtunneld will need a new sign-in"
+FIX = ("install and unlock a Secret Service keyring (gnome-keyring or KWallet; macOS Keychain and "
+       "Windows Credential Locker work as they are) and remove PYTHON_KEYRING_BACKEND or "
+       f"keyringrc.cfg settings that pick another backend, or set {ENV_MODE}=memory to keep secrets "
+       "in memory only (a restart then needs a new sign-in)")
+
+
+class KeystoreRefusedError(NeedsUserError):
+    """The configured keyring backend would store secrets in plain text."""
+
+    hint = FIX
+
+
+class KeystoreUnavailableError(NeedsUserError):
+    """No secure keyring backend is available and memory-only mode was not allowed."""
+
+    hint = FIX
+
+
+def backend_name(backend: keyring.backend.KeyringBackend) -> str:
+    cls = type(backend)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def classify(backend: keyring.backend.KeyringBackend) -> str:
+    """``ok``, ``plaintext`` (refused: secrets in files) or ``none`` (cannot store anything)."""
+    if isinstance(backend, (fail.Keyring, null.Keyring)):
+        return "none"
+    if type(backend).__module__.startswith(PLAINTEXT_MODULES) or "plaintext" in type(backend).__name__.lower():
+        return "plaintext"
+    if isinstance(backend, chainer.ChainerBackend):
+        return "none" if not backend.backends else "ok"
+    try:
+        return "ok" if backend.priority > 0 else "none"
+    except Exception:  # a backend's priority raises when it is not viable here
+        return "none"
+
+
+def resolve(backend: keyring.backend.KeyringBackend) -> tuple[keyring.backend.KeyringBackend | None, str]:
+    """The backend to use and, when there is none, why.
+
+    A chainer is opened up: its best secure member is used directly, so a write can never slip
+    through to a plaintext member further down the chain.
+    """
+    members = list(backend.backends) if isinstance(backend, chainer.ChainerBackend) else [backend]
+    kinds = [(m, classify(m)) for m in members]
+    for member, kind in kinds:
+        if kind == "ok" and not isinstance(member, chainer.ChainerBackend):
+            return member, ""
+    plaintext = [m for m, kind in kinds if kind == "plaintext"]
+    if plaintext:
+        raise KeystoreRefusedError(
+            f"keyring backend {backend_name(plaintext[0])} stores secrets in plain text; dbtunneld refuses it")
+    return None, f"no secure keyring backend ({backend_name(backend)})"
+
+
+class Keystore:
+    """Get / set / delete secrets by ``(kind, name)``; memory always holds the current values."""
+
+    def __init__(self, backend: keyring.backend.KeyringBackend | None, reason: str = "") -> None:
+        self._backend = backend
+        self._memory: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self._reason = reason
+        if backend is None:
+            log.warning("%s (%s)", MEMORY_NOTE, reason or "memory-only mode")
+
+    @classmethod
+    def open(cls, mode: str | None = None, backend: keyring.backend.KeyringBackend | None = None) -> "Keystore":
+        """Pick the backend for ``mode``; raises ``KeystoreRefusedError`` for a plaintext backend."""
+        mode = (mode or os.environ.get(ENV_MODE) or "auto").strip().lower()
+        if mode not in MODES:
+            raise KeystoreUnavailableError(f"{ENV_MODE}={mode!r} is not a keyring mode; use one of {', '.join(MODES)}")
+        if mode == "memory":
+            return cls(None, "memory-only mode chosen")
+        chosen, reason = resolve(backend or keyring.get_keyring())
+        if chosen is None and mode == "system":
+            raise KeystoreUnavailableError(f"{reason}: cannot keep the Vault token across restarts")
+        if chosen is not None:
+            log.info("secrets are kept in the keyring %s", backend_name(chosen))
+        return cls(chosen, reason)
+
+    @classmethod
+    def memory(cls) -> "Keystore":
+        return cls(None, "memory-only mode chosen")
+
+    @property
+    def persistent(self) -> bool:
+        """True while secrets survive a restart (a secure backend that works)."""
+        return self._backend is not None
+
+    def describe(self) -> str:
+        """For status displays: the backend name, or why secrets are memory-only."""
+        if self._backend is not None:
+            return backend_name(self._backend)
+        return f"memory only ({self._reason})" if self._reason else "memory only"
+
+    @staticmethod
+    def key(kind: str, name: str) -> str:
+        return f"{SCHEMA}:{kind}:{name}"
+
+    def get(self, kind: str, name: str) -> str | None:
+        key = self.key(kind, name)
+        with self._lock:
+            if key in self._memory:
+                return self._memory[key]
+        value = self._backend_call("read", lambda b: b.get_password(SERVICE, key))
+        if value is not None:
+            with self._lock:
+                self._memory[key] = value
+        return value
+
+    def set(self, kind: str, name: str, secret: str) -> None:
+        key = self.key(kind, name)
+        with self._lock:
+            self._memory[key] = secret
+        self._backend_call("write", lambda b: b.set_password(SERVICE, key, secret))
+
+    def delete(self, kind: str, name: str) -> None:
+        key = self.key(kind, name)
+        with self._lock:
+            self._memory.pop(key, None)
+        self._backend_call("delete", lambda b: _delete_quietly(b, key))
+
+    def _backend_call(self, what: str, call):
+        backend = self._backend
+        if backend is None:
+            return None
+        try:
+            return call(backend)
+        except Exception as exc:  # locked keyring, bus gone, backend bug: never fatal
+            self._degrade(f"keyring {backend_name(backend)} failed to {what} ({type(exc).__name__}: {exc})")
+            return None
+
+    def _degrade(self, reason: str) -> None:
+        with self._lock:
+            if self._backend is None:
+                return
+            self._backend, self._reason = None, reason
+        log.warning("%s; %s", reason, MEMORY_NOTE)
+
+
+def _delete_quietly(backend: keyring.backend.KeyringBackend, key: str) -> None:
+    try:
+        backend.delete_password(SERVICE, key)
+    except keyring.errors.PasswordDeleteError:
+        pass  # nothing stored under that key
