@@ -25,6 +25,7 @@ from importlib import resources
 from pathlib import Path
 from string import Template
 from typing import Any, Callable, Mapping, Sequence
+from xml.parsers.expat import ExpatError
 from xml.sax.saxutils import escape as xml_escape
 
 from .errors import NeedsUserError
@@ -128,7 +129,8 @@ def program_command(mode: str, platform: str, executable: str | None = None,
     dbtunneld`` is preferred so no console window opens at login.
     """
     executable = executable or sys.executable
-    pm = ntpath if _is_windows(platform) else posixpath
+    windows_path = _is_windows(platform) and "\\" in executable  # tests use "/" for Windows
+    pm = ntpath if windows_path else posixpath
     here = pm.dirname(executable)
     if _is_windows(platform):
         pythonw = pm.join(here, "pythonw.exe")
@@ -217,27 +219,26 @@ def _unescape_desktop_string(value: str) -> str:
 
 
 def systemd_quote(argv: Sequence[str]) -> str:
-    """An ExecStart= value: every word double-quoted, C-style escapes, ``%`` and ``$`` doubled."""
-    def one(arg: str) -> str:
-        arg = arg.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%").replace("$", "$$")
-        return f'"{arg}"'
-    return " ".join(one(a) for a in argv)
+    """An ExecStart= value: every word double-quoted with C-style escapes and ``%`` doubled; ``$``
+    doubled in the arguments (systemd expands variables there, not in the program path)."""
+    def one(arg: str, is_program: bool) -> str:
+        arg = arg.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%")
+        return '"' + (arg if is_program else arg.replace("$", "$$")) + '"'
+    return " ".join(one(a, i == 0) for i, a in enumerate(argv))
 
 
 def systemd_split(value: str) -> list[str]:
     """Inverse of systemd_quote, also accepting unquoted words."""
-    words, cur, quoted, in_word, i = [], [], False, False, 0
+    words: list[str] = []
+    cur: list[str] = []
+    quoted = in_word = False
+    i = 0
     while i < len(value):
         c = value[i]
-        if c == "\\" and i + 1 < len(value):
+        doubled = c == "%" or (c == "$" and bool(words))  # `$$` counts only after the program
+        if (c == "\\" and i + 1 < len(value)) or (doubled and value[i + 1:i + 2] == c):
             cur.append(value[i + 1])
-            i += 2
-            in_word = True
-            continue
-        if c in "%$" and value[i + 1:i + 2] == c:
-            cur.append(c)
-            i += 2
-            in_word = True
+            i, in_word = i + 2, True
             continue
         if c == '"':
             quoted, in_word = not quoted, True
@@ -433,7 +434,7 @@ class LaunchdAgent:
     def _read(self, problems: list[str]) -> list[str]:
         try:
             data = plistlib.loads(self.path.read_bytes())
-        except (plistlib.InvalidFileException, ValueError, OSError) as exc:
+        except (plistlib.InvalidFileException, ExpatError, ValueError, OSError) as exc:
             problems.append(f"{self.path} is not a valid plist ({exc}); {REWRITE}")
             return []
         if not isinstance(data, dict) or data.get("Label") != LAUNCHD_LABEL:
