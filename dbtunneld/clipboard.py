@@ -91,6 +91,29 @@ def system_clipboard(platform: str = sys.platform, env: dict[str, str] | None = 
     raise ClipboardUnavailable("no X display to put the clipboard on (DISPLAY is not set)")
 
 
+def copy_secret(value: str, clear_after: float | None = 30.0, *, board: Clipboard | None = None,
+                announce: Callable[[str], None] | None = None) -> str:
+    """For a command-line copy: copy, then stay until the value is cleared (or Ctrl-C clears it now).
+
+    The CLI process is what holds (X11) or later clears (macOS, Windows) the value, so it waits
+    instead of leaving the secret behind. Returns a note for the caller to print.
+    """
+    board = board or system_clipboard()
+    say = announce or (lambda text: print(text, file=sys.stderr, flush=True))
+    wait = clear_after if clear_after and clear_after > 0 else None
+    try:
+        handle = board.copy(value, secret=True, clear_after=wait)
+        say(f"copied; the clipboard is cleared in {wait:g} s (Ctrl-C clears it now)" if wait
+            else "copied; the clipboard holds it while this command runs (Ctrl-C clears it)")
+        outcome = handle.wait()
+    except KeyboardInterrupt:
+        outcome = "cleared early"
+    finally:
+        board.close()
+    return {CLEARED: f"cleared after {wait:g} s" if wait else "cleared",
+            REPLACED: "another copy replaced it"}.get(outcome, outcome)
+
+
 # ----------------------------------------------------------------------------- polling backends
 
 class _CounterClipboard(Clipboard):

@@ -155,3 +155,19 @@ def test_counter_backends_clear_only_their_own_value():
     fb.copy("b", clear_after=None)
     assert first.wait(1) == REPLACED
     fb.close()
+
+
+@needs_x
+def test_copy_secret_for_the_command_line_waits_until_cleared(x):
+    said = []
+    board = X11Clipboard(x.display)
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(note=clipboard.copy_secret(
+        "cli-secret", clear_after=0.5, board=board, announce=said.append)))
+    worker.start()
+    wait_for(lambda: said, 5, "the copy to be announced")
+    assert read(x).stdout == b"cli-secret"                      # held while the command runs
+    worker.join(10)
+    assert result["note"] == "cleared after 0.5 s"
+    assert read(x).returncode != 0
+    assert "cleared in 0.5 s" in said[0]
