@@ -1,0 +1,425 @@
+"""The supervisor: builds the engine's units from a config and keeps them matching it.
+
+It owns one credential engine (AWS session, Vault token, a DB lease per connected cluster)
+and one tunnel unit per cluster. ``connect`` = want the cluster's credentials + start its
+tunnel; ``disconnect`` = stop the tunnel + revoke the lease. ``reload`` is a reconcile: units
+whose spec is unchanged keep running, removed or changed ones stop first (freeing their
+ports), then new ones start. A status snapshot (``model.DaemonStatus``) is published as an
+event whenever it changes. The engine and tunnels are built by factories, so tests use fakes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Iterable, Protocol
+from urllib.parse import quote
+
+from . import __version__, model
+from .config import AwsConfig, BastionConfig, ClusterConfig, Config, CredentialSettings, TunnelSettings, VaultConfig
+from .errors import NeedsUserError, SignInNeededError, UnknownNameError
+from .model import CredentialState, CredentialStatus, DaemonStatus, TunnelState, TunnelStatus
+from .paths import Paths
+
+log = logging.getLogger(__name__)
+
+LOCALHOST = "127.0.0.1"
+STATUS_POLL = 1.0                 # the publisher re-reads unit status at least this often
+CREDS_WAIT = 20.0                 # creds() waits this long for a lease being minted
+SETTLED = {TunnelState.UP, TunnelState.FAILED, TunnelState.NEEDS_SIGN_IN, TunnelState.STOPPED}
+
+
+# ----------------------------------------------------------------------------- what the supervisor needs
+
+@dataclass(frozen=True)
+class DbCredentials:
+    """A DB user as the engine hands it out (the password stays in memory)."""
+
+    username: str
+    password: str = field(repr=False)
+    expires_at: float | None = None
+
+
+class EngineUnit(Protocol):
+    """The credential engine as the supervisor uses it (see ``lease.CredentialEngine``)."""
+
+    def start(self) -> None: ...
+    def stop(self, timeout: float) -> None: ...            # revokes every lease and the token
+    def want(self, cluster: ClusterConfig) -> None: ...     # mint and keep a lease (async)
+    def release(self, name: str) -> None: ...              # revoke the lease
+    def renew_now(self, name: str | None = None) -> None: ...
+    def current(self, name: str) -> DbCredentials | None: ...
+    def credential_status(self) -> tuple[CredentialStatus | None, CredentialStatus | None, dict[str, CredentialStatus]]: ...
+    def sso_login(self, wait: float) -> dict[str, Any]: ...
+    def keyring_note(self) -> str: ...
+
+
+class TunnelUnit(Protocol):
+    """One cluster's tunnel (see ``tunnel.Tunnel``)."""
+
+    def start(self) -> None: ...
+    def stop(self, timeout: float = ...) -> None: ...
+    def status(self) -> TunnelStatus: ...
+    def check_now(self) -> None: ...
+
+
+EngineFactory = Callable[[Config, Paths, Callable[[str, Any], None]], EngineUnit]
+TunnelFactory = Callable[["UnitSpec", Paths, EngineUnit, Callable[[], None]], TunnelUnit]
+
+
+@dataclass(frozen=True)
+class UnitSpec:
+    """Everything a cluster's tunnel is built from: equal specs keep running across a reload."""
+
+    cluster: ClusterConfig
+    bastion: BastionConfig
+    aws: AwsConfig
+    tunnels: TunnelSettings
+
+
+def engine_spec(config: Config) -> tuple[AwsConfig, VaultConfig, CredentialSettings]:
+    """What the credential engine is built from: any change restarts every unit."""
+    return (config.aws, config.vault, config.credentials)
+
+
+def unit_specs(config: Config) -> dict[str, UnitSpec]:
+    return {c.name: UnitSpec(c, config.bastion, config.aws, config.tunnels) for c in config.clusters}
+
+
+# ----------------------------------------------------------------------------- connection strings
+
+def connection_strings(port: int, username: str, database: str = "", host: str = LOCALHOST) -> dict[str, str]:
+    """How a client tool connects; never contains the password."""
+    db = f"/{quote(database)}" if database else "/"
+    mysql = ["mysql", "-h", host, "-P", str(port), "-u", username, "-p"] + ([database] if database else [])
+    return {
+        "mysql": " ".join(shlex.quote(a) for a in mysql),
+        "url": f"mysql://{quote(username, safe='')}@{host}:{port}{db}",
+        "jdbc": f"jdbc:mysql://{host}:{port}{db}?user={quote(username, safe='')}",
+    }
+
+
+# ----------------------------------------------------------------------------- one cluster
+
+class ClusterSlot:
+    """A cluster's running unit and whether the user wants it connected."""
+
+    def __init__(self, spec: UnitSpec, tunnel: TunnelUnit) -> None:
+        self.spec = spec
+        self.tunnel = tunnel
+        self.wanted = False
+
+    @property
+    def name(self) -> str:
+        return self.spec.cluster.name
+
+    def status(self, cred: CredentialStatus | None) -> TunnelStatus:
+        st = self.tunnel.status()
+        username = cred.identity if cred and cred.state not in (CredentialState.IDLE, CredentialState.REVOKED) else ""
+        return replace(st, production=self.spec.cluster.production, autoconnect=self.spec.cluster.autoconnect,
+                       database=self.spec.cluster.database, credential=cred, username=st.username or username)
+
+
+# ----------------------------------------------------------------------------- the supervisor
+
+class Supervisor:
+    """Owns the engine and the tunnels; every public method is safe from any thread."""
+
+    def __init__(self, config: Config, paths: Paths, *, engine_factory: EngineFactory,
+                 tunnel_factory: TunnelFactory, on_event: Callable[[str, Any], None] | None = None,
+                 config_path: str = "", clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.paths = paths
+        self.config_path = config_path or config.source
+        self._engine_factory = engine_factory
+        self._tunnel_factory = tunnel_factory
+        self._emit = on_event or (lambda event, data: None)
+        self._clock = clock
+        self.started_at = clock()
+        self._lock = threading.RLock()
+        self._slots: dict[str, ClusterSlot] = {}
+        self._engine: EngineUnit | None = None
+        self._publisher = StatusPublisher(self.status_dict, self._emit)
+        self.stopping = False
+
+    # ---- lifecycle
+
+    def start(self, autoconnect: bool = True) -> None:
+        """Start the engine (it revokes orphans of a crashed run) and build the units."""
+        with self._lock:
+            self._engine = self._engine_factory(self.config, self.paths, self._engine_event)
+            self._engine.start()
+            for spec in unit_specs(self.config).values():
+                self._slots[spec.cluster.name] = self._new_slot(spec)
+            auto = [s for s in self._slots.values() if s.spec.cluster.autoconnect] if autoconnect else []
+            for slot in auto:
+                self._connect_slot(slot)
+        self._publisher.start()
+        log.info("supervisor started: %d clusters, %d autoconnect", len(self._slots), len(auto))
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Stop every tunnel, then revoke every lease and the token (bounded by ``timeout``)."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            self.stopping = True
+            slots, self._slots = list(self._slots.values()), {}
+            engine, self._engine = self._engine, None
+        self._stop_tunnels(slots, deadline)
+        if engine is not None:
+            engine.stop(max(1.0, deadline - time.monotonic()))
+        self._publisher.stop()
+        log.info("supervisor stopped")
+
+    def _new_slot(self, spec: UnitSpec) -> ClusterSlot:
+        return ClusterSlot(spec, self._tunnel_factory(spec, self.paths, self._engine, self._publisher.poke))
+
+    def _stop_tunnels(self, slots: Iterable[ClusterSlot], deadline: float) -> None:
+        slots = list(slots)
+        threads = [threading.Thread(target=self._stop_slot, args=(s, deadline), name=f"stop-{s.name}")
+                   for s in slots]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(max(0.1, deadline - time.monotonic()))
+
+    def _stop_slot(self, slot: ClusterSlot, deadline: float) -> None:
+        try:
+            slot.tunnel.stop(max(0.5, deadline - time.monotonic()))
+        except Exception:
+            log.exception("[cluster=%s] tunnel stop failed", slot.name)
+
+    def _engine_event(self, event: str, data: Any = None) -> None:
+        """Engine events go out unchanged (e.g. new credentials minted) and refresh the status."""
+        self._emit(event, data)
+        self._publisher.poke()
+
+    # ---- commands
+
+    def _slot(self, name: str) -> ClusterSlot:
+        self._require_engine()
+        slot = self._slots.get(name)
+        if slot is None:
+            known = ", ".join(sorted(self._slots)) or "none"
+            raise UnknownNameError(f'no cluster named "{name}" (known: {known})')
+        return slot
+
+    def _require_engine(self) -> EngineUnit:
+        if self._engine is None or self.stopping:
+            raise NeedsUserError("the daemon is stopping", "run the command again once it has restarted")
+        return self._engine
+
+    def _connect_slot(self, slot: ClusterSlot) -> None:
+        slot.wanted = True
+        self._require_engine().want(slot.spec.cluster)
+        slot.tunnel.start()
+        log.info("[cluster=%s] connect requested (127.0.0.1:%s)", slot.name, slot.spec.cluster.local_port or "auto")
+
+    def connect(self, names: Iterable[str] | None = None, wait: float = 0.0) -> list[dict[str, Any]]:
+        """Connect the named clusters (all when ``names`` is None); wait up to ``wait`` s for them to settle."""
+        with self._lock:
+            slots = [self._slot(n) for n in names] if names is not None else list(self._slots.values())
+            for slot in slots:
+                self._connect_slot(slot)
+        self._publisher.poke()
+        return self._settle([s.name for s in slots], wait)
+
+    def disconnect(self, names: Iterable[str] | None = None) -> list[str]:
+        """Stop the tunnels and revoke the leases of the named clusters (all when None)."""
+        with self._lock:
+            slots = [self._slot(n) for n in names] if names is not None else [s for s in self._slots.values() if s.wanted]
+            engine = self._require_engine()
+            for slot in slots:
+                slot.wanted = False
+            self._stop_tunnels(slots, time.monotonic() + self.config.credentials.revoke_timeout)
+            for slot in slots:
+                engine.release(slot.name)
+                log.info("[cluster=%s] disconnected", slot.name)
+        self._publisher.poke()
+        return [s.name for s in slots]
+
+    def reconnect(self, names: Iterable[str] | None = None) -> list[str]:
+        """Rebuild the upstream of connected tunnels now (the listener stays bound)."""
+        with self._lock:
+            slots = [self._slot(n) for n in names] if names is not None else [s for s in self._slots.values() if s.wanted]
+            for slot in slots:
+                if not slot.wanted:
+                    raise NeedsUserError(f'cluster "{slot.name}" is not connected', f"run `dbtunneld connect {slot.name}`")
+                slot.tunnel.check_now()
+        self._publisher.poke()
+        return [s.name for s in slots]
+
+    def renew(self, name: str | None = None) -> None:
+        if name is not None:
+            self._slot(name)
+        self._require_engine().renew_now(name)
+        self._publisher.poke()
+
+    def login(self, wait: float = 0.0) -> dict[str, Any]:
+        return self._require_engine().sso_login(wait)
+
+    def creds(self, name: str, field: str = "username", wait: float = CREDS_WAIT) -> dict[str, Any]:
+        """Username, connection strings and expiry; the password only when ``field == "password"``."""
+        slot = self._slot(name)
+        if not slot.wanted:
+            raise NeedsUserError(f'cluster "{name}" is not connected', f"run `dbtunneld connect {name}` first")
+        cred = self._wait_for_credentials(name, wait)
+        port = self._port_of(slot)
+        out: dict[str, Any] = {"name": name, "username": cred.username, "host": LOCALHOST, "port": port,
+                               "database": slot.spec.cluster.database, "expires_at": cred.expires_at,
+                               "production": slot.spec.cluster.production}
+        out.update(connection_strings(port, cred.username, slot.spec.cluster.database))
+        if field == "password":
+            out["password"] = cred.password
+        return out
+
+    def _port_of(self, slot: ClusterSlot) -> int:
+        return slot.tunnel.status().local_port or slot.spec.cluster.local_port or 0
+
+    def _wait_for_credentials(self, name: str, wait: float) -> DbCredentials:
+        deadline = time.monotonic() + wait
+        while True:
+            cred = self._require_engine().current(name)
+            if cred is not None:
+                return cred
+            problem = self._credential_problem(name)
+            if problem is not None or time.monotonic() >= deadline:
+                raise problem or NeedsUserError(f'no credentials for "{name}" yet',
+                                                "see `dbtunneld status` for what the daemon is waiting for")
+            time.sleep(0.05)
+
+    def _credential_problem(self, name: str) -> Exception | None:
+        aws, vault, dbs = self._require_engine().credential_status()
+        for st in (aws, vault, dbs.get(name)):
+            if st is not None and st.state in (CredentialState.NEEDS_SIGN_IN, CredentialState.FAILED):
+                if st.state == CredentialState.NEEDS_SIGN_IN:
+                    return SignInNeededError(f"{st.kind} {st.name}: sign-in needed")
+                return NeedsUserError(f"{st.kind} {st.name}: {st.last_error or 'failed'}",
+                                      "run `dbtunneld doctor` to find the broken layer")
+        return None
+
+    def _settle(self, names: list[str], wait: float) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + wait
+        while True:
+            snap = {t.name: t for t in self.status().tunnels if t.name in names}
+            settled = all(t.state in SETTLED and (t.state != TunnelState.UP or t.username) for t in snap.values())
+            if settled or time.monotonic() >= deadline:
+                return [snap[n].to_dict() for n in names if n in snap]
+            time.sleep(0.05)
+
+    # ---- reload
+
+    def reload(self, new: Config) -> dict[str, list[str]]:
+        """Reconcile the running units with ``new`` (already validated by the caller)."""
+        with self._lock:
+            if engine_spec(new) != engine_spec(self.config):
+                summary = self._restart_everything(new)
+            else:
+                summary = self._reconcile_units(new)
+            self.config = new
+        self._publisher.poke()
+        log.info("reloaded config: %s", ", ".join(f"{k} {v}" for k, v in summary.items() if v) or "no change")
+        return summary
+
+    def _reconcile_units(self, new: Config) -> dict[str, list[str]]:
+        desired, running = unit_specs(new), dict(self._slots)
+        kept = [n for n in running if n in desired and desired[n] == running[n].spec]
+        gone = [n for n in running if n not in kept]
+        was_wanted = {n for n in gone if running[n].wanted}
+        self._stop_tunnels([running[n] for n in gone], time.monotonic() + new.credentials.revoke_timeout)
+        for n in gone:
+            if n in was_wanted:
+                self._engine.release(n)
+            del self._slots[n]
+        started = [n for n in desired if n not in kept]
+        for n in started:
+            self._slots[n] = slot = self._new_slot(desired[n])
+            if n in was_wanted or (n not in running and desired[n].cluster.autoconnect):
+                self._connect_slot(slot)
+        return {"kept": kept, "stopped": [n for n in gone if n not in desired],
+                "restarted": [n for n in started if n in running], "started": [n for n in started if n not in running]}
+
+    def _restart_everything(self, new: Config) -> dict[str, list[str]]:
+        log.info("AWS / Vault / credential settings changed: restarting every unit")
+        wanted = {n for n, s in self._slots.items() if s.wanted}
+        old_names = list(self._slots)
+        self._stop_tunnels(self._slots.values(), time.monotonic() + self.config.credentials.revoke_timeout)
+        self._slots.clear()
+        self._engine.stop(self.config.credentials.revoke_timeout)
+        self._engine = self._engine_factory(new, self.paths, self._engine_event)
+        self._engine.start()
+        for spec in unit_specs(new).values():
+            n = spec.cluster.name
+            self._slots[n] = slot = self._new_slot(spec)
+            if n in wanted or (n not in old_names and spec.cluster.autoconnect):
+                self._connect_slot(slot)
+        return {"kept": [], "stopped": [n for n in old_names if n not in self._slots],
+                "restarted": [n for n in old_names if n in self._slots],
+                "started": [n for n in self._slots if n not in old_names]}
+
+    # ---- status
+
+    def status(self) -> DaemonStatus:
+        with self._lock:
+            slots, engine = list(self._slots.values()), self._engine
+        aws, vault, dbs = engine.credential_status() if engine else (None, None, {})
+        tunnels = tuple(s.status(dbs.get(s.name)) for s in slots)
+        return DaemonStatus(version=__version__, pid=os.getpid(), started_at=self.started_at,
+                            config_path=str(self.config_path), log_path=str(self.paths.log_file),
+                            aws=aws, vault=vault, tunnels=tunnels,
+                            keyring=engine.keyring_note() if engine else "")
+
+    def status_dict(self) -> dict[str, Any]:
+        """The snapshot as sent on the wire, with the overall health the tray icon shows."""
+        st = self.status()
+        return {**st.to_dict(), "health": model.overall_health(st).value}
+
+
+# ----------------------------------------------------------------------------- status events
+
+class StatusPublisher:
+    """Publishes ``status`` events when the snapshot changes: on a poke, or at least every STATUS_POLL s."""
+
+    def __init__(self, snapshot: Callable[[], dict[str, Any]], emit: Callable[[str, Any], None],
+                 interval: float = STATUS_POLL) -> None:
+        self._snapshot = snapshot
+        self._emit = emit
+        self._interval = interval
+        self._wake = threading.Event()
+        self._stopped = threading.Event()
+        self._last: dict[str, Any] | None = None
+        self._thread = threading.Thread(target=self._run, name="status-publisher", daemon=True)
+
+    def start(self) -> None:
+        if not self._thread.is_alive():
+            self._thread.start()
+
+    def poke(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._wake.set()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(5)
+
+    def _run(self) -> None:
+        while not self._stopped.is_set():
+            self._wake.wait(self._interval)
+            self._wake.clear()
+            if self._stopped.is_set():
+                return
+            self.publish_if_changed()
+
+    def publish_if_changed(self) -> None:
+        try:
+            snap = self._snapshot()
+        except Exception:
+            log.exception("status snapshot failed")
+            return
+        if snap != self._last:
+            self._last = snap
+            self._emit("status", snap)

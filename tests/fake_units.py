@@ -1,0 +1,163 @@
+"""Scripted stand-ins for the credential engine and the tunnels, shaped like supervisor.EngineUnit / TunnelUnit.
+
+Used by the supervisor and daemon tests to check orchestration (what is started, stopped and revoked,
+in which order) without servers; the real units are exercised against the sandbox stack elsewhere.
+A tunnel whose cluster name starts with "busy" fails like a port held by another process.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import time
+from dataclasses import replace
+
+from dbtunneld.model import CredentialState, CredentialStatus, TunnelState, TunnelStatus
+from dbtunneld.supervisor import DbCredentials
+
+_serial = itertools.count(1)
+
+
+class _Log(list):
+    """(event, name) across all fakes of the process, in order; also appended to $FAKE_UNITS_LOG."""
+
+    def append(self, item):
+        super().append(item)
+        path = os.environ.get("FAKE_UNITS_LOG")
+        if path:
+            with open(path, "a") as f:
+                f.write(" ".join(item) + "\n")
+
+
+LOG = _Log()
+
+
+class FakeEngine:
+    def __init__(self, config, paths, on_event):
+        self.config, self.paths, self.on_event = config, paths, on_event
+        self.creds: dict[str, DbCredentials] = {}
+        self.revoked: list[str] = []
+        self.started = self.stopped = False
+        self.renewed: list[str | None] = []
+        self.signed_in = True
+        self.vault_expires_at = time.time() + 600
+        self.lock = threading.Lock()
+
+    def start(self):
+        self.started = True
+        LOG.append(("engine-start", self.config.vault.address))
+
+    def stop(self, timeout):
+        with self.lock:
+            names = list(self.creds)
+        for name in names:
+            self.release(name)
+        self.stopped = True
+        LOG.append(("engine-stop", self.config.vault.address))
+
+    def want(self, cluster):
+        with self.lock:
+            if cluster.name not in self.creds:
+                n = next(_serial)
+                self.creds[cluster.name] = DbCredentials(f"v-{cluster.name}-{n}", f"secret-pw-{n}-xyz", time.time() + 3600)
+        LOG.append(("want", cluster.name))
+        self.on_event("credentials", {"name": cluster.name})
+
+    def release(self, name):
+        with self.lock:
+            if self.creds.pop(name, None) is not None:
+                self.revoked.append(name)
+                LOG.append(("revoke", name))
+
+    def renew_now(self, name=None):
+        self.renewed.append(name)
+
+    def current(self, name):
+        with self.lock:
+            return self.creds.get(name)
+
+    def credential_status(self):
+        aws = CredentialStatus("aws", "dev", CredentialState.VALID if self.signed_in else CredentialState.NEEDS_SIGN_IN,
+                               identity="arn:aws:sts::123:assumed-role/dev/me")
+        vault = CredentialStatus("vault", self.config.vault.address, CredentialState.VALID, expires_at=self.vault_expires_at)
+        with self.lock:
+            dbs = {n: CredentialStatus("db", n, CredentialState.VALID, identity=c.username, expires_at=c.expires_at)
+                   for n, c in self.creds.items()}
+        return aws, vault, dbs
+
+    def sso_login(self, wait):
+        return {"signed_in": True, "identity": "arn:aws:sts::123:assumed-role/dev/me"}
+
+    def keyring_note(self):
+        return "memory only (fake)"
+
+
+class FakeTunnel:
+    def __init__(self, spec, paths, engine, poke):
+        self.spec, self.engine, self.poke = spec, engine, poke
+        self.port = spec.cluster.local_port or 20000 + next(_serial)
+        self._status = TunnelStatus(spec.cluster.name, self.port, transport=spec.cluster.effective_transport(spec.bastion),
+                                    endpoint=f"{spec.cluster.endpoint}:{spec.cluster.port}")
+        self.checks = 0
+
+    def start(self):
+        if self.spec.cluster.name.startswith("busy"):
+            self._set(TunnelState.FAILED, last_error=f"127.0.0.1:{self.port} is already in use by pid 1 (init)",
+                      hint="stop that process or pin another local_port")
+        else:
+            self._set(TunnelState.UP)
+        LOG.append(("tunnel-start", self.spec.cluster.name))
+
+    def stop(self, timeout=5.0):
+        if self._status.state != TunnelState.STOPPED:
+            LOG.append(("tunnel-stop", self.spec.cluster.name))
+        self._set(TunnelState.STOPPED)
+
+    def status(self):
+        return self._status
+
+    def check_now(self):
+        self.checks += 1
+        self._status = replace(self._status, reconnects=self._status.reconnects + 1)
+
+    def _set(self, state, **kw):
+        self._status = replace(self._status, state=state, since=time.time(), **kw)
+        self.poke()
+
+
+def engine_factory(config, paths, on_event):
+    return FakeEngine(config, paths, on_event)
+
+
+def tunnel_factory(spec, paths, engine, poke):
+    return FakeTunnel(spec, paths, engine, poke)
+
+
+CONFIG = """
+[vault]
+address = "{vault}"
+role = "dev"
+
+[bastion]
+transport = "ssh"
+host = "127.0.0.1"
+port = 2222
+user = "tunnel"
+
+{clusters}
+"""
+
+CLUSTER = """
+[[clusters]]
+name = "{name}"
+endpoint = "{name}.db.internal"
+db_role = "{name}-ro"
+local_port = {port}
+autoconnect = {auto}
+"""
+
+
+def config_text(clusters: list[tuple[str, int, bool]], vault: str = "http://127.0.0.1:8200") -> str:
+    body = "".join(CLUSTER.format(name=n, port=p, auto=str(a).lower()) for n, p, a in clusters)
+    return CONFIG.format(vault=vault, clusters=body)

@@ -1,0 +1,181 @@
+"""Supervisor orchestration with scripted units: connect/disconnect, creds, reconcile order, events."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+import fake_units as F
+from dbtunneld import errors
+from dbtunneld.config import parse_config
+from dbtunneld.model import TunnelState
+from dbtunneld.paths import default_paths
+from dbtunneld.supervisor import StatusPublisher, Supervisor, connection_strings
+
+
+def cfg(clusters, vault="http://127.0.0.1:8200"):
+    return parse_config(F.config_text(clusters, vault), "test.toml")
+
+
+@pytest.fixture
+def events():
+    return []
+
+
+@pytest.fixture
+def make(tmp_path, events):
+    made = []
+
+    def _make(clusters, autoconnect=True):
+        sup = Supervisor(cfg(clusters), default_paths({"DBTUNNELD_HOME": str(tmp_path)}),
+                         engine_factory=F.engine_factory, tunnel_factory=F.tunnel_factory,
+                         on_event=lambda e, d: events.append((e, d)))
+        sup.start(autoconnect=autoconnect)
+        made.append(sup)
+        F.LOG.clear()
+        return sup
+
+    yield _make
+    for sup in made:
+        sup.stop(5)
+
+
+def states(sup):
+    return {t.name: t.state for t in sup.status().tunnels}
+
+
+def test_autoconnect_at_start(make):
+    sup = make([("orders", 13306, True), ("billing", 13307, False)])
+    assert states(sup) == {"orders": TunnelState.UP, "billing": TunnelState.STOPPED}
+    st = {t.name: t for t in sup.status().tunnels}
+    assert st["orders"].username.startswith("v-orders-") and st["orders"].autoconnect
+    assert st["billing"].username == ""
+
+
+def test_connect_waits_and_reports(make):
+    sup = make([("orders", 13306, False)])
+    [t] = sup.connect(["orders"], wait=5)
+    assert t["state"] == "up" and t["username"].startswith("v-orders-") and t["local_port"] == 13306
+    assert F.LOG == [("want", "orders"), ("tunnel-start", "orders")]
+
+
+def test_connect_unknown_name(make):
+    sup = make([("orders", 13306, False)])
+    with pytest.raises(errors.UnknownNameError) as info:
+        sup.connect(["nope"])
+    assert "orders" in info.value.message
+
+
+def test_failed_tunnel_is_reported_not_raised(make):
+    sup = make([("busy1", 13306, False)])
+    [t] = sup.connect(["busy1"], wait=5)
+    assert t["state"] == "failed" and "13306" in t["last_error"]
+
+
+def test_disconnect_stops_tunnel_before_revoking(make):
+    sup = make([("orders", 13306, True), ("billing", 13307, True)])
+    assert sup.disconnect(["orders"]) == ["orders"]
+    assert F.LOG == [("tunnel-stop", "orders"), ("revoke", "orders")]
+    assert states(sup) == {"orders": TunnelState.STOPPED, "billing": TunnelState.UP}
+    assert sorted(sup.disconnect(None)) == ["billing"]
+
+
+def test_creds_hide_the_password_unless_asked(make):
+    sup = make([("orders", 13306, True)])
+    c = sup.creds("orders")
+    assert "password" not in c and c["username"].startswith("v-orders-") and c["port"] == 13306
+    assert c["mysql"] == f"mysql -h 127.0.0.1 -P 13306 -u {c['username']} -p"
+    assert "secret-pw" not in repr(c)
+    assert sup.creds("orders", "password")["password"].startswith("secret-pw-")
+
+
+def test_creds_of_a_disconnected_cluster_say_how_to_connect(make):
+    sup = make([("orders", 13306, False)])
+    with pytest.raises(errors.NeedsUserError) as info:
+        sup.creds("orders")
+    assert "dbtunneld connect orders" in info.value.hint
+
+
+def test_creds_report_sign_in_needed(make):
+    sup = make([("orders", 13306, True)])
+    sup._engine.creds.clear()
+    sup._engine.signed_in = False
+    with pytest.raises(errors.SignInNeededError):
+        sup.creds("orders", wait=5)
+
+
+def test_connection_strings_quote_and_never_hold_a_password():
+    s = connection_strings(13306, "v-token-app ro", "app db")
+    assert s["mysql"] == "mysql -h 127.0.0.1 -P 13306 -u 'v-token-app ro' -p 'app db'"
+    assert s["url"] == "mysql://v-token-app%20ro@127.0.0.1:13306/app%20db"
+    assert s["jdbc"] == "jdbc:mysql://127.0.0.1:13306/app%20db?user=v-token-app%20ro"
+
+
+def test_reload_reconciles_removed_first(make):
+    sup = make([("a", 13306, True), ("b", 13307, True), ("c", 13308, False)])
+    tunnel_a = sup._slots["a"].tunnel
+    # a unchanged, b's port changes (restart, stays connected), c removed, d added with autoconnect
+    summary = sup.reload(cfg([("a", 13306, True), ("b", 13309, True), ("d", 13307, True)]))
+    assert summary == {"kept": ["a"], "stopped": ["c"], "restarted": ["b"], "started": ["d"]}
+    assert sup._slots["a"].tunnel is tunnel_a
+    first_start = next(i for i, e in enumerate(F.LOG) if e[0] in ("want", "tunnel-start"))
+    assert all(e[0] in ("tunnel-stop", "revoke") for e in F.LOG[:first_start])
+    assert ("tunnel-stop", "b") in F.LOG[:first_start]        # 13307 freed before d takes it
+    assert states(sup) == {"a": TunnelState.UP, "b": TunnelState.UP, "d": TunnelState.UP}
+    assert sup.status().tunnels[1].local_port == 13309
+
+
+def test_reload_keeps_a_disconnected_changed_cluster_disconnected(make):
+    sup = make([("a", 13306, False)])
+    sup.reload(cfg([("a", 13310, False)]))
+    assert states(sup) == {"a": TunnelState.STOPPED}
+    assert not any(e[0] == "revoke" for e in F.LOG)
+
+
+def test_reload_with_new_vault_restarts_everything(make):
+    sup = make([("a", 13306, True), ("b", 13307, False)])
+    old_engine = sup._engine
+    summary = sup.reload(cfg([("a", 13306, True), ("b", 13307, False)], vault="http://127.0.0.1:8300"))
+    assert summary["restarted"] == ["a", "b"] and old_engine.stopped and old_engine.revoked == ["a"]
+    assert sup._engine is not old_engine and states(sup)["a"] == TunnelState.UP
+
+
+def test_stop_closes_tunnels_then_revokes(make):
+    sup = make([("a", 13306, True), ("b", 13307, True)])
+    engine = sup._engine
+    sup.stop(5)
+    stops = [i for i, e in enumerate(F.LOG) if e[0] == "tunnel-stop"]
+    revokes = [i for i, e in enumerate(F.LOG) if e[0] == "revoke"]
+    assert len(stops) == 2 and sorted(engine.revoked) == ["a", "b"] and max(stops) < min(revokes)
+    with pytest.raises(errors.NeedsUserError):
+        sup.connect(["a"])
+
+
+def test_status_events_follow_changes(make, events):
+    sup = make([("a", 13306, False)])
+    sup._publisher.publish_if_changed()
+    n = len(events)
+    sup._publisher.publish_if_changed()
+    assert len(events) == n                           # nothing changed: no event
+    sup.connect(["a"])
+    sup._publisher.publish_if_changed()
+    assert events[-1][0] == "status" and events[-1][1]["tunnels"][0]["state"] == "up"
+    assert events[-1][1]["health"] == "ok"
+    assert ("credentials", {"name": "a"}) in events
+
+
+def test_publisher_runs_on_poke_and_stops():
+    got, snap = [], {"n": 0}
+    pub = StatusPublisher(lambda: dict(snap), lambda e, d: got.append(d), interval=60)
+    pub.start()
+    snap["n"] = 1
+    pub.poke()
+    done = threading.Event()
+    for _ in range(500):
+        if got and got[-1] == {"n": 1}:
+            done.set()
+            break
+        threading.Event().wait(0.01)
+    pub.stop()
+    assert done.is_set() and not pub._thread.is_alive()
