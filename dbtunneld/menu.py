@@ -78,10 +78,11 @@ class ClockReading:
 
 def build_menu(status: DaemonStatus | None, *, autostart: bool | None, clock: ClockReading,
                platform: str = sys.platform, daemon_problem: str = "",
-               config_path: str = "", log_path: str = "") -> MenuModel:
-    """The whole menu for one snapshot. ``autostart`` None means unknown or unsupported."""
+               config_path: str = "", log_path: str = "", connecting: bool = False) -> MenuModel:
+    """The whole menu for one snapshot. ``autostart`` None means unknown or unsupported;
+    ``status`` None means no daemon answers (``connecting``: the tray is still reaching it)."""
     if status is None:
-        return _no_daemon_menu(autostart, daemon_problem, config_path, log_path)
+        return _no_daemon_menu(autostart, daemon_problem, config_path, log_path, connecting)
     items = (_header(status, clock) + (SEPARATOR,)
              + tuple(cluster_item(t, clock, platform) for t in status.tunnels)
              + (SEPARATOR,)
@@ -90,13 +91,16 @@ def build_menu(status: DaemonStatus | None, *, autostart: bool | None, clock: Cl
     return MenuModel(items, overall_health(status), tooltip(status, clock))
 
 
-def _no_daemon_menu(autostart, problem, config_path, log_path) -> MenuModel:
-    head = (info("dbtunneld daemon is not running"),)
-    if problem:
-        head += (info(_clip(problem, 90)),)
-    items = head + (MenuItem("Start daemon", ("start_daemon",)), SEPARATOR) + _settings_items(
-        autostart, config_path, log_path) + (SEPARATOR, MenuItem("Quit (tray only)", ("quit",)))
-    return MenuModel(items, Health.NEEDS_ACTION, "dbtunneld: daemon not running")
+def _no_daemon_menu(autostart, problem, config_path, log_path, connecting) -> MenuModel:
+    if connecting:
+        head = (info("Connecting to the dbtunneld daemon…"),)
+    else:
+        head = (info("dbtunneld daemon is not running"),) + ((info(_clip(problem, 90)),) if problem else ())
+        head += (MenuItem("Start daemon", ("start_daemon",)),)
+    items = head + (SEPARATOR,) + _settings_items(autostart, config_path, log_path) + (
+        SEPARATOR, MenuItem("Quit (tray only)", ("quit",)))
+    tip = "dbtunneld: connecting to the daemon" if connecting else "dbtunneld: daemon not running"
+    return MenuModel(items, Health.IDLE if connecting else Health.NEEDS_ACTION, tip)
 
 
 # ---- header --------------------------------------------------------------------------------

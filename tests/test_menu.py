@@ -303,3 +303,11 @@ def test_duration_text(seconds, text):
 ])
 def test_short_identity(arn, text):
     assert short_identity(arn) == text
+
+
+def test_menu_while_connecting_to_the_daemon():
+    m = build_menu(None, autostart=False, clock=CLOCK, connecting=True)
+    assert texts(m.items)[:2] == ["Connecting to the dbtunneld daemon…", "---"]
+    assert m.health is Health.IDLE
+    with pytest.raises(KeyError):
+        m.find("Start daemon")
