@@ -703,12 +703,12 @@ class Autostart:
     def is_enabled(self) -> bool:
         return self.status().enabled
 
-    def enable(self, mode: str | None = None, start_now: bool = True) -> Change:
+    def enable(self, mode: str | None = None, start_now: bool = False) -> Change:
         """Install the login item for ``mode`` (replacing any other, never both).
 
         ``start_now`` also starts it through the login mechanism where one can (launchctl
-        bootstrap, systemctl --user enable --now), unless a daemon already answers. The running
-        tray passes False so it does not start a second copy of itself.
+        bootstrap, systemctl --user enable --now), unless a daemon already answers. The CLI
+        passes True; the default (False) suits the running tray: no second copy of itself.
         """
         mode = _check_mode(mode or self.default_mode())
         target = self.backends[mode]
@@ -759,7 +759,7 @@ def is_enabled() -> bool:
     return Autostart().is_enabled()
 
 
-def enable(mode: str | None = None, start_now: bool = True) -> Change:
+def enable(mode: str | None = None, start_now: bool = False) -> Change:
     return Autostart().enable(mode, start_now)
 
 

@@ -259,7 +259,7 @@ class FakeSystemctl:
 
     def __init__(self, manager: bool = True, present: bool = True) -> None:
         self.calls: list[list[str]] = []
-        self.manager, self.present, self.enabled = manager, present, False
+        self.manager, self.present, self.enabled, self.active = manager, present, False, False
 
     def __call__(self, argv, env) -> Ran:  # noqa: ANN001
         self.calls.append(list(argv))
@@ -270,22 +270,26 @@ class FakeSystemctl:
             return Ran(0, "running\n") if self.manager else Ran(1, "offline\n")
         if verb in ("enable", "disable"):
             self.enabled = verb == "enable"
+            self.active = self.enabled if "--now" in argv else self.active
         if verb == "is-enabled":
             return Ran(0, "enabled\n") if self.enabled else Ran(1, "disabled\n")
         if verb == "is-active":
-            return Ran(0, "active\n") if self.enabled else Ran(3, "inactive\n")
+            return Ran(0, "active\n") if self.active else Ran(3, "inactive\n")
         return Ran(0)
 
 
 def test_with_a_user_manager_enable_starts_it_now(env: dict[str, str], tmp_path: Path) -> None:
     fake = FakeSystemctl()
     auto = Autostart(platform="linux", env=env, run=fake, executable=str(fake_install(tmp_path)))
-    change = auto.enable("daemon")
+    assert auto.enable("daemon").status.loaded is False  # the default: only from the next login
+    assert ["systemctl", "--user", "enable", UNIT_NAME] in fake.calls
+    change = auto.enable("daemon", start_now=True)
     assert ["systemctl", "--user", "daemon-reload"] in fake.calls
     assert ["systemctl", "--user", "enable", "--now", UNIT_NAME] in fake.calls
     assert change.status.enabled and change.status.loaded is True
     auto.disable()
-    assert ["systemctl", "--user", "disable", UNIT_NAME] in fake.calls  # tunnels keep running
+    assert ["systemctl", "--user", "disable", UNIT_NAME] in fake.calls
+    assert fake.active  # unchecking "Start at login" keeps the daemon and its tunnels running
     auto.enable("daemon")
     auto.disable(stop_now=True)
     assert ["systemctl", "--user", "disable", "--now", UNIT_NAME] in fake.calls
@@ -299,7 +303,7 @@ def test_a_running_daemon_is_not_started_twice(env: dict[str, str], tmp_path: Pa
         listener.listen()
         fake = FakeSystemctl()
         auto = Autostart(platform="linux", env=env, run=fake, executable=str(fake_install(tmp_path)))
-        change = auto.enable("daemon")
+        change = auto.enable("daemon", start_now=True)
     assert ["systemctl", "--user", "enable", UNIT_NAME] in fake.calls
     assert not any("--now" in c for c in fake.calls)
     assert any("already running" in n for n in change.notes)
@@ -364,7 +368,7 @@ def plist_path(env: dict[str, str]) -> Path:
 
 def test_macos_plist_has_the_keys_and_loads(mac, env: dict[str, str], tmp_path: Path) -> None:  # noqa: ANN001
     auto, fake = mac
-    change = auto.enable("tray")
+    change = auto.enable("tray", start_now=True)
     data = plistlib.loads(plist_path(env).read_bytes())
     assert data["Label"] == LAUNCHD_LABEL and data["RunAtLoad"] is True
     assert data["KeepAlive"] == {"SuccessfulExit": False}  # crash -> restart; clean quit -> stays off
@@ -380,7 +384,8 @@ def test_macos_plist_has_the_keys_and_loads(mac, env: dict[str, str], tmp_path: 
 
 def test_macos_disable_removes_and_boots_out_only_when_asked(mac, env: dict[str, str]) -> None:  # noqa: ANN001
     auto, fake = mac
-    auto.enable("daemon")
+    assert auto.enable("daemon").status.loaded is False  # the default waits for the next login
+    auto.enable("daemon", start_now=True)
     assert plistlib.loads(plist_path(env).read_bytes())["ProcessType"] == "Background"
     off = auto.disable()
     assert not plist_path(env).exists() and off.status.location is None
@@ -411,7 +416,7 @@ def test_macos_bootstrap_failure_is_an_error_with_a_hint(env: dict[str, str], tm
     auto = Autostart(platform="darwin", env=env, run=FakeLaunchctl(bootstrap_rc=5), uid=501,
                      executable=str(fake_install(tmp_path)))
     with pytest.raises(AutostartError) as err:
-        auto.enable("tray")
+        auto.enable("tray", start_now=True)
     assert "Input/output error" in err.value.message and "launchctl print" in err.value.hint
 
 
