@@ -17,10 +17,7 @@ import base64
 import io
 import logging
 import os
-import select
-import signal
 import socket
-import subprocess
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,41 +85,6 @@ def tcp_connect(host: str, port: int, timeout: float = 10.0) -> socket.socket:
 def tune_socket(sock: socket.socket) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-
-
-class PluginProxy(paramiko.ProxyCommand):
-    """A ProxyCommand child (e.g. session-manager-plugin), stopped with SIGINT so it closes its
-    session (SIGTERM would leave the SSM session open until the idle timeout)."""
-
-    def __init__(self, argv: list[str], env: dict[str, str] | None = None) -> None:
-        self.cmd = list(argv)
-        self.process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        stderr=subprocess.DEVNULL, bufsize=0, env=env)
-        self.timeout = None
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(timeout=3)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=3)
-        for pipe in (self.process.stdin, self.process.stdout):
-            if pipe:
-                pipe.close()
-
-    def recv(self, size: int) -> bytes:
-        """Up to ``size`` bytes; b"" at end of stream (paramiko's own loops on EOF)."""
-        fd = self.process.stdout.fileno()
-        ready, _, _ = select.select([fd], [], [], self.timeout)
-        if not ready:
-            raise socket.timeout()
-        return os.read(fd, size)
-
-    @property
-    def closed(self) -> bool:
-        return self.process.poll() is not None
 
 
 def connect(sock: Any, options: SshOptions) -> "SshConnection":

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import threading
@@ -238,25 +237,33 @@ def test_wait_closed_returns_when_the_bastion_dies(own_sshd):
     conn.close()   # idempotent
 
 
-def test_proxy_command_socket(sshd, tmp_path):
-    """ProxyCommand path (the plugin mode's carrier): a stdio relay to sshd; stopped by SIGINT."""
-    relay = ("import socket,sys,threading,os\n"
-             f"s=socket.create_connection(('127.0.0.1',{sshd.port}))\n"
-             "def up():\n"
-             "    while d:=os.read(0,65536): s.sendall(d)\n"
-             "threading.Thread(target=up,daemon=True).start()\n"
-             "try:\n"
-             "    while d:=s.recv(65536): os.write(1,d)\n"
-             "except KeyboardInterrupt: open(sys.argv[1],'w').write('sigint')\n")
-    marker = tmp_path / "stopped"
-    proxy = ssh.PluginProxy([os.sys.executable, "-c", relay, str(marker)])
-    conn = ssh.connect(proxy, options(sshd))
+def test_connects_over_any_socket_like(sshd):
+    """The SSM face hands paramiko one end of a socket pair; a relay plays the SSM session."""
+    ours, theirs = socket.socketpair()
+    upstream = socket.create_connection(("127.0.0.1", sshd.port))
+
+    def relay(src, dst):
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    for a, b in ((theirs, upstream), (upstream, theirs)):
+        threading.Thread(target=relay, args=(a, b), daemon=True).start()
+    conn = ssh.connect(ours, options(sshd))
     try:
         assert conn.ping(timeout=5)
     finally:
         conn.close()
-    assert proxy.process.poll() is not None
-    assert marker.read_text() == "sigint"
+        upstream.close()
+        theirs.close()
 
 
 def test_parse_public_key_rejects_a_short_line():

@@ -1,0 +1,750 @@
+"""A tunnel unit: one cluster's listener on 127.0.0.1:PORT and the upstream that heals itself.
+
+The unit owns its listener for its whole life: the port is bound once and stays bound while
+the upstream is rebuilt, so a client that connects during a rebuild waits (up to
+``tunnels.connect_wait``) and then flows. Every accepted connection gets its own upstream
+channel and its own pair of pump threads, so no client waits on another.
+
+One keeper thread owns the state machine (``TRANSITIONS``, guarded by ``StateMachine``) and is
+the only place that retries: it connects, keeps the upstream alive (SSH keepalive pings and a
+MySQL greeting probe through the tunnel), notices death (a watcher thread per upstream), and
+reconnects with backoff (the first retry is immediate). Time comes from an injected
+``timing.Clock`` so the schedule is tested without sleeping.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+import selectors
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from . import ports
+from .config import TunnelSettings
+from .errors import (DbtunneldError, NeedsUserError, PortInUseError, SignInNeededError,
+                     TransientError)
+from .log import unit_logger
+from .model import TunnelState, TunnelStatus
+from .timing import SYSTEM_CLOCK, Backoff, Clock
+from .transport import Transport
+
+log = logging.getLogger(__name__)
+
+READ_SIZE = 256 * 1024
+S = TunnelState
+
+# ---- the state machine -----------------------------------------------------------------------
+
+TRANSITIONS: dict[TunnelState, frozenset[TunnelState]] = {
+    S.STOPPED: frozenset({S.WAITING_CREDENTIALS, S.CONNECTING, S.FAILED}),
+    S.WAITING_CREDENTIALS: frozenset({S.CONNECTING, S.RECONNECTING, S.BACKOFF, S.NEEDS_SIGN_IN,
+                                      S.FAILED, S.STOPPED}),
+    S.CONNECTING: frozenset({S.UP, S.BACKOFF, S.WAITING_CREDENTIALS, S.NEEDS_SIGN_IN, S.FAILED,
+                             S.STOPPED}),
+    S.UP: frozenset({S.RECONNECTING, S.BACKOFF, S.WAITING_CREDENTIALS, S.FAILED, S.STOPPED}),
+    S.RECONNECTING: frozenset({S.UP, S.BACKOFF, S.WAITING_CREDENTIALS, S.NEEDS_SIGN_IN, S.FAILED,
+                               S.STOPPED}),
+    S.BACKOFF: frozenset({S.CONNECTING, S.RECONNECTING, S.WAITING_CREDENTIALS, S.NEEDS_SIGN_IN,
+                          S.FAILED, S.STOPPED}),
+    S.NEEDS_SIGN_IN: frozenset({S.WAITING_CREDENTIALS, S.CONNECTING, S.STOPPED}),
+    S.FAILED: frozenset({S.WAITING_CREDENTIALS, S.CONNECTING, S.STOPPED}),
+}
+
+
+class IllegalMoveError(RuntimeError):
+    """A programming error: a move the state table does not allow."""
+
+
+@dataclass(frozen=True)
+class Moment:
+    """The state and what goes with it (shown in the status)."""
+
+    state: TunnelState = S.STOPPED
+    since: float | None = None
+    last_error: str = ""
+    hint: str = ""
+    next_retry_at: float | None = None
+
+
+class StateMachine:
+    """The current ``Moment``; ``move`` accepts only the moves in ``TRANSITIONS``.
+
+    Staying in the same state is not a move: it refreshes the details and keeps ``since``.
+    """
+
+    def __init__(self, clock: Clock, table: dict[TunnelState, frozenset[TunnelState]] = TRANSITIONS) -> None:
+        self._clock = clock
+        self._table = table
+        self.now = Moment(since=clock.time())
+
+    @property
+    def state(self) -> TunnelState:
+        return self.now.state
+
+    def allowed(self, target: TunnelState) -> bool:
+        return target == self.state or target in self._table[self.state]
+
+    def move(self, target: TunnelState, *, error: str = "", hint: str = "",
+             next_retry_at: float | None = None) -> Moment:
+        if not self.allowed(target):
+            raise IllegalMoveError(f"tunnel state {self.state.value} -> {target.value} is not allowed")
+        since = self.now.since if target == self.state else self._clock.time()
+        self.now = Moment(target, since, error, hint, next_retry_at)
+        return self.now
+
+
+# ---- retry schedule --------------------------------------------------------------------------
+
+class RetrySchedule:
+    """When to try again: the first retry after losing an upstream that had proven itself (a
+    health probe passed) is immediate, then ``timing.Backoff`` (initial, doubling, +-20 %
+    jitter, capped). An upstream that connects but never proves itself counts as a failure,
+    so a bastion that accepts and drops at once backs off instead of spinning."""
+
+    def __init__(self, settings: TunnelSettings, rnd: Callable[[], float] = random.random) -> None:
+        self._backoff = Backoff(initial=settings.backoff_initial, maximum=settings.backoff_max)
+        self._rnd = rnd
+        self.failures = 0
+        self._proven = False
+
+    def connected(self) -> None:
+        self._proven = False
+
+    def proven(self) -> None:
+        self.failures = 0
+        self._proven = True
+
+    def immediate(self) -> bool:
+        """After losing an upstream: retry at once only if it had proven itself."""
+        return self._proven
+
+    def failed(self) -> float:
+        """Record a failure; the delay before the next attempt."""
+        self._proven = False
+        delay = self._backoff.delay(self.failures, self._rnd())
+        self.failures += 1
+        return delay
+
+
+# ---- MySQL greeting probe --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ProbeResult:
+    ok: bool                      # a MySQL greeting (protocol 10) came back
+    detail: str = ""              # server version, or the server's error
+    code: int = 0                 # the server's error code when it refused
+
+
+def probe_mysql(transport: Transport, host: str, port: int, timeout: float) -> ProbeResult:
+    """Open a channel, read the server's first packet, close. 0x0a: a greeting; 0xff: it refuses.
+
+    Raises TransientError when nothing (or not MySQL) comes back in time.
+    """
+    chan = transport.open_channel(host, port, timeout)
+    try:
+        if hasattr(chan, "settimeout"):
+            chan.settimeout(timeout)
+        header = _read_exact(chan, 4)
+        length = int.from_bytes(header[:3], "little")
+        payload = _read_exact(chan, min(length, 512))
+    except (OSError, EOFError) as exc:
+        raise TransientError(f"no MySQL greeting from {host}:{port}: {exc or type(exc).__name__}") from None
+    finally:
+        _close(chan)
+    return _parse_first_packet(payload, host, port)
+
+
+def _parse_first_packet(payload: bytes, host: str, port: int) -> ProbeResult:
+    if payload[:1] == b"\x0a":
+        return ProbeResult(True, payload[1:].split(b"\0", 1)[0].decode(errors="replace"))
+    if payload[:1] == b"\xff" and len(payload) >= 3:
+        code = struct.unpack("<H", payload[1:3])[0]
+        text = payload[3:]
+        text = text[6:] if text[:1] == b"#" else text
+        return ProbeResult(False, text.decode(errors="replace"), code)
+    raise TransientError(f"{host}:{port} answered, but not with a MySQL greeting (first byte {payload[:1].hex() or 'none'})")
+
+
+def _read_exact(chan: Any, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = chan.recv(n - len(buf))
+        if not chunk:
+            raise EOFError("closed before the greeting")
+        buf += chunk
+    return buf
+
+
+def mysql_error_packet(code: int, message: str) -> bytes:
+    """A MySQL ERR packet (sequence 0): what a client sees instead of a greeting."""
+    payload = b"\xff" + struct.pack("<H", code) + b"#HY000" + message.encode("utf-8", "replace")[:500]
+    return struct.pack("<I", len(payload))[:3] + b"\x00" + payload
+
+
+REFUSED_HINTS = {
+    1129: "the cluster blocked the bastion after too many aborted connects: run FLUSH HOSTS on it "
+          "and raise max_connect_errors in its parameter group",
+    1040: "the cluster has too many connections; close idle sessions or raise max_connections",
+}
+UNREACHABLE_CODE = 2003           # what a client shows: "Can't connect to MySQL server"
+
+
+# ---- the unit --------------------------------------------------------------------------------
+
+Probe = Callable[[Transport, str, int, float], ProbeResult]
+CREDENTIALS_RECHECK = 2.0         # waiting_credentials re-asks the prerequisite this often
+
+
+class Tunnel:
+    """127.0.0.1:``local_port`` -> (transport) -> ``remote_host``:``remote_port``.
+
+    ``prerequisite`` (optional) is asked before each (re)connect: False means "wait for
+    credentials" (state waiting_credentials; ``check_now()`` when they arrive skips the wait);
+    it may raise dbtunneld errors (sign-in needed, ...). ``on_change`` is called after every
+    state move and connection count change, outside the unit's locks. ``local_port=0`` binds
+    an ephemeral port (tests).
+    """
+
+    def __init__(self, name: str, local_port: int, remote_host: str, remote_port: int,
+                 transport: Transport, settings: TunnelSettings = TunnelSettings(), *,
+                 clock: Clock = SYSTEM_CLOCK, prerequisite: Callable[[], bool] | None = None,
+                 on_change: Callable[[TunnelStatus], None] | None = None, probe: Probe = probe_mysql,
+                 rnd: Callable[[], float] = random.random, refuse_as_mysql: bool = True) -> None:
+        self.name = name
+        self.local_port = local_port
+        self.remote = (remote_host, remote_port)
+        self.transport = transport
+        self.settings = settings
+        self._clock = clock
+        self._prerequisite = prerequisite
+        self._on_change = on_change
+        self._probe = probe
+        self._refuse_as_mysql = refuse_as_mysql
+        self._log = unit_logger(log, tunnel=name)
+        self._cond = threading.Condition()
+        self._machine = StateMachine(clock)
+        self._retry = RetrySchedule(settings, rnd)
+        self._wake = threading.Event()
+        self._reasons: set[str] = set()
+        self._generation = 0              # id of the current upstream; bumped when it is dropped
+        self._checks = 0                  # completed upstream checks (clients wait on it)
+        self._ever_up = False
+        self._waiting_clients = 0
+        self._last_attempt = float("-inf")
+        self._next_ping = self._next_probe = 0.0
+        self._pipes: set[_Pipe] = set()
+        self._counts = {"open": 0, "total": 0, "reconnects": 0}
+        self._serial = itertools.count(1)
+        self._listener: socket.socket | None = None
+        self._acceptor: _Acceptor | None = None
+        self._keeper: threading.Thread | None = None
+        self._run: object | None = None   # the current run's token; None while stopped
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Bind the port and start keeping the upstream. Idempotent; a busy port -> failed state
+        (call ``start`` or ``retry`` again once it is free)."""
+        with self._cond:
+            if self._run is not None:
+                return
+        try:
+            self._bind()
+        except PortInUseError as exc:
+            self._log.warning("cannot listen: %s", exc.message)
+            self._move(S.FAILED, error=exc.message, hint=exc.hint)
+            return
+        run = object()
+        with self._cond:
+            self._run = run
+        self._move(S.CONNECTING)
+        self._keeper = threading.Thread(target=self._keep, args=(run,), name=f"tunnel-{self.name}",
+                                        daemon=True)
+        self._keeper.start()
+        self._log.info("listening on 127.0.0.1:%d -> %s:%d (%s)", self.local_port, *self.remote,
+                       self.transport.kind)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Close the listener, every client connection and the upstream. Idempotent."""
+        with self._cond:
+            self._run = None
+            keeper, self._keeper = self._keeper, None
+            self._cond.notify_all()
+        self._kick("stop")
+        if self._acceptor is not None:
+            self._acceptor.close()
+            self._acceptor = None
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        self._abort_pipes(lambda pipe: True)
+        self.transport.close()
+        if keeper is not None and keeper is not threading.current_thread():
+            keeper.join(timeout)
+        if self.state != S.STOPPED:
+            self._move(S.STOPPED)
+            self._log.info("stopped")
+
+    def retry(self) -> None:
+        """Try again now: after a busy port, a sign-in, a fixed host key, or during backoff."""
+        if self._run is None:
+            self.start()
+        else:
+            self.check_now()
+
+    def check_now(self) -> None:
+        """Check the upstream at once (after sleep/wake, new credentials, or a user's click)."""
+        self._kick("check")
+
+    def __enter__(self) -> "Tunnel":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def state(self) -> TunnelState:
+        return self._machine.state
+
+    def status(self) -> TunnelStatus:
+        with self._cond:
+            now = self._machine.now
+            counts = dict(self._counts)
+        return TunnelStatus(name=self.name, local_port=self.local_port, state=now.state, since=now.since,
+                            last_error=now.last_error, hint=now.hint, next_retry_at=now.next_retry_at,
+                            transport=self.transport.kind, endpoint=f"{self.remote[0]}:{self.remote[1]}",
+                            connections_open=counts["open"], connections_total=counts["total"],
+                            reconnects=counts["reconnects"])
+
+    # ---- state moves -------------------------------------------------------------------------
+
+    def _move(self, target: TunnelState, **details: Any) -> None:
+        with self._cond:
+            before = self._machine.state
+            self._machine.move(target, **details)
+            self._cond.notify_all()
+        if before != target:
+            error = details.get("error")
+            self._log.info("%s -> %s%s", before.value, target.value, f" ({error})" if error else "")
+        self._notify()
+
+    def _notify(self) -> None:
+        if self._on_change is not None:
+            try:
+                self._on_change(self.status())
+            except Exception:
+                self._log.exception("status listener failed")
+
+    def _bind(self) -> None:
+        if self._listener is None:
+            self._listener = ports.bind_listener(self.local_port)
+            self.local_port = self._listener.getsockname()[1]
+        self._acceptor = _Acceptor(self._listener, self._on_client, f"tunnel-{self.name}-accept")
+        self._acceptor.start()
+
+    # ---- the keeper: the one loop that connects, watches and retries --------------------------
+
+    def _kick(self, reason: str) -> None:
+        with self._cond:
+            self._reasons.add(reason)
+        self._wake.set()
+
+    def _take_reasons(self) -> set[str]:
+        with self._cond:
+            reasons, self._reasons = self._reasons, set()
+            self._wake.clear()
+            return reasons
+
+    def _keep(self, run: object) -> None:
+        steps = {S.CONNECTING: self._attempt, S.RECONNECTING: self._attempt, S.UP: self._watch,
+                 S.BACKOFF: self._wait_backoff, S.WAITING_CREDENTIALS: self._wait_credentials,
+                 S.FAILED: self._wait_user, S.NEEDS_SIGN_IN: self._wait_user}
+        while self._run is run:
+            step = steps.get(self.state)
+            if step is None:
+                return
+            try:
+                step(run)
+            except Exception:   # a bug must not kill the unit silently
+                self._log.exception("keeper step failed in state %s", self.state.value)
+                self._clock.wait(self._wake, 1.0)
+
+    def _attempt(self, run: object) -> None:
+        self._last_attempt = self._clock.time()
+        try:
+            if not self._credentials_ready():
+                return
+            self.transport.connect()
+        except Exception as exc:
+            if self._run is run:
+                self._fail(exc)
+            return
+        if self._run is not run:
+            self.transport.close()
+            return
+        self._went_up()
+
+    def _credentials_ready(self) -> bool:
+        if self._prerequisite is None or self._prerequisite():
+            return True
+        if self.state != S.WAITING_CREDENTIALS:
+            self._move(S.WAITING_CREDENTIALS, hint="waiting for database credentials")
+        return False
+
+    def _went_up(self) -> None:
+        with self._cond:
+            self._generation += 1
+            generation = self._generation
+            if self._ever_up:
+                self._counts["reconnects"] += 1
+            self._ever_up = True
+        self._retry.connected()
+        now = self._clock.time()
+        self._next_ping = now + self.settings.keepalive_interval
+        self._next_probe = now                   # prove the path to the database at once
+        threading.Thread(target=self._watch_death, args=(generation,), daemon=True,
+                         name=f"tunnel-{self.name}-upstream-{generation}").start()
+        self._move(S.UP)
+
+    def _watch_death(self, generation: int) -> None:
+        self.transport.wait_closed()
+        if generation == self._generation:
+            self._kick("died")
+
+    def _fail(self, exc: BaseException) -> None:
+        error = exc if isinstance(exc, DbtunneldError) else TransientError(f"{type(exc).__name__}: {exc}")
+        if isinstance(error, SignInNeededError):
+            self._move(S.NEEDS_SIGN_IN, error=error.message, hint=error.hint)
+        elif isinstance(error, NeedsUserError):
+            self._move(S.FAILED, error=error.message, hint=error.hint)
+        else:
+            delay = self._retry.failed()
+            self._log.warning("%s; next try in %.1f s", error.message, delay)
+            self._move(S.BACKOFF, error=error.message, hint=error.hint or "dbtunneld retries by itself",
+                       next_retry_at=self._clock.time() + delay)
+
+    def _reconnect_state(self) -> TunnelState:
+        return S.RECONNECTING if self._ever_up else S.CONNECTING
+
+    def _watch(self, run: object) -> None:
+        """While up: keepalive pings and greeting probes on schedule, or at once when kicked."""
+        due = min(self._next_ping, self._next_probe) - self._clock.time()
+        if due > 0:
+            self._clock.wait(self._wake, due)
+        reasons = self._take_reasons()
+        if self._run is not run or self.state != S.UP:
+            return
+        try:
+            self._check_upstream(reasons)
+        finally:
+            with self._cond:
+                self._checks += 1
+                self._cond.notify_all()
+
+    def _check_upstream(self, reasons: set[str]) -> None:
+        s, now = self.settings, self._clock.time()
+        if "died" in reasons or not self.transport.is_alive():
+            return self._lost("the connection to the bastion closed")
+        if reasons & {"check", "suspect"} or now >= self._next_ping:
+            self._next_ping = now + s.keepalive_interval
+            if not self.transport.ping(s.health_timeout):
+                return self._lost(f"the bastion did not answer a keepalive within {s.health_timeout:g} s")
+        if reasons & {"check", "suspect"} or now >= self._next_probe:
+            self._next_probe = now + s.health_interval
+            self._check_database()
+
+    def _check_database(self) -> None:
+        host, port = self.remote
+        try:
+            result = self._probe(self.transport, host, port, self.settings.health_timeout)
+        except NeedsUserError as exc:
+            self._drop_upstream()
+            self._move(S.FAILED, error=exc.message, hint=exc.hint)
+            return
+        except (DbtunneldError, OSError) as exc:
+            return self._lost(str(exc))
+        self._retry.proven()
+        if result.ok:
+            if self._machine.now.last_error:
+                self._move(S.UP)
+            return
+        error = f"MySQL at {host}:{port} answers but refuses connections: {result.code} {result.detail}"
+        self._log.warning(error)
+        self._move(S.UP, error=error, hint=REFUSED_HINTS.get(result.code, "see the cluster's error log"))
+
+    def _lost(self, why: str) -> None:
+        self._drop_upstream()
+        if self._retry.immediate():
+            self._log.warning("upstream lost (%s); reconnecting now", why)
+            self._move(self._reconnect_state(), error=why)
+            return
+        self._fail(TransientError(f"upstream lost: {why}"))
+
+    def _drop_upstream(self) -> None:
+        with self._cond:
+            generation = self._generation
+            self._generation += 1               # clients of the old upstream wait for a new one
+        self._abort_pipes(lambda pipe: pipe.generation <= generation)
+        self.transport.close()
+
+    def _wait_backoff(self, run: object) -> None:
+        now = self._clock.time()
+        retry_at = self._machine.now.next_retry_at or now
+        if self._waiting_clients:                # a client is waiting: don't make it wait long
+            retry_at = min(retry_at, self._last_attempt + self.settings.backoff_initial)
+        if retry_at > now:
+            self._clock.wait(self._wake, retry_at - now)
+            reasons = self._take_reasons()
+            if "check" not in reasons and self._clock.time() < retry_at:
+                return                           # woken early (a client, a stop): look again
+        if self._run is run and self.state == S.BACKOFF:
+            self._move(self._reconnect_state(), error=self._machine.now.last_error)
+
+    def _wait_credentials(self, run: object) -> None:
+        self._clock.wait(self._wake, CREDENTIALS_RECHECK)
+        self._take_reasons()
+        if self._run is not run or self.state != S.WAITING_CREDENTIALS:
+            return
+        try:
+            ready = self._credentials_ready()
+        except Exception as exc:
+            return self._fail(exc)
+        if ready:
+            self._move(self._reconnect_state())
+
+    def _wait_user(self, run: object) -> None:
+        self._clock.wait(self._wake, float("inf"))
+        reasons = self._take_reasons()
+        if "check" in reasons and self._run is run and self.state in (S.FAILED, S.NEEDS_SIGN_IN):
+            self._move(S.CONNECTING)
+
+    # ---- clients -----------------------------------------------------------------------------
+
+    def _on_client(self, client: socket.socket) -> None:
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with self._cond:
+            self._counts["open"] += 1
+            self._counts["total"] += 1
+        number = next(self._serial)
+        threading.Thread(target=self._serve, args=(client, number), daemon=True,
+                         name=f"tunnel-{self.name}-conn-{number}").start()
+
+    def _serve(self, client: socket.socket, number: int) -> None:
+        try:
+            opened = self._open_for_client(time.monotonic() + self.settings.connect_wait)
+            if isinstance(opened, str):
+                self._refuse(client, opened)
+                return
+            self._pump(client, number, *opened)
+        finally:
+            _close(client)
+            with self._cond:
+                self._counts["open"] -= 1
+
+    def _pump(self, client: socket.socket, number: int, chan: Any, generation: int) -> None:
+        pipe = _Pipe(client, chan, generation, f"[tunnel={self.name}] conn-{number}")
+        with self._cond:
+            self._pipes.add(pipe)
+            stale = generation != self._generation
+        if stale:                               # the upstream was dropped while we opened
+            pipe.abort()
+        try:
+            pipe.run()
+        finally:
+            with self._cond:
+                self._pipes.discard(pipe)
+
+    def _open_for_client(self, deadline: float) -> tuple[Any, int] | str:
+        """A channel for one client, waiting through rebuilds; or why there is none."""
+        seen, checks = -1, -1
+        while True:
+            got = self._await_up(deadline, seen, checks)
+            if isinstance(got, str):
+                return got
+            generation, checks = got
+            try:
+                return self.transport.open_channel(*self.remote, timeout=self._channel_timeout(deadline)), generation
+            except (DbtunneldError, OSError) as exc:
+                if isinstance(exc, NeedsUserError) or _remote_refused(exc):
+                    self._kick("check")
+                    return exc.one_line() if isinstance(exc, DbtunneldError) else str(exc)
+                self._log.info("channel open failed (%s); checking the upstream", exc)
+                self._kick("suspect")
+                seen = generation
+
+    def _channel_timeout(self, deadline: float) -> float:
+        return max(0.5, min(self.settings.health_timeout, deadline - time.monotonic()))
+
+    def _await_up(self, deadline: float, failed_on: int, checks: int) -> tuple[int, int] | str:
+        """Wait until the tunnel is up on an upstream other than ``failed_on``, or that one
+        passed a check after the failure; return (upstream id, checks) or why not."""
+        with self._cond:
+            self._waiting_clients += 1
+            try:
+                while True:
+                    state = self._machine.state
+                    if self._run is None:
+                        return "the tunnel is stopping"
+                    if state in (S.FAILED, S.NEEDS_SIGN_IN):
+                        return self._describe_trouble()
+                    if state == S.UP and (self._generation != failed_on or self._checks > checks):
+                        return self._generation, self._checks
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return self._describe_trouble()
+                    if state == S.BACKOFF:
+                        self._reasons.add("client")
+                        self._wake.set()
+                    self._cond.wait(min(left, 1.0))
+            finally:
+                self._waiting_clients -= 1
+
+    def _describe_trouble(self) -> str:
+        now = self._machine.now
+        text = f"dbtunneld: tunnel {self.name!r} is {now.state.value.replace('_', ' ')}"
+        if now.last_error:
+            text += f": {now.last_error}"
+        if now.hint:
+            text += f" (hint: {now.hint})"
+        return text
+
+    def _refuse(self, client: socket.socket, why: str) -> None:
+        self._log.info("client refused: %s", why)
+        if self._refuse_as_mysql:
+            try:
+                client.sendall(mysql_error_packet(UNREACHABLE_CODE, why))
+            except OSError:
+                pass
+
+    def _abort_pipes(self, which: Callable[["_Pipe"], bool]) -> None:
+        with self._cond:
+            doomed = [p for p in self._pipes if which(p)]
+        for pipe in doomed:
+            pipe.abort()
+
+
+def _remote_refused(exc: BaseException) -> bool:
+    """The bastion is fine but the database end refused (so waiting for a rebuild won't help)."""
+    from .ssh import ChannelOpenError
+    return isinstance(exc, ChannelOpenError)
+
+
+# ---- the listener ----------------------------------------------------------------------------
+
+class _Acceptor:
+    """Accepts on the listener in its own thread; sleeps in select() until a client or close()."""
+
+    def __init__(self, listener: socket.socket, on_client: Callable[[socket.socket], None], name: str) -> None:
+        self._listener = listener
+        self._on_client = on_client
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        sel = selectors.DefaultSelector()
+        sel.register(self._listener, selectors.EVENT_READ)
+        sel.register(self._wake_r, selectors.EVENT_READ)
+        self._listener.setblocking(False)
+        try:
+            while not self._closed:
+                for key, _ in sel.select():
+                    if key.fileobj is self._wake_r:
+                        return
+                    self._accept_ready()
+        finally:
+            sel.close()
+
+    def _accept_ready(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:     # EMFILE and friends: don't spin
+                log.warning("accept failed: %s", exc)
+                threading.Event().wait(0.1)
+                return
+            client.setblocking(True)
+            self._on_client(client)
+
+    def close(self) -> None:
+        self._closed = True
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(5)
+        self._wake_r.close()
+        self._wake_w.close()
+
+
+# ---- one client connection -------------------------------------------------------------------
+
+class _Pipe:
+    """Copies bytes both ways between a client and its channel; half-closes pass through."""
+
+    def __init__(self, client: socket.socket, chan: Any, generation: int, label: str) -> None:
+        self.client = client
+        self.chan = chan
+        self.generation = generation
+        self.label = label
+        self._aborted = False
+
+    def run(self) -> None:
+        up = threading.Thread(target=self._copy, args=(self.client, self.chan), daemon=True,
+                              name=f"{threading.current_thread().name}-up")
+        up.start()
+        self._copy(self.chan, self.client)
+        up.join()
+        _close(self.chan)
+
+    def _copy(self, src: Any, dst: Any) -> None:
+        try:
+            while True:
+                data = src.recv(READ_SIZE)
+                if not data:
+                    break
+                dst.sendall(data)
+            _shutdown_write(dst)
+        except Exception as exc:   # socket, paramiko and stream errors all end this copy
+            if not self._aborted:
+                log.debug("%s: %s", self.label, exc)
+            self.abort()
+
+    def abort(self) -> None:
+        """Cut both ends (the client sees the connection drop)."""
+        self._aborted = True
+        try:
+            self.client.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        _close(self.chan)
+
+
+def _shutdown_write(stream: Any) -> None:
+    try:
+        if hasattr(stream, "shutdown_write"):
+            stream.shutdown_write()
+        else:
+            stream.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+
+
+def _close(stream: Any) -> None:
+    try:
+        stream.close()
+    except Exception:
+        pass

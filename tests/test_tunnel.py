@@ -1,0 +1,545 @@
+"""The tunnel unit with a scripted transport: state table, backoff on an injected clock,
+clients waiting through rebuilds, refusals that say why, ports, prerequisites."""
+
+from __future__ import annotations
+
+import itertools
+import socket
+import threading
+import time
+
+import pytest
+
+from dbtunneld import tunnel as tunnel_mod
+from dbtunneld.config import TunnelSettings
+from dbtunneld.errors import HostKeyError, PortInUseError, SignInNeededError, TransientError
+from dbtunneld.model import TunnelState
+from dbtunneld.ports import bind_listener
+from dbtunneld.timing import FakeClock
+from dbtunneld.transport import Transport
+from dbtunneld.tunnel import (TRANSITIONS, IllegalMoveError, ProbeResult, RetrySchedule, StateMachine,
+                              Tunnel, mysql_error_packet, probe_mysql)
+from tunnel_servers import GreetingEchoServer, mysql_error, mysql_greeting
+
+S = TunnelState
+
+
+def eventually(predicate, timeout: float = 10.0, what: str = "condition"):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.005)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+# ---- state table ---------------------------------------------------------------------------
+
+ALL_MOVES = [(a, b) for a in S for b in S if a != b]
+
+
+@pytest.mark.parametrize("a, b", ALL_MOVES, ids=[f"{a.value}->{b.value}" for a, b in ALL_MOVES])
+def test_every_move_is_allowed_or_rejected_by_the_table(a, b):
+    clock = FakeClock()
+    machine = StateMachine(clock)
+    machine.now = tunnel_mod.Moment(a, since=1.0)
+    if b in TRANSITIONS[a]:
+        clock.advance(5)
+        moment = machine.move(b, error="e", hint="h", next_retry_at=3.0)
+        assert (moment.state, moment.since, moment.last_error, moment.hint, moment.next_retry_at) == \
+            (b, clock.time(), "e", "h", 3.0)
+    else:
+        with pytest.raises(IllegalMoveError):
+            machine.move(b)
+        assert machine.state == a
+
+
+def test_the_table_covers_every_state_and_each_can_stop():
+    assert set(TRANSITIONS) == set(S)
+    assert all(S.STOPPED in targets for state, targets in TRANSITIONS.items() if state != S.STOPPED)
+    assert S.UP not in TRANSITIONS[S.STOPPED]          # never up without connecting
+    assert S.UP not in TRANSITIONS[S.BACKOFF]          # nor straight out of backoff
+
+
+def test_staying_refreshes_details_but_keeps_since():
+    clock = FakeClock()
+    machine = StateMachine(clock)
+    machine.move(S.CONNECTING)
+    since = machine.now.since
+    clock.advance(3)
+    machine.move(S.CONNECTING, error="still trying")
+    assert machine.now.since == since and machine.now.last_error == "still trying"
+
+
+# ---- retry schedule (pure) -------------------------------------------------------------------
+
+def test_retry_schedule_doubles_to_the_cap_and_starts_afresh_when_proven():
+    sched = RetrySchedule(TunnelSettings(backoff_initial=0.5, backoff_max=30), rnd=lambda: 0.5)
+    assert not sched.immediate()                 # nothing proven yet
+    delays = [sched.failed() for _ in range(9)]
+    assert delays == [0.5, 1, 2, 4, 8, 16, 30, 30, 30]
+    sched.connected()
+    assert not sched.immediate()                 # connected is not proven
+    sched.proven()
+    assert sched.immediate() and sched.failed() == 0.5
+    assert not sched.immediate()
+
+
+def test_retry_jitter_stays_within_twenty_percent():
+    for rnd in (0.0, 0.25, 0.999):
+        sched = RetrySchedule(TunnelSettings(backoff_initial=1.0, backoff_max=30), rnd=lambda r=rnd: r)
+        sched.failed()
+        assert 1.6 <= sched.failed() <= 2.4
+
+
+# ---- a scripted transport ----------------------------------------------------------------------
+
+class ScriptedTransport(Transport):
+    """Connects (or fails as told), opens real TCP channels to a local server, dies on demand."""
+
+    kind = "scripted"
+
+    def __init__(self, server_port: int, clock=None) -> None:
+        self.server_port = server_port
+        self.clock = clock
+        self.failures: list[BaseException] = []     # raised by the next connects, in order
+        self.fail_always: BaseException | None = None
+        self.gate = threading.Event()
+        self.gate.set()
+        self.attempts: list[float] = []
+        self.alive = False
+        self._dead = threading.Event()
+        self.pings = 0
+        self.ping_answers = True
+        self.channels: list[socket.socket] = []
+        self.lock = threading.Lock()
+
+    def connect(self) -> None:
+        self.attempts.append(self.clock.time() if self.clock else time.monotonic())
+        self.gate.wait(30)
+        if self.fail_always is not None:
+            raise self.fail_always
+        if self.failures:
+            raise self.failures.pop(0)
+        self._dead = threading.Event()
+        self.alive = True
+
+    def open_channel(self, host, port, timeout):
+        if not self.alive:
+            raise TransientError("scripted: not connected")
+        chan = socket.create_connection(("127.0.0.1", self.server_port), timeout=timeout)
+        chan.settimeout(None)
+        with self.lock:
+            self.channels.append(chan)
+        return chan
+
+    def is_alive(self) -> bool:
+        return self.alive
+
+    def ping(self, timeout: float) -> bool:
+        self.pings += 1
+        return self.alive and self.ping_answers
+
+    def wait_closed(self, timeout=None) -> bool:
+        return self._dead.wait(timeout)
+
+    def die(self) -> None:
+        """The bastion goes away underneath (channels drop, the watcher notices)."""
+        self.alive = False
+        with self.lock:
+            chans, self.channels = self.channels, []
+        for c in chans:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self._dead.set()
+
+    def close(self) -> None:
+        self.die()
+
+
+@pytest.fixture
+def echo():
+    server = GreetingEchoServer()
+    yield server
+    server.close()
+
+
+FAST = TunnelSettings(connect_wait=10, health_interval=60, health_timeout=2, keepalive_interval=60,
+                      backoff_initial=0.2, backoff_max=2)
+
+
+@pytest.fixture
+def make(echo):
+    made = []
+
+    def factory(settings=FAST, **kw):
+        transport = kw.pop("transport", None) or ScriptedTransport(echo.port, kw.get("clock"))
+        t = Tunnel("orders", 0, "db.internal", 3306, transport, settings, **kw)
+        made.append(t)
+        return t, transport
+
+    yield factory
+    for t in made:
+        t.stop()
+
+
+def connect_and_greet(port: int, timeout: float = 15) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    header = recv_exact(sock, 4)
+    payload = recv_exact(sock, int.from_bytes(header[:3], "little"))
+    assert payload[:1] == b"\x0a", payload
+    return sock
+
+
+def recv_exact(sock, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise EOFError(f"closed after {len(buf)} of {n} bytes")
+        buf += chunk
+    return buf
+
+
+def test_client_flows_and_counts(make):
+    t, _ = make()
+    t.start()
+    eventually(lambda: t.state == S.UP, what="up")
+    sock = connect_and_greet(t.local_port)
+    sock.sendall(b"ping")
+    assert recv_exact(sock, 4) == b"ping"
+    st = t.status()
+    assert st.connections_open == 1 and st.connections_total == 1
+    assert st.local_port == t.local_port and st.endpoint == "db.internal:3306" and st.transport == "scripted"
+    sock.close()
+    eventually(lambda: t.status().connections_open == 0, what="connection closed")
+
+
+def test_half_close_passes_through(make):
+    t, _ = make()
+    with t:
+        eventually(lambda: t.state == S.UP)
+        sock = connect_and_greet(t.local_port)
+        sock.sendall(b"x" * 100_000)
+        sock.shutdown(socket.SHUT_WR)
+        got = b""
+        while chunk := sock.recv(65536):
+            got += chunk
+        assert got == b"x" * 100_000
+        sock.close()
+
+
+def test_start_and_stop_are_idempotent_and_free_the_port(make):
+    t, transport = make()
+    t.start()
+    t.start()
+    eventually(lambda: t.state == S.UP)
+    assert len(transport.attempts) == 1
+    port = t.local_port
+    t.stop()
+    t.stop()
+    assert t.state == S.STOPPED
+    bind_listener(port).close()          # the port is free again
+
+
+def test_restart_keeps_the_same_port(make):
+    t, _ = make()
+    t.start()
+    port = t.local_port
+    t.stop()
+    t.start()
+    assert t.local_port == port
+    eventually(lambda: t.state == S.UP)
+
+
+def test_client_during_rebuild_waits_then_flows(make):
+    t, transport = make()
+    t.start()
+    eventually(lambda: t.state == S.UP)
+    transport.gate.clear()                # the next connect hangs until released
+    transport.die()
+    eventually(lambda: t.state == S.RECONNECTING, what="reconnecting")
+    result = {}
+
+    def client():
+        try:
+            result["sock"] = connect_and_greet(t.local_port)
+        except Exception as exc:
+            result["error"] = exc
+
+    th = threading.Thread(target=client)
+    th.start()
+    eventually(lambda: t.status().connections_open == 1, what="client accepted while rebuilding")
+    assert "sock" not in result          # waiting, not refused
+    transport.gate.set()
+    th.join(15)
+    assert "sock" in result, result
+    result["sock"].close()
+    assert t.status().reconnects == 1
+
+
+def test_open_connections_drop_when_the_upstream_dies(make):
+    t, transport = make()
+    t.start()
+    eventually(lambda: t.state == S.UP)
+    sock = connect_and_greet(t.local_port)
+    transport.die()
+    sock.settimeout(10)
+    assert sock.recv(10) == b""           # cut, so the client reconnects through the new upstream
+    eventually(lambda: t.state == S.UP and transport.alive, what="back up")
+    connect_and_greet(t.local_port).close()
+
+
+def test_client_is_told_why_when_the_tunnel_cannot_come_up(make):
+    t, transport = make(settings=TunnelSettings(connect_wait=0.5, backoff_initial=5, backoff_max=10))
+    transport.fail_always = TransientError("bastion 10.0.0.5:22 unreachable")
+    t.start()
+    eventually(lambda: t.state == S.BACKOFF)
+    sock = socket.create_connection(("127.0.0.1", t.local_port), timeout=10)
+    data = sock.recv(1024)
+    assert data[4] == 0xFF and b"unreachable" in data and b"backoff" in data
+    sock.close()
+
+
+def test_failed_state_refuses_at_once_with_the_hint(make):
+    t, transport = make()
+    transport.fail_always = HostKeyError("host key of bastion does not match", hint="verify and pin it")
+    t.start()
+    eventually(lambda: t.state == S.FAILED)
+    st = t.status()
+    assert "does not match" in st.last_error and st.hint == "verify and pin it"
+    started = time.monotonic()
+    sock = socket.create_connection(("127.0.0.1", t.local_port), timeout=10)
+    data = sock.recv(1024)
+    assert b"verify and pin it" in data
+    assert time.monotonic() - started < FAST.connect_wait
+    attempts = len(transport.attempts)
+    time.sleep(0.3)
+    assert len(transport.attempts) == attempts      # no retries behind the user's back
+    transport.fail_always = None
+    t.retry()
+    eventually(lambda: t.state == S.UP, what="up after retry")
+
+
+def test_sign_in_needed_is_its_own_state(make):
+    t, transport = make()
+    transport.fail_always = SignInNeededError("SSO session expired")
+    t.start()
+    eventually(lambda: t.state == S.NEEDS_SIGN_IN)
+    transport.fail_always = None
+    t.check_now()
+    eventually(lambda: t.state == S.UP)
+
+
+def test_busy_port_is_a_failed_state_naming_port_and_pid(make):
+    holder = bind_listener(0)
+    port = holder.getsockname()[1]
+    try:
+        t, _ = make()
+        t.local_port = port
+        t.start()
+        st = t.status()
+        assert st.state == S.FAILED
+        assert str(port) in st.last_error and "pid" in st.last_error and "never moved" in st.hint
+        assert t.local_port == port
+    finally:
+        holder.close()
+    t.retry()                                         # the port is free now
+    eventually(lambda: t.state == S.UP)
+    assert t.local_port == port
+
+
+def test_prerequisite_holds_the_tunnel_in_waiting_credentials(make):
+    ready = threading.Event()
+    t, transport = make(prerequisite=ready.is_set)
+    t.start()
+    eventually(lambda: t.state == S.WAITING_CREDENTIALS)
+    assert transport.attempts == [] or len(transport.attempts) == 1 and not transport.alive
+    ready.set()
+    t.check_now()
+    eventually(lambda: t.state == S.UP)
+
+
+def test_prerequisite_errors_are_classified(make):
+    def creds():
+        raise SignInNeededError("AWS SSO session expired")
+
+    t, _ = make(prerequisite=creds)
+    t.start()
+    eventually(lambda: t.state == S.NEEDS_SIGN_IN)
+    assert "expired" in t.status().last_error
+
+
+def test_on_change_sees_every_state(make):
+    seen = []
+    t, transport = make(on_change=lambda st: seen.append(st.state))
+    t.start()
+    eventually(lambda: t.state == S.UP)
+    transport.die()
+    eventually(lambda: seen.count(S.UP) >= 2)
+    t.stop()
+    states = list(dict.fromkeys(seen))
+    assert states[:2] == [S.CONNECTING, S.UP] and S.RECONNECTING in states and seen[-1] == S.STOPPED
+
+
+def test_context_manager(make):
+    t, _ = make()
+    with t as same:
+        assert same is t
+        eventually(lambda: t.state == S.UP)
+    assert t.state == S.STOPPED
+
+
+def test_clients_do_not_wait_on_each_other(make):
+    t, _ = make()
+    t.start()
+    eventually(lambda: t.state == S.UP)
+    slow = socket.create_connection(("127.0.0.1", t.local_port))   # never reads: must not block others
+    socks = [connect_and_greet(t.local_port, timeout=10) for _ in range(20)]
+    for i, s in enumerate(socks):
+        s.sendall(bytes([i]) * 1000)
+    for i, s in enumerate(socks):
+        assert recv_exact(s, 1000) == bytes([i]) * 1000
+        s.close()
+    slow.close()
+
+
+# ---- health: keepalive and probe ---------------------------------------------------------------
+
+def test_unanswered_keepalive_rebuilds_the_upstream(make):
+    t, transport = make(settings=TunnelSettings(keepalive_interval=1, health_interval=60, health_timeout=1,
+                                                backoff_initial=0.2, backoff_max=1))
+    t.start()
+    eventually(lambda: t.state == S.UP)
+    transport.ping_answers = False
+    eventually(lambda: t.status().reconnects >= 1, what="rebuilt after a silent keepalive")
+    transport.ping_answers = True
+    eventually(lambda: t.state == S.UP)
+
+
+def test_probe_refusal_keeps_the_tunnel_up_with_the_servers_error(make):
+    answers = [ProbeResult(False, "Host '10.0.0.5' is blocked because of many connection errors", 1129)]
+    t, _ = make(probe=lambda *a: answers[0])
+    t.start()
+    eventually(lambda: t.status().last_error)
+    st = t.status()
+    assert st.state == S.UP and "1129" in st.last_error and "FLUSH HOSTS" in st.hint
+    answers[0] = ProbeResult(True, "8.0.mysql_aurora")
+    t.check_now()
+    eventually(lambda: not t.status().last_error, what="error cleared")
+
+
+def test_probe_failure_on_a_fresh_upstream_backs_off(make):
+    """A path that connects but never carries a greeting must not spin: it backs off."""
+    def dead_end(*a):
+        raise TransientError("no MySQL greeting from db.internal:3306")
+
+    t, transport = make(probe=dead_end)
+    t.start()
+    eventually(lambda: t.state == S.BACKOFF, what="backoff")
+    assert "greeting" in t.status().last_error and t.status().next_retry_at
+
+
+# ---- backoff on an injected clock ----------------------------------------------------------
+
+def test_backoff_schedule_on_a_fake_clock(echo):
+    clock = FakeClock()
+    transport = ScriptedTransport(echo.port, clock)
+    transport.fail_always = TransientError("bastion unreachable")
+    settings = TunnelSettings(backoff_initial=0.5, backoff_max=4, health_interval=60, keepalive_interval=60)
+    t = Tunnel("orders", 0, "db", 3306, transport, settings, clock=clock, rnd=lambda: 0.5,
+               probe=lambda *a: ProbeResult(True))
+    try:
+        t.start()
+        delays = []
+        for n in range(1, 7):
+            eventually(lambda: len(transport.attempts) == n and t.state == S.BACKOFF, what=f"attempt {n}")
+            st = t.status()
+            delays.append(round(st.next_retry_at - transport.attempts[-1], 6))
+            clock.wait_for_waiters(1)
+            clock.advance(delays[-1] - 0.01)
+            time.sleep(0.02)
+            assert len(transport.attempts) == n          # not before its time
+            clock.advance(0.01)
+        assert delays == [0.5, 1, 2, 4, 4, 4]
+        transport.fail_always = None
+        eventually(lambda: t.state == S.UP, what="up")
+        first_up = len(transport.attempts)
+        # proven by the probe, then lost: the first retry is immediate (no clock advance needed)
+        transport.fail_always = TransientError("bastion restarting")
+        transport.die()
+        eventually(lambda: len(transport.attempts) == first_up + 1 and t.state == S.BACKOFF, what="immediate retry")
+        assert t.status().next_retry_at - transport.attempts[-1] == pytest.approx(0.5)
+    finally:
+        t.stop()
+
+
+# ---- probe_mysql and packets ----------------------------------------------------------------
+
+class OneShot(Transport):
+    kind = "one-shot"
+
+    def __init__(self, reply: bytes):
+        self.reply = reply
+
+    def connect(self):
+        pass
+
+    def open_channel(self, host, port, timeout):
+        a, b = socket.socketpair()
+        b.sendall(self.reply)
+        b.close()
+        return a
+
+    def is_alive(self):
+        return True
+
+    def close(self):
+        pass
+
+
+def test_probe_reads_a_greeting():
+    result = probe_mysql(OneShot(mysql_greeting(b"8.0.28-aurora")), "db", 3306, 2)
+    assert result.ok and result.detail == "8.0.28-aurora"
+
+
+def test_probe_reads_a_refusal():
+    result = probe_mysql(OneShot(mysql_error(1040, "Too many connections")), "db", 3306, 2)
+    assert not result.ok and result.code == 1040 and result.detail == "Too many connections"
+
+
+@pytest.mark.parametrize("reply", [b"", b"\x05\x00\x00\x00HTTP/", b"SSH-2.0-OpenSSH_9.2\r\n"])
+def test_probe_rejects_silence_and_other_protocols(reply):
+    with pytest.raises(TransientError):
+        probe_mysql(OneShot(reply), "db", 3306, 2)
+
+
+def test_error_packet_is_well_formed():
+    packet = mysql_error_packet(2003, "tunnel is in backoff")
+    assert int.from_bytes(packet[:3], "little") == len(packet) - 4
+    assert packet[3] == 0 and packet[4] == 0xFF and packet[5:7] == (2003).to_bytes(2, "little")
+    assert packet.endswith(b"#HY000tunnel is in backoff")
+
+
+def test_pymysql_shows_the_refusal_text():
+    pymysql = pytest.importorskip("pymysql")
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+
+    def answer():
+        conn, _ = server.accept()
+        conn.sendall(mysql_error_packet(2003, "dbtunneld: tunnel 'orders' is backoff: bastion unreachable"))
+        conn.close()
+
+    threading.Thread(target=answer, daemon=True).start()
+    try:
+        with pytest.raises(pymysql.err.OperationalError) as info:
+            pymysql.connect(host="127.0.0.1", port=port, user="x", password="y", connect_timeout=5)
+        assert "bastion unreachable" in str(info.value)
+    finally:
+        server.close()

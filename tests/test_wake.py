@@ -1,0 +1,89 @@
+"""Sleep/wake detection on fake clocks."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from dbtunneld.wake import WakeDetector
+
+
+class Clocks:
+    def __init__(self):
+        self.wall = 1_700_000_000.0
+        self.mono = 100.0
+
+    def tick(self, seconds: float, slept: float = 0.0):
+        self.mono += seconds
+        self.wall += seconds + slept
+
+
+class Unit:
+    def __init__(self):
+        self.checks = 0
+
+    def check_now(self):
+        self.checks += 1
+
+
+def detector(clocks: Clocks, **kw) -> WakeDetector:
+    return WakeDetector(wall=lambda: clocks.wall, monotonic=lambda: clocks.mono, threshold=10, **kw)
+
+
+def test_normal_ticks_check_nothing():
+    clocks, a = Clocks(), Unit()
+    d = detector(clocks)
+    d.register(a)
+    for _ in range(100):
+        clocks.tick(5, slept=0.2)          # small drift (NTP slew) is not a wake
+        assert d.poll() is None
+    assert a.checks == 0 and d.wakes == 0
+
+
+def test_a_sleep_checks_every_unit_once():
+    clocks, a, b = Clocks(), Unit(), Unit()
+    d = detector(clocks)
+    d.register(a)
+    d.register(b)
+    clocks.tick(5, slept=3600)
+    assert d.poll() == 3600
+    assert (a.checks, b.checks) == (1, 1)
+    clocks.tick(5)
+    assert d.poll() is None and a.checks == 1
+
+
+def test_clock_set_backwards_also_checks():
+    clocks, a = Clocks(), Unit()
+    d = detector(clocks)
+    d.register(a)
+    clocks.tick(5, slept=-120)
+    assert d.poll() == -120 and a.checks == 1
+
+
+def test_unregistered_units_are_left_alone_and_failures_do_not_stop_others():
+    clocks, a, b = Clocks(), Unit(), Unit()
+
+    class Broken:
+        def check_now(self):
+            raise RuntimeError("boom")
+
+    d = detector(clocks)
+    for u in (Broken(), a, b):
+        d.register(u)
+    d.unregister(b)
+    clocks.tick(5, slept=60)
+    d.poll()
+    assert a.checks == 1 and b.checks == 0
+
+
+def test_thread_polls_on_its_tick():
+    clocks, a = Clocks(), Unit()
+    d = detector(clocks, tick=0.01)
+    d.register(a)
+    with d:
+        clocks.tick(0, slept=600)
+        deadline = time.monotonic() + 5
+        while a.checks == 0 and time.monotonic() < deadline:
+            time.sleep(0.005)
+    assert a.checks == 1
+    assert not any(t.name == "wake-detector" for t in threading.enumerate())
