@@ -12,7 +12,7 @@ from dbtunneld import clipboard
 from dbtunneld.clipboard import (CLEARED, KEPT, PASSWORD_HINT, REPLACED, ClipboardUnavailable,
                                  X11Clipboard, system_clipboard)
 
-from xsession import children_of, desktop, missing_tools, stop_pid, wait_for
+from helpers.xsession import children_of, desktop, missing_tools, stop_pid, wait_for
 import os
 
 MISSING = missing_tools(("Xvfb", "xclip"))
