@@ -1,0 +1,527 @@
+"""One SSM data channel: the websocket to the stream URL, spoken like the session-manager-plugin.
+
+Lifecycle (all on one asyncio loop):
+
+1. connect the websocket (upgrade signed with SigV4 for ``ssmmessages``) and send the
+   OpenDataChannel text message with the session token;
+2. the agent's handshake: answer HandshakeRequest (session type, our client version), wait for
+   HandshakeComplete;
+3. stream data: every ``input_stream_data`` we send is kept until acknowledged and resent on
+   its own deadline (``reliability``); every ``output_stream_data`` we receive is acknowledged
+   and delivered in sequence order to ``sink``;
+4. ``pause_publication`` stops our sending (new data and resends) until ``start_publication``;
+5. when the websocket drops (AWS recycles it about hourly) the session is resumed: ResumeSession
+   for a new token, a new websocket, and every unacknowledged message resent;
+6. ``close`` sends the TerminateSession flag and calls TerminateSession, whatever happened before.
+
+Resuming is the only retry loop here and it is bounded (``resume_delays``); when it gives up,
+the channel ends with a ``TransientError`` and its owner decides what to do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ..errors import ClosedError, DbtunneldError, NeedsUserError, ProtocolError, TransientError
+from . import message as m
+from .api import Grant, redact_url
+from .reliability import GIVE_UP_AFTER, OutgoingWindow, ReorderBuffer, Verdict
+
+log = logging.getLogger(__name__)
+
+# Reported in the handshake. The agent compares it: above 1.2.331.0 it disables smux keepalive
+# and keeps idle port sessions open; at or above 1.1.70 it multiplexes port-forward sessions.
+CLIENT_VERSION = "1.2.650.0"
+IDLE_RESEND_WAIT = 3600.0
+
+
+class SessionService(Protocol):
+    """The SSM API calls the channel makes (blocking; run in a worker thread)."""
+
+    def resume_session(self, session_id: str) -> Grant | None: ...
+
+    def terminate_session(self, session_id: str) -> None: ...
+
+    def websocket_headers(self, stream_url: str) -> dict[str, str]: ...
+
+
+@dataclass(frozen=True)
+class ChannelOptions:
+    client_version: str = CLIENT_VERSION
+    max_payload: int = 1024  # bytes per message we send; AWS's own clients use 1024
+    window: int = 1024  # messages we may run ahead of the oldest unacknowledged one
+    reorder_capacity: int = 10_000
+    handshake_timeout: float = 30.0
+    open_timeout: float = 15.0
+    resume_delays: tuple[float, ...] = (0.0, 0.2, 0.5, 1.0, 2.0, 4.0, 8.0)
+    give_up_after: float = GIVE_UP_AFTER
+    terminate_timeout: float = 10.0
+    ping_interval: float | None = 30.0
+    max_message: int = 4 << 20
+    write_limit: int = 1 << 20
+
+
+@dataclass
+class Handshake:
+    agent_version: str = ""
+    session_type: str = ""
+    properties: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def multiplexed(self) -> bool:
+        return self.session_type == "Port" and self.properties.get("type") == "LocalPortForwarding"
+
+
+Sink = Callable[[bytes], Awaitable[None]]
+
+
+class DataChannel:
+    """The client side of one session's data channel. Create, ``await start()``, use, ``await close()``."""
+
+    def __init__(
+        self,
+        grant: Grant,
+        service: SessionService,
+        *,
+        options: ChannelOptions | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        connect: Callable[..., Awaitable[Any]] | None = None,
+    ) -> None:
+        self.session_id = grant.session_id
+        self.options = opts = options or ChannelOptions()
+        self._grant = grant
+        self._service = service
+        self._clock = clock
+        self._connect_ws = connect or _websockets_connect
+        self._client_id = str(uuid.uuid4())
+        self._label = f"[ssm session={grant.session_id}]"
+        self._sink: Sink | None = None
+        self._ws: Any = None
+        self._out = OutgoingWindow(span=opts.window)
+        self._in: ReorderBuffer[m.AgentMessage] = ReorderBuffer(opts.reorder_capacity)
+        self._next_seq = 0
+        self._paused = False
+        self._changed = asyncio.Event()
+        self._resend_wakeup = asyncio.Event()
+        self._handshake: asyncio.Future[Handshake] = asyncio.get_running_loop().create_future()
+        self._info = Handshake()
+        self._tasks: list[asyncio.Task] = []
+        self._closing = False
+        self._ended_by_service = ""
+        self._terminated = False
+        self._finishing = False
+        self.closed = asyncio.Event()
+        self.error: DbtunneldError | None = None
+        self.stats = {"sent": 0, "received": 0, "resent": 0, "resumes": 0}
+
+    # --- public ----------------------------------------------------------------------------
+
+    def set_sink(self, sink: Sink) -> None:
+        """Where output payloads go, in order (awaited: a slow sink slows the channel down)."""
+        self._sink = sink
+
+    @property
+    def handshake(self) -> Handshake:
+        return self._info
+
+    @property
+    def is_open(self) -> bool:
+        return not self._closing and not self.closed.is_set()
+
+    async def start(self) -> Handshake:
+        """Connect and complete the agent's handshake; raises (and closes) on failure."""
+        try:
+            await self._connect(self._grant)
+            self._tasks.append(asyncio.ensure_future(self._run()))
+            self._tasks.append(asyncio.ensure_future(self._resend_loop()))
+            return await asyncio.wait_for(asyncio.shield(self._handshake), self.options.handshake_timeout)
+        except asyncio.TimeoutError:
+            error = TransientError(f"SSM session {self.session_id}: no handshake from the agent within {self.options.handshake_timeout:.0f} s")
+            await self._finish(error)
+            raise error from None
+        except DbtunneldError as exc:
+            await self._finish(exc)
+            raise
+
+    async def send(self, data: bytes, payload_type: int = m.OUTPUT) -> None:
+        """Send bytes to the agent, split into messages; waits for window room / resume / unpause."""
+        size = self.options.max_payload
+        if len(data) <= size:
+            await self._send_stream(payload_type, bytes(data))
+            return
+        view = memoryview(data)
+        for offset in range(0, len(data), size):
+            await self._send_stream(payload_type, bytes(view[offset : offset + size]))
+
+    async def send_flag(self, flag: int) -> None:
+        await self._send_stream(m.FLAG, m.flag_payload(flag))
+
+    async def close(self) -> None:
+        """Tell the agent and the service the session is over, then close the websocket. Idempotent."""
+        if self._closing:
+            await self.closed.wait()
+            return
+        self._closing = True
+        self._wake()
+        if self._ws is not None and self._handshake.done() and not self._ended_by_service:
+            await self._send_terminate_flag()
+        await self._finish(self.error)
+
+    # --- connection ------------------------------------------------------------------------
+
+    async def _connect(self, grant: Grant) -> None:
+        loop = asyncio.get_running_loop()
+        headers = await loop.run_in_executor(None, self._service.websocket_headers, grant.stream_url)
+        log.debug("%s opening data channel %s", self._label, redact_url(grant.stream_url))
+        try:
+            ws = await self._connect_ws(grant.stream_url, headers, self.options)
+            await ws.send(m.open_data_channel(grant.token, self._client_id, self.options.client_version))
+        except (OSError, asyncio.TimeoutError) as exc:
+            raise TransientError(f"{self._label} data channel {redact_url(grant.stream_url)}: {type(exc).__name__}: {exc}") from None
+        except Exception as exc:  # websockets' handshake errors (InvalidStatus, InvalidHandshake...)
+            raise TransientError(f"{self._label} data channel {redact_url(grant.stream_url)}: {_describe(exc)}") from None
+        self._ws = ws
+        self._wake()
+
+    async def _run(self) -> None:
+        """Read until the channel ends; resume when the websocket drops underneath."""
+        try:
+            while True:
+                await self._read_all(self._ws)
+                if self._closing or self._ended_by_service:
+                    break
+                if not self._handshake.done():
+                    raise TransientError(f"{self._label} data channel closed before the handshake{_close_reason(self._ws)}")
+                await self._resume()
+            error = None
+            if self._ended_by_service:
+                error = ClosedError(f"SSM session {self.session_id} ended by the service: {self._ended_by_service}")
+            await self._finish(error)
+        except asyncio.CancelledError:
+            raise
+        except DbtunneldError as exc:
+            await self._finish(exc)
+        except Exception as exc:
+            log.exception("%s data channel failed", self._label)
+            await self._finish(TransientError(f"{self._label} data channel failed: {type(exc).__name__}: {exc}"))
+
+    async def _read_all(self, ws: Any) -> None:
+        try:
+            async for raw in ws:
+                if isinstance(raw, str):
+                    log.warning("%s text message from the service: %.200s", self._label, raw)
+                    continue
+                await self._on_message(raw)
+                if self._ended_by_service:
+                    return
+        except _connection_closed():
+            pass
+
+    async def _resume(self) -> None:
+        self._ws = None
+        last: DbtunneldError | None = None
+        loop = asyncio.get_running_loop()
+        for delay in self.options.resume_delays:
+            if self._closing:
+                return
+            if delay:
+                log.warning("%s resume failed (%s); next attempt in %.1f s", self._label, last and last.message, delay)
+                await asyncio.sleep(delay)
+            try:
+                grant = await loop.run_in_executor(None, self._service.resume_session, self.session_id)
+                if grant is None:
+                    raise ClosedError(f"SSM session {self.session_id} is over (terminated or timed out); it cannot be resumed")
+                await self._connect(grant)
+            except TransientError as exc:
+                last = exc
+                continue
+            self.stats["resumes"] += 1
+            await self._resend(self._out.resend_all(self._clock()))
+            log.info("%s data channel resumed (%d unacknowledged messages resent)", self._label, len(self._out))
+            return
+        raise TransientError(f"SSM session {self.session_id}: could not resume the data channel: {last and last.message}", hint="check the network path to the SSM endpoints")
+
+    async def _finish(self, error: DbtunneldError | None) -> None:
+        """End the channel: TerminateSession (always), close the websocket, stop the tasks."""
+        if self._finishing:
+            await self.closed.wait()
+            return
+        self._finishing = self._closing = True
+        if error is not None and self.error is None:
+            self.error = error
+            log.warning("%s data channel ended: %s", self._label, error.message)
+        if not self._handshake.done():
+            self._handshake.set_exception(self.error or ClosedError(f"SSM session {self.session_id} closed"))
+            self._handshake.exception()  # mark retrieved
+        await self._terminate()
+        ws, self._ws = self._ws, None
+        if ws is not None:
+            try:
+                await asyncio.wait_for(ws.close(), 2.0)
+            except Exception:
+                pass
+        current = asyncio.current_task()
+        for task in self._tasks:
+            if task is not current:
+                task.cancel()
+        self.closed.set()
+        self._wake()
+
+    async def _terminate(self) -> None:
+        if self._terminated:
+            return
+        self._terminated = True
+        loop = asyncio.get_running_loop()
+        try:
+            call = loop.run_in_executor(None, self._service.terminate_session, self.session_id)
+            await asyncio.wait_for(call, self.options.terminate_timeout)
+        except Exception as exc:
+            log.warning("%s TerminateSession failed: %s (the service ends it at its idle timeout)", self._label, _describe(exc))
+
+    async def _send_terminate_flag(self) -> None:
+        """Best effort: the agent stops the plugin at once instead of at the service's signal."""
+        try:
+            seq = self._next_seq
+            await asyncio.wait_for(self._send_stream(m.FLAG, m.flag_payload(m.FLAG_TERMINATE_SESSION), force=True), 1.0)
+            deadline = self._clock() + 1.0
+            while seq in self._out and self._clock() < deadline and self._ws is not None:
+                self._changed.clear()
+                await asyncio.wait_for(self._changed.wait(), max(0.01, deadline - self._clock()))
+        except (asyncio.TimeoutError, DbtunneldError):
+            pass
+
+    # --- sending ---------------------------------------------------------------------------
+
+    async def _send_stream(self, payload_type: int, payload: bytes, *, force: bool = False) -> None:
+        await self._wait_sendable(force)
+        seq = self._next_seq
+        self._next_seq += 1
+        raw = m.encode(m.stream_message(m.INPUT_STREAM, seq, payload_type, payload))
+        idle = not len(self._out)
+        self._out.add(seq, raw, self._clock())
+        if idle:
+            self._resend_wakeup.set()
+        self.stats["sent"] += 1
+        await self._send_raw(raw)
+
+    async def _wait_sendable(self, force: bool = False) -> None:
+        while True:
+            if self.closed.is_set() or (self._closing and not force):
+                raise ClosedError(f"SSM session {self.session_id} is closed")
+            if self._ws is not None and not self._paused and self._out.has_room(self._next_seq):
+                return
+            self._changed.clear()
+            await self._changed.wait()
+
+    async def _send_raw(self, raw: bytes) -> bool:
+        ws = self._ws
+        if ws is None:
+            return False
+        try:
+            await ws.send(raw)
+            return True
+        except _connection_closed():
+            return False
+
+    async def _resend(self, messages: list[tuple[int, bytes]]) -> None:
+        self.stats["resent"] += len(messages)
+        for _seq, raw in messages:
+            if not await self._send_raw(raw):
+                return
+
+    async def _resend_loop(self) -> None:
+        while not self.closed.is_set():
+            now = self._clock()
+            if self._ws is not None and not self._paused:
+                await self._resend(self._out.due(now))
+                if len(self._out) and self._out.stalled_for(now) > self.options.give_up_after:
+                    await self._finish(TransientError(f"SSM session {self.session_id}: the agent acknowledged nothing for {self.options.give_up_after:.0f} s"))
+                    return
+            await self._sleep_until_due()
+
+    async def _sleep_until_due(self) -> None:
+        """Until the retransmission timer may fire (or something is sent when nothing was pending)."""
+        deadline = self._out.next_deadline()
+        wait = IDLE_RESEND_WAIT if deadline is None else max(0.002, deadline - self._clock())
+        if deadline is not None and (self._ws is None or self._paused):
+            wait = max(wait, 0.05)
+        self._resend_wakeup.clear()
+        if deadline is not None:
+            await asyncio.sleep(wait)
+            return
+        try:
+            await asyncio.wait_for(self._resend_wakeup.wait(), wait)
+        except asyncio.TimeoutError:
+            pass
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._resend_wakeup.set()
+
+    # --- receiving -------------------------------------------------------------------------
+
+    async def _on_message(self, raw: bytes) -> None:
+        try:
+            msg = m.decode(raw)
+        except ProtocolError as exc:
+            log.warning("%s dropped a corrupt message: %s", self._label, exc.message)
+            return
+        kind = msg.message_type
+        if kind == m.OUTPUT_STREAM:
+            await self._on_stream(msg)
+        elif kind == m.ACKNOWLEDGE:
+            await self._on_ack(msg)
+        elif kind == m.CHANNEL_CLOSED:
+            self._on_channel_closed(msg)
+        elif kind == m.PAUSE_PUBLICATION:
+            self._set_paused(True)
+        elif kind == m.START_PUBLICATION:
+            self._set_paused(False)
+        else:
+            log.debug("%s ignored message type %s", self._label, kind)
+
+    async def _on_stream(self, msg: m.AgentMessage) -> None:
+        verdict, ready = self._in.offer(msg.sequence_number, msg)
+        if verdict is not Verdict.OVERFLOW:
+            await self._send_raw(m.encode(m.acknowledgement(msg)))
+        for item in ready:
+            self.stats["received"] += 1
+            await self._dispatch(item)
+
+    async def _on_ack(self, msg: m.AgentMessage) -> None:
+        try:
+            seq = m.acknowledged_sequence(msg)
+        except ProtocolError as exc:
+            log.warning("%s %s", self._label, exc.message)
+            return
+        now = self._clock()
+        if self._out.ack(seq, now):
+            self._changed.set()
+            if not self._paused:
+                lost = self._out.lost(now)
+                if lost:
+                    await self._resend(lost)
+
+    def _on_channel_closed(self, msg: m.AgentMessage) -> None:
+        try:
+            output = str(m.json_payload(msg).get("Output") or "")
+        except ProtocolError:
+            output = ""
+        self._ended_by_service = output or "channel closed"
+        log.info("%s the service closed the channel: %s", self._label, self._ended_by_service)
+
+    def _set_paused(self, paused: bool) -> None:
+        if paused == self._paused:
+            return
+        self._paused = paused
+        log.info("%s agent %s publication", self._label, "paused" if paused else "resumed")
+        if not paused:
+            asyncio.ensure_future(self._resend(self._out.resend_all(self._clock())))
+        self._wake()
+
+    async def _dispatch(self, msg: m.AgentMessage) -> None:
+        ptype = msg.payload_type
+        if ptype in (m.OUTPUT, m.STDERR):
+            if self._sink is not None:
+                await self._sink(msg.payload)
+        elif ptype == m.HANDSHAKE_REQUEST:
+            await self._on_handshake_request(msg)
+        elif ptype == m.HANDSHAKE_COMPLETE:
+            self._on_handshake_complete(msg)
+        elif ptype == m.FLAG:
+            self._on_flag(msg)
+        elif ptype == m.ENC_CHALLENGE_REQUEST:
+            await self._finish(NeedsUserError(f"SSM session {self.session_id}: the agent asks for KMS encryption", hint=_KMS_HINT))
+        else:
+            log.debug("%s ignored payload type %d", self._label, ptype)
+
+    async def _on_handshake_request(self, msg: m.AgentMessage) -> None:
+        request = m.json_payload(msg)
+        self._info.agent_version = str(request.get("AgentVersion") or "")
+        processed, errors = [], []
+        for action in request.get("RequestedClientActions") or []:
+            result = self._process_action(action)
+            processed.append(result)
+            if result["ActionStatus"] != 1:
+                errors.append(result["Error"])
+        payload = m.handshake_response(self.options.client_version, processed, errors)
+        await self._send_stream(m.HANDSHAKE_RESPONSE, payload)
+        if errors:
+            await self._finish(NeedsUserError(f"SSM session {self.session_id}: {'; '.join(errors)}", hint=_KMS_HINT))
+
+    def _process_action(self, action: dict[str, Any]) -> dict[str, Any]:
+        kind = action.get("ActionType")
+        params = action.get("ActionParameters") or {}
+        if kind == "SessionType" and params.get("SessionType") == "Port":
+            self._info.session_type = "Port"
+            self._info.properties = dict(params.get("Properties") or {})
+            return {"ActionType": kind, "ActionStatus": 1, "ActionResult": None, "Error": ""}
+        if kind == "SessionType":
+            error = f"session type {params.get('SessionType')!r} is not supported (only port sessions)"
+        elif kind == "KMSEncryption":
+            error = "KMS encryption of the session is not supported by the native client"
+        else:
+            error = f"unsupported action {kind}"
+        return {"ActionType": kind, "ActionStatus": 3 if kind != "SessionType" else 2, "ActionResult": None, "Error": error}
+
+    def _on_handshake_complete(self, msg: m.AgentMessage) -> None:
+        if self._handshake.done():
+            return
+        if not self._info.session_type:
+            error = ProtocolError(f"SSM session {self.session_id}: handshake completed without a session type")
+            self._handshake.set_exception(error)
+            return
+        log.info("%s handshake complete (agent %s, %s)", self._label, self._info.agent_version, "multiplexed" if self._info.multiplexed else "stream")
+        self._handshake.set_result(self._info)
+
+    def _on_flag(self, msg: m.AgentMessage) -> None:
+        try:
+            flag = m.parse_flag(msg.payload)
+        except ProtocolError:
+            return
+        if flag == m.FLAG_CONNECT_TO_PORT_ERROR:
+            log.warning("%s the agent could not connect to the destination port", self._label)
+
+
+_KMS_HINT = "turn off KMS encryption in the Session Manager preferences, or use the session-manager-plugin fallback"
+
+
+def _connection_closed() -> type[Exception]:
+    from websockets.exceptions import ConnectionClosed
+
+    return ConnectionClosed
+
+
+def _close_reason(ws: Any) -> str:
+    code = getattr(ws, "close_code", None)
+    reason = getattr(ws, "close_reason", None)
+    return f" (websocket close {code}: {reason})" if code is not None else ""
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+async def _websockets_connect(url: str, headers: dict[str, str], options: ChannelOptions) -> Any:
+    from websockets.asyncio.client import connect
+
+    return await connect(
+        url,
+        additional_headers=headers,
+        compression=None,
+        open_timeout=options.open_timeout,
+        ping_interval=options.ping_interval,
+        ping_timeout=options.ping_interval,
+        close_timeout=2.0,
+        max_size=options.max_message,
+        max_queue=64,
+        write_limit=options.write_limit,
+        user_agent_header=f"dbtunneld-ssm/{options.client_version}",
+        proxy=None,
+    )
