@@ -90,7 +90,7 @@ class TunnelSettings:
     connect_wait: float = 20.0       # how long a client waits while the upstream is rebuilt
     health_interval: float = 30.0
     health_timeout: float = 5.0
-    keepalive_interval: float = 15.0
+    keepalive_interval: float = 5.0     # + health_timeout = worst time to notice a frozen bastion
     backoff_initial: float = 0.5
     backoff_max: float = 30.0
 
@@ -311,7 +311,7 @@ def _parse_tunnels(r: _Reader) -> TunnelSettings:
         connect_wait=r.number("connect_wait", 20.0, 0.0, 300.0),
         health_interval=r.number("health_interval", 30.0, 1.0, 3600.0),
         health_timeout=r.number("health_timeout", 5.0, 0.5, 120.0),
-        keepalive_interval=r.number("keepalive_interval", 15.0, 1.0, 600.0),
+        keepalive_interval=r.number("keepalive_interval", 5.0, 1.0, 600.0),
         backoff_initial=r.number("backoff_initial", 0.5, 0.05, 60.0),
         backoff_max=r.number("backoff_max", 30.0, 1.0, 3600.0),
     )
