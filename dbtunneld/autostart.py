@@ -182,27 +182,35 @@ def desktop_exec_quote(argv: Sequence[str]) -> str:
 
 def desktop_exec_split(value: str) -> list[str]:
     """Inverse of desktop_exec_quote (for the subset of the spec that quote produces)."""
-    value = _unescape_desktop_string(value)
-    words, cur, quoted, i, in_word = [], [], False, 0, False
+    def escape(v: str, i: int, quoted: bool, nwords: int) -> int:
+        return 2 if quoted and v[i] == "\\" and i + 1 < len(v) else 0
+    words = _split_words(_unescape_desktop_string(value), escape)
+    return [w.replace("%%", "%") for w in words]
+
+
+def _split_words(value: str, escape: Callable[[str, int, bool, int], int]) -> list[str]:
+    """Split at blanks outside double quotes. ``escape(value, i, quoted, words_so_far)`` returns
+    the length of an escape sequence at i (0 for none); its last character is taken literally."""
+    words: list[str] = []
+    cur: list[str] = []
+    quoted = in_word = False
+    i = 0
     while i < len(value):
-        c = value[i]
-        if quoted and c == "\\" and i + 1 < len(value):
-            cur.append(value[i + 1])
-            i += 2
-            continue
-        if c == '"':
+        c, n = value[i], escape(value, i, quoted, len(words))
+        if n:
+            cur.append(value[i + n - 1])
+            in_word = True
+        elif c == '"':
             quoted, in_word = not quoted, True
-        elif c == " " and not quoted:
+        elif c in " \t" and not quoted:
             if in_word:
                 words.append("".join(cur))
             cur, in_word = [], False
         else:
             cur.append(c)
             in_word = True
-        i += 1
-    if in_word:
-        words.append("".join(cur))
-    return [w.replace("%%", "%") for w in words]
+        i += n or 1
+    return words + ["".join(cur)] if in_word else words
 
 
 def _unescape_desktop_string(value: str) -> str:
@@ -229,30 +237,12 @@ def systemd_quote(argv: Sequence[str]) -> str:
 
 def systemd_split(value: str) -> list[str]:
     """Inverse of systemd_quote, also accepting unquoted words."""
-    words: list[str] = []
-    cur: list[str] = []
-    quoted = in_word = False
-    i = 0
-    while i < len(value):
-        c = value[i]
-        doubled = c == "%" or (c == "$" and bool(words))  # `$$` counts only after the program
-        if (c == "\\" and i + 1 < len(value)) or (doubled and value[i + 1:i + 2] == c):
-            cur.append(value[i + 1])
-            i, in_word = i + 2, True
-            continue
-        if c == '"':
-            quoted, in_word = not quoted, True
-        elif c.isspace() and not quoted:
-            if in_word:
-                words.append("".join(cur))
-            cur, in_word = [], False
-        else:
-            cur.append(c)
-            in_word = True
-        i += 1
-    if in_word:
-        words.append("".join(cur))
-    return words
+    def escape(v: str, i: int, quoted: bool, nwords: int) -> int:
+        doubled = v[i] == "%" or (v[i] == "$" and nwords > 0)  # `$$` only after the program
+        if (v[i] == "\\" and i + 1 < len(v)) or (doubled and v[i + 1:i + 2] == v[i]):
+            return 2
+        return 0
+    return _split_words(value, escape)
 
 
 def windows_command_line(argv: Sequence[str]) -> str:
@@ -263,20 +253,7 @@ def windows_command_line(argv: Sequence[str]) -> str:
 
 def windows_split(value: str) -> list[str]:
     """Split a command line of the form windows_command_line writes (quotes, no escapes)."""
-    words, cur, quoted, in_word = [], [], False, False
-    for c in value:
-        if c == '"':
-            quoted, in_word = not quoted, True
-        elif c in " \t" and not quoted:
-            if in_word:
-                words.append("".join(cur))
-            cur, in_word = [], False
-        else:
-            cur.append(c)
-            in_word = True
-    if in_word:
-        words.append("".join(cur))
-    return words
+    return _split_words(value, lambda v, i, quoted, nwords: 0)
 
 
 def _shell_word(arg: str) -> str:
