@@ -495,7 +495,12 @@ class SystemdUserUnit:
         return ran.returncode != 127 and ran.stdout.strip() not in ("", "offline")
 
     def enable(self, mode: str, start_now: bool) -> list[str]:
-        _write_atomic(self.path, render_unit(self.ctx.command_for(mode)))
+        command = self.ctx.command_for(mode)
+        if set(command[0]) & set("\"'\\") or not command[0].isprintable():
+            raise AutostartError(f"systemd refuses a program path with quotes or backslashes: "
+                                 f"{command[0]}", hint="install dbtunneld under a plain path "
+                                 "(e.g. `pipx install dbtunneld`), or use --mode tray")
+        _write_atomic(self.path, render_unit(command))
         notes = [f"wrote {self.path}"]
         manager = self.manager_runs()
         if manager:

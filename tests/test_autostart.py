@@ -207,6 +207,18 @@ def test_status_reads_the_truth_not_a_flag(linux: Autostart, env: dict[str, str]
     assert "is-enabled" in st_.problems[0]
 
 
+def test_a_program_path_systemd_would_refuse_is_an_error(env: dict[str, str],
+                                                          tmp_path: Path) -> None:
+    bad = Autostart(platform="linux", env=env, executable=str(fake_install(tmp_path, "it's")))
+    with pytest.raises(AutostartError) as err:
+        bad.enable("daemon")
+    assert "systemd refuses" in err.value.message and "--mode tray" in err.value.hint
+    assert not unit_path(env).exists()
+    unit_path(env).parent.mkdir(parents=True)  # and systemd really does refuse it:
+    unit_path(env).write_text(autostart.render_unit([str(tmp_path / "it's" / "bin" / "dbtunneld")]))
+    assert "special characters" in unit_problems(unit_path(env), env)
+
+
 def test_default_mode_is_tray_on_a_desktop_and_daemon_headless(env: dict[str, str]) -> None:
     assert Autostart(platform="linux", env=env).default_mode() == "daemon"
     assert Autostart(platform="linux", env={**env, "DISPLAY": ":1"}).default_mode() == "tray"
