@@ -1,0 +1,465 @@
+"""The tray: desktop checks, the one UI funnel, the app's requests to the daemon, and a real tray
+under Xvfb with a private D-Bus session bus and a tray host (trayer): the icon appears, the menu
+opens, a click on "Copy password" puts that lease's password on the clipboard, and it is cleared
+after the delay. A screenshot of the open menu is saved to test-artifacts/.
+
+Until the daemon and the sandbox stack are used here, the tray talks to a real control server
+(``control.ControlServer``) whose dispatch serves a scripted status and credentials.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from dbtunneld import control, tray
+from dbtunneld.client import Client
+from dbtunneld.clipboard import Copied
+from dbtunneld.config import UiSettings
+from dbtunneld.menu import MenuModel
+from dbtunneld.model import (CredentialState as C, CredentialStatus, DaemonStatus, Health, TunnelState as T,
+                             TunnelStatus)
+from dbtunneld.notify import Notifier
+from dbtunneld.paths import default_paths
+
+from helpers.xsession import Desktop, missing_tools, stop_pid, wait_for
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "test-artifacts"
+PASSWORD = "A1a-lease-password-Zx9"          # what the "lease" hands out
+MISSING = missing_tools(("Xvfb", "dbus-daemon", "trayer", "xdotool", "xclip", "import"))
+
+
+def short_home(prefix: str) -> Path:
+    """A short private folder (Unix socket paths are limited to ~107 bytes)."""
+    import tempfile
+
+    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+
+
+def scripted_status(now: float | None = None) -> DaemonStatus:
+    now = now or time.time()
+    return DaemonStatus(
+        version="test", pid=os.getpid(), started_at=now - 60, config_path="/tmp/config.toml", log_path="/tmp/d.log",
+        aws=CredentialStatus("aws", "sandbox", C.VALID, identity="arn:aws:sts::1:assumed-role/dev/alice",
+                             expires_at=now + 8 * 3600),
+        vault=CredentialStatus("vault", "http://127.0.0.1:8200", C.VALID, expires_at=now + 3600),
+        tunnels=(TunnelStatus("orders", 13306, T.UP, since=now - 120, username="v-orders-1", autoconnect=True),
+                 TunnelStatus("billing", 13307, T.STOPPED, production=True, autoconnect=True)))
+
+
+class ScriptedDaemon:
+    """The dispatch of a control server: a status snapshot and credentials, every call recorded."""
+
+    def __init__(self, status: DaemonStatus | None = None):
+        self.status = status or scripted_status()
+        self.calls: list[tuple[str, dict]] = []
+
+    def __call__(self, req):
+        self.calls.append((req.cmd, dict(req.args)))
+        if req.cmd == "status":
+            return self.status.to_dict()
+        if req.cmd == "creds":
+            return {"username": "v-orders-1", "password": PASSWORD, "url": "mysql://v-orders-1@127.0.0.1:13306/app",
+                    "mysql": "mysql -h 127.0.0.1 -P 13306 -u v-orders-1 -p app"}
+        if req.cmd == "login":
+            return {"signed_in": False, "verification_uri_complete": "http://127.0.0.1:1/device?code=ABCD",
+                    "user_code": "ABCD"}
+        if req.cmd == "stop":
+            return {"pid": os.getpid()}
+        return {}
+
+    def commands(self):
+        return [c for c in self.calls if c[0] not in ("status",)]
+
+
+@pytest.fixture
+def home():
+    import shutil
+
+    d = short_home("dbt-tray-")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def daemon(home):
+    script = ScriptedDaemon()
+    paths = default_paths({"DBTUNNELD_HOME": str(home / "dbt"), "HOME": str(home)})
+    server = control.ControlServer(paths.socket_path, script).start()
+    script.paths = paths
+    yield script
+    server.close()
+
+
+# ----------------------------------------------------------------------------- desktop checks
+
+def test_no_display_is_a_clear_error():
+    with pytest.raises(tray.DesktopUnavailable, match="DISPLAY is not set"):
+        tray.check_desktop({}, "appindicator", platform="linux")
+
+
+def test_unreachable_session_bus_is_a_clear_error(tmp_path):
+    with pytest.raises(tray.DesktopUnavailable, match="does not answer") as info:
+        tray._check_session_bus({"DBUS_SESSION_BUS_ADDRESS": f"unix:path={tmp_path}/nothing,guid=1"})
+    assert "dbus-run-session" in info.value.hint
+    with pytest.raises(tray.DesktopUnavailable, match="no D-Bus session bus"):
+        tray._check_session_bus({"XDG_RUNTIME_DIR": str(tmp_path)})
+
+
+def test_session_bus_addresses_are_probed(tmp_path):
+    path = tmp_path / "bus"
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(path))
+        listener.listen(1)
+        tray._check_session_bus({"XDG_RUNTIME_DIR": str(tmp_path)})             # the default path
+        tray._check_session_bus({"DBUS_SESSION_BUS_ADDRESS": f"unix:path=/nope;unix:path={path}"})
+    assert tray.session_bus_candidates({"DBUS_SESSION_BUS_ADDRESS": "unix:abstract=/tmp/x,guid=2"}) == [
+        "unix:abstract=/tmp/x,guid=2"]
+    assert tray._probe_bus("autolaunch:") is None
+
+
+def test_backend_choice():
+    assert tray.choose_backend({"PYSTRAY_BACKEND": "xorg"}, "linux") == "xorg"
+    assert tray.choose_backend({}, "darwin") == "darwin"
+    assert tray.choose_backend({}, "win32") == "win32"
+    assert tray.choose_backend({}, "linux") in ("appindicator", "gtk")
+    tray.check_desktop({}, "darwin", platform="darwin")                        # nothing to check there
+
+
+# ----------------------------------------------------------------------------- the funnel
+
+def test_funnel_coalesces_and_applies_on_the_ui_thread():
+    queue, applied = [], []
+
+    def apply(model):
+        applied.append((model, threading.get_ident()))
+
+    funnel = tray.UiFunnel(queue.append, apply)
+    ui_thread = threading.Thread(target=lambda: None)
+    models = [MenuModel((), Health.OK, f"tip {i}") for i in range(3)]
+    workers = [threading.Thread(target=funnel.submit, args=(m,)) for m in models]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert len(queue) == 1, "a burst schedules one apply"
+    done = []
+    ui_thread = threading.Thread(target=lambda: done.append(queue.pop()()))
+    funnel.ui_thread = None
+    ui_thread.start()
+    ui_thread.join()
+    assert len(applied) == 1 and applied[0][0].tooltip.startswith("tip ")
+    assert applied[0][1] == ui_thread.ident
+    funnel.submit(applied[0][0])                      # unchanged: scheduled but not applied again
+    queue.pop()()
+    assert len(applied) == 1
+    funnel.submit(MenuModel((), Health.DEGRADED, "new"))
+    queue.pop()()
+    assert applied[-1][0].tooltip == "new"
+
+
+# ----------------------------------------------------------------------------- the app (no screen)
+
+class FakeBoard:
+    def __init__(self):
+        self.copies = []
+
+    def copy(self, text, *, secret=False, clear_after=None):
+        self.copies.append((text, secret, clear_after))
+        return Copied(secret, clear_after)
+
+    def close(self):
+        pass
+
+
+def make_app(daemon, **kw):
+    board = FakeBoard()
+    models, shown, opened = [], [], []
+    notifier = Notifier(lambda title, message: shown.append((title, message)))
+    app = tray.TrayApp(Client(daemon.paths.socket_path), paths=daemon.paths, ui=UiSettings(clipboard_clear_seconds=7),
+                       submit=models.append, notifier=notifier, clipboard=lambda: board,
+                       start_daemon=lambda: Client(daemon.paths.socket_path), platform="linux",
+                       opener=opened.append, autostart=lambda: False, **kw)
+    app.board, app.models, app.shown, app.opened = board, models, shown, opened
+    return app
+
+
+def test_app_follows_the_daemon_and_renders_its_status(daemon):
+    app = make_app(daemon)
+    app.start()
+    try:
+        wait_for(lambda: app.status is not None, 10, "the first status event")
+        model = wait_for(lambda: app.models and app.models[-1].health is Health.OK and app.models[-1], 10, "a model")
+        assert model.find("● orders").text.startswith("● orders  127.0.0.1:13306  up since")
+        assert model.tooltip == "dbtunneld: 1/2 up"
+    finally:
+        app.stop()
+
+
+def test_menu_actions_become_requests(daemon):
+    app = make_app(daemon, confirm=lambda question: True)
+    app.on_status(scripted_status())
+    for action in [("connect", "billing"), ("disconnect", "orders"), ("reconnect", "orders"), ("renew", "orders"),
+                   ("connect_all",), ("open_client", "orders"), ("open_path", "/tmp/config.toml")]:
+        app.run_action(action)
+    assert daemon.commands() == [
+        ("connect", {"name": "billing", "wait": 0.0}), ("disconnect", {"name": "orders"}),
+        ("reconnect", {"name": "orders"}), ("renew", {"name": "orders"}),
+        ("connect", {"name": "billing", "wait": 0.0}),                       # the autoconnect one that is down
+        ("creds", {"name": "orders", "field": "url"})]
+    assert app.opened == ["mysql://v-orders-1@127.0.0.1:13306/app", "/tmp/config.toml"]
+    assert app.shown == []
+
+
+def test_copy_marks_only_the_password_secret_and_uses_the_configured_delay(daemon):
+    app = make_app(daemon)
+    app.run_action(("copy", "orders", "password"))
+    app.run_action(("copy", "orders", "username"))
+    assert app.board.copies == [(PASSWORD, True, 7), ("v-orders-1", False, 7)]
+
+
+@pytest.mark.parametrize("answer,copied,notified", [(True, 1, 0), (False, 0, 0), (None, 0, 1)])
+def test_production_password_asks_first(daemon, answer, copied, notified):
+    questions = []
+    app = make_app(daemon, confirm=lambda q: questions.append(q) or answer)
+    app.run_action(("confirm_copy", "billing", "password"))
+    assert "PRODUCTION cluster billing" in questions[0]
+    assert len(app.board.copies) == copied
+    assert len(app.shown) == notified
+    if notified:
+        assert "dbtunneld creds billing --copy" in app.shown[0][1]
+
+
+def test_failures_become_one_notification_not_a_crash(daemon):
+    app = make_app(daemon)
+    app.client = Client(daemon.paths.socket_path.with_name("nothing.sock"))
+    app.run_action(("copy", "orders", "password"))
+    assert len(app.shown) == 1 and "copy failed" in app.shown[0][0] and "no dbtunneld daemon" in app.shown[0][1]
+    assert PASSWORD not in repr(app.shown)
+
+
+def test_sign_in_opens_the_browser_and_quit_all_stops_the_daemon(daemon):
+    stopped = []
+    app = make_app(daemon, stop_ui=lambda: stopped.append(True))
+    app.run_action(("sign_in",))
+    assert app.opened == ["http://127.0.0.1:1/device?code=ABCD"]
+    app.run_action(("quit_all",))
+    assert daemon.commands()[-1] == ("stop", {}) and stopped == [True]
+
+
+def test_start_at_login_toggles_the_real_setting(daemon):
+    state = {"on": False}
+    app = make_app(daemon)
+    app._read_autostart = lambda: state["on"]
+    app._set_autostart = lambda enabled: state.update(on=enabled)
+    app.run_action(("set_autostart", True))
+    assert state["on"] and app.models[-1].find("Start at login").checked is True
+
+
+def test_daemon_loss_shows_start_daemon(home):
+    paths = default_paths({"DBTUNNELD_HOME": str(home / "dbt"), "HOME": str(home)})
+    models = []
+    app = tray.TrayApp(Client(paths.socket_path), paths=paths, ui=UiSettings(), submit=models.append,
+                       notifier=Notifier(None), start_daemon=lambda: Client(paths.socket_path),
+                       autostart=lambda: None)
+    app.start()
+    try:
+        model = wait_for(lambda: models and not app.connecting and models[-1], 10, "the no-daemon menu")
+        assert model.find("Start daemon").action == ("start_daemon",)
+        assert "no dbtunneld daemon is listening" in model.items[1].text
+    finally:
+        app.stop()
+
+
+# ----------------------------------------------------------------------------- the real tray
+
+def tray_env(desktop: Desktop, home: Path, **extra) -> dict[str, str]:
+    env = dict(desktop.env, DBTUNNELD_HOME=str(home / "dbt"), PYTHONUNBUFFERED="1")
+    env.pop("PYSTRAY_BACKEND", None)
+    env.update(extra)
+    return env
+
+
+def start_tray(desktop: Desktop, env: dict[str, str]) -> subprocess.Popen:
+    return desktop.spawn("tray", [sys.executable, "-m", "dbtunneld", "tray"], env=env)
+
+
+def run_tray_until_exit(env: dict[str, str], timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dbtunneld", "tray"], env=env, capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def test_tray_without_a_display_exits_with_a_message(home):
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
+    env.update(HOME=str(home), DBTUNNELD_HOME=str(home / "dbt"))
+    done = run_tray_until_exit(env)
+    assert done.returncode == tray.EXIT_NO_DESKTOP
+    assert "no display" in done.stderr and "hint:" in done.stderr
+
+
+@pytest.mark.tray
+@pytest.mark.skipif(bool(missing_tools(("Xvfb",))), reason="needs Xvfb (Debian: xvfb)")
+def test_tray_without_a_session_bus_exits_with_a_message(home):
+    d = Desktop(home)
+    try:
+        d.start_x()
+        env = tray_env(d, home)
+        env.pop("DBUS_SESSION_BUS_ADDRESS", None)
+        done = run_tray_until_exit(env)
+        assert done.returncode == tray.EXIT_NO_DESKTOP
+        assert "no D-Bus session bus" in done.stderr and "dbus-run-session" in done.stderr
+    finally:
+        d.stop()
+
+
+@pytest.mark.tray
+@pytest.mark.skipif(bool(missing_tools(("Xvfb",))), reason="needs Xvfb (Debian: xvfb)")
+def test_tray_with_a_bus_that_never_answers_exits_instead_of_hanging(home):
+    """A socket that accepts but never speaks D-Bus: the guard around icon.run() ends the tray."""
+    d = Desktop(home)
+    silent = socket.socket(socket.AF_UNIX)
+    silent.bind(str(home / "silent-bus"))
+    silent.listen(8)
+    try:
+        d.start_x()
+        env = tray_env(d, home, DBUS_SESSION_BUS_ADDRESS=f"unix:path={home / 'silent-bus'}",
+                       DBTUNNELD_TRAY_READY_TIMEOUT="3")
+        done = run_tray_until_exit(env, timeout=60)
+        assert done.returncode == tray.EXIT_NO_DESKTOP, done.stderr[-2000:]
+        assert "did not start within 3 s" in done.stderr or "the tray stopped" in done.stderr
+    finally:
+        silent.close()
+        d.stop()
+
+
+# -- driving the real menu
+
+def icon_geometry(desktop: Desktop) -> tuple[int, int, int, int] | None:
+    found = desktop.run(["xdotool", "search", "--onlyvisible", "--name", "^dbtunneld: "]).stdout.split()
+    for wid in found:
+        out = desktop.run(["xdotool", "getwindowgeometry", "--shell", wid]).stdout.decode()
+        geo = dict(line.split("=", 1) for line in out.split() if "=" in line)
+        if int(geo.get("WIDTH", 0)) >= 8 and int(geo.get("Y", -1)) >= 0:
+            return int(geo["X"]), int(geo["Y"]), int(geo["WIDTH"]), int(geo["HEIGHT"])
+    return None
+
+
+def popup_menus(desktop: Desktop) -> list[tuple[int, int, int, int]]:
+    """Viewable override-redirect windows big enough to be menus, as (x, y, w, h)."""
+    from Xlib import X, display as xdisplay
+
+    d = xdisplay.Display(desktop.display)
+    try:
+        found = []
+        for w in d.screen().root.query_tree().children:
+            attrs = w.get_attributes()
+            if attrs.map_state != X.IsViewable or not attrs.override_redirect:
+                continue
+            g = w.get_geometry()
+            if g.width >= 100 and g.height >= 40:
+                found.append((g.x, g.y, g.width, g.height))
+        return found
+    finally:
+        d.close()
+
+
+def keyboard_steps(items, text: str) -> int:
+    """How many Down presses reach the item starting with ``text`` (GTK skips separators and greyed items)."""
+    live = [i for i in items if not i.separator and i.enabled]
+    return 1 + next(n for n, i in enumerate(live) if i.text.startswith(text))
+
+
+def highlighted_row(image, box) -> tuple[int, int]:
+    """Centre of the highlighted (selected) row inside a menu window, found by its colour."""
+    x, y, w, h = box
+    crop = image.convert("RGB").crop((x, y, x + w, y + h))
+    rows = [yy for yy in range(h)
+            if sum(1 for xx in range(0, w, 4) if _selected(crop.getpixel((xx, yy)))) > (w // 4) * 0.6]
+    assert rows, "no highlighted row in the menu"
+    return x + w // 2, y + (rows[0] + rows[-1]) // 2
+
+
+def _selected(px) -> bool:
+    r, g, b = px
+    return b > 150 and b - r > 80
+
+
+def clipboard_text(desktop: Desktop) -> str | None:
+    done = desktop.run(["xclip", "-o", "-selection", "clipboard"])
+    return done.stdout.decode() if done.returncode == 0 else None
+
+
+def write_config(home: Path, clear_seconds: float) -> None:
+    (home / "dbt").mkdir(exist_ok=True)
+    (home / "dbt" / "config.toml").write_text(textwrap.dedent(f"""
+        [vault]
+        address = "http://127.0.0.1:8200"
+        role = "dev"
+        [bastion]
+        transport = "ssh"
+        host = "127.0.0.1"
+        [ui]
+        clipboard_clear_seconds = {clear_seconds}
+        [[clusters]]
+        name = "orders"
+        endpoint = "127.0.0.1"
+        db_role = "orders-ro"
+        local_port = 13306
+    """))
+
+
+@pytest.mark.tray
+@pytest.mark.skipif(bool(MISSING), reason=f"needs {', '.join(MISSING)} (Debian: xvfb dbus trayer xdotool xclip imagemagick)")
+@pytest.mark.parametrize("backend,button", [("appindicator", "1"), ("gtk", "3")])
+def test_real_tray_copy_password_then_cleared(home, daemon, backend, button):
+    pytest.importorskip("gi", reason="needs PyGObject (the tray extra)")
+    write_config(home, clear_seconds=3)
+    d = Desktop(home)
+    proc = None
+    try:
+        d.start_x().start_bus().start_tray_host()
+        proc = start_tray(d, tray_env(d, home, PYSTRAY_BACKEND=backend))
+        icon = wait_for(lambda: proc.poll() is None and icon_geometry(d), 30,
+                        f"the tray icon to appear (tray log: {home / 'tray.log'})")
+        assert d.run(["xdotool", "search", "--onlyvisible", "--name", "^dbtunneld: 1/2 up$"]).stdout.strip()
+
+        x, y, w, h = icon
+        d.run(["xdotool", "mousemove", str(x + w // 2), str(y + h // 2), "click", button], check=True)
+        main = wait_for(lambda: popup_menus(d), 10, "the menu to open")[0]
+
+        from dbtunneld.menu import ClockReading, build_menu
+        menu = build_menu(daemon.status, autostart=False, clock=ClockReading(time.time()))
+        down = keyboard_steps(menu.items, "● orders")
+        sub_down = keyboard_steps(menu.find("● orders").submenu, "Copy password")
+        d.run(["xdotool", "key", *(["Down"] * down), "Right", *(["Down"] * (sub_down - 1))], check=True)
+        menus = wait_for(lambda: len(popup_menus(d)) >= 2 and popup_menus(d), 10, "the cluster submenu")
+        submenu = next(m for m in menus if m != main)
+
+        from PIL import Image
+
+        shot = d.screenshot(ARTIFACTS / f"tray-menu-{backend}.png")
+        target = highlighted_row(Image.open(shot), submenu)
+        d.run(["xdotool", "mousemove", str(target[0]), str(target[1]), "click", "1"], check=True)
+
+        assert wait_for(lambda: clipboard_text(d) == PASSWORD, 10, "the password on the clipboard")
+        assert ("creds", {"name": "orders", "field": "password"}) in daemon.calls
+        targets = d.run(["xclip", "-o", "-selection", "clipboard", "-t", "TARGETS"]).stdout.decode().split()
+        assert "x-kde-passwordManagerHint" in targets
+        wait_for(lambda: clipboard_text(d) is None, 15, "the clipboard to be cleared")
+        assert proc.poll() is None, "the tray must keep running"
+        logs = "".join(p.read_text(errors="replace") for p in home.rglob("*.log"))
+        assert PASSWORD not in logs, "the password leaked into a log"
+    finally:
+        if proc is not None:
+            stop_pid(proc)
+        d.stop()
+    assert not d.alive()
