@@ -1,0 +1,164 @@
+"""`dbtunneld doctor` on the sandbox stack: each layer is broken on purpose and must be named first.
+
+Doctor runs as a subprocess with the stack's private HOME / AWS config (stack.env()), like a user
+would run it; every run must leave no dynamic DB user behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dbtunneld import doctor
+from dbtunneld.doctor import CheckResult
+
+SIGN_IN = """
+import sys, time
+from dbtunneld.aws import AwsSession, SsoDeviceLogin
+from dbtunneld.config import load_config
+login = SsoDeviceLogin(AwsSession(load_config(sys.argv[1]).aws))
+auth = login.start()
+deadline = time.monotonic() + 30
+while not login.poll(auth, auth.interval).done:
+    assert time.monotonic() < deadline, "sign-in not approved"
+    time.sleep(0.1)
+"""
+
+
+def run(stack, config: str, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dbtunneld.cli", "--config", config, "doctor", *extra],
+                          env=stack.env(), capture_output=True, text=True, timeout=120)
+
+
+def sign_in(stack) -> None:
+    if stack.sso_cache_file().exists():
+        return
+    stack.sso.auto_approve(True)
+    subprocess.run([sys.executable, "-c", SIGN_IN, stack.config_file], env=stack.env(), check=True, timeout=60)
+
+
+def lines_by_layer(stdout: str) -> dict[str, str]:
+    found = {}
+    for line in stdout.splitlines():
+        m = re.match(r"\s+(ok|FAIL|skip)\s+(\w+)\s", line)
+        if m:
+            found[m.group(2)] = m.group(1)
+    return found
+
+
+def variant(stack, tmp_path: Path, old: str, new: str) -> str:
+    text = Path(stack.config_file).read_text()
+    assert old in text
+    path = tmp_path / "config.toml"
+    path.write_text(text.replace(old, new, 1))
+    return str(path)
+
+
+# ------------------------------------------------------------------ pure parts
+
+def test_exit_codes_follow_the_first_failure():
+    ok = CheckResult("config", "ok")
+    assert doctor.exit_code([ok, CheckResult("aws", "ok")]) == 0
+    assert doctor.exit_code([CheckResult("config", "fail"), CheckResult("aws", "skip")]) == 2
+    assert doctor.exit_code([ok, CheckResult("aws", "fail", error_type="SignInNeededError")]) == 4
+    assert doctor.exit_code([ok, CheckResult("vault", "fail", error_type="TransientError")]) == 5
+
+
+def test_verdict_names_the_layer_and_fix():
+    results = [CheckResult("config", "ok"), CheckResult("vault", "fail", "down", "check vault.address"),
+               CheckResult("bastion", "skip")]
+    assert doctor.verdict(results) == "first broken layer: vault -> check vault.address"
+    assert "not checked" in doctor.render_result(results[2])
+
+
+def test_missing_config_is_the_first_broken_layer(tmp_path):
+    results = doctor.diagnose(tmp_path / "nope.toml")
+    assert [r.status for r in results] == ["fail"] + ["skip"] * 5
+    assert "file not found" in results[0].detail and results[0].fix
+
+
+# ------------------------------------------------------------------ on the stack
+
+@pytest.fixture(scope="module")
+def stack():
+    from dbtunneld.sandbox import start_stack
+
+    with start_stack() as s:
+        yield s
+
+
+def test_not_signed_in_names_aws(stack):
+    if stack.sso_cache_file().exists():
+        stack.sso_cache_file().unlink()
+    r = run(stack, stack.config_file)
+    assert r.returncode == 4, r.stdout + r.stderr
+    assert lines_by_layer(r.stdout) == {"config": "ok", "aws": "FAIL", "vault": "skip", "bastion": "skip",
+                                        "transport": "skip", "database": "skip"}
+    assert "first broken layer: aws" in r.stdout and "dbtunneld login" in r.stdout
+
+
+def test_every_layer_works_and_nothing_is_left(stack, tmp_path):
+    sign_in(stack)
+    report = tmp_path / "report.md"
+    r = run(stack, stack.config_file, "--report", str(report))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert set(lines_by_layer(r.stdout).values()) == {"ok"}
+    assert "every layer works" in r.stdout and "logged in as v-" in r.stdout
+    assert stack.dynamic_users() == []
+    text = report.read_text()
+    assert stat.S_IMODE(report.stat().st_mode) == 0o600
+    assert "## checks" in text and "## config" in text
+    for secret in (stack.secret_access_key, stack.root_token, *(c.admin_password for c in stack.clusters.values())):
+        assert secret not in text
+    assert json.loads(text.split("## results (json)\n", 1)[1])[-1]["status"] == "ok"
+
+
+def test_vault_unreachable(stack, tmp_path):
+    sign_in(stack)
+    closed = _closed_port()
+    cfg = variant(stack, tmp_path, f'address = "{stack.vault_addr}"', f'address = "http://127.0.0.1:{closed}"')
+    r = run(stack, cfg)
+    assert r.returncode == 5 and lines_by_layer(r.stdout)["vault"] == "FAIL"
+    assert "cannot reach Vault" in r.stdout and "vault.address" in r.stdout
+
+
+def test_vault_role_refused(stack, tmp_path):
+    sign_in(stack)
+    cfg = variant(stack, tmp_path, f'role = "{stack.vault_role}"', 'role = "no-such-role"')
+    r = run(stack, cfg)
+    assert lines_by_layer(r.stdout)["vault"] == "FAIL" and "no-such-role" in r.stdout
+
+
+def test_bastion_down_names_transport(stack, tmp_path):
+    sign_in(stack)
+    closed = _closed_port()
+    cfg = variant(stack, tmp_path, f"port = {stack.ssh_port}", f"port = {closed}")
+    r = run(stack, cfg)
+    layers = lines_by_layer(r.stdout)
+    assert layers["bastion"] == "ok" and layers["transport"] == "FAIL", r.stdout
+    assert layers["database"] == "skip"
+
+
+def test_database_unreachable_names_database(stack, tmp_path):
+    sign_in(stack)
+    orders = stack.clusters["orders"]
+    cfg = variant(stack, tmp_path, f"port = {orders.port}", f"port = {_closed_port()}")
+    r = run(stack, cfg, "--cluster", "orders")
+    layers = lines_by_layer(r.stdout)
+    assert layers["transport"] == "ok" and layers["database"] == "FAIL", r.stdout
+    assert stack.dynamic_users() == []           # the minted user was revoked anyway
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
