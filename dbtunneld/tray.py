@@ -38,6 +38,7 @@ from .paths import Paths, default_paths
 log = logging.getLogger(__name__)
 
 TICK = 15.0                  # re-render countdowns this often (applied only when the text changed)
+AUTOSTART_EVERY = 4          # re-read the login item every this many ticks
 READY_TIMEOUT = 20.0         # icon.run() must reach its setup callback within this
 RESUBSCRIBE_MAX = 30.0
 EXIT_NO_DESKTOP = 1
@@ -299,6 +300,7 @@ class TrayApp:
         self.connecting = True
         self.autostart = autostart()
         self._stop = threading.Event()
+        self._retry = threading.Event()          # wakes follow_daemon for an immediate retry
         self._lock = threading.Lock()
         self._subscription = None
         self.threads: list[threading.Thread] = []
@@ -334,6 +336,7 @@ class TrayApp:
 
     def stop(self) -> None:
         self._stop.set()
+        self._retry.set()
         sub = self._subscription
         if sub is not None:
             sub.close()
@@ -341,8 +344,11 @@ class TrayApp:
             self._board.close()
 
     def tick(self) -> None:
+        ticks = 0
         while not self._stop.wait(TICK):
-            self.autostart = self._read_autostart()
+            ticks += 1
+            if ticks % AUTOSTART_EVERY == 0:
+                self.autostart = self._read_autostart()
             self.refresh()
 
     def follow_daemon(self) -> None:
@@ -363,9 +369,13 @@ class TrayApp:
             except OSError as exc:
                 self.on_daemon_lost(str(exc))
                 log.warning("daemon connection: %s; retrying in %.0f s", exc, delay)
-            if self._stop.wait(delay):
+            if self._retry.wait(delay) and self._stop.is_set():
                 return
-            delay = min(delay * 2, RESUBSCRIBE_MAX)
+            if self._retry.is_set():
+                self._retry.clear()
+                delay = 1.0
+            else:
+                delay = min(delay * 2, RESUBSCRIBE_MAX)
 
     def _follow_once(self) -> None:
         sub = self.client.subscribe()
@@ -462,10 +472,10 @@ class TrayApp:
         with self._lock:
             self.connecting, self.problem = True, ""
         self.refresh()
-        self.client = self._start_daemon()
-        sub = self._subscription
-        if sub is not None:
-            sub.close()                              # follow_daemon re-subscribes at once
+        try:
+            self.client = self._start_daemon()
+        finally:
+            self._retry.set()                        # follow_daemon re-subscribes at once
 
     def do_quit(self) -> None:
         self.stop()

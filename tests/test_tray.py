@@ -463,3 +463,31 @@ def test_real_tray_copy_password_then_cleared(home, daemon, backend, button):
             stop_pid(proc)
         d.stop()
     assert not d.alive()
+
+
+def test_start_daemon_from_the_menu_reconnects_at_once(home):
+    from dbtunneld.client import DaemonStartError
+
+    paths = default_paths({"DBTUNNELD_HOME": str(home / "dbt"), "HOME": str(home)})
+    servers, models = [], []
+
+    def start_daemon():
+        if not servers:
+            servers.append(None)
+            raise DaemonStartError("the daemon exited with code 2: config.toml: file not found")
+        servers.append(control.ControlServer(paths.socket_path, ScriptedDaemon()).start())
+        return Client(paths.socket_path)
+
+    app = tray.TrayApp(Client(paths.socket_path), paths=paths, ui=UiSettings(), submit=models.append,
+                       notifier=Notifier(None), start_daemon=start_daemon, autostart=lambda: None)
+    app.start()
+    try:
+        model = wait_for(lambda: models and not app.connecting and models[-1], 10, "the no-daemon menu")
+        assert "config.toml: file not found" in model.items[1].text
+        app.run_action(("start_daemon",))
+        wait_for(lambda: app.status is not None, 5, "the status after starting the daemon (no backoff wait)")
+        assert models[-1].health is Health.OK
+    finally:
+        app.stop()
+        for s in servers[1:]:
+            s.close()
