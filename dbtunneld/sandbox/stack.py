@@ -1,0 +1,685 @@
+"""The sandbox stack: every server the product talks to, real or stand-in, on loopback.
+
+``start_stack()`` is a context manager that starts, in parallel and on free ports, under
+one private temp dir:
+
+- two MariaDB instances ("clusters" ``orders`` and ``billing``) with sample data,
+- an OpenBao dev server with the database secrets engine, policy and JWT mount,
+- a moto server (STS/IAM/EC2/RDS) seeded then switched to SigV4 + IAM enforcement,
+- the aws-auth stand-in in front of OpenBao (``vault_addr`` points at it),
+- the SSO portal/OIDC stand-in,
+- OpenSSH sshd as a forwarding-only bastion,
+- the SSM stand-in on request (``ssm=True``; ``dbtunneld.sandbox.ssm_standin``),
+
+and yields a ``Stack``: ``stack.info`` (a ``StackInfo``: every address, port, key path and
+credential; ``stack.<field>`` reads it too), the services (``stack.sshd``, ``stack.openbao``,
+``stack.vault_front``, ``stack.moto``, ``stack.sso``, ``stack.ssm``, ``stack.mariadb[name]``)
+with their fault methods (``kill``, ``freeze``/``thaw``, ``stop``/``start``, ``restart``),
+and helpers (``env()``, ``dynamic_users()``, ``root_vault()``, ``role_credentials()``).
+Teardown stops every process by pid and removes the temp dir; a service that fails to
+start makes the whole start fail with that service's log tail (``StartError``).
+
+Example::
+
+    with start_stack(lease_ttl=5, token_ttl=10) as stack:
+        print(stack.vault_addr, stack.clusters["orders"].port)
+        stack.sshd.kill()      # the bastion crashes
+        stack.sshd.start()     # and comes back on the same port
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shlex
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from . import relay
+from .mariadb import MariaDB, install_datadir
+from .moto_launcher import ACCOUNT_ID, BASTION_TAGS, DEVELOPER_ROLE, UNBOUND_ROLE
+from .openbao import (JWT_AUDIENCE, JWT_ISSUER, JWT_MOUNT, AwsRoleBinding, BaoAdmin, ClusterDb, OpenBao, Ttls,
+                      configure_database, configure_jwt_auth, configure_policies)
+from .procs import Service, ServiceError, StartError, free_port, http_probe, file_probe, stop_all
+from .sshd import Bastion
+
+log = logging.getLogger(__name__)
+
+CLUSTERS = ("orders", "billing")
+REGION = "us-east-1"
+SERVER_ID = "vault.sandbox.dbtunneld.test"
+PROFILE = "sandbox"
+SSO_SESSION = "sandbox"
+SSO_USER = "alice@example.com"
+VAULT_ROLE = DEVELOPER_ROLE
+
+_live: "weakref.WeakSet[Stack]" = weakref.WeakSet()
+
+
+# ------------------------------------------------------------------ description
+
+@dataclass(frozen=True)
+class ClusterInfo:
+    """One sandbox cluster: the MariaDB standing in for an Aurora cluster."""
+
+    name: str
+    host: str
+    port: int
+    database: str
+    table: str
+    admin_user: str
+    admin_password: str = field(repr=False)
+    socket: str
+    local_port: int                 # the daemon config's stable local port for it
+    db_role: str                    # Vault role, read-only: "<name>-ro"
+    db_role_rw: str                 # "<name>-rw"
+    rds_endpoint: str = ""          # moto's Aurora endpoint name (does not resolve)
+
+
+SECRET_FIELDS = ("root_token", "secret_access_key", "admin_password")
+
+
+@dataclass(frozen=True)
+class StackInfo:
+    """Everything a client needs to use the running stack (plain data; ``to_json``)."""
+
+    dir: str                        # the private temp dir (removed at teardown)
+    home: str                       # private HOME holding .aws/config (set HOME to it)
+    ttls: Ttls
+    clusters: dict[str, ClusterInfo]
+    # Vault
+    vault_addr: str = ""            # the address clients use (the aws-auth stand-in)
+    bao_addr: str = ""              # OpenBao itself (root token works on both)
+    root_token: str = field(default="", repr=False)
+    vault_role: str = VAULT_ROLE    # aws auth role name
+    auth_mount: str = JWT_MOUNT     # aws auth mount ("aws")
+    database_mount: str = "database"
+    server_id: str = SERVER_ID      # X-Vault-AWS-IAM-Server-ID value
+    # AWS (moto)
+    aws_endpoint: str = ""          # moto: sts, iam, ec2, rds
+    region: str = REGION
+    account_id: str = ACCOUNT_ID
+    user_name: str = ""
+    user_arn: str = ""
+    access_key_id: str = ""
+    secret_access_key: str = field(default="", repr=False)
+    role_name: str = DEVELOPER_ROLE
+    role_arn: str = ""
+    unbound_role_name: str = UNBOUND_ROLE
+    unbound_role_arn: str = ""
+    bastion_instance_id: str = ""
+    bastion_tags: dict[str, str] = field(default_factory=dict)
+    # SSO (stand-in)
+    sso_endpoint: str = ""          # serves both sso and sso-oidc
+    sso_start_url: str = ""
+    sso_region: str = REGION
+    sso_account_id: str = ACCOUNT_ID
+    sso_role_name: str = DEVELOPER_ROLE
+    sso_session_name: str = SSO_SESSION
+    profile: str = PROFILE          # SSO profile (sso_session form) in aws_config_file
+    aws_config_file: str = ""
+    # SSM (stand-in, optional)
+    ssm_endpoint: str = ""
+    # bastion (sshd)
+    ssh_host: str = "127.0.0.1"
+    ssh_port: int = 0
+    ssh_user: str = ""
+    ssh_key_file: str = ""
+    known_hosts: str = ""
+    host_key: str = ""              # "ssh-ed25519 AAAA..." (no host part)
+    relay_command: tuple[str, ...] = ()   # ProxyCommand argv reaching sshd over stdio
+    # daemon
+    dbtunneld_home: str = ""        # DBTUNNELD_HOME for a daemon on this stack
+    config_file: str = ""           # a ready daemon config (TOML), transport "ssh"
+
+    @property
+    def proxy_command(self) -> str:
+        """``relay_command`` as one shell string (for ``paramiko.ProxyCommand``)."""
+        return shlex.join(self.relay_command)
+
+    def endpoint_urls(self) -> dict[str, str]:
+        """Endpoint per AWS service, keyed as in dbtunneld's config (``sso-oidc`` etc.)."""
+        urls = {}
+        if self.aws_endpoint:
+            urls.update(sts=self.aws_endpoint, ec2=self.aws_endpoint, rds=self.aws_endpoint)
+            urls["ssm"] = self.ssm_endpoint or self.aws_endpoint
+        if self.sso_endpoint:
+            urls.update({"sso": self.sso_endpoint, "sso-oidc": self.sso_endpoint})
+        return urls
+
+    def to_json(self, secrets: bool = False) -> dict:
+        """A JSON-able dict; secret values are masked unless ``secrets=True``."""
+        data = asdict(self)
+        data["proxy_command"] = self.proxy_command
+        data["endpoint_urls"] = self.endpoint_urls()
+        if not secrets:
+            _mask(data)
+        return data
+
+
+def _mask(obj: Any) -> None:
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if k in SECRET_FIELDS and v:
+                obj[k] = "***"
+            else:
+                _mask(v)
+
+
+# ------------------------------------------------------------------ stand-in services
+
+class VaultFront(Service):
+    """The aws-auth stand-in process in front of OpenBao (stateless; OpenBao keeps state).
+
+    ``pause()`` makes Vault unreachable (the port refuses connections), ``resume()`` brings
+    it back on the same port with every token and lease intact. ``freeze()`` instead makes
+    Vault hang (connections accepted, no answer).
+    """
+
+    def pause(self) -> None:
+        self.stop()
+
+    def resume(self) -> None:
+        self.start()
+
+
+class SsoStandin(Service):
+    """The SSO stand-in process, with test controls (browser-less approval, expiry)."""
+
+    def _control(self, path: str, body: dict | None = None) -> dict:
+        import urllib.request
+
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}/_standin/{path}",
+                                     data=json.dumps(body or {}).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return json.loads(resp.read())
+
+    def approve(self, user_code: str) -> bool:
+        """Approve a device authorization as the user would in the browser."""
+        return self._control("approve", {"user_code": user_code})["approved"]
+
+    def deny(self, user_code: str) -> bool:
+        return self._control("deny", {"user_code": user_code})["denied"]
+
+    def auto_approve(self, enabled: bool = True) -> None:
+        """Approve every new device code at once (for tests of code that 'opens a browser')."""
+        self._control("auto-approve", {"enabled": enabled})
+
+    def expire_tokens(self) -> None:
+        """Server side: every access token is expired now (the portal answers 401)."""
+        self._control("expire-tokens")
+
+    def revoke_tokens(self) -> None:
+        """Server side: access and refresh tokens are revoked (refresh fails too)."""
+        self._control("revoke-tokens")
+
+    def state(self) -> dict:
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/_standin/state", timeout=10) as resp:
+            return json.loads(resp.read())
+
+
+# ------------------------------------------------------------------ the stack
+
+@dataclass
+class StackOptions:
+    """What to start. Skipping ``aws`` skips moto, the aws-auth and SSO stand-ins (then
+    ``vault_addr`` is OpenBao itself); skipping ``vault`` skips OpenBao and the front."""
+
+    ttls: Ttls = field(default_factory=Ttls)
+    clusters: tuple[str, ...] = CLUSTERS
+    vault: bool = True
+    aws: bool = True
+    sso: bool = True
+    ssh: bool = True
+    ssm: bool | None = False         # True: start the SSM stand-in; None: if its module exists
+    home: Path | None = None         # where .aws/config goes (default: <dir>/home)
+    base_dir: Path | None = None     # parent of the private temp dir (default: $TMPDIR)
+    sso_interval: int = 1
+    sso_device_code_ttl: int = 600
+    sso_access_token_ttl: int = 8 * 3600
+    role_credentials_ttl: int = 3600
+
+
+class Stack:
+    """A running sandbox stack. Build it with ``start_stack()`` (or ``Stack(...).start()``
+    and ``stop()``). Attribute reads not found here are answered from ``self.info``."""
+
+    def __init__(self, options: StackOptions | None = None) -> None:
+        self.options = options or StackOptions()
+        self.dir: Path | None = None
+        self.info: StackInfo | None = None
+        self.mariadb: dict[str, MariaDB] = {}
+        self.openbao_server: OpenBao | None = None
+        self.bastion: Bastion | None = None
+        self.sshd: Service | None = None
+        self.openbao: Service | None = None
+        self.moto: Service | None = None
+        self.vault_front: VaultFront | None = None
+        self.sso: SsoStandin | None = None
+        self.ssm: Service | None = None
+        self.started_in: float = 0.0
+        self._ports: dict[str, int] = {}
+        self._local_ports: dict[str, int] = {}
+        self._stopped = False
+
+    def __getattr__(self, name: str) -> Any:
+        info = self.__dict__.get("info")
+        if info is not None and hasattr(info, name):
+            return getattr(info, name)
+        raise AttributeError(name)
+
+    # -- services
+
+    @property
+    def services(self) -> list[Service]:
+        """Every service of the stack (started or not), in start order."""
+        found = [db.service for db in self.mariadb.values()]
+        found += [self.openbao, self.moto, self.vault_front, self.sso, self.sshd, self.ssm]
+        return [s for s in found if s is not None]
+
+    def pids(self) -> list[int]:
+        """Every live pid of every service (main processes and their descendants)."""
+        return sorted({p for s in self.services for p in s.pids()})
+
+    # -- start
+
+    def start(self) -> "Stack":
+        """Start everything in parallel; raise StartError (after cleaning up) on failure."""
+        t0 = time.monotonic()
+        self.dir = Path(tempfile.mkdtemp(prefix="dbtunneld-sandbox-", dir=self.options.base_dir))
+        os.chmod(self.dir, 0o700)
+        (self.dir / "owner.pid").write_text(str(os.getpid()))
+        _live.add(self)
+        try:
+            self._build()
+            self._start_all()
+            self.info = self._describe()
+            self._write_client_files()
+        except BaseException:
+            self.stop()
+            raise
+        self.started_in = time.monotonic() - t0
+        log.info("sandbox stack up in %.2fs under %s", self.started_in, self.dir)
+        return self
+
+    def _port(self, name: str) -> int:
+        if name not in self._ports:
+            self._ports[name] = free_port()
+        return self._ports[name]
+
+    def _want_ssm(self) -> bool:
+        if self.options.ssm is not None:
+            return self.options.ssm and self.options.aws
+        return self.options.aws and ssm_standin_available()
+
+    def _build(self) -> None:
+        o = self.options
+        for name in o.clusters:
+            self.mariadb[name] = MariaDB.create(name, self.dir, self._port(f"mariadb-{name}"))
+            self._local_ports[name] = free_port()
+        if o.vault:
+            self.openbao_server = OpenBao.create(self.dir, self._port("openbao"), self._configure_openbao)
+            self.openbao = self.openbao_server.service
+        if o.aws:
+            self.moto = self._moto_service()
+            if o.vault:
+                self.vault_front = self._front_service()
+            if o.sso:
+                self.sso = self._sso_service()
+            if self._want_ssm():
+                self.ssm = self._ssm_service()
+        if o.ssh:
+            permit = [(h, db.port) for db in self.mariadb.values() for h in ("127.0.0.1", "localhost")]
+            self.bastion = Bastion.create(self.dir, self._port("sshd"), permit)
+            self.sshd = self.bastion.service
+
+    def _start_all(self) -> None:
+        """Start every service in its own thread; OpenBao is configured once MariaDB is up."""
+        dbs_ready = threading.Event()
+        errors: list[BaseException] = []
+
+        def run(fn: Callable[[], None]) -> None:
+            try:
+                fn()
+            except BaseException as exc:  # collected and re-raised below
+                errors.append(exc)
+                dbs_ready.set()
+
+        def start_dbs() -> None:
+            template = self.dir / "mariadb-template"
+            if self.mariadb:
+                install_datadir(template, self.dir / "mariadb-template.log")
+            with ThreadPoolExecutor(max_workers=max(1, len(self.mariadb))) as pool:
+                for f in [pool.submit(db.start, template) for db in self.mariadb.values()]:
+                    f.result()
+            shutil.rmtree(template, ignore_errors=True)
+            dbs_ready.set()
+
+        def start_openbao() -> None:
+            self.openbao.spawn()
+            dbs_ready.wait()
+            if not errors:
+                self.openbao.wait_ready()
+
+        jobs = [start_dbs]
+        jobs += [s.start for s in (self.moto, self.vault_front, self.sso, self.sshd, self.ssm) if s is not None]
+        if self.openbao is not None:
+            jobs.append(start_openbao)
+        with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+            list(pool.map(run, jobs))
+        if errors:
+            starts = [e for e in errors if isinstance(e, ServiceError)]
+            raise (starts or errors)[0]
+
+    # -- service definitions
+
+    def _python_service(self, name: str, module: str, args: list[str], ready: Callable[[], bool],
+                        port: int, cls: type = Service, env: dict | None = None) -> Service:
+        return cls(name=name, argv=[sys.executable, "-m", module, *args], port=port,
+                   log_path=self.dir / "logs" / f"{name}.log", ready=ready, env=env or self._child_env(),
+                   cwd=self.dir, start_timeout=30.0)
+
+    def _child_env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("AWS_", "VAULT_", "BAO_")) and k not in ("HOME",)}
+        env.update(HOME=str(self.dir), PYTHONDONTWRITEBYTECODE="1", PYTHONUNBUFFERED="1",
+                   MOTO_EC2_LOAD_DEFAULT_AMIS="false", AWS_EC2_METADATA_DISABLED="true")
+        return env
+
+    @property
+    def seed_file(self) -> Path:
+        return self.dir / "aws" / "seed.json"
+
+    def _moto_service(self) -> Service:
+        (self.dir / "aws").mkdir(mode=0o700, exist_ok=True)
+        clusters = [f"--cluster={n}={db.port}" for n, db in self.mariadb.items()]
+        svc = self._python_service(
+            "moto", "dbtunneld.sandbox.moto_launcher",
+            ["--port", str(self._port("moto")), "--seed-out", str(self.seed_file), "--region", REGION, *clusters],
+            file_probe(self.seed_file), self._port("moto"))
+        svc.before_start = lambda _s: self.seed_file.unlink(missing_ok=True)
+        return svc
+
+    def _front_service(self) -> VaultFront:
+        key_file = self.dir / "aws" / "standin-jwt.pem"
+        self._jwt_public_pem = _write_jwt_key(key_file)
+        port = self._port("vault-front")
+        config = {
+            "listen_port": port, "vault_addr": self.openbao_server.addr,
+            "sts_endpoint": f"http://127.0.0.1:{self._port('moto')}",
+            "iam_server_id_header_value": SERVER_ID, "auth_mount": JWT_MOUNT,
+            "jwt_key_file": str(key_file), "jwt_issuer": JWT_ISSUER, "jwt_audience": JWT_AUDIENCE,
+            "roles": {b.name: {"bound_iam_principal_arn": list(b.bound_iam_principal_arn)} for b in self._bindings()},
+        }
+        path = _write_private_json(self.dir / "aws" / "aws-auth-standin.json", config)
+        return self._python_service("aws-auth-standin", "dbtunneld.sandbox.aws_auth_standin",
+                                    ["--config", str(path)],
+                                    http_probe(f"http://127.0.0.1:{port}/_standin/health"), port, VaultFront)
+
+    def _sso_service(self) -> SsoStandin:
+        o = self.options
+        port = self._port("sso")
+        config = {
+            "listen_port": port, "start_url": f"http://127.0.0.1:{port}/start", "seed_file": str(self.seed_file),
+            "region": REGION, "user_name": SSO_USER,
+            "accounts": [{"accountId": ACCOUNT_ID, "accountName": "sandbox", "emailAddress": "aws-sandbox@example.com",
+                          "roles": [DEVELOPER_ROLE, UNBOUND_ROLE]}],
+            "access_token_ttl": o.sso_access_token_ttl, "device_code_ttl": o.sso_device_code_ttl,
+            "interval": o.sso_interval, "role_credentials_ttl": o.role_credentials_ttl,
+        }
+        path = _write_private_json(self.dir / "aws" / "sso-standin.json", config)
+        return self._python_service("sso-standin", "dbtunneld.sandbox.sso_standin", ["--config", str(path)],
+                                    http_probe(f"http://127.0.0.1:{port}/_standin/health"), port, SsoStandin)
+
+    def _ssm_service(self) -> Service:
+        from . import ssm_standin  # type: ignore[attr-defined]
+
+        factory = getattr(ssm_standin, "stack_service", None)
+        if factory is None:
+            raise StartError("ssm-standin", "dbtunneld.sandbox.ssm_standin has no stack_service() factory")
+        return factory(self)
+
+    def _bindings(self) -> list[AwsRoleBinding]:
+        return [AwsRoleBinding(VAULT_ROLE, (f"arn:aws:iam::{ACCOUNT_ID}:role/{DEVELOPER_ROLE}",))]
+
+    def _configure_openbao(self, bao: BaoAdmin) -> None:
+        ttls = self.options.ttls
+        configure_database(bao, [ClusterDb(n, db.port, db.database, db.admin_user, db.admin_password)
+                                 for n, db in self.mariadb.items()], ttls)
+        configure_policies(bao)
+        if self.vault_front is not None:
+            configure_jwt_auth(bao, self._jwt_public_pem, self._bindings(), ttls)
+
+    # -- description and client files
+
+    def _describe(self) -> StackInfo:
+        o = self.options
+        home = Path(o.home) if o.home else self.dir / "home"
+        seed = json.loads(self.seed_file.read_text()) if self.moto is not None else {}
+        clusters = {n: ClusterInfo(
+            name=n, host="127.0.0.1", port=db.port, database=db.database, table=db.table,
+            admin_user=db.admin_user, admin_password=db.admin_password, socket=str(db.socket),
+            local_port=self._local_ports[n], db_role=f"{n}-ro", db_role_rw=f"{n}-rw",
+            rds_endpoint=seed.get("clusters", {}).get(n, {}).get("endpoint", ""))
+            for n, db in self.mariadb.items()}
+        info = StackInfo(dir=str(self.dir), home=str(home), ttls=o.ttls, clusters=clusters,
+                         relay_command=tuple(relay.command("127.0.0.1", self._ports.get("sshd", 0))),
+                         dbtunneld_home=str(self.dir / "dbtunneld"))
+        if self.openbao_server is not None:
+            info = replace(info, bao_addr=self.openbao_server.addr, vault_addr=self.openbao_server.addr,
+                           root_token=self.openbao_server.root_token)
+        if self.vault_front is not None:
+            info = replace(info, vault_addr=f"http://127.0.0.1:{self.vault_front.port}")
+        if seed:
+            info = replace(info, aws_endpoint=seed["endpoint"], user_name=seed["user"]["name"],
+                           user_arn=seed["user"]["arn"], access_key_id=seed["user"]["access_key_id"],
+                           secret_access_key=seed["user"]["secret_access_key"],
+                           role_arn=seed["roles"][DEVELOPER_ROLE], unbound_role_arn=seed["roles"][UNBOUND_ROLE],
+                           bastion_instance_id=seed["bastion_instance_id"], bastion_tags=dict(seed["bastion_tags"]))
+        if self.sso is not None:
+            info = replace(info, sso_endpoint=f"http://127.0.0.1:{self.sso.port}",
+                           sso_start_url=f"http://127.0.0.1:{self.sso.port}/start")
+        if self.ssm is not None:
+            info = replace(info, ssm_endpoint=f"http://127.0.0.1:{self.ssm.port}")
+        if self.bastion is not None:
+            b = self.bastion
+            info = replace(info, ssh_port=b.port, ssh_user=b.user, ssh_key_file=str(b.client_key),
+                           known_hosts=str(b.known_hosts), host_key=b.host_key_line)
+        return replace(info, aws_config_file=str(home / ".aws" / "config"),
+                       config_file=str(self.dir / "dbtunneld" / "config.toml"))
+
+    def _write_client_files(self) -> None:
+        from .clientfiles import aws_config_text, daemon_config_text
+
+        home = Path(self.info.home)
+        (home / ".aws").mkdir(parents=True, exist_ok=True, mode=0o700)
+        Path(self.info.aws_config_file).write_text(aws_config_text(self.info))
+        Path(self.info.dbtunneld_home).mkdir(parents=True, exist_ok=True, mode=0o700)
+        Path(self.info.config_file).write_text(daemon_config_text(self.info))
+
+    def heal(self) -> list[str]:
+        """Thaw frozen services and start stopped or crashed ones (same ports); return
+        their names. OpenBao restarted this way is configured again but has lost its
+        tokens and leases (dev mode keeps state in memory)."""
+        healed = []
+        for svc in self.services:
+            if svc.frozen:
+                svc.thaw()
+                healed.append(svc.name)
+            if not svc.is_running():
+                svc.stop()
+                svc.start()
+                healed.append(svc.name)
+        if healed:
+            log.info("sandbox stack healed: %s", ", ".join(healed))
+        return healed
+
+    # -- helpers for tests and the CLI
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """Environment for a client process on this stack: private HOME, AWS config and
+        endpoints (``AWS_ENDPOINT_URL_*``), ``AWS_PROFILE``, ``DBTUNNELD_HOME``; real AWS
+        credentials and VAULT_* variables are removed. ``extra`` is added last."""
+        from .clientfiles import client_env
+
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("AWS_", "VAULT_", "BAO_")) and k != "DBTUNNELD_HOME"}
+        env.update(client_env(self.info))
+        env.update(extra)
+        return env
+
+    def db(self, cluster: str) -> MariaDB:
+        """The MariaDB instance of ``cluster`` (``.service``, ``.query()``, ``.dynamic_users()``)."""
+        return self.mariadb[cluster]
+
+    def dynamic_users(self, cluster: str | None = None) -> list[str]:
+        """Vault-created users (``v-%``) still present in one cluster, or in all of them."""
+        names = [cluster] if cluster else list(self.mariadb)
+        return [u for n in names for u in self.mariadb[n].dynamic_users()]
+
+    def count_dynamic_users(self, cluster: str | None = None) -> int:
+        return len(self.dynamic_users(cluster))
+
+    def root_vault(self) -> BaoAdmin:
+        """A root-token client straight to OpenBao (``.read()``, ``.write()``, ``.call()``)."""
+        return self.openbao_server.admin()
+
+    def role_credentials(self, role: str = DEVELOPER_ROLE, session_name: str = SSO_USER,
+                         duration: int = 3600) -> dict[str, str]:
+        """Real moto credentials for ``role`` (the seeded user assumes it), without SSO:
+        ``{"aws_access_key_id", "aws_secret_access_key", "aws_session_token"}``."""
+        import boto3
+
+        sts = boto3.client("sts", endpoint_url=self.info.aws_endpoint, region_name=REGION,
+                           aws_access_key_id=self.info.access_key_id,
+                           aws_secret_access_key=self.info.secret_access_key)
+        c = sts.assume_role(RoleArn=f"arn:aws:iam::{ACCOUNT_ID}:role/{role}", RoleSessionName=session_name,
+                            DurationSeconds=duration)["Credentials"]
+        return {"aws_access_key_id": c["AccessKeyId"], "aws_secret_access_key": c["SecretAccessKey"],
+                "aws_session_token": c["SessionToken"]}
+
+    def sso_cache_file(self) -> Path:
+        """Where botocore / the AWS CLI cache this stack's SSO token (under ``info.home``)."""
+        digest = hashlib.sha1(SSO_SESSION.encode()).hexdigest()
+        return Path(self.info.home) / ".aws" / "sso" / "cache" / f"{digest}.json"
+
+    def to_json(self, secrets: bool = False) -> dict:
+        """The stack description plus each service's pid/port/state."""
+        data = self.info.to_json(secrets) if self.info else {"dir": str(self.dir)}
+        data["services"] = {s.name: s.to_json() for s in self.services}
+        data["started_in"] = round(self.started_in, 3)
+        return data
+
+    # -- stop
+
+    def stop(self) -> None:
+        """Stop every process (by pid, SIGTERM then SIGKILL) and remove the temp dir. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        try:
+            stop_all(self.services)
+        finally:
+            _live.discard(self)
+            if self.dir is not None:
+                shutil.rmtree(self.dir, ignore_errors=True)
+            home = self.options.home
+            if home is not None and self.info is not None:
+                _remove_quietly(Path(self.info.aws_config_file))
+        log.info("sandbox stack stopped")
+
+    def __enter__(self) -> "Stack":
+        return self if self.info is not None else self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+@contextlib.contextmanager
+def start_stack(*, token_ttl: int = 3600, token_max_ttl: int = 4 * 3600, lease_ttl: int = 3600,
+                lease_max_ttl: int = 4 * 3600, **options: Any) -> Iterator[Stack]:
+    """Start a stack, yield it, always tear it down. TTLs are in seconds (Vault tokens from
+    the aws login, and database leases). Other keywords are ``StackOptions`` fields, e.g.
+    ``ssh=False``, ``sso=False``, ``aws=False``, ``clusters=("orders",)``, ``home=PATH``."""
+    ttls = Ttls(token_ttl=token_ttl, token_max_ttl=token_max_ttl, lease_ttl=lease_ttl, lease_max_ttl=lease_max_ttl)
+    stack = Stack(StackOptions(ttls=ttls, **options))
+    stack.start()
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+def ssm_standin_available() -> bool:
+    """True when the SSM stand-in module (another part of the sandbox) is present."""
+    return (Path(__file__).parent / "ssm_standin.py").exists()
+
+
+def stop_all_stacks() -> None:
+    """Stop every stack this process started (atexit and signal guard)."""
+    for stack in list(_live):
+        with contextlib.suppress(Exception):
+            stack.stop()
+
+
+def install_signal_guard() -> None:
+    """On SIGTERM/SIGHUP stop every live stack, then die of the signal as usual.
+
+    Call from the main thread (pytest's conftest and ``dbtunneld sandbox`` do)."""
+    def handler(signum: int, _frame: Any) -> None:
+        stop_all_stacks()
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) in (signal.SIG_DFL, None):
+            signal.signal(sig, handler)
+
+
+atexit.register(stop_all_stacks)
+
+
+# ------------------------------------------------------------------ small helpers
+
+def _write_private_json(path: Path, data: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+    return path
+
+
+def _write_jwt_key(path: Path) -> str:
+    """A fresh ES256 key for the aws-auth stand-in; returns the public key PEM."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+    return key.public_key().public_bytes(serialization.Encoding.PEM,
+                                         serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+
+
+def _remove_quietly(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink()

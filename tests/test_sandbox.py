@@ -1,0 +1,218 @@
+"""The sandbox stack itself: start, describe, fault methods, and a clean teardown by pid."""
+
+from __future__ import annotations
+
+import configparser
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dbtunneld.config import load_config
+from dbtunneld.sandbox.procs import Service, StartError, banner_probe, free_port, pid_alive, tcp_probe, wait_until
+from dbtunneld.sandbox.stack import Stack, StackOptions
+
+
+def greeting(port: int, timeout: float = 2.0) -> bytes:
+    """The first bytes a server sends on connect (b"" if none within ``timeout``)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.settimeout(timeout)
+        try:
+            return s.recv(64)
+        except socket.timeout:
+            return b""
+
+
+def refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return False
+    except ConnectionRefusedError:
+        return True
+
+
+# ------------------------------------------------------------------ the session stack
+
+def test_every_service_runs_on_its_port(stack):
+    names = {s.name for s in stack.services}
+    assert {"mariadb-orders", "mariadb-billing", "openbao", "moto", "aws-auth-standin", "sso-standin",
+            "sshd"} <= names
+    for svc in stack.services:
+        assert svc.is_running(), svc.name
+        assert tcp_probe(svc.port)(), f"{svc.name} not listening on {svc.port}"
+    assert greeting(stack.ssh_port).startswith(b"SSH-2.0-")
+    assert greeting(stack.clusters["orders"].port)[4:5] == b"\x0a"   # MySQL protocol v10
+
+
+def test_clusters_hold_sample_data(stack):
+    for name, table in (("orders", "orders"), ("billing", "invoices")):
+        assert stack.db(name).query(f"SELECT COUNT(*) FROM `{name}`.`{table}`") == [["300"]]
+        assert stack.clusters[name].table == table
+
+
+def test_generated_daemon_config_is_valid(stack):
+    cfg = load_config(stack.config_file)
+    assert cfg.vault.address == stack.vault_addr
+    assert cfg.vault.iam_server_id == stack.server_id
+    assert cfg.bastion.transport == "ssh" and cfg.bastion.port == stack.ssh_port
+    assert Path(cfg.bastion.key_file).is_file() and Path(cfg.bastion.known_hosts).is_file()
+    assert {c.name: (c.port, c.db_role) for c in cfg.clusters} == {
+        n: (c.port, f"{n}-ro") for n, c in stack.clusters.items()}
+    assert cfg.aws.endpoint_urls["sso-oidc"] == stack.sso_endpoint
+
+
+def test_aws_config_has_sso_profile(stack):
+    parser = configparser.ConfigParser()
+    parser.read(stack.aws_config_file)
+    profile = parser[f"profile {stack.profile}"]
+    assert profile["sso_session"] == stack.sso_session_name
+    assert profile["sso_role_name"] == "db-developer"
+    assert parser[f"sso-session {stack.sso_session_name}"]["sso_start_url"] == stack.sso_start_url
+    env = stack.env()
+    assert env["AWS_ENDPOINT_URL_SSO_OIDC"] == stack.sso_endpoint
+    assert env["AWS_ENDPOINT_URL_STS"] == stack.aws_endpoint
+    assert env["HOME"] == stack.home and "AWS_ACCESS_KEY_ID" not in env
+
+
+def test_to_json_masks_secrets(stack):
+    data = stack.to_json()
+    text = repr(data)
+    assert stack.root_token not in text and stack.secret_access_key not in text
+    assert stack.clusters["orders"].admin_password not in text
+    assert data["services"]["sshd"]["pid"] == stack.sshd.pid
+    assert stack.to_json(secrets=True)["root_token"] == stack.root_token
+
+
+def test_known_hosts_pins_the_sshd_host_key(stack):
+    line = Path(stack.known_hosts).read_text().strip()
+    assert line == f"[127.0.0.1]:{stack.ssh_port} {stack.host_key}"
+    assert stack.host_key.startswith("ssh-ed25519 ")
+
+
+# ------------------------------------------------------------------ fault methods
+
+def test_sshd_kill_then_start_on_same_port(stack):
+    port, old_pid = stack.ssh_port, stack.sshd.pid
+    stack.sshd.kill()
+    assert not pid_alive(old_pid) and refused(port)
+    stack.sshd.start()
+    assert stack.sshd.pid != old_pid and stack.sshd.port == port
+    assert greeting(port).startswith(b"SSH-")
+
+
+def test_freeze_hangs_and_thaw_answers(stack):
+    port = stack.ssh_port
+    stack.sshd.freeze()
+    try:
+        assert greeting(port, timeout=0.5) == b""   # accepted by the kernel, never answered
+    finally:
+        stack.sshd.thaw()
+    assert greeting(port).startswith(b"SSH-")
+
+
+def test_vault_front_pause_resume_keeps_openbao_state(stack):
+    import hvac
+
+    root = stack.root_vault()
+    token = root.write("auth/token/create", {"policies": ["default"], "ttl": "5m"})["auth"]["client_token"]
+    port = stack.vault_front.port
+    stack.vault_front.pause()
+    assert refused(port)
+    stack.vault_front.resume()
+    client = hvac.Client(url=stack.vault_addr, token=token)
+    assert client.auth.token.lookup_self()["data"]["policies"] == ["default"]
+
+
+def test_heal_brings_back_killed_and_frozen_services(stack):
+    stack.moto.freeze()
+    stack.sshd.kill()
+    assert sorted(stack.heal()) == ["moto", "sshd"]
+    assert greeting(stack.ssh_port).startswith(b"SSH-")
+    assert not stack.moto.frozen and stack.heal() == []
+
+
+# ------------------------------------------------------------------ teardown and failures
+
+def test_stop_leaves_no_process_and_no_files(make_stack):
+    import paramiko
+
+    st = make_stack(clusters=("orders",))
+    # an open SSH connection gives sshd a per-connection child in its own session
+    client = paramiko.SSHClient()
+    client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
+    client.connect("127.0.0.1", st.ssh_port, username=st.ssh_user, key_filename=st.ssh_key_file,
+                   allow_agent=False, look_for_keys=False)
+    try:
+        assert wait_until(lambda: len(st.sshd.pids()) > 1, 5), "sshd has no connection child"
+        pids = st.pids()
+        assert len(pids) >= len(st.services)
+        st.stop()
+    finally:
+        client.close()
+    assert [p for p in pids if pid_alive(p)] == []
+    assert not Path(st.dir).exists()
+    st.stop()  # idempotent
+
+
+def test_failing_service_fails_start_with_its_log_tail(monkeypatch):
+    from dbtunneld.sandbox import sshd
+
+    monkeypatch.setattr(sshd.Bastion, "config_text", lambda self: "NoSuchOption yes\n")
+    st = Stack(StackOptions(clusters=("orders",), aws=False))
+    with pytest.raises(StartError) as info:
+        st.start()
+    assert info.value.name == "sshd"
+    assert "NoSuchOption" in info.value.log_tail and "NoSuchOption" in str(info.value)
+    assert [p for s in st.services if s.pid for p in [s.pid] if pid_alive(p)] == []
+    assert not Path(st.dir).exists()
+
+
+# ------------------------------------------------------------------ the process manager
+
+def test_service_that_exits_reports_its_log(tmp_path):
+    svc = Service(name="quitter", argv=[sys.executable, "-c", "print('boom: bad flag'); raise SystemExit(3)"],
+                  log_path=tmp_path / "q.log", ready=lambda: False, start_timeout=10)
+    with pytest.raises(StartError) as info:
+        svc.start()
+    assert "exited with status 3" in str(info.value) and "boom: bad flag" in info.value.log_tail
+
+
+def test_service_not_ready_in_time_is_stopped(tmp_path):
+    svc = Service(name="sleeper", argv=[sys.executable, "-c", "import time; time.sleep(60)"],
+                  log_path=tmp_path / "s.log", ready=lambda: False, start_timeout=0.5)
+    with pytest.raises(StartError, match="not ready after"):
+        svc.start()
+    assert not pid_alive(svc.pid)
+
+
+def test_stop_escalates_to_sigkill(tmp_path):
+    port = free_port()
+    code = ("import signal, socket, time; signal.signal(signal.SIGTERM, signal.SIG_IGN);"
+            f"s = socket.socket(); s.bind(('127.0.0.1', {port})); s.listen(); time.sleep(60)")
+    svc = Service(name="stubborn", argv=[sys.executable, "-c", code], log_path=tmp_path / "x.log",
+                  ready=tcp_probe(port), port=port, stop_timeout=0.5)
+    svc.start()
+    pid = svc.pid
+    svc.stop()
+    assert not pid_alive(pid)
+    assert svc.proc.returncode == -signal.SIGKILL
+
+
+def test_restart_comes_back_on_the_same_port(tmp_path):
+    port = free_port()
+    code = ("import socket, time; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1);"
+            f"s.bind(('127.0.0.1', {port})); s.listen()\nwhile True:\n c, _ = s.accept(); c.sendall(b'hi'); c.close()")
+    svc = Service(name="echo", argv=[sys.executable, "-c", code], log_path=tmp_path / "e.log",
+                  ready=banner_probe(port, b"hi"), port=port)
+    try:
+        svc.start()
+        first = svc.pid
+        svc.restart()
+        assert svc.pid != first and greeting(port) == b"hi" and svc.starts == 2
+    finally:
+        svc.stop()
+    assert not pid_alive(svc.pid)
