@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from . import protocol as P
+from .config import load_config
 from .errors import PermissionDeniedError, ProtocolError, TransientError
 from .paths import Paths, default_paths
 
@@ -190,14 +191,22 @@ def _tail(path: Path, lines: int = 5) -> str:
         return ""
 
 
+def _last_words(paths: Paths) -> str:
+    """The most telling line a dead daemon left: its last ERROR log line, else its stderr's last line."""
+    errors_logged = [ln for ln in _tail(paths.log_file, 50).splitlines() if " ERROR " in ln]
+    if errors_logged:
+        return errors_logged[-1].split(": ", 1)[-1]
+    stderr = _tail(paths.log_dir / "daemon.stderr").splitlines()
+    return stderr[-1] if stderr else "no output"
+
+
 def wait_ready(client: Client, proc: subprocess.Popen | None, deadline: float, paths: Paths) -> None:
     """Poll until the daemon answers; fail early with its last words if it exits."""
     while time.monotonic() < deadline:
         if client.ping(timeout=2.0):
             return
         if proc is not None and proc.poll() is not None and not client.ping(timeout=2.0):
-            tail = _tail(paths.log_dir / "daemon.stderr") or _tail(paths.log_file)
-            raise DaemonStartError(f"the daemon exited with code {proc.returncode}: {tail.splitlines()[-1] if tail else 'no output'}",
+            raise DaemonStartError(f"the daemon exited with code {proc.returncode}: {_last_words(paths)}",
                                    f"see {paths.log_file}; `dbtunneld daemon` in a terminal shows why")
         time.sleep(0.05)
     raise DaemonStartError("the daemon did not become ready in time", f"see {paths.log_file}")
@@ -210,6 +219,7 @@ def ensure_daemon(paths: Paths | None = None, config_path: str | Path | None = N
     client = Client(paths.socket_path)
     if client.ping():
         return client
+    load_config(config_path or paths.config_file)     # a bad config: every problem now, not a dead daemon
     proc = spawn_daemon(paths, config_path)
     wait_ready(client, proc, time.monotonic() + timeout, paths)
     return client
