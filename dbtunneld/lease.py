@@ -1,0 +1,1291 @@
+"""Credentials engine: AWS identity -> Vault token kept alive -> leased DB users per cluster.
+
+Facade for the supervisor / daemon (everything else here is internal)::
+
+    engine = CredentialEngine(config, paths, keystore, clock=SYSTEM_CLOCK, on_event=callback)
+    engine.start()                      # resume the token from the keyring (lookup-self) or log in;
+                                        # revoke the leases a crashed run left behind
+    creds = engine.want("orders", timeout=30)   # DbCredentials; blocks until minted, or raises
+                                        # SignInNeededError / PermissionDeniedError / TransientError ...
+    engine.current("orders")            # newest DbCredentials or None, never blocks
+    engine.renew_now("orders")          # renew the lease now (rotate=True: mint new credentials)
+    engine.release("orders")            # revoke the cluster's leases (bounded); it goes idle
+    aws, vault, dbs = engine.status()   # model.CredentialStatus snapshots ({cluster: status})
+    info = engine.sso_login(open_browser=webbrowser.open)   # starts the SSO device flow, returns
+                                        # {verification_uri[_complete], user_code, expires_at, interval};
+                                        # completion is announced by an "sso.signed_in" event
+    engine.aws.boto3()                  # the boto3 session (SSM, EC2, RDS) on the same identity
+    engine.stop(revoke=True, timeout=10)  # stop the keepers, revoke leases within the bound
+
+Events: ``on_event(CredentialEvent)`` is called from keeper threads (keep it quick; exceptions
+are logged, never raised into the engine). Kinds: ``status`` (a credential changed state: one
+event per change, so "sign-in needed" is announced once), ``vault.login``, ``db.minted``,
+``db.rotated`` (new credentials replaced the current ones; the old user stays valid until it
+expires), ``db.revoked``, ``db.expired``, ``sso.started``, ``sso.signed_in``, ``sso.failed``.
+Events never carry secrets: read the password with ``current()``.
+
+Units and their one retry loop each (``_Unit.run_once`` returns the delay to the next step):
+
+* ``TokenKeeper`` keeps one Vault token: resume from the keyring, log in with the AWS identity,
+  renew at ~2/3 of its TTL (``timing.plan_next``), back off on failure bounded by its remaining
+  life, log in again before its max TTL (learned from a capped renewal, then predicted).
+* ``LeaseKeeper`` per wanted cluster: mint ``database/creds/<role>``, renew, mint a successor
+  ``credentials.mint_ahead`` (clamped to a third of the lifetime) before the lease's end (its
+  max TTL, or the end of the token that minted it: Vault revokes a token's leases with it),
+  keep the old lease renewed until it expires, revoke everything on release.
+* ``LeaseStore``: lease ids and user names (never passwords) in ``paths.leases_file`` (0600),
+  so the next start revokes what a crashed run left behind.
+
+Passwords live in memory only; the Vault token also in the keyring (``keystore``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import threading
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+from . import log as dlog
+from .aws import AwsSession, SsoDeviceLogin
+from .config import ClusterConfig, Config, VaultConfig
+from .errors import (
+    DbtunneldError,
+    NeedsUserError,
+    PermissionDeniedError,
+    SignInNeededError,
+    TransientError,
+)
+from .keystore import Keystore
+from .model import CredentialState, CredentialStatus
+from .paths import Paths
+from .timing import (
+    SYSTEM_CLOCK,
+    Backoff,
+    Clock,
+    Lifetime,
+    jittered_grace,
+    plan_next,
+    renewal_capped,
+    replace_time,
+    retry_within,
+)
+from .vault import LeaseGrant, Token, TokenInfo, VaultClient, VaultRequestError
+
+log = logging.getLogger(__name__)
+
+TOKEN_KIND = "vault-token"
+S = CredentialState
+
+
+# ---------------------------------------------------------------------------------------------
+# Public value types
+
+
+@dataclass(frozen=True)
+class DbCredentials:
+    """A DB user for one cluster. ``repr`` never shows the password."""
+
+    cluster: str
+    username: str
+    password: str = field(repr=False)
+    lease_id: str = ""
+    expires_at: float = 0.0
+    max_expires_at: float | None = None
+    issued_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class CredentialEvent:
+    kind: str
+    name: str
+    at: float
+    status: CredentialStatus | None = None
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """Engine knobs that are not user config (tests shorten them)."""
+
+    backoff: Backoff = Backoff(initial=1.0, maximum=30.0)
+    sign_in_recheck: float = 60.0       # re-read the SSO cache this often while sign-in is needed
+    failed_recheck: float = 300.0       # retry after a permission / config failure this often
+    relogin_ahead: float | None = None  # log in again this long before the token's max TTL
+                                        # (default 1.5 x credentials.mint_ahead; clamped to 1/3 of its life)
+    sso_poll_floor: float = 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Persisted lease records
+
+
+@dataclass(frozen=True)
+class LeaseRecord:
+    """What survives a crash: enough to revoke, nothing to log in with."""
+
+    lease_id: str
+    cluster: str
+    username: str
+    vault: str
+    pid: int
+    issued_at: float
+
+
+class LeaseStore:
+    """``leases.json`` (0600, replaced atomically): the leases this and earlier runs hold."""
+
+    VERSION = 1
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._records: dict[str, LeaseRecord] = {r.lease_id: r for r in self._read()}
+
+    def _read(self) -> list[LeaseRecord]:
+        try:
+            doc = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring unreadable %s (%s); leases it named expire on their own", self.path, exc)
+            return []
+        names = set(LeaseRecord.__dataclass_fields__)
+        return [LeaseRecord(**{k: v for k, v in r.items() if k in names})
+                for r in doc.get("leases", []) if isinstance(r, dict) and names <= set(r)]
+
+    def records(self) -> list[LeaseRecord]:
+        with self._lock:
+            return list(self._records.values())
+
+    def add(self, record: LeaseRecord) -> None:
+        with self._lock:
+            self._records[record.lease_id] = record
+            self._write()
+
+    def remove(self, lease_id: str) -> None:
+        with self._lock:
+            if self._records.pop(lease_id, None) is not None:
+                self._write()
+
+    def _write(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"version": self.VERSION, "leases": [asdict(r) for r in self._records.values()]}, f, indent=1)
+        os.replace(tmp, self.path)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def orphans(records: list[LeaseRecord], me: int | None = None) -> list[LeaseRecord]:
+    """Records no running process owns (a live other owner is another instance: leave it alone)."""
+    me = os.getpid() if me is None else me
+    return [r for r in records if r.pid == me or not _pid_alive(r.pid)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Unit base: one loop, one wake event, one status
+
+
+class _Unit:
+    """A keeper with an explicit lifecycle: ``start`` spawns its loop, ``stop`` ends it."""
+
+    kind = "unit"
+
+    def __init__(self, name: str, clock: Clock, emit: Callable[[CredentialEvent], None]) -> None:
+        self.name = name
+        self.clock = clock
+        self._emit_event = emit
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._cond = threading.Condition()
+        self._status = CredentialStatus(kind=self.kind, name=name, state=S.IDLE, since=clock.time())
+        self.steps = 0
+
+    # lifecycle
+    def start(self, threaded: bool = True) -> None:
+        if threaded and self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name=f"dbtunneld-{self.kind}-{self.name}", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stopping.set()
+        self._wake.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def woken(self) -> bool:
+        """For a virtual-time driver: was this unit woken? (clears the flag)."""
+        if self._wake.is_set():
+            self._wake.clear()
+            return True
+        return False
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            self._wake.clear()
+            try:
+                delay = self.run_once()
+            except Exception:  # a bug must not kill the keeper silently or spin
+                log.exception("%s %s: unexpected error; retrying in 5 s", self.kind, self.name)
+                delay = 5.0
+            if self._stopping.is_set():
+                break
+            self.clock.wait(self._wake, max(0.0, delay))
+
+    def run_once(self) -> float:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # status
+    def status(self) -> CredentialStatus:
+        with self._cond:
+            return self._status
+
+    def _set_status(self, **changes: Any) -> None:
+        with self._cond:
+            old = self._status
+            if "state" in changes and changes["state"] != old.state:
+                changes.setdefault("since", self.clock.time())
+            new = replace(old, **changes)
+            self._status = new
+            self._cond.notify_all()
+        if new.state != old.state:
+            self._emit("status", new)
+
+    def _emit(self, kind: str, status: CredentialStatus | None = None, detail: str = "") -> None:
+        self._emit_event(CredentialEvent(kind, self.name, self.clock.time(), status or self.status(), detail))
+
+
+def _short(exc: BaseException) -> str:
+    return dlog.mask(exc.one_line() if isinstance(exc, DbtunneldError) else f"{type(exc).__name__}: {exc}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Vault token
+
+
+@dataclass(frozen=True)
+class TokenView:
+    """The current token as lease keepers use it."""
+
+    secret: str = field(repr=False)
+    accessor: str = ""
+    expires_at: float = math.inf
+    max_expires_at: float | None = None
+
+
+class TokenKeeper(_Unit):
+    """Keeps one Vault token alive: resume, log in, renew, log in again before the max TTL."""
+
+    kind = "vault"
+
+    def __init__(self, vault_config: VaultConfig, aws: AwsSession, keystore: Keystore, make_vault: Callable[[VaultConfig], VaultClient],
+                 *, clock: Clock, emit: Callable[[CredentialEvent], None], tuning: Tuning, mint_ahead: float,
+                 rng: random.Random, on_token_change: Callable[[], None] = lambda: None,
+                 on_aws_status: Callable[[CredentialState, str, str], None] = lambda *a: None) -> None:
+        super().__init__(vault_config.address, clock, emit)
+        self.config = vault_config
+        self.aws = aws
+        self.keystore = keystore
+        self.make_vault = make_vault
+        self.vault = make_vault(vault_config)
+        self.tuning = tuning
+        self.relogin_ahead = tuning.relogin_ahead if tuning.relogin_ahead is not None else 1.5 * mint_ahead
+        self.rng = rng
+        self.on_token_change = on_token_change
+        self.on_aws_status = on_aws_status
+        self.ulog = dlog.unit_logger(log, vault=vault_config.address)
+        self.key_name = f"{vault_config.address}#{vault_config.auth_mount}/{vault_config.role}"
+        self._token: Token | None = None
+        self._expires_at = 0.0
+        self._issued_at = 0.0
+        self._renewable = False
+        self._increment = 0.0
+        self._max_known: dict[str, float] = {}      # accessor -> max expiry (learned)
+        self._issued: dict[str, float] = {}         # accessor -> issue time
+        self._learned_lifetime: float | None = None  # max TTL of this auth role, once seen
+        self._grace = 0.0
+        self._action, self._next_at, self._attempt = "resume", clock.time(), 0
+        self.generation = 0   # bumped when the token is replaced or its max TTL becomes known
+        self._blocked_msg = ""
+        self.logins = 0
+        self.renewals = 0
+        self.failures = 0
+
+    # -- what others read
+
+    def current(self) -> TokenView | None:
+        with self._cond:
+            tok = self._token
+            if tok is None or self.clock.time() >= self._expires_at:
+                return None
+            return TokenView(tok.secret, tok.info.accessor, self._expires_at, self._max_for(tok.info.accessor))
+
+    def max_expiry(self, accessor: str) -> float | None:
+        with self._cond:
+            return self._max_for(accessor)
+
+    def _max_for(self, accessor: str) -> float | None:
+        if accessor in self._max_known:
+            return self._max_known[accessor]
+        if self._learned_lifetime is not None and accessor in self._issued:
+            return self._issued[accessor] + self._learned_lifetime
+        return None
+
+    def wait_valid(self, timeout: float) -> TokenView:
+        """The current token, waiting up to ``timeout``; raises what stands in the way."""
+        end = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                view = self.current()
+                if view is not None:
+                    return view
+                self._raise_if_blocked()
+                left = end - time.monotonic()
+                if left <= 0 or self.stopping:
+                    raise TransientError(f"no Vault token yet ({self._status.last_error or 'still logging in'})",
+                                         hint="dbtunneld keeps retrying; see `dbtunneld status`")
+                self._cond.wait(min(left, 0.5))
+
+    def _raise_if_blocked(self) -> None:
+        st = self._status
+        if st.state == S.NEEDS_SIGN_IN:
+            raise SignInNeededError(st.last_error or "AWS SSO sign-in needed")
+        if st.state == S.FAILED:
+            raise self._failure or NeedsUserError(st.last_error)
+
+    _failure: DbtunneldError | None = None
+
+    def notify_signed_in(self) -> None:
+        """The SSO sign-in completed: log in now if we were waiting for it."""
+        with self._cond:
+            if self._status.state in (S.NEEDS_SIGN_IN, S.FAILED, S.BACKOFF) or self._token is None:
+                self._action, self._next_at, self._attempt = "login", self.clock.time(), 0
+        self.wake()
+
+    def check_soon(self) -> None:
+        """A lease keeper saw 403: verify the token with lookup-self now."""
+        with self._cond:
+            if self._token is not None:
+                self._action, self._next_at = "verify", self.clock.time()
+        self.wake()
+
+    # -- the loop
+
+    def run_once(self) -> float:
+        now = self.clock.time()
+        if now < self._next_at:
+            return self._next_at - now
+        self.steps += 1
+        step = {"resume": self._resume, "login": self._login, "renew": self._renew,
+                "verify": self._verify, "hold": self._hold}[self._action]
+        step()
+        return max(0.0, self._next_at - self.clock.time())
+
+    def _hold(self) -> None:
+        self._next_at = math.inf
+
+    def _schedule(self, action: str, at: float) -> None:
+        self._action, self._next_at = action, at
+        self._set_status(next_action_at=None if math.isinf(at) else at)
+
+    def _plan(self) -> None:
+        """Next renewal or re-login for the token we hold (``timing.plan_next``)."""
+        tok = self._token
+        now = self.clock.time()
+        life = Lifetime(self._issued_at, self._expires_at, self._increment, self._renewable,
+                        self._max_for(tok.info.accessor) if tok else None)
+        plan = plan_next(now, life, self._grace, self.relogin_ahead)
+        self._attempt = 0
+        self._schedule({"renew": "renew", "replace": "login", "hold": "hold"}[plan.action], plan.at)
+
+    def _resume(self) -> None:
+        self._acquiring()
+        secret = self.keystore.get(TOKEN_KIND, self.key_name)
+        if not secret:
+            return self._login()
+        dlog.register_secret(secret)
+        self.vault.use_token(secret)
+        try:
+            info = self.vault.lookup_self()
+        except TransientError as exc:
+            return self._retry("resume", exc)
+        except DbtunneldError as exc:
+            self.ulog.info("stored token is no longer valid (%s); logging in", _short(exc))
+            self.keystore.delete(TOKEN_KIND, self.key_name)
+            return self._login()
+        if info.expires_at - self.clock.time() < 2:
+            return self._login()
+        self._adopt(Token(secret, info), resumed=True)
+        self._schedule("renew", self.clock.time())  # renew at once: learns whether it still extends
+
+    def _acquiring(self) -> None:
+        if self._status.state == S.IDLE:
+            self._set_status(state=S.ACQUIRING)
+
+    def _login(self) -> None:
+        self._acquiring()
+        try:
+            creds = self.aws.credentials()
+            self.on_aws_status(S.VALID, "", "")
+        except SignInNeededError as exc:
+            self.on_aws_status(S.NEEDS_SIGN_IN, _short(exc), "")
+            return self._blocked(S.NEEDS_SIGN_IN, exc, self.tuning.sign_in_recheck)
+        except TransientError as exc:
+            self.on_aws_status(S.BACKOFF, _short(exc), "")
+            return self._retry("login", exc)
+        except DbtunneldError as exc:
+            self.on_aws_status(S.FAILED, _short(exc), "")
+            return self._blocked(S.FAILED, exc, self.tuning.failed_recheck)
+        dlog.register_secret(creds.secret_key)
+        dlog.register_secret(creds.token)
+        self.vault.use_token(None)
+        try:
+            token = self.vault.login_aws_iam(creds.access_key, creds.secret_key, creds.token)
+        except TransientError as exc:
+            return self._retry("login", exc)
+        except DbtunneldError as exc:
+            return self._blocked(S.FAILED, exc, self.tuning.failed_recheck)
+        self.logins += 1
+        self._adopt(token, resumed=False)
+        self._plan()
+
+    def _adopt(self, token: Token, *, resumed: bool) -> None:
+        info: TokenInfo = token.info
+        dlog.register_secret(token.secret)
+        self.keystore.set(TOKEN_KIND, self.key_name, token.secret)
+        with self._cond:
+            self._token, self._failure = token, None
+            self._issued_at = info.issued_at
+            self._expires_at = info.expires_at
+            self._renewable = info.renewable
+            self._increment = info.creation_ttl or info.ttl
+            self._grace = jittered_grace(self._increment, self.rng.random())
+            self._issued[info.accessor] = info.issued_at
+            if info.explicit_max_expires_at is not None:
+                self._max_known[info.accessor] = info.explicit_max_expires_at
+        self.vault.use_token(token.secret)
+        self.ulog.info("%s token %s (ttl %.0f s, renewable %s)", "resumed" if resumed else "new",
+                       info.accessor, info.ttl, info.renewable)
+        self._blocked_msg = ""
+        self._set_status(state=S.VALID, identity=info.accessor, expires_at=_finite(info.expires_at), last_error="")
+        if not resumed:
+            self._emit("vault.login", detail=f"accessor {info.accessor}")
+        self._changed()
+
+    def _changed(self) -> None:
+        with self._cond:
+            self.generation += 1
+        self.on_token_change()
+
+    def _renew(self) -> None:
+        tok = self._token
+        if tok is None:
+            return self._login()
+        self.vault.use_token(tok.secret)
+        try:
+            granted, renewable = self.vault.renew_self(self._increment)
+        except TransientError as exc:
+            return self._renew_failed(exc)
+        except DbtunneldError as exc:
+            self.ulog.info("token %s can no longer be renewed (%s); logging in", tok.info.accessor, _short(exc))
+            return self._drop_and_login()
+        now = self.clock.time()
+        self.renewals += 1
+        learned = False
+        with self._cond:
+            self._expires_at, self._renewable = now + granted, renewable
+            if renewal_capped(self._increment, granted) and tok.info.accessor not in self._max_known:
+                self._max_known[tok.info.accessor] = now + granted
+                self._learned_lifetime = now + granted - self._issued_at
+                learned = True
+        if learned:
+            self.ulog.info("token %s reaches its max TTL in %.0f s; will log in again before", tok.info.accessor, granted)
+            self._changed()
+        self._set_status(state=S.VALID, expires_at=self._expires_at, last_error="")
+        self._plan()
+
+    def _renew_failed(self, exc: DbtunneldError) -> None:
+        self.failures += 1
+        now = self.clock.time()
+        delay = retry_within(self.tuning.backoff.delay(self._attempt, self.rng.random()), now, self._expires_at, self._grace)
+        if delay is None:
+            self.ulog.warning("renewing the token failed (%s); no retry fits before it expires: logging in again",
+                              _short(exc))
+            self._set_status(last_error=_short(exc))
+            return self._login()
+        self._attempt += 1
+        self.ulog.warning("renewing the token failed (%s); retry %d in %.1f s", _short(exc), self._attempt, delay)
+        self._set_status(state=S.BACKOFF if now >= self._expires_at else S.VALID, last_error=_short(exc))
+        self._schedule("renew", now + delay)
+
+    def _verify(self) -> None:
+        tok = self._token
+        if tok is None:
+            return self._login()
+        self.vault.use_token(tok.secret)
+        try:
+            self.vault.lookup_self()
+        except TransientError as exc:
+            self.ulog.warning("checking the token failed (%s); renewing as planned", _short(exc))
+            return self._plan()
+        except DbtunneldError as exc:
+            self.ulog.info("token %s was rejected (%s); logging in", tok.info.accessor, _short(exc))
+            return self._drop_and_login()
+        self._plan()
+
+    def _drop_and_login(self) -> None:
+        with self._cond:
+            self._token = None
+        self.keystore.delete(TOKEN_KIND, self.key_name)
+        self._login()
+
+    def _retry(self, action: str, exc: DbtunneldError) -> None:
+        self.failures += 1
+        delay = self.tuning.backoff.delay(self._attempt, self.rng.random())
+        self._attempt += 1
+        self.ulog.warning("%s failed (%s); retry %d in %.1f s", "logging in to Vault" if action == "login" else
+                          "resuming the stored token", _short(exc), self._attempt, delay)
+        still_valid = self.current() is not None
+        self._set_status(state=S.VALID if still_valid else S.BACKOFF, last_error=_short(exc))
+        self._schedule(action, self.clock.time() + delay)
+
+    def _blocked(self, state: CredentialState, exc: DbtunneldError, recheck: float) -> None:
+        """Nothing changes until the user acts: say it once, re-check slowly."""
+        if self._blocked_msg != _short(exc):
+            self._blocked_msg = _short(exc)
+            self.ulog.warning("%s", self._blocked_msg)
+        with self._cond:
+            self._failure = exc
+        still_valid = self.current() is not None
+        self._set_status(state=S.VALID if still_valid and state != S.FAILED else state, last_error=_short(exc))
+        self._schedule("login", self.clock.time() + recheck)
+
+    # -- shutdown
+
+    def revoke(self, timeout: float) -> bool:
+        """Revoke the token (used when it cannot be kept for a restart)."""
+        tok = self._token
+        if tok is None:
+            return True
+        client = self.make_vault(replace(self.config, timeout=max(0.5, timeout)))
+        try:
+            client.use_token(tok.secret)
+            client.revoke_self()
+            self.keystore.delete(TOKEN_KIND, self.key_name)
+            self.ulog.info("revoked token %s", tok.info.accessor)
+            return True
+        except DbtunneldError as exc:
+            self.ulog.warning("revoking token %s failed (%s); it expires on its own", tok.info.accessor, _short(exc))
+            return False
+        finally:
+            client.close()
+
+
+def _finite(t: float | None) -> float | None:
+    return None if t is None or math.isinf(t) else t
+
+
+# ---------------------------------------------------------------------------------------------
+# DB leases per cluster
+
+
+@dataclass
+class _Lease:
+    grant: LeaseGrant
+    token_accessor: str
+    expires_at: float
+    increment: float
+    renewable: bool
+    grace: float
+    max_known: float | None = None
+    retired: bool = False
+    action: str = "renew"
+    next_at: float = 0.0
+    attempt: int = 0
+
+    @property
+    def lease_id(self) -> str:
+        return self.grant.lease_id
+
+
+class LeaseKeeper(_Unit):
+    """One cluster's DB users: mint, renew, rotate before the end, revoke on release."""
+
+    kind = "db"
+
+    def __init__(self, cluster: ClusterConfig, tokens: TokenKeeper, store: LeaseStore,
+                 make_vault: Callable[[VaultConfig], VaultClient], *, clock: Clock,
+                 emit: Callable[[CredentialEvent], None], tuning: Tuning, mint_ahead: float, rng: random.Random) -> None:
+        super().__init__(cluster.name, clock, emit)
+        self.cluster = cluster
+        self.tokens = tokens
+        self.store = store
+        self.vault = make_vault(tokens.config)
+        self.tuning = tuning
+        self.mint_ahead = mint_ahead
+        self.rng = rng
+        self.ulog = dlog.unit_logger(log, db=cluster.name)
+        self._leases: list[_Lease] = []
+        self._learned_lifetime: float | None = None
+        self._mint_at = clock.time()
+        self._mint_attempt = 0
+        self._failure: DbtunneldError | None = None
+        self.mints = 0
+        self.renewals = 0
+        self._renew_requests = 0
+        self._renew_done = 0
+        self._seen_generation = -1
+
+    # -- what others read
+
+    def current(self) -> DbCredentials | None:
+        with self._cond:
+            lease = self._current()
+            if lease is None:
+                return None
+            g = lease.grant
+            return DbCredentials(self.name, g.username, g.password, g.lease_id, lease.expires_at,
+                                 _finite(self._end(lease)), g.issued_at)
+
+    def _current(self) -> _Lease | None:
+        live = [lz for lz in self._leases if not lz.retired and lz.expires_at > self.clock.time()]
+        return live[-1] if live else None
+
+    def leases(self) -> list[_Lease]:
+        with self._cond:
+            return list(self._leases)
+
+    def wait_credentials(self, timeout: float) -> DbCredentials:
+        end = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                creds = self.current()
+                if creds is not None:
+                    return creds
+                self._raise_if_blocked()
+                left = end - time.monotonic()
+                if left <= 0 or self.stopping:
+                    raise TransientError(f'no credentials for cluster "{self.name}" yet'
+                                         f" ({self._status.last_error or 'still minting'})",
+                                         hint="dbtunneld keeps retrying; see `dbtunneld status`")
+                self._cond.wait(min(left, 0.5))
+
+    def _raise_if_blocked(self) -> None:
+        st = self._status
+        if st.state == S.NEEDS_SIGN_IN:
+            raise SignInNeededError(st.last_error or "AWS SSO sign-in needed")
+        if st.state == S.FAILED and self._failure is not None:
+            raise self._failure
+
+    def request_renewal(self, rotate: bool = False) -> int:
+        with self._cond:
+            now = self.clock.time()
+            lease = self._current()
+            if lease is None or rotate:
+                self._mint_at = now
+                if lease is not None:
+                    lease.action, lease.next_at = "rotate", now
+            else:
+                lease.action, lease.next_at, lease.attempt = "renew", now, 0
+            self._renew_requests += 1
+            ticket = self._renew_requests
+        self.wake()
+        return ticket
+
+    def wait_renewal(self, ticket: int, timeout: float) -> bool:
+        end = time.monotonic() + timeout
+        with self._cond:
+            while self._renew_done < ticket:
+                left = end - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
+
+    # -- lifetimes
+
+    def _end(self, lease: _Lease) -> float | None:
+        """When the lease surely ends: its max TTL or the end of the token that minted it."""
+        ends = []
+        if lease.max_known is not None:
+            ends.append(lease.max_known)
+        elif self._learned_lifetime is not None:
+            ends.append(lease.grant.issued_at + self._learned_lifetime)
+        token_end = self.tokens.max_expiry(lease.token_accessor)
+        if token_end is not None:
+            ends.append(token_end)
+        return min(ends) if ends else None
+
+    def _lifetime(self, lease: _Lease) -> Lifetime:
+        return Lifetime(lease.grant.issued_at, lease.expires_at, lease.increment, lease.renewable, self._end(lease))
+
+    # -- the loop
+
+    def run_once(self) -> float:
+        self.steps += 1
+        now = self.clock.time()
+        self._follow_token(now)
+        self._drop_expired(now)
+        if self._current() is None and now >= self._mint_at:
+            self._mint()
+        for lease in list(self._leases):
+            if lease.next_at <= self.clock.time() and lease in self._leases:
+                self._act(lease)
+        self._finish_renewal_requests()
+        return max(0.0, self._next_wake() - self.clock.time())
+
+    def _follow_token(self, now: float) -> None:
+        """A new token, or a token end now known: mint if waiting, rotate sooner if needed."""
+        generation = self.tokens.generation
+        if generation == self._seen_generation:
+            return
+        self._seen_generation = generation
+        if self._current() is None:
+            self._mint_at = min(self._mint_at, now)
+        current = self._current()
+        if current is not None and current.attempt == 0:
+            at = replace_time(self._lifetime(current), self.mint_ahead)
+            if at is not None and at < current.next_at:
+                current.action, current.next_at = "rotate", max(now, at)
+
+    def _next_wake(self) -> float:
+        times = [lz.next_at for lz in self._leases] + [lz.expires_at for lz in self._leases]
+        if self._current() is None:
+            times.append(self._mint_at)
+        return min(times) if times else math.inf
+
+    def _finish_renewal_requests(self) -> None:
+        with self._cond:
+            if self._renew_done != self._renew_requests:
+                self._renew_done = self._renew_requests
+                self._cond.notify_all()
+
+    def _drop_expired(self, now: float) -> None:
+        for lease in [lz for lz in self._leases if lz.expires_at <= now]:
+            with self._cond:
+                self._leases.remove(lease)
+            self.store.remove(lease.lease_id)
+            self.ulog.info("lease of user %s expired (Vault drops the user)", lease.grant.username)
+            self._emit("db.expired", detail=f"user {lease.grant.username}")
+        if self._current() is None and self._status.state == S.VALID:
+            self._set_status(state=S.ACQUIRING, identity="", expires_at=None)
+
+    def _act(self, lease: _Lease) -> None:
+        if lease.action == "renew":
+            self._renew(lease)
+        elif lease.action == "rotate":
+            self._rotate(lease)
+        else:  # "expire": a retired lease nobody renews any more
+            lease.next_at = lease.expires_at
+
+    def _plan(self, lease: _Lease) -> None:
+        plan = plan_next(self.clock.time(), self._lifetime(lease), lease.grace, self.mint_ahead)
+        lease.attempt = 0
+        if plan.action == "renew":
+            lease.action, lease.next_at = "renew", plan.at
+        elif lease.retired or plan.action == "hold":
+            lease.action, lease.next_at = "expire", lease.expires_at
+        else:
+            lease.action, lease.next_at = "rotate", plan.at
+        if not lease.retired:
+            self._set_status(next_action_at=_finite(lease.next_at))
+
+    # -- mint
+
+    def _mint(self) -> None:
+        view = self.tokens.current()
+        if view is None:
+            return self._wait_for_token()
+        if not self._leases:
+            self._set_status(state=S.ACQUIRING)
+        self.vault.use_token(view.secret)
+        try:
+            grant = self.vault.database_creds(self.cluster.db_role)
+        except TransientError as exc:
+            return self._mint_failed(exc, S.BACKOFF)
+        except PermissionDeniedError as exc:
+            self.tokens.check_soon()
+            return self._mint_failed(exc, S.FAILED)
+        except DbtunneldError as exc:
+            return self._mint_failed(exc, S.FAILED)
+        self._adopt(grant, view)
+
+    def _wait_for_token(self) -> None:
+        st = self.tokens.status()
+        state = S.NEEDS_SIGN_IN if st.state == S.NEEDS_SIGN_IN else (S.FAILED if st.state == S.FAILED else S.BACKOFF)
+        with self._cond:
+            self._failure = self.tokens._failure if state == S.FAILED else None
+        if self._current() is None:
+            self._set_status(state=state, last_error=st.last_error or "waiting for a Vault token")
+        self._mint_at = self.clock.time() + self.tuning.sign_in_recheck  # a new token wakes us sooner
+
+    def _mint_failed(self, exc: DbtunneldError, state: CredentialState) -> None:
+        slow = state == S.FAILED
+        delay = self.tuning.failed_recheck if slow else self.tuning.backoff.delay(self._mint_attempt, self.rng.random())
+        self._mint_attempt += 1
+        self.ulog.warning("minting credentials (role %s) failed (%s); retry %d in %.1f s",
+                          self.cluster.db_role, _short(exc), self._mint_attempt, delay)
+        with self._cond:
+            self._failure = exc if slow else None
+        if self._current() is None:
+            self._set_status(state=state, last_error=_short(exc), next_action_at=self.clock.time() + delay)
+        else:
+            self._set_status(last_error=_short(exc))
+        self._mint_at = self.clock.time() + delay
+
+    def _adopt(self, grant: LeaseGrant, view: TokenView) -> None:
+        dlog.register_secret(grant.password)
+        if self.stopping:  # released while minting: give it back at once
+            revoke_leases([grant.lease_id], self.tokens, self.store, time.monotonic() + 5, {grant.lease_id: grant.username})
+            return
+        self.store.add(LeaseRecord(grant.lease_id, self.name, grant.username, self.tokens.config.address,
+                                   os.getpid(), grant.issued_at))
+        lease = _Lease(grant, view.accessor, grant.issued_at + grant.duration, grant.duration, grant.renewable,
+                       jittered_grace(grant.duration, self.rng.random()))
+        with self._cond:
+            old = self._current()
+            if old is not None:
+                old.retired = True
+            self._leases.append(lease)
+            self._failure = None
+        self.mints += 1
+        self._mint_attempt = 0
+        self._plan(lease)
+        if old is not None:
+            self._plan(old)
+        self.ulog.info("new user %s (lease %s, ttl %.0f s)", grant.username, grant.lease_id, grant.duration)
+        self._set_status(state=S.VALID, identity=grant.username, expires_at=lease.expires_at, last_error="")
+        if old is None:
+            self._emit("db.minted", detail=f"user {grant.username}")
+        else:
+            self._emit("db.rotated", detail=f"new user {grant.username}; {old.grant.username} stays valid until it expires")
+
+    def _rotate(self, lease: _Lease) -> None:
+        """Mint a successor for ``lease`` (the current one), unless that cannot outlive it."""
+        view = self.tokens.current()
+        end = self._end(lease)
+        if view is not None and view.accessor == lease.token_accessor:
+            token_end = view.max_expires_at
+            if token_end is not None and end is not None and token_end <= end + 1:
+                # The only token we have dies with this lease: a successor minted with it would
+                # die too. Keep renewing; the next token (``_follow_token``) brings the rotation.
+                return self._renew_while_waiting(lease)
+        self._mint_at = self.clock.time()
+        before = len(self._leases)
+        self._mint()
+        if len(self._leases) == before:  # minting failed: keep renewing what we have
+            lease.action, lease.next_at = "renew", min(self._mint_at, lease.expires_at - lease.grace)
+
+    def _renew_while_waiting(self, lease: _Lease) -> None:
+        now = self.clock.time()
+        extendable = lease.renewable and (lease.max_known is None or lease.expires_at < lease.max_known - 1)
+        at = now + (lease.expires_at - now) * 2 / 3
+        if extendable and at < lease.expires_at - lease.grace:
+            lease.action, lease.next_at = "renew", max(at, now + 0.5)
+        else:
+            lease.action, lease.next_at = "expire", lease.expires_at
+
+    # -- renew
+
+    def _renew(self, lease: _Lease) -> None:
+        view = self.tokens.current()
+        if view is None:
+            return self._renew_failed(lease, TransientError("no valid Vault token to renew with"))
+        self.vault.use_token(view.secret)
+        try:
+            renewal = self.vault.renew_lease(lease.lease_id, lease.increment)
+        except TransientError as exc:
+            return self._renew_failed(lease, exc)
+        except PermissionDeniedError as exc:
+            self.tokens.check_soon()
+            return self._renew_failed(lease, exc)
+        except VaultRequestError as exc:
+            return self._lease_gone(lease, exc)
+        now = self.clock.time()
+        self.renewals += 1
+        lease.expires_at, lease.renewable = now + renewal.duration, renewal.renewable
+        if renewal_capped(lease.increment, renewal.duration) and lease.max_known is None:
+            lease.max_known = now + renewal.duration
+            self._learned_lifetime = lease.max_known - lease.grant.issued_at
+            self.ulog.info("user %s reaches its max TTL in %.0f s", lease.grant.username, renewal.duration)
+        if not lease.retired:
+            self._set_status(state=S.VALID, expires_at=lease.expires_at, last_error="")
+        self._plan(lease)
+
+    def _renew_failed(self, lease: _Lease, exc: DbtunneldError) -> None:
+        now = self.clock.time()
+        delay = retry_within(self.tuning.backoff.delay(lease.attempt, self.rng.random()), now, lease.expires_at, lease.grace)
+        if delay is None:
+            self.ulog.warning("renewing user %s failed (%s); no retry fits before it expires", lease.grant.username,
+                              _short(exc))
+            lease.action, lease.next_at = "expire", lease.expires_at
+            if not lease.retired:
+                lease.retired = True
+                self._mint_at = now
+            return
+        lease.attempt += 1
+        self.ulog.warning("renewing user %s failed (%s); retry %d in %.1f s", lease.grant.username, _short(exc),
+                          lease.attempt, delay)
+        lease.action, lease.next_at = "renew", now + delay
+        if not lease.retired:
+            self._set_status(last_error=_short(exc))
+
+    def _lease_gone(self, lease: _Lease, exc: DbtunneldError) -> None:
+        self.ulog.warning("lease of user %s is gone (%s)", lease.grant.username, _short(exc))
+        with self._cond:
+            if lease in self._leases:
+                self._leases.remove(lease)
+        self.store.remove(lease.lease_id)
+        if not lease.retired:
+            self._mint_at = self.clock.time()
+
+    # -- release
+
+    def revoke_all(self, deadline: float) -> list[str]:
+        """Revoke every lease this keeper holds (by ``deadline``, monotonic); returns failures."""
+        with self._cond:
+            leases, self._leases = list(self._leases), []
+        failed = revoke_leases([lz.grant.lease_id for lz in leases], self.tokens, self.store, deadline,
+                               {lz.grant.lease_id: lz.grant.username for lz in leases})
+        self._set_status(state=S.REVOKED if not failed else S.IDLE, identity="", expires_at=None, next_action_at=None)
+        for lz in leases:
+            if lz.lease_id not in failed:
+                self._emit("db.revoked", detail=f"user {lz.grant.username}")
+        return failed
+
+
+def revoke_leases(lease_ids: list[str], tokens: TokenKeeper, store: LeaseStore, deadline: float,
+                  users: dict[str, str] | None = None) -> list[str]:
+    """Revoke leases in parallel, each request bounded by ``deadline`` (monotonic). Revoked ones
+    leave the store; the others stay there for the next start. Returns the ids not revoked."""
+    users = users or {}
+    view = tokens.current()
+    make_vault = tokens.make_vault
+    if not lease_ids:
+        return []
+    if view is None:
+        log.warning("cannot revoke %d lease(s) now (no valid Vault token); the next start revokes them",
+                    len(lease_ids))
+        return list(lease_ids)
+    failed: list[str] = []
+    lock = threading.Lock()
+
+    def revoke(lease_id: str) -> None:
+        left = deadline - time.monotonic()
+        ok = False
+        if left > 0.05:
+            client = make_vault(replace(tokens.config, timeout=max(0.2, left)))
+            try:
+                client.use_token(view.secret)
+                client.revoke_lease(lease_id)
+                ok = True
+            except DbtunneldError as exc:
+                log.warning("revoking lease %s failed (%s); the next start retries", lease_id, _short(exc))
+            finally:
+                client.close()
+        if ok:
+            store.remove(lease_id)
+            log.info("revoked user %s (lease %s)", users.get(lease_id, "?"), lease_id)
+        else:
+            with lock:
+                failed.append(lease_id)
+
+    threads = [threading.Thread(target=revoke, args=(lid,), name="dbtunneld-revoke", daemon=True) for lid in lease_ids]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    with lock:
+        late = [lid for lid, t in zip(lease_ids, threads) if t.is_alive() and lid not in failed]
+        return failed + late
+
+
+# ---------------------------------------------------------------------------------------------
+# The facade
+
+
+class CredentialEngine:
+    """AWS identity -> Vault token -> DB users; see the module docstring for the API."""
+
+    def __init__(self, config: Config, paths: Paths, keystore: Keystore, *, clock: Clock = SYSTEM_CLOCK,
+                 on_event: Callable[[CredentialEvent], None] | None = None, tuning: Tuning = Tuning(),
+                 aws: AwsSession | None = None, make_vault: Callable[[VaultConfig], VaultClient] | None = None,
+                 rng: random.Random | None = None, threaded: bool = True) -> None:
+        self.config = config
+        self.paths = paths
+        self.keystore = keystore
+        self.clock = clock
+        self.tuning = tuning
+        self.threaded = threaded
+        self._on_event = on_event or (lambda event: None)
+        self._rng = rng or random.Random()
+        self._make_vault = make_vault or (lambda cfg: VaultClient(cfg, clock=clock))
+        self.aws = aws or AwsSession(config.aws, clock=clock)
+        self.store = LeaseStore(paths.leases_file)
+        self._lock = threading.RLock()
+        self._aws_status = CredentialStatus(kind="aws", name=self.aws.profile, state=S.IDLE, since=clock.time())
+        self.tokens = TokenKeeper(config.vault, self.aws, keystore, self._make_vault, clock=clock, emit=self._emit,
+                                  tuning=tuning, mint_ahead=config.credentials.mint_ahead, rng=self._rng,
+                                  on_token_change=self._token_changed, on_aws_status=self._set_aws_status)
+        self.keepers: dict[str, LeaseKeeper] = {}
+        self._orphans = orphans(self.store.records())
+        self._sweeper: threading.Thread | None = None
+        self._sso_thread: threading.Thread | None = None
+        self._sso_info: dict[str, Any] | None = None
+        self._stopping = threading.Event()
+        self._started = False
+        self._identity_tried = False
+
+    # -- events
+
+    def _emit(self, event: CredentialEvent) -> None:
+        try:
+            self._on_event(event)
+        except Exception:
+            log.exception("event handler failed on %s %s", event.kind, event.name)
+
+    def _token_changed(self) -> None:
+        for keeper in list(self.keepers.values()):
+            keeper.wake()
+        if self._orphans and self._sweeper is None and self.threaded and not self._stopping.is_set():
+            self._sweeper = threading.Thread(target=self._sweep_orphans, name="dbtunneld-orphans", daemon=True)
+            self._sweeper.start()
+
+    def _set_aws_status(self, state: CredentialState, error: str, identity: str) -> None:
+        if state == S.VALID and not identity and not self._aws_status.identity and not self._identity_tried:
+            self._identity_tried = True
+            try:
+                identity = self.aws.caller_arn()
+            except DbtunneldError as exc:
+                log.info("sts:GetCallerIdentity failed (%s); the AWS identity stays unknown", _short(exc))
+        with self._lock:
+            old = self._aws_status
+            changes: dict[str, Any] = {"state": state, "last_error": error}
+            if identity:
+                changes["identity"] = identity
+            if state != old.state:
+                changes["since"] = self.clock.time()
+            self._aws_status = replace(old, **changes)
+            new = self._aws_status
+        if new.state != old.state:
+            self._emit(CredentialEvent("status", new.name, self.clock.time(), new))
+
+    # -- lifecycle
+
+    def start(self) -> None:
+        """Start keeping the Vault token (resume or log in); orphans are revoked once it is valid."""
+        if self._started:
+            return
+        self._started = True
+        if self._orphans:
+            log.info("found %d lease(s) left by an earlier run; revoking them once Vault is reachable",
+                     len(self._orphans))
+        self.tokens.start(self.threaded)
+
+    def stop(self, revoke: bool = True, timeout: float | None = None) -> None:
+        """Stop every keeper; with ``revoke`` revoke all leases, bounded by ``timeout``
+        (default ``credentials.revoke_timeout``) even when Vault or the network are failing."""
+        bound = self.config.credentials.revoke_timeout if timeout is None else timeout
+        deadline = time.monotonic() + bound
+        self._stopping.set()
+        with self._lock:
+            keepers = list(self.keepers.values())
+        for unit in keepers + [self.tokens]:
+            unit._stopping.set()
+            unit.wake()
+        for unit in keepers + [self.tokens]:
+            unit.stop(timeout=max(0.0, min(2.0, deadline - time.monotonic())))
+        if revoke:
+            ids = [lz.lease_id for k in keepers for lz in k.leases()]
+            users = {lz.lease_id: lz.grant.username for k in keepers for lz in k.leases()}
+            failed = revoke_leases(ids, self.tokens, self.store, deadline, users)
+            for k in keepers:
+                if not any(lz.lease_id in failed for lz in k.leases()):
+                    k._set_status(state=S.REVOKED, identity="", expires_at=None, next_action_at=None)
+            if failed:
+                log.warning("%d lease(s) not revoked within %.1f s; the next start revokes them", len(failed), bound)
+            if not self.keystore.persistent and time.monotonic() < deadline:
+                self.tokens.revoke(deadline - time.monotonic())
+        for thread in (self._sweeper, self._sso_thread):
+            if thread is not None:
+                thread.join(max(0.0, deadline - time.monotonic()))
+        self.tokens.vault.close()
+        for k in keepers:
+            k.vault.close()
+
+    # -- clusters
+
+    def request(self, cluster_name: str) -> LeaseKeeper:
+        """Want credentials for a cluster without waiting (``want`` waits)."""
+        cluster = self.config.cluster(cluster_name)
+        with self._lock:
+            keeper = self.keepers.get(cluster_name)
+            if keeper is None:
+                keeper = LeaseKeeper(cluster, self.tokens, self.store, self._make_vault, clock=self.clock,
+                                     emit=self._emit, tuning=self.tuning, mint_ahead=self.config.credentials.mint_ahead,
+                                     rng=self._rng)
+                self.keepers[cluster_name] = keeper
+                keeper.start(self.threaded)
+        return keeper
+
+    def want(self, cluster_name: str, timeout: float = 30.0) -> DbCredentials:
+        """Credentials for ``cluster_name``: minted on first call, then kept; waits up to ``timeout``."""
+        keeper = self.request(cluster_name)
+        if self.tokens.current() is None and keeper.current() is None:
+            self.tokens._raise_if_blocked()
+        return keeper.wait_credentials(timeout)
+
+    def current(self, cluster_name: str) -> DbCredentials | None:
+        keeper = self.keepers.get(cluster_name)
+        return keeper.current() if keeper else None
+
+    def renew_now(self, cluster_name: str, *, rotate: bool = False, timeout: float = 10.0) -> DbCredentials:
+        """Renew the cluster's lease now (``rotate``: mint new credentials); returns the current ones."""
+        keeper = self.request(cluster_name)
+        ticket = keeper.request_renewal(rotate)
+        if self.threaded:
+            keeper.wait_renewal(ticket, timeout)
+        return keeper.wait_credentials(timeout if self.threaded else 0)
+
+    def release(self, cluster_name: str, timeout: float | None = None) -> list[str]:
+        """Stop keeping the cluster's credentials and revoke them (bounded); returns lease ids not revoked."""
+        with self._lock:
+            keeper = self.keepers.pop(cluster_name, None)
+        if keeper is None:
+            return []
+        bound = self.config.credentials.revoke_timeout if timeout is None else timeout
+        deadline = time.monotonic() + bound
+        keeper.stop(timeout=min(2.0, bound))
+        failed = keeper.revoke_all(deadline)
+        keeper.vault.close()
+        return failed
+
+    # -- status
+
+    def status(self) -> tuple[CredentialStatus, CredentialStatus, dict[str, CredentialStatus]]:
+        return self.aws_status(), self.tokens.status(), {n: k.status() for n, k in list(self.keepers.items())}
+
+    def aws_status(self) -> CredentialStatus:
+        with self._lock:
+            st = self._aws_status
+        try:
+            expires = self.aws.sso_expires_at()
+        except DbtunneldError:
+            expires = None
+        if expires is not None:
+            st = replace(st, expires_at=expires)
+        if st.state == S.VALID and expires is not None and expires <= self.clock.time():
+            st = replace(st, state=S.NEEDS_SIGN_IN, last_error="the AWS SSO session expired")
+        return st
+
+    # -- orphans
+
+    def _sweep_orphans(self) -> None:
+        """Revoke leases an earlier run left behind (waits for a token; bounded retries)."""
+        pending = list(self._orphans)
+        attempt = 0
+        while pending and not self._stopping.is_set():
+            ids = [r.lease_id for r in pending]
+            users = {r.lease_id: r.username for r in pending}
+            deadline = time.monotonic() + self.config.credentials.revoke_timeout
+            failed = set(revoke_leases(ids, self.tokens, self.store, deadline, users))
+            pending = [r for r in pending if r.lease_id in failed]
+            if not pending:
+                break
+            delay = self.tuning.backoff.delay(attempt, self._rng.random())
+            attempt += 1
+            log.warning("%d orphaned lease(s) not revoked yet; retry %d in %.1f s", len(pending), attempt, delay)
+            self.clock.wait(self._stopping, delay)
+        self._orphans = pending
+
+    def sweep_orphans_once(self) -> list[str]:
+        """Revoke orphans now (for callers that run the engine without threads)."""
+        ids = [r.lease_id for r in self._orphans]
+        failed = set(revoke_leases(ids, self.tokens, self.store, time.monotonic() + self.config.credentials.revoke_timeout,
+                                   {r.lease_id: r.username for r in self._orphans}))
+        self._orphans = [r for r in self._orphans if r.lease_id in failed]
+        return sorted(failed)
+
+    # -- SSO sign-in
+
+    def sso_login(self, open_browser: Callable[[str], Any] | None = None) -> dict[str, Any]:
+        """Start the SSO device flow (returns what to show the user); polling runs in the background."""
+        with self._lock:
+            if self._sso_thread is not None and self._sso_thread.is_alive() and self._sso_info:
+                return dict(self._sso_info)
+            flow = SsoDeviceLogin(self.aws, clock=self.clock)
+            auth = flow.start()
+            self._sso_info = auth.public()
+            self._sso_thread = threading.Thread(target=self._complete_sso, args=(flow, auth), name="dbtunneld-sso",
+                                                daemon=True)
+            self._sso_thread.start()
+        log.info("SSO sign-in started: open %s and confirm code %s", auth.verification_uri, auth.user_code)
+        self._emit(CredentialEvent("sso.started", self.aws.profile, self.clock.time(), self.aws_status(),
+                                   f"{auth.verification_uri_complete} code {auth.user_code}"))
+        if open_browser is not None:
+            try:
+                open_browser(auth.verification_uri_complete)
+            except Exception as exc:
+                log.warning("could not open a browser (%s); open %s yourself", exc, auth.verification_uri_complete)
+        return dict(self._sso_info)
+
+    def _complete_sso(self, flow: SsoDeviceLogin, auth) -> None:
+        interval = max(self.tuning.sso_poll_floor, auth.interval)
+        while not self._stopping.is_set():
+            self.clock.wait(self._stopping, interval)
+            if self._stopping.is_set():
+                return
+            try:
+                result = flow.poll(auth, interval)
+            except TransientError as exc:
+                log.warning("SSO sign-in: polling failed (%s); retry in %.1f s", _short(exc), interval)
+                continue
+            except DbtunneldError as exc:
+                log.warning("SSO sign-in failed: %s", _short(exc))
+                self._emit(CredentialEvent("sso.failed", self.aws.profile, self.clock.time(), self.aws_status(),
+                                           _short(exc)))
+                return
+            interval = max(self.tuning.sso_poll_floor, result.interval)
+            if result.done:
+                return self._signed_in()
+
+    def _signed_in(self) -> None:
+        self.aws.reset()
+        identity = ""
+        try:
+            identity = self.aws.caller_arn()
+        except DbtunneldError as exc:
+            log.info("signed in, but sts:GetCallerIdentity failed (%s)", _short(exc))
+        self._set_aws_status(S.VALID, "", identity)
+        log.info("AWS SSO sign-in completed for profile %s", self.aws.profile)
+        self._emit(CredentialEvent("sso.signed_in", self.aws.profile, self.clock.time(), self.aws_status()))
+        self.tokens.notify_signed_in()
+        for keeper in list(self.keepers.values()):
+            keeper._mint_at = self.clock.time()
+            keeper.wake()
