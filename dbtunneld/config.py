@@ -173,7 +173,10 @@ class _Reader:
         return value
 
     def text(self, name: str, default: str = "", **kw) -> str:
-        return self.get(name, str, default, **kw).strip()
+        value = self.get(name, str, default, **kw).strip()
+        if kw.get("required") and not value and isinstance(self.table.get(name), str):
+            self.problem(name, "is empty", kw.get("fix", ""))
+        return value
 
     def number(self, name: str, default: float, lo: float, hi: float) -> float:
         value = self.get(name, float, default)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import textwrap
 
 import pytest
@@ -179,3 +180,13 @@ def test_cli_config_check_exit_codes(tmp_path, capsys):
     assert main(["config", "check", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "clusters: no cluster is defined" in err and "hint:" in err
+
+
+@pytest.mark.parametrize("key,line", [("vault.role", 'role = "  "'), ("clusters[0].name", 'name = ""'),
+                                      ("clusters[0].db_role", 'db_role = ""')])
+def test_required_keys_must_not_be_empty(key, line):
+    text = BASE_VAULT + BASE_BASTION + ONE_CLUSTER
+    name = line.split(" =")[0]
+    text = "\n".join(line if row.startswith(f"{name} = ") else row for row in text.split("\n"))
+    with pytest.raises(ConfigError, match=rf"config.toml: {re.escape(key)}: is empty"):
+        parse_config(text, "config.toml")
