@@ -46,6 +46,7 @@ HANDSHAKE_TIMEOUT = 15.0
 READ_SIZE = 256 * 1024
 WRITE_HIGH_WATER = 4 << 20
 SMUX_KEEPALIVE_TIMEOUT = 30.0
+DRAIN_TIMEOUT = 5.0  # the agent allows 2 s; fault knobs can make the tail slower
 
 
 @dataclass
@@ -126,7 +127,7 @@ class AgentSession:
         self._tasks: list[asyncio.Task] = []
         self._ended = False
         self._sent_to_client = 0
-        self.stats = {"to_client": 0, "from_client": 0, "dropped": 0, "resent": 0, "refused": 0}
+        self.stats = {"to_client": 0, "from_client": 0, "dropped": 0, "resent": 0, "refused": 0, "duplicates": 0}
 
     # --- websocket attachment (called by the stand-in) ----------------------------------------
 
@@ -279,6 +280,8 @@ class AgentSession:
             self.stats["refused"] += 1
             return  # like the agent: not ready, no acknowledgement, the client resends
         verdict, ready = self._in.offer(msg.sequence_number, msg)
+        if verdict is Verdict.DUPLICATE:
+            self.stats["duplicates"] += 1
         if verdict is not Verdict.OVERFLOW:
             self._transmit(m.encode(m.acknowledgement(msg)), control=True)
         for item in ready:
@@ -328,7 +331,18 @@ class AgentSession:
             return
         self._ready = True
         reason = await self._relay.run()
+        await self._drain_outgoing(DRAIN_TIMEOUT)
         await self._finish(reason)
+
+    async def _drain_outgoing(self, timeout: float) -> None:
+        """Before ending, give the client time to acknowledge what is in flight (the agent waits 2 s)."""
+        deadline = time.monotonic() + timeout
+        while len(self._out) and time.monotonic() < deadline and not self._ended:
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), max(0.01, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                break
 
     def _make_relay(self) -> "_StreamRelay | _MuxRelay":
         if self.plugin.multiplexed and version_tuple(self.client_version) >= version_tuple(MUX_CLIENT_VERSION):

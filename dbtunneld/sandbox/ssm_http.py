@@ -82,6 +82,7 @@ class WsConnection:
         self._pending: deque[bytes | str] = deque()
         self._fragments: list[bytes] = []
         self._fragment_text = False
+        self._flush_scheduled = False
         self.closed = False
 
     def __aiter__(self) -> "WsConnection":
@@ -124,14 +125,17 @@ class WsConnection:
             self._pending.append(data.decode("utf-8", "replace") if self._fragment_text else data)
 
     def _flush(self) -> None:
-        for chunk in self._protocol.data_to_send():
-            if self._writer.is_closing():
-                return
-            if chunk:
-                self._writer.write(chunk)
-            else:
-                self._mark_closed()
-                self._writer.close()
+        """Write everything the protocol queued, in one write (frames queued this loop turn)."""
+        self._flush_scheduled = False
+        chunks = self._protocol.data_to_send()
+        if self._writer.is_closing():
+            return
+        data = [c for c in chunks if c]
+        if data:
+            self._writer.write(b"".join(data) if len(data) > 1 else data[0])
+        if len(data) != len(chunks):
+            self._mark_closed()
+            self._writer.close()
 
     def _mark_closed(self) -> None:
         self.closed = True
@@ -144,7 +148,9 @@ class WsConnection:
             self._protocol.send_text(data.encode())
         else:
             self._protocol.send_binary(data)
-        self._flush()
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
         return True
 
     async def send(self, data: bytes | str) -> bool:

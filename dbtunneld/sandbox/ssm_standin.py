@@ -25,6 +25,7 @@ stderr, runs until SIGTERM/SIGINT or until its parent exits)::
     python -m dbtunneld.sandbox.ssm_standin --port 0 \\
         --target i-0abc0123456789def=127.0.0.1:2222   # SSH sessions to this target reach this sshd
         --target ecs:demo_task_runtime=127.0.0.1:2222 # ECS targets too (repeat --target)
+        --target '*=127.0.0.1:2222'                   # any instance id / ECS target (the sandbox)
         --allow-remote 127.0.0.1[:PORT]               # hosts port sessions may reach (repeatable)
         [--host 127.0.0.1] [--drop 0.05] [--delay-ms 0] [--jitter-ms 0]
         [--close-after-messages 0] [--agent-payload 1024] [--seed N]
@@ -64,6 +65,7 @@ JSON_11 = "application/x-amz-json-1.1"
 STREAM_PATH = re.compile(r"^/v1/data-channel/([A-Za-z0-9_.@-]+)$")
 CONTROL_SESSION = re.compile(r"^/_standin/sessions/([A-Za-z0-9_.@-]+)/(close-websocket|terminate|pause)$")
 SIGV4 = re.compile(r"^AWS4-HMAC-SHA256 Credential=([^/]+)/(\d{8})/([^/]+)/([^/]+)/aws4_request, ?SignedHeaders=[^,]+, ?Signature=[0-9a-f]{64}$")
+TARGET_SYNTAX = re.compile(r"^((i|mi)-[0-9a-f]{8,17}|ecs:[^_\s]+_[^_\s]+_\S+)$")
 OPEN_TIMEOUT = 10.0
 ACTIVE = ("Connecting", "Connected", "Disconnected")
 
@@ -240,7 +242,7 @@ class SsmStandIn:
 
     async def _op_StartSession(self, body: dict[str, Any], owner: str) -> dict[str, Any]:
         target = str(body.get("Target") or "")
-        if target not in self.targets:
+        if self._target_address(target) is None:
             raise ApiError("InvalidTarget", f"{target} is not connected to the stand-in (known: {', '.join(self.targets) or 'none'})")
         document = str(body.get("DocumentName") or "")
         plugin = self._plugin_for(target, document, body.get("Parameters") or {})
@@ -267,8 +269,9 @@ class SsmStandIn:
 
         if document == SSH_DOCUMENT:
             port = param("portNumber", "22")
-            host, mapped = self.targets[target]
-            return PortPlugin({"portNumber": port}, host, mapped)
+            address = self._target_address(target)
+            assert address is not None
+            return PortPlugin({"portNumber": port}, *address)
         if document == REMOTE_DOCUMENT:
             host, port = param("host"), param("portNumber")
             if not self._remote_allowed(host, port):
@@ -276,6 +279,14 @@ class SsmStandIn:
             props = {"portNumber": port, "type": "LocalPortForwarding", "host": host, "localPortNumber": param("localPortNumber", "0")}
             return PortPlugin(props, host, int(port))
         raise ApiError("InvalidDocument", f"document {document!r} is not supported by the stand-in")
+
+    def _target_address(self, target: str) -> tuple[str, int] | None:
+        """Where SSH sessions to ``target`` go: its own ``--target`` or the ``*`` one."""
+        if target in self.targets:
+            return self.targets[target]
+        if "*" in self.targets and TARGET_SYNTAX.match(target):
+            return self.targets["*"]
+        return None
 
     def _remote_allowed(self, host: str, port: str) -> bool:
         return host in self.allow_remote or f"{host}:{port}" in self.allow_remote
@@ -399,6 +410,22 @@ class SsmStandIn:
             return HttpResponse.json(record.row())
         asyncio.ensure_future(record.agent.pause(float(body.get("seconds") or 1.0)))
         return HttpResponse.json({"paused": True})
+
+
+# --- the sandbox stack --------------------------------------------------------------------------
+
+
+def stack_service(stack: Any) -> Any:
+    """The stand-in as a service of the sandbox stack (``dbtunneld.sandbox.stack``): SSH sessions
+    to any target reach the stack's sshd; port sessions may reach the stack's MariaDB ports."""
+    from .procs import http_probe
+
+    port = stack._port("ssm")
+    args = ["--port", str(port), "--target", f"*=127.0.0.1:{stack._port('sshd')}"]
+    for db in stack.mariadb.values():
+        args += ["--allow-remote", f"127.0.0.1:{db.port}", "--allow-remote", f"localhost:{db.port}"]
+    ready = http_probe(f"http://127.0.0.1:{port}/_standin/health")
+    return stack._python_service("ssm-standin", "dbtunneld.sandbox.ssm_standin", args, ready, port)
 
 
 # --- command line -------------------------------------------------------------------------------

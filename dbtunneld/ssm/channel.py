@@ -32,6 +32,7 @@ from ..errors import ClosedError, DbtunneldError, NeedsUserError, ProtocolError,
 from . import message as m
 from .api import Grant, redact_url
 from .reliability import GIVE_UP_AFTER, OutgoingWindow, ReorderBuffer, Verdict
+from .wsclient import WsClient
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,6 @@ class ChannelOptions:
     terminate_timeout: float = 10.0
     ping_interval: float | None = 30.0
     max_message: int = 4 << 20
-    write_limit: int = 1 << 20
 
 
 @dataclass
@@ -98,11 +98,11 @@ class DataChannel:
         self._grant = grant
         self._service = service
         self._clock = clock
-        self._connect_ws = connect or _websockets_connect
+        self._connect_ws = connect or _websocket_connect
         self._client_id = str(uuid.uuid4())
         self._label = f"[ssm session={grant.session_id}]"
         self._sink: Sink | None = None
-        self._ws: Any = None
+        self._ws: WsClient | None = None
         self._out = OutgoingWindow(span=opts.window)
         self._in: ReorderBuffer[m.AgentMessage] = ReorderBuffer(opts.reorder_capacity)
         self._next_seq = 0
@@ -125,6 +125,9 @@ class DataChannel:
     def set_sink(self, sink: Sink) -> None:
         """Where output payloads go, in order (awaited: a slow sink slows the channel down)."""
         self._sink = sink
+
+    def counters(self) -> dict[str, int]:
+        return {**self.stats, "timeouts": self._out.timeouts, "unacknowledged": len(self._out), "held": len(self._in)}
 
     @property
     def handshake(self) -> Handshake:
@@ -184,7 +187,7 @@ class DataChannel:
             await ws.send(m.open_data_channel(grant.token, self._client_id, self.options.client_version))
         except (OSError, asyncio.TimeoutError) as exc:
             raise TransientError(f"{self._label} data channel {redact_url(grant.stream_url)}: {type(exc).__name__}: {exc}") from None
-        except Exception as exc:  # websockets' handshake errors (InvalidStatus, InvalidHandshake...)
+        except Exception as exc:  # HandshakeError, and websockets' InvalidHandshake family
             raise TransientError(f"{self._label} data channel {redact_url(grant.stream_url)}: {_describe(exc)}") from None
         self._ws = ws
         self._wake()
@@ -198,6 +201,7 @@ class DataChannel:
                     break
                 if not self._handshake.done():
                     raise TransientError(f"{self._label} data channel closed before the handshake{_close_reason(self._ws)}")
+                log.info("%s websocket closed%s; resuming the session", self._label, _close_reason(self._ws))
                 await self._resume()
             error = None
             if self._ended_by_service:
@@ -211,17 +215,14 @@ class DataChannel:
             log.exception("%s data channel failed", self._label)
             await self._finish(TransientError(f"{self._label} data channel failed: {type(exc).__name__}: {exc}"))
 
-    async def _read_all(self, ws: Any) -> None:
-        try:
-            async for raw in ws:
-                if isinstance(raw, str):
-                    log.warning("%s text message from the service: %.200s", self._label, raw)
-                    continue
-                await self._on_message(raw)
-                if self._ended_by_service:
-                    return
-        except _connection_closed():
-            pass
+    async def _read_all(self, ws: WsClient) -> None:
+        async for raw in ws:
+            if isinstance(raw, str):
+                log.warning("%s text message from the service: %.200s", self._label, raw)
+                continue
+            await self._on_message(raw)
+            if self._ended_by_service:
+                return
 
     async def _resume(self) -> None:
         self._ws = None
@@ -321,13 +322,12 @@ class DataChannel:
 
     async def _send_raw(self, raw: bytes) -> bool:
         ws = self._ws
-        if ws is None:
-            return False
-        try:
-            await ws.send(raw)
-            return True
-        except _connection_closed():
-            return False
+        return ws is not None and await ws.send(raw)
+
+    def _send_now(self, raw: bytes) -> bool:
+        """Queue without waiting for buffer room (acknowledgements: small, and must not stall reads)."""
+        ws = self._ws
+        return ws is not None and ws.send_nowait(raw)
 
     async def _resend(self, messages: list[tuple[int, bytes]]) -> None:
         self.stats["resent"] += len(messages)
@@ -389,7 +389,7 @@ class DataChannel:
     async def _on_stream(self, msg: m.AgentMessage) -> None:
         verdict, ready = self._in.offer(msg.sequence_number, msg)
         if verdict is not Verdict.OVERFLOW:
-            await self._send_raw(m.encode(m.acknowledgement(msg)))
+            self._send_now(m.encode(m.acknowledgement(msg)))
         for item in ready:
             self.stats["received"] += 1
             await self._dispatch(item)
@@ -492,36 +492,15 @@ class DataChannel:
 _KMS_HINT = "turn off KMS encryption in the Session Manager preferences, or use the session-manager-plugin fallback"
 
 
-def _connection_closed() -> type[Exception]:
-    from websockets.exceptions import ConnectionClosed
-
-    return ConnectionClosed
-
-
-def _close_reason(ws: Any) -> str:
-    code = getattr(ws, "close_code", None)
-    reason = getattr(ws, "close_reason", None)
-    return f" (websocket close {code}: {reason})" if code is not None else ""
+def _close_reason(ws: WsClient | None) -> str:
+    if ws is None or ws.close_code is None:
+        return ""
+    return f" (websocket close {ws.close_code}: {ws.close_reason})"
 
 
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-async def _websockets_connect(url: str, headers: dict[str, str], options: ChannelOptions) -> Any:
-    from websockets.asyncio.client import connect
-
-    return await connect(
-        url,
-        additional_headers=headers,
-        compression=None,
-        open_timeout=options.open_timeout,
-        ping_interval=options.ping_interval,
-        ping_timeout=options.ping_interval,
-        close_timeout=2.0,
-        max_size=options.max_message,
-        max_queue=64,
-        write_limit=options.write_limit,
-        user_agent_header=f"dbtunneld-ssm/{options.client_version}",
-        proxy=None,
-    )
+async def _websocket_connect(url: str, headers: dict[str, str], options: ChannelOptions) -> WsClient:
+    return await WsClient.connect(url, headers, open_timeout=options.open_timeout, max_size=options.max_message, ping_interval=options.ping_interval)

@@ -23,11 +23,12 @@ Pure functions: no sockets, no clock except the ``created`` default.
 
 from __future__ import annotations
 
-import hashlib
 import json
+import os
 import struct
 import time
 import uuid
+from hashlib import sha256
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,35 +76,76 @@ def now_millis() -> int:
     return int(time.time() * 1000)
 
 
+class _MessageIds:
+    """Random version-4 UUIDs as 16 raw bytes, drawn from a buffer (one getrandom per 1024 ids)."""
+
+    CLEAR = ~((0xF << 76) | (0x3 << 62)) & ((1 << 128) - 1)
+    SET = (0x4 << 76) | (0x2 << 62)
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self._pos = 0
+
+    def next(self) -> bytes:
+        if self._pos >= len(self._buf):
+            self._buf, self._pos = os.urandom(16 * 1024), 0
+        value = int.from_bytes(self._buf[self._pos : self._pos + 16], "big") & self.CLEAR | self.SET
+        self._pos += 16
+        return value.to_bytes(16, "big")
+
+
+new_message_id = _MessageIds().next
+
+
+def id_text(raw_id: bytes) -> str:
+    """The canonical text of a 16-byte UUID (what acknowledgements quote)."""
+    h = raw_id.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
 @dataclass(slots=True)
 class AgentMessage:
-    """One decoded data-channel message."""
+    """One decoded data-channel message (``message_id``: 16 raw UUID bytes, canonical order)."""
 
     message_type: str
     sequence_number: int = 0
     payload_type: int = 0
     payload: bytes = b""
     flags: int = 0
-    message_id: uuid.UUID = field(default_factory=uuid.uuid4)
+    message_id: bytes = field(default_factory=new_message_id)
     created_date: int = field(default_factory=now_millis)
     schema_version: int = 1
+
+    @property
+    def uuid(self) -> uuid.UUID:
+        return uuid.UUID(bytes=self.message_id)
+
+
+_TYPE_FIELDS: dict[str, bytes] = {}
+
+
+def _type_field(message_type: str) -> bytes:
+    field_bytes = _TYPE_FIELDS.get(message_type)
+    if field_bytes is None:
+        kind = message_type.encode("ascii")
+        if len(kind) > 32:
+            raise ValueError(f"message type too long: {message_type!r}")
+        field_bytes = _TYPE_FIELDS.setdefault(message_type, kind.ljust(32, b" "))
+    return field_bytes
 
 
 def encode(msg: AgentMessage) -> bytes:
     """The wire bytes of ``msg`` (digest and lengths computed here)."""
-    kind = msg.message_type.encode("ascii")
-    if len(kind) > 32:
-        raise ValueError(f"message type too long: {msg.message_type!r}")
-    raw_id = msg.message_id.bytes
+    raw_id = msg.message_id
     header = HEADER.pack(
         HEADER_LENGTH,
-        kind.ljust(32, b" "),
+        _type_field(msg.message_type),
         msg.schema_version,
         msg.created_date,
         msg.sequence_number,
         msg.flags,
         raw_id[8:] + raw_id[:8],
-        hashlib.sha256(msg.payload).digest(),
+        sha256(msg.payload).digest(),
         msg.payload_type,
         len(msg.payload),
     )
@@ -119,10 +161,13 @@ def decode(raw: bytes | bytearray | memoryview) -> AgentMessage:
     payload = bytes(raw[start : start + plen])
     if len(payload) != plen:
         raise ProtocolError(f"data channel message truncated: payload {len(payload)} of {plen} bytes")
-    message_type = kind.strip(b"\x00 ").decode("ascii", "replace")
-    msg = AgentMessage(message_type, seq, ptype, payload, flags, uuid.UUID(bytes=raw_id[8:] + raw_id[:8]), created, version)
+    message_type = _TYPE_NAMES.get(kind) or kind.strip(b"\x00 ").decode("ascii", "replace")
+    msg = AgentMessage(message_type, seq, ptype, payload, flags, raw_id[8:] + raw_id[:8], created, version)
     _validate(msg, hl, digest)
     return msg
+
+
+_TYPE_NAMES = {_type_field(t): t for t in (INPUT_STREAM, OUTPUT_STREAM, ACKNOWLEDGE, CHANNEL_CLOSED, START_PUBLICATION, PAUSE_PUBLICATION)}
 
 
 def _validate(msg: AgentMessage, header_length: int, digest: bytes) -> None:
@@ -130,7 +175,7 @@ def _validate(msg: AgentMessage, header_length: int, digest: bytes) -> None:
         return
     if header_length == 0 or not msg.message_type or msg.created_date == 0:
         raise ProtocolError(f"data channel message with an empty header field ({msg.message_type or 'no type'})")
-    if msg.payload and hashlib.sha256(msg.payload).digest() != digest:
+    if msg.payload and sha256(msg.payload).digest() != digest:
         raise ProtocolError(f"data channel message {msg.message_type} #{msg.sequence_number}: payload digest mismatch")
 
 
@@ -145,19 +190,31 @@ def stream_message(message_type: str, seq: int, payload_type: int, payload: byte
 
 def acknowledgement(acked: AgentMessage) -> AgentMessage:
     """The ``acknowledge`` message for a received stream message."""
-    content = {
-        "AcknowledgedMessageType": acked.message_type,
-        "AcknowledgedMessageId": str(acked.message_id),
-        "AcknowledgedMessageSequenceNumber": acked.sequence_number,
-        "IsSequentialMessage": True,
-    }
-    return AgentMessage(ACKNOWLEDGE, 0, 0, json.dumps(content).encode(), CONTROL_FLAGS)
+    content = (
+        f'{{"AcknowledgedMessageType":"{acked.message_type}","AcknowledgedMessageId":"{id_text(acked.message_id)}",'
+        f'"AcknowledgedMessageSequenceNumber":{int(acked.sequence_number)},"IsSequentialMessage":true}}'
+    )
+    return AgentMessage(ACKNOWLEDGE, 0, 0, content.encode(), CONTROL_FLAGS)
+
+
+_ACK_SEQ_KEY = b'"AcknowledgedMessageSequenceNumber":'
 
 
 def acknowledged_sequence(ack: AgentMessage) -> int:
     """The sequence number an ``acknowledge`` message refers to."""
+    payload = ack.payload
+    start = payload.find(_ACK_SEQ_KEY)
+    if start >= 0:
+        start += len(_ACK_SEQ_KEY)
+        end = start
+        while end < len(payload) and payload[end] not in b",}":
+            end += 1
+        try:
+            return int(payload[start:end])
+        except ValueError:
+            pass
     try:
-        return int(json.loads(ack.payload)["AcknowledgedMessageSequenceNumber"])
+        return int(json.loads(payload)["AcknowledgedMessageSequenceNumber"])
     except (ValueError, KeyError, TypeError) as exc:
         raise ProtocolError(f"malformed acknowledge payload: {exc}") from None
 

@@ -54,6 +54,7 @@ class _Pending:
     first_sent: float
     last_sent: float
     attempts: int = 0  # resends so far
+    ambiguous: bool = False  # last resent by the timer: an ack may be for an earlier copy
 
 
 class OutgoingWindow:
@@ -78,6 +79,7 @@ class OutgoingWindow:
         self._timer: float | None = None  # when the retransmission timer fires
         self._latest_acked_send = float("-inf")  # send time of the newest-sent acknowledged message
         self.resends = 0
+        self.timeouts = 0
 
     def __len__(self) -> int:
         return len(self._pending)
@@ -113,7 +115,8 @@ class OutgoingWindow:
         del self._by_time[seq]
         if entry.attempts == 0:
             self.rtt.sample(now - entry.last_sent)
-        self._latest_acked_send = max(self._latest_acked_send, entry.last_sent)
+        if not entry.ambiguous:
+            self._latest_acked_send = max(self._latest_acked_send, entry.last_sent)
         self._timer = now + self.rtt.rto if self._pending else None
         return True
 
@@ -141,6 +144,8 @@ class OutgoingWindow:
         assert seq is not None
         entry = self._pending[seq]
         self._mark_resent(seq, entry, now)
+        entry.ambiguous = True  # the first copy may only be slow; its ack must not mark others lost
+        self.timeouts += 1
         self.rtt.back_off()
         self._timer = now + self.rtt.rto
         return [(seq, entry.raw)]
@@ -151,12 +156,14 @@ class OutgoingWindow:
         for seq in sorted(self._pending):
             entry = self._pending[seq]
             self._mark_resent(seq, entry, now)
+            entry.ambiguous = True  # the lost connection may have delivered the first copy
             entry.first_sent = now  # the give-up clock restarts with the new connection
             out.append((seq, entry.raw))
         self._timer = now + self.rtt.rto if self._pending else None
         return out
 
     def _mark_resent(self, seq: int, entry: _Pending, now: float) -> None:
+        entry.ambiguous = False
         entry.attempts += 1
         entry.last_sent = now
         self._by_time.move_to_end(seq)

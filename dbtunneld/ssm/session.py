@@ -120,7 +120,7 @@ class _BaseSession:
 
     @property
     def stats(self) -> dict[str, int]:
-        return dict(self._channel.stats) if self._channel else {}
+        return self._channel.counters() if self._channel else {}
 
     def is_alive(self) -> bool:
         return not self.closed.is_set() and not self._closing
