@@ -391,10 +391,11 @@ class TrayApp:
             raise DaemonNotRunning("the daemon closed the event stream")
 
     def _on_event(self, event) -> None:
+        """Status snapshots drive everything; other events (db.minted, ...) are followed by one."""
         if event.event == "status" and isinstance(event.data, dict):
             self.on_status(DaemonStatus.from_dict(event.data))
         else:
-            self.on_status(DaemonStatus.from_dict(self.client.request("status")))
+            log.debug("daemon event %s", event.event)
 
     # -- actions (called on the UI thread: hand off at once)
     def dispatch(self, action: tuple) -> threading.Thread:
