@@ -216,3 +216,45 @@ def test_restart_comes_back_on_the_same_port(tmp_path):
     finally:
         svc.stop()
     assert not pid_alive(svc.pid)
+
+
+# ------------------------------------------------------------------ `dbtunneld sandbox`
+
+def test_sandbox_command_prints_a_working_login_and_cleans_up():
+    import re
+    import subprocess
+
+    import pymysql
+
+    proc = subprocess.Popen([sys.executable, "-m", "dbtunneld.cli", "sandbox"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=dict(os.environ), start_new_session=True)
+    lines: list[str] = []
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            assert line, "sandbox exited early:\n" + "".join(lines)
+            lines.append(line)
+            if "Ctrl-C stops" in line:
+                break
+        text = "".join(lines)
+        cmd = re.search(r"orders: mysql -h 127\.0\.0\.1 -P (\d+) -u (\S+) -p (\S+)\n\s+password: (\S+)", text)
+        assert cmd, text
+        port, user, database, password = cmd.groups()
+        workdir = re.search(r"everything under (\S+)\)", text).group(1)
+        conn = pymysql.connect(host="127.0.0.1", port=int(port), user=user, password=password, database=database)
+        with conn.cursor() as cur:
+            cur.execute("SELECT COUNT(*) FROM orders")
+            assert cur.fetchone() == (300,)
+        conn.close()
+        pids = [int(p) for p in subprocess.run(["pgrep", "-f", workdir], capture_output=True, text=True).stdout.split()]
+        assert len(pids) >= 6   # every server but OpenBao names the work dir in its argv
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.communicate(timeout=30)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, rest
+    assert "stopped; no process or file left behind" in rest
+    assert [p for p in pids if pid_alive(p)] == [] and not Path(workdir).exists()
