@@ -570,7 +570,14 @@ class TrayRunner:
             icon.icon = icon_image(model.health, template=self._template())
             self._mark_template()
         icon.title = model.tooltip
+        self._set_hover_text(model.tooltip)
         icon.menu = to_pystray_menu(self.pystray, model.items, self.app.dispatch)
+
+    def _set_hover_text(self, text: str) -> None:
+        """pystray's GTK backend sets only the title; the hover tooltip needs the status icon itself."""
+        status_icon = getattr(self.icon, "_status_icon", None) if self.backend == "gtk" else None
+        if status_icon is not None:
+            status_icon.set_tooltip_text(text)
 
     def _mark_template(self) -> None:
         if self.backend != "darwin":
