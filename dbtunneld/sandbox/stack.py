@@ -9,7 +9,8 @@ one private temp dir:
 - the aws-auth stand-in in front of OpenBao (``vault_addr`` points at it),
 - the SSO portal/OIDC stand-in,
 - OpenSSH sshd as a forwarding-only bastion,
-- the SSM stand-in on request (``ssm=True``; ``dbtunneld.sandbox.ssm_standin``),
+- the SSM stand-in (``dbtunneld.sandbox.ssm_standin``, another part of the sandbox)
+  when its module exists (``ssm=False`` skips it),
 
 and yields a ``Stack``: ``stack.info`` (a ``StackInfo``: every address, port, key path and
 credential; ``stack.<field>`` reads it too), the services (``stack.sshd``, ``stack.openbao``,
@@ -247,7 +248,7 @@ class StackOptions:
     aws: bool = True
     sso: bool = True
     ssh: bool = True
-    ssm: bool | None = False         # True: start the SSM stand-in; None: if its module exists
+    ssm: bool | None = None          # None: start the SSM stand-in if its module exists
     home: Path | None = None         # where .aws/config goes (default: <dir>/home)
     base_dir: Path | None = None     # parent of the private temp dir (default: $TMPDIR)
     sso_interval: int = 1

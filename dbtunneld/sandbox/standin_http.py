@@ -62,7 +62,8 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def serve(server: Server, name: str) -> int:
-    """Run ``server`` until SIGTERM/SIGINT or until the parent process exits."""
+    """Run ``server`` until SIGTERM/SIGINT or until the parent process exits, then exit at
+    once (a stand-in keeps nothing worth flushing; open keep-alive connections just close)."""
     parent = os.getppid()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -74,9 +75,10 @@ def serve(server: Server, name: str) -> int:
     while not stop.wait(0.5):
         if os.getppid() != parent:
             break
-    server.shutdown()
     server.server_close()
-    return 0
+    logging.getLogger(name).info("%s stopped", name)
+    logging.shutdown()
+    os._exit(0)
 
 
 def setup_logging(level: str = "INFO") -> None:
