@@ -230,8 +230,8 @@ def _cmd_creds(args: argparse.Namespace) -> int:
 
 def _cmd_renew(args: argparse.Namespace) -> int:
     kw = {"name": args.name} if args.name else {}
-    _client(args).request("renew", **kw)
-    print(f"renewing credentials of {args.name or 'every connected cluster'}")
+    names = _client(args).request("renew", timeout=60, **kw)["renewed"]
+    print(f"renewed the credentials of {', '.join(names)}" if names else "nothing is connected")
     return EXIT_OK
 
 

@@ -269,7 +269,7 @@ class Daemon:
             "disconnect": lambda a: {"disconnected": sup.disconnect(_targets(a))},
             "reconnect": lambda a: {"reconnecting": sup.reconnect(_targets(a))},
             "creds": lambda a: sup.creds(a["name"], a.get("field", "username")),
-            "renew": lambda a: sup.renew(a.get("name")) or {"renewing": a.get("name") or "all"},
+            "renew": lambda a: {"renewed": sup.renew(a.get("name"))},
             "login": lambda a: sup.login(float(a.get("wait", 0.0))),
             "reload": lambda a: self.reload(),
             "stop": lambda a: self.request_stop() or {"stopping": True, "pid": os.getpid()},
@@ -300,6 +300,9 @@ def install_signal_handlers(daemon: Daemon) -> None:
     signal.signal(signal.SIGINT, on_stop)
     if hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, on_hup)
+    # The kernel may deliver a signal to any thread; then only this fd wakes the main loop's read
+    # (the Python handler runs once the main thread executes bytecode again).
+    signal.set_wakeup_fd(daemon._wake_w, warn_on_full_buffer=False)
 
 
 def run_daemon(paths: Paths, config_path: str | Path, *, foreground: bool = True,
@@ -317,6 +320,7 @@ def run_daemon(paths: Paths, config_path: str | Path, *, foreground: bool = True
         log.error("not starting: %s", exc.one_line())
         return EXIT_FAIL
     daemon.serve_forever()
+    signal.set_wakeup_fd(-1)
     finished = daemon.shutdown()
     logging.shutdown()
     if not finished:

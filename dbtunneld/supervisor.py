@@ -5,7 +5,12 @@ and one tunnel unit per cluster. ``connect`` = want the cluster's credentials + 
 tunnel; ``disconnect`` = stop the tunnel + revoke the lease. ``reload`` is a reconcile: units
 whose spec is unchanged keep running, removed or changed ones stop first (freeing their
 ports), then new ones start. A status snapshot (``model.DaemonStatus``) is published as an
-event whenever it changes. The engine and tunnels are built by factories, so tests use fakes.
+event whenever it changes. The engine and tunnels are built by factories (``engine_factory`` and
+``tunnel_factory`` below build the real ones: ``lease.CredentialEngine``, ``tunnel.Tunnel``), so
+tests of the orchestration use fakes.
+
+A tunnel waits for its cluster's DB credentials before it connects (its prerequisite); when the
+engine announces new credentials or a sign-in, the waiting tunnels are checked at once.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from urllib.parse import quote
 
 from . import __version__, model
 from .config import AwsConfig, BastionConfig, ClusterConfig, Config, CredentialSettings, TunnelSettings, VaultConfig
-from .errors import NeedsUserError, SignInNeededError, UnknownNameError
+from .errors import DbtunneldError, NeedsUserError, SignInNeededError, UnknownNameError
 from .model import CredentialState, CredentialStatus, DaemonStatus, TunnelState, TunnelStatus
 from .paths import Paths
 
@@ -51,11 +56,13 @@ class EngineUnit(Protocol):
     def stop(self, timeout: float) -> None: ...            # revokes every lease and the token
     def want(self, cluster: ClusterConfig) -> None: ...     # mint and keep a lease (async)
     def release(self, name: str) -> None: ...              # revoke the lease
-    def renew_now(self, name: str | None = None) -> None: ...
+    def renew_now(self, name: str) -> None: ...
     def current(self, name: str) -> DbCredentials | None: ...
     def credential_status(self) -> tuple[CredentialStatus | None, CredentialStatus | None, dict[str, CredentialStatus]]: ...
     def sso_login(self, wait: float) -> dict[str, Any]: ...
     def keyring_note(self) -> str: ...
+    def update_config(self, config: Config) -> None: ...   # same engine spec, other clusters
+    def session_factory(self) -> Any: ...                  # boto3 session for the transports
 
 
 class TunnelUnit(Protocol):
@@ -68,7 +75,8 @@ class TunnelUnit(Protocol):
 
 
 EngineFactory = Callable[[Config, Paths, Callable[[str, Any], None]], EngineUnit]
-TunnelFactory = Callable[["UnitSpec", Paths, EngineUnit, Callable[[], None]], TunnelUnit]
+# (spec, local port, engine, on_change) -> tunnel
+TunnelFactory = Callable[["UnitSpec", int, EngineUnit, Callable[[], None]], TunnelUnit]
 
 
 @dataclass(frozen=True)
@@ -154,7 +162,7 @@ class Supervisor:
             self._engine = self._engine_factory(self.config, self.paths, self._engine_event)
             self._engine.start()
             for spec in unit_specs(self.config).values():
-                self._slots[spec.cluster.name] = self._new_slot(spec)
+                self._slots[spec.cluster.name] = self._new_slot(spec, self.config)
             auto = [s for s in self._slots.values() if s.spec.cluster.autoconnect] if autoconnect else []
             for slot in auto:
                 self._connect_slot(slot)
@@ -174,8 +182,22 @@ class Supervisor:
         self._publisher.stop()
         log.info("supervisor stopped")
 
-    def _new_slot(self, spec: UnitSpec) -> ClusterSlot:
-        return ClusterSlot(spec, self._tunnel_factory(spec, self.paths, self._engine, self._publisher.poke))
+    def _new_slot(self, spec: UnitSpec, config: Config) -> ClusterSlot:
+        """Build a cluster's tunnel on its stable port; a port problem is the unit's failed state."""
+        try:
+            port = self._port_for(spec, config)
+            tunnel = self._tunnel_factory(spec, port, self._engine, self._publisher.poke)
+        except DbtunneldError as exc:
+            log.warning("[cluster=%s] cannot build the tunnel: %s", spec.cluster.name, exc.message)
+            tunnel = UnavailableTunnel(spec.cluster.name, spec.cluster.local_port or 0, exc)
+        return ClusterSlot(spec, tunnel)
+
+    def _port_for(self, spec: UnitSpec, config: Config) -> int:
+        from .ports import PortBook
+
+        pinned = [c.local_port for c in config.clusters if c.local_port and c.name != spec.cluster.name]
+        book = PortBook(self.paths.ports_file, spec.tunnels.port_range)
+        return book.port_for(spec.cluster.name, spec.cluster.local_port, reserved=pinned)
 
     def _stop_tunnels(self, slots: Iterable[ClusterSlot], deadline: float) -> None:
         slots = list(slots)
@@ -193,8 +215,14 @@ class Supervisor:
             log.exception("[cluster=%s] tunnel stop failed", slot.name)
 
     def _engine_event(self, event: str, data: Any = None) -> None:
-        """Engine events go out unchanged (e.g. new credentials minted) and refresh the status."""
+        """Engine events go out as they are; new credentials or a sign-in wake the waiting tunnels."""
         self._emit(event, data)
+        kind = data.get("kind", "") if isinstance(data, dict) else ""
+        if kind in ("db.minted", "db.rotated", "sso.signed_in", "vault.login"):
+            name = data.get("name") if kind.startswith("db.") else None
+            for slot in list(self._slots.values()):
+                if slot.wanted and name in (None, slot.name):
+                    slot.tunnel.check_now()
         self._publisher.poke()
 
     # ---- commands
@@ -252,11 +280,15 @@ class Supervisor:
         self._publisher.poke()
         return [s.name for s in slots]
 
-    def renew(self, name: str | None = None) -> None:
-        if name is not None:
-            self._slot(name)
-        self._require_engine().renew_now(name)
+    def renew(self, name: str | None = None) -> list[str]:
+        """Renew the leases of one cluster, or of every connected one, now."""
+        slots = [self._slot(name)] if name is not None else [s for s in self._slots.values() if s.wanted]
+        for slot in slots:
+            if not slot.wanted:
+                raise NeedsUserError(f'cluster "{slot.name}" is not connected', f"run `dbtunneld connect {slot.name}`")
+            self._require_engine().renew_now(slot.name)
         self._publisher.poke()
+        return [s.name for s in slots]
 
     def login(self, wait: float = 0.0) -> dict[str, Any]:
         return self._require_engine().sso_login(wait)
@@ -292,14 +324,7 @@ class Supervisor:
             time.sleep(0.05)
 
     def _credential_problem(self, name: str) -> Exception | None:
-        aws, vault, dbs = self._require_engine().credential_status()
-        for st in (aws, vault, dbs.get(name)):
-            if st is not None and st.state in (CredentialState.NEEDS_SIGN_IN, CredentialState.FAILED):
-                if st.state == CredentialState.NEEDS_SIGN_IN:
-                    return SignInNeededError(f"{st.kind} {st.name}: sign-in needed")
-                return NeedsUserError(f"{st.kind} {st.name}: {st.last_error or 'failed'}",
-                                      "run `dbtunneld doctor` to find the broken layer")
-        return None
+        return credential_problem(self._require_engine().credential_status(), name)
 
     def _settle(self, names: list[str], wait: float) -> list[dict[str, Any]]:
         deadline = time.monotonic() + wait
@@ -325,6 +350,7 @@ class Supervisor:
         return summary
 
     def _reconcile_units(self, new: Config) -> dict[str, list[str]]:
+        self._engine.update_config(new)
         desired, running = unit_specs(new), dict(self._slots)
         kept = [n for n in running if n in desired and desired[n] == running[n].spec]
         gone = [n for n in running if n not in kept]
@@ -336,7 +362,7 @@ class Supervisor:
             del self._slots[n]
         started = [n for n in desired if n not in kept]
         for n in started:
-            self._slots[n] = slot = self._new_slot(desired[n])
+            self._slots[n] = slot = self._new_slot(desired[n], new)
             if n in was_wanted or (n not in running and desired[n].cluster.autoconnect):
                 self._connect_slot(slot)
         return {"kept": kept, "stopped": [n for n in gone if n not in desired],
@@ -353,7 +379,7 @@ class Supervisor:
         self._engine.start()
         for spec in unit_specs(new).values():
             n = spec.cluster.name
-            self._slots[n] = slot = self._new_slot(spec)
+            self._slots[n] = slot = self._new_slot(spec, new)
             if n in wanted or (n not in old_names and spec.cluster.autoconnect):
                 self._connect_slot(slot)
         return {"kept": [], "stopped": [n for n in old_names if n not in self._slots],
@@ -376,6 +402,143 @@ class Supervisor:
         """The snapshot as sent on the wire, with the overall health the tray icon shows."""
         st = self.status()
         return {**st.to_dict(), "health": model.overall_health(st).value}
+
+
+# ----------------------------------------------------------------------------- real units
+
+def credential_problem(statuses: tuple, name: str) -> Exception | None:
+    """What blocks a cluster's credentials and needs the user (sign in, fix something); None otherwise."""
+    aws, vault, dbs = statuses
+    for st in (aws, vault, dbs.get(name)):
+        if st is None:
+            continue
+        if st.state == CredentialState.NEEDS_SIGN_IN:
+            return SignInNeededError(f"{st.kind} {st.name}: sign-in needed" + (f" ({st.last_error})" if st.last_error else ""))
+        if st.state == CredentialState.FAILED:
+            return NeedsUserError(f"{st.kind} {st.name}: {st.last_error or 'failed'}",
+                                  "run `dbtunneld doctor` to find the broken layer")
+    return None
+
+
+class UnavailableTunnel:
+    """Stands in for a tunnel that could not be built (no free port in the range, ...): failed state."""
+
+    def __init__(self, name: str, port: int, error: DbtunneldError) -> None:
+        self._status = TunnelStatus(name, port, TunnelState.FAILED, since=time.time(),
+                                    last_error=error.message, hint=error.hint)
+
+    def start(self) -> None:
+        pass
+
+    def stop(self, timeout: float = 0.0) -> None:
+        pass
+
+    def status(self) -> TunnelStatus:
+        return self._status
+
+    def check_now(self) -> None:
+        pass
+
+
+class EngineAdapter:
+    """``lease.CredentialEngine`` seen as the supervisor's ``EngineUnit``."""
+
+    def __init__(self, config: Config, paths: Paths, on_event: Callable[[str, Any], None]) -> None:
+        from .keystore import Keystore
+        from .lease import CredentialEngine
+
+        self.keystore = Keystore.open()
+        self._on_event = on_event
+        self.engine = CredentialEngine(config, paths, self.keystore, on_event=self._forward)
+
+    def _forward(self, ev: Any) -> None:
+        """Engine events go out as ``credentials`` events (never with secrets: the engine's rule)."""
+        self._on_event("credentials", {"kind": ev.kind, "name": ev.name, "at": ev.at, "detail": ev.detail,
+                                       "status": ev.status.to_dict() if ev.status else None})
+
+    def start(self) -> None:
+        self.engine.start()
+
+    def stop(self, timeout: float) -> None:
+        self.engine.stop(revoke=True, timeout=timeout)
+
+    def want(self, cluster: ClusterConfig) -> None:
+        self.engine.request(cluster.name)
+
+    def release(self, name: str) -> None:
+        failed = self.engine.release(name)
+        if failed:
+            log.warning("[cluster=%s] %d lease(s) not revoked now; retried at the next start", name, len(failed))
+
+    def renew_now(self, name: str) -> None:
+        self.engine.renew_now(name)
+
+    def current(self, name: str) -> Any:
+        return self.engine.current(name)
+
+    def credential_status(self) -> tuple:
+        return self.engine.status()
+
+    def keyring_note(self) -> str:
+        return self.keystore.describe()
+
+    def update_config(self, config: Config) -> None:
+        self.engine.config = config          # the engine reads clusters from it when one is wanted
+
+    def session_factory(self) -> Any:
+        return self.engine.aws.boto3()
+
+    def sso_login(self, wait: float) -> dict[str, Any]:
+        """Start the device flow unless signed in; with ``wait`` > 0, wait for the confirmation."""
+        if self._signed_in():
+            return self._signed_in_result()
+        info = self.engine.sso_login(open_browser=None)
+        deadline = time.monotonic() + wait
+        while wait > 0 and time.monotonic() < deadline:
+            if self._signed_in():
+                return self._signed_in_result()
+            time.sleep(0.2)
+        return {**info, "signed_in": False}
+
+    def _signed_in(self) -> bool:
+        expires = self.engine.aws.sso_expires_at()
+        if expires is not None:
+            return expires > time.time()
+        return self.engine.aws_status().state == CredentialState.VALID
+
+    def _signed_in_result(self) -> dict[str, Any]:
+        st = self.engine.aws_status()
+        return {"signed_in": True, "identity": st.identity, "expires_at": st.expires_at}
+
+
+def engine_factory(config: Config, paths: Paths, on_event: Callable[[str, Any], None]) -> EngineUnit:
+    return EngineAdapter(config, paths, on_event)
+
+
+def _transport_config(spec: UnitSpec) -> Config:
+    """The parts of a config a transport is built from (bastion, AWS) for one unit."""
+    return Config(vault=VaultConfig(address="", role=""), clusters=(spec.cluster,), aws=spec.aws,
+                  bastion=spec.bastion, tunnels=spec.tunnels)
+
+
+def tunnel_factory(spec: UnitSpec, port: int, engine: EngineUnit, on_change: Callable[[], None]) -> TunnelUnit:
+    """A real ``tunnel.Tunnel`` that waits for the cluster's credentials before connecting."""
+    from .transport import build_transport
+    from .tunnel import Tunnel
+
+    c = spec.cluster
+    transport = build_transport(_transport_config(spec), c, session_factory=engine.session_factory)
+
+    def credentials_ready() -> bool:
+        if engine.current(c.name) is not None:
+            return True
+        problem = credential_problem(engine.credential_status(), c.name)
+        if problem is not None:
+            raise problem
+        return False
+
+    return Tunnel(c.name, port, c.endpoint, c.port, transport, spec.tunnels,
+                  prerequisite=credentials_ready, on_change=lambda status: on_change())
 
 
 # ----------------------------------------------------------------------------- status events

@@ -70,7 +70,7 @@ class FakeEngine:
                 self.revoked.append(name)
                 LOG.append(("revoke", name))
 
-    def renew_now(self, name=None):
+    def renew_now(self, name):
         self.renewed.append(name)
 
     def current(self, name):
@@ -92,11 +92,17 @@ class FakeEngine:
     def keyring_note(self):
         return "memory only (fake)"
 
+    def update_config(self, config):
+        self.config = config
+
+    def session_factory(self):
+        return None
+
 
 class FakeTunnel:
-    def __init__(self, spec, paths, engine, poke):
+    def __init__(self, spec, port, engine, poke):
         self.spec, self.engine, self.poke = spec, engine, poke
-        self.port = spec.cluster.local_port or 20000 + next(_serial)
+        self.port = port
         self._status = TunnelStatus(spec.cluster.name, self.port, transport=spec.cluster.effective_transport(spec.bastion),
                                     endpoint=f"{spec.cluster.endpoint}:{spec.cluster.port}")
         self.checks = 0
@@ -130,8 +136,8 @@ def engine_factory(config, paths, on_event):
     return FakeEngine(config, paths, on_event)
 
 
-def tunnel_factory(spec, paths, engine, poke):
-    return FakeTunnel(spec, paths, engine, poke)
+def tunnel_factory(spec, port, engine, poke):
+    return FakeTunnel(spec, port, engine, poke)
 
 
 CONFIG = """
