@@ -65,6 +65,15 @@ def test_generated_daemon_config_is_valid(stack):
     assert cfg.aws.endpoint_urls["sso-oidc"] == stack.sso_endpoint
 
 
+@pytest.mark.parametrize("transport", ["ssm-ssh", "ssm-port-forward"])
+def test_daemon_config_for_ssm_transports_is_valid(stack, tmp_path, transport):
+    path = tmp_path / "config.toml"
+    path.write_text(stack.daemon_config(transport))
+    cfg = load_config(path)
+    assert cfg.bastion.transport == transport and cfg.bastion.instance_id == stack.bastion_instance_id
+    assert cfg.aws.endpoint_urls["ssm"] == (stack.ssm_endpoint or stack.aws_endpoint)
+
+
 def test_aws_config_has_sso_profile(stack):
     parser = configparser.ConfigParser()
     parser.read(stack.aws_config_file)
@@ -169,6 +178,30 @@ def test_failing_service_fails_start_with_its_log_tail(monkeypatch):
     assert "NoSuchOption" in info.value.log_tail and "NoSuchOption" in str(info.value)
     assert [p for s in st.services if s.pid for p in [s.pid] if pid_alive(p)] == []
     assert not Path(st.dir).exists()
+
+
+def test_stale_stack_of_a_dead_owner_is_swept(tmp_path):
+    import subprocess
+
+    from dbtunneld.sandbox.stack import sweep_stale_stacks
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / "dbtunneld-sandbox-stale"
+    (stale / "sshd").mkdir(parents=True)
+    (stale / "owner.pid").write_text(str(dead.pid))
+    orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", str(stale / "sshd" / "cfg")],
+                              start_new_session=True)
+    live = tmp_path / "dbtunneld-sandbox-live"
+    live.mkdir()
+    (live / "owner.pid").write_text(str(os.getpid()))
+    try:
+        assert sweep_stale_stacks(tmp_path) == [str(stale)]
+        assert orphan.wait(timeout=5) == -signal.SIGKILL
+    finally:
+        if orphan.poll() is None:
+            orphan.kill()
+    assert not stale.exists() and live.exists()
 
 
 # ------------------------------------------------------------------ the process manager

@@ -158,6 +158,22 @@ def test_botocore_token_provider_refreshes_an_expired_cached_token(sso_stack, tm
     assert json.loads(next(cache.iterdir()).read_text())["accessToken"] == frozen.token
 
 
+def test_moto_restart_reseeds_and_everything_follows(sso_stack):
+    """Runs last on this module's stack: moto loses its state on restart and is seeded
+    afresh (new keys, ids); the stack's description and the SSO stand-in follow."""
+    old_key, old_instance = sso_stack.access_key_id, sso_stack.bastion_instance_id
+    sso_stack.moto.restart()
+    assert sso_stack.access_key_id != old_key and sso_stack.bastion_instance_id != old_instance
+    creds = sso_stack.role_credentials()
+    assert creds["aws_access_key_id"].startswith("ASIA")
+    oidc, sso = clients(sso_stack)
+    reg, auth = start_device_flow(oidc, sso_stack)
+    sso_stack.sso.approve(auth["userCode"])
+    token = poll_until_issued(oidc, reg, auth)
+    assert sso.get_role_credentials(accessToken=token["accessToken"], accountId=sso_stack.account_id,
+                                    roleName="db-developer")["roleCredentials"]["accessKeyId"]
+
+
 # ------------------------------------------------------------------ timing rules (fake clock)
 
 class Clock:

@@ -66,8 +66,12 @@ def _toml(value) -> str:
     return json.dumps(value)  # JSON strings and numbers are valid TOML basic values
 
 
-def daemon_config_text(info: "StackInfo") -> str:
-    """A dbtunneld config for this stack (validated by ``dbtunneld config check``)."""
+def daemon_config_text(info: "StackInfo", transport: str = "ssh") -> str:
+    """A dbtunneld config for this stack (valid for ``dbtunneld config check``).
+
+    ``transport``: ``ssh`` (straight to the sandbox sshd), ``ssm-ssh`` (SSM session to the
+    tagged bastion instance, then SSH) or ``ssm-port-forward`` (SSM port sessions, no SSH);
+    the SSM ones need the SSM stand-in (``info.ssm_endpoint``)."""
     lines = ["# dbtunneld config for the sandbox stack (generated; removed at teardown)", "",
              "[aws]", f"profile = {_toml(info.profile)}", f"region = {_toml(info.region)}", ""]
     urls = info.endpoint_urls()
@@ -78,14 +82,23 @@ def daemon_config_text(info: "StackInfo") -> str:
     lines += ["[vault]", f"address = {_toml(info.vault_addr)}", f"role = {_toml(info.vault_role)}",
               f"auth_mount = {_toml(info.auth_mount)}", f"iam_server_id = {_toml(info.server_id)}",
               f"database_mount = {_toml(info.database_mount)}", ""]
-    lines += ["[bastion]", 'transport = "ssh"', f"host = {_toml(info.ssh_host)}", f"port = {info.ssh_port or 22}",
-              f"user = {_toml(info.ssh_user or 'root')}"]
-    if info.ssh_key_file:
-        lines += [f"key_file = {_toml(info.ssh_key_file)}", f"known_hosts = {_toml(info.known_hosts)}",
-                  f"host_key = {_toml(info.host_key)}"]
-    lines.append("")
+    lines += _bastion_lines(info, transport)
     for c in info.clusters.values():
         lines += ["[[clusters]]", f"name = {_toml(c.name)}", f"endpoint = {_toml(c.host)}", f"port = {c.port}",
                   f"local_port = {c.local_port}", f"db_role = {_toml(c.db_role)}",
                   f"database = {_toml(c.database)}", ""]
     return "\n".join(lines)
+
+
+def _bastion_lines(info: "StackInfo", transport: str) -> list[str]:
+    lines = ["[bastion]", f"transport = {_toml(transport)}"]
+    if transport == "ssh":
+        lines += [f"host = {_toml(info.ssh_host)}", f"port = {info.ssh_port or 22}"]
+    else:
+        lines.append(f"instance_id = {_toml(info.bastion_instance_id)}")
+    if transport != "ssm-port-forward":
+        lines.append(f"user = {_toml(info.ssh_user or 'root')}")
+        if info.ssh_key_file:
+            lines += [f"key_file = {_toml(info.ssh_key_file)}", f"known_hosts = {_toml(info.known_hosts)}",
+                      f"host_key = {_toml(info.host_key)}"]
+    return lines + [""]

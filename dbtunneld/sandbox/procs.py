@@ -165,6 +165,23 @@ def group_members(pgid: int) -> list[int]:
     return out
 
 
+def processes_using(directory: Path) -> list[int]:
+    """Live pids whose command line mentions ``directory`` or whose cwd is inside it."""
+    prefix = str(directory)
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            cwd = os.readlink(f"/proc/{entry}/cwd")
+        except OSError:
+            continue
+        if (prefix in cmdline or cwd == prefix or cwd.startswith(prefix + "/")) and pid_alive(int(entry)):
+            found.append(int(entry))
+    return found
+
+
 def _signal_pids(pids: list[int], sig: int) -> None:
     for pid in pids:
         try:

@@ -266,11 +266,14 @@ class RoleCredentials:
     def __init__(self, config: SsoConfig) -> None:
         self.config = config
         self._client = None
+        self._stamp = 0
         self._lock = threading.Lock()
 
     def client(self):
+        """An STS client with the seeded user's keys; rebuilt when moto was reseeded."""
         with self._lock:
-            if self._client is None:
+            stamp = Path(self.config.seed_file).stat().st_mtime_ns
+            if self._client is None or stamp != self._stamp:
                 import boto3
 
                 seed = json.loads(Path(self.config.seed_file).read_text())
@@ -278,6 +281,7 @@ class RoleCredentials:
                     "sts", endpoint_url=seed["endpoint"], region_name=self.config.region,
                     aws_access_key_id=seed["user"]["access_key_id"],
                     aws_secret_access_key=seed["user"]["secret_access_key"])
+                self._stamp = stamp
             return self._client
 
     def get(self, account_id: str, role_name: str) -> dict:

@@ -51,10 +51,11 @@ from typing import Any, Callable, Iterator
 
 from . import relay
 from .mariadb import MariaDB, install_datadir
-from .moto_launcher import ACCOUNT_ID, BASTION_TAGS, DEVELOPER_ROLE, UNBOUND_ROLE
+from .moto_launcher import ACCOUNT_ID, DEVELOPER_ROLE, UNBOUND_ROLE
 from .openbao import (JWT_AUDIENCE, JWT_ISSUER, JWT_MOUNT, AwsRoleBinding, BaoAdmin, ClusterDb, OpenBao, Ttls,
                       configure_database, configure_jwt_auth, configure_policies)
-from .procs import Service, ServiceError, StartError, free_port, http_probe, file_probe, stop_all
+from .procs import (Service, ServiceError, StartError, file_probe, free_port, http_probe, pid_alive,
+                    processes_using, stop_all)
 from .sshd import Bastion
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,8 @@ PROFILE = "sandbox"
 SSO_SESSION = "sandbox"
 SSO_USER = "alice@example.com"
 VAULT_ROLE = DEVELOPER_ROLE
+
+DIR_PREFIX = "dbtunneld-sandbox-"
 
 _live: "weakref.WeakSet[Stack]" = weakref.WeakSet()
 
@@ -303,7 +306,8 @@ class Stack:
     def start(self) -> "Stack":
         """Start everything in parallel; raise StartError (after cleaning up) on failure."""
         t0 = time.monotonic()
-        self.dir = Path(tempfile.mkdtemp(prefix="dbtunneld-sandbox-", dir=self.options.base_dir))
+        sweep_stale_stacks(self.options.base_dir)
+        self.dir = Path(tempfile.mkdtemp(prefix=DIR_PREFIX, dir=self.options.base_dir))
         os.chmod(self.dir, 0o700)
         (self.dir / "owner.pid").write_text(str(os.getpid()))
         _live.add(self)
@@ -415,7 +419,14 @@ class Stack:
             ["--port", str(self._port("moto")), "--seed-out", str(self.seed_file), "--region", REGION, *clusters],
             file_probe(self.seed_file), self._port("moto"))
         svc.before_start = lambda _s: self.seed_file.unlink(missing_ok=True)
+        svc.after_start = lambda _s: self._reseeded()
         return svc
+
+    def _reseeded(self) -> None:
+        """After a moto restart (state lost, seeded afresh: new keys and ids) update info."""
+        if self.info is not None:
+            self.info = self._describe()
+            self._write_client_files()
 
     def _front_service(self) -> VaultFront:
         key_file = self.dir / "aws" / "standin-jwt.pem"
@@ -545,6 +556,13 @@ class Stack:
         env.update(extra)
         return env
 
+    def daemon_config(self, transport: str = "ssh") -> str:
+        """A dbtunneld config (TOML) for this stack with the given bastion transport
+        (``ssh``, ``ssm-ssh``, ``ssm-port-forward``); ``info.config_file`` holds the ``ssh`` one."""
+        from .clientfiles import daemon_config_text
+
+        return daemon_config_text(self.info, transport)
+
     def db(self, cluster: str) -> MariaDB:
         """The MariaDB instance of ``cluster`` (``.service``, ``.query()``, ``.dynamic_users()``)."""
         return self.mariadb[cluster]
@@ -630,6 +648,28 @@ def start_stack(*, token_ttl: int = 3600, token_max_ttl: int = 4 * 3600, lease_t
 def ssm_standin_available() -> bool:
     """True when the SSM stand-in module (another part of the sandbox) is present."""
     return (Path(__file__).parent / "ssm_standin.py").exists()
+
+
+def sweep_stale_stacks(base_dir: Path | None = None) -> list[str]:
+    """Remove what stacks of dead owners left behind (their owner was SIGKILLed, so no
+    teardown ran): SIGKILL each process whose command line or working directory is inside
+    such a stack's dir, then delete the dir. Returns the dirs swept."""
+    base = Path(base_dir or tempfile.gettempdir())
+    swept = []
+    for d in base.glob(DIR_PREFIX + "*"):
+        try:
+            owner = int((d / "owner.pid").read_text())
+        except (OSError, ValueError):
+            continue
+        if owner == os.getpid() or pid_alive(owner):
+            continue
+        for pid in processes_using(d):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(d, ignore_errors=True)
+        log.warning("swept a stale sandbox stack: %s (owner pid %s is gone)", d, owner)
+        swept.append(str(d))
+    return swept
 
 
 def stop_all_stacks() -> None:
