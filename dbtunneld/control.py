@@ -146,9 +146,9 @@ class EventBus:
 class _Connection:
     """One client: a reader thread serving requests, plus an event writer once subscribed."""
 
-    def __init__(self, server: "ControlServer", sock: socket.socket, peer: PeerCred, number: int) -> None:
-        self.server, self.sock, self.peer = server, sock, peer
-        self.ctx = f"[client={number} pid={peer.pid}]"
+    def __init__(self, server: "ControlServer", sock: socket.socket, number: int) -> None:
+        self.server, self.sock = server, sock
+        self.ctx = f"[client={number}]"
         self._send_lock = threading.Lock()
         self._events: queue.Queue | None = None
         self._bad = 0
@@ -156,7 +156,8 @@ class _Connection:
 
     def serve(self) -> None:
         try:
-            self._read_loop()
+            if self.server._admit(self):
+                self._read_loop()
         except OSError as exc:
             log.debug("%s connection error: %s", self.ctx, exc)
         finally:
@@ -256,6 +257,21 @@ class _Connection:
         self.sock.close()
 
 
+def _drain(sock: socket.socket, limit: int = 1 << 20, timeout: float = 1.0) -> None:
+    """Half-close, then read what the peer already sent (bounded), so closing sends no reset
+    that would destroy our reply before the peer reads it."""
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(timeout)
+        while limit > 0:
+            data = sock.recv(65536)
+            if not data:
+                return
+            limit -= len(data)
+    except OSError:
+        pass
+
+
 # ----------------------------------------------------------------------------- the server
 
 class ControlServer:
@@ -311,30 +327,25 @@ class ControlServer:
             log.warning("accept failed: %s", exc)
             return
         sock.settimeout(SEND_TIMEOUT)
-        peer = self._admit(sock)
-        if peer is None:
-            sock.close()
-            return
-        conn = _Connection(self, sock, peer, next(self._numbers))
+        conn = _Connection(self, sock, next(self._numbers))
         with self._lock:
             self._clients.add(conn)
         conn.thread.start()
 
-    def _admit(self, sock: socket.socket) -> PeerCred | None:
-        """The peer if it may talk to us; otherwise reply with the reason and return None."""
+    def _admit(self, conn: _Connection) -> bool:
+        """On the client's thread: True if the peer may talk to us, else reply why and drain it."""
         try:
-            peer = peer_credentials(sock)
+            peer = peer_credentials(conn.sock)
         except OSError:
             peer = None
         reason = self._refusal(peer)
         if reason is None:
-            return peer
-        log.warning("refused a control client: %s", reason)
-        try:
-            sock.sendall(P.encode_error(None, *reason))
-        except OSError:
-            pass
-        return None
+            conn.ctx = f"{conn.ctx[:-1]} pid={peer.pid}]"
+            return True
+        log.warning("%s refused: %s", conn.ctx, reason[1])
+        conn.send(P.encode_error(None, *reason))
+        _drain(conn.sock)
+        return False
 
     def _refusal(self, peer: PeerCred | None) -> tuple[str, str, str] | None:
         if peer is None:
@@ -342,7 +353,7 @@ class ControlServer:
         if peer.uid != self.allowed_uid:
             return ("permission_denied", f"uid {peer.uid} (pid {peer.pid}) may not use this daemon",
                     f"the daemon belongs to uid {self.allowed_uid}; run your own with `dbtunneld daemon`")
-        if self.clients >= MAX_CLIENTS:
+        if self.clients > MAX_CLIENTS:
             return ("busy", f"too many clients ({MAX_CLIENTS})", "close other dbtunneld clients")
         return None
 

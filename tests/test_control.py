@@ -259,12 +259,13 @@ def test_close_removes_socket_and_ends_threads(rundir):
     idle = socket.socket(socket.AF_UNIX)
     idle.connect(str(srv.path))
     wait_for(lambda: srv.clients == 1)
+    [conn] = list(srv._clients)
     srv.close()
     srv.close()                                      # idempotent
     assert not srv.path.exists()
     assert idle.recv(10) == b""
     idle.close()
-    assert not [t for t in threading.enumerate() if t.name.startswith("control-")]
+    assert not srv._thread.is_alive() and not conn.thread.is_alive()
     with pytest.raises(DaemonNotRunning):
         Client(srv.path).request("status")
 
