@@ -57,11 +57,20 @@ def user_policy(role_arns: list[str]) -> dict:
         {"Effect": "Allow", "Action": ["sts:GetCallerIdentity"], "Resource": "*"}]}
 
 
-def _client(service: str, endpoint: str, region: str):
-    import boto3
+_SESSION: list = []   # one boto3 session for seeding and moto's region lookups (models parsed once)
 
-    return boto3.client(service, endpoint_url=endpoint, region_name=region,
-                        aws_access_key_id="seed", aws_secret_access_key="seed")
+
+def _session():
+    if not _SESSION:
+        import boto3.session
+
+        _SESSION.append(boto3.session.Session())
+    return _SESSION[0]
+
+
+def _client(service: str, endpoint: str, region: str):
+    return _session().client(service, endpoint_url=endpoint, region_name=region,
+                             aws_access_key_id="seed", aws_secret_access_key="seed")
 
 
 def seed_iam(endpoint: str, region: str) -> dict:
@@ -140,15 +149,12 @@ def memoize_boto3_regions() -> None:
     import boto3.session
 
     original = boto3.session.Session.get_available_regions
-    shared: list = []
     cache: dict = {}
 
     def get_available_regions(self, service_name, partition_name="aws", allow_non_regional=False):
         key = (service_name, partition_name, allow_non_regional)
         if key not in cache:
-            if not shared:
-                shared.append(boto3.session.Session())
-            cache[key] = original(shared[0], service_name, partition_name, allow_non_regional)
+            cache[key] = original(_session(), service_name, partition_name, allow_non_regional)
         return list(cache[key])
 
     boto3.session.Session.get_available_regions = get_available_regions
