@@ -388,6 +388,13 @@ class TokenKeeper(_Unit):
                 self._action, self._next_at, self._attempt = "login", self.clock.time(), 0
         self.wake()
 
+    def probe_soon(self) -> None:
+        """A lease keeper needs to know when this token ends: renew it now (a capped renewal says)."""
+        with self._cond:
+            if self._token is not None and self._action == "renew" and self._attempt == 0:
+                self._next_at = min(self._next_at, self.clock.time())
+        self.wake()
+
     def check_soon(self) -> None:
         """A lease keeper saw 403: verify the token with lookup-self now."""
         with self._cond:
@@ -625,6 +632,7 @@ class _Lease:
     grace: float
     max_known: float | None = None
     retired: bool = False
+    probed: bool = False          # asked the token keeper to reveal the minting token's end
     action: str = "renew"
     next_at: float = 0.0
     attempt: int = 0
@@ -674,7 +682,9 @@ class LeaseKeeper(_Unit):
                                  _finite(self._end(lease)), g.issued_at)
 
     def _current(self) -> _Lease | None:
-        live = [lz for lz in self._leases if not lz.retired and lz.expires_at > self.clock.time()]
+        now = self.clock.time()
+        live = [lz for lz in self._leases if not lz.retired and lz.expires_at > now
+                and (self.tokens.max_expiry(lz.token_accessor) or math.inf) > now]
         return live[-1] if live else None
 
     def leases(self) -> list[_Lease]:
@@ -692,16 +702,27 @@ class LeaseKeeper(_Unit):
                 left = end - time.monotonic()
                 if left <= 0 or self.stopping:
                     raise TransientError(f'no credentials for cluster "{self.name}" yet'
-                                         f" ({self._status.last_error or 'still minting'})",
+                                         f" ({self.status().last_error or 'still minting'})",
                                          hint="dbtunneld keeps retrying; see `dbtunneld status`")
                 self._cond.wait(min(left, 0.5))
 
     def _raise_if_blocked(self) -> None:
+        if self._current() is None and self.tokens.current() is None:
+            self.tokens._raise_if_blocked()
         st = self._status
         if st.state == S.NEEDS_SIGN_IN:
             raise SignInNeededError(st.last_error or "AWS SSO sign-in needed")
         if st.state == S.FAILED and self._failure is not None:
             raise self._failure
+
+    def status(self) -> CredentialStatus:
+        """The lease's status; while it waits for a token, the token's problem is its problem."""
+        st = super().status()
+        if st.state in (S.IDLE, S.REVOKED, S.VALID) or self._current() is not None or self.tokens.current() is not None:
+            return st
+        tst = self.tokens.status()
+        state = tst.state if tst.state in (S.NEEDS_SIGN_IN, S.FAILED, S.BACKOFF) else st.state
+        return replace(st, state=state, last_error=tst.last_error or st.last_error)
 
     def request_renewal(self, rotate: bool = False) -> int:
         with self._cond:
@@ -709,8 +730,8 @@ class LeaseKeeper(_Unit):
             lease = self._current()
             if lease is None or rotate:
                 self._mint_at = now
-                if lease is not None:
-                    lease.action, lease.next_at = "rotate", now
+                if lease is not None:  # asked for: mint now, without probing the token first
+                    lease.action, lease.next_at, lease.probed = "rotate", now, True
             else:
                 lease.action, lease.next_at, lease.attempt = "renew", now, 0
             self._renew_requests += 1
@@ -892,6 +913,13 @@ class LeaseKeeper(_Unit):
         end = self._end(lease)
         if view is not None and view.accessor == lease.token_accessor:
             token_end = view.max_expires_at
+            if token_end is None and not lease.probed:
+                # A successor minted with a token about to end would end with it: find out first.
+                lease.probed = True
+                self.tokens.probe_soon()
+                now = self.clock.time()
+                lease.next_at = now + min(0.5, max(0.05, (lease.expires_at - now) / 4))
+                return
             if token_end is not None and end is not None and token_end <= end + 1:
                 # The only token we have dies with this lease: a successor minted with it would
                 # die too. Keep renewing; the next token (``_follow_token``) brings the rotation.

@@ -372,7 +372,7 @@ def test_no_secret_reaches_the_log(world, caplog):
 
 def test_threaded_engine_want_release_and_bounded_stop(tmp_path):
     clock = SYSTEM_CLOCK
-    server = FakeVaultServer(clock, token_ttl=3, token_max=9, lease_ttl=3, lease_max=9)
+    server = FakeVaultServer(clock, token_ttl=1, token_max=2.5, lease_ttl=1, lease_max=2.5)
     paths = Paths(tmp_path / "c.toml", tmp_path / "state", tmp_path / "log", tmp_path / "run")
     engine = CredentialEngine(parse_config(CONFIG.format(mint_ahead=600)), paths, Keystore(InMemoryKeyring()),
                               tuning=Tuning(backoff=Backoff(0.2, 2)), aws=FakeAws(),
@@ -381,11 +381,13 @@ def test_threaded_engine_want_release_and_bounded_stop(tmp_path):
     try:
         creds = engine.want("orders", timeout=5)
         assert server.can_log_in(creds.username, creds.password)
-        end = time.monotonic() + 4
-        while time.monotonic() < end:
+        end, users = time.monotonic() + 3.5, set()
+        while time.monotonic() < end:     # a client logging in every 50 ms through two rotations
             c = engine.current("orders")
             assert c is not None and server.can_log_in(c.username, c.password)
-            time.sleep(0.1)
+            users.add(c.username)
+            time.sleep(0.05)
+        assert len(users) >= 2
         server.hang_seconds = 3          # Vault hangs: stop must still return within its bound
         t0 = time.monotonic()
         engine.stop(revoke=True, timeout=1.0)
