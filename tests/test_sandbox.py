@@ -96,6 +96,33 @@ def test_to_json_masks_secrets(stack):
     assert stack.to_json(secrets=True)["root_token"] == stack.root_token
 
 
+def test_moto_is_seeded_and_enforces_sigv4_and_iam(stack):
+    import boto3
+    from botocore.exceptions import ClientError
+
+    def client(service, **creds):
+        return boto3.client(service, endpoint_url=stack.aws_endpoint, region_name=stack.region, **creds)
+
+    dev = stack.role_credentials("db-developer")
+    found = client("ec2", **dev).describe_instances(Filters=[
+        {"Name": f"tag:{k}", "Values": [v]} for k, v in stack.bastion_tags.items()] + [
+        {"Name": "instance-state-name", "Values": ["running"]}])
+    assert [i["InstanceId"] for r in found["Reservations"] for i in r["Instances"]] == [stack.bastion_instance_id]
+    clusters = client("rds", **dev).describe_db_clusters()["DBClusters"]
+    assert {c["DBClusterIdentifier"]: (c["Engine"], c["Port"]) for c in clusters} == {
+        n: ("aurora-mysql", c.port) for n, c in stack.clusters.items()}
+    cases = [
+        ("sts", dict(aws_access_key_id=stack.access_key_id, aws_secret_access_key="x" * 40), "SignatureDoesNotMatch"),
+        ("sts", dict(aws_access_key_id="AKIAIOSFODNN7EXAMPLE", aws_secret_access_key="x" * 40), "InvalidClientTokenId"),
+        ("ec2", stack.role_credentials("analyst"), "AccessDenied"),   # signed fine, not allowed by IAM
+    ]
+    for service, creds, code in cases:
+        with pytest.raises(ClientError) as info:
+            c = client(service, **creds)
+            c.get_caller_identity() if service == "sts" else c.describe_instances()
+        assert info.value.response["Error"]["Code"] == code, (service, code)
+
+
 def test_known_hosts_pins_the_sshd_host_key(stack):
     line = Path(stack.known_hosts).read_text().strip()
     assert line == f"[127.0.0.1]:{stack.ssh_port} {stack.host_key}"
