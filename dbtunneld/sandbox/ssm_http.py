@@ -22,6 +22,8 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 
 log = logging.getLogger(__name__)
+PROTOCOL_LOG = logging.getLogger(__name__ + ".protocol")  # never DEBUG: it would log tokens
+PROTOCOL_LOG.setLevel(logging.INFO)
 
 MAX_HEAD = 64 * 1024
 MAX_BODY = 4 << 20
@@ -250,7 +252,7 @@ class HttpServer:
             writer.write(refusal.encode(False))
             await writer.drain()
             return
-        protocol = ServerProtocol(max_size=MAX_WS_MESSAGE)
+        protocol = ServerProtocol(max_size=MAX_WS_MESSAGE, logger=PROTOCOL_LOG)
         protocol.receive_data(request.head)
         handshake = next((e for e in protocol.events_received() if not isinstance(e, Frame)), None)
         if handshake is None:

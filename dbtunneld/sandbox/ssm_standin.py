@@ -29,7 +29,8 @@ stderr, runs until SIGTERM/SIGINT or until its parent exits)::
         --allow-remote 127.0.0.1[:PORT]               # hosts port sessions may reach (repeatable)
         [--host 127.0.0.1] [--drop 0.05] [--delay-ms 0] [--jitter-ms 0]
         [--close-after-messages 0] [--agent-payload 1024] [--seed N]
-        [--agent-version 3.3.1142.0] [--forward-url http://127.0.0.1:MOTO] [--log-level INFO]
+        [--agent-version 3.3.1142.0] [--forward-url http://127.0.0.1:MOTO]
+        [--allow-unsigned-websocket] [--log-level INFO]
 
 In-process: ``SsmStandIn(...).start_background()`` returns once listening (``.url``);
 ``stop_background()`` ends every session and stops. Tokens are never logged.
@@ -126,8 +127,10 @@ class SsmStandIn:
         faults: Faults | None = None,
         agent_version: str = DEFAULT_AGENT_VERSION,
         forward_url: str | None = None,
+        allow_unsigned_websocket: bool = False,
     ) -> None:
         self.host = host
+        self.allow_unsigned_websocket = allow_unsigned_websocket
         self.port = port
         self.targets = dict(targets or {})
         self.allow_remote = list(allow_remote)
@@ -355,7 +358,8 @@ class SsmStandIn:
         if record is None or record.status not in ACTIVE:
             return HttpResponse.json({"message": "no such active session"}, 404)
         parsed = parse_sigv4(request.header("authorization"))
-        if parsed is None or parsed[2] != "ssmmessages" or not request.header("x-amz-date"):
+        unsigned_ok = self.allow_unsigned_websocket and not request.header("authorization")
+        if not unsigned_ok and (parsed is None or parsed[2] != "ssmmessages" or not request.header("x-amz-date")):
             return HttpResponse.json({"message": "the websocket upgrade must be SigV4-signed for ssmmessages"}, 403)
         return None
 
@@ -453,6 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--agent-version", default=DEFAULT_AGENT_VERSION)
     p.add_argument("--forward-url", default=None, help="where other AmazonSSM.* calls go (moto)")
+    p.add_argument("--allow-unsigned-websocket", action="store_true", help="accept upgrades without SigV4 (older session-manager-plugin releases)")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -461,7 +466,7 @@ def standin_from_args(args: argparse.Namespace) -> SsmStandIn:
     faults = Faults()
     faults.update({"drop": args.drop, "delay_ms": args.delay_ms, "jitter_ms": args.jitter_ms, "close_after_messages": args.close_after_messages, "agent_payload": args.agent_payload, "seed": args.seed})
     allow = [h.strip() for item in args.allow_remote for h in item.split(",") if h.strip()]
-    return SsmStandIn(host=args.host, port=args.port, targets=dict(args.target), allow_remote=allow, faults=faults, agent_version=args.agent_version, forward_url=args.forward_url)
+    return SsmStandIn(host=args.host, port=args.port, targets=dict(args.target), allow_remote=allow, faults=faults, agent_version=args.agent_version, forward_url=args.forward_url, allow_unsigned_websocket=args.allow_unsigned_websocket)
 
 
 async def _serve_until_stopped(standin: SsmStandIn) -> None:

@@ -204,7 +204,7 @@ class DataChannel:
                 log.info("%s websocket closed%s; resuming the session", self._label, _close_reason(self._ws))
                 await self._resume()
             error = None
-            if self._ended_by_service:
+            if self._ended_by_service and not self._closing:
                 error = ClosedError(f"SSM session {self.session_id} ended by the service: {self._ended_by_service}")
             await self._finish(error)
         except asyncio.CancelledError:

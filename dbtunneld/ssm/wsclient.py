@@ -11,6 +11,7 @@ TLS for ``wss://`` uses the default context; proxies are not supported.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 import ssl
@@ -21,6 +22,11 @@ from websockets.frames import Frame, Opcode
 from websockets.http11 import Response
 from websockets.protocol import State
 from websockets.uri import parse_uri
+
+# websockets logs handshake headers (signatures, the security token) and the URL's query at
+# DEBUG; its protocol gets a logger of its own that never goes below INFO.
+PROTOCOL_LOG = logging.getLogger("dbtunneld.ssm.wsclient.protocol")
+PROTOCOL_LOG.setLevel(logging.INFO)
 
 MAX_QUEUE = 256  # received messages before reading pauses
 WRITE_HIGH_WATER = 1 << 20
@@ -39,7 +45,7 @@ class WsClient(asyncio.Protocol):
 
     def __init__(self, url: str, max_size: int) -> None:
         self._uri = parse_uri(url)
-        self._protocol = ClientProtocol(self._uri, max_size=max_size)
+        self._protocol = ClientProtocol(self._uri, max_size=max_size, logger=PROTOCOL_LOG)
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._handshake: asyncio.Future[Response] = self._loop.create_future()

@@ -1,0 +1,1 @@
+"""Benchmarks of dbtunneld (run with ./dev bench or python -m bench.<module>)."""

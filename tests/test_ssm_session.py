@@ -1,0 +1,243 @@
+"""The native SSM client end to end, against the SSM stand-in running as its own process.
+
+Real parts: the stand-in (a subprocess, stopped by pid), OpenSSH sshd and MariaDB from the
+sandbox stack, and a threaded TCP data server for byte-exact transfers. Bulk tests use 16 KiB
+messages both ways (AWS's agent and plugin send 1 KiB; that size is covered by the SSH and the
+50-connection tests) so that 50 MB with 5 % loss takes seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import boto3
+import paramiko
+import pymysql
+import pytest
+
+from dbtunneld.errors import ClosedError
+from dbtunneld.sandbox.ssm_testkit import DataServer, StandInProcess, download, pattern, pattern_digest, upload
+from dbtunneld.ssm import ChannelOptions, api, start_port_forward, start_ssh_session
+
+TARGET = "i-0123456789abcdef0"
+ECS_TARGET = "ecs:orders_0123456789abcdef0123456789abcdef_0123456789abcdef0123456789abcdef-1234567890"
+BULK = ChannelOptions(max_payload=16384)
+MB = 1_000_000
+
+
+def aws() -> boto3.Session:
+    return boto3.Session(aws_access_key_id="AKIDSSMSESSIONTEST", aws_secret_access_key="secret-ssm-session-test", aws_session_token="session-token-ssm-session-test", region_name="us-east-1")
+
+
+@pytest.fixture(scope="module")
+def data_server():
+    server = DataServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def standin(data_server, tmp_path_factory):
+    log_path = tmp_path_factory.mktemp("ssm") / "standin.log"
+    proc = StandInProcess("--target", f"{TARGET}=127.0.0.1:{data_server.port}", "--target", f"{ECS_TARGET}=127.0.0.1:{data_server.port}", "--allow-remote", "127.0.0.1", log_path=str(log_path))
+    proc.start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def faults(standin):
+    """Set stand-in faults for one test; always reset afterwards."""
+
+    def set_faults(**values):
+        return standin.control("/_standin/faults", values)
+
+    yield set_faults
+    standin.control("/_standin/faults", {"drop": 0, "delay_ms": 0, "jitter_ms": 0, "close_after_messages": 0, "agent_payload": 1024})
+
+
+# --- SSH over SSM to the real sshd, then MariaDB through it ---------------------------------------
+
+
+def test_ssh_over_ssm_to_real_sshd_then_a_mariadb_query(stack, tmp_path):
+    cluster = stack.clusters["orders"]
+    with StandInProcess("--target", f"{TARGET}=127.0.0.1:{stack.ssh_port}", log_path=str(tmp_path / "standin.log")) as proc:
+        session = start_ssh_session(aws(), TARGET, port=22, endpoint_url=proc.url)
+        transport = paramiko.Transport(session.sock)
+        try:
+            transport.start_client(timeout=15)
+            server_key = transport.get_remote_server_key()
+            assert f"{server_key.get_name()} {server_key.get_base64()}" == stack.host_key
+            transport.auth_publickey(stack.ssh_user, paramiko.Ed25519Key.from_private_key_file(stack.ssh_key_file))
+            channel = transport.open_channel("direct-tcpip", ("127.0.0.1", cluster.port), ("127.0.0.1", 0), timeout=10)
+            conn = pymysql.connect(user=cluster.admin_user, password=cluster.admin_password, database=cluster.database, defer_connect=True)
+            conn.connect(channel)
+            with conn.cursor() as cur:
+                cur.execute(f"SELECT COUNT(*) FROM {cluster.table}")
+                (count,) = cur.fetchone()
+                cur.execute("SELECT @@port")
+                assert cur.fetchone()[0] == cluster.port
+            assert count > 0
+            conn.close()
+        finally:
+            transport.close()
+            session.close()
+        row = proc.session(session.session_id)
+        assert row["Status"] == "Terminated" and row["Target"] == TARGET and row["DocumentName"] == api.DOC_SSH
+
+
+# --- port forwarding -------------------------------------------------------------------------------
+
+
+def test_fifty_concurrent_port_forward_connections_are_byte_exact(standin, data_server):
+    with start_port_forward(aws(), ECS_TARGET, "127.0.0.1", data_server.port, endpoint_url=standin.url) as session:
+
+        def one(i: int) -> tuple[bool, bool]:
+            with session.open_stream(timeout=10) as down_sock:
+                digest, got = download(down_sock, 100_000 + i * 997, seed=i)
+            with session.open_stream(timeout=10) as up_sock:
+                echoed = upload(up_sock, 50_000 + i * 101, seed=i)
+            return digest == pattern_digest(100_000 + i * 997, seed=i), echoed == pattern_digest(50_000 + i * 101, seed=i)
+
+        with ThreadPoolExecutor(max_workers=50) as pool:
+            results = list(pool.map(one, range(50)))
+        assert results == [(True, True)] * 50
+        assert session.is_alive()
+    assert standin.session(session.session_id)["Status"] == "Terminated"
+
+
+def test_echo_round_trips_keep_their_order(standin, data_server):
+    with start_port_forward(aws(), TARGET, "127.0.0.1", data_server.port, endpoint_url=standin.url) as session:
+        with session.open_stream() as sock:
+            sock.sendall(b"E\n")
+            for i in range(200):
+                message = f"ping {i:04d} ".encode() * (1 + i % 7)
+                sock.sendall(message)
+                got = b""
+                while len(got) < len(message):
+                    got += sock.recv(65536)
+                assert got == message
+
+
+@pytest.mark.fault
+def test_five_percent_of_messages_dropped_fifty_megabytes_arrive_byte_exact(standin, data_server, faults):
+    faults(drop=0.05, agent_payload=16384, seed=5)
+    with start_port_forward(aws(), TARGET, "127.0.0.1", data_server.port, endpoint_url=standin.url, options=BULK) as session:
+        with session.open_stream() as sock:
+            digest, got = download(sock, 50 * MB, seed=3)
+        assert got == 50 * MB and digest == pattern_digest(50 * MB, seed=3)
+        with session.open_stream() as sock:
+            assert upload(sock, 10 * MB, seed=4) == pattern_digest(10 * MB, seed=4)
+        client = session.stats
+    stats = standin.session(session.session_id)["Stats"]
+    assert stats["dropped"] > 150  # the fault really fired (~7,000 messages each way at 16 KiB)
+    assert stats["resent"] > 0 and client["resent"] > 0
+    assert client["resent"] < 0.25 * client["sent"]  # repairs, not a storm
+
+
+@pytest.mark.fault
+def test_websocket_closed_mid_download_resumes_without_loss_or_duplication(standin, data_server, faults):
+    faults(agent_payload=16384, close_after_messages=500)  # the stand-in drops the websocket mid-stream
+    with start_port_forward(aws(), TARGET, "127.0.0.1", data_server.port, endpoint_url=standin.url, options=BULK) as session:
+        with session.open_stream() as sock:
+            digest, got = download(sock, 20 * MB, seed=11)
+        assert got == 20 * MB and digest == pattern_digest(20 * MB, seed=11)
+        assert session.stats["resumes"] >= 1
+    assert standin.session(session.session_id)["Connections"] >= 2
+
+
+@pytest.mark.fault
+def test_websocket_aborted_mid_upload_resumes_without_loss_or_duplication(standin, data_server):
+    with start_port_forward(aws(), TARGET, "127.0.0.1", data_server.port, endpoint_url=standin.url, options=BULK) as session:
+        payload = pattern(20 * MB, seed=12)
+        with session.open_stream() as sock:
+            sock.sendall(f"U {len(payload)}\n".encode())
+            sent = threading.Event()
+
+            def send() -> None:
+                sock.sendall(payload)
+                sent.set()
+
+            writer = threading.Thread(target=send)
+            writer.start()
+            while session.stats.get("sent", 0) < 600:  # well into the transfer
+                writer.join(0.01)
+            standin.control(f"/_standin/sessions/{session.session_id}/close-websocket", {"mode": "abort"})
+            writer.join(60)
+            assert sent.is_set()
+            answer = sock.recv(100).strip().decode()
+        assert answer == hashlib.sha256(payload).hexdigest()
+        assert session.stats["resumes"] >= 1 and session.is_alive()
+
+
+def test_pause_publication_holds_then_resumes_the_flow(standin, data_server):
+    with start_port_forward(aws(), TARGET, "127.0.0.1", data_server.port, endpoint_url=standin.url) as session:
+        with session.open_stream() as sock:
+            standin.control(f"/_standin/sessions/{session.session_id}/pause", {"seconds": 0.3})
+            assert upload(sock, MB // 2, seed=21) == pattern_digest(MB // 2, seed=21)
+
+
+# --- ending sessions -------------------------------------------------------------------------------
+
+
+def test_close_leaves_the_session_terminated_in_the_service(standin, data_server):
+    session = start_port_forward(aws(), TARGET, "127.0.0.1", data_server.port, endpoint_url=standin.url)
+    assert standin.session(session.session_id)["Status"] == "Connected"
+    session.close()
+    session.close()  # idempotent
+    row = standin.session(session.session_id)
+    assert row["Status"] == "Terminated" and row["Reason"] == "the client ended the session"
+    assert session.closed.is_set() and not session.is_alive()
+    with pytest.raises(ClosedError):
+        session.open_stream()
+    history = api.SsmApi(aws(), endpoint_url=standin.url).client.describe_sessions(State="History", Filters=[{"key": "SessionId", "value": session.session_id}])
+    assert history["Sessions"][0]["Status"] == "Terminated"
+
+
+def test_service_side_terminate_ends_the_session_with_a_reason(standin, data_server):
+    session = start_ssh_session(aws(), TARGET, endpoint_url=standin.url)
+    try:
+        standin.control(f"/_standin/sessions/{session.session_id}/terminate", {"reason": "maintenance window"})
+        assert session.wait_closed(10)
+        assert isinstance(session.last_error, ClosedError) and "maintenance window" in session.last_error.message
+        session.sock.settimeout(5)
+        assert session.sock.recv(10) == b""  # the SSH side sees EOF
+    finally:
+        session.close()
+    assert standin.session(session.session_id)["Status"] == "Terminated"
+
+
+def test_local_socket_closed_ends_the_ssh_session(standin):
+    session = start_ssh_session(aws(), TARGET, endpoint_url=standin.url)
+    session.sock.close()  # what paramiko does when the transport closes
+    assert session.wait_closed(10)
+    session.close()
+    assert standin.session(session.session_id)["Status"] == "Terminated"
+
+
+def test_tokens_and_stream_url_secrets_never_reach_the_logs(standin, data_server, caplog, monkeypatch):
+    grants: list[api.Grant] = []
+    original = api.SsmApi.start_session
+
+    def recording(self, *args, **kwargs):
+        grant = original(self, *args, **kwargs)
+        grants.append(grant)
+        return grant
+
+    monkeypatch.setattr(api.SsmApi, "start_session", recording)
+    caplog.set_level(logging.DEBUG, logger="dbtunneld")
+    caplog.set_level(logging.DEBUG, logger="websockets")
+    with start_port_forward(aws(), TARGET, "127.0.0.1", data_server.port, endpoint_url=standin.url) as session:
+        standin.control(f"/_standin/sessions/{session.session_id}/close-websocket", {"mode": "close"})
+        with session.open_stream() as sock:
+            assert upload(sock, 100_000) == pattern_digest(100_000)
+        assert session.stats["resumes"] >= 1
+    text = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith(("dbtunneld", "websockets")))
+    assert session.session_id in text and "resuming" in text  # the logs do talk about the session...
+    grant = grants[0]
+    secret_query = grant.stream_url.split("?", 1)[1]
+    for secret in (grant.token, secret_query, "secret-ssm-session-test", "session-token-ssm-session-test"):
+        assert secret not in text
