@@ -145,7 +145,7 @@ def _target_args(args: argparse.Namespace, default_all: bool = False) -> dict:
     if args.all or (default_all and not args.name):
         return {"all": True}
     if not args.name:
-        raise UsageError("name a cluster or pass --all")
+        raise UsageError("name a cluster or pass --all", "`dbtunneld status` lists the clusters")
     return {"name": args.name}
 
 

@@ -34,7 +34,7 @@ _ids = itertools.count(1)
 class DaemonNotRunning(TransientError):
     """Nothing answers on the control socket."""
 
-    hint = "start it with `dbtunneld daemon` (`dbtunneld connect` and the tray start it for you)"
+    hint = "start it with `dbtunneld daemon`; `dbtunneld connect` and the tray start it for you"
 
 
 class DaemonStartError(TransientError):

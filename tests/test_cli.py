@@ -1,0 +1,221 @@
+"""The CLI: rendering, exit codes and one-line errors (daemon on scripted units), then end to end
+on the sandbox stack (connect, query through the stable port, creds, disconnect revokes the user)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+
+import pymysql
+import pytest
+
+import fake_units as F
+from dbtunneld import cli
+from dbtunneld.daemon import Daemon, Factories
+from dbtunneld.paths import default_paths
+
+NOW = 1_800_000_000.0
+
+
+# ------------------------------------------------------------------ pure rendering
+
+STATUS = {
+    "aws": {"kind": "aws", "name": "dev", "state": "valid", "expires_at": NOW + 3 * 3600 + 120,
+            "identity": "arn:aws:sts::1:assumed-role/dev/me"},
+    "vault": {"kind": "vault", "name": "https://vault", "state": "backoff", "last_error": "timeout"},
+    "tunnels": [
+        {"name": "orders", "local_port": 13306, "state": "up", "since": NOW - 125, "username": "v-orders-1"},
+        {"name": "billing", "local_port": 13307, "state": "backoff", "since": NOW - 5,
+         "next_retry_at": NOW + 7, "last_error": "ssh: connection refused", "production": True},
+        {"name": "audit", "local_port": 13308, "state": "failed", "last_error": "127.0.0.1:13308 is in use",
+         "hint": "stop that process"},
+    ],
+    "health": "needs_action", "keyring": "memory only",
+}
+
+
+def test_render_status_table():
+    text = cli.render_status(STATUS, NOW)
+    lines = text.splitlines()
+    assert lines[0].startswith("AWS    dev  valid  expires in 3h02m  arn:aws:sts::1:assumed-role/dev/me")
+    assert "Vault  https://vault  backoff  timeout" == lines[1]
+    assert lines[3].split() == ["NAME", "LOCAL", "STATE", "SINCE", "USER", "DETAIL"]
+    assert lines[4].split() == ["orders", "127.0.0.1:13306", "up", "2m", "v-orders-1"]
+    assert "retry in 7s: ssh: connection refused" in lines[5]
+    assert "127.0.0.1:13308 is in use (hint: stop that process)" in lines[6]
+    assert lines[-1] == "keyring: memory only"
+
+
+@pytest.mark.parametrize("change,code", [
+    ({}, 5),
+    ({"health": "ok", "tunnels": []}, 0),
+    ({"health": "idle", "tunnels": []}, 0),
+    ({"aws": {"state": "needs_sign_in"}}, 4),
+])
+def test_status_exit_code(change, code):
+    assert cli.status_exit_code({**STATUS, **change}) == code
+
+
+def test_render_creds_never_shows_the_password():
+    c = {"name": "orders", "port": 13306, "database": "app", "username": "v-1", "password": "hunter22",
+         "mysql": "mysql -h 127.0.0.1 -P 13306 -u v-1 -p app", "url": "mysql://v-1@127.0.0.1:13306/app",
+         "jdbc": "jdbc:mysql://127.0.0.1:13306/app?user=v-1", "expires_at": NOW + 600, "production": True}
+    text = cli.render_creds(c, NOW)
+    assert "hunter22" not in text
+    assert "--field password" in text and "PRODUCTION" in text and "expires   in 10m" in text
+
+
+# ------------------------------------------------------------------ the CLI against scripted units
+
+@pytest.fixture
+def fake_daemon(monkeypatch):
+    home = Path(tempfile.mkdtemp(prefix="dbt-cli-", dir="/tmp"))
+    monkeypatch.setenv("DBTUNNELD_HOME", str(home))
+    paths = default_paths()
+    (home / "config.toml").write_text(F.config_text([("orders", 13306, True), ("busy1", 13307, False)]))
+    d = Daemon(paths, home / "config.toml", Factories(F.engine_factory, F.tunnel_factory), stop_timeout=5).start()
+    t = threading.Thread(target=d.serve_forever, daemon=True)
+    t.start()
+    yield d
+    d.request_stop()
+    t.join(5)
+    d.shutdown()
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_status_connect_creds_disconnect(fake_daemon, capsys):
+    code, out, _ = run(capsys, "status")
+    assert code == 0 and "orders" in out and "busy1" in out
+    code, out, _ = run(capsys, "status", "--json")
+    assert json.loads(out)["tunnels"][0]["state"] == "up"
+    code, out, _ = run(capsys, "creds", "orders")
+    assert code == 0 and "secret-pw" not in out and "mysql -h 127.0.0.1 -P 13306 -u v-orders-" in out
+    code, out, _ = run(capsys, "creds", "orders", "--field", "password")
+    assert code == 0 and out.strip().startswith("secret-pw-")
+    code, out, _ = run(capsys, "creds", "orders", "--json")
+    assert "password" not in json.loads(out)
+    code, out, _ = run(capsys, "disconnect", "orders")
+    assert code == 0 and out.strip() == "orders: disconnected (credentials revoked)"
+
+
+def test_connect_failure_exits_5_with_the_reason(fake_daemon, capsys):
+    code, out, _ = run(capsys, "connect", "busy1", "--wait", "5")
+    assert code == 5
+    assert "busy1: failed on 127.0.0.1:13307: 127.0.0.1:13307 is already in use by pid 1 (init)" in out
+
+
+@pytest.mark.parametrize("argv,code,text", [
+    (("connect", "nope"), 2, 'no cluster named "nope"'),
+    (("creds", "busy1"), 1, "dbtunneld connect busy1"),
+    (("disconnect",), 2, "name a cluster or pass --all"),
+])
+def test_errors_are_one_line_with_a_hint(fake_daemon, capsys, argv, code, text):
+    got, out, err = run(capsys, *argv)
+    assert got == code and text in err
+    assert len(err.strip().splitlines()) == 1 and "hint:" in err and "Traceback" not in err
+
+
+def test_reload_with_a_bad_config_exits_2_listing_problems(fake_daemon, capsys):
+    fake_daemon.config_path.write_text(F.config_text([("orders", 13306, True)]).replace('role = "dev"', ""))
+    code, _, err = run(capsys, "reload")
+    assert code == 2 and "vault.role: is required" in err
+    assert run(capsys, "status")[0] == 0             # still running the old config
+
+
+def test_no_daemon_exits_3(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("DBTUNNELD_HOME", str(tmp_path))
+    for argv in (("status",), ("disconnect", "--all"), ("stop",), ("reload",), ("creds", "x")):
+        code, _, err = run(capsys, *argv)
+        assert code == 3 and "no dbtunneld daemon is listening" in err
+
+
+def test_internal_error_prints_one_line_and_logs_the_traceback(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("DBTUNNELD_HOME", str(tmp_path))
+    monkeypatch.setattr(cli, "_cmd_status", lambda args: 1 / 0)
+    code, _, err = run(capsys, "status")
+    assert code == 1 and err.count("\n") == 1
+    assert "internal error: ZeroDivisionError" in err and "Traceback" not in err
+    log_text = (tmp_path / "log" / "cli.log").read_text()
+    assert "Traceback" in log_text and "ZeroDivisionError" in log_text
+
+
+def test_copy_without_a_clipboard_module_is_a_clear_message(fake_daemon, capsys, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_clipboard(name, *a, **kw):
+        if name == "clipboard" or name.endswith(".clipboard"):
+            raise ImportError(name)
+        return real_import(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_clipboard)
+    code, _, err = run(capsys, "creds", "orders", "--copy")
+    assert code == 1 and "clipboard" in err and "--field" in err
+
+
+# ------------------------------------------------------------------ end to end on the stack
+
+@pytest.fixture
+def daemon(stack):
+    from dbtunneld.sandbox.daemonproc import DaemonUnderTest
+
+    root = Path(tempfile.mkdtemp(prefix="dbt-e2e-", dir="/tmp"))
+    with DaemonUnderTest(stack, root) as d:
+        yield d
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def login_fails(port: int, user: str, password: str) -> bool:
+    try:
+        pymysql.connect(host="127.0.0.1", port=port, user=user, password=password, connect_timeout=10).close()
+    except pymysql.err.OperationalError as exc:
+        return exc.args[0] in (1045, 1698)
+    return False
+
+
+def test_end_to_end_connect_query_creds_disconnect(stack, daemon):
+    daemon.sign_in()                                      # `dbtunneld login` starts the daemon
+    port = daemon.configured_port("orders")
+    out = daemon.cli("connect", "orders").stdout
+    assert out.startswith(f"orders: up on 127.0.0.1:{port} as v-")
+
+    shown = daemon.cli("creds", "orders").stdout
+    password = daemon.cli("creds", "orders", "--field", "password").stdout.strip()
+    user = daemon.cli("creds", "orders", "--field", "username").stdout.strip()
+    assert password and password not in shown and user in shown
+    assert f"mysql -h 127.0.0.1 -P {port} -u {user} -p" in shown
+
+    db = stack.clusters["orders"]
+    conn = pymysql.connect(host="127.0.0.1", port=port, user=user, password=password, database=db.database)
+    with conn, conn.cursor() as cur:
+        cur.execute(f"SELECT COUNT(*) FROM {db.table}")
+        assert cur.fetchone()[0] > 0
+    assert user in stack.dynamic_users("orders")
+
+    assert daemon.cli("disconnect", "orders").stdout.strip() == "orders: disconnected (credentials revoked)"
+    assert user not in stack.dynamic_users("orders")
+    assert login_fails(db.port, user, password)          # the user is gone from MariaDB itself
+    st = json.loads(daemon.cli("status", "--json").stdout)
+    assert {t["name"]: t["state"] for t in st["tunnels"]}["orders"] == "stopped"
+
+
+def test_end_to_end_stop_revokes_everything(stack, daemon):
+    daemon.sign_in()
+    daemon.cli("connect", "--all")
+    users = [daemon.cli("creds", n, "--field", "username").stdout.strip() for n in ("orders", "billing")]
+    assert set(users) <= set(stack.dynamic_users())
+    out = daemon.cli("stop").stdout
+    assert "daemon stopped" in out
+    assert not set(users) & set(stack.dynamic_users())
+    assert daemon.cli("status", check=False).returncode == 3
