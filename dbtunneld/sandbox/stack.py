@@ -30,212 +30,38 @@ Example::
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import hashlib
 import json
 import logging
 import os
-import shlex
 import shutil
-import signal
 import sys
 import tempfile
 import threading
 import time
-import weakref
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from . import relay
+from .guard import DIR_PREFIX, install_signal_guard, live_stacks, stop_all_stacks, sweep_stale_stacks
+from .info import REGION, SERVER_ID, SSO_SESSION, SSO_USER, VAULT_ROLE, ClusterInfo, StackInfo
 from .mariadb import MariaDB, install_datadir
 from .moto_launcher import ACCOUNT_ID, DEVELOPER_ROLE, UNBOUND_ROLE
 from .openbao import (JWT_AUDIENCE, JWT_ISSUER, JWT_MOUNT, AwsRoleBinding, BaoAdmin, ClusterDb, OpenBao, Ttls,
                       configure_database, configure_jwt_auth, configure_policies)
-from .procs import (Service, ServiceError, StartError, file_probe, free_port, http_probe, pid_alive,
-                    processes_using, stop_all)
+from .procs import Service, ServiceError, StartError, file_probe, free_port, http_probe, stop_all
 from .sshd import Bastion
+from .standins import SsoStandin, VaultFront
+
+__all__ = ["ClusterInfo", "Stack", "StackInfo", "StackOptions", "StartError", "Ttls", "install_signal_guard",
+           "start_stack", "stop_all_stacks", "sweep_stale_stacks"]
 
 log = logging.getLogger(__name__)
 
 CLUSTERS = ("orders", "billing")
-REGION = "us-east-1"
-SERVER_ID = "vault.sandbox.dbtunneld.test"
-PROFILE = "sandbox"
-SSO_SESSION = "sandbox"
-SSO_USER = "alice@example.com"
-VAULT_ROLE = DEVELOPER_ROLE
-
-DIR_PREFIX = "dbtunneld-sandbox-"
-
-_live: "weakref.WeakSet[Stack]" = weakref.WeakSet()
-
-
-# ------------------------------------------------------------------ description
-
-@dataclass(frozen=True)
-class ClusterInfo:
-    """One sandbox cluster: the MariaDB standing in for an Aurora cluster."""
-
-    name: str
-    host: str
-    port: int
-    database: str
-    table: str
-    admin_user: str
-    admin_password: str = field(repr=False)
-    socket: str
-    local_port: int                 # the daemon config's stable local port for it
-    db_role: str                    # Vault role, read-only: "<name>-ro"
-    db_role_rw: str                 # "<name>-rw"
-    rds_endpoint: str = ""          # moto's Aurora endpoint name (does not resolve)
-
-
-SECRET_FIELDS = ("root_token", "secret_access_key", "admin_password")
-
-
-@dataclass(frozen=True)
-class StackInfo:
-    """Everything a client needs to use the running stack (plain data; ``to_json``)."""
-
-    dir: str                        # the private temp dir (removed at teardown)
-    home: str                       # private HOME holding .aws/config (set HOME to it)
-    ttls: Ttls
-    clusters: dict[str, ClusterInfo]
-    # Vault
-    vault_addr: str = ""            # the address clients use (the aws-auth stand-in)
-    bao_addr: str = ""              # OpenBao itself (root token works on both)
-    root_token: str = field(default="", repr=False)
-    vault_role: str = VAULT_ROLE    # aws auth role name
-    auth_mount: str = JWT_MOUNT     # aws auth mount ("aws")
-    database_mount: str = "database"
-    server_id: str = SERVER_ID      # X-Vault-AWS-IAM-Server-ID value
-    # AWS (moto)
-    aws_endpoint: str = ""          # moto: sts, iam, ec2, rds
-    region: str = REGION
-    account_id: str = ACCOUNT_ID
-    user_name: str = ""
-    user_arn: str = ""
-    access_key_id: str = ""
-    secret_access_key: str = field(default="", repr=False)
-    role_name: str = DEVELOPER_ROLE
-    role_arn: str = ""
-    unbound_role_name: str = UNBOUND_ROLE
-    unbound_role_arn: str = ""
-    bastion_instance_id: str = ""
-    bastion_tags: dict[str, str] = field(default_factory=dict)
-    # SSO (stand-in)
-    sso_endpoint: str = ""          # serves both sso and sso-oidc
-    sso_start_url: str = ""
-    sso_region: str = REGION
-    sso_account_id: str = ACCOUNT_ID
-    sso_role_name: str = DEVELOPER_ROLE
-    sso_session_name: str = SSO_SESSION
-    profile: str = PROFILE          # SSO profile (sso_session form) in aws_config_file
-    aws_config_file: str = ""
-    # SSM (stand-in, optional)
-    ssm_endpoint: str = ""
-    # bastion (sshd)
-    ssh_host: str = "127.0.0.1"
-    ssh_port: int = 0
-    ssh_user: str = ""
-    ssh_key_file: str = ""
-    known_hosts: str = ""
-    host_key: str = ""              # "ssh-ed25519 AAAA..." (no host part)
-    relay_command: tuple[str, ...] = ()   # ProxyCommand argv reaching sshd over stdio
-    # daemon
-    dbtunneld_home: str = ""        # DBTUNNELD_HOME for a daemon on this stack
-    config_file: str = ""           # a ready daemon config (TOML), transport "ssh"
-
-    @property
-    def proxy_command(self) -> str:
-        """``relay_command`` as one shell string (for ``paramiko.ProxyCommand``)."""
-        return shlex.join(self.relay_command)
-
-    def endpoint_urls(self) -> dict[str, str]:
-        """Endpoint per AWS service, keyed as in dbtunneld's config (``sso-oidc`` etc.)."""
-        urls = {}
-        if self.aws_endpoint:
-            urls.update(sts=self.aws_endpoint, ec2=self.aws_endpoint, rds=self.aws_endpoint)
-            urls["ssm"] = self.ssm_endpoint or self.aws_endpoint
-        if self.sso_endpoint:
-            urls.update({"sso": self.sso_endpoint, "sso-oidc": self.sso_endpoint})
-        return urls
-
-    def to_json(self, secrets: bool = False) -> dict:
-        """A JSON-able dict; secret values are masked unless ``secrets=True``."""
-        data = asdict(self)
-        data["proxy_command"] = self.proxy_command
-        data["endpoint_urls"] = self.endpoint_urls()
-        if not secrets:
-            _mask(data)
-        return data
-
-
-def _mask(obj: Any) -> None:
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            if k in SECRET_FIELDS and v:
-                obj[k] = "***"
-            else:
-                _mask(v)
-
-
-# ------------------------------------------------------------------ stand-in services
-
-class VaultFront(Service):
-    """The aws-auth stand-in process in front of OpenBao (stateless; OpenBao keeps state).
-
-    ``pause()`` makes Vault unreachable (the port refuses connections), ``resume()`` brings
-    it back on the same port with every token and lease intact. ``freeze()`` instead makes
-    Vault hang (connections accepted, no answer).
-    """
-
-    def pause(self) -> None:
-        self.stop()
-
-    def resume(self) -> None:
-        self.start()
-
-
-class SsoStandin(Service):
-    """The SSO stand-in process, with test controls (browser-less approval, expiry)."""
-
-    def _control(self, path: str, body: dict | None = None) -> dict:
-        import urllib.request
-
-        req = urllib.request.Request(f"http://127.0.0.1:{self.port}/_standin/{path}",
-                                     data=json.dumps(body or {}).encode(),
-                                     headers={"Content-Type": "application/json"}, method="POST")
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return json.loads(resp.read())
-
-    def approve(self, user_code: str) -> bool:
-        """Approve a device authorization as the user would in the browser."""
-        return self._control("approve", {"user_code": user_code})["approved"]
-
-    def deny(self, user_code: str) -> bool:
-        return self._control("deny", {"user_code": user_code})["denied"]
-
-    def auto_approve(self, enabled: bool = True) -> None:
-        """Approve every new device code at once (for tests of code that 'opens a browser')."""
-        self._control("auto-approve", {"enabled": enabled})
-
-    def expire_tokens(self) -> None:
-        """Server side: every access token is expired now (the portal answers 401)."""
-        self._control("expire-tokens")
-
-    def revoke_tokens(self) -> None:
-        """Server side: access and refresh tokens are revoked (refresh fails too)."""
-        self._control("revoke-tokens")
-
-    def state(self) -> dict:
-        import urllib.request
-
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/_standin/state", timeout=10) as resp:
-            return json.loads(resp.read())
 
 
 # ------------------------------------------------------------------ the stack
@@ -310,7 +136,7 @@ class Stack:
         self.dir = Path(tempfile.mkdtemp(prefix=DIR_PREFIX, dir=self.options.base_dir))
         os.chmod(self.dir, 0o700)
         (self.dir / "owner.pid").write_text(str(os.getpid()))
-        _live.add(self)
+        live_stacks.add(self)
         try:
             self._build()
             self._start_all()
@@ -615,7 +441,7 @@ class Stack:
         try:
             stop_all(self.services)
         finally:
-            _live.discard(self)
+            live_stacks.discard(self)
             if self.dir is not None:
                 shutil.rmtree(self.dir, ignore_errors=True)
             home = self.options.home
@@ -648,52 +474,6 @@ def start_stack(*, token_ttl: int = 3600, token_max_ttl: int = 4 * 3600, lease_t
 def ssm_standin_available() -> bool:
     """True when the SSM stand-in module (another part of the sandbox) is present."""
     return (Path(__file__).parent / "ssm_standin.py").exists()
-
-
-def sweep_stale_stacks(base_dir: Path | None = None) -> list[str]:
-    """Remove what stacks of dead owners left behind (their owner was SIGKILLed, so no
-    teardown ran): SIGKILL each process whose command line or working directory is inside
-    such a stack's dir, then delete the dir. Returns the dirs swept."""
-    base = Path(base_dir or tempfile.gettempdir())
-    swept = []
-    for d in base.glob(DIR_PREFIX + "*"):
-        try:
-            owner = int((d / "owner.pid").read_text())
-        except (OSError, ValueError):
-            continue
-        if owner == os.getpid() or pid_alive(owner):
-            continue
-        for pid in processes_using(d):
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-        shutil.rmtree(d, ignore_errors=True)
-        log.warning("swept a stale sandbox stack: %s (owner pid %s is gone)", d, owner)
-        swept.append(str(d))
-    return swept
-
-
-def stop_all_stacks() -> None:
-    """Stop every stack this process started (atexit and signal guard)."""
-    for stack in list(_live):
-        with contextlib.suppress(Exception):
-            stack.stop()
-
-
-def install_signal_guard() -> None:
-    """On SIGTERM/SIGHUP stop every live stack, then die of the signal as usual.
-
-    Call from the main thread (pytest's conftest and ``dbtunneld sandbox`` do)."""
-    def handler(signum: int, _frame: Any) -> None:
-        stop_all_stacks()
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
-
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        if signal.getsignal(sig) in (signal.SIG_DFL, None):
-            signal.signal(sig, handler)
-
-
-atexit.register(stop_all_stacks)
 
 
 # ------------------------------------------------------------------ small helpers
