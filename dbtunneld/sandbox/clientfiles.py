@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .stack import StackInfo
+    from .info import StackInfo
 
 # dbtunneld config key -> (botocore services-section key, AWS_ENDPOINT_URL_ suffix)
 _SERVICE_KEYS = {"sts": ("sts", "STS"), "ec2": ("ec2", "EC2"), "rds": ("rds", "RDS"), "ssm": ("ssm", "SSM"),
