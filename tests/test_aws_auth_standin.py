@@ -206,3 +206,11 @@ def test_body_and_header_checks():
     validate_server_id(headers, "v")
     with pytest.raises(LoginRefused, match="missing Authorization header"):
         validate_server_id(headers[:1], "v")
+
+
+def test_chunked_request_bodies_are_forwarded(stack):
+    body = json.dumps({"policies": ["default"], "ttl": "1m"}).encode()
+    resp = requests.post(f"{stack.vault_addr}/v1/auth/token/create", data=iter([body[:10], body[10:]]),
+                         headers={"X-Vault-Token": stack.root_token}, timeout=10)   # a generator: chunked
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["auth"]["policies"] == ["default"]

@@ -38,8 +38,22 @@ class Handler(BaseHTTPRequestHandler):
         logging.getLogger(self.__class__.__module__).debug("%s " + fmt, self.address_string(), *args)
 
     def read_body(self) -> bytes:
+        """The request body (Content-Length or chunked transfer encoding)."""
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            return self._read_chunked()
         length = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(length) if length > 0 else b""
+
+    def _read_chunked(self) -> bytes:
+        parts = []
+        while True:
+            size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+            if size == 0:
+                while self.rfile.readline().strip():   # trailers, then the blank line
+                    pass
+                return b"".join(parts)
+            parts.append(self.rfile.read(size))
+            self.rfile.readline()
 
     def read_json(self) -> Any:
         body = self.read_body()
