@@ -40,6 +40,7 @@ from botocore.credentials import (
 from botocore.tokens import SSOTokenProvider
 from botocore.utils import JSONFileCache
 
+from . import log as dlog
 from .config import AwsConfig
 from .errors import DbtunneldError, NeedsUserError, PermissionDeniedError, SignInNeededError, TransientError
 from .timing import SYSTEM_CLOCK, Clock
@@ -206,6 +207,13 @@ def _build_session(config: AwsConfig, cache_dir: Path) -> _EndpointSession:
     return session
 
 
+def _register_sso_secrets(entry: Any) -> None:
+    if isinstance(entry, dict):
+        for key in ("accessToken", "refreshToken", "clientSecret"):
+            value = entry.get(key)
+            dlog.register_secret(value if isinstance(value, str) else None)
+
+
 class AwsSession:
     """The developer's AWS identity from ``config.aws`` (thread-safe)."""
 
@@ -258,6 +266,10 @@ class AwsSession:
         except Exception as exc:
             raise classify(exc, "loading credentials", self.profile) from None
         expiry = getattr(creds, "_expiry_time", None)
+        if getattr(creds, "method", "") == "sso":
+            self.cached_sso_token()  # registers the (possibly refreshed) SSO token for masking
+        dlog.register_secret(frozen.secret_key)
+        dlog.register_secret(frozen.token)
         return AwsCredentials(frozen.access_key, frozen.secret_key, frozen.token,
                               expiry.timestamp() if expiry else None, getattr(creds, "method", ""))
 
@@ -293,9 +305,11 @@ class AwsSession:
         if sso is None:
             return None
         try:
-            return json.loads((self.cache_dir / f"{sso.cache_key}.json").read_text())
+            entry = json.loads((self.cache_dir / f"{sso.cache_key}.json").read_text())
         except (OSError, ValueError):
             return None
+        _register_sso_secrets(entry)
+        return entry
 
     def sso_expires_at(self) -> float | None:
         """When the cached SSO sign-in expires (None: no SSO, or no cached token)."""
@@ -304,6 +318,7 @@ class AwsSession:
 
     def write_sso_token(self, sso: SsoSettings, entry: dict[str, Any]) -> Path:
         """Write a token cache entry as the AWS CLI v2 does (file 0600 in a 0700 folder)."""
+        _register_sso_secrets(entry)
         self.cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         JSONFileCache(str(self.cache_dir), dumps_func=_json_dumps)[sso.cache_key] = entry
         return self.cache_dir / f"{sso.cache_key}.json"
@@ -371,6 +386,7 @@ class SsoDeviceLogin:
         if self.sso.session_name:
             kwargs["scopes"] = list(self.sso.scopes)
         reg = oidc.register_client(**kwargs)
+        dlog.register_secret(reg.get("clientSecret"))
         return reg["clientId"], reg["clientSecret"], float(reg.get("clientSecretExpiresAt") or 0)
 
     def start(self) -> DeviceAuthorization:
@@ -395,6 +411,7 @@ class SsoDeviceLogin:
         if self._clock.time() >= auth.expires_at:
             raise _sign_in(self.session.profile, "the sign-in code expired before it was approved")
         try:
+            dlog.register_secret(auth.device_code)
             resp = self._oidc().create_token(grantType=DEVICE_GRANT, deviceCode=auth.device_code,
                                              clientId=auth.client_id, clientSecret=auth.client_secret)
         except bexc.ClientError as exc:

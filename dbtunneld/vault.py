@@ -28,6 +28,7 @@ import hvac.exceptions as hexc
 import requests
 from requests.adapters import HTTPAdapter
 
+from . import log as dlog
 from .config import VaultConfig
 from .errors import DbtunneldError, NeedsUserError, PermissionDeniedError, TransientError
 from .timing import SYSTEM_CLOCK, Clock
@@ -151,6 +152,7 @@ class VaultClient:
         self._clock = clock
         verify: bool | str = config.ca_cert or True
         self._session = _no_retry_session(verify)
+        dlog.register_secret(token)
         self._client = hvac.Client(url=config.address, token=token, timeout=config.timeout,
                                    verify=verify, session=self._session)
 
@@ -159,6 +161,7 @@ class VaultClient:
         return self.config.address
 
     def use_token(self, token: str | None) -> None:
+        dlog.register_secret(token)
         self._client.token = token
 
     def close(self) -> None:
@@ -204,6 +207,7 @@ class VaultClient:
     def _token_from_auth(self, auth: dict[str, Any]) -> Token:
         now = self._clock.time()
         ttl = float(auth.get("lease_duration") or 0)
+        dlog.register_secret(auth["client_token"])
         info = TokenInfo(accessor=auth.get("accessor", ""), ttl=ttl, renewable=bool(auth.get("renewable")),
                          creation_ttl=ttl, issued_at=now, expires_at=now + ttl if ttl > 0 else math.inf,
                          policies=tuple(auth.get("policies") or ()))
@@ -236,9 +240,14 @@ class VaultClient:
 
     def database_creds(self, role: str) -> LeaseGrant:
         mount = self.config.database_mount
-        with self._classified(f"reading {mount}/creds/{role}"):
-            resp = self._client.secrets.database.generate_credentials(name=role, mount_point=mount)
+        try:
+            with self._classified(f"reading {mount}/creds/{role}"):
+                resp = self._client.secrets.database.generate_credentials(name=role, mount_point=mount)
+        except VaultRequestError as exc:
+            raise VaultRequestError(exc.message, hint=f"check the cluster's db_role ({role!r}) and "
+                                    f"vault.database_mount ({mount!r}) against Vault") from None
         data = resp.get("data") or {}
+        dlog.register_secret(data.get("password"))
         return LeaseGrant(lease_id=resp["lease_id"], duration=float(resp.get("lease_duration") or 0),
                           renewable=bool(resp.get("renewable")), username=data["username"],
                           password=data["password"], issued_at=self._clock.time())
