@@ -1,7 +1,7 @@
 """`dbtunneld doctor` on the sandbox stack: each layer is broken on purpose and must be named first.
 
-Doctor runs as a subprocess with the stack's private HOME / AWS config (stack.env()), like a user
-would run it; every run must leave no dynamic DB user behind.
+Doctor runs as a subprocess like a user would run it, with a HOME of this module's own (its own
+copy of the stack's AWS config and its own SSO sign-in); every run must leave no dynamic DB user.
 """
 
 from __future__ import annotations
@@ -32,16 +32,43 @@ while not login.poll(auth, auth.interval).done:
 """
 
 
-def run(stack, config: str, *extra: str) -> subprocess.CompletedProcess:
+class Home:
+    """A private HOME with the stack's AWS config, and the env a user's shell would have."""
+
+    def __init__(self, stack, root: Path):
+        from dataclasses import replace
+
+        from dbtunneld.sandbox.clientfiles import aws_config_text, client_env
+
+        self.stack = stack
+        self.info = replace(stack.info, home=str(root / "home"), aws_config_file=str(root / "home/.aws/config"),
+                            dbtunneld_home=str(root / "dbtunneld"))
+        Path(self.info.aws_config_file).parent.mkdir(parents=True, mode=0o700)
+        Path(self.info.aws_config_file).write_text(aws_config_text(self.info))
+        self.config_file = stack.config_file
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "VAULT_", "DBTUNNELD_"))}
+        self.env.update(client_env(self.info), DBTUNNELD_KEYRING="memory")
+
+    def sso_cache_file(self) -> Path:
+        import hashlib
+
+        digest = hashlib.sha1(self.info.sso_session_name.encode()).hexdigest()
+        return Path(self.info.home) / ".aws" / "sso" / "cache" / f"{digest}.json"
+
+
+def run(home: Home, config: str, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "dbtunneld.cli", "--config", config, "doctor", *extra],
-                          env=stack.env(), capture_output=True, text=True, timeout=120)
+                          env=home.env, capture_output=True, text=True, timeout=120)
 
 
-def sign_in(stack) -> None:
-    if stack.sso_cache_file().exists():
+def sign_in(home: Home) -> None:
+    if home.sso_cache_file().exists():
         return
-    stack.sso.auto_approve(True)
-    subprocess.run([sys.executable, "-c", SIGN_IN, stack.config_file], env=stack.env(), check=True, timeout=60)
+    home.stack.sso.auto_approve(True)
+    try:
+        subprocess.run([sys.executable, "-c", SIGN_IN, home.config_file], env=home.env, check=True, timeout=60)
+    finally:
+        home.stack.sso.auto_approve(False)
 
 
 def lines_by_layer(stdout: str) -> dict[str, str]:
@@ -87,27 +114,24 @@ def test_missing_config_is_the_first_broken_layer(tmp_path):
 # ------------------------------------------------------------------ on the stack
 
 @pytest.fixture(scope="module")
-def stack():
-    from dbtunneld.sandbox import start_stack
-
-    with start_stack() as s:
-        yield s
+def home(stack, tmp_path_factory):
+    return Home(stack, tmp_path_factory.mktemp("doctor"))
 
 
-def test_not_signed_in_names_aws(stack):
-    if stack.sso_cache_file().exists():
-        stack.sso_cache_file().unlink()
-    r = run(stack, stack.config_file)
+def test_not_signed_in_names_aws(home):
+    if home.sso_cache_file().exists():
+        home.sso_cache_file().unlink()
+    r = run(home, home.config_file)
     assert r.returncode == 4, r.stdout + r.stderr
     assert lines_by_layer(r.stdout) == {"config": "ok", "aws": "FAIL", "vault": "skip", "bastion": "skip",
                                         "transport": "skip", "database": "skip"}
     assert "first broken layer: aws" in r.stdout and "dbtunneld login" in r.stdout
 
 
-def test_every_layer_works_and_nothing_is_left(stack, tmp_path):
-    sign_in(stack)
+def test_every_layer_works_and_nothing_is_left(stack, home, tmp_path):
+    sign_in(home)
     report = tmp_path / "report.md"
-    r = run(stack, stack.config_file, "--report", str(report))
+    r = run(home, home.config_file, "--report", str(report))
     assert r.returncode == 0, r.stdout + r.stderr
     assert set(lines_by_layer(r.stdout).values()) == {"ok"}
     assert "every layer works" in r.stdout and "logged in as v-" in r.stdout
@@ -120,37 +144,37 @@ def test_every_layer_works_and_nothing_is_left(stack, tmp_path):
     assert json.loads(text.split("## results (json)\n", 1)[1])[-1]["status"] == "ok"
 
 
-def test_vault_unreachable(stack, tmp_path):
-    sign_in(stack)
+def test_vault_unreachable(stack, home, tmp_path):
+    sign_in(home)
     closed = _closed_port()
     cfg = variant(stack, tmp_path, f'address = "{stack.vault_addr}"', f'address = "http://127.0.0.1:{closed}"')
-    r = run(stack, cfg)
+    r = run(home, cfg)
     assert r.returncode == 5 and lines_by_layer(r.stdout)["vault"] == "FAIL"
     assert "cannot reach Vault" in r.stdout and "vault.address" in r.stdout
 
 
-def test_vault_role_refused(stack, tmp_path):
-    sign_in(stack)
+def test_vault_role_refused(stack, home, tmp_path):
+    sign_in(home)
     cfg = variant(stack, tmp_path, f'role = "{stack.vault_role}"', 'role = "no-such-role"')
-    r = run(stack, cfg)
+    r = run(home, cfg)
     assert lines_by_layer(r.stdout)["vault"] == "FAIL" and "no-such-role" in r.stdout
 
 
-def test_bastion_down_names_transport(stack, tmp_path):
-    sign_in(stack)
+def test_bastion_down_names_transport(stack, home, tmp_path):
+    sign_in(home)
     closed = _closed_port()
     cfg = variant(stack, tmp_path, f"port = {stack.ssh_port}", f"port = {closed}")
-    r = run(stack, cfg)
+    r = run(home, cfg)
     layers = lines_by_layer(r.stdout)
     assert layers["bastion"] == "ok" and layers["transport"] == "FAIL", r.stdout
     assert layers["database"] == "skip"
 
 
-def test_database_unreachable_names_database(stack, tmp_path):
-    sign_in(stack)
+def test_database_unreachable_names_database(stack, home, tmp_path):
+    sign_in(home)
     orders = stack.clusters["orders"]
     cfg = variant(stack, tmp_path, f"port = {orders.port}", f"port = {_closed_port()}")
-    r = run(stack, cfg, "--cluster", "orders")
+    r = run(home, cfg, "--cluster", "orders")
     layers = lines_by_layer(r.stdout)
     assert layers["transport"] == "ok" and layers["database"] == "FAIL", r.stdout
     assert stack.dynamic_users() == []           # the minted user was revoked anyway
