@@ -18,7 +18,8 @@ import paramiko
 import pymysql
 import pytest
 
-from dbtunneld.errors import ClosedError
+from dbtunneld.errors import ClosedError, NeedsUserError
+from dbtunneld.sandbox.ssm_standin import SsmStandIn
 from dbtunneld.sandbox.ssm_testkit import DataServer, StandInProcess, download, pattern, pattern_digest, upload
 from dbtunneld.ssm import ChannelOptions, api, start_port_forward, start_ssh_session
 
@@ -173,6 +174,16 @@ def test_websocket_aborted_mid_upload_resumes_without_loss_or_duplication(standi
         assert session.stats["resumes"] >= 1 and session.is_alive()
 
 
+@pytest.mark.fault
+def test_delayed_and_reordered_messages_are_delivered_in_order(standin, data_server, faults):
+    faults(delay_ms=2, jitter_ms=8, drop=0.02, seed=9)  # jitter reorders messages towards the client
+    with start_port_forward(aws(), TARGET, "127.0.0.1", data_server.port, endpoint_url=standin.url) as session:
+        with session.open_stream() as sock:
+            digest, got = download(sock, 2 * MB, seed=13)
+        assert got == 2 * MB and digest == pattern_digest(2 * MB, seed=13)
+        assert session.stats["buffered"] > 100  # early arrivals were held for the gaps
+
+
 def test_pause_publication_holds_then_resumes_the_flow(standin, data_server):
     with start_port_forward(aws(), TARGET, "127.0.0.1", data_server.port, endpoint_url=standin.url) as session:
         with session.open_stream() as sock:
@@ -190,6 +201,7 @@ def test_close_leaves_the_session_terminated_in_the_service(standin, data_server
     session.close()  # idempotent
     row = standin.session(session.session_id)
     assert row["Status"] == "Terminated" and row["Reason"] == "the client ended the session"
+    assert row["ClientVersion"] == "1.2.650.0"  # above 1.2.331.0: no smux keepalive, idle sessions kept
     assert session.closed.is_set() and not session.is_alive()
     with pytest.raises(ClosedError):
         session.open_stream()
@@ -241,3 +253,15 @@ def test_tokens_and_stream_url_secrets_never_reach_the_logs(standin, data_server
     secret_query = grant.stream_url.split("?", 1)[1]
     for secret in (grant.token, secret_query, "secret-ssm-session-test", "session-token-ssm-session-test"):
         assert secret not in text
+
+
+def test_agents_too_old_to_multiplex_are_reported_with_a_fix(data_server):
+    old_agent = SsmStandIn(targets={TARGET: ("127.0.0.1", data_server.port)}, allow_remote=["127.0.0.1"], agent_version="3.0.161.0").start_background()
+    try:
+        with pytest.raises(NeedsUserError, match="cannot multiplex") as info:
+            start_port_forward(aws(), TARGET, "127.0.0.1", data_server.port, endpoint_url=old_agent.url)
+        assert "update the SSM agent" in info.value.hint
+        (record,) = old_agent.sessions.values()
+        assert record.status == "Terminated"  # the failed start still ended the session
+    finally:
+        old_agent.stop_background()

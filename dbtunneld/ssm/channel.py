@@ -118,7 +118,7 @@ class DataChannel:
         self._finishing = False
         self.closed = asyncio.Event()
         self.error: DbtunneldError | None = None
-        self.stats = {"sent": 0, "received": 0, "resent": 0, "resumes": 0}
+        self.stats = {"sent": 0, "received": 0, "resent": 0, "resumes": 0, "buffered": 0, "duplicate": 0, "overflow": 0}
 
     # --- public ----------------------------------------------------------------------------
 
@@ -388,6 +388,8 @@ class DataChannel:
 
     async def _on_stream(self, msg: m.AgentMessage) -> None:
         verdict, ready = self._in.offer(msg.sequence_number, msg)
+        if verdict is not Verdict.DELIVER:
+            self.stats[verdict.value] += 1
         if verdict is not Verdict.OVERFLOW:
             self._send_now(m.encode(m.acknowledgement(msg)))
         for item in ready:

@@ -14,9 +14,12 @@ session ends underneath (service terminated it, resume failed), ``closed`` is se
 from __future__ import annotations
 
 import asyncio
+import atexit
+import concurrent.futures
 import logging
 import socket
 import threading
+import weakref
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -54,17 +57,38 @@ class _LoopThread:
     def _main(self) -> None:
         asyncio.set_event_loop(self.loop)
         self.loop.run_forever()
+        pending = asyncio.all_tasks(self.loop)
+        for task in pending:
+            task.cancel()
+        self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
         self.loop.run_until_complete(self.loop.shutdown_default_executor())
         self.loop.close()
 
     def call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+        """Run ``coro`` on the loop and wait; on timeout it is cancelled, not left running."""
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise TimeoutError(f"no result within {timeout} s") from None
 
     def stop(self, timeout: float = 5.0) -> None:
         if self._thread.is_alive():
             self.loop.call_soon_threadsafe(self.loop.stop)
             if threading.current_thread() is not self._thread:
                 self._thread.join(timeout)
+
+
+# Sessions still open when the interpreter exits are closed then (TerminateSession included):
+# their threads are daemons and would otherwise die with the session left open at AWS.
+_open_sessions: "weakref.WeakSet[_BaseSession]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_sessions() -> None:
+    for session in list(_open_sessions):
+        session.close(timeout=5.0)
 
 
 class _BaseSession:
@@ -84,6 +108,7 @@ class _BaseSession:
         self._channel: DataChannel | None = None
         self._close_lock = threading.Lock()
         self._closing = False
+        _open_sessions.add(self)
 
     # Called once by the start functions, on the caller's thread.
     def _open(self, timeout: float) -> None:
@@ -142,6 +167,7 @@ class _BaseSession:
         finally:
             self.closed.set()
             self._loop.stop()
+            _open_sessions.discard(self)
 
     async def _shutdown(self) -> None:
         await self._detach()
