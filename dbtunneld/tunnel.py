@@ -239,6 +239,7 @@ class Tunnel:
         self._last_attempt = float("-inf")
         self._next_ping = self._next_probe = 0.0
         self._pipes: set[_Pipe] = set()
+        self._bytes_down = 0              # received by pipes that have ended
         self._counts = {"open": 0, "total": 0, "reconnects": 0}
         self._serial = itertools.count(1)
         self._listener: socket.socket | None = None
@@ -454,14 +455,24 @@ class Tunnel:
             return self._lost("the connection to the bastion closed")
         if reasons & {"check", "suspect"} or now >= self._next_ping:
             self._next_ping = now + s.keepalive_interval
+            flowed = self._traffic()
             if not self.transport.ping(s.health_timeout):
-                return self._lost(f"the bastion did not answer a keepalive within {s.health_timeout:g} s")
+                if self._traffic() != flowed:   # late, but bytes are arriving: busy, not dead
+                    self._log.info("keepalive answer late while data flows; the upstream is alive")
+                else:
+                    return self._lost(f"the bastion did not answer a keepalive within {s.health_timeout:g} s")
         if reasons & {"check", "suspect"} or now >= self._next_probe:
             self._next_probe = now + s.health_interval
             self._check_database()
 
+    def _traffic(self) -> int:
+        """Bytes received from the upstream so far (evidence of life while a keepalive is late)."""
+        with self._cond:
+            return self._bytes_down + sum(p.received for p in self._pipes)
+
     def _check_database(self) -> None:
         host, port = self.remote
+        flowed = self._traffic()
         try:
             result = self._probe(self.transport, host, port, self.settings.health_timeout)
         except NeedsUserError as exc:
@@ -469,6 +480,9 @@ class Tunnel:
             self._move(S.FAILED, error=exc.message, hint=exc.hint)
             return
         except (DbtunneldError, OSError) as exc:
+            if self._traffic() != flowed:
+                self._log.info("health probe failed while data flows (%s); trying again later", exc)
+                return
             return self._lost(str(exc))
         self._retry.proven()
         if result.ok:
@@ -560,6 +574,7 @@ class Tunnel:
         finally:
             with self._cond:
                 self._pipes.discard(pipe)
+                self._bytes_down += pipe.received
 
     def _open_for_client(self, deadline: float) -> tuple[Any, int] | str:
         """A channel for one client, waiting through rebuilds; or why there is none."""
@@ -700,22 +715,25 @@ class _Pipe:
         self.chan = chan
         self.generation = generation
         self.label = label
+        self.received = 0                 # bytes from the upstream (read by the keeper)
         self._aborted = False
 
     def run(self) -> None:
         up = threading.Thread(target=self._copy, args=(self.client, self.chan), daemon=True,
                               name=f"{threading.current_thread().name}-up")
         up.start()
-        self._copy(self.chan, self.client)
+        self._copy(self.chan, self.client, count=True)
         up.join()
         _close(self.chan)
 
-    def _copy(self, src: Any, dst: Any) -> None:
+    def _copy(self, src: Any, dst: Any, count: bool = False) -> None:
         try:
             while True:
                 data = src.recv(READ_SIZE)
                 if not data:
                     break
+                if count:
+                    self.received += len(data)
                 dst.sendall(data)
             _shutdown_write(dst)
         except Exception as exc:   # socket, paramiko and stream errors all end this copy

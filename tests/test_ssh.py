@@ -194,7 +194,7 @@ def test_ephemeral_key_through_ec2_instance_connect(sshd, monkeypatch):
         with dial(sshd, key_file="", pkey=key) as conn:
             assert conn.is_alive()
     finally:
-        sshd.authorized.write_text((sshd.root / "client_ed25519.pub").read_text())
+        sshd.reset_authorized_keys()
 
 
 def test_ephemeral_key_failure_is_classified():

@@ -139,6 +139,8 @@ class ScriptedTransport(Transport):
 
     def ping(self, timeout: float) -> bool:
         self.pings += 1
+        if self.alive and not self.ping_answers:
+            self._dead.wait(timeout)                   # no answer: the caller waits it out
         return self.alive and self.ping_answers
 
     def wait_closed(self, timeout=None) -> bool:
@@ -418,6 +420,24 @@ def test_unanswered_keepalive_rebuilds_the_upstream(make):
     eventually(lambda: t.status().reconnects >= 1, what="rebuilt after a silent keepalive")
     transport.ping_answers = True
     eventually(lambda: t.state == S.UP)
+
+
+def test_late_keepalive_while_data_flows_is_not_death(make):
+    """A saturated link delays the keepalive answer; bytes arriving prove the bastion lives."""
+    t, transport = make(settings=TunnelSettings(keepalive_interval=0.3, health_interval=60, health_timeout=0.3,
+                                                backoff_initial=0.2, backoff_max=1))
+    t.start()
+    eventually(lambda: t.state == S.UP)
+    sock = connect_and_greet(t.local_port)
+    transport.ping_answers = False
+    pings = transport.pings
+    end = time.monotonic() + 2.0
+    while time.monotonic() < end or transport.pings < pings + 3:
+        sock.sendall(b"z" * 65536)
+        recv_exact(sock, 65536)
+    assert t.status().reconnects == 0 and t.state == S.UP
+    sock.close()
+    eventually(lambda: t.status().reconnects >= 1, what="silence then counts as death")
 
 
 def test_probe_refusal_keeps_the_tunnel_up_with_the_servers_error(make):

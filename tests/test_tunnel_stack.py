@@ -1,6 +1,11 @@
-"""Tunnels on real servers: OpenSSH sshd as the bastion, MariaDB behind it, a byte-exact echo
-server, and (with the sandbox stack) the SSM stand-in. Faults: the bastion killed and restarted
-while a watcher keeps connecting, frozen with SIGSTOP, a changed host key, a busy port."""
+"""Tunnels on the real stack: the sandbox's MariaDB, sshd and moto (session ``stack``), the SSM
+stand-in, and a private bastion whose PermitOpen also reaches a byte-exact echo server.
+
+Per transport (ssh, ssm-ssh, ssm-port-forward; built from a config like the daemon does):
+a PyMySQL query and a 100 MB byte-exact transfer through the stable port, and 50 concurrent
+byte-exact connections. Faults on the stack's bastion: killed and restarted five times while a
+watcher connects every 100 ms, frozen with SIGSTOP; a changed host key; a busy port.
+"""
 
 from __future__ import annotations
 
@@ -9,22 +14,28 @@ import random
 import socket
 import threading
 import time
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import pytest
 
 from dbtunneld import ssh
-from dbtunneld.config import TunnelSettings
+from dbtunneld.config import Config, TunnelSettings, parse_config
 from dbtunneld.model import TunnelState
 from dbtunneld.ports import bind_listener
-from dbtunneld.transport import SshTransport
-from dbtunneld.tunnel import Tunnel
-from tunnel_servers import GreetingEchoServer, MariaDB, Sshd, keygen
+from dbtunneld.transport import SshTransport, Transport, build_transport
+from dbtunneld.tunnel import ProbeResult, Tunnel
+from tunnel_servers import GreetingEchoServer, Sshd, keygen
 
 pymysql = pytest.importorskip("pymysql")
+boto3 = pytest.importorskip("boto3")
+from dbtunneld.sandbox.ssm_testkit import DataServer, StandInProcess, pattern_digest  # noqa: E402
+
 S = TunnelState
 SETTINGS = TunnelSettings(connect_wait=20, health_interval=30, health_timeout=2, keepalive_interval=2,
                           backoff_initial=0.2, backoff_max=2)
 MB = 1 << 20
+TRANSPORTS = ("ssh", "ssm-ssh", "ssm-port-forward")
 
 
 def eventually(predicate, timeout: float = 20.0, what: str = "condition"):
@@ -36,55 +47,72 @@ def eventually(predicate, timeout: float = 20.0, what: str = "condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-# ---- servers ---------------------------------------------------------------------------------
+# ---- the environment -------------------------------------------------------------------------
+
+@dataclass
+class Env:
+    stack: Any
+    echo: GreetingEchoServer
+    data: DataServer                  # "D <n> <seed>": n bytes of a seeded pattern
+    bastion: Sshd                     # private: PermitOpen = orders MariaDB + echo + data servers
+    ssm: StandInProcess               # SSM stand-in: the stack's bastion instance id -> private bastion
+    session: Any                      # boto3 session with the developer role's moto credentials
+
+    def config(self, kind: str, endpoint: str, port: int) -> Config:
+        s = self.stack
+        tags = ", ".join(f'"{k}" = "{v}"' for k, v in s.bastion_tags.items())
+        target = f"tags = {{ {tags} }}" if kind != "ssh" else f'host = "127.0.0.1"\nport = {self.bastion.port}'
+        return parse_config(f"""
+[aws]
+region = "{s.region}"
+endpoint_urls = {{ ec2 = "{s.aws_endpoint}", ssm = "{self.ssm.url}" }}
+[vault]
+address = "{s.vault_addr}"
+role = "{s.vault_role}"
+[bastion]
+transport = "{kind}"
+{target}
+user = "{s.ssh_user}"
+key_file = "{self.bastion.client_key}"
+host_key = "{self.bastion.host_key_line}"
+[[clusters]]
+name = "c"
+endpoint = "{endpoint}"
+port = {port}
+db_role = "orders-ro"
+""")
+
+    def transport(self, kind: str, endpoint: str, port: int) -> Transport:
+        cfg = self.config(kind, endpoint, port)
+        return build_transport(cfg, cfg.clusters[0], lambda: self.session)
+
 
 @pytest.fixture(scope="module")
-def mariadb(tmp_path_factory):
-    db = MariaDB(tmp_path_factory.mktemp("mariadb")).start()
-    db.sql("CREATE TABLE appdb.t (id INT PRIMARY KEY, v VARCHAR(20)); INSERT INTO appdb.t VALUES (1, 'hello');")
-    yield db
-    db.stop()
-
-
-@pytest.fixture(scope="module")
-def echo():
-    server = GreetingEchoServer()
-    yield server
-    server.close()
-
-
-@pytest.fixture(scope="module")
-def sshd(tmp_path_factory, mariadb, echo):
-    server = Sshd(tmp_path_factory.mktemp("bastion"), permit_open=[mariadb.port, echo.port]).start()
-    yield server
-    server.stop()
+def env(stack, tmp_path_factory):
+    root = tmp_path_factory.mktemp("tunnel-stack")
+    echo, data = GreetingEchoServer(), DataServer()
+    orders = stack.clusters["orders"]
+    bastion = Sshd(root / "bastion", permit_open=[orders.port, echo.port, data.port]).start()
+    ssm = StandInProcess("--port", "0", "--target", f"{stack.bastion_instance_id}=127.0.0.1:{bastion.port}",
+                         "--allow-remote", "127.0.0.1", log_path=str(root / "ssm-standin.log"))
+    try:
+        ssm.start()
+        session = boto3.Session(region_name=stack.region, **stack.role_credentials())
+        yield Env(stack, echo, data, bastion, ssm, session)
+    finally:
+        ssm.stop()
+        bastion.stop()
+        echo.close()
+        data.close()
 
 
 @pytest.fixture
-def bastion(sshd):
-    """The module's bastion, guaranteed running (and not frozen) for each test."""
-    if sshd.proc is None or sshd.proc.poll() is not None:
-        sshd.start()
-    sshd.thaw()
-    yield sshd
-    sshd.thaw()
-    if sshd.proc is None:
-        sshd.start()
+def tunnels():
+    made: list[Tunnel] = []
 
-
-def ssh_transport(sshd: Sshd, host_key: str = "") -> SshTransport:
-    def options_for(label):
-        return ssh.SshOptions(user="root", host_label=label, key_file=str(sshd.client_key), use_agent=False,
-                              host_key=host_key or sshd.host_key_line, timeout=5)
-    return SshTransport("127.0.0.1", sshd.port, options_for)
-
-
-@pytest.fixture
-def tunnel_to():
-    made = []
-
-    def make(sshd: Sshd, port: int, settings: TunnelSettings = SETTINGS, host_key: str = "", local_port: int = 0):
-        t = Tunnel(f"t{len(made)}", local_port, "127.0.0.1", port, ssh_transport(sshd, host_key), settings)
+    def make(transport: Transport, remote: tuple[str, int], settings: TunnelSettings = SETTINGS,
+             local_port: int = 0, **kw) -> Tunnel:
+        t = Tunnel(f"t{len(made)}", local_port, remote[0], remote[1], transport, settings, **kw)
         made.append(t)
         t.start()
         return t
@@ -94,23 +122,18 @@ def tunnel_to():
         t.stop()
 
 
-def query(port: int, timeout: float = 25) -> str:
-    conn = pymysql.connect(host="127.0.0.1", port=port, user="app", password="app-secret-pw", database="appdb",
-                           connect_timeout=timeout, read_timeout=timeout)
+def query(port: int, cluster, timeout: float = 25) -> int:
+    conn = pymysql.connect(host="127.0.0.1", port=port, user=cluster.admin_user, password=cluster.admin_password,
+                           database=cluster.database, connect_timeout=timeout, read_timeout=timeout)
     try:
         with conn.cursor() as cur:
-            cur.execute("SELECT v FROM t WHERE id = 1")
+            cur.execute(f"SELECT COUNT(*) FROM `{cluster.table}`")
             return cur.fetchone()[0]
     finally:
         conn.close()
 
 
-# ---- byte-exact bulk ---------------------------------------------------------------------------
-
-def skip_greeting(sock: socket.socket) -> None:
-    header = recv_exact(sock, 4)
-    recv_exact(sock, int.from_bytes(header[:3], "little"))
-
+# ---- byte-exact transfers ----------------------------------------------------------------------
 
 def recv_exact(sock, n):
     buf = bytearray()
@@ -123,25 +146,31 @@ def recv_exact(sock, n):
 
 
 def echo_round_trip(port: int, total: int, seed: int) -> tuple[str, str]:
-    """Send ``total`` pseudo-random bytes, read them back; the two SHA-256 digests."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=60)
-    skip_greeting(sock)
+    """Send ``total`` seeded bytes through the tunnel to the echo server and read them back
+    (no half-close: SSM port sessions, like AWS's agent, end a stream at the first EOF);
+    both SHA-256 digests."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=120)
+    header = recv_exact(sock, 4)                       # the server's greeting
+    recv_exact(sock, int.from_bytes(header[:3], "little"))
     sent = hashlib.sha256()
+    block = random.Random(seed).randbytes(MB + 7)      # odd size: a shifted byte shows up
 
     def send():
-        rng = random.Random(seed)
-        left = total
+        left, offset = total, 0
         while left:
-            chunk = rng.randbytes(min(MB, left))
+            chunk = block[offset:offset + min(MB, left)]
             sent.update(chunk)
             sock.sendall(chunk)
             left -= len(chunk)
-        sock.shutdown(socket.SHUT_WR)
+            offset = (offset + len(chunk)) % 7
 
     sender = threading.Thread(target=send)
     sender.start()
     got, n = hashlib.sha256(), 0
-    while chunk := sock.recv(MB):
+    while n < total:
+        chunk = sock.recv(min(MB, total - n))
+        if not chunk:
+            break
         got.update(chunk)
         n += len(chunk)
     sender.join()
@@ -150,22 +179,43 @@ def echo_round_trip(port: int, total: int, seed: int) -> tuple[str, str]:
     return sent.hexdigest(), got.hexdigest()
 
 
-def test_ssh_query_and_100mb_byte_exact(bastion, mariadb, echo, tunnel_to):
-    db = tunnel_to(bastion, mariadb.port)
-    bulk = tunnel_to(bastion, echo.port)
-    assert query(db.local_port) == "hello"
-    sent, got = echo_round_trip(bulk.local_port, 100 * MB, seed=5)
-    assert sent == got
-    assert db.status().state == S.UP and bulk.status().connections_total >= 1
+def download(port: int, total: int, seed: int) -> str:
+    """Ask the data server for ``total`` bytes of its seeded pattern; their SHA-256."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=120)
+    sock.sendall(f"D {total} {seed}\n".encode())
+    got, n = hashlib.sha256(), 0
+    while chunk := sock.recv(MB):
+        got.update(chunk)
+        n += len(chunk)
+    sock.close()
+    assert n == total
+    return got.hexdigest()
 
 
-def test_50_concurrent_connections_each_byte_exact(bastion, echo, tunnel_to):
-    t = tunnel_to(bastion, echo.port)
+NOT_MYSQL = dict(probe=lambda *a: ProbeResult(True, "data server"))   # it sends no greeting
+
+
+@pytest.mark.parametrize("kind", TRANSPORTS)
+def test_query_and_100mb_byte_exact(env, tunnels, kind):
+    orders = env.stack.clusters["orders"]
+    db = tunnels(env.transport(kind, "127.0.0.1", orders.port), ("127.0.0.1", orders.port))
+    bulk = tunnels(env.transport(kind, "127.0.0.1", env.data.port), ("127.0.0.1", env.data.port), **NOT_MYSQL)
+    assert query(db.local_port, orders) > 0
+    started = time.monotonic()
+    assert download(bulk.local_port, 100 * MB, seed=5) == pattern_digest(100 * MB, seed=5)
+    elapsed = time.monotonic() - started
+    assert db.status().state == S.UP and bulk.status().state == S.UP
+    print(f"{kind}: 100 MB byte-exact in {elapsed:.1f} s")
+
+
+@pytest.mark.parametrize("kind", TRANSPORTS)
+def test_50_concurrent_connections_each_byte_exact(env, tunnels, kind):
+    t = tunnels(env.transport(kind, "127.0.0.1", env.echo.port), ("127.0.0.1", env.echo.port))
     eventually(lambda: t.state == S.UP, what="up")
-    results = [None] * 50
+    results: list[Any] = [None] * 50
 
     def one(i):
-        results[i] = echo_round_trip(t.local_port, 1 * MB + i, seed=i)
+        results[i] = echo_round_trip(t.local_port, 256 * 1024 + i, seed=i)
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(50)]
     for th in threads:
@@ -176,7 +226,14 @@ def test_50_concurrent_connections_each_byte_exact(bastion, echo, tunnel_to):
     assert t.status().connections_total >= 50
 
 
-# ---- faults --------------------------------------------------------------------------------
+# ---- faults on the stack's bastion -----------------------------------------------------------
+
+def stack_ssh(stack, host_key: str = "") -> SshTransport:
+    def options_for(label):
+        return ssh.SshOptions(user=stack.ssh_user, host_label=label, key_file=stack.ssh_key_file,
+                              use_agent=False, host_key=host_key, known_hosts=stack.known_hosts, timeout=5)
+    return SshTransport("127.0.0.1", stack.ssh_port, options_for)
+
 
 class Watcher:
     """Connects to the port every 100 ms and records any refusal."""
@@ -206,58 +263,76 @@ class Watcher:
 
 
 @pytest.mark.fault
-def test_bastion_killed_five_times_port_never_refuses(bastion, mariadb, tunnel_to):
-    t = tunnel_to(bastion, mariadb.port)
-    assert query(t.local_port) == "hello"
+def test_bastion_killed_five_times_port_never_refuses(stack, tunnels):
+    orders = stack.clusters["orders"]
+    t = tunnels(stack_ssh(stack), ("127.0.0.1", orders.port))
+    assert query(t.local_port, orders) > 0
     recoveries = []
     with Watcher(t.local_port) as watcher:
         for _ in range(5):
-            bastion.kill()
+            stack.sshd.kill()
             eventually(lambda: t.state != S.UP, timeout=10, what="loss noticed")
-            time.sleep(0.5)                       # the bastion stays away for a while
-            bastion.start()
+            time.sleep(0.5)                           # the bastion stays away for a while
+            stack.sshd.start()
             started = time.monotonic()
-            assert query(t.local_port) == "hello"  # no manual step: the client just waits
+            assert query(t.local_port, orders) > 0    # no manual step: the client just waits
             recoveries.append(time.monotonic() - started)
     assert watcher.attempts > 20 and watcher.refusals == []
     assert t.status().reconnects >= 5
-    print(f"recovery after restart (s): {[round(r, 2) for r in recoveries]}")
+    print(f"queries after each restart answered in (s): {[round(r, 2) for r in recoveries]}")
 
 
 @pytest.mark.fault
-def test_frozen_bastion_detected_and_recovered(bastion, mariadb, tunnel_to):
-    t = tunnel_to(bastion, mariadb.port)
-    assert query(t.local_port) == "hello"
+def test_frozen_bastion_detected_and_recovered(stack, tunnels):
+    orders = stack.clusters["orders"]
+    t = tunnels(stack_ssh(stack), ("127.0.0.1", orders.port))
+    assert query(t.local_port, orders) > 0
     eventually(lambda: t.state == S.UP)
-    bastion.freeze()
+    stack.sshd.freeze()
     frozen_at = time.monotonic()
-    eventually(lambda: t.state != S.UP, timeout=15, what="a frozen bastion detected within 15 s")
-    detected = time.monotonic() - frozen_at
-    st = t.status()
-    assert st.last_error and ("keepalive" in st.last_error or "greeting" in st.last_error)
-    bastion.thaw()
-    assert query(t.local_port) == "hello"
+    try:
+        eventually(lambda: t.state != S.UP, timeout=15, what="a frozen bastion detected within 15 s")
+        detected = time.monotonic() - frozen_at
+        st = t.status()
+        assert "keepalive" in st.last_error or "greeting" in st.last_error
+    finally:
+        stack.sshd.thaw()
+    assert query(t.local_port, orders) > 0
     assert t.state == S.UP
     print(f"frozen bastion detected after {detected:.1f} s")
 
 
-def test_changed_host_key_is_refused(bastion, mariadb, tunnel_to, tmp_path):
+@pytest.mark.fault
+def test_ssm_ssh_heals_when_the_bastion_behind_ssm_restarts(env, tunnels):
+    orders = env.stack.clusters["orders"]
+    t = tunnels(env.transport("ssm-ssh", "127.0.0.1", orders.port), ("127.0.0.1", orders.port))
+    assert query(t.local_port, orders) > 0
+    env.bastion.kill()
+    eventually(lambda: t.state != S.UP, timeout=15, what="loss noticed through SSM")
+    env.bastion.start()
+    assert query(t.local_port, orders) > 0
+    assert t.status().reconnects >= 1
+
+
+def test_changed_host_key_is_refused(stack, tunnels, tmp_path):
     keygen(tmp_path / "impostor")
     pinned = " ".join((tmp_path / "impostor.pub").read_text().split()[:2])
-    t = tunnel_to(bastion, mariadb.port, host_key=pinned)
+    orders = stack.clusters["orders"]
+    t = tunnels(stack_ssh(stack, host_key=pinned), ("127.0.0.1", orders.port))
     eventually(lambda: t.state == S.FAILED, what="failed")
     st = t.status()
     assert "does not match" in st.last_error and "bastion.host_key" in st.hint
     with pytest.raises(pymysql.err.OperationalError) as info:
-        query(t.local_port, timeout=5)
+        query(t.local_port, orders, timeout=5)
     assert "does not match" in str(info.value)
 
 
-def test_busy_port_reported_with_port_and_pid(bastion, mariadb, tunnel_to):
+def test_busy_port_reported_with_port_and_pid(stack, tunnels):
     holder = bind_listener(0)
     port = holder.getsockname()[1]
     try:
-        t = tunnel_to(bastion, mariadb.port, local_port=port)
+        orders = stack.clusters["orders"]
+        t = tunnels(stack_ssh(stack), ("127.0.0.1", orders.port), local_port=port)
         st = t.status()
         assert st.state == S.FAILED and f"127.0.0.1:{port}" in st.last_error
         assert "pid" in st.last_error
