@@ -8,6 +8,7 @@ against the real engine and tunnels is covered in tests/test_cli.py on the sandb
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -244,3 +245,153 @@ def wait_for(cond, timeout=10.0):
     while not cond():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.02)
+
+
+# ----------------------------------------------------------------------------- on the sandbox stack
+
+def _daemon_under_test(stack, **options):
+    from dbtunneld.sandbox.daemonproc import DaemonOptions, DaemonUnderTest
+
+    root = Path(tempfile.mkdtemp(prefix="dbt-dmn-", dir="/tmp"))
+    return root, DaemonUnderTest(stack, root, DaemonOptions(**options))
+
+
+@pytest.fixture
+def connected(stack):
+    """A real daemon on the stack, signed in, with every cluster connected."""
+    root, d = _daemon_under_test(stack)
+    with d:
+        d.start()
+        d.sign_in()
+        d.cli("connect", "--all")
+        yield d
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def live(stack):
+    """One connected daemon shared by the tests that only poke at it (uid check, fuzz)."""
+    root, d = _daemon_under_test(stack)
+    with d:
+        d.start()
+        d.sign_in()
+        d.cli("connect", "orders")
+        yield d
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def mysql(d, name: str):
+    import pymysql
+
+    c = d.creds(name)
+    return pymysql.connect(host="127.0.0.1", port=c["port"], user=c["username"], password=c["password"],
+                           database=c["database"] or None, connect_timeout=10, read_timeout=10)
+
+
+def query_ok(conn) -> bool:
+    with conn.cursor() as cur:
+        cur.execute("SELECT 1")
+        return cur.fetchone() == (1,)
+
+
+def lease_alive(stack, lease_id: str) -> bool:
+    try:
+        stack.root_vault().write("sys/leases/lookup", {"lease_id": lease_id})
+        return True
+    except RuntimeError as exc:
+        assert "invalid lease" in str(exc) or " 400 " in str(exc), exc
+        return False
+
+
+def persisted_leases(d) -> list[dict]:
+    import json
+
+    data = json.loads(d.paths.leases_file.read_text()) if d.paths.leases_file.exists() else {}
+    records = data.get("leases", data) if isinstance(data, dict) else data
+    return list(records.values()) if isinstance(records, dict) else list(records)
+
+
+def test_sigterm_leaves_no_lease_in_vault_and_no_user_in_mariadb(stack, connected):
+    d = connected
+    leases = [r["lease_id"] for r in persisted_leases(d)]
+    users = [d.creds(n)["username"] for n in ("orders", "billing")]
+    assert len(leases) == 2 and all(lease_alive(stack, lid) for lid in leases)
+    assert set(users) <= set(stack.dynamic_users())
+    os.kill(d.pid, signal.SIGTERM)
+    assert d.proc.wait(30) == 0
+    assert not any(lease_alive(stack, lid) for lid in leases)
+    assert not set(users) & set(stack.dynamic_users())
+    assert persisted_leases(d) == []
+    assert not d.paths.socket_path.exists()
+
+
+def test_reload_bad_config_keeps_traffic_then_good_one_reconciles(stack, connected):
+    d = connected
+    conn = mysql(d, "orders")
+    billing_user = d.creds("billing")["username"]
+    good = d.config
+    d.write_config(re.sub(r"local_port = \d+", "local_port = 1", good, count=1))   # invalid: port < 1024
+    r = d.cli("reload", check=False)
+    assert r.returncode == 2 and "local_port" in r.stderr
+    assert query_ok(conn)                                  # the same session still flows
+    assert query_ok(mysql(d, "orders"))                    # and new ones too
+
+    without_billing = good[:good.index('[[clusters]]\nname = "billing"')]
+    d.write_config(without_billing)
+    out = d.cli("reload").stdout
+    assert out.strip() == "reloaded: stopped billing"
+    assert query_ok(conn)                                  # orders was kept: its session survived
+    assert [t["name"] for t in d.status()["tunnels"]] == ["orders"]
+    assert billing_user not in stack.dynamic_users("billing")
+    conn.close()
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to run a client as another uid")
+def test_another_uid_is_refused_by_the_real_daemon(live):
+    import test_control
+
+    d = live
+    for path in (d.root, d.dbt_home, d.paths.runtime_dir):  # let uid 65534 reach the socket at all
+        os.chmod(path, 0o711)
+    os.chmod(d.paths.socket_path, 0o666)
+    try:
+        import json
+
+        reply = json.loads(test_control._connect_as_nobody(d.paths.socket_path).splitlines()[0])
+    finally:
+        os.chmod(d.paths.runtime_dir, 0o700)
+        os.chmod(d.paths.socket_path, 0o600)
+    assert reply["error"]["kind"] == "permission_denied" and "uid 65534" in reply["error"]["message"]
+    assert d.status()["tunnels"][0]["state"] == "up"       # `stop` never reached it
+    assert "uid 65534" in d.log_text()
+
+
+def test_protocol_fuzz_leaves_the_daemon_and_its_tunnels_up(live):
+    import random
+
+    from dbtunneld import protocol as P
+
+    d = live
+    rng = random.Random(6)
+    payloads = [bytes(rng.randrange(256) for _ in range(rng.randrange(1, 4000))) for _ in range(25)]
+    payloads += [b'{"v":1,"id":1,"cmd":"conn', b"\n" * 1000, b"{" * 70000 + b"\n",
+                 b"x" * (P.MAX_REQUEST_BYTES + 10) + b"\n" + P.encode_request(3, "status"),
+                 b'{"v":1,"id":2,"cmd":"format_disk","args":{}}\n', b'{"v":1,"id":2,"cmd":"creds","args":{"name":7}}\n',
+                 b'{"v":2,"id":2,"cmd":"stop"}\n', b'{"v":1,"id":2,"cmd":"stop","args":{"now":true}}\n']
+    answered = 0
+    for blob in payloads:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(10)
+            s.connect(str(d.paths.socket_path))
+            try:
+                s.sendall(blob)
+                s.shutdown(socket.SHUT_WR)
+                while chunk := s.recv(65536):
+                    answered += chunk.count(b'"ok":false')
+            except OSError:
+                pass                                       # dropped: allowed
+    assert answered >= 8
+    assert d.proc.poll() is None
+    st = d.status()
+    assert st["tunnels"][0]["state"] == "up"
+    assert query_ok(mysql(d, "orders"))
