@@ -13,6 +13,7 @@ then stays open until the service's idle timeout. We also call TerminateSession 
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -22,6 +23,7 @@ import signal
 import socket
 import subprocess
 import uuid
+import weakref
 from typing import Any
 
 from ..errors import NeedsUserError, TransientError
@@ -51,6 +53,17 @@ def plugin_command(binary: str, env_name: str, region: str, request: dict[str, A
     return [binary, env_name, region, "StartSession", "", json.dumps(request), endpoint]
 
 
+# Plugins still running when the interpreter exits get their SIGINT then: they run in their own
+# session (a terminal's Ctrl-C reaches the daemon, which stops them in order) and would outlive us.
+_running: "weakref.WeakSet[PluginProxy]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_running_plugins() -> None:
+    for proxy in list(_running):
+        proxy.close()
+
+
 class PluginProxy:
     """A paramiko ProxyCommand-like object (send / recv / close / settimeout) over the plugin."""
 
@@ -61,6 +74,7 @@ class PluginProxy:
         self.timeout: float | None = None
         self.process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, bufsize=0, start_new_session=True)
         self._stopped = False
+        _running.add(self)
 
     @classmethod
     def start(cls, boto3_session: Any, target: str, *, port: int = 22, region: str | None = None, endpoint_url: str | None = None, plugin_path: str | None = None) -> "PluginProxy":
@@ -113,6 +127,7 @@ class PluginProxy:
         if self._stopped:
             return
         self._stopped = True
+        _running.discard(self)
         self._signal(signal.SIGINT)
         try:
             self.process.wait(STOP_TIMEOUT)
