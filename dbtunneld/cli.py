@@ -375,6 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     sb = sub.add_parser("sandbox", help="run the local stack of real servers (no AWS needed)")
     sb.add_argument("--no-daemon", action="store_true", help="only the servers, not the daemon")
     sb.add_argument("--short-ttl", action="store_true", help="use TTLs of seconds (for demos of renewal)")
+    sb.add_argument("--no-tray", action="store_true", help="do not start the tray even with a display")
+    sb.add_argument("--base-port", type=int, default=13306,
+                    help="first local port for the demo clusters (default 13306; a busy one is replaced and said)")
     sb.set_defaults(func=_cmd_sandbox)
 
     au = sub.add_parser("autostart", help="start at login: enable | disable | status")

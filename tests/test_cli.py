@@ -219,3 +219,75 @@ def test_end_to_end_stop_revokes_everything(stack, daemon):
     assert "daemon stopped" in out
     assert not set(users) & set(stack.dynamic_users())
     assert daemon.cli("status", check=False).returncode == 3
+
+
+# ------------------------------------------------------------------ `dbtunneld sandbox` runs the daemon
+
+def _free_pair() -> int:
+    from dbtunneld.ports import port_is_free
+
+    import random
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(20000, 30000)
+        if port_is_free(base) and port_is_free(base + 1):
+            return base
+    raise AssertionError("no two consecutive free ports")
+
+
+def test_sandbox_runs_the_daemon_and_ctrl_c_leaves_nothing():
+    import re
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    base = _free_pair()
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", base))                 # the first wanted port is busy: it must say so
+    holder.listen()
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
+    proc = subprocess.Popen([sys.executable, "-m", "dbtunneld.cli", "sandbox", "--base-port", str(base)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    daemon_pid = None
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("Ctrl-C stops the daemon"):
+                break
+        text = "".join(lines)
+        assert "Ctrl-C stops" in text, text
+        assert f"127.0.0.1:{base} is in use by pid {os.getpid()}" in text
+        assert f"billing  127.0.0.1:{base + 1}" in text
+        home = re.search(r"export DBTUNNELD_HOME=(\S+)", text).group(1)
+        daemon_pid = int(re.search(r"dbtunneld daemon: pid (\d+)", text).group(1))
+        mysql_cmd = re.search(r"(mysql -h 127\.0\.0\.1 -P (\d+) -u (\S+) -p orders)", text)
+        assert "-p orders" in mysql_cmd.group(1) and "password" not in mysql_cmd.group(1)
+
+        other = dict(os.environ, DBTUNNELD_HOME=home)           # "in another terminal"
+        pw = subprocess.run([sys.executable, "-m", "dbtunneld.cli", "creds", "orders", "--field", "password"],
+                            env=other, capture_output=True, text=True, timeout=60).stdout.strip()
+        conn = pymysql.connect(host="127.0.0.1", port=int(mysql_cmd.group(2)), user=mysql_cmd.group(3),
+                               password=pw, database="orders")
+        with conn, conn.cursor() as cur:
+            cur.execute("SELECT CURRENT_USER()")
+            assert cur.fetchone()[0].startswith(mysql_cmd.group(3))
+
+        os.kill(proc.pid, signal.SIGINT)
+        rest = proc.stdout.read()
+        assert proc.wait(60) == 0, rest
+        assert "the daemon revoked every DB user it made" in rest and "no process or file left behind" in rest
+        assert not os.path.exists(home)
+        with pytest.raises(ProcessLookupError):
+            os.kill(daemon_pid, 0)
+    finally:
+        holder.close()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        if daemon_pid is not None:
+            try:
+                os.kill(daemon_pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

@@ -1,17 +1,28 @@
 """``dbtunneld sandbox``: bring the sandbox stack up, print how to use it, run until Ctrl-C.
 
-For now it leases one fresh database user per cluster (the real path: role credentials
-from moto, Vault AWS IAM login through the aws-auth stand-in, ``database/creds``) and
-prints a mysql command for each; the daemon is added on top later.
+By default it runs the real daemon on the stack (``DemoDaemon``): signed in through the SSO
+stand-in, both demo clusters connected on stable ports (13306 and 13307 when free; otherwise it
+says which ports it used instead: only the sandbox does that, a real config never moves a port),
+and the tray too when there is a display. It prints how to connect (mysql command, Sequel Ace
+URL, ``dbtunneld creds``). Ctrl-C stops the daemon (which revokes every DB user it made), checks
+that none is left, then tears the stack down.
+
+With ``--no-daemon`` it only leases one fresh database user per cluster (the real path: role
+credentials from moto, Vault AWS IAM login through the aws-auth stand-in, ``database/creds``)
+and prints a mysql command for each.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
+import subprocess
 import sys
 import threading
+from dataclasses import replace
+from pathlib import Path
 from typing import Any, TextIO
 
 from .stack import Stack, start_stack, stop_all_stacks
@@ -56,6 +67,8 @@ def describe(stack: Stack, users: dict[str, dict[str, Any]], out: TextIO) -> Non
     row("daemon config:", i.config_file)
     row(f"AWS config (profile {i.profile}):", i.aws_config_file)
     p("")
+    if not users:
+        return
     p(f"Connect with a freshly leased user (lease {stack.ttls.lease_ttl}s, max {stack.ttls.lease_max_ttl}s):")
     for name, u in users.items():
         c = i.clusters[name]
@@ -77,11 +90,15 @@ def run_sandbox(args: argparse.Namespace, out: TextIO | None = None,
     try:
         print("dbtunneld sandbox: starting MariaDB x2, OpenBao, moto, sshd and the stand-ins...", file=out, flush=True)
         with start_stack(**ttls) as stack:
-            describe(stack, lease_users(stack), out)
-            out.flush()
-            while not stop.wait(0.5):
-                pass
-            print("dbtunneld sandbox: stopping...", file=out, flush=True)
+            if getattr(args, "no_daemon", False):
+                describe(stack, lease_users(stack), out)
+                out.flush()
+                while not stop.wait(0.5):
+                    pass
+                print("dbtunneld sandbox: stopping...", file=out, flush=True)
+            else:
+                describe(stack, {}, out)
+                run_demo_daemon(stack, args, out, stop)
     finally:
         for sig, handler in restore.items():
             signal.signal(sig, handler)
@@ -95,3 +112,115 @@ def _install_stop_handlers(stop: threading.Event) -> dict:
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         previous[sig] = signal.signal(sig, lambda *_: stop.set())
     return previous
+
+
+# ---------------------------------------------------------------------------- the daemon on the stack
+
+FIRST_PORT = 13306
+
+
+def choose_local_ports(names: list[str], first: int = FIRST_PORT) -> tuple[dict[str, int], list[str]]:
+    """``first``, ``first + 1``... when free; else a free port, with a note naming who holds the wanted one."""
+    from ..ports import find_holder, port_is_free
+    from .procs import free_port
+
+    chosen: dict[str, int] = {}
+    notes: list[str] = []
+    for i, name in enumerate(names):
+        want = first + i
+        if port_is_free(want):
+            chosen[name] = want
+            continue
+        chosen[name] = free_port()
+        holder = find_holder(want)
+        notes.append(f"127.0.0.1:{want} is in use{f' by {holder}' if holder else ''}: {name} uses "
+                     f"127.0.0.1:{chosen[name]} instead (only the sandbox does this; a real config never moves a port)")
+    return chosen, notes
+
+
+class DemoDaemon:
+    """The real daemon as a process on the stack (``daemonproc.DaemonUnderTest`` under the stack's
+    dir), signed in and with every cluster connected; ``close()`` stops it by pid, bounded."""
+
+    def __init__(self, stack: Stack, first_port: int = FIRST_PORT) -> None:
+        from .clientfiles import daemon_config_text
+        from .daemonproc import DaemonUnderTest
+
+        self.stack = stack
+        self.names = list(stack.clusters)
+        self.ports, self.notes = choose_local_ports(self.names, first_port)
+        self.d = DaemonUnderTest(stack, Path(stack.dir) / "demo")
+        clusters = {n: replace(c, local_port=self.ports[n]) for n, c in stack.clusters.items()}
+        self.d.write_config(daemon_config_text(replace(self.d.info, clusters=clusters)))
+        self.tray: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.d.start()
+        self.d.sign_in()
+        self.d.cli("connect", "--all")
+        self.d.wait_up(self.names)
+
+    def start_tray(self) -> str:
+        """Start ``dbtunneld tray`` on this daemon when there is a display; say what happened."""
+        if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY") or sys.platform == "darwin"):
+            return "no display: no tray (the CLI below does everything the tray does)"
+        env = dict(os.environ, DBTUNNELD_HOME=str(self.d.dbt_home), DBTUNNELD_KEYRING="memory")
+        with open(self.d.root / "tray.stderr", "ab") as err:
+            self.tray = subprocess.Popen([sys.executable, "-m", "dbtunneld.cli", "--config", str(self.d.config_path),
+                                          "tray"], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                         stderr=err, start_new_session=True)
+        return f"tray started (pid {self.tray.pid}); its log: {self.d.paths.log_dir / 'tray.log'}"
+
+    def describe(self, out: TextIO) -> None:
+        p = lambda *a: print(*a, file=out)  # noqa: E731
+        st = self.d.status()
+        who = (st.get("aws") or {}).get("identity", "")
+        p(f"dbtunneld daemon: pid {self.d.pid}, signed in{f' as {who}' if who else ''} (SSO stand-in, auto-approved)")
+        for note in self.notes:
+            p(f"  note: {note}")
+        for name in self.names:
+            c = self.d.client.request("creds", name=name)
+            p(f"  {name:<8} 127.0.0.1:{c['port']}  user {c['username']}  (renewed while connected)")
+        p("")
+        p("In another terminal:")
+        p(f"  export DBTUNNELD_HOME={self.d.dbt_home}")
+        p("  dbtunneld status")
+        for name in self.names:
+            c = self.d.client.request("creds", name=name)
+            p(f"  dbtunneld creds {name}            # username, mysql command, URL, JDBC URL")
+            p(f"  {c['mysql']}     # password: dbtunneld creds {name} --field password")
+            p(f"  Sequel Ace / mysql URL: {c['url']}   (password: dbtunneld creds {name} --copy)")
+        p(f"Daemon config: {self.d.config_path}   log: {self.d.paths.log_file}")
+
+    def close(self) -> list[str]:
+        """Stop the tray and the daemon (by pid); return the DB users left in MariaDB (none expected)."""
+        if self.tray is not None and self.tray.poll() is None:
+            self.tray.terminate()
+            try:
+                self.tray.wait(10)
+            except subprocess.TimeoutExpired:
+                self.tray.kill()
+                self.tray.wait(5)
+        self.d.close()
+        return self.stack.dynamic_users()
+
+
+def run_demo_daemon(stack: Stack, args: argparse.Namespace, out: TextIO, stop: threading.Event) -> None:
+    """Run the daemon (and the tray) on the stack until ``stop``; tear them down leaving no DB user."""
+    print("dbtunneld sandbox: starting the daemon, signing in, connecting both clusters...", file=out, flush=True)
+    demo = DemoDaemon(stack, getattr(args, "base_port", None) or FIRST_PORT)
+    try:
+        demo.start()
+        demo.describe(out)
+        if not getattr(args, "no_tray", False):
+            print(demo.start_tray(), file=out)
+        print("Ctrl-C stops the daemon (revoking every DB user it made), then the stack.", file=out, flush=True)
+        while not stop.wait(0.5):
+            pass
+        print("dbtunneld sandbox: stopping the daemon...", file=out, flush=True)
+    finally:
+        left = demo.close()
+    if left:
+        print(f"dbtunneld sandbox: warning: DB users left behind: {', '.join(left)}", file=out, flush=True)
+    else:
+        print("dbtunneld sandbox: the daemon revoked every DB user it made.", file=out, flush=True)
