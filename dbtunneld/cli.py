@@ -168,9 +168,9 @@ def _cmd_connect(args: argparse.Namespace) -> int:
     result = _client(args, start=True).request("connect", timeout=wait + 15, wait=wait, **_target_args(args))
     for t in result["tunnels"]:
         print(_describe_tunnel(t))
-    if args.no_wait:
+    if args.no_wait or all(t.get("state") == "up" for t in result["tunnels"]):
         return EXIT_OK
-    return EXIT_OK if all(t.get("state") == "up" for t in result["tunnels"]) else EXIT_UNHEALTHY
+    return EXIT_SIGN_IN if any(t.get("state") == "needs_sign_in" for t in result["tunnels"]) else EXIT_UNHEALTHY
 
 
 def _cmd_disconnect(args: argparse.Namespace) -> int:
@@ -300,7 +300,7 @@ def _add_daemon_commands(sub) -> None:
 
     for name, helptext, func in (("connect", "connect a cluster (starts the daemon if needed)", _cmd_connect),
                                  ("disconnect", "close a tunnel and revoke its DB user", _cmd_disconnect),
-                                 ("reconnect", "rebuild tunnels now (all connected ones by default)", _cmd_reconnect)):
+                                 ("reconnect", "check tunnels now: rebuild dead ones, retry failed ones (default: all connected)", _cmd_reconnect)):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("name", nargs="?", help="cluster name")
         p.add_argument("--all", action="store_true", help="every cluster")

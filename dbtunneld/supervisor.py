@@ -33,7 +33,7 @@ from .paths import Paths
 log = logging.getLogger(__name__)
 
 LOCALHOST = "127.0.0.1"
-STATUS_POLL = 1.0                 # the publisher re-reads unit status at least this often
+STATUS_POLL = 5.0                 # fallback re-read of the status; units poke the publisher on every change
 CREDS_WAIT = 20.0                 # creds() waits this long for a lease being minted
 SETTLED = {TunnelState.UP, TunnelState.FAILED, TunnelState.NEEDS_SIGN_IN, TunnelState.STOPPED}
 
@@ -412,12 +412,19 @@ def credential_problem(statuses: tuple, name: str) -> Exception | None:
     for st in (aws, vault, dbs.get(name)):
         if st is None:
             continue
+        error = _without_hint(st.last_error)
         if st.state == CredentialState.NEEDS_SIGN_IN:
-            return SignInNeededError(f"{st.kind} {st.name}: sign-in needed" + (f" ({st.last_error})" if st.last_error else ""))
+            return SignInNeededError(error or f"{st.kind} {st.name}: sign-in needed")
         if st.state == CredentialState.FAILED:
-            return NeedsUserError(f"{st.kind} {st.name}: {st.last_error or 'failed'}",
+            return NeedsUserError(f"{st.kind} {st.name}: {error or 'failed'}",
                                   "run `dbtunneld doctor` to find the broken layer")
     return None
+
+
+def _without_hint(text: str) -> str:
+    """An error line without its trailing "(hint: ...)" (the error we raise carries its own hint)."""
+    head, sep, _ = (text or "").partition(" (hint: ")
+    return head if sep else (text or "")
 
 
 class UnavailableTunnel:

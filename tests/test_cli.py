@@ -210,6 +210,16 @@ def test_end_to_end_connect_query_creds_disconnect(stack, daemon):
     assert {t["name"]: t["state"] for t in st["tunnels"]}["orders"] == "stopped"
 
 
+def test_end_to_end_not_signed_in_exits_4_with_the_fix(daemon):
+    daemon.start()
+    r = daemon.cli("connect", "orders", "--wait", "20", check=False)
+    assert r.returncode == 4, r.stdout + r.stderr
+    assert "needs_sign_in" in r.stdout and "dbtunneld login" in r.stdout
+    r = daemon.cli("creds", "orders", check=False)
+    assert r.returncode == 4 and r.stderr.count("hint:") == 1
+    assert daemon.cli("status", check=False).returncode == 4
+
+
 def test_end_to_end_stop_revokes_everything(stack, daemon):
     daemon.sign_in()
     daemon.cli("connect", "--all")
