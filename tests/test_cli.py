@@ -202,6 +202,7 @@ def test_end_to_end_connect_query_creds_disconnect(stack, daemon):
         cur.execute(f"SELECT COUNT(*) FROM {db.table}")
         assert cur.fetchone()[0] > 0
     assert user in stack.dynamic_users("orders")
+    assert password not in daemon.log_text()              # no secret in any log line
 
     assert daemon.cli("disconnect", "orders").stdout.strip() == "orders: disconnected (credentials revoked)"
     assert user not in stack.dynamic_users("orders")
