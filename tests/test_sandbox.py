@@ -286,7 +286,7 @@ def test_sandbox_command_prints_a_working_login_and_cleans_up():
 
     import pymysql
 
-    proc = subprocess.Popen([sys.executable, "-m", "dbtunneld.cli", "sandbox"], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "dbtunneld.cli", "sandbox", "--no-daemon"], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=dict(os.environ), start_new_session=True)
     lines: list[str] = []
     try:
