@@ -380,14 +380,13 @@ def keyboard_steps(items, text: str) -> int:
     return 1 + next(n for n, i in enumerate(live) if i.text.startswith(text))
 
 
-def highlighted_row(image, box) -> tuple[int, int]:
+def highlighted_row(image, box) -> tuple[int, int] | None:
     """Centre of the highlighted (selected) row inside a menu window, found by its colour."""
     x, y, w, h = box
     crop = image.convert("RGB").crop((x, y, x + w, y + h))
     rows = [yy for yy in range(h)
             if sum(1 for xx in range(0, w, 4) if _selected(crop.getpixel((xx, yy)))) > (w // 4) * 0.6]
-    assert rows, "no highlighted row in the menu"
-    return x + w // 2, y + (rows[0] + rows[-1]) // 2
+    return (x + w // 2, y + (rows[0] + rows[-1]) // 2) if rows else None
 
 
 def _selected(px) -> bool:
@@ -398,6 +397,33 @@ def _selected(px) -> bool:
 def clipboard_text(desktop: Desktop) -> str | None:
     done = desktop.run(["xclip", "-o", "-selection", "clipboard"])
     return done.stdout.decode() if done.returncode == 0 else None
+
+
+def choose(d: Desktop, icon, button: str, status: DaemonStatus, path: tuple[str, str], shot: Path | None = None) -> None:
+    """Open the tray menu, walk to path = (cluster entry, submenu item) with the keyboard, click it."""
+    from PIL import Image
+
+    from dbtunneld.menu import ClockReading, build_menu
+
+    before = set(popup_menus(d))
+    x, y, w, h = icon
+    d.run(["xdotool", "mousemove", str(x + w // 2), str(y + h // 2), "click", button], check=True)
+    try:
+        main = wait_for(lambda: [m for m in popup_menus(d) if m not in before], 10, "the menu to open")[0]
+    except TimeoutError:
+        d.screenshot(ARTIFACTS / "tray-menu-did-not-open.png")
+        raise
+    menu = build_menu(status, autostart=False, clock=ClockReading(time.time()))
+    down = keyboard_steps(menu.items, path[0])
+    sub_down = keyboard_steps(menu.find(path[0]).submenu, path[1])
+    d.run(["xdotool", "key", *(["Down"] * down), "Right", *(["Down"] * (sub_down - 1))], check=True)
+    submenu = wait_for(lambda: [m for m in popup_menus(d) if m not in before and m != main], 10,
+                       "the cluster submenu")[0]
+    path_png = shot or d.home / "menu.png"
+    cx, cy = wait_for(lambda: highlighted_row(Image.open(d.screenshot(path_png)), submenu), 10,
+                      f"{path[1]!r} to be highlighted in the submenu", interval=0.2)
+    d.run(["xdotool", "mousemove", str(cx), str(cy), "click", "1"], check=True)
+    wait_for(lambda: not [m for m in popup_menus(d) if m not in before], 10, "the menu to close")
 
 
 def write_config(home: Path, clear_seconds: float) -> None:
@@ -434,24 +460,8 @@ def test_real_tray_copy_password_then_cleared(home, daemon, backend, button):
                         f"the tray icon to appear (tray log: {home / 'tray.log'})")
         assert d.run(["xdotool", "search", "--onlyvisible", "--name", "^dbtunneld: 1/2 up$"]).stdout.strip()
 
-        x, y, w, h = icon
-        d.run(["xdotool", "mousemove", str(x + w // 2), str(y + h // 2), "click", button], check=True)
-        main = wait_for(lambda: popup_menus(d), 10, "the menu to open")[0]
-
-        from dbtunneld.menu import ClockReading, build_menu
-        menu = build_menu(daemon.status, autostart=False, clock=ClockReading(time.time()))
-        down = keyboard_steps(menu.items, "● orders")
-        sub_down = keyboard_steps(menu.find("● orders").submenu, "Copy password")
-        d.run(["xdotool", "key", *(["Down"] * down), "Right", *(["Down"] * (sub_down - 1))], check=True)
-        menus = wait_for(lambda: len(popup_menus(d)) >= 2 and popup_menus(d), 10, "the cluster submenu")
-        submenu = next(m for m in menus if m != main)
-
-        from PIL import Image
-
-        shot = d.screenshot(ARTIFACTS / f"tray-menu-{backend}.png")
-        target = highlighted_row(Image.open(shot), submenu)
-        d.run(["xdotool", "mousemove", str(target[0]), str(target[1]), "click", "1"], check=True)
-
+        choose(d, icon, button, daemon.status, ("● orders", "Copy password"),
+               shot=ARTIFACTS / f"tray-menu-{backend}.png")
         assert wait_for(lambda: clipboard_text(d) == PASSWORD, 10, "the password on the clipboard")
         assert ("creds", {"name": "orders", "field": "password"}) in daemon.calls
         targets = d.run(["xclip", "-o", "-selection", "clipboard", "-t", "TARGETS"]).stdout.decode().split()
@@ -515,28 +525,6 @@ def sign_in(stack) -> None:
         return
     stack.sso.auto_approve(True)
     subprocess.run([sys.executable, "-c", SIGN_IN, stack.config_file], env=stack.env(), check=True, timeout=60)
-
-
-def choose(d: Desktop, icon, button: str, status: DaemonStatus, path: tuple[str, str], shot: Path | None = None) -> None:
-    """Open the tray menu, walk to path = (cluster entry, submenu item) with the keyboard, click it."""
-    from PIL import Image
-
-    from dbtunneld.menu import ClockReading, build_menu
-
-    before = set(popup_menus(d))
-    x, y, w, h = icon
-    d.run(["xdotool", "mousemove", str(x + w // 2), str(y + h // 2), "click", button], check=True)
-    main = wait_for(lambda: [m for m in popup_menus(d) if m not in before], 10, "the menu to open")[0]
-    menu = build_menu(status, autostart=False, clock=ClockReading(time.time()))
-    down = keyboard_steps(menu.items, path[0])
-    sub_down = keyboard_steps(menu.find(path[0]).submenu, path[1])
-    d.run(["xdotool", "key", *(["Down"] * down), "Right", *(["Down"] * (sub_down - 1))], check=True)
-    submenu = wait_for(lambda: [m for m in popup_menus(d) if m not in before and m != main], 10,
-                       "the cluster submenu")[0]
-    image = Image.open(d.screenshot(shot or d.home / "menu.png"))
-    cx, cy = highlighted_row(image, submenu)
-    d.run(["xdotool", "mousemove", str(cx), str(cy), "click", "1"], check=True)
-    wait_for(lambda: not [m for m in popup_menus(d) if m not in before], 10, "the menu to close")
 
 
 def daemon_status(client: Client) -> DaemonStatus | None:
@@ -621,6 +609,8 @@ def test_real_tray_on_the_daemon_and_the_sandbox(stack):
         up = wait_for(lambda: (s := daemon_status(client)) and any(
             t.name == "orders" and t.state == T.UP and t.username for t in s.tunnels) and s, 60, "orders to be up")
         user = next(t.username for t in up.tunnels if t.name == "orders")
+        wait_for(lambda: d.run(["xdotool", "search", "--onlyvisible", "--name", "^dbtunneld: 1/2 up"]).stdout, 30,
+                 "the tray to show orders up")
 
         choose(d, icon, button, up, ("● orders", "Copy password"), shot=ARTIFACTS / "tray-menu-sandbox.png")
         password = wait_for(lambda: clipboard_text(d), 10, "the password on the clipboard")
