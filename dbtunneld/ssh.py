@@ -28,6 +28,10 @@ import paramiko
 from .errors import HostKeyError, NeedsUserError, PermissionDeniedError, TransientError
 
 log = logging.getLogger(__name__)
+# paramiko logs every failed handshake with a traceback at ERROR; this module classifies and
+# reports those failures itself. Set this logger to DEBUG to see paramiko's own lines.
+PARAMIKO_LOG = f"{__name__}.paramiko"
+logging.getLogger(PARAMIKO_LOG).setLevel(logging.CRITICAL)
 
 WINDOW_SIZE = 16 * 1024 * 1024
 MAX_PACKET = 256 * 1024
@@ -94,6 +98,8 @@ def connect(sock: Any, options: SshOptions) -> "SshConnection":
     """
     transport = _QuietTransport(sock, default_window_size=options.window_size,
                                 default_max_packet_size=options.max_packet)
+    transport.set_log_channel(PARAMIKO_LOG)
+    transport.packetizer.set_log(transport.logger)
     try:
         _prefer_known_key_types(transport, options)
         _prefer_fast_ciphers(transport)
@@ -369,5 +375,7 @@ def _close_quietly(transport: paramiko.Transport, sock: Any) -> None:
 
 
 def _reason(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return text if isinstance(exc, (paramiko.SSHException, OSError)) else f"{type(exc).__name__} {text}".strip()
+    text = str(exc)
+    if isinstance(exc, (paramiko.SSHException, OSError)) and text:
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
