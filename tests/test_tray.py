@@ -633,3 +633,28 @@ def test_real_tray_on_the_daemon_and_the_sandbox(stack):
 
         shutil.rmtree(home, ignore_errors=True)
     assert user not in stack.dynamic_users("orders"), "the daemon revokes the lease when it stops"
+
+
+def test_menu_model_maps_onto_pystray_items(monkeypatch):
+    """Texts, enabled and checked flags, separators and submenus reach pystray; a click sends the action."""
+    monkeypatch.setenv("PYSTRAY_BACKEND", "dummy")             # pystray's Menu/MenuItem need no display
+    import pystray
+
+    from dbtunneld.menu import ClockReading, build_menu
+
+    model = build_menu(scripted_status(), autostart=True, clock=ClockReading(time.time()))
+    clicked = []
+    menu = tray.to_pystray_menu(pystray, model.items, clicked.append)
+    items = list(menu.items)
+    assert [i.text for i in items if i is not pystray.Menu.SEPARATOR] == [
+        i.text for i in model.items if not i.separator]
+    assert sum(i is pystray.Menu.SEPARATOR for i in items) == sum(i.separator for i in model.items)
+    by_text = {i.text: i for i in items if i is not pystray.Menu.SEPARATOR}
+    assert by_text["Start at login"].checked is True
+    assert by_text["Open config"].checked is None
+    assert not by_text[model.items[0].text].enabled                        # the AWS line is information
+    orders = next(i for t, i in by_text.items() if t.startswith("● orders"))
+    sub = {i.text: i for i in orders.submenu.items if i is not pystray.Menu.SEPARATOR}
+    sub["Copy password"](None)
+    by_text["Quit (tray only)"](None)
+    assert clicked == [("copy", "orders", "password"), ("quit",)]
