@@ -262,10 +262,11 @@ class Supervisor:
             engine = self._require_engine()
             for slot in slots:
                 slot.wanted = False
-            self._stop_tunnels(slots, time.monotonic() + self.config.credentials.revoke_timeout)
-            for slot in slots:
-                engine.release(slot.name)
-                log.info("[cluster=%s] disconnected", slot.name)
+        # Outside the lock: stopping and revoking take up to the revoke bound; status readers go on.
+        self._stop_tunnels(slots, time.monotonic() + self.config.credentials.revoke_timeout)
+        for slot in slots:
+            engine.release(slot.name)
+            log.info("[cluster=%s] disconnected", slot.name)
         self._publisher.poke()
         return [s.name for s in slots]
 
