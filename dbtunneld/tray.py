@@ -24,9 +24,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import autostart as autostart_mod
-from . import menu as menu_mod
 from .client import Client, DaemonNotRunning, ensure_daemon
-from .clipboard import Clipboard, ClipboardUnavailable, system_clipboard
+from .clipboard import Clipboard, system_clipboard
 from .config import UiSettings, load_config
 from .errors import ConfigError, DbtunneldError, NeedsUserError
 from .log import setup_logging

@@ -15,7 +15,6 @@ tests/test_icons.py checks that the shipped files equal what this script produce
 
 from __future__ import annotations
 
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path

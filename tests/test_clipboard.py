@@ -3,6 +3,7 @@ after the delay only while it is still ours. Runs against a real X server (Xvfb)
 
 from __future__ import annotations
 
+import os
 import subprocess
 import threading
 
@@ -13,7 +14,6 @@ from dbtunneld.clipboard import (CLEARED, KEPT, PASSWORD_HINT, REPLACED, Clipboa
                                  X11Clipboard, system_clipboard)
 
 from helpers.xsession import children_of, desktop, missing_tools, stop_pid, wait_for
-import os
 
 MISSING = missing_tools(("Xvfb", "xclip"))
 needs_x = pytest.mark.skipif(bool(MISSING), reason=f"needs {', '.join(MISSING)} (Debian: xvfb xclip)")

@@ -4,7 +4,6 @@ desktop's notification service (a recording org.freedesktop.Notifications on a p
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -15,7 +14,7 @@ from dbtunneld.model import CredentialState as C, CredentialStatus, DaemonStatus
 from dbtunneld.notify import (EXPIRY_WARNING, FAILED_AFTER, MAX_AT_ONCE, IncidentTracker, Notifier, command_sender,
                               coalesce, dbus_sender, desktop_sender, incidents, pystray_sender)
 
-from helpers.xsession import Desktop, missing_tools, stop_pid, wait_for
+from helpers.xsession import Desktop, missing_tools
 
 NOW = 1_700_000_000.0
 
