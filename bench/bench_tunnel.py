@@ -15,6 +15,12 @@ show why the hot path uses paramiko directly); dbtunneld ``ssh`` mode; dbtunneld
 through the SSM stand-in (the websocket goes through the delay line on the delayed link).
 dbtunneld runs with its default settings (keepalive 5 s, health probe every 30 s).
 
+Each party runs in its own process, as in real use: the measuring client (this process), the
+data server and delay lines (a child), each tunnel under test (a child: dbtunneld or sshtunnel;
+OpenSSH is its own process anyway), sshd, MariaDB and the SSM stand-in (sandbox processes).
+Children report their tunnels' state changes with CLOCK_MONOTONIC stamps, which are
+comparable across processes on Linux, so detection times are measured from here.
+
 Run: ``python -m bench.bench_tunnel [--mb 100] [--ssm-mb 20] [--quick] [--json PATH]``.
 """
 
@@ -24,6 +30,7 @@ import argparse
 import contextlib
 import json
 import os
+import queue
 import shutil
 import socket
 import statistics
@@ -36,18 +43,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import boto3
-
-from bench.delayproxy import DelayProxy
-from dbtunneld import ssh
-from dbtunneld.config import TunnelSettings
-from dbtunneld.model import TunnelState
-from dbtunneld.sandbox.procs import free_port
-from dbtunneld.sandbox.sshd import Bastion
-from dbtunneld.sandbox.ssm_testkit import DataServer, StandInProcess, pattern
-from dbtunneld.transport import SshTransport, SsmSshTransport, Transport
-from dbtunneld.tunnel import Tunnel, probe_mysql
-
 MB = 1_000_000
 DELAY = 0.015
 TARGET = "i-0be4c0ffee0123456"
@@ -55,128 +50,238 @@ PING = b"p" * 64
 TIMEOUT = 120.0
 
 
-# ---- the lab: servers on loopback -------------------------------------------------------------
+# ---- child processes -------------------------------------------------------------------------
 
-@dataclass
-class Lab:
-    dir: Path
-    data: DataServer
-    mysql_port: int
-    bastion: Bastion
-    ssm: StandInProcess
-    delayed_sshd: DelayProxy
-    delayed_data: DelayProxy
-    delayed_ssm: DelayProxy
-    known_hosts: Path
-    rewrite_stream_url: dict[str, str] = field(default_factory=dict)
+class Child:
+    """A child process of this module (``--child SPEC``): reads its stdout lines in a thread."""
 
-    @property
-    def sshd(self):
-        return self.bastion.service
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "bench.bench_tunnel", "--child", json.dumps(spec)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     text=True, start_new_session=True)
+        self.lines: "queue.Queue[str]" = queue.Queue()
+        self.states: list[tuple[str, float]] = []          # (state, monotonic time)
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            words = line.split()
+            if words and words[0] == "STATE":
+                self.states.append((words[1], float(words[2])))
+            else:
+                self.lines.put(line.strip())
+
+    def expect(self, word: str, timeout: float = 90.0) -> list[str]:
+        end = time.monotonic() + timeout
+        while True:
+            line = self.lines.get(timeout=max(0.1, end - time.monotonic()))
+            if line.split()[:1] == [word]:
+                return line.split()[1:]
+            if line.startswith("ERROR"):
+                raise RuntimeError(line)
+
+    def state(self) -> str:
+        return self.states[-1][0] if self.states else ""
+
+    def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            self.proc.stdin.close()
+            self.proc.wait(10)
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
 
 
-@contextlib.contextmanager
-def lab() -> Iterator[Lab]:
-    from dbtunneld.sandbox.stack import start_stack
-
-    root = Path(tempfile.mkdtemp(prefix="dbtunneld-bench-tunnel-"))
-    data = DataServer()
-    closers: list[Callable[[], None]] = [data.close, lambda: shutil.rmtree(root, ignore_errors=True)]
+def child_main(spec: dict[str, Any]) -> None:
     try:
-        stack_cm = start_stack(vault=False, aws=False, sso=False, ssh=False, clusters=("orders",))
-        stack = stack_cm.__enter__()
-        closers.insert(0, lambda: stack_cm.__exit__(None, None, None))
-        mysql_port = stack.clusters["orders"].port
-        bastion = Bastion.create(root, free_port(), [("127.0.0.1", data.port), ("127.0.0.1", mysql_port)])
-        bastion.service.start()
-        closers.insert(0, bastion.service.kill)
-        ssm = StandInProcess("--port", "0", "--target", f"{TARGET}=127.0.0.1:{bastion.port}",
-                             "--allow-remote", "127.0.0.1", "--log-level", "WARNING",
-                             log_path=str(root / "ssm-standin.log")).start()
-        closers.insert(0, ssm.stop)
-        ssm_port = int(ssm.url.rsplit(":", 1)[1])
-        proxies = [DelayProxy(bastion.port, DELAY), DelayProxy(data.port, DELAY), DelayProxy(ssm_port, DELAY)]
-        closers[:0] = [p.close for p in proxies]
-        known_hosts = root / "known_hosts"
-        known_hosts.write_text(f"[127.0.0.1]:{bastion.port} {bastion.host_key_line}\n"
-                               f"[127.0.0.1]:{proxies[0].port} {bastion.host_key_line}\n")
-        the_lab = Lab(root, data, mysql_port, bastion, ssm, *proxies, known_hosts)
-        _route_stream_urls_through(the_lab)
-        yield the_lab
-    finally:
-        for close in closers:
-            with contextlib.suppress(Exception):
-                close()
+        {"serve": serve_child, "tunnels": tunnels_child, "setup": setup_child}[spec["mode"]](spec)
+    except Exception as exc:
+        print(f"ERROR {type(exc).__name__}: {exc}", flush=True)
+        raise
 
 
-def _route_stream_urls_through(the_lab: Lab) -> None:
-    """While ``rewrite_stream_url`` maps the stand-in's address to the delay line, the SSM
-    websocket (the stream URL StartSession returns) goes through the delay line too."""
+def serve_child(spec: dict[str, Any]) -> None:
+    """The data server and the delay lines (kept out of the measuring and tunnel processes)."""
+    from bench.delayproxy import DelayProxy
+    from dbtunneld.sandbox.ssm_testkit import DataServer
+
+    data = DataServer()
+    proxies = {name: DelayProxy(port, DELAY) for name, port in spec["delay"].items()}
+    proxies["data"] = DelayProxy(data.port, DELAY)
+    ports = {"data": data.port, **{f"delayed_{k}": v.port for k, v in proxies.items()}}
+    print("READY " + json.dumps(ports), flush=True)
+    sys.stdin.read()
+
+
+def _transport(spec: dict[str, Any]):
+    from dbtunneld import ssh
+    from dbtunneld.transport import SshTransport, SsmSshTransport
+
+    def opts(label: str) -> ssh.SshOptions:
+        return ssh.SshOptions(user=spec["user"], host_label=label, key_file=spec["key"], use_agent=False,
+                              host_key=spec["host_key"])
+
+    if spec["kind"] == "ssm-ssh":
+        import boto3
+
+        session = boto3.Session(aws_access_key_id="AKIDBENCH", aws_secret_access_key="bench-secret",
+                                region_name="us-east-1")
+        return SsmSshTransport(lambda: session, lambda: TARGET, opts, endpoint_url=spec["ssm_url"],
+                               region="us-east-1")
+    return SshTransport("127.0.0.1", spec["ssh_port"], opts)
+
+
+def _rewrite_stream_urls(rewrite: dict[str, str]) -> None:
+    """Send the SSM websocket (the stream URL StartSession returns) through the delay line."""
     from dbtunneld.ssm import api
 
     original = api._grant
 
     def grant(response: dict[str, Any]):
         url = response["StreamUrl"]
-        for old, new in the_lab.rewrite_stream_url.items():
+        for old, new in rewrite.items():
             url = url.replace(old, new)
         return original({**response, "StreamUrl": url})
 
     api._grant = grant
 
 
-# ---- paths: each yields the local port a client connects to ------------------------------------
+def _tunnel(spec: dict[str, Any], name: str):
+    from dbtunneld.config import TunnelSettings
+    from dbtunneld.tunnel import Tunnel, probe_mysql
 
-def settings() -> TunnelSettings:
-    return TunnelSettings()          # the defaults users get
+    def probe(transport, host, port, timeout):       # MariaDB answers the greeting probe
+        return probe_mysql(transport, "127.0.0.1", spec["mysql_port"], timeout)
 
+    def report(status) -> None:
+        print(f"STATE {status.state.value} {time.monotonic():.6f} {name}", flush=True)
 
-def mysql_probe(the_lab: Lab):
-    """The health probe reads MariaDB's greeting (the data server sends none)."""
-    return lambda transport, host, port, timeout: probe_mysql(transport, "127.0.0.1", the_lab.mysql_port, timeout)
-
-
-def ssh_options(the_lab: Lab) -> Callable[[str], ssh.SshOptions]:
-    b = the_lab.bastion
-    return lambda label: ssh.SshOptions(user=b.user, host_label=label, key_file=str(b.client_key),
-                                        use_agent=False, host_key=b.host_key_line)
+    return Tunnel(name, 0, "127.0.0.1", spec["remote_port"], _transport(spec), TunnelSettings(),
+                  probe=probe, on_change=report)
 
 
-def dbtunneld_ssh(the_lab: Lab, delayed: bool) -> Transport:
-    port = the_lab.delayed_sshd.port if delayed else the_lab.bastion.port
-    return SshTransport("127.0.0.1", port, ssh_options(the_lab))
+def _sshtunnel(spec: dict[str, Any]):
+    import sshtunnel
+
+    fwd = sshtunnel.SSHTunnelForwarder(("127.0.0.1", spec["ssh_port"]), ssh_username=spec["user"],
+                                       ssh_pkey=spec["key"], allow_agent=False, host_pkey_directories=[],
+                                       remote_bind_address=("127.0.0.1", spec["remote_port"]),
+                                       local_bind_address=("127.0.0.1", 0))
+    fwd.start()
+    return fwd
 
 
-def dbtunneld_ssm(the_lab: Lab, delayed: bool) -> Transport:
-    ssm_url = the_lab.ssm.url
-    if delayed:
-        direct_netloc = ssm_url.split("//", 1)[1]
-        ssm_url = f"http://127.0.0.1:{the_lab.delayed_ssm.port}"
-        the_lab.rewrite_stream_url[direct_netloc] = f"127.0.0.1:{the_lab.delayed_ssm.port}"
+def tunnels_child(spec: dict[str, Any]) -> None:
+    """``count`` tunnels of ``kind``; prints READY with their ports, idles until stdin closes."""
+    if spec.get("rewrite"):
+        _rewrite_stream_urls(spec["rewrite"])
+    if spec["kind"] == "sshtunnel":
+        opened = [_sshtunnel(spec) for _ in range(spec["count"])]
+        ports = [f.local_bind_port for f in opened]
     else:
-        the_lab.rewrite_stream_url.clear()
-    session = boto3.Session(aws_access_key_id="AKIDBENCH", aws_secret_access_key="bench-secret",
-                            region_name="us-east-1")
-    return SsmSshTransport(lambda: session, lambda: TARGET, ssh_options(the_lab), endpoint_url=ssm_url,
-                           region="us-east-1")
+        opened = [_tunnel(spec, f"t{i}") for i in range(spec["count"])]
+        for t in opened:
+            t.start()
+        wait_for(lambda: all(t.state.value == "up" for t in opened), 90, "tunnels up")
+        ports = [t.local_port for t in opened]
+    print("READY " + " ".join(map(str, ports)), flush=True)
+    sys.stdin.read()
+    for t in opened:
+        t.stop()
+
+
+def setup_child(spec: dict[str, Any]) -> None:
+    """Seconds from Tunnel.start() until a client's first byte through it (``reps`` times)."""
+    times = []
+    for _ in range(spec["reps"]):
+        t = _tunnel(spec, "setup")
+        t0 = time.perf_counter()
+        t.start()
+        if first_byte(t.local_port, 60) is not None:
+            times.append(time.perf_counter() - t0)
+        t.stop()
+    print("SETUP " + " ".join(f"{x:.6f}" for x in times), flush=True)
+
+
+# ---- the lab: servers on loopback -------------------------------------------------------------
+
+@dataclass
+class Lab:
+    dir: Path
+    ports: dict[str, int]             # data, delayed_sshd, delayed_data, delayed_ssm
+    mysql_port: int
+    bastion: Any                      # sandbox Bastion (its .service has kill / freeze / thaw)
+    ssm_url: str
+    known_hosts: Path
+    children: list[Child] = field(default_factory=list)
+
+    @property
+    def sshd(self):
+        return self.bastion.service
+
+    def spec(self, kind: str, delayed: bool = False, remote_port: int | None = None, **extra: Any) -> dict[str, Any]:
+        b = self.bastion
+        spec = {"mode": "tunnels", "kind": kind, "count": 1, "user": b.user, "key": str(b.client_key),
+                "host_key": b.host_key_line, "mysql_port": self.mysql_port,
+                "remote_port": remote_port or self.ports["data"],
+                "ssh_port": self.ports["delayed_sshd"] if delayed else b.port, "ssm_url": self.ssm_url}
+        if delayed and kind == "ssm-ssh":
+            direct = self.ssm_url.split("//", 1)[1]
+            spec["ssm_url"] = f"http://127.0.0.1:{self.ports['delayed_ssm']}"
+            spec["rewrite"] = {direct: f"127.0.0.1:{self.ports['delayed_ssm']}"}
+        spec.update(extra)
+        return spec
 
 
 @contextlib.contextmanager
-def tunnel_path(the_lab: Lab, make: Callable[[Lab, bool], Transport], delayed: bool,
-                remote_port: int | None = None) -> Iterator[int]:
-    t = Tunnel("bench", 0, "127.0.0.1", remote_port or the_lab.data.port, make(the_lab, delayed), settings(),
-               probe=mysql_probe(the_lab))
-    t.start()
+def lab() -> Iterator[Lab]:
+    from dbtunneld.sandbox.procs import free_port
+    from dbtunneld.sandbox.sshd import Bastion
+    from dbtunneld.sandbox.ssm_testkit import StandInProcess
+    from dbtunneld.sandbox.stack import start_stack
+
+    root = Path(tempfile.mkdtemp(prefix="dbtunneld-bench-tunnel-"))
+    closers: list[Callable[[], None]] = [lambda: shutil.rmtree(root, ignore_errors=True)]
     try:
-        wait_for(lambda: t.state == TunnelState.UP, 60, "tunnel up")
-        yield t.local_port
+        stack_cm = start_stack(vault=False, aws=False, sso=False, ssh=False, clusters=("orders",))
+        stack = stack_cm.__enter__()
+        closers.insert(0, lambda: stack_cm.__exit__(None, None, None))
+        mysql_port = stack.clusters["orders"].port
+        sshd_port = free_port()
+        ssm = StandInProcess("--port", "0", "--target", f"{TARGET}=127.0.0.1:{sshd_port}",
+                             "--allow-remote", "127.0.0.1", "--log-level", "WARNING",
+                             log_path=str(root / "ssm-standin.log")).start()
+        closers.insert(0, ssm.stop)
+        servers = Child({"mode": "serve", "delay": {"sshd": sshd_port, "ssm": int(ssm.url.rsplit(":", 1)[1])}})
+        closers.insert(0, servers.stop)
+        ports = json.loads(" ".join(servers.expect("READY")))
+        bastion = Bastion.create(root, sshd_port, [("127.0.0.1", ports["data"]), ("127.0.0.1", mysql_port)])
+        bastion.service.start()
+        closers.insert(0, bastion.service.kill)
+        known_hosts = root / "known_hosts"
+        known_hosts.write_text(f"[127.0.0.1]:{bastion.port} {bastion.host_key_line}\n"
+                               f"[127.0.0.1]:{ports['delayed_sshd']} {bastion.host_key_line}\n")
+        yield Lab(root, ports, mysql_port, bastion, ssm.url, known_hosts)
     finally:
-        t.stop()
+        for close in closers:
+            with contextlib.suppress(Exception):
+                close()
+
+
+# ---- paths: each yields the local port a client connects to ------------------------------------
+
+@contextlib.contextmanager
+def child_tunnel_path(the_lab: Lab, kind: str, delayed: bool) -> Iterator[int]:
+    child = Child(the_lab.spec(kind, delayed))
+    try:
+        yield int(child.expect("READY")[0])
+    finally:
+        child.stop()
 
 
 @contextlib.contextmanager
 def openssh_path(the_lab: Lab, delayed: bool, remote_port: int | None = None) -> Iterator[int]:
-    proc, port = start_openssh(the_lab, delayed, remote_port or the_lab.data.port)
+    proc, port = start_openssh(the_lab, delayed, remote_port or the_lab.ports["data"])
     try:
         wait_for(lambda: first_byte(port, 2) is not None, 30, "ssh -L ready")
         yield port
@@ -186,9 +291,11 @@ def openssh_path(the_lab: Lab, delayed: bool, remote_port: int | None = None) ->
 
 
 def start_openssh(the_lab: Lab, delayed: bool, remote_port: int) -> tuple[subprocess.Popen, int]:
+    from dbtunneld.sandbox.procs import free_port
+
     b = the_lab.bastion
     port = free_port()
-    ssh_port = the_lab.delayed_sshd.port if delayed else b.port
+    ssh_port = the_lab.ports["delayed_sshd"] if delayed else b.port
     argv = ["ssh", "-F", "/dev/null", "-N", "-o", "BatchMode=yes", "-o", "ExitOnForwardFailure=yes",
             "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={the_lab.known_hosts}",
             "-o", "GlobalKnownHostsFile=/dev/null", "-o", "IdentitiesOnly=yes", "-o", "IdentityAgent=none",
@@ -200,32 +307,16 @@ def start_openssh(the_lab: Lab, delayed: bool, remote_port: int) -> tuple[subpro
 
 
 @contextlib.contextmanager
-def sshtunnel_path(the_lab: Lab, delayed: bool) -> Iterator[int]:
-    import sshtunnel
-
-    b = the_lab.bastion
-    fwd = sshtunnel.SSHTunnelForwarder(("127.0.0.1", the_lab.delayed_sshd.port if delayed else b.port),
-                                       ssh_username=b.user, ssh_pkey=str(b.client_key), allow_agent=False,
-                                       host_pkey_directories=[], remote_bind_address=("127.0.0.1", the_lab.data.port),
-                                       local_bind_address=("127.0.0.1", 0))
-    fwd.start()
-    try:
-        yield fwd.local_bind_port
-    finally:
-        fwd.stop()
-
-
-@contextlib.contextmanager
 def direct_path(the_lab: Lab, delayed: bool) -> Iterator[int]:
-    yield the_lab.delayed_data.port if delayed else the_lab.data.port
+    yield the_lab.ports["delayed_data" if delayed else "data"]
 
 
 PATHS: dict[str, Callable[[Lab, bool], contextlib.AbstractContextManager[int]]] = {
     "direct TCP": direct_path,
     "OpenSSH ssh -L": openssh_path,
-    "sshtunnel": sshtunnel_path,
-    "dbtunneld ssh": lambda lab_, d: tunnel_path(lab_, dbtunneld_ssh, d),
-    "dbtunneld ssm-ssh": lambda lab_, d: tunnel_path(lab_, dbtunneld_ssm, d),
+    "sshtunnel": lambda lab_, d: child_tunnel_path(lab_, "sshtunnel", d),
+    "dbtunneld ssh": lambda lab_, d: child_tunnel_path(lab_, "ssh", d),
+    "dbtunneld ssm-ssh": lambda lab_, d: child_tunnel_path(lab_, "ssm-ssh", d),
 }
 
 
@@ -271,10 +362,12 @@ def download_mbps(port: int, n: int) -> float:
         return n / MB / (time.perf_counter() - start)
 
 
-_UPLOAD = {}
+_UPLOAD: dict[int, bytes] = {}
 
 
 def upload_mbps(port: int, n: int) -> float:
+    from dbtunneld.sandbox.ssm_testkit import pattern
+
     data = _UPLOAD.get(n) or _UPLOAD.setdefault(n, pattern(n, 4))
     with connect(port) as sock:
         start = time.perf_counter()
@@ -331,80 +424,70 @@ def measure_path(port: int, n: int, rtts: int) -> dict[str, float]:
     p50, p99 = round_trips_ms(port, rtts)
     return {"down MB/s": download_mbps(port, n), "up MB/s": upload_mbps(port, n),
             "RTT p50 ms": p50, "RTT p99 ms": p99,
-            "new conn p50 ms": new_connection_ms(port, max(10, rtts // 10)),
+            "new conn p50 ms": new_connection_ms(port, max(20, rtts // 10)),
             "20-at-once worst first byte ms": burst_worst_ms(port)}
 
 
 # ---- tunnel lifecycle figures -------------------------------------------------------------
 
-def setup_seconds(start: Callable[[], Callable[[], None]], port_of: Callable[[], int], reps: int = 3) -> float:
-    """Median seconds from starting a tunnel until a client's first byte through it."""
+def openssh_setup(the_lab: Lab, reps: int = 3) -> float:
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
-        stop = start()
+        proc, port = start_openssh(the_lab, False, the_lab.ports["data"])
         try:
-            wait_for(lambda: first_byte(port_of(), 5) is not None, 60, "first byte")
+            wait_for(lambda: first_byte(port, 5) is not None, 60, "first byte")
             times.append(time.perf_counter() - t0)
         finally:
-            stop()
+            proc.kill()
+            proc.wait(10)
     return statistics.median(times)
 
 
-def dbtunneld_setup(the_lab: Lab, make: Callable[[Lab, bool], Transport]) -> float:
-    holder: dict[str, Tunnel] = {}
-
-    def start():
-        t = Tunnel("bench", 0, "127.0.0.1", the_lab.data.port, make(the_lab, False), settings(),
-                   probe=mysql_probe(the_lab))
-        t.start()
-        holder["t"] = t
-        return t.stop
-
-    return setup_seconds(start, lambda: holder["t"].local_port)
+def dbtunneld_setup(the_lab: Lab, kind: str, reps: int = 3) -> float:
+    child = Child(the_lab.spec(kind, mode="setup", reps=reps))
+    try:
+        return statistics.median(float(x) for x in child.expect("SETUP"))
+    finally:
+        child.stop()
 
 
-def openssh_setup(the_lab: Lab) -> float:
-    holder: dict[str, int] = {}
-
-    def start():
-        proc, port = start_openssh(the_lab, False, the_lab.data.port)
-        holder["port"] = port
-        return lambda: (proc.kill(), proc.wait(10))
-
-    return setup_seconds(start, lambda: holder["port"])
+def _state_since(child: Child, t0: float, test: Callable[[str], bool]) -> float | None:
+    for state, at in child.states:
+        if at >= t0 and test(state):
+            return at
+    return None
 
 
-def reconnect_and_detect(the_lab: Lab, make: Callable[[Lab, bool], Transport], reps: int) -> dict[str, float]:
+def reconnect_and_detect(the_lab: Lab, kind: str, reps: int) -> dict[str, float]:
     """Kill the bastion, bring it back: seconds until a waiting client's first byte. Freeze it:
     seconds until the tunnel reports it (default keepalive settings)."""
-    t = Tunnel("bench", 0, "127.0.0.1", the_lab.data.port, make(the_lab, False), settings(),
-               probe=mysql_probe(the_lab))
-    t.start()
+    child = Child(the_lab.spec(kind))
     reconnects, detections = [], []
     try:
-        wait_for(lambda: t.state == TunnelState.UP, 60, "up")
+        port = int(child.expect("READY")[0])
         for _ in range(reps):
+            t_kill = time.monotonic()
             the_lab.sshd.kill()
-            wait_for(lambda: t.state != TunnelState.UP, 30, "loss noticed")
+            wait_for(lambda: _state_since(child, t_kill, lambda s: s != "up"), 30, "loss noticed")
             time.sleep(1.0)
             the_lab.sshd.start()
             t0 = time.perf_counter()
-            if first_byte(t.local_port, 30) is not None:
+            if first_byte(port, 30) is not None:
                 reconnects.append(time.perf_counter() - t0)
-            wait_for(lambda: t.state == TunnelState.UP, 30, "up again")
+            wait_for(lambda: child.state() == "up", 30, "up again")
         for _ in range(max(1, reps - 1)):
             time.sleep(1.0)
+            t_freeze = time.monotonic()
             the_lab.sshd.freeze()
-            t0 = time.perf_counter()
             try:
-                wait_for(lambda: t.state != TunnelState.UP, 60, "freeze detected")
-                detections.append(time.perf_counter() - t0)
+                at = wait_for(lambda: _state_since(child, t_freeze, lambda s: s != "up"), 60, "freeze detected")
+                detections.append(at - t_freeze)
             finally:
                 the_lab.sshd.thaw()
-            wait_for(lambda: t.state == TunnelState.UP, 60, "up after thaw")
+            wait_for(lambda: child.state() == "up", 60, "up after thaw")
     finally:
-        t.stop()
+        child.stop()
     return {"reconnect s (median)": statistics.median(reconnects) if reconnects else float("nan"),
             "reconnect s (max)": max(reconnects, default=float("nan")),
             "detection s (median)": statistics.median(detections) if detections else float("nan"),
@@ -412,37 +495,6 @@ def reconnect_and_detect(the_lab: Lab, make: Callable[[Lab, bool], Transport], r
 
 
 # ---- idle cost of 10 tunnels ---------------------------------------------------------------
-
-def idle_child(kind: str, spec: dict[str, Any]) -> None:
-    """Run in a child process: open 10 tunnels of ``kind``, say READY, idle until stdin closes."""
-    opened: list[Any] = []
-    if kind == "sshtunnel":
-        import sshtunnel
-
-        for _ in range(spec["count"]):
-            fwd = sshtunnel.SSHTunnelForwarder(("127.0.0.1", spec["ssh_port"]), ssh_username=spec["user"],
-                                               ssh_pkey=spec["key"], allow_agent=False, host_pkey_directories=[],
-                                               remote_bind_address=("127.0.0.1", spec["mysql_port"]),
-                                               local_bind_address=("127.0.0.1", 0))
-            fwd.start()
-            opened.append(fwd)
-    else:
-        for _ in range(spec["count"]):
-            opts = lambda label: ssh.SshOptions(user=spec["user"], host_label=label, key_file=spec["key"],  # noqa: E731
-                                                use_agent=False, host_key=spec["host_key"])
-            if kind == "ssm-ssh":
-                session = boto3.Session(aws_access_key_id="AKIDBENCH", aws_secret_access_key="x", region_name="us-east-1")
-                transport: Transport = SsmSshTransport(lambda s=session: s, lambda: TARGET, opts,
-                                                       endpoint_url=spec["ssm_url"], region="us-east-1")
-            else:
-                transport = SshTransport("127.0.0.1", spec["ssh_port"], opts)
-            t = Tunnel(f"idle{len(opened)}", 0, "127.0.0.1", spec["mysql_port"], transport, TunnelSettings())
-            t.start()
-            opened.append(t)
-        wait_for(lambda: all(t.state == TunnelState.UP for t in opened), 60, "10 tunnels up")
-    print("READY", flush=True)
-    sys.stdin.read()
-
 
 def _proc_ticks_and_switches(pids: list[int]) -> tuple[float, int]:
     ticks, switches = 0.0, 0
@@ -460,30 +512,27 @@ def _proc_ticks_and_switches(pids: list[int]) -> tuple[float, int]:
 
 def idle_costs(the_lab: Lab, seconds: float, count: int = 10) -> dict[str, tuple[float, float]]:
     """CPU (% of one core) and wakeups/s of ``count`` idle tunnels per kind, over one window."""
-    b = the_lab.bastion
-    spec = {"count": count, "ssh_port": b.port, "user": b.user, "key": str(b.client_key),
-            "host_key": b.host_key_line, "mysql_port": the_lab.mysql_port, "ssm_url": the_lab.ssm.url}
-    groups: dict[str, list[subprocess.Popen]] = {}
+    children: dict[str, Child] = {}
+    groups: dict[str, list[int]] = {}
+    openssh: list[subprocess.Popen] = []
     try:
-        for kind in ("dbtunneld ssh", "dbtunneld ssm-ssh", "sshtunnel"):
-            child = subprocess.Popen([sys.executable, "-m", "bench.bench_tunnel", "--idle-child",
-                                      kind.replace("dbtunneld ", ""), json.dumps(spec)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                     text=True, start_new_session=True)
-            groups[kind] = [child]
-            if child.stdout.readline().strip() != "READY":
-                raise RuntimeError(f"idle child {kind} did not start")
-        groups["OpenSSH ssh -L"] = [start_openssh(the_lab, False, the_lab.mysql_port)[0] for _ in range(count)]
+        for name, kind in (("dbtunneld ssh", "ssh"), ("dbtunneld ssm-ssh", "ssm-ssh"), ("sshtunnel", "sshtunnel")):
+            children[name] = Child(the_lab.spec(kind, count=count, remote_port=the_lab.mysql_port))
+        for name, child in children.items():
+            child.expect("READY")
+            groups[name] = [child.proc.pid]
+        openssh = [start_openssh(the_lab, False, the_lab.mysql_port)[0] for _ in range(count)]
+        groups["OpenSSH ssh -L"] = [p.pid for p in openssh]
         time.sleep(2.0)                     # let start-up work settle
-        before = {k: _proc_ticks_and_switches([p.pid for p in ps]) for k, ps in groups.items()}
+        before = {k: _proc_ticks_and_switches(v) for k, v in groups.items()}
         time.sleep(seconds)
-        after = {k: _proc_ticks_and_switches([p.pid for p in ps]) for k, ps in groups.items()}
+        after = {k: _proc_ticks_and_switches(v) for k, v in groups.items()}
     finally:
-        for procs in groups.values():
-            for p in procs:
-                with contextlib.suppress(Exception):
-                    p.kill()
-                    p.wait(10)
+        for child in children.values():
+            child.stop()
+        for p in openssh:
+            p.kill()
+            p.wait(10)
     hz = os.sysconf("SC_CLK_TCK")
     return {k: (100.0 * (after[k][0] - before[k][0]) / hz / seconds, (after[k][1] - before[k][1]) / seconds)
             for k in groups}
@@ -493,11 +542,11 @@ def idle_costs(the_lab: Lab, seconds: float, count: int = 10) -> dict[str, tuple
 
 LINKS = {"loopback": False, f"delayed ({DELAY * 1000:.0f} ms each way)": True}
 METRICS = ("down MB/s", "up MB/s", "RTT p50 ms", "RTT p99 ms", "new conn p50 ms", "20-at-once worst first byte ms")
-TARGETS = {"down MB/s": ("loopback >= 0.7x, delayed >= 3x OpenSSH", True),
-           "up MB/s": ("loopback >= 0.7x, delayed >= 3x OpenSSH", True),
-           "RTT p50 ms": ("<= 1.5x OpenSSH", False),
-           "new conn p50 ms": ("<= 2 ms (loopback)", False),
-           "20-at-once worst first byte ms": ("<= 100 ms", False)}
+TARGETS = {"down MB/s": "loopback >= 0.7x, delayed >= 3x",
+           "up MB/s": "loopback >= 0.7x, delayed >= 3x",
+           "RTT p50 ms": "<= 1.5x",
+           "new conn p50 ms": "<= 2 ms (loopback)",
+           "20-at-once worst first byte ms": "<= 100 ms"}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -523,12 +572,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def lifecycle(the_lab: Lab, args: argparse.Namespace) -> dict[str, dict[str, float]]:
-    out: dict[str, dict[str, float]] = {}
-    out["OpenSSH ssh -L"] = {"set-up s": openssh_setup(the_lab)}
-    for name, make in (("dbtunneld ssh", dbtunneld_ssh), ("dbtunneld ssm-ssh", dbtunneld_ssm)):
-        dbtunneld_ssm(the_lab, False) if "ssm" in name else None
-        figures = {"set-up s": dbtunneld_setup(the_lab, make)}
-        figures.update(reconnect_and_detect(the_lab, make, args.fault_reps))
+    out: dict[str, dict[str, float]] = {"OpenSSH ssh -L": {"set-up s": openssh_setup(the_lab)}}
+    for name, kind in (("dbtunneld ssh", "ssh"), ("dbtunneld ssm-ssh", "ssm-ssh")):
+        figures = {"set-up s": dbtunneld_setup(the_lab, kind)}
+        figures.update(reconnect_and_detect(the_lab, kind, args.fault_reps))
         out[name] = figures
         print(f"  measured lifecycle / {name}", file=sys.stderr, flush=True)
     return out
@@ -537,35 +584,40 @@ def lifecycle(the_lab: Lab, args: argparse.Namespace) -> dict[str, dict[str, flo
 def fmt(value: float | None) -> str:
     if value is None or value != value:
         return "-"
-    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.1f}" if abs(value) >= 10 else f"{value:.2f}" \
-        if abs(value) >= 1 else f"{value:.3f}"
+    if abs(value) >= 100:
+        return f"{value:.0f}"
+    return f"{value:.1f}" if abs(value) >= 10 else f"{value:.2f}" if abs(value) >= 1 else f"{value:.3f}"
+
+
+def _ratio(table: dict[str, dict[str, float]], name: str, metric: str) -> str:
+    ours, ref = table.get(name, {}).get(metric), table.get("OpenSSH ssh -L", {}).get(metric)
+    return f"{ours / ref:.2f}x" if ours and ref else "-"
 
 
 def render(results: dict[str, Any]) -> str:
     lines: list[str] = []
     for link, table in results["links"].items():
         names = list(table)
-        lines += ["", f"== {link} ==", "  " + "metric".ljust(32) + "".join(n.rjust(19) for n in names)
-                  + "   dbtunneld ssh / OpenSSH   target"]
-        ssh_ref = table.get("OpenSSH ssh -L", {})
+        lines += ["", f"== {link} ==", "  " + "metric".ljust(31) + "".join(n.rjust(18) for n in names)
+                  + "  ssh/OpenSSH  ssm/OpenSSH  target"]
         for metric in METRICS:
-            row = "  " + metric.ljust(32) + "".join(fmt(table[n].get(metric)).rjust(19) for n in names)
-            ours, ref = table.get("dbtunneld ssh", {}).get(metric), ssh_ref.get(metric)
-            ratio = f"{ours / ref:.2f}x" if ours and ref else "-"
-            lines.append(row + ratio.rjust(26) + "   " + TARGETS.get(metric, ("", True))[0])
+            row = "  " + metric.ljust(31) + "".join(fmt(table[n].get(metric)).rjust(18) for n in names)
+            lines.append(row + _ratio(table, "dbtunneld ssh", metric).rjust(13)
+                         + _ratio(table, "dbtunneld ssm-ssh", metric).rjust(13) + "  " + TARGETS.get(metric, ""))
     life = results["lifecycle"]
     names = list(life)
     lines += ["", "== tunnel lifecycle (loopback, default settings) ==",
-              "  " + "metric".ljust(32) + "".join(n.rjust(19) for n in names) + "   target"]
-    for metric in ("set-up s", "reconnect s (median)", "reconnect s (max)", "detection s (median)", "detection s (max)"):
-        target = {"reconnect s (max)": "< 3 s", "reconnect s (median)": "< 3 s", "detection s (max)": "< 15 s",
-                  "detection s (median)": "< 15 s"}.get(metric, "")
-        lines.append("  " + metric.ljust(32) + "".join(fmt(life[n].get(metric)).rjust(19) for n in names)
-                     + "   " + target)
-    lines += ["  (OpenSSH ssh -L has no reconnect or dead-tunnel detection of its own: it exits.)", "",
-              "== idle: 10 open tunnels ==", "  " + "".ljust(32) + "% of one core".rjust(16) + "wakeups/s".rjust(12)]
+              "  " + "metric".ljust(31) + "".join(n.rjust(18) for n in names) + "  target"]
+    targets = {"reconnect s (median)": "< 3 s", "reconnect s (max)": "< 3 s",
+               "detection s (median)": "< 15 s", "detection s (max)": "< 15 s"}
+    for metric in ("set-up s", *targets):
+        lines.append("  " + metric.ljust(31) + "".join(fmt(life[n].get(metric)).rjust(18) for n in names)
+                     + "  " + targets.get(metric, ""))
+    lines += ["  (OpenSSH ssh -L neither reconnects nor detects a dead bastion by itself: it exits or hangs.)",
+              "", "== idle: 10 open tunnels, one process per kind (OpenSSH: 10 processes) ==",
+              "  " + "".ljust(31) + "% of one core".rjust(16) + "wakeups/s".rjust(12)]
     for kind, (cpu, wakeups) in results["idle"].items():
-        lines.append("  " + kind.ljust(32) + fmt(cpu).rjust(16) + fmt(wakeups).rjust(12))
+        lines.append("  " + kind.ljust(31) + fmt(cpu).rjust(16) + fmt(wakeups).rjust(12))
     lines.append("  target: dbtunneld well under 1 % of a core")
     if results["failures"]:
         lines += ["", "not measured:"] + [f"  {f}" for f in results["failures"]]
@@ -581,10 +633,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--idle-seconds", type=float, default=20.0)
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     parser.add_argument("--json", help="also write the figures here")
-    parser.add_argument("--idle-child", nargs=2, metavar=("KIND", "SPEC"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.idle_child:
-        idle_child(args.idle_child[0], json.loads(args.idle_child[1]))
+    if args.child:
+        child_main(json.loads(args.child))
         return 0
     if args.quick:
         args.mb, args.ssm_mb, args.rtt, args.fault_reps, args.idle_seconds = 10, 2, 100, 1, 5.0

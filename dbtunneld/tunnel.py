@@ -303,6 +303,10 @@ class Tunnel:
         """Check the upstream at once (after sleep/wake, new credentials, or a user's click)."""
         self._kick("check")
 
+    def reconnect(self) -> None:
+        """Rebuild the upstream now even if it looks healthy (the listener stays bound)."""
+        self._kick("rebuild")
+
     def __enter__(self) -> "Tunnel":
         self.start()
         return self
@@ -451,6 +455,10 @@ class Tunnel:
 
     def _check_upstream(self, reasons: set[str]) -> None:
         s, now = self.settings, self._clock.time()
+        if "rebuild" in reasons:
+            self._log.info("rebuilding the upstream on request")
+            self._drop_upstream()
+            return self._move(self._reconnect_state())
         if "died" in reasons or not self.transport.is_alive():
             return self._lost("the connection to the bastion closed")
         if reasons & {"check", "suspect"} or now >= self._next_ping:
@@ -516,7 +524,7 @@ class Tunnel:
         if retry_at > now:
             self._clock.wait(self._wake, retry_at - now)
             reasons = self._take_reasons()
-            if "check" not in reasons and self._clock.time() < retry_at:
+            if not reasons & {"check", "rebuild"} and self._clock.time() < retry_at:
                 return                           # woken early (a client, a stop): look again
         if self._run is run and self.state == S.BACKOFF:
             self._move(self._reconnect_state(), error=self._machine.now.last_error)
@@ -536,7 +544,7 @@ class Tunnel:
     def _wait_user(self, run: object) -> None:
         self._clock.wait(self._wake, float("inf"))
         reasons = self._take_reasons()
-        if "check" in reasons and self._run is run and self.state in (S.FAILED, S.NEEDS_SIGN_IN):
+        if reasons & {"check", "rebuild"} and self._run is run and self.state in (S.FAILED, S.NEEDS_SIGN_IN):
             self._move(S.CONNECTING)
 
     # ---- clients -----------------------------------------------------------------------------

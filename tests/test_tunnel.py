@@ -283,6 +283,16 @@ def test_client_during_rebuild_waits_then_flows(make):
     assert t.status().reconnects == 1
 
 
+def test_reconnect_rebuilds_a_healthy_upstream(make):
+    t, transport = make()
+    t.start()
+    eventually(lambda: t.state == S.UP)
+    t.reconnect()
+    eventually(lambda: t.status().reconnects == 1 and t.state == S.UP, what="rebuilt")
+    assert len(transport.attempts) == 2
+    connect_and_greet(t.local_port).close()
+
+
 def test_open_connections_drop_when_the_upstream_dies(make):
     t, transport = make()
     t.start()
