@@ -190,3 +190,37 @@ def test_tags_are_resolved_through_discovery_on_each_connect(monkeypatch):
     resolve = transport._target_resolver(cfg.bastion, lambda: Session(), cfg.aws.region, cfg.aws.endpoint_urls["ec2"])
     assert resolve() == "i-00000000000000001" and resolve() == "i-00000000000000002"
     assert calls == [{"Name": "bastion"}] * 2
+
+
+def test_ec2_instance_connect_pushes_a_fresh_key_before_each_login(sshd, echo, monkeypatch):
+    """bastion.ec2_instance_connect: no key file, no agent; the instance side (the EIC agent's
+    AuthorizedKeysCommand) is played by a fake client that adds the pushed key for sshd."""
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+    sshd.authorized.write_text("")
+    pushed = []
+
+    class InstanceConnect:
+        def send_ssh_public_key(self, **kw):
+            pushed.append(kw)
+            sshd.authorized.write_text(kw["SSHPublicKey"] + "\n")
+            return {"Success": True}
+
+    class Session:
+        def client(self, name, **kw):
+            assert name == "ec2-instance-connect"
+            return InstanceConnect()
+
+    cfg = parse_config(CONFIG.format(kind="ssh", target='instance_id = "i-0123456789abcdef0"')
+                       .replace('host = "127.0.0.1"', f'host = "127.0.0.1"\nport = {sshd.port}\n'
+                                f'host_key = "{sshd.host_key_line}"\nec2_instance_connect = true')
+                       .replace('user = "tunnel"', 'user = "root"'))
+    t = transport.build_transport(cfg, cfg.clusters[0], lambda: Session())
+    try:
+        t.connect()
+        t.connect()                       # a reconnect pushes a new key
+        assert greeting(t.open_channel("127.0.0.1", echo.port, 5))[4] == 0x0A
+    finally:
+        t.close()
+        sshd.reset_authorized_keys()
+    assert [p["InstanceId"] for p in pushed] == ["i-0123456789abcdef0"] * 2
+    assert pushed[0]["InstanceOSUser"] == "root" and pushed[0]["SSHPublicKey"] != pushed[1]["SSHPublicKey"]
