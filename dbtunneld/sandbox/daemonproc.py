@@ -52,6 +52,7 @@ class DaemonOptions:
     tunnels: dict[str, Any] | None = None       # [tunnels] keys
     credentials: dict[str, Any] | None = None   # [credentials] keys
     autoconnect: bool = False
+    vault_address: str = ""                     # e.g. a proxy in front of the stack's Vault
 
 
 def _toml(value: Any) -> str:
@@ -79,6 +80,8 @@ def config_text(info: Any, options: DaemonOptions = DaemonOptions()) -> str:
         clusters[f"{first.name}-{i}"] = replace(first, name=f"{first.name}-{i}", local_port=free_port())
     text = daemon_config_text(replace(info, clusters=clusters))
     text = _with_transport(text, info, options.transport)
+    if options.vault_address:
+        text = text.replace(f'address = "{info.vault_addr}"', f'address = "{options.vault_address}"', 1)
     if options.autoconnect:
         text = text.replace("[[clusters]]\n", "[[clusters]]\nautoconnect = true\n")
     head, sep, tail = text.partition("[[clusters]]")
@@ -168,6 +171,7 @@ class DaemonUnderTest:
         self.options = options
         self.pids: list[int] = []
         self.commands: list[str] = []              # command lines of the CLI runs
+        self.outputs: list[str] = []               # what those runs printed (stdout + stderr)
         self.proc: subprocess.Popen | None = None
         self._pid: int | None = None
         self._prepare_home()
@@ -213,6 +217,7 @@ class DaemonUnderTest:
         self.commands.append(" ".join(argv))
         proc = subprocess.run(argv, env=self.env, capture_output=True, text=True, timeout=timeout,
                               stdin=subprocess.DEVNULL)
+        self.outputs.append(proc.stdout + proc.stderr)
         self.adopt()
         if check and proc.returncode != 0:
             raise CliError(f"`dbtunneld {' '.join(args)}` exited {proc.returncode}: "
@@ -370,6 +375,13 @@ class DaemonUnderTest:
     def stderr_tail(self, lines: int = 15) -> str:
         text = self.log_text()
         return "\n".join(text.strip().splitlines()[-lines:])
+
+    def sso_cache_file(self) -> Path:
+        """Where the AWS CLI v2 / botocore SSO token cache of this daemon's HOME lives."""
+        import hashlib
+
+        digest = hashlib.sha1(self.info.sso_session_name.encode()).hexdigest()
+        return self.home / ".aws" / "sso" / "cache" / f"{digest}.json"
 
     def state_files(self) -> list[Path]:
         return [p for p in self.root.rglob("*") if p.is_file() and ".aws" not in p.parts]
