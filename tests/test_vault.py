@@ -167,3 +167,13 @@ def test_parse_time_handles_nanoseconds_and_zones():
     assert parse_time("2030-01-01T00:00:00.123456789Z") == pytest.approx(1893456000.123456)
     assert parse_time("2030-01-01T01:00:00+01:00") == 1893456000.0
     assert parse_time("") is None and parse_time("garbage") is None
+
+
+def test_request_counter_counts_every_answer(login):
+    from dbtunneld.vault import REQUESTS
+
+    client, _token = login
+    before = REQUESTS.total
+    client.lookup_self()
+    client.renew_self(60)
+    assert REQUESTS.total == before + 2
