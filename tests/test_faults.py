@@ -48,7 +48,8 @@ from dbtunneld.errors import ConfigError
 from dbtunneld.sandbox.daemonproc import DaemonOptions, DaemonUnderTest
 from dbtunneld.sandbox.stack import install_signal_guard, start_stack
 from helpers import badconfigs
-from helpers.faultkit import LOG_TRACEBACK, FigureLog, PortWatcher, SecretScan, VaultTap, percentile, query
+from dbtunneld.sandbox.vaulttap import VaultTap
+from helpers.faultkit import LOG_TRACEBACK, FigureLog, PortWatcher, SecretScan, percentile, query
 
 pytest.importorskip("pymysql")
 pytestmark = pytest.mark.fault
