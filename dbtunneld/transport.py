@@ -13,6 +13,7 @@ retries; the tunnel that owns it does. ``build_transport`` makes one from the co
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -75,6 +76,7 @@ class SshBasedTransport(Transport):
     def __init__(self, options_for: Callable[[str], ssh.SshOptions]) -> None:
         self._options_for = options_for
         self._conn: ssh.SshConnection | None = None
+        self._pending: Any = None
         self._lock = threading.Lock()
         self._label = ""
 
@@ -88,12 +90,17 @@ class SshBasedTransport(Transport):
     def connect(self) -> None:
         self.close()
         carrier, label = self._open_carrier()
+        with self._lock:
+            self._pending = carrier              # close() during the handshake cuts it short
         try:
             options = self._before_auth(label, self._options_for(label))
+            conn = ssh.connect(carrier, options)
         except BaseException:
             _close(carrier)
             raise
-        conn = ssh.connect(carrier, options)
+        finally:
+            with self._lock:
+                self._pending = None
         with self._lock:
             self._conn, self._label = conn, label
 
@@ -121,8 +128,11 @@ class SshBasedTransport(Transport):
     def close(self) -> None:
         with self._lock:
             conn, self._conn = self._conn, None
+            pending = self._pending
         if conn is not None:
             conn.close()
+        if pending is not None:
+            _shutdown(pending)
         self._close_carrier_extras()
 
     def _close_carrier_extras(self) -> None:
@@ -282,6 +292,17 @@ def _as_transient(exc: Exception, doing: str) -> Exception:
     if isinstance(exc, (TransientError, NeedsUserError, ClosedError)):
         return exc
     return TransientError(f"{doing}: {exc or type(exc).__name__}")
+
+
+def _shutdown(carrier: Any) -> None:
+    """Cut a carrier mid-handshake (its owner closes it)."""
+    try:
+        if isinstance(carrier, socket.socket):
+            carrier.shutdown(socket.SHUT_RDWR)
+        else:
+            carrier.close()
+    except Exception as exc:
+        log.debug("shutdown %r: %s", carrier, exc)
 
 
 def _close(obj: Any) -> None:

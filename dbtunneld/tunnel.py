@@ -207,8 +207,8 @@ class Tunnel:
     ``prerequisite`` (optional) is asked before each (re)connect: False means "wait for
     credentials" (state waiting_credentials; ``check_now()`` when they arrive skips the wait);
     it may raise dbtunneld errors (sign-in needed, ...). ``on_change`` is called after every
-    state move and connection count change, outside the unit's locks. ``local_port=0`` binds
-    an ephemeral port (tests).
+    state move, outside the unit's locks (connection counts are read with ``status()``).
+    ``local_port=0`` binds an ephemeral port (tests).
     """
 
     def __init__(self, name: str, local_port: int, remote_host: str, remote_port: int,
@@ -246,6 +246,8 @@ class Tunnel:
         self._acceptor: _Acceptor | None = None
         self._keeper: threading.Thread | None = None
         self._run: object | None = None   # the current run's token; None while stopped
+        self._keeper_local = threading.local()   # .run: the run a keeper thread belongs to
+        self._connecting = threading.Lock()
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -332,6 +334,9 @@ class Tunnel:
 
     def _move(self, target: TunnelState, **details: Any) -> None:
         with self._cond:
+            keeper_run = getattr(self._keeper_local, "run", None)
+            if keeper_run is not None and keeper_run is not self._run:
+                return                           # a keeper of a stopped run: its news is stale
             before = self._machine.state
             self._machine.move(target, **details)
             self._cond.notify_all()
@@ -368,6 +373,7 @@ class Tunnel:
             return reasons
 
     def _keep(self, run: object) -> None:
+        self._keeper_local.run = run
         steps = {S.CONNECTING: self._attempt, S.RECONNECTING: self._attempt, S.UP: self._watch,
                  S.BACKOFF: self._wait_backoff, S.WAITING_CREDENTIALS: self._wait_credentials,
                  S.FAILED: self._wait_user, S.NEEDS_SIGN_IN: self._wait_user}
@@ -383,17 +389,20 @@ class Tunnel:
 
     def _attempt(self, run: object) -> None:
         self._last_attempt = self._clock.time()
-        try:
-            if not self._credentials_ready():
+        with self._connecting:     # one connect at a time, even with a keeper of a stopped run
+            if self._run is not run:
                 return
-            self.transport.connect()
-        except Exception as exc:
-            if self._run is run:
-                self._fail(exc)
-            return
-        if self._run is not run:
-            self.transport.close()
-            return
+            try:
+                if not self._credentials_ready():
+                    return
+                self.transport.connect()
+            except Exception as exc:
+                if self._run is run:
+                    self._fail(exc)
+                return
+            if self._run is not run:
+                self.transport.close()           # stopped meanwhile: drop what we just built
+                return
         self._went_up()
 
     def _credentials_ready(self) -> bool:

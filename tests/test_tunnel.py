@@ -573,3 +573,18 @@ def test_pymysql_shows_the_refusal_text():
         assert "bastion unreachable" in str(info.value)
     finally:
         server.close()
+
+
+def test_stop_during_a_hanging_connect_then_start_again(make):
+    """A keeper stuck in connect when the user disconnects and reconnects: its late result is
+    dropped, and the new run connects on its own."""
+    t, transport = make()
+    transport.gate.clear()
+    t.start()
+    eventually(lambda: len(transport.attempts) == 1, what="first connect hanging")
+    t.stop(timeout=0.1)
+    t.start()
+    transport.gate.set()
+    eventually(lambda: t.state == S.UP and transport.alive, what="up in the new run")
+    connect_and_greet(t.local_port).close()
+    assert t.state == S.UP
