@@ -183,9 +183,11 @@ def _no_prompt(prompt: str = "") -> str:
                          hint="use an SSO profile, or run `aws sts get-session-token` and point aws.profile at the result")
 
 
-def _build_session(config: AwsConfig, cache_dir: Path) -> _EndpointSession:
+def _build_session(config: AwsConfig, cache_dir: Path, config_file: Path | None = None) -> _EndpointSession:
     """A botocore session whose SSO providers read and write ``cache_dir``."""
     session = _EndpointSession(config.endpoint_urls, config.profile)
+    if config_file is not None:
+        session.set_config_variable("config_file", str(config_file))
     session.set_config_variable("region", config.region)
     profile = config.profile or "default"
     token_cache = JSONFileCache(str(cache_dir), dumps_func=_json_dumps)
@@ -217,8 +219,12 @@ def _register_sso_secrets(entry: Any) -> None:
 class AwsSession:
     """The developer's AWS identity from ``config.aws`` (thread-safe)."""
 
-    def __init__(self, config: AwsConfig, *, home: Path | None = None, clock: Clock = SYSTEM_CLOCK) -> None:
+    def __init__(self, config: AwsConfig, *, home: Path | None = None, config_file: Path | None = None,
+                 clock: Clock = SYSTEM_CLOCK) -> None:
+        """``home``: where ``.aws/sso/cache`` is (default: the user's home); ``config_file``: the AWS
+        config to read instead of ``AWS_CONFIG_FILE`` / ``~/.aws/config``."""
         self.config = config
+        self.config_file = config_file
         self.cache_dir = sso_cache_dir(home)
         self._clock = clock
         self._lock = threading.RLock()
@@ -237,7 +243,7 @@ class AwsSession:
         with self._lock:
             if self._session is None:
                 try:
-                    self._session = _build_session(self.config, self.cache_dir)
+                    self._session = _build_session(self.config, self.cache_dir, self.config_file)
                 except Exception as exc:
                     raise classify(exc, "reading the AWS config", self.profile) from None
             return self._session

@@ -56,6 +56,7 @@ from . import log as dlog
 from .aws import AwsSession, SsoDeviceLogin
 from .config import ClusterConfig, Config, VaultConfig
 from .errors import (
+    ClosedError,
     DbtunneldError,
     NeedsUserError,
     PermissionDeniedError,
@@ -386,6 +387,9 @@ class TokenKeeper(_Unit):
         with self._cond:
             if self._status.state in (S.NEEDS_SIGN_IN, S.FAILED, S.BACKOFF) or self._token is None:
                 self._action, self._next_at, self._attempt = "login", self.clock.time(), 0
+                self._failure, self._blocked_msg = None, ""
+        if self.current() is None and self._status.state in (S.NEEDS_SIGN_IN, S.FAILED):
+            self._set_status(state=S.ACQUIRING, last_error="")   # waiters now wait for the login
         self.wake()
 
     def probe_soon(self) -> None:
@@ -691,6 +695,12 @@ class LeaseKeeper(_Unit):
         with self._cond:
             return list(self._leases)
 
+    def take_leases(self) -> list[_Lease]:
+        """Hand every lease over (to be revoked); the keeper holds none afterwards."""
+        with self._cond:
+            leases, self._leases = self._leases, []
+            return leases
+
     def wait_credentials(self, timeout: float) -> DbCredentials:
         end = time.monotonic() + timeout
         with self._cond:
@@ -708,10 +718,8 @@ class LeaseKeeper(_Unit):
 
     def _raise_if_blocked(self) -> None:
         if self._current() is None and self.tokens.current() is None:
-            self.tokens._raise_if_blocked()
+            return self.tokens._raise_if_blocked()   # waiting for a token: its problem is ours
         st = self._status
-        if st.state == S.NEEDS_SIGN_IN:
-            raise SignInNeededError(st.last_error or "AWS SSO sign-in needed")
         if st.state == S.FAILED and self._failure is not None:
             raise self._failure
 
@@ -997,8 +1005,7 @@ class LeaseKeeper(_Unit):
 
     def revoke_all(self, deadline: float) -> list[str]:
         """Revoke every lease this keeper holds (by ``deadline``, monotonic); returns failures."""
-        with self._cond:
-            leases, self._leases = list(self._leases), []
+        leases = self.take_leases()
         failed = revoke_leases([lz.grant.lease_id for lz in leases], self.tokens, self.store, deadline,
                                {lz.grant.lease_id: lz.grant.username for lz in leases})
         self._set_status(state=S.REVOKED if not failed else S.IDLE, identity="", expires_at=None, next_action_at=None)
@@ -1138,34 +1145,45 @@ class CredentialEngine:
 
     def stop(self, revoke: bool = True, timeout: float | None = None) -> None:
         """Stop every keeper; with ``revoke`` revoke all leases, bounded by ``timeout``
-        (default ``credentials.revoke_timeout``) even when Vault or the network are failing."""
+        (default ``credentials.revoke_timeout``) even when Vault or the network are failing.
+        Leases not revoked in time stay in the leases file: the next start revokes them.
+        Idempotent."""
         bound = self.config.credentials.revoke_timeout if timeout is None else timeout
         deadline = time.monotonic() + bound
-        self._stopping.set()
         with self._lock:
+            if self._stopping.is_set():
+                return
+            self._stopping.set()
             keepers = list(self.keepers.values())
-        for unit in keepers + [self.tokens]:
-            unit._stopping.set()
-            unit.wake()
-        for unit in keepers + [self.tokens]:
-            unit.stop(timeout=max(0.0, min(2.0, deadline - time.monotonic())))
+        self._stop_units(keepers, deadline)
         if revoke:
-            ids = [lz.lease_id for k in keepers for lz in k.leases()]
-            users = {lz.lease_id: lz.grant.username for k in keepers for lz in k.leases()}
-            failed = revoke_leases(ids, self.tokens, self.store, deadline, users)
-            for k in keepers:
-                if not any(lz.lease_id in failed for lz in k.leases()):
-                    k._set_status(state=S.REVOKED, identity="", expires_at=None, next_action_at=None)
-            if failed:
-                log.warning("%d lease(s) not revoked within %.1f s; the next start revokes them", len(failed), bound)
-            if not self.keystore.persistent and time.monotonic() < deadline:
-                self.tokens.revoke(deadline - time.monotonic())
+            self._revoke_everything(keepers, deadline, bound)
         for thread in (self._sweeper, self._sso_thread):
             if thread is not None:
                 thread.join(max(0.0, deadline - time.monotonic()))
-        self.tokens.vault.close()
-        for k in keepers:
-            k.vault.close()
+        for unit in keepers + [self.tokens]:
+            unit.vault.close()
+
+    def _stop_units(self, keepers: list[LeaseKeeper], deadline: float) -> None:
+        units = keepers + [self.tokens]
+        for unit in units:          # all at once, then wait: a hung unit does not delay the others
+            unit._stopping.set()
+            unit.wake()
+        for unit in units:
+            unit.stop(timeout=max(0.0, min(2.0, deadline - time.monotonic())))
+
+    def _revoke_everything(self, keepers: list[LeaseKeeper], deadline: float, bound: float) -> None:
+        held = {k: k.take_leases() for k in keepers}
+        ids = [lz.lease_id for leases in held.values() for lz in leases]
+        users = {lz.lease_id: lz.grant.username for leases in held.values() for lz in leases}
+        failed = set(revoke_leases(ids, self.tokens, self.store, deadline, users))
+        for keeper, leases in held.items():
+            if not any(lz.lease_id in failed for lz in leases):
+                keeper._set_status(state=S.REVOKED, identity="", expires_at=None, next_action_at=None)
+        if failed:
+            log.warning("%d lease(s) not revoked within %.1f s; the next start revokes them", len(failed), bound)
+        if not self.keystore.persistent and self.tokens.current() is not None and time.monotonic() < deadline:
+            self.tokens.revoke(deadline - time.monotonic())   # it cannot be resumed after a restart anyway
 
     # -- clusters
 
@@ -1173,6 +1191,8 @@ class CredentialEngine:
         """Want credentials for a cluster without waiting (``want`` waits)."""
         cluster = self.config.cluster(cluster_name)
         with self._lock:
+            if self._stopping.is_set():
+                raise ClosedError("the credential engine is stopped")
             keeper = self.keepers.get(cluster_name)
             if keeper is None:
                 keeper = LeaseKeeper(cluster, self.tokens, self.store, self._make_vault, clock=self.clock,
@@ -1312,8 +1332,8 @@ class CredentialEngine:
             log.info("signed in, but sts:GetCallerIdentity failed (%s)", _short(exc))
         self._set_aws_status(S.VALID, "", identity)
         log.info("AWS SSO sign-in completed for profile %s", self.aws.profile)
-        self._emit(CredentialEvent("sso.signed_in", self.aws.profile, self.clock.time(), self.aws_status()))
         self.tokens.notify_signed_in()
         for keeper in list(self.keepers.values()):
             keeper._mint_at = self.clock.time()
             keeper.wake()
+        self._emit(CredentialEvent("sso.signed_in", self.aws.profile, self.clock.time(), self.aws_status()))

@@ -3,7 +3,10 @@
 Any module that holds a secret (Vault token, DB password, SSO access token) registers it with
 ``register_secret``; the ``MaskingFilter`` installed on every handler by ``setup_logging`` then
 replaces it, wherever it appears (message, arguments, tracebacks), with ``***``. Values that look
-like Vault tokens are masked even when nobody registered them. ``unit_logger`` prefixes lines
+like Vault tokens, and secret-named fields of logged bodies and headers (``"accessToken": ...``,
+``<SessionToken>``, ``X-Amz-Security-Token``), are masked even when nobody registered them.
+``setup_logging`` also keeps the wire loggers of botocore/urllib3 at INFO: they log whole
+request and response bodies at DEBUG. ``unit_logger`` prefixes lines
 with the unit they concern (``[db=orders] lease renewed ...``).
 """
 
@@ -25,6 +28,16 @@ MAX_SECRETS = 4096             # oldest registrations are dropped past this (old
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # Vault / OpenBao service and batch tokens (hvs./hvb./hvr. and the older s./b. forms).
 TOKEN_RE = re.compile(r"\b(?:hv[sbr]\.[A-Za-z0-9_-]{20,}|[sb]\.[A-Za-z0-9]{24,})\b")
+# Secret-named fields in the bodies and headers libraries log at DEBUG (botocore logs whole
+# responses): JSON ``"accessToken": "..."``, XML ``<SessionToken>...</``, header reprs.
+SECRET_KEYS = (r"access_?token|refresh_?token|client_?secret|device_?code|password|client_token|"
+               r"secret_?access_?key|session_?token|token")
+KEYED_RES = (
+    re.compile(r'(?i)("(?:' + SECRET_KEYS + r')"\s*:\s*")([^"\\]+)'),
+    re.compile(r"(?i)(<(?:SecretAccessKey|SessionToken)>)([^<]+)"),
+    re.compile(r"(?i)(['\"]?(?:x-amz-security-token|x-amz-sso_bearer_token|x-vault-token)['\"]?\s*[:=]\s*b?['\"]?)"
+               r"([^'\"\s,}]+)"),
+)
 
 
 class SecretRegistry:
@@ -56,6 +69,8 @@ class SecretRegistry:
         pattern = self._compiled()
         if pattern is not None:
             text = pattern.sub(MASK, text)
+        for keyed in KEYED_RES:
+            text = keyed.sub(lambda m: m.group(1) + MASK, text)
         return TOKEN_RE.sub(MASK, text)
 
     def _compiled(self) -> re.Pattern[str] | None:
@@ -118,6 +133,7 @@ class PrivateRotatingFileHandler(RotatingFileHandler):
 
 
 _installed: list[logging.Handler] = []
+WIRE_LOGGERS = ("botocore", "boto3", "urllib3", "s3transfer")
 
 
 def install_masking(handler: logging.Handler) -> logging.Handler:
@@ -151,6 +167,8 @@ def setup_logging(log_file: str | Path | None = None, *, level: int = logging.IN
         install_masking(handler)
         root.addHandler(handler)
     root.setLevel(level)
+    for name in WIRE_LOGGERS:
+        logging.getLogger(name).setLevel(max(level, logging.INFO))
     return list(_installed)
 
 

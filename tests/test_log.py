@@ -121,3 +121,37 @@ def test_install_masking_is_idempotent():
     dlog.install_masking(h)
     dlog.install_masking(h)
     assert sum(isinstance(f, dlog.MaskingFilter) for f in h.filters) == 1
+
+
+@pytest.mark.parametrize("text, hidden, kept", [
+    ('b\'{"accessToken": "at-123", "tokenType": "Bearer", "refreshToken": "rt-456"}\'', ["at-123", "rt-456"], "Bearer"),
+    ('{"clientId": "c1", "clientSecret": "cs-789"}', ["cs-789"], '"c1"'),
+    ('{"roleCredentials": {"accessKeyId": "ASIA1", "secretAccessKey": "sk-1", "sessionToken": "st+/="}}',
+     ["sk-1", "st+/="], "ASIA1"),
+    ("<SecretAccessKey>wJalr</SecretAccessKey><SessionToken>FQoG/+=</SessionToken>", ["wJalr", "FQoG/+="],
+     "<SessionToken>"),
+    ("{'X-Amz-Security-Token': b'IQoJb3', 'x-amz-sso_bearer_token': b'abc-def', 'Host': 'sts'}",
+     ["IQoJb3", "abc-def"], "'sts'"),
+    ('{"auth": {"client_token": "tok-1"}, "data": {"password": "A1a-xyz", "username": "v-1"}}',
+     ["tok-1", "A1a-xyz"], '"v-1"'),
+])
+def test_secret_named_fields_of_logged_bodies_are_masked(text, hidden, kept):
+    masked = dlog.SecretRegistry().mask(text)
+    assert all(value not in masked for value in hidden), masked
+    assert kept in masked and dlog.MASK in masked
+
+
+def test_setup_keeps_wire_loggers_at_info_even_in_debug(tmp_path):
+    handlers = dlog.setup_logging(tmp_path / "d.log", stderr=False, level=logging.DEBUG)
+    try:
+        assert logging.getLogger("botocore").getEffectiveLevel() == logging.INFO
+        assert logging.getLogger("urllib3").getEffectiveLevel() == logging.INFO
+        assert logging.getLogger("dbtunneld.lease").getEffectiveLevel() == logging.DEBUG
+    finally:
+        root = logging.getLogger()
+        for h in handlers:
+            root.removeHandler(h)
+            h.close()
+        dlog._installed.clear()
+        for name in dlog.WIRE_LOGGERS:
+            logging.getLogger(name).setLevel(logging.NOTSET)
