@@ -334,6 +334,7 @@ class TokenKeeper(_Unit):
         self._action, self._next_at, self._attempt = "resume", clock.time(), 0
         self.generation = 0   # bumped when the token is replaced or its max TTL becomes known
         self._blocked_msg = ""
+        self._failure: DbtunneldError | None = None    # what blocks logging in (for callers)
         self.logins = 0
         self.renewals = 0
         self.failures = 0
@@ -358,29 +359,12 @@ class TokenKeeper(_Unit):
             return self._issued[accessor] + self._learned_lifetime
         return None
 
-    def wait_valid(self, timeout: float) -> TokenView:
-        """The current token, waiting up to ``timeout``; raises what stands in the way."""
-        end = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                view = self.current()
-                if view is not None:
-                    return view
-                self._raise_if_blocked()
-                left = end - time.monotonic()
-                if left <= 0 or self.stopping:
-                    raise TransientError(f"no Vault token yet ({self._status.last_error or 'still logging in'})",
-                                         hint="dbtunneld keeps retrying; see `dbtunneld status`")
-                self._cond.wait(min(left, 0.5))
-
     def _raise_if_blocked(self) -> None:
         st = self._status
         if st.state == S.NEEDS_SIGN_IN:
             raise SignInNeededError(st.last_error or "AWS SSO sign-in needed")
         if st.state == S.FAILED:
             raise self._failure or NeedsUserError(st.last_error)
-
-    _failure: DbtunneldError | None = None
 
     def notify_signed_in(self) -> None:
         """The SSO sign-in completed: log in now if we were waiting for it."""
@@ -1089,13 +1073,25 @@ class CredentialEngine:
                                   tuning=tuning, mint_ahead=config.credentials.mint_ahead, rng=self._rng,
                                   on_token_change=self._token_changed, on_aws_status=self._set_aws_status)
         self.keepers: dict[str, LeaseKeeper] = {}
-        self._orphans = orphans(self.store.records())
+        self._orphans = self._find_orphans()
         self._sweeper: threading.Thread | None = None
         self._sso_thread: threading.Thread | None = None
         self._sso_info: dict[str, Any] | None = None
         self._stopping = threading.Event()
         self._started = False
         self._identity_tried = False
+
+    def _find_orphans(self) -> list[LeaseRecord]:
+        """Leases an earlier run left behind in this Vault (others cannot be revoked from here)."""
+        found = []
+        for record in orphans(self.store.records()):
+            if record.vault == self.config.vault.address:
+                found.append(record)
+            else:
+                log.info("forgetting lease %s of another Vault (%s); it expires on its own",
+                         record.lease_id, record.vault)
+                self.store.remove(record.lease_id)
+        return found
 
     # -- events
 
