@@ -568,26 +568,29 @@ class Tunnel:
                          name=f"tunnel-{self.name}-conn-{number}").start()
 
     def _serve(self, client: socket.socket, number: int) -> None:
+        pipe = _Pipe(client, f"[tunnel={self.name}] conn-{number}")
+        pipe.start_upload()                     # the thread starts while the channel opens
         try:
             opened = self._open_for_client(time.monotonic() + self.settings.connect_wait)
             if isinstance(opened, str):
+                pipe.cancel()
                 self._refuse(client, opened)
                 return
-            self._pump(client, number, *opened)
+            self._pump(pipe, *opened)
         finally:
             _close(client)
             with self._cond:
                 self._counts["open"] -= 1
 
-    def _pump(self, client: socket.socket, number: int, chan: Any, generation: int) -> None:
-        pipe = _Pipe(client, chan, generation, f"[tunnel={self.name}] conn-{number}")
+    def _pump(self, pipe: "_Pipe", chan: Any, generation: int) -> None:
         with self._cond:
             self._pipes.add(pipe)
             stale = generation != self._generation
+        pipe.attach(chan, generation)
         if stale:                               # the upstream was dropped while we opened
             pipe.abort()
         try:
-            pipe.run()
+            pipe.download()
         finally:
             with self._cond:
                 self._pipes.discard(pipe)
@@ -725,22 +728,43 @@ class _Acceptor:
 # ---- one client connection -------------------------------------------------------------------
 
 class _Pipe:
-    """Copies bytes both ways between a client and its channel; half-closes pass through."""
+    """Copies bytes both ways between a client and its channel; half-closes pass through.
 
-    def __init__(self, client: socket.socket, chan: Any, generation: int, label: str) -> None:
+    The upload thread is started before the channel exists (``start_upload``) so that its
+    start-up overlaps the channel open; it waits for ``attach`` (or ``cancel``)."""
+
+    def __init__(self, client: socket.socket, label: str) -> None:
         self.client = client
-        self.chan = chan
-        self.generation = generation
+        self.chan: Any = None
+        self.generation = -1
         self.label = label
         self.received = 0                 # bytes from the upstream (read by the keeper)
         self._aborted = False
+        self._attached = threading.Event()
+        self._upload: threading.Thread | None = None
 
-    def run(self) -> None:
-        up = threading.Thread(target=self._copy, args=(self.client, self.chan), daemon=True,
-                              name=f"{threading.current_thread().name}-up")
-        up.start()
+    def start_upload(self) -> None:
+        self._upload = threading.Thread(target=self._upload_when_attached, daemon=True,
+                                        name=f"{threading.current_thread().name}-up")
+        self._upload.start()
+
+    def attach(self, chan: Any, generation: int) -> None:
+        self.chan, self.generation = chan, generation
+        self._attached.set()
+
+    def cancel(self) -> None:
+        self._attached.set()              # with no channel: the upload thread just ends
+
+    def _upload_when_attached(self) -> None:
+        self._attached.wait()
+        if self.chan is not None:
+            self._copy(self.client, self.chan)
+
+    def download(self) -> None:
+        """Copy channel -> client in the calling thread, then wait for the upload to end."""
         self._copy(self.chan, self.client, count=True)
-        up.join()
+        if self._upload is not None:
+            self._upload.join()
         _close(self.chan)
 
     def _copy(self, src: Any, dst: Any, count: bool = False) -> None:
@@ -765,7 +789,8 @@ class _Pipe:
             self.client.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
-        _close(self.chan)
+        if self.chan is not None:
+            _close(self.chan)
 
 
 def _shutdown_write(stream: Any) -> None:
