@@ -150,22 +150,27 @@ def _nice_max(value: float) -> float:
     return 10 * exp
 
 
+def _ticks(top: float, log_scale: bool) -> list[tuple[float, float]]:
+    """(fraction of the axis height, value) for the grid lines: decades on a log axis."""
+    if log_scale:
+        decades = max(1, round(math.log10(top)))
+        return [(i / decades, 10.0 ** i) for i in range(decades + 1)]
+    return [(i / 5, top * i / 5) for i in range(6)]
+
+
 def _y_axis(draw, top: float, unit: str, log_scale: bool = False) -> None:
     x0, y0, y1 = MARGIN_L, H - MARGIN_B, MARGIN_T
     draw.line([(x0, y0), (x0, y1)], fill="black")
     draw.line([(x0, y0), (W - MARGIN_R, y0)], fill="black")
-    for i in range(6):
-        frac = i / 5
+    for frac, value in _ticks(top, log_scale):
         y = y0 - frac * (y0 - y1)
-        label = _axis_value(top, frac, log_scale)
         draw.line([(x0 - 4, y), (W - MARGIN_R, y)], fill=(225, 225, 225))
-        draw.text((8, y - 7), label, fill="black", font=_font(12))
+        draw.text((8, y - 7), fmt(value), fill="black", font=_font(12))
     draw.text((8, y1 - 30), unit, fill="black", font=_font(13))
 
 
-def _axis_value(top: float, frac: float, log_scale: bool) -> str:
-    value = (10 ** (frac * math.log10(top)) if frac else 0) if log_scale else top * frac
-    return fmt(value)
+def _log_top(value: float) -> float:
+    return 10.0 ** max(1, math.ceil(math.log10(max(value, 1.0))))
 
 
 def _bar_height(value: float, top: float, log_scale: bool) -> float:
@@ -182,7 +187,8 @@ def bar_chart(path: Path, title: str, groups: list[str], series: dict[str, list[
     """Grouped bars: one group per x label, one bar (and colour) per series."""
     img, draw = _canvas(title)
     values = [v for vs in series.values() for v in vs if v]
-    top = _nice_max(max(values) if values else 1.0)
+    biggest = max(values) if values else 1.0
+    top = _log_top(biggest) if log_scale else _nice_max(biggest)
     _y_axis(draw, top, unit + (" (log)" if log_scale else ""), log_scale)
     slot = (W - MARGIN_L - MARGIN_R) / max(1, len(groups))
     bar_w = slot * 0.8 / max(1, len(series))
@@ -196,8 +202,8 @@ def bar_chart(path: Path, title: str, groups: list[str], series: dict[str, list[
             h = _bar_height(v, top, log_scale)
             draw.rectangle([x, H - MARGIN_B - h, x + bar_w - 2, H - MARGIN_B], fill=PALETTE[si % len(PALETTE)])
             draw.text((x, H - MARGIN_B - h - 14), fmt(v), fill="black", font=_font(10))
-        draw.text((gx, H - MARGIN_B + 8), group, fill="black", font=_font(13))
-    _legend(draw, list(series), H - MARGIN_B + 40)
+        draw.multiline_text((gx, H - MARGIN_B + 8), group, fill="black", font=_font(13))
+    _legend(draw, list(series), H - MARGIN_B + 60)
     img.save(path)
     return path
 
@@ -222,7 +228,7 @@ def line_chart(path: Path, title: str, xs: list[float], series: dict[str, list[f
             draw.line(points, fill=colour, width=3)
         for (x, y), v in zip(points, [v for v in vs if v is not None]):
             draw.ellipse([x - 5, y - 5, x + 5, y + 5], fill=colour)
-            draw.text((x + 8, y - 16), fmt(v), fill="black", font=_font(11))
+            draw.text((x + 8, y - 18 if si % 2 == 0 else y + 4), fmt(v), fill=colour, font=_font(11))
     _legend(draw, list(series), H - MARGIN_B + 60)
     img.save(path)
     return path

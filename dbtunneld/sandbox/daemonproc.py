@@ -251,9 +251,11 @@ class DaemonUnderTest:
     def pid(self) -> int | None:
         return self._pid
 
-    def start(self, timeout: float = 40.0) -> "DaemonUnderTest":
-        """Spawn ``dbtunneld daemon`` and wait until its control socket answers."""
-        argv = [sys.executable, "-m", "dbtunneld.cli", "--config", str(self.config_path), "daemon", "--background"]
+    def start(self, timeout: float = 40.0, launcher: list[str] | None = None) -> "DaemonUnderTest":
+        """Spawn ``dbtunneld daemon`` and wait until its control socket answers. ``launcher``
+        replaces ``python -m dbtunneld.cli`` (e.g. a wrapper that also reports counters)."""
+        argv = (launcher or [sys.executable, "-m", "dbtunneld.cli"]) + [
+            "--config", str(self.config_path), "daemon", "--background"]
         self.commands.append(" ".join(argv))
         with open(self.root / "daemon.stderr", "ab") as err:
             self.proc = subprocess.Popen(argv, env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
