@@ -231,6 +231,22 @@ def test_stale_stack_of_a_dead_owner_is_swept(tmp_path):
     assert not stale.exists() and live.exists()
 
 
+def test_concurrent_mariadb_installs_do_not_break_each_other(tmp_path):
+    """Several stacks starting at once (parallel test runs) each install a datadir; with a
+    shared /tmp the bootstraps deleted each other's temporary tables."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dbtunneld.sandbox.mariadb import install_datadir
+
+    def install(i: int) -> None:
+        install_datadir(tmp_path / f"db{i}" / "data", tmp_path / f"db{i}.log", f"mariadb-{i}")
+
+    with ThreadPoolExecutor(6) as pool:
+        list(pool.map(install, range(6)))
+    assert all((tmp_path / f"db{i}" / "data" / "mysql" / "user.frm").exists() or
+               (tmp_path / f"db{i}" / "data" / "mysql" / "global_priv.frm").exists() for i in range(6))
+
+
 # ------------------------------------------------------------------ the process manager
 
 def test_service_that_exits_reports_its_log(tmp_path):

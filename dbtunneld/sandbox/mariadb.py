@@ -71,17 +71,26 @@ def admin_sql(admin_password: str) -> str:
 def install_datadir(datadir: Path, log_path: Path, name: str = "mariadb") -> None:
     """``mariadb-install-db`` into ``datadir`` (system tables only); StartError on failure."""
     datadir.parent.mkdir(parents=True, exist_ok=True)
+    # A private tmpdir: a starting mariadbd deletes "#sql*" files it finds in its tmpdir, so
+    # bootstraps sharing /tmp break each other's temporary tables (concurrent stacks).
+    tmpdir = datadir.parent / f"{datadir.name}.tmp"
+    tmpdir.mkdir(exist_ok=True)
     argv = [_bin("mariadb-install-db", "mysql_install_db"), "--no-defaults", f"--datadir={datadir}",
             "--auth-root-authentication-method=socket", f"--auth-root-socket-user={_os_user()}",
-            "--skip-test-db", "--skip-name-resolve", *FAST_INNODB]
+            "--skip-test-db", "--skip-name-resolve", f"--tmpdir={tmpdir}", *FAST_INNODB]
     if os.geteuid() == 0:
         argv.append("--user=root")
-    with open(log_path, "wb") as logf:
-        rc = subprocess.call(argv, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                             start_new_session=True)
+    try:
+        with open(log_path, "wb") as logf:
+            rc = subprocess.call(argv, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                 start_new_session=True)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
     if rc != 0:
-        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
-        raise StartError(name, f"mariadb-install-db exited with status {rc}", tail)
+        # the cause comes first, then ~25 lines of generic advice: keep the cause
+        lines = log_path.read_text(errors="replace").splitlines()
+        cause = [ln for ln in lines if "ERROR" in ln or "[Warning]" in ln][:10]
+        raise StartError(name, f"mariadb-install-db exited with status {rc}", "\n".join(cause + lines[-8:]))
 
 
 @dataclass
