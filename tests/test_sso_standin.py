@@ -21,7 +21,7 @@ from dbtunneld.sandbox.stack import start_stack
 def sso_stack():
     """A private stack with only moto and the SSO stand-in: these tests expire and revoke
     every SSO token, which must not disturb the session stack."""
-    with start_stack(vault=False, ssh=False, clusters=()) as s:
+    with start_stack(vault=False, ssh=False, ssm=False, clusters=()) as s:
         yield s
 
 
