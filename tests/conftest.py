@@ -21,7 +21,20 @@ import shutil
 import tempfile
 from pathlib import Path
 
+def _sweep_stale_homes() -> None:
+    """Private HOMEs of earlier runs that were killed before their atexit cleanup ran."""
+    for old in Path(tempfile.gettempdir()).glob("dbtunneld-test-home-*"):
+        try:
+            owner = int((old / ".owner.pid").read_text())
+        except (OSError, ValueError):
+            continue
+        if not Path(f"/proc/{owner}").exists():
+            shutil.rmtree(old, ignore_errors=True)
+
+
+_sweep_stale_homes()
 _HOME = Path(tempfile.mkdtemp(prefix="dbtunneld-test-home-"))
+(_HOME / ".owner.pid").write_text(str(os.getpid()))
 for _key in list(os.environ):
     if _key.startswith(("AWS_", "VAULT_", "BAO_")):
         del os.environ[_key]
