@@ -28,8 +28,12 @@ def _sweep_stale_homes() -> None:
             owner = int((old / ".owner.pid").read_text())
         except (OSError, ValueError):
             continue
-        if not Path(f"/proc/{owner}").exists():
+        try:
+            os.kill(owner, 0)
+        except ProcessLookupError:
             shutil.rmtree(old, ignore_errors=True)
+        except PermissionError:
+            pass
 
 
 _sweep_stale_homes()
