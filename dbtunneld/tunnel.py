@@ -238,6 +238,8 @@ class Tunnel:
         self._waiting_clients = 0
         self._last_attempt = float("-inf")
         self._next_ping = self._next_probe = 0.0
+        self._clients_since_probe = 0
+        self._probed = False              # the current upstream passed a probe already
         self._pipes: set[_Pipe] = set()
         self._bytes_down = 0              # received by pipes that have ended
         self._counts = {"open": 0, "total": 0, "reconnects": 0}
@@ -423,6 +425,7 @@ class Tunnel:
         now = self._clock.time()
         self._next_ping = now + self.settings.keepalive_interval
         self._next_probe = now                   # prove the path to the database at once
+        self._probed = False
         threading.Thread(target=self._watch_death, args=(generation,), daemon=True,
                          name=f"tunnel-{self.name}-upstream-{generation}").start()
         self._move(S.UP)
@@ -480,7 +483,18 @@ class Tunnel:
                     return self._lost(f"the bastion did not answer a keepalive within {s.health_timeout:g} s")
         if reasons & {"check", "suspect"} or now >= self._next_probe:
             self._next_probe = now + s.health_interval
-            self._check_database()
+            if self._probe_due(reasons):
+                self._check_database()
+
+    def _probe_due(self, reasons: set[str]) -> bool:
+        """The greeting probe ends in an aborted handshake, which MySQL counts against the
+        bastion's address (max_connect_errors, shared by every developer behind that bastion;
+        only a successful login resets it). So it runs after each (re)connect, when asked, and
+        periodically only while clients are logging in between probes; an idle tunnel relies on
+        SSH keepalives, and the next client's channel open tests the path to the database."""
+        with self._cond:
+            clients, self._clients_since_probe = self._clients_since_probe, 0
+        return bool(reasons & {"check", "suspect"}) or clients > 0 or not self._probed
 
     def _traffic(self) -> int:
         """Bytes received from the upstream so far (evidence of life while a keepalive is late)."""
@@ -502,6 +516,7 @@ class Tunnel:
                 return
             return self._lost(str(exc))
         self._retry.proven()
+        self._probed = True
         if result.ok:
             if self._machine.now.last_error:
                 self._move(S.UP)
@@ -563,6 +578,7 @@ class Tunnel:
         with self._cond:
             self._counts["open"] += 1
             self._counts["total"] += 1
+            self._clients_since_probe += 1
         number = next(self._serial)
         threading.Thread(target=self._serve, args=(client, number), daemon=True,
                          name=f"tunnel-{self.name}-conn-{number}").start()

@@ -450,6 +450,29 @@ def test_late_keepalive_while_data_flows_is_not_death(make):
     eventually(lambda: t.status().reconnects >= 1, what="silence then counts as death")
 
 
+def test_idle_tunnels_do_not_keep_probing_the_database(make):
+    """Each greeting probe is an aborted handshake MySQL counts against the bastion's address
+    (max_connect_errors): probe after connecting, then only while clients log in."""
+    probes = []
+
+    def probe(*a):
+        probes.append(time.monotonic())
+        return ProbeResult(True, "8.0")
+
+    t, _ = make(settings=TunnelSettings(health_interval=0.1, keepalive_interval=60, health_timeout=1),
+                probe=probe)
+    t.start()
+    eventually(lambda: t.state == S.UP and len(probes) == 1, what="first probe")
+    time.sleep(0.6)                                     # six intervals, idle
+    assert len(probes) == 1
+    connect_and_greet(t.local_port).close()
+    eventually(lambda: len(probes) == 2, what="a probe after a client came")
+    time.sleep(0.4)
+    assert len(probes) == 2
+    t.check_now()                                       # asked: always probes
+    eventually(lambda: len(probes) == 3, what="probe on request")
+
+
 def test_probe_refusal_keeps_the_tunnel_up_with_the_servers_error(make):
     answers = [ProbeResult(False, "Host '10.0.0.5' is blocked because of many connection errors", 1129)]
     t, _ = make(probe=lambda *a: answers[0])
