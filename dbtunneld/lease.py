@@ -24,11 +24,12 @@ event per change, so "sign-in needed" is announced once), ``vault.login``, ``db.
 expires), ``db.revoked``, ``db.expired``, ``sso.started``, ``sso.signed_in``, ``sso.failed``.
 Events never carry secrets: read the password with ``current()``.
 
-Units and their one retry loop each (``_Unit.run_once`` returns the delay to the next step):
+Keepers, each with its one retry loop (``keeper.Keeper``; ``run_once`` returns the delay to its
+next step, so tests drive them in virtual time):
 
-* ``TokenKeeper`` keeps one Vault token: resume from the keyring, log in with the AWS identity,
-  renew at ~2/3 of its TTL (``timing.plan_next``), back off on failure bounded by its remaining
-  life, log in again before its max TTL (learned from a capped renewal, then predicted).
+* ``token_keeper.TokenKeeper`` keeps one Vault token: resume from the keyring, log in with the AWS
+  identity, renew at ~2/3 of its TTL (``timing.plan_next``), back off on failure bounded by its
+  remaining life, log in again before its max TTL (learned from a capped renewal, then predicted).
 * ``LeaseKeeper`` per wanted cluster: mint ``database/creds/<role>``, renew, mint a successor
   ``credentials.mint_ahead`` (clamped to a third of the lifetime) before the lease's end (its
   max TTL, or the end of the token that minted it: Vault revokes a token's leases with it),
@@ -55,33 +56,20 @@ from typing import Any, Callable
 from . import log as dlog
 from .aws import AwsSession, SsoDeviceLogin
 from .config import ClusterConfig, Config, VaultConfig
-from .errors import (
-    ClosedError,
-    DbtunneldError,
-    NeedsUserError,
-    PermissionDeniedError,
-    SignInNeededError,
-    TransientError,
-)
+from .errors import ClosedError, DbtunneldError, PermissionDeniedError, TransientError
+from .keeper import CredentialEvent, Keeper, Tuning, finite, short_error
 from .keystore import Keystore
 from .model import CredentialState, CredentialStatus
 from .paths import Paths
-from .timing import (
-    SYSTEM_CLOCK,
-    Backoff,
-    Clock,
-    Lifetime,
-    jittered_grace,
-    plan_next,
-    renewal_capped,
-    replace_time,
-    retry_within,
-)
-from .vault import LeaseGrant, Token, TokenInfo, VaultClient, VaultRequestError
+from .timing import SYSTEM_CLOCK, Clock, Lifetime, jittered_grace, plan_next, renewal_capped, replace_time, retry_within
+from .token_keeper import TokenKeeper, TokenView
+from .vault import LeaseGrant, VaultClient, VaultRequestError
+
+__all__ = ["CredentialEngine", "CredentialEvent", "DbCredentials", "LeaseKeeper", "LeaseRecord", "LeaseStore",
+           "TokenKeeper", "Tuning", "orphans", "revoke_leases"]
 
 log = logging.getLogger(__name__)
 
-TOKEN_KIND = "vault-token"
 S = CredentialState
 
 
@@ -100,27 +88,6 @@ class DbCredentials:
     expires_at: float = 0.0
     max_expires_at: float | None = None
     issued_at: float = 0.0
-
-
-@dataclass(frozen=True)
-class CredentialEvent:
-    kind: str
-    name: str
-    at: float
-    status: CredentialStatus | None = None
-    detail: str = ""
-
-
-@dataclass(frozen=True)
-class Tuning:
-    """Engine knobs that are not user config (tests shorten them)."""
-
-    backoff: Backoff = Backoff(initial=1.0, maximum=30.0)
-    sign_in_recheck: float = 60.0       # re-read the SSO cache this often while sign-in is needed
-    failed_recheck: float = 300.0       # retry after a permission / config failure this often
-    relogin_ahead: float | None = None  # log in again this long before the token's max TTL
-                                        # (default 1.5 x credentials.mint_ahead; clamped to 1/3 of its life)
-    sso_poll_floor: float = 1.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,412 +168,6 @@ def orphans(records: list[LeaseRecord], me: int | None = None) -> list[LeaseReco
 
 
 # ---------------------------------------------------------------------------------------------
-# Unit base: one loop, one wake event, one status
-
-
-class _Unit:
-    """A keeper with an explicit lifecycle: ``start`` spawns its loop, ``stop`` ends it."""
-
-    kind = "unit"
-
-    def __init__(self, name: str, clock: Clock, emit: Callable[[CredentialEvent], None]) -> None:
-        self.name = name
-        self.clock = clock
-        self._emit_event = emit
-        self._wake = threading.Event()
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._cond = threading.Condition()
-        self._status = CredentialStatus(kind=self.kind, name=name, state=S.IDLE, since=clock.time())
-        self.steps = 0
-
-    # lifecycle
-    def start(self, threaded: bool = True) -> None:
-        if threaded and self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name=f"dbtunneld-{self.kind}-{self.name}", daemon=True)
-            self._thread.start()
-
-    def stop(self, timeout: float = 5.0) -> None:
-        self._stopping.set()
-        self._wake.set()
-        thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout)
-
-    @property
-    def stopping(self) -> bool:
-        return self._stopping.is_set()
-
-    def wake(self) -> None:
-        self._wake.set()
-
-    def woken(self) -> bool:
-        """For a virtual-time driver: was this unit woken? (clears the flag)."""
-        if self._wake.is_set():
-            self._wake.clear()
-            return True
-        return False
-
-    def _loop(self) -> None:
-        while not self._stopping.is_set():
-            self._wake.clear()
-            try:
-                delay = self.run_once()
-            except Exception:  # a bug must not kill the keeper silently or spin
-                log.exception("%s %s: unexpected error; retrying in 5 s", self.kind, self.name)
-                delay = 5.0
-            if self._stopping.is_set():
-                break
-            self.clock.wait(self._wake, max(0.0, delay))
-
-    def run_once(self) -> float:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    # status
-    def status(self) -> CredentialStatus:
-        with self._cond:
-            return self._status
-
-    def _set_status(self, **changes: Any) -> None:
-        with self._cond:
-            old = self._status
-            if "state" in changes and changes["state"] != old.state:
-                changes.setdefault("since", self.clock.time())
-            new = replace(old, **changes)
-            self._status = new
-            self._cond.notify_all()
-        if new.state != old.state:
-            self._emit("status", new)
-
-    def _emit(self, kind: str, status: CredentialStatus | None = None, detail: str = "") -> None:
-        self._emit_event(CredentialEvent(kind, self.name, self.clock.time(), status or self.status(), detail))
-
-
-def _short(exc: BaseException) -> str:
-    return dlog.mask(exc.one_line() if isinstance(exc, DbtunneldError) else f"{type(exc).__name__}: {exc}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Vault token
-
-
-@dataclass(frozen=True)
-class TokenView:
-    """The current token as lease keepers use it."""
-
-    secret: str = field(repr=False)
-    accessor: str = ""
-    expires_at: float = math.inf
-    max_expires_at: float | None = None
-
-
-class TokenKeeper(_Unit):
-    """Keeps one Vault token alive: resume, log in, renew, log in again before the max TTL."""
-
-    kind = "vault"
-
-    def __init__(self, vault_config: VaultConfig, aws: AwsSession, keystore: Keystore, make_vault: Callable[[VaultConfig], VaultClient],
-                 *, clock: Clock, emit: Callable[[CredentialEvent], None], tuning: Tuning, mint_ahead: float,
-                 rng: random.Random, on_token_change: Callable[[], None] = lambda: None,
-                 on_aws_status: Callable[[CredentialState, str, str], None] = lambda *a: None) -> None:
-        super().__init__(vault_config.address, clock, emit)
-        self.config = vault_config
-        self.aws = aws
-        self.keystore = keystore
-        self.make_vault = make_vault
-        self.vault = make_vault(vault_config)
-        self.tuning = tuning
-        self.relogin_ahead = tuning.relogin_ahead if tuning.relogin_ahead is not None else 1.5 * mint_ahead
-        self.rng = rng
-        self.on_token_change = on_token_change
-        self.on_aws_status = on_aws_status
-        self.ulog = dlog.unit_logger(log, vault=vault_config.address)
-        self.key_name = f"{vault_config.address}#{vault_config.auth_mount}/{vault_config.role}"
-        self._token: Token | None = None
-        self._expires_at = 0.0
-        self._issued_at = 0.0
-        self._renewable = False
-        self._increment = 0.0
-        self._max_known: dict[str, float] = {}      # accessor -> max expiry (learned)
-        self._issued: dict[str, float] = {}         # accessor -> issue time
-        self._learned_lifetime: float | None = None  # max TTL of this auth role, once seen
-        self._grace = 0.0
-        self._action, self._next_at, self._attempt = "resume", clock.time(), 0
-        self.generation = 0   # bumped when the token is replaced or its max TTL becomes known
-        self._blocked_msg = ""
-        self._failure: DbtunneldError | None = None    # what blocks logging in (for callers)
-        self.logins = 0
-        self.renewals = 0
-        self.failures = 0
-
-    # -- what others read
-
-    def current(self) -> TokenView | None:
-        with self._cond:
-            tok = self._token
-            if tok is None or self.clock.time() >= self._expires_at:
-                return None
-            return TokenView(tok.secret, tok.info.accessor, self._expires_at, self._max_for(tok.info.accessor))
-
-    def max_expiry(self, accessor: str) -> float | None:
-        with self._cond:
-            return self._max_for(accessor)
-
-    def _max_for(self, accessor: str) -> float | None:
-        if accessor in self._max_known:
-            return self._max_known[accessor]
-        if self._learned_lifetime is not None and accessor in self._issued:
-            return self._issued[accessor] + self._learned_lifetime
-        return None
-
-    def _raise_if_blocked(self) -> None:
-        st = self._status
-        if st.state == S.NEEDS_SIGN_IN:
-            raise SignInNeededError(st.last_error or "AWS SSO sign-in needed")
-        if st.state == S.FAILED:
-            raise self._failure or NeedsUserError(st.last_error)
-
-    def notify_signed_in(self) -> None:
-        """The SSO sign-in completed: log in now if we were waiting for it."""
-        with self._cond:
-            if self._status.state in (S.NEEDS_SIGN_IN, S.FAILED, S.BACKOFF) or self._token is None:
-                self._action, self._next_at, self._attempt = "login", self.clock.time(), 0
-                self._failure, self._blocked_msg = None, ""
-        if self.current() is None and self._status.state in (S.NEEDS_SIGN_IN, S.FAILED):
-            self._set_status(state=S.ACQUIRING, last_error="")   # waiters now wait for the login
-        self.wake()
-
-    def probe_soon(self) -> None:
-        """A lease keeper needs to know when this token ends: renew it now (a capped renewal says)."""
-        with self._cond:
-            if self._token is not None and self._action == "renew" and self._attempt == 0:
-                self._next_at = min(self._next_at, self.clock.time())
-        self.wake()
-
-    def check_soon(self) -> None:
-        """A lease keeper saw 403: verify the token with lookup-self now."""
-        with self._cond:
-            if self._token is not None:
-                self._action, self._next_at = "verify", self.clock.time()
-        self.wake()
-
-    # -- the loop
-
-    def run_once(self) -> float:
-        now = self.clock.time()
-        if now < self._next_at:
-            return self._next_at - now
-        self.steps += 1
-        step = {"resume": self._resume, "login": self._login, "renew": self._renew,
-                "verify": self._verify, "hold": self._hold}[self._action]
-        step()
-        return max(0.0, self._next_at - self.clock.time())
-
-    def _hold(self) -> None:
-        self._next_at = math.inf
-
-    def _schedule(self, action: str, at: float) -> None:
-        self._action, self._next_at = action, at
-        self._set_status(next_action_at=None if math.isinf(at) else at)
-
-    def _plan(self) -> None:
-        """Next renewal or re-login for the token we hold (``timing.plan_next``)."""
-        tok = self._token
-        now = self.clock.time()
-        life = Lifetime(self._issued_at, self._expires_at, self._increment, self._renewable,
-                        self._max_for(tok.info.accessor) if tok else None)
-        plan = plan_next(now, life, self._grace, self.relogin_ahead)
-        self._attempt = 0
-        self._schedule({"renew": "renew", "replace": "login", "hold": "hold"}[plan.action], plan.at)
-
-    def _resume(self) -> None:
-        self._acquiring()
-        secret = self.keystore.get(TOKEN_KIND, self.key_name)
-        if not secret:
-            return self._login()
-        dlog.register_secret(secret)
-        self.vault.use_token(secret)
-        try:
-            info = self.vault.lookup_self()
-        except TransientError as exc:
-            return self._retry("resume", exc)
-        except DbtunneldError as exc:
-            self.ulog.info("stored token is no longer valid (%s); logging in", _short(exc))
-            self.keystore.delete(TOKEN_KIND, self.key_name)
-            return self._login()
-        if info.expires_at - self.clock.time() < 2:
-            return self._login()
-        self._adopt(Token(secret, info), resumed=True)
-        self._schedule("renew", self.clock.time())  # renew at once: learns whether it still extends
-
-    def _acquiring(self) -> None:
-        if self._status.state == S.IDLE:
-            self._set_status(state=S.ACQUIRING)
-
-    def _login(self) -> None:
-        self._acquiring()
-        try:
-            creds = self.aws.credentials()
-            self.on_aws_status(S.VALID, "", "")
-        except SignInNeededError as exc:
-            self.on_aws_status(S.NEEDS_SIGN_IN, _short(exc), "")
-            return self._blocked(S.NEEDS_SIGN_IN, exc, self.tuning.sign_in_recheck)
-        except TransientError as exc:
-            self.on_aws_status(S.BACKOFF, _short(exc), "")
-            return self._retry("login", exc)
-        except DbtunneldError as exc:
-            self.on_aws_status(S.FAILED, _short(exc), "")
-            return self._blocked(S.FAILED, exc, self.tuning.failed_recheck)
-        dlog.register_secret(creds.secret_key)
-        dlog.register_secret(creds.token)
-        self.vault.use_token(None)
-        try:
-            token = self.vault.login_aws_iam(creds.access_key, creds.secret_key, creds.token)
-        except TransientError as exc:
-            return self._retry("login", exc)
-        except DbtunneldError as exc:
-            return self._blocked(S.FAILED, exc, self.tuning.failed_recheck)
-        self.logins += 1
-        self._adopt(token, resumed=False)
-        self._plan()
-
-    def _adopt(self, token: Token, *, resumed: bool) -> None:
-        info: TokenInfo = token.info
-        dlog.register_secret(token.secret)
-        self.keystore.set(TOKEN_KIND, self.key_name, token.secret)
-        with self._cond:
-            self._token, self._failure = token, None
-            self._issued_at = info.issued_at
-            self._expires_at = info.expires_at
-            self._renewable = info.renewable
-            self._increment = info.creation_ttl or info.ttl
-            self._grace = jittered_grace(self._increment, self.rng.random())
-            self._issued[info.accessor] = info.issued_at
-            if info.explicit_max_expires_at is not None:
-                self._max_known[info.accessor] = info.explicit_max_expires_at
-        self.vault.use_token(token.secret)
-        self.ulog.info("%s token %s (ttl %.0f s, renewable %s)", "resumed" if resumed else "new",
-                       info.accessor, info.ttl, info.renewable)
-        self._blocked_msg = ""
-        self._set_status(state=S.VALID, identity=info.accessor, expires_at=_finite(info.expires_at), last_error="")
-        if not resumed:
-            self._emit("vault.login", detail=f"accessor {info.accessor}")
-        self._changed()
-
-    def _changed(self) -> None:
-        with self._cond:
-            self.generation += 1
-        self.on_token_change()
-
-    def _renew(self) -> None:
-        tok = self._token
-        if tok is None:
-            return self._login()
-        self.vault.use_token(tok.secret)
-        try:
-            granted, renewable = self.vault.renew_self(self._increment)
-        except TransientError as exc:
-            return self._renew_failed(exc)
-        except DbtunneldError as exc:
-            self.ulog.info("token %s can no longer be renewed (%s); logging in", tok.info.accessor, _short(exc))
-            return self._drop_and_login()
-        now = self.clock.time()
-        self.renewals += 1
-        learned = False
-        with self._cond:
-            self._expires_at, self._renewable = now + granted, renewable
-            if renewal_capped(self._increment, granted) and tok.info.accessor not in self._max_known:
-                self._max_known[tok.info.accessor] = now + granted
-                self._learned_lifetime = now + granted - self._issued_at
-                learned = True
-        if learned:
-            self.ulog.info("token %s reaches its max TTL in %.0f s; will log in again before", tok.info.accessor, granted)
-            self._changed()
-        self._set_status(state=S.VALID, expires_at=self._expires_at, last_error="")
-        self._plan()
-
-    def _renew_failed(self, exc: DbtunneldError) -> None:
-        self.failures += 1
-        now = self.clock.time()
-        delay = retry_within(self.tuning.backoff.delay(self._attempt, self.rng.random()), now, self._expires_at, self._grace)
-        if delay is None:
-            self.ulog.warning("renewing the token failed (%s); no retry fits before it expires: logging in again",
-                              _short(exc))
-            self._set_status(last_error=_short(exc))
-            return self._login()
-        self._attempt += 1
-        self.ulog.warning("renewing the token failed (%s); retry %d in %.1f s", _short(exc), self._attempt, delay)
-        self._set_status(state=S.BACKOFF if now >= self._expires_at else S.VALID, last_error=_short(exc))
-        self._schedule("renew", now + delay)
-
-    def _verify(self) -> None:
-        tok = self._token
-        if tok is None:
-            return self._login()
-        self.vault.use_token(tok.secret)
-        try:
-            self.vault.lookup_self()
-        except TransientError as exc:
-            self.ulog.warning("checking the token failed (%s); renewing as planned", _short(exc))
-            return self._plan()
-        except DbtunneldError as exc:
-            self.ulog.info("token %s was rejected (%s); logging in", tok.info.accessor, _short(exc))
-            return self._drop_and_login()
-        self._plan()
-
-    def _drop_and_login(self) -> None:
-        with self._cond:
-            self._token = None
-        self.keystore.delete(TOKEN_KIND, self.key_name)
-        self._login()
-
-    def _retry(self, action: str, exc: DbtunneldError) -> None:
-        self.failures += 1
-        delay = self.tuning.backoff.delay(self._attempt, self.rng.random())
-        self._attempt += 1
-        self.ulog.warning("%s failed (%s); retry %d in %.1f s", "logging in to Vault" if action == "login" else
-                          "resuming the stored token", _short(exc), self._attempt, delay)
-        still_valid = self.current() is not None
-        self._set_status(state=S.VALID if still_valid else S.BACKOFF, last_error=_short(exc))
-        self._schedule(action, self.clock.time() + delay)
-
-    def _blocked(self, state: CredentialState, exc: DbtunneldError, recheck: float) -> None:
-        """Nothing changes until the user acts: say it once, re-check slowly."""
-        if self._blocked_msg != _short(exc):
-            self._blocked_msg = _short(exc)
-            self.ulog.warning("%s", self._blocked_msg)
-        with self._cond:
-            self._failure = exc
-        still_valid = self.current() is not None
-        self._set_status(state=S.VALID if still_valid and state != S.FAILED else state, last_error=_short(exc))
-        self._schedule("login", self.clock.time() + recheck)
-
-    # -- shutdown
-
-    def revoke(self, timeout: float) -> bool:
-        """Revoke the token (used when it cannot be kept for a restart)."""
-        tok = self._token
-        if tok is None:
-            return True
-        client = self.make_vault(replace(self.config, timeout=max(0.5, timeout)))
-        try:
-            client.use_token(tok.secret)
-            client.revoke_self()
-            self.keystore.delete(TOKEN_KIND, self.key_name)
-            self.ulog.info("revoked token %s", tok.info.accessor)
-            return True
-        except DbtunneldError as exc:
-            self.ulog.warning("revoking token %s failed (%s); it expires on its own", tok.info.accessor, _short(exc))
-            return False
-        finally:
-            client.close()
-
-
-def _finite(t: float | None) -> float | None:
-    return None if t is None or math.isinf(t) else t
-
-
-# ---------------------------------------------------------------------------------------------
 # DB leases per cluster
 
 
@@ -630,7 +191,7 @@ class _Lease:
         return self.grant.lease_id
 
 
-class LeaseKeeper(_Unit):
+class LeaseKeeper(Keeper):
     """One cluster's DB users: mint, renew, rotate before the end, revoke on release."""
 
     kind = "db"
@@ -667,7 +228,7 @@ class LeaseKeeper(_Unit):
                 return None
             g = lease.grant
             return DbCredentials(self.name, g.username, g.password, g.lease_id, lease.expires_at,
-                                 _finite(self._end(lease)), g.issued_at)
+                                 finite(self._end(lease)), g.issued_at)
 
     def _current(self) -> _Lease | None:
         now = self.clock.time()
@@ -827,7 +388,7 @@ class LeaseKeeper(_Unit):
         else:
             lease.action, lease.next_at = "rotate", plan.at
         if not lease.retired:
-            self._set_status(next_action_at=_finite(lease.next_at))
+            self._set_status(next_action_at=finite(lease.next_at))
 
     # -- mint
 
@@ -863,13 +424,13 @@ class LeaseKeeper(_Unit):
         delay = self.tuning.failed_recheck if slow else self.tuning.backoff.delay(self._mint_attempt, self.rng.random())
         self._mint_attempt += 1
         self.ulog.warning("minting credentials (role %s) failed (%s); retry %d in %.1f s",
-                          self.cluster.db_role, _short(exc), self._mint_attempt, delay)
+                          self.cluster.db_role, short_error(exc), self._mint_attempt, delay)
         with self._cond:
             self._failure = exc if slow else None
         if self._current() is None:
-            self._set_status(state=state, last_error=_short(exc), next_action_at=self.clock.time() + delay)
+            self._set_status(state=state, last_error=short_error(exc), next_action_at=self.clock.time() + delay)
         else:
-            self._set_status(last_error=_short(exc))
+            self._set_status(last_error=short_error(exc))
         self._mint_at = self.clock.time() + delay
 
     def _adopt(self, grant: LeaseGrant, view: TokenView) -> None:
@@ -963,21 +524,21 @@ class LeaseKeeper(_Unit):
         delay = retry_within(self.tuning.backoff.delay(lease.attempt, self.rng.random()), now, lease.expires_at, lease.grace)
         if delay is None:
             self.ulog.warning("renewing user %s failed (%s); no retry fits before it expires", lease.grant.username,
-                              _short(exc))
+                              short_error(exc))
             lease.action, lease.next_at = "expire", lease.expires_at
             if not lease.retired:
                 lease.retired = True
                 self._mint_at = now
             return
         lease.attempt += 1
-        self.ulog.warning("renewing user %s failed (%s); retry %d in %.1f s", lease.grant.username, _short(exc),
+        self.ulog.warning("renewing user %s failed (%s); retry %d in %.1f s", lease.grant.username, short_error(exc),
                           lease.attempt, delay)
         lease.action, lease.next_at = "renew", now + delay
         if not lease.retired:
-            self._set_status(last_error=_short(exc))
+            self._set_status(last_error=short_error(exc))
 
     def _lease_gone(self, lease: _Lease, exc: DbtunneldError) -> None:
-        self.ulog.warning("lease of user %s is gone (%s)", lease.grant.username, _short(exc))
+        self.ulog.warning("lease of user %s is gone (%s)", lease.grant.username, short_error(exc))
         with self._cond:
             if lease in self._leases:
                 self._leases.remove(lease)
@@ -1025,7 +586,7 @@ def revoke_leases(lease_ids: list[str], tokens: TokenKeeper, store: LeaseStore, 
                 client.revoke_lease(lease_id)
                 ok = True
             except DbtunneldError as exc:
-                log.warning("revoking lease %s failed (%s); the next start retries", lease_id, _short(exc))
+                log.warning("revoking lease %s failed (%s); the next start retries", lease_id, short_error(exc))
             finally:
                 client.close()
         if ok:
@@ -1114,7 +675,7 @@ class CredentialEngine:
             try:
                 identity = self.aws.caller_arn()
             except DbtunneldError as exc:
-                log.info("sts:GetCallerIdentity failed (%s); the AWS identity stays unknown", _short(exc))
+                log.info("sts:GetCallerIdentity failed (%s); the AWS identity stays unknown", short_error(exc))
         with self._lock:
             old = self._aws_status
             changes: dict[str, Any] = {"state": state, "last_error": error}
@@ -1308,12 +869,12 @@ class CredentialEngine:
             try:
                 result = flow.poll(auth, interval)
             except TransientError as exc:
-                log.warning("SSO sign-in: polling failed (%s); retry in %.1f s", _short(exc), interval)
+                log.warning("SSO sign-in: polling failed (%s); retry in %.1f s", short_error(exc), interval)
                 continue
             except DbtunneldError as exc:
-                log.warning("SSO sign-in failed: %s", _short(exc))
+                log.warning("SSO sign-in failed: %s", short_error(exc))
                 self._emit(CredentialEvent("sso.failed", self.aws.profile, self.clock.time(), self.aws_status(),
-                                           _short(exc)))
+                                           short_error(exc)))
                 return
             interval = max(self.tuning.sso_poll_floor, result.interval)
             if result.done:
@@ -1325,7 +886,7 @@ class CredentialEngine:
         try:
             identity = self.aws.caller_arn()
         except DbtunneldError as exc:
-            log.info("signed in, but sts:GetCallerIdentity failed (%s)", _short(exc))
+            log.info("signed in, but sts:GetCallerIdentity failed (%s)", short_error(exc))
         self._set_aws_status(S.VALID, "", identity)
         log.info("AWS SSO sign-in completed for profile %s", self.aws.profile)
         self.tokens.notify_signed_in()

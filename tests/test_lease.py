@@ -3,7 +3,6 @@ runs on the real clock. The real-stack tests are in test_credentials_stack.py.""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
