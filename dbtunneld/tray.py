@@ -18,6 +18,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -526,9 +527,36 @@ def run_tray(paths: Paths | None = None, config_path: str | Path | None = None,
         return EXIT_NO_DESKTOP
     config = Path(config_path) if config_path else paths.config_file
     setup_logging(paths.log_dir / "tray.log", stderr=True)
+    tempfile.tempdir = str(private_icon_dir(paths.runtime_dir))
     ui = load_ui_settings(config)
     ready_timeout = float(env.get("DBTUNNELD_TRAY_READY_TIMEOUT") or READY_TIMEOUT)
     return TrayRunner(pystray, backend, paths, config, ui, ready_timeout).run()
+
+
+def private_icon_dir(runtime_dir: Path, pid: int | None = None) -> Path:
+    """A 0700 temp folder for this tray process, emptied of dead trays' leftovers.
+
+    pystray writes every icon image to a temp file and deletes it only on a clean stop, so a
+    killed tray would leave them in /tmp; here they stay private and the next start sweeps them.
+    """
+    root = runtime_dir / "tray-tmp"
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for old in root.iterdir():
+        if old.name.isdigit() and not _pid_alive(int(old.name)):
+            shutil.rmtree(old, ignore_errors=True)
+    mine = root / str(pid or os.getpid())
+    mine.mkdir(exist_ok=True, mode=0o700)
+    return mine
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def import_pystray(backend: str):

@@ -658,3 +658,19 @@ def test_menu_model_maps_onto_pystray_items(monkeypatch):
     sub["Copy password"](None)
     by_text["Quit (tray only)"](None)
     assert clicked == [("copy", "orders", "password"), ("quit",)]
+
+
+def test_private_icon_dir_sweeps_dead_trays_only(tmp_path):
+    from dbtunneld.tray import private_icon_dir
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / "tray-tmp" / str(dead.pid)
+    stale.mkdir(parents=True)
+    (stale / "tmpicon").write_bytes(b"png")
+    alive = tmp_path / "tray-tmp" / str(os.getppid())
+    alive.mkdir()
+    mine = private_icon_dir(tmp_path)
+    assert mine == tmp_path / "tray-tmp" / str(os.getpid()) and mine.is_dir()
+    assert not stale.exists() and alive.exists()
+    assert (mine.stat().st_mode & 0o777) == 0o700
