@@ -300,7 +300,7 @@ def _add_daemon_commands(sub) -> None:
 
     for name, helptext, func in (("connect", "connect a cluster (starts the daemon if needed)", _cmd_connect),
                                  ("disconnect", "close a tunnel and revoke its DB user", _cmd_disconnect),
-                                 ("reconnect", "check tunnels now: rebuild dead ones, retry failed ones (default: all connected)", _cmd_reconnect)):
+                                 ("reconnect", "rebuild tunnels now, or retry failed ones (default: all connected)", _cmd_reconnect)):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("name", nargs="?", help="cluster name")
         p.add_argument("--all", action="store_true", help="every cluster")

@@ -71,7 +71,8 @@ class TunnelUnit(Protocol):
     def start(self) -> None: ...
     def stop(self, timeout: float = ...) -> None: ...
     def status(self) -> TunnelStatus: ...
-    def check_now(self) -> None: ...
+    def check_now(self) -> None: ...                       # check the upstream now (new credentials...)
+    def reconnect(self) -> None: ...                       # rebuild the upstream now, or retry a failed one
 
 
 EngineFactory = Callable[[Config, Paths, Callable[[str, Any], None]], EngineUnit]
@@ -277,7 +278,7 @@ class Supervisor:
             for slot in slots:
                 if not slot.wanted:
                     raise NeedsUserError(f'cluster "{slot.name}" is not connected', f"run `dbtunneld connect {slot.name}`")
-                slot.tunnel.check_now()
+                slot.tunnel.reconnect()
         self._publisher.poke()
         return [s.name for s in slots]
 
@@ -445,6 +446,9 @@ class UnavailableTunnel:
         return self._status
 
     def check_now(self) -> None:
+        pass
+
+    def reconnect(self) -> None:
         pass
 
 

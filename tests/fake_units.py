@@ -125,6 +125,8 @@ class FakeTunnel:
 
     def check_now(self):
         self.checks += 1
+
+    def reconnect(self):
         self._status = replace(self._status, reconnects=self._status.reconnects + 1)
 
     def _set(self, state, **kw):

@@ -104,6 +104,8 @@ def test_status_connect_creds_disconnect(fake_daemon, capsys):
     assert code == 0 and out.strip().startswith("secret-pw-")
     code, out, _ = run(capsys, "creds", "orders", "--json")
     assert "password" not in json.loads(out)
+    code, out, _ = run(capsys, "reconnect")
+    assert code == 0 and out.strip() == "reconnecting: orders"
     code, out, _ = run(capsys, "disconnect", "orders")
     assert code == 0 and out.strip() == "orders: disconnected (credentials revoked)"
 

@@ -179,3 +179,23 @@ def test_publisher_runs_on_poke_and_stops():
         threading.Event().wait(0.01)
     pub.stop()
     assert done.is_set() and not pub._thread.is_alive()
+
+
+def test_reconnect_rebuilds_connected_tunnels_only(make):
+    sup = make([("a", 13306, True), ("b", 13307, False)])
+    assert sup.reconnect(None) == ["a"]
+    assert {t.name: t.reconnects for t in sup.status().tunnels} == {"a": 1, "b": 0}
+    with pytest.raises(errors.NeedsUserError) as info:
+        sup.reconnect(["b"])
+    assert "dbtunneld connect b" in info.value.hint
+
+
+def test_engine_events_wake_the_waiting_tunnels(make):
+    sup = make([("a", 13306, True), ("b", 13307, True), ("c", 13308, False)])
+    checks = lambda: {n: s.tunnel.checks for n, s in sup._slots.items()}     # noqa: E731
+    sup._engine_event("credentials", {"kind": "db.minted", "name": "a"})
+    assert checks() == {"a": 1, "b": 0, "c": 0}
+    sup._engine_event("credentials", {"kind": "sso.signed_in", "name": "dev"})
+    assert checks() == {"a": 2, "b": 1, "c": 0}
+    sup._engine_event("credentials", {"kind": "db.revoked", "name": "a"})
+    assert checks() == {"a": 2, "b": 1, "c": 0}
