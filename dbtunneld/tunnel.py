@@ -777,11 +777,28 @@ class _Pipe:
             self._copy(self.client, self.chan)
 
     def download(self) -> None:
-        """Copy channel -> client in the calling thread, then wait for the upload to end."""
-        self._copy(self.chan, self.client, count=True)
+        """Copy channel -> client in the calling thread, then wait for the upload to end.
+        Channels that can write into the client's socket themselves (SSH) do so."""
+        deliver = getattr(self.chan, "deliver_into", None)
+        if deliver is None:
+            self._copy(self.chan, self.client, count=True)
+        else:
+            self._deliver(deliver)
         if self._upload is not None:
             self._upload.join()
         _close(self.chan)
+
+    def _deliver(self, deliver: Callable[..., None]) -> None:
+        try:
+            deliver(self.client, self._count)
+            _shutdown_write(self.client)
+        except Exception as exc:
+            if not self._aborted:
+                log.debug("%s: %s", self.label, exc)
+            self.abort()
+
+    def _count(self, n: int) -> None:
+        self.received += n
 
     def _copy(self, src: Any, dst: Any, count: bool = False) -> None:
         try:
