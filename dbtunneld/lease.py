@@ -60,7 +60,7 @@ from .errors import ClosedError, DbtunneldError, PermissionDeniedError, Transien
 from .keeper import CredentialEvent, Keeper, Tuning, finite, short_error
 from .keystore import Keystore
 from .model import CredentialState, CredentialStatus
-from .paths import Paths
+from .paths import Paths, pid_alive
 from .timing import SYSTEM_CLOCK, Clock, Lifetime, jittered_grace, plan_next, renewal_capped, replace_time, retry_within
 from .token_keeper import TokenKeeper, TokenView
 from .vault import LeaseGrant, VaultClient, VaultRequestError
@@ -151,20 +151,11 @@ class LeaseStore:
         os.replace(tmp, self.path)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
 
 def orphans(records: list[LeaseRecord], me: int | None = None) -> list[LeaseRecord]:
     """Records no running process owns (a live other owner is another instance: leave it alone)."""
     me = os.getpid() if me is None else me
-    return [r for r in records if r.pid == me or not _pid_alive(r.pid)]
+    return [r for r in records if r.pid == me or not pid_alive(r.pid)]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
 """Platform paths: config file, state directory, log directory, runtime (socket) directory.
+Also the one platform fact several owners of state files need: whether a recorded pid still runs.
 
 Every path honours DBTUNNELD_HOME (tests and the sandbox point it at a private folder) and
 the XDG variables on Linux; macOS and Windows use their usual per-user folders.
@@ -77,3 +78,16 @@ def default_paths(env: dict[str, str] | None = None, platform: str | None = None
     run_dir = Path(runtime) / APP if runtime else state_home / APP / "run"
     return Paths(config_home / APP / "config.toml", state_home / APP,
                  state_home / APP / "log", run_dir)
+
+
+def pid_alive(pid: int) -> bool:
+    """True when a process with this pid exists (one we may not signal counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True

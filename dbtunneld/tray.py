@@ -33,7 +33,7 @@ from .log import setup_logging
 from .menu import ClockReading, MenuItem, MenuModel, build_menu
 from .model import DaemonStatus, Health, TunnelState
 from .notify import Notifier, desktop_sender
-from .paths import Paths, default_paths
+from .paths import Paths, default_paths, pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -542,21 +542,12 @@ def private_icon_dir(runtime_dir: Path, pid: int | None = None) -> Path:
     root = runtime_dir / "tray-tmp"
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
     for old in root.iterdir():
-        if old.name.isdigit() and not _pid_alive(int(old.name)):
+        if old.name.isdigit() and not pid_alive(int(old.name)):
             shutil.rmtree(old, ignore_errors=True)
     mine = root / str(pid or os.getpid())
     mine.mkdir(exist_ok=True, mode=0o700)
     return mine
 
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def import_pystray(backend: str):
