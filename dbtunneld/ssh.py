@@ -7,8 +7,9 @@ ping that notices a frozen bastion, and ``direct-tcpip`` channels. Failures are 
 errors of ``dbtunneld.errors``; this module never retries (the tunnel owns retries).
 
 Tuning (see STACK-NOTES, "SSH forwarding speed"): 16 MiB channel windows, 256 KiB packets,
-aes128-gcm first, TCP_NODELAY, and a transport thread that wakes once a second when idle
-instead of ten times.
+aes128-gcm first, TCP_NODELAY, a reader thread that blocks without a timeout once logged in
+(no poll() per read, no idle wake-ups), and channel data written straight into the client's
+socket by that thread (``ForwardChannel.deliver_into``).
 """
 
 from __future__ import annotations
@@ -57,8 +58,9 @@ def _feed_channel_data(chan: paramiko.Channel, m: Any) -> None:
 
 
 class _QuietTransport(paramiko.Transport):
-    """paramiko's Transport, waking once a second when idle (default: ten times), whose channel
-    data can be delivered straight into a socket (``ForwardChannel.deliver_into``)."""
+    """paramiko's Transport, waking once a second while it logs in (default: ten times; after
+    login it does not wake at all when idle), whose channel data can be delivered straight into
+    a socket (``ForwardChannel.deliver_into``)."""
 
     _active_check_timeout = 1.0
     _channel_handler_table = {**paramiko.Transport._channel_handler_table,
@@ -121,6 +123,7 @@ def connect(sock: Any, options: SshOptions) -> "SshConnection":
         _start(transport, options)
         verify_host_key(transport.get_remote_server_key(), options)
         _authenticate(transport, options)
+        _block_without_timeout(sock)
     except BaseException:
         _close_quietly(transport, sock)
         raise
@@ -139,6 +142,14 @@ def _start(transport: paramiko.Transport, options: SshOptions) -> None:
     except (paramiko.SSHException, EOFError, OSError) as exc:
         raise TransientError(f"ssh handshake with {options.host_label} failed: {_reason(exc)}",
                              hint="the bastion may be restarting; dbtunneld retries") from None
+
+
+def _block_without_timeout(sock: Any) -> None:
+    """Once logged in, the reader thread blocks in recv() with no timeout: no poll() before
+    every read and write, and no idle wake-ups. paramiko starts re-keying between messages
+    by itself; ``SshConnection.close`` wakes a blocked reader with shutdown(); a frozen bastion
+    is noticed by ``ping``. (The handshake keeps paramiko's timeouts.)"""
+    sock.settimeout(None)
 
 
 def _prefer_fast_ciphers(transport: paramiko.Transport) -> None:
