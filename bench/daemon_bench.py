@@ -29,7 +29,7 @@ FAULTS = "Bastion faults (default settings: keepalive 5 s + 5 s timeout)"
 IDLE = "Idle daemon (real process, /proc/PID/stat and status)"
 VAULT = "Vault requests per hour per developer"
 SYSBENCH = "sysbench oltp_read_only (4 threads)"
-TIME_SCALE = 60.0            # the Vault stage runs the sandbox's TTLs 60 times faster
+TIME_SCALE = 120.0           # the Vault stage runs the sandbox's TTLs 120 times faster
 
 
 # ---------------------------------------------------------------------------- the lab
@@ -297,9 +297,9 @@ def _idle_figures(n: int, ours: dict[str, float], ref: dict[str, float], seconds
 class VaultRate:
     """Vault requests per hour of one daemon with two clusters connected, at the sandbox's TTLs
     (token 1 h / max 4 h, lease 1 h / max 4 h) and dbtunneld's default settings. Runs in a thread
-    on its own stack whose TTLs (and ``credentials.mint_ahead``) are 60 times shorter, counts with
-    the daemon's own counter (``vault.REQUESTS`` through ``bench.daemon_counters``) and a tap in
-    front of Vault, and scales back: requests per hour = count x 3600 / (seconds x 60)."""
+    on its own stack whose TTLs (and ``credentials.mint_ahead``) are ``TIME_SCALE`` times shorter,
+    counts with the daemon's own counter (``vault.REQUESTS`` through ``bench.daemon_counters``) and
+    a tap in front of Vault, and scales back: per hour = count x 3600 / (seconds x TIME_SCALE)."""
 
     def __init__(self, root: Path, seconds: float) -> None:
         self.root, self.seconds = root, seconds
