@@ -4,7 +4,8 @@ Front-end layer: talks to the daemon only through ``client`` (control socket). E
 line plus a hint on stderr; tracebacks go to the log only.
 
 Exit codes: 0 ok; 1 failure at run time; 2 usage or config error; 3 daemon not running;
-4 sign-in needed; 5 a tunnel or credential is not healthy.
+4 sign-in needed; 5 a tunnel or credential is not healthy; 6 (`dbtunneld daemon`) another
+daemon of this user is already running.
 """
 
 from __future__ import annotations

@@ -35,7 +35,8 @@ STOP_TIMEOUT = 20.0
 LOG_MAX_BYTES = 5 * 1024 * 1024
 LOG_BACKUPS = 3
 QUIET_LOGGERS = ("paramiko", "botocore", "boto3", "urllib3", "hvac", "websockets")
-EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
+# 6: another daemon already holds the lock; login managers must not restart on it (a restart loop).
+EXIT_OK, EXIT_FAIL, EXIT_CONFIG, EXIT_ALREADY_RUNNING = 0, 1, 2, 6
 
 
 # ----------------------------------------------------------------------------- single instance
@@ -316,6 +317,9 @@ def run_daemon(paths: Paths, config_path: str | Path, *, foreground: bool = True
     except ConfigError as exc:
         log.error("config is invalid, not starting:\n%s\nhint: %s", exc.message, exc.hint)
         return EXIT_CONFIG
+    except AlreadyRunningError as exc:
+        log.error("not starting: %s", exc.one_line())
+        return EXIT_ALREADY_RUNNING
     except DbtunneldError as exc:
         log.error("not starting: %s", exc.one_line())
         return EXIT_FAIL

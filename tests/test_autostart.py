@@ -120,10 +120,11 @@ def test_daemon_mode_writes_a_systemd_unit_that_verifies_and_systemctl_enables(
     program = str(tmp_path / WEIRD / "bin" / "dbtunneld")
     assert unit_problems(unit_path(env), env) == ""  # also proves ExecStart's quoting: it exists
     text = unit_path(env).read_text()
-    from dbtunneld.daemon import EXIT_CONFIG  # a bad config is not retried: the user fixes it
+    # neither a bad config (the user fixes it) nor "another daemon runs" is retried
+    from dbtunneld.daemon import EXIT_ALREADY_RUNNING, EXIT_CONFIG
 
     for line in ("Type=notify", "Restart=on-failure", "WantedBy=default.target",
-                 f"RestartPreventExitStatus={EXIT_CONFIG}"):
+                 f"RestartPreventExitStatus={EXIT_CONFIG} {EXIT_ALREADY_RUNNING}"):
         assert line in text.splitlines()
     assert wants_link(env).is_symlink() and systemctl_is_enabled(env) == "enabled"
     st_ = change.status
