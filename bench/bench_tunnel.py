@@ -74,7 +74,10 @@ class Child:
     def expect(self, word: str, timeout: float = 90.0) -> list[str]:
         end = time.monotonic() + timeout
         while True:
-            line = self.lines.get(timeout=max(0.1, end - time.monotonic()))
+            try:
+                line = self.lines.get(timeout=max(0.1, end - time.monotonic()))
+            except queue.Empty:
+                raise TimeoutError(f"child said nothing like {word!r} in {timeout:.0f} s") from None
             if line.split()[:1] == [word]:
                 return line.split()[1:]
             if line.startswith("ERROR"):
@@ -182,7 +185,12 @@ def tunnels_child(spec: dict[str, Any]) -> None:
         opened = [_tunnel(spec, f"t{i}") for i in range(spec["count"])]
         for t in opened:
             t.start()
-        wait_for(lambda: all(t.state.value == "up" for t in opened), 90, "tunnels up")
+        try:
+            wait_for(lambda: all(t.state.value == "up" for t in opened), 60, "tunnels up")
+        except TimeoutError:
+            raise TimeoutError("not up after 60 s: " + "; ".join(
+                f"{t.name} {t.status().state.value} {t.status().last_error}" for t in opened
+                if t.state.value != "up")) from None
         ports = [t.local_port for t in opened]
     print("READY " + " ".join(map(str, ports)), flush=True)
     sys.stdin.read()
@@ -566,8 +574,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     results["failures"].append(f"{link} / {name}: {type(exc).__name__}: {exc}")
                 print(f"  measured {link} / {name}", file=sys.stderr, flush=True)
             results["links"][link] = table
-        results["lifecycle"] = lifecycle(the_lab, args)
-        results["idle"] = idle_costs(the_lab, args.idle_seconds)
+        for key, stage in (("lifecycle", lambda: lifecycle(the_lab, args)),
+                           ("idle", lambda: idle_costs(the_lab, args.idle_seconds))):
+            try:
+                results[key] = stage()
+            except Exception as exc:
+                results["failures"].append(f"{key}: {type(exc).__name__}: {exc}")
     return results
 
 
@@ -604,7 +616,7 @@ def render(results: dict[str, Any]) -> str:
             row = "  " + metric.ljust(31) + "".join(fmt(table[n].get(metric)).rjust(18) for n in names)
             lines.append(row + _ratio(table, "dbtunneld ssh", metric).rjust(13)
                          + _ratio(table, "dbtunneld ssm-ssh", metric).rjust(13) + "  " + TARGETS.get(metric, ""))
-    life = results["lifecycle"]
+    life = results["lifecycle"] or {}
     names = list(life)
     lines += ["", "== tunnel lifecycle (loopback, default settings) ==",
               "  " + "metric".ljust(31) + "".join(n.rjust(18) for n in names) + "  target"]
