@@ -149,12 +149,12 @@ def _openssh_first_query(lab: DaemonLab) -> float:
 
 # ---------------------------------------------------------------------------- bastion faults
 
-def bastion_faults(lab: DaemonLab, reps: int) -> list[Figure]:
+def bastion_faults(lab: DaemonLab, reps: int, transports: tuple[str, ...] = ("ssh", "ssm-ssh")) -> list[Figure]:
     """Reconnect after the bastion returns and detection of a frozen one, through the daemon (ssh
     and ssm-ssh transports); OpenSSH with ServerAlive 5 s x 2 is the detection reference."""
     ref_detect = _openssh_detection(lab)
     figures = []
-    for transport in ("ssh", "ssm-ssh"):
+    for transport in transports:
         if transport != "ssh" and lab.stack.ssm is None:
             continue
         reconnect, detect = _daemon_faults(lab, transport, reps)
