@@ -162,6 +162,9 @@ class Background:
         except BaseException:
             self._error = traceback.format_exc()
 
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
     def result(self, timeout: float) -> dict[str, Any]:
         self._thread.join(timeout)
         if self._thread.is_alive():
@@ -182,6 +185,8 @@ def background(request, tmp_path_factory, scan):
              "soak": "test_short_ttl_soak_no_failed_query_no_leak"}
     started = {name: Background(name, job).start() for name, job in jobs.items() if tests[name] in selected}
     yield started
+    for job in started.values():           # their own cleanup (stacks, daemons) must finish first
+        job.join(SOAK_SECONDS + 300)
 
 
 @pytest.fixture(scope="module", autouse=True)

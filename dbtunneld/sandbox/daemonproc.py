@@ -24,12 +24,14 @@ Example::
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+import weakref
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -38,6 +40,7 @@ from .clientfiles import aws_config_text, client_env, daemon_config_text
 from .procs import free_port, pid_alive, wait_until
 
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+_live: "weakref.WeakSet[DaemonUnderTest]" = weakref.WeakSet()
 
 
 # ---------------------------------------------------------------------------- config
@@ -177,6 +180,7 @@ class DaemonUnderTest:
         self._prepare_home()
         self.write_config(config_text(stack.info, options))
         self.env = self._env(env or {})
+        _live.add(self)
 
     # -- files and environment
 
@@ -387,6 +391,18 @@ class DaemonUnderTest:
 
     def state_files(self) -> list[Path]:
         return [p for p in self.root.rglob("*") if p.is_file() and ".aws" not in p.parts]
+
+
+def kill_all_daemons() -> None:
+    """SIGKILL every daemon a harness of this process started or adopted (atexit: a test run that
+    ends while a case still runs in a thread leaves no daemon behind)."""
+    for d in list(_live):
+        for pid in d.pids:
+            if pid_alive(pid):
+                _signal(pid, signal.SIGKILL)
+
+
+atexit.register(kill_all_daemons)
 
 
 def _signal(pid: int, sig: int) -> None:
