@@ -379,11 +379,11 @@ def _expire_sso_cache(d: DaemonUnderTest) -> None:
 
 
 def _restart_while_signed_out(d: DaemonUnderTest) -> str:
-    """Stop and start the daemon signed out: `connect` says sign-in needed (non-zero exit), no crash."""
+    """Stop and start the daemon signed out: `connect` says sign-in needed (exit 4), no crash."""
     assert d.stop()
     r = d.cli("connect", "orders", "--wait", "20", check=False)
     state = d.tunnel("orders")["state"]
-    assert r.returncode in (4, 5) and "dbtunneld login" in r.stdout + r.stderr, r.stdout + r.stderr
+    assert r.returncode == 4 and "dbtunneld login" in r.stdout + r.stderr, r.stdout + r.stderr
     assert state == "needs_sign_in" and "Traceback" not in r.stderr
     return f"`dbtunneld connect` exit {r.returncode} naming `dbtunneld login`, tunnel {state}"
 
