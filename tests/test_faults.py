@@ -179,8 +179,9 @@ def background(request, tmp_path_factory, scan):
     """Start the long cases whose tests are selected; stop nothing here (each job cleans up)."""
     install_signal_guard()
     selected = {item.name for item in request.session.items if item.module is request.module}
-    jobs = {"vault_down": lambda: _vault_down_job(tmp_path_factory.mktemp("vault-down"), scan),
-            "soak": lambda: _soak_job(tmp_path_factory.mktemp("soak"), scan, SOAK_SECONDS)}
+    roots = {name: tmp_path_factory.mktemp(name) for name in ("vault-down", "soak")}   # not from threads
+    jobs = {"vault_down": lambda: _vault_down_job(roots["vault-down"], scan),
+            "soak": lambda: _soak_job(roots["soak"], scan, SOAK_SECONDS)}
     tests = {"vault_down": "test_vault_down_60s_tunnels_carry_traffic_and_renewal_resumes",
              "soak": "test_short_ttl_soak_no_failed_query_no_leak"}
     started = {name: Background(name, job).start() for name, job in jobs.items() if tests[name] in selected}
