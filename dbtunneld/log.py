@@ -134,6 +134,9 @@ class PrivateRotatingFileHandler(RotatingFileHandler):
 
 _installed: list[logging.Handler] = []
 WIRE_LOGGERS = ("botocore", "boto3", "urllib3", "s3transfer")
+# botocore.tokens logs a WARNING with a whole traceback each time an SSO token refresh fails;
+# the engine already turns that into one "sign-in needed" state, so only its errors are kept.
+QUIET_LOGGERS = {"botocore.tokens": logging.ERROR}
 
 
 def install_masking(handler: logging.Handler) -> logging.Handler:
@@ -169,6 +172,8 @@ def setup_logging(log_file: str | Path | None = None, *, level: int = logging.IN
     root.setLevel(level)
     for name in WIRE_LOGGERS:
         logging.getLogger(name).setLevel(max(level, logging.INFO))
+    for name, floor in QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(max(level, floor))
     return list(_installed)
 
 

@@ -155,3 +155,21 @@ def test_setup_keeps_wire_loggers_at_info_even_in_debug(tmp_path):
         dlog._installed.clear()
         for name in dlog.WIRE_LOGGERS:
             logging.getLogger(name).setLevel(logging.NOTSET)
+
+
+def test_botocore_token_refresh_warnings_are_quieted(tmp_path):
+    import logging
+
+    from dbtunneld.log import setup_logging
+
+    setup_logging(tmp_path / "q.log", stderr=False, level=logging.DEBUG)
+    try:
+        tokens = logging.getLogger("botocore.tokens")
+        tokens.warning("Refreshing token failed during the mandatory refresh period.")
+        tokens.error("a real token error")
+        logging.getLogger("dbtunneld.test").warning("our own warning")
+    finally:
+        setup_logging(None, stderr=False)
+    text = (tmp_path / "q.log").read_text()
+    assert "mandatory refresh" not in text
+    assert "a real token error" in text and "our own warning" in text
