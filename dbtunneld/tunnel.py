@@ -244,6 +244,7 @@ class Tunnel:
         self._bytes_down = 0              # received by pipes that have ended
         self._counts = {"open": 0, "total": 0, "reconnects": 0}
         self._serial = itertools.count(1)
+        self._workers = _Workers(f"tunnel-{name}")
         self._listener: socket.socket | None = None
         self._acceptor: _Acceptor | None = None
         self._keeper: threading.Thread | None = None
@@ -288,8 +289,8 @@ class Tunnel:
         if self._listener is not None:
             self._listener.close()
             self._listener = None
-        self._abort_pipes(lambda pipe: True)
         self.transport.close()
+        self._abort_pipes(lambda pipe: True)
         if keeper is not None and keeper is not threading.current_thread():
             keeper.join(timeout)
         if self.state != S.STOPPED:
@@ -537,8 +538,8 @@ class Tunnel:
         with self._cond:
             generation = self._generation
             self._generation += 1               # clients of the old upstream wait for a new one
+        self.transport.close()      # first: it wakes any thread blocked writing to a dead bastion
         self._abort_pipes(lambda pipe: pipe.generation <= generation)
-        self.transport.close()
 
     def _wait_backoff(self, run: object) -> None:
         now = self._clock.time()
@@ -580,12 +581,11 @@ class Tunnel:
             self._counts["total"] += 1
             self._clients_since_probe += 1
         number = next(self._serial)
-        threading.Thread(target=self._serve, args=(client, number), daemon=True,
-                         name=f"tunnel-{self.name}-conn-{number}").start()
+        self._workers.run(self._serve, client, number)
 
     def _serve(self, client: socket.socket, number: int) -> None:
         pipe = _Pipe(client, f"[tunnel={self.name}] conn-{number}")
-        pipe.start_upload()                     # the thread starts while the channel opens
+        pipe.start_upload(self._workers)        # the upload side waits while the channel opens
         try:
             opened = self._open_for_client(time.monotonic() + self.settings.connect_wait)
             if isinstance(opened, str):
@@ -741,6 +741,75 @@ class _Acceptor:
         self._wake_w.close()
 
 
+# ---- threads for client connections -----------------------------------------------------------
+
+WORKER_IDLE_SECONDS = 60.0
+
+
+class _Workers:
+    """Threads kept for reuse by one tunnel's connections. Handing a job to an idle thread is
+    one wake-up; starting a thread costs a start handshake (0.1-0.2 ms on the path of every new
+    connection). A thread idle for ``idle`` seconds ends (no periodic wake-ups)."""
+
+    def __init__(self, name: str, idle: float = WORKER_IDLE_SECONDS) -> None:
+        self.name = name
+        self.idle = idle
+        self._lock = threading.Lock()
+        self._resting: list[_Worker] = []
+        self._serial = itertools.count(1)
+
+    def run(self, fn: Callable[..., Any], *args: Any) -> threading.Event:
+        """Run ``fn(*args)`` on a thread of the pool; the event is set when it returns."""
+        done = threading.Event()
+        with self._lock:
+            worker = self._resting.pop() if self._resting else None
+        if worker is None:
+            worker = _Worker(self, f"{self.name}-worker-{next(self._serial)}")
+        worker.give(fn, args, done)
+        return done
+
+    def rest(self, worker: "_Worker") -> None:
+        with self._lock:
+            self._resting.append(worker)
+
+    def retire(self, worker: "_Worker") -> bool:
+        """True when ``worker`` may end (it was resting and nobody just gave it a job)."""
+        with self._lock:
+            if worker in self._resting:
+                self._resting.remove(worker)
+                return True
+            return False
+
+
+class _Worker:
+    def __init__(self, pool: _Workers, name: str) -> None:
+        self._pool = pool
+        self._job: tuple[Callable[..., Any], tuple, threading.Event] | None = None
+        self._given = threading.Event()
+        threading.Thread(target=self._loop, name=name, daemon=True).start()
+
+    def give(self, fn: Callable[..., Any], args: tuple, done: threading.Event) -> None:
+        self._job = (fn, args, done)
+        self._given.set()
+
+    def _loop(self) -> None:
+        while True:
+            if not self._given.wait(self._pool.idle):
+                if self._pool.retire(self):
+                    return
+                continue                          # a job is being handed over right now
+            self._given.clear()
+            fn, args, done = self._job
+            self._job = None
+            try:
+                fn(*args)
+            except Exception:
+                log.exception("%s: a connection job failed", threading.current_thread().name)
+            finally:
+                done.set()
+            self._pool.rest(self)
+
+
 # ---- one client connection -------------------------------------------------------------------
 
 class _Pipe:
@@ -757,12 +826,10 @@ class _Pipe:
         self.received = 0                 # bytes from the upstream (read by the keeper)
         self._aborted = False
         self._attached = threading.Event()
-        self._upload: threading.Thread | None = None
+        self._upload: threading.Event | None = None
 
-    def start_upload(self) -> None:
-        self._upload = threading.Thread(target=self._upload_when_attached, daemon=True,
-                                        name=f"{threading.current_thread().name}-up")
-        self._upload.start()
+    def start_upload(self, workers: "_Workers") -> None:
+        self._upload = workers.run(self._upload_when_attached)
 
     def attach(self, chan: Any, generation: int) -> None:
         self.chan, self.generation = chan, generation
@@ -785,7 +852,7 @@ class _Pipe:
         else:
             self._deliver(deliver)
         if self._upload is not None:
-            self._upload.join()
+            self._upload.wait()
         _close(self.chan)
 
     def _deliver(self, deliver: Callable[..., None]) -> None:

@@ -303,6 +303,38 @@ def test_frozen_bastion_detected_and_recovered(stack, tunnels):
 
 
 @pytest.mark.fault
+def test_frozen_bastion_under_load_is_detected_without_hanging(env, tunnels):
+    """A client keeps pushing bytes when the bastion freezes: blocked writes must not stall the
+    tunnel (the upstream is cut first, which wakes them), and it recovers after SIGCONT."""
+    t = tunnels(env.transport("ssh", "127.0.0.1", env.echo.port), ("127.0.0.1", env.echo.port))
+    eventually(lambda: t.state == S.UP)
+    sock = socket.create_connection(("127.0.0.1", t.local_port), timeout=30)
+    stop = threading.Event()
+
+    def push():
+        try:
+            while not stop.is_set():
+                sock.sendall(b"x" * MB)
+        except OSError:
+            pass
+
+    pusher = threading.Thread(target=push, daemon=True)
+    pusher.start()
+    time.sleep(0.5)                               # let the pipes fill
+    env.bastion.freeze()
+    try:
+        eventually(lambda: t.state != S.UP, timeout=15, what="frozen bastion detected under load")
+    finally:
+        env.bastion.thaw()
+        stop.set()
+    eventually(lambda: t.state == S.UP, timeout=30, what="recovered")
+    sock.close()
+    pusher.join(10)
+    sent, got = echo_round_trip(t.local_port, MB, seed=9)
+    assert sent == got
+
+
+@pytest.mark.fault
 def test_ssm_ssh_heals_when_the_bastion_behind_ssm_restarts(env, tunnels):
     orders = env.stack.clusters["orders"]
     t = tunnels(env.transport("ssm-ssh", "127.0.0.1", orders.port), ("127.0.0.1", orders.port))
