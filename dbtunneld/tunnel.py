@@ -589,11 +589,11 @@ class Tunnel:
         try:
             opened = self._open_for_client(time.monotonic() + self.settings.connect_wait)
             if isinstance(opened, str):
-                pipe.cancel()
                 self._refuse(client, opened)
                 return
             self._pump(pipe, *opened)
         finally:
+            pipe.cancel()                       # no-op once attached; else frees the upload side
             _close(client)
             with self._cond:
                 self._counts["open"] -= 1
@@ -836,7 +836,7 @@ class _Pipe:
         self._attached.set()
 
     def cancel(self) -> None:
-        self._attached.set()              # with no channel: the upload thread just ends
+        self._attached.set()              # with no channel attached: the upload side just ends
 
     def _upload_when_attached(self) -> None:
         self._attached.wait()
