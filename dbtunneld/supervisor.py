@@ -10,7 +10,10 @@ event whenever it changes. The engine and tunnels are built by factories (``engi
 tests of the orchestration use fakes.
 
 A tunnel waits for its cluster's DB credentials before it connects (its prerequisite); when the
-engine announces new credentials or a sign-in, the waiting tunnels are checked at once.
+engine announces new credentials or a sign-in, the waiting tunnels are checked at once. After a
+sleep (a jump between the wall and monotonic clocks, ``wake.WakeDetector``) every connected
+tunnel and the credential engine are checked at once. A real tunnel's health probe logs in with
+the cluster's current DB user (``login_probe``), so probes never count as aborted connects.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+import struct
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -26,9 +30,10 @@ from urllib.parse import quote
 
 from . import __version__, model
 from .config import AwsConfig, BastionConfig, ClusterConfig, Config, CredentialSettings, TunnelSettings, VaultConfig
-from .errors import DbtunneldError, NeedsUserError, SignInNeededError, UnknownNameError
+from .errors import DbtunneldError, NeedsUserError, SignInNeededError, TransientError, UnknownNameError
 from .model import CredentialState, CredentialStatus, DaemonStatus, TunnelState, TunnelStatus
 from .paths import Paths
+from .wake import WakeDetector
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +145,8 @@ class Supervisor:
 
     def __init__(self, config: Config, paths: Paths, *, engine_factory: EngineFactory,
                  tunnel_factory: TunnelFactory, on_event: Callable[[str, Any], None] | None = None,
-                 config_path: str = "", clock: Callable[[], float] = time.time) -> None:
+                 config_path: str = "", clock: Callable[[], float] = time.time,
+                 wake: WakeDetector | None = None) -> None:
         self.config = config
         self.paths = paths
         self.config_path = config_path or config.source
@@ -153,6 +159,7 @@ class Supervisor:
         self._slots: dict[str, ClusterSlot] = {}
         self._engine: EngineUnit | None = None
         self._publisher = StatusPublisher(self.status_dict, self._emit)
+        self._wake = wake or WakeDetector()      # checks connected tunnels and the engine after a sleep
         self.stopping = False
 
     # ---- lifecycle
@@ -160,14 +167,14 @@ class Supervisor:
     def start(self, autoconnect: bool = True) -> None:
         """Start the engine (it revokes orphans of a crashed run) and build the units."""
         with self._lock:
-            self._engine = self._engine_factory(self.config, self.paths, self._engine_event)
-            self._engine.start()
+            self._engine = self._start_engine(self.config)
             for spec in unit_specs(self.config).values():
                 self._slots[spec.cluster.name] = self._new_slot(spec, self.config)
             auto = [s for s in self._slots.values() if s.spec.cluster.autoconnect] if autoconnect else []
             for slot in auto:
                 self._connect_slot(slot)
         self._publisher.start()
+        self._wake.start()
         log.info("supervisor started: %d clusters, %d autoconnect", len(self._slots), len(auto))
 
     def stop(self, timeout: float = 15.0) -> None:
@@ -177,11 +184,21 @@ class Supervisor:
             self.stopping = True
             slots, self._slots = list(self._slots.values()), {}
             engine, self._engine = self._engine, None
+        self._wake.stop()
         self._stop_tunnels(slots, deadline)
         if engine is not None:
+            self._wake.unregister(engine)
             engine.stop(max(1.0, deadline - time.monotonic()))
         self._publisher.stop()
         log.info("supervisor stopped")
+
+    def _start_engine(self, config: Config) -> EngineUnit:
+        """Build and start the engine; one that can re-check its expiries is checked after a sleep."""
+        engine = self._engine_factory(config, self.paths, self._engine_event)
+        engine.start()
+        if callable(getattr(engine, "check_now", None)):
+            self._wake.register(engine)
+        return engine
 
     def _new_slot(self, spec: UnitSpec, config: Config) -> ClusterSlot:
         """Build a cluster's tunnel on its stable port; a port problem is the unit's failed state."""
@@ -202,6 +219,8 @@ class Supervisor:
 
     def _stop_tunnels(self, slots: Iterable[ClusterSlot], deadline: float) -> None:
         slots = list(slots)
+        for slot in slots:
+            self._wake.unregister(slot.tunnel)
         threads = [threading.Thread(target=self._stop_slot, args=(s, deadline), name=f"stop-{s.name}")
                    for s in slots]
         for t in threads:
@@ -245,6 +264,7 @@ class Supervisor:
         slot.wanted = True
         self._require_engine().want(slot.spec.cluster)
         slot.tunnel.start()
+        self._wake.register(slot.tunnel)
         log.info("[cluster=%s] connect requested (127.0.0.1:%s)", slot.name, slot.spec.cluster.local_port or "auto")
 
     def connect(self, names: Iterable[str] | None = None, wait: float = 0.0) -> list[dict[str, Any]]:
@@ -376,9 +396,9 @@ class Supervisor:
         old_names = list(self._slots)
         self._stop_tunnels(self._slots.values(), time.monotonic() + self.config.credentials.revoke_timeout)
         self._slots.clear()
+        self._wake.unregister(self._engine)
         self._engine.stop(self.config.credentials.revoke_timeout)
-        self._engine = self._engine_factory(new, self.paths, self._engine_event)
-        self._engine.start()
+        self._engine = self._start_engine(new)
         for spec in unit_specs(new).values():
             n = spec.cluster.name
             self._slots[n] = slot = self._new_slot(spec, new)
@@ -485,6 +505,12 @@ class EngineAdapter:
     def renew_now(self, name: str) -> None:
         self.engine.renew_now(name)
 
+    def check_now(self) -> None:
+        """Re-run every keeper's schedule now: after a sleep, wall-clock deadlines may have passed."""
+        self.engine.tokens.wake()
+        for keeper in list(self.engine.keepers.values()):
+            keeper.wake()
+
     def current(self, name: str) -> Any:
         return self.engine.current(name)
 
@@ -550,7 +576,96 @@ def tunnel_factory(spec: UnitSpec, port: int, engine: EngineUnit, on_change: Cal
         return False
 
     return Tunnel(c.name, port, c.endpoint, c.port, transport, spec.tunnels,
-                  prerequisite=credentials_ready, on_change=lambda status: on_change())
+                  prerequisite=credentials_ready, on_change=lambda status: on_change(),
+                  probe=login_probe(lambda: engine.current(c.name)))
+
+
+# ----------------------------------------------------------------------------- the login probe
+
+def login_probe(credentials: Callable[[], DbCredentials | None]) -> Callable[..., Any]:
+    """A tunnel probe that logs in with the cluster's current DB user, then quits.
+
+    The greeting-only probe (``tunnel.probe_mysql``) aborts the handshake, which MySQL counts
+    against max_connect_errors for the bastion's address; a completed login resets that count.
+    Until the cluster has credentials, the greeting-only probe.
+    """
+    from .tunnel import probe_mysql
+
+    def probe(transport: Any, host: str, port: int, timeout: float) -> Any:
+        cred = credentials()
+        if cred is None:
+            return probe_mysql(transport, host, port, timeout)
+        return probe_mysql_login(transport, host, port, timeout, cred)
+    return probe
+
+
+def probe_mysql_login(transport: Any, host: str, port: int, timeout: float, cred: DbCredentials) -> Any:
+    """Log in over a channel of ``transport`` and quit. A server error (1045 access denied, 1129
+    host blocked, ...) is a refusal (``ok=False``); no answer or not MySQL raises TransientError."""
+    import pymysql
+
+    from .tunnel import ProbeResult
+
+    conn = pymysql.connections.Connection(host=host, port=port, user=cred.username, password=cred.password,
+                                          connect_timeout=timeout, read_timeout=timeout,
+                                          write_timeout=timeout, defer_connect=True)
+    chan = ChannelSocket(transport.open_channel(host, port, timeout))
+    try:
+        conn.connect(chan)
+        version = conn.get_server_info()
+    except pymysql.err.MySQLError as exc:
+        return _login_refusal(exc, host, port)
+    except (EOFError, IndexError, ValueError, struct.error) as exc:
+        raise TransientError(f"{host}:{port} answered, but not like MySQL ({type(exc).__name__})") from None
+    finally:
+        if conn.open:
+            conn.close()                 # COM_QUIT: a clean end, not an aborted connection
+        chan.close()
+    return ProbeResult(True, version)
+
+
+def _login_refusal(exc: Exception, host: str, port: int) -> Any:
+    """A server's error is a refusal; a client-side one (2xxx: lost, cannot connect) a dead path."""
+    from .tunnel import ProbeResult
+
+    code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else 0
+    message = str(exc.args[1]) if len(exc.args) > 1 else str(exc)
+    if code and not 2000 <= code < 3000:
+        return ProbeResult(False, message, code)
+    raise TransientError(f"no MySQL login at {host}:{port}: {message}") from None
+
+
+class ChannelSocket:
+    """A transport channel as the socket PyMySQL reads and writes (it reads through ``makefile``)."""
+
+    def __init__(self, chan: Any) -> None:
+        self._chan = chan
+
+    def settimeout(self, timeout: float | None) -> None:
+        if hasattr(self._chan, "settimeout"):
+            self._chan.settimeout(timeout)
+
+    def sendall(self, data: bytes) -> None:
+        self._chan.sendall(data)
+
+    def makefile(self, mode: str) -> "ChannelSocket":
+        return self
+
+    def read(self, n: int) -> bytes:
+        """Up to ``n`` bytes, fewer only at the end of the stream (PyMySQL reports that as lost)."""
+        buf = b""
+        while len(buf) < n:
+            chunk = self._chan.recv(n - len(buf))
+            if not chunk:
+                break
+            buf += chunk
+        return buf
+
+    def close(self) -> None:
+        try:
+            self._chan.close()
+        except Exception:
+            pass
 
 
 # ----------------------------------------------------------------------------- status events

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import pytest
@@ -11,7 +12,9 @@ from dbtunneld import errors
 from dbtunneld.config import parse_config
 from dbtunneld.model import TunnelState
 from dbtunneld.paths import default_paths
+from dbtunneld.daemon import Daemon, Factories
 from dbtunneld.supervisor import StatusPublisher, Supervisor, connection_strings
+from dbtunneld.wake import WakeDetector
 
 
 def cfg(clusters, vault="http://127.0.0.1:8200"):
@@ -27,10 +30,10 @@ def events():
 def make(tmp_path, events):
     made = []
 
-    def _make(clusters, autoconnect=True):
+    def _make(clusters, autoconnect=True, engine_factory=F.engine_factory, **kw):
         sup = Supervisor(cfg(clusters), default_paths({"DBTUNNELD_HOME": str(tmp_path)}),
-                         engine_factory=F.engine_factory, tunnel_factory=F.tunnel_factory,
-                         on_event=lambda e, d: events.append((e, d)))
+                         engine_factory=engine_factory, tunnel_factory=F.tunnel_factory,
+                         on_event=lambda e, d: events.append((e, d)), **kw)
         sup.start(autoconnect=autoconnect)
         made.append(sup)
         F.LOG.clear()
@@ -199,3 +202,108 @@ def test_engine_events_wake_the_waiting_tunnels(make):
     assert checks() == {"a": 2, "b": 1, "c": 0}
     sup._engine_event("credentials", {"kind": "db.revoked", "name": "a"})
     assert checks() == {"a": 2, "b": 1, "c": 0}
+
+
+# ---- sleep/wake
+
+class Clocks:
+    """Wall and monotonic clocks the test moves; a sleep moves only the wall clock."""
+
+    def __init__(self):
+        self.wall, self.mono = 1_700_000_000.0, 100.0
+
+    def sleep(self, seconds: float):
+        self.mono += 5
+        self.wall += 5 + seconds
+
+
+class CheckableEngine(F.FakeEngine):
+    """A fake engine that can re-check its expiries, like ``EngineAdapter.check_now``."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.checks = 0
+
+    def check_now(self):
+        self.checks += 1
+
+
+@pytest.fixture
+def clocks():
+    return Clocks()
+
+
+@pytest.fixture
+def woken(make, clocks):
+    """A supervisor whose wake detector runs on fake clocks (its own thread would poll once an hour)."""
+    def _woken(clusters):
+        wake = WakeDetector(wall=lambda: clocks.wall, monotonic=lambda: clocks.mono, tick=3600, threshold=10)
+        return make(clusters, engine_factory=CheckableEngine, wake=wake), wake
+    return _woken
+
+
+def checks(sup):
+    return {n: s.tunnel.checks for n, s in sup._slots.items()}
+
+
+def test_a_wake_checks_every_connected_tunnel_and_the_engine(woken, clocks, caplog):
+    sup, wake = woken([("a", 13306, True), ("b", 13307, True), ("c", 13308, False)])
+    clocks.sleep(0)
+    assert wake.poll() is None and checks(sup) == {"a": 0, "b": 0, "c": 0}
+    clocks.sleep(3600)
+    with caplog.at_level(logging.INFO, logger="dbtunneld.wake"):
+        assert wake.poll() == 3600
+    assert checks(sup) == {"a": 1, "b": 1, "c": 0} and sup._engine.checks == 1
+    assert [r.getMessage() for r in caplog.records if "clock jumped" in r.getMessage()] == [
+        "clock jumped +3600 s (sleep/wake or clock change): checking every tunnel now"]
+
+
+def test_units_follow_connect_disconnect_and_reload(woken, clocks):
+    sup, wake = woken([("a", 13306, True), ("b", 13307, False), ("c", 13308, True)])
+    sup.connect(["b"])
+    sup.disconnect(["a"])
+    old_c = sup._slots["c"].tunnel
+    sup.reload(cfg([("a", 13306, True), ("b", 13307, False), ("c", 13310, True)]))   # c restarts
+    clocks.sleep(60)
+    wake.poll()
+    assert checks(sup) == {"a": 0, "b": 1, "c": 1} and old_c.checks == 0
+    old_engine = sup._engine
+    sup.reload(cfg([("b", 13307, False)], vault="http://127.0.0.1:8300"))          # everything restarts
+    clocks.sleep(60)
+    wake.poll()
+    assert checks(sup) == {"b": 1} and sup._engine.checks == 1 and old_engine.checks == 1
+
+
+def test_the_supervisor_starts_and_stops_its_detector(make):
+    sup = make([("a", 13306, True)])
+    thread = sup._wake._thread
+    assert thread is not None and thread.is_alive()
+    assert sup._wake._tick >= 5                       # an idle daemon wakes up for it every few seconds only
+    sup.stop(5)
+    assert not thread.is_alive() and sup._wake._thread is None
+
+
+def wake_threads():
+    return [t for t in threading.enumerate() if t.name == "wake-detector" and t.is_alive()]
+
+
+def test_the_daemon_runs_one_detector_and_ends_it(tmp_path):
+    """The real ``Daemon`` (scripted units): one detector thread while it serves, across a reload; none after."""
+    before = wake_threads()
+    config = tmp_path / "config.toml"
+    config.write_text(F.config_text([("orders", 13306, True)]))
+    d = Daemon(default_paths({"DBTUNNELD_HOME": str(tmp_path / "home")}), config,
+               Factories(F.engine_factory, F.tunnel_factory), stop_timeout=5).start()
+    serving = threading.Thread(target=d.serve_forever, daemon=True)
+    mine = [t for t in wake_threads() if t not in before]
+    try:
+        serving.start()
+        config.write_text(F.config_text([("orders", 13306, True), ("billing", 13307, True)]))
+        d.reload()
+        assert len(mine) == 1 and [t for t in wake_threads() if t not in before] == mine
+        assert d.supervisor._wake._tick >= 5
+    finally:
+        d.request_stop()
+        serving.join(5)
+        d.shutdown()
+    assert not any(t.is_alive() for t in mine)

@@ -23,6 +23,7 @@ from dbtunneld import ssh
 from dbtunneld.config import Config, TunnelSettings, parse_config
 from dbtunneld.model import TunnelState
 from dbtunneld.ports import bind_listener
+from dbtunneld.supervisor import DbCredentials, login_probe
 from dbtunneld.transport import SshTransport, Transport, build_transport
 from dbtunneld.tunnel import ProbeResult, Tunnel
 from tunnel_servers import GreetingEchoServer, Sshd, keygen
@@ -370,3 +371,37 @@ def test_busy_port_reported_with_port_and_pid(stack, tunnels):
         assert "pid" in st.last_error
     finally:
         holder.close()
+
+
+# ---- the login probe (what the supervisor gives its tunnels) -----------------------------------
+
+def aborted_connects(stack) -> int:
+    [[_, value]] = stack.db("orders").query("SHOW GLOBAL STATUS LIKE 'Aborted_connects'")
+    return int(value)
+
+
+@pytest.mark.parametrize("kind", TRANSPORTS)
+def test_login_probes_leave_no_aborted_connects(env, tunnels, kind):
+    """A completed login (then COM_QUIT) is not an aborted connect; the greeting-only probe is."""
+    orders = env.stack.clusters["orders"]
+    probe = login_probe(lambda: DbCredentials(orders.admin_user, orders.admin_password))
+    t = tunnels(env.transport(kind, "127.0.0.1", orders.port), ("127.0.0.1", orders.port), probe=probe)
+    eventually(lambda: t.state == S.UP, what="up")
+    before = aborted_connects(env.stack)
+    results = [probe(t.transport, "127.0.0.1", orders.port, 5) for _ in range(5)]
+    assert all(r.ok for r in results) and aborted_connects(env.stack) == before
+    assert login_probe(lambda: None)(t.transport, "127.0.0.1", orders.port, 5).ok   # no lease: greeting only
+    assert aborted_connects(env.stack) > before
+
+
+def test_login_probe_with_wrong_credentials_reports_refusing(env, tunnels, caplog):
+    orders = env.stack.clusters["orders"]
+    wrong = "not-the-password-" + orders.admin_password[:4]
+    probe = login_probe(lambda: DbCredentials(orders.admin_user, wrong))
+    t = tunnels(env.transport("ssh", "127.0.0.1", orders.port), ("127.0.0.1", orders.port), probe=probe)
+    eventually(lambda: t.status().last_error != "", what="the refusal reported")
+    result = probe(t.transport, "127.0.0.1", orders.port, 5)
+    assert not result.ok and result.code == 1045 and "Access denied" in result.detail
+    st = t.status()
+    assert st.state == S.UP and "refuses connections: 1045" in st.last_error
+    assert wrong not in caplog.text and wrong not in st.last_error
