@@ -4,6 +4,7 @@ clients waiting through rebuilds, refusals that say why, ports, prerequisites.""
 from __future__ import annotations
 
 import itertools
+import os
 import socket
 import threading
 import time
@@ -611,3 +612,40 @@ def test_stop_during_a_hanging_connect_then_start_again(make):
     eventually(lambda: t.state == S.UP and transport.alive, what="up in the new run")
     connect_and_greet(t.local_port).close()
     assert t.state == S.UP
+
+
+class AffinityRecordingTransport(ScriptedTransport):
+    """Notes the CPUs each thread that connects or opens a channel may run on."""
+
+    def __init__(self, server_port: int) -> None:
+        super().__init__(server_port)
+        self.seen: list[frozenset[int]] = []
+
+    def connect(self) -> None:
+        self.seen.append(frozenset(os.sched_getaffinity(0)))
+        super().connect()
+
+    def open_channel(self, host, port, timeout):
+        self.seen.append(frozenset(os.sched_getaffinity(0)))
+        return super().open_channel(host, port, timeout)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs thread affinity and two CPUs")
+def test_a_tunnels_threads_share_one_cpu_and_tunnels_take_turns(make, echo):
+    runs = []
+    for _ in range(2):
+        transport = AffinityRecordingTransport(echo.port)
+        t, _ = make(transport=transport)
+        t.start()
+        eventually(lambda: t.state == S.UP, what="up")
+        connect_and_greet(t.local_port).close()       # a connection thread opens a channel
+        eventually(lambda: len(transport.seen) >= 2, what="a channel opened")
+        runs.append(set(transport.seen))
+    assert all(len(seen) == 1 and len(next(iter(seen))) == 1 for seen in runs), runs
+    assert runs[0] != runs[1], "two tunnels on the same CPU"
+
+
+def test_threads_are_not_pinned_when_turned_off(monkeypatch):
+    monkeypatch.setenv("DBTUNNELD_PIN_THREADS", "0")
+    assert tunnel_mod.data_path_cpu() is None
