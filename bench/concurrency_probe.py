@@ -35,10 +35,11 @@ def round_trips(port: int, size: int, seconds: float, out: list[float], start: t
             out.append(time.perf_counter() - t0)
 
 
-def measure(port: int, threads: int, size: int, seconds: float) -> dict[str, float]:
+def run_threads(threads: int, seconds: float, work, *args) -> dict[str, float]:
+    """Run ``work(*args, seconds, samples, barrier)`` in ``threads`` threads; latency figures in ms."""
     samples: list[list[float]] = [[] for _ in range(threads)]
     barrier = threading.Barrier(threads)
-    workers = [threading.Thread(target=round_trips, args=(port, size, seconds, s, barrier)) for s in samples]
+    workers = [threading.Thread(target=work, args=(*args, seconds, s, barrier)) for s in samples]
     for w in workers:
         w.start()
     for w in workers:
@@ -46,6 +47,10 @@ def measure(port: int, threads: int, size: int, seconds: float) -> dict[str, flo
     flat = sorted(x for s in samples for x in s)
     return {"n": len(flat), "rps": len(flat) / seconds, "p50": statistics.median(flat) * 1e3,
             "p95": flat[int(len(flat) * 0.95)] * 1e3, "max": flat[-1] * 1e3}
+
+
+def measure(port: int, threads: int, size: int, seconds: float) -> dict[str, float]:
+    return run_threads(threads, seconds, round_trips, port, size)
 
 
 def report(label: str, port: int, counts: list[int], size: int, seconds: float) -> None:
@@ -78,16 +83,7 @@ def queries(port: int, cluster, seconds: float, out: list[float], start: threadi
 
 
 def measure_mysql(port: int, cluster, threads: int, seconds: float) -> dict[str, float]:
-    samples: list[list[float]] = [[] for _ in range(threads)]
-    barrier = threading.Barrier(threads)
-    workers = [threading.Thread(target=queries, args=(port, cluster, seconds, s, barrier)) for s in samples]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    flat = sorted(x for s in samples for x in s)
-    return {"n": len(flat), "rps": len(flat) / seconds, "p50": statistics.median(flat) * 1e3,
-            "p95": flat[int(len(flat) * 0.95)] * 1e3, "max": flat[-1] * 1e3}
+    return run_threads(threads, seconds, queries, port, cluster)
 
 
 def cpu_seconds(pid: int) -> float:
