@@ -9,8 +9,7 @@ errors of ``dbtunneld.errors``; this module never retries (the tunnel owns retri
 Tuning (see STACK-NOTES, "SSH forwarding speed"): 16 MiB channel windows, 256 KiB packets,
 aes128-gcm first, TCP_NODELAY, a reader thread that blocks without a timeout once logged in
 (no poll() per read, no idle wake-ups), and channel data written straight into the client's
-socket by that thread (``ForwardChannel.deliver_into``), which reads the SSH socket in large
-pieces (``_ReadAhead``: fewer GIL hand-offs when several channels are busy).
+socket by that thread (``ForwardChannel.deliver_into``).
 """
 
 from __future__ import annotations
@@ -67,49 +66,9 @@ class _QuietTransport(paramiko.Transport):
     _channel_handler_table = {**paramiko.Transport._channel_handler_table,
                               paramiko.common.MSG_CHANNEL_DATA: _feed_channel_data}
 
-    def __init__(self, sock: Any, *args: Any, **kwargs: Any) -> None:
-        super().__init__(_ReadAhead(sock), *args, **kwargs)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.sink_lock = threading.Lock()
-        self.packetizer.complete_handshake = _once(self.packetizer.complete_handshake)
-
-
-def _once(fn: Callable[[], None]) -> Callable[[], None]:
-    """paramiko calls ``Packetizer.complete_handshake`` after every message it reads; only the
-    first call does anything (later ones cancel a finished timer: a lock and an Event.set each)."""
-    done = False
-
-    def first_time_only() -> None:
-        nonlocal done
-        if not done:
-            done = True
-            fn()
-    return first_time_only
-
-
-READ_AHEAD = 256 * 1024
-
-
-class _ReadAhead:
-    """The socket(-like) under paramiko, read in large pieces: paramiko reads each packet with
-    two exact-size recv() calls (the first block, then the rest), and each recv() releases and
-    re-takes the GIL, a hand-off with the upload threads when several channels are busy.
-    Only paramiko's reader thread calls ``recv``; everything else passes through."""
-
-    def __init__(self, sock: Any) -> None:
-        self._sock = sock
-        self._rest = b""
-
-    def recv(self, n: int) -> bytes:
-        if not self._rest:
-            data = self._sock.recv(max(n, READ_AHEAD))
-            if len(data) <= n:
-                return data
-            self._rest = data
-        out, self._rest = self._rest[:n], self._rest[n:]
-        return out
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._sock, name)
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,10 @@ class Transport(ABC):
     """One way to reach the cluster; ``connect`` (re)builds the upstream."""
 
     kind = ""
+    # Whether the tunnel may pin its threads to one CPU (see tunnel.data_path_cpu). Only where it
+    # was measured to help: plain SSH. Over SSM, pinned threads cut 50-connection transfers short
+    # (the SSH socket's writes failed), so those paths stay unpinned until that is understood.
+    pin_data_path = False
 
     @abstractmethod
     def connect(self) -> None:
@@ -146,6 +150,7 @@ class SshTransport(SshBasedTransport):
     """Plain SSH to ``host:port`` (TCP with TCP_NODELAY)."""
 
     kind = "ssh"
+    pin_data_path = True
 
     def __init__(self, host: str, port: int, options_for: Callable[[str], ssh.SshOptions],
                  ephemeral: Callable[[ssh.SshOptions], ssh.SshOptions] | None = None,

@@ -246,7 +246,8 @@ class Tunnel:
         self._counts = {"open": 0, "total": 0, "reconnects": 0}
         self._serial = itertools.count(1)
         self._workers = _Workers(f"tunnel-{name}")
-        self._cpu = data_path_cpu()          # this tunnel's threads all run on it
+        # this tunnel's threads all run on one CPU, where the transport allows it
+        self._cpu = data_path_cpu() if transport.pin_data_path else None
         self._listener: socket.socket | None = None
         self._acceptor: _Acceptor | None = None
         self._keeper: threading.Thread | None = None

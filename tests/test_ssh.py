@@ -301,27 +301,3 @@ def test_deliver_into_a_slow_reader_keeps_order_and_blocks_no_one(sshd, echo):
         assert done.wait(10)
         for s in (ours, client):
             s.close()
-
-
-def test_read_ahead_serves_exact_reads_from_one_large_recv():
-    a, b = socket.socketpair()
-    with a, b:
-        reader = ssh._ReadAhead(a)
-        b.sendall(b"head" + b"body" * 1000)
-        assert reader.recv(4) == b"head"
-        b.close()                                   # the rest must come from the buffer
-        got = b""
-        while len(got) < 4000:
-            got += reader.recv(4000 - len(got))
-        assert got == b"body" * 1000
-        assert reader.recv(10) == b""               # then the socket's end of stream
-        reader.settimeout(1.5)                      # everything else passes through
-        assert a.gettimeout() == 1.5
-
-
-def test_complete_handshake_runs_once():
-    calls = []
-    once = ssh._once(lambda: calls.append(1))
-    once()
-    once()
-    assert calls == [1]

@@ -617,6 +617,8 @@ def test_stop_during_a_hanging_connect_then_start_again(make):
 class AffinityRecordingTransport(ScriptedTransport):
     """Notes the CPUs each thread that connects or opens a channel may run on."""
 
+    pin_data_path = True
+
     def __init__(self, server_port: int) -> None:
         super().__init__(server_port)
         self.seen: list[frozenset[int]] = []
@@ -644,6 +646,15 @@ def test_a_tunnels_threads_share_one_cpu_and_tunnels_take_turns(make, echo):
         runs.append(set(transport.seen))
     assert all(len(seen) == 1 and len(next(iter(seen))) == 1 for seen in runs), runs
     assert runs[0] != runs[1], "two tunnels on the same CPU"
+
+
+def test_only_plain_ssh_pins_its_data_path(make, echo):
+    from dbtunneld.transport import SshTransport, SsmPortForwardTransport, SsmSshTransport
+
+    assert SshTransport.pin_data_path
+    assert not SsmSshTransport.pin_data_path and not SsmPortForwardTransport.pin_data_path
+    t, _ = make(transport=ScriptedTransport(echo.port))
+    assert t._cpu is None
 
 
 def test_threads_are_not_pinned_when_turned_off(monkeypatch):
