@@ -355,7 +355,34 @@ class _Context:
                 return False
 
 
-class LaunchdAgent:
+class _LoginFile:
+    """A login item kept in one file: its status is the file, read back, plus what the
+    system says of it (``_system_problems`` and ``_loaded`` are each mechanism's own)."""
+
+    mechanism = ""
+    path: Path
+
+    def status(self) -> AutostartStatus | None:
+        if not self.path.exists():
+            return None
+        problems: list[str] = []
+        command = self._read(problems)
+        problems += _program_missing(command, str(self.path))
+        problems += self._system_problems()
+        return AutostartStatus(not problems, self.mechanism, _mode_of(command), str(self.path),
+                               tuple(command), self._loaded(), tuple(problems))
+
+    def _read(self, problems: list[str]) -> list[str]:
+        raise NotImplementedError
+
+    def _system_problems(self) -> list[str]:
+        return []
+
+    def _loaded(self) -> bool | None:
+        return None
+
+
+class LaunchdAgent(_LoginFile):
     """macOS: ~/Library/LaunchAgents/<label>.plist, loaded into the gui/UID domain."""
 
     mechanism = "launchd"
@@ -396,17 +423,13 @@ class LaunchdAgent:
             notes.append(f"removed {self.path}")
         return notes
 
-    def status(self) -> AutostartStatus | None:
-        if not self.path.exists():
-            return None
-        problems: list[str] = []
-        command = self._read(problems)
-        problems += _program_missing(command, str(self.path))
+    def _system_problems(self) -> list[str]:
         if self._disabled_override():
-            problems.append(f"{self.target} is disabled in launchd (`launchctl disable`); {REWRITE}")
-        loaded = self._launchctl("print", self.target).returncode == 0
-        return AutostartStatus(not problems, self.mechanism, _mode_of(command), str(self.path),
-                               tuple(command), loaded, tuple(problems))
+            return [f"{self.target} is disabled in launchd (`launchctl disable`); {REWRITE}"]
+        return []
+
+    def _loaded(self) -> bool | None:
+        return self._launchctl("print", self.target).returncode == 0
 
     def _read(self, problems: list[str]) -> list[str]:
         try:
@@ -430,7 +453,7 @@ class LaunchdAgent:
         return False
 
 
-class XdgAutostart:
+class XdgAutostart(_LoginFile):
     """Linux desktops: $XDG_CONFIG_HOME/autostart/dbtunneld.desktop starts the tray at login."""
 
     mechanism = "xdg"
@@ -451,15 +474,6 @@ class XdgAutostart:
     def disable(self, stop_now: bool) -> list[str]:
         return [f"removed {self.path}"] if _remove(self.path) else []
 
-    def status(self) -> AutostartStatus | None:
-        if not self.path.exists():
-            return None
-        problems: list[str] = []
-        command = self._read(problems)
-        problems += _program_missing(command, str(self.path))
-        return AutostartStatus(not problems, self.mechanism, _mode_of(command), str(self.path),
-                               tuple(command), None, tuple(problems))
-
     def _read(self, problems: list[str]) -> list[str]:
         parser = ConfigParser(interpolation=None, strict=False)
         parser.optionxform = str  # type: ignore[assignment]  # keys are case-sensitive
@@ -478,7 +492,7 @@ class XdgAutostart:
         return desktop_exec_split(entry["Exec"])
 
 
-class SystemdUserUnit:
+class SystemdUserUnit(_LoginFile):
     """Headless Linux: $XDG_CONFIG_HOME/systemd/user/dbtunneld.service runs the daemon."""
 
     mechanism = "systemd"
@@ -538,20 +552,12 @@ class SystemdUserUnit:
         return [f"disabled {UNIT_NAME} and removed {self.path}"
                 + ("" if stop_now or not manager else " (a running daemon keeps running)")]
 
-    def status(self) -> AutostartStatus | None:
-        if not self.path.exists():
+    def _loaded(self) -> bool | None:
+        if not self.manager_runs():
             return None
-        problems: list[str] = []
-        command = self._read(problems)
-        problems += _program_missing(command, str(self.path))
-        problems += self._is_enabled_problems()
-        loaded = None
-        if self.manager_runs():
-            loaded = self._systemctl("is-active", UNIT_NAME).stdout.strip() == "active"
-        return AutostartStatus(not problems, self.mechanism, _mode_of(command), str(self.path),
-                               tuple(command), loaded, tuple(problems))
+        return self._systemctl("is-active", UNIT_NAME).stdout.strip() == "active"
 
-    def _is_enabled_problems(self) -> list[str]:
+    def _system_problems(self) -> list[str]:
         ran = self._systemctl("is-enabled", UNIT_NAME)
         state = ran.stdout.strip()
         if ran.returncode == 127:
