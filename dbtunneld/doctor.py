@@ -110,7 +110,7 @@ def check_vault(st: DoctorState) -> str:
     reach = _vault_health(st.config)
     st.vault = VaultClient(st.config.vault)
     c = st.aws_creds
-    token = st.vault.login_aws_iam(c.access_key, c.secret_key, c.token)
+    token = st.vault.login_aws_iam(c.access_key, c.secret_key, c.token, profile_region=st.aws.profile_region)
     logmask.register_secret(token.secret)
     st.vault.use_token(token.secret)
     policies = ", ".join(token.info.policies) or "none"
