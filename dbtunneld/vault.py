@@ -11,6 +11,10 @@ hvac and requests failures into dbtunneld's errors:
   role or mount, lease not found): re-acquire or fix the config.
 * ``NeedsUserError``: TLS verification failed (set ``vault.ca_cert``).
 
+Vault's environment, as its CLI reads it: ``VAULT_NAMESPACE``, ``VAULT_CACERT`` and
+``VAULT_CAPATH`` stand in for ``vault.namespace`` / ``vault.ca_cert`` when those are unset;
+``VAULT_TOKEN`` and ``~/.vault-token`` are never read (the token is only what our login made).
+
 Secrets: the token travels only in the ``X-Vault-Token`` header; ``Token`` and ``LeaseGrant``
 never show their secret in ``repr``.
 """
@@ -129,7 +133,7 @@ def tls_verify(config: VaultConfig, environ: Mapping[str, str] = os.environ) -> 
     return config.ca_cert or environ.get("VAULT_CACERT") or environ.get("VAULT_CAPATH") or True
 
 
-def namespace(config: VaultConfig, environ: Mapping[str, str] = os.environ) -> str:
+def vault_namespace(config: VaultConfig, environ: Mapping[str, str] = os.environ) -> str:
     """``vault.namespace``, else ``VAULT_NAMESPACE`` (Vault Enterprise / HCP), else the root."""
     return (config.namespace or environ.get("VAULT_NAMESPACE", "")).strip("/")
 
@@ -190,7 +194,7 @@ class VaultClient:
         self.config = config
         self._clock = clock
         verify = tls_verify(config, environ)
-        self.namespace = namespace(config, environ)
+        self.namespace = vault_namespace(config, environ)
         self._session = _no_retry_session(verify)
         dlog.register_secret(token)
         # token "" (not None): hvac would otherwise pick up VAULT_TOKEN or ~/.vault-token

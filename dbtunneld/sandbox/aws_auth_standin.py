@@ -150,7 +150,8 @@ def validate_body(body: str) -> None:
 
 
 def parse_headers(raw) -> list[tuple[str, list[str]]]:
-    """``iam_request_headers``: a JSON object, or base64 of one; values a string or a list."""
+    """``iam_request_headers``: a JSON object, or base64 of one; values a string or a list
+    (path_login.go ``parseIamRequestHeaders``)."""
     if isinstance(raw, str):
         text = raw
         try:
