@@ -62,7 +62,7 @@ class VaultConfig:
     iam_server_id: str = ""
     database_mount: str = "database"
     timeout: float = 10.0
-    sts_region: str = "us-east-1"    # region the login's sts:GetCallerIdentity is signed for; "auto": the profile's
+    sts_region: str = "us-east-1"    # region the login's GetCallerIdentity is signed for ("auto": the profile's)
     sts_endpoint: str = ""           # URL to sign instead of https://sts.<sts_region>.amazonaws.com/ (VPC endpoint)
     namespace: str = ""              # Vault Enterprise / HCP namespace (X-Vault-Namespace); "" = VAULT_NAMESPACE or root
 

@@ -178,7 +178,11 @@ def tls_openbao(tmp_path):
         yield f"https://127.0.0.1:{port}", ca
     finally:
         proc.terminate()
-        proc.wait(10)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
 
 
 def test_vault_cacert_and_capath_are_trusted_when_ca_cert_is_unset(tls_openbao, tmp_path):
