@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -284,6 +285,19 @@ class AwsSession:
             return self.client("sts").get_caller_identity()["Arn"]
         except Exception as exc:
             raise classify(exc, "calling sts:GetCallerIdentity", self.profile) from None
+
+    def profile_region(self) -> str:
+        """The profile's own region: ``AWS_REGION``, ``AWS_DEFAULT_REGION``, then ``region`` of the
+        profile in ~/.aws/config, else ``aws.region`` (what ``vault.sts_region = "auto"`` means)."""
+        env = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        if env:
+            return env
+        try:
+            with self._lock:
+                scoped = self._botocore().get_scoped_config()
+        except Exception as exc:
+            raise classify(exc, "reading the AWS profile's region", self.profile) from None
+        return scoped.get("region") or self.config.region
 
     def sso_settings(self) -> SsoSettings | None:
         """The profile's SSO settings, or None when it does not use SSO."""

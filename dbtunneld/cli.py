@@ -379,6 +379,10 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--no-tray", action="store_true", help="do not start the tray even with a display")
     sb.add_argument("--base-port", type=int, default=13306,
                     help="first local port for the demo clusters (default 13306; a busy one is replaced and said)")
+    sb.add_argument("--sts-region", default="", metavar="REGION",
+                    help="set the Vault aws auth up with this regional STS endpoint (default: the global one)")
+    sb.add_argument("--vault-namespace", default="", metavar="NAME",
+                    help="put the aws auth and database mounts in this Vault namespace (default: the root)")
     sb.set_defaults(func=_cmd_sandbox)
 
     au = sub.add_parser("autostart", help="start at login: enable | disable | status")

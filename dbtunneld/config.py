@@ -42,6 +42,7 @@ from .errors import ConfigError, Problem
 TRANSPORTS = ("ssm-ssh", "ssm-port-forward", "ssh", "plugin")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 INSTANCE_RE = re.compile(r"^(i-[0-9a-f]{8,17}|mi-[0-9a-f]{8,17}|ecs:[A-Za-z0-9_-]+_[A-Za-z0-9]+_[A-Za-z0-9-]+)$")
+REGION_RE = re.compile(r"[a-z]{2}(-[a-z]+)+-\d")
 AWS_ENDPOINT_SERVICES = ("sts", "ec2", "rds", "ssm", "sso", "sso-oidc", "ec2-instance-connect")
 
 
@@ -61,6 +62,9 @@ class VaultConfig:
     iam_server_id: str = ""
     database_mount: str = "database"
     timeout: float = 10.0
+    sts_region: str = "us-east-1"    # region the login's GetCallerIdentity is signed for ("auto": the profile's)
+    sts_endpoint: str = ""           # URL to sign instead of https://sts.<sts_region>.amazonaws.com/ (VPC endpoint)
+    namespace: str = ""              # Vault Enterprise / HCP namespace (X-Vault-Namespace); "" = VAULT_NAMESPACE or root
 
 
 @dataclass(frozen=True)
@@ -231,7 +235,7 @@ def _parse_aws(r: _Reader) -> AwsConfig:
         elif not urlsplit(url).scheme in ("http", "https"):
             r.problem(f"endpoint_urls.{svc}", f"{url!r} is not an http(s) URL", "write e.g. https://sts.eu-west-1.amazonaws.com")
     region = r.text("region", "us-east-1")
-    if not re.fullmatch(r"[a-z]{2}(-[a-z]+)+-\d", region):
+    if not REGION_RE.fullmatch(region):
         r.problem("region", f"{region!r} is not an AWS region", 'write e.g. "eu-west-1"')
     return AwsConfig(profile=r.text("profile"), region=region, endpoint_urls=endpoints)
 
@@ -266,8 +270,42 @@ def _parse_vault(r: _Reader) -> VaultConfig:
         iam_server_id=r.text("iam_server_id"),
         database_mount=r.text("database_mount", "database").strip("/") or "database",
         timeout=r.number("timeout", 10.0, 0.5, 120.0),
+        sts_region=_sts_region(r), sts_endpoint=_sts_endpoint(r), namespace=_namespace(r),
     )
     return cfg
+
+
+def _sts_region(r: _Reader) -> str:
+    region = r.text("sts_region", "us-east-1")
+    if region != "auto" and not REGION_RE.fullmatch(region):
+        r.problem("sts_region", f"{region!r} is not an AWS region",
+                  'write the region Vault\'s aws auth signs STS for (its sts_region), e.g. "eu-west-1", '
+                  'or "auto" for the AWS profile\'s region')
+    return region
+
+
+def _sts_endpoint(r: _Reader) -> str:
+    url = r.text("sts_endpoint")
+    if not url:
+        return ""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        r.problem("sts_endpoint", f"{url!r} is not a URL",
+                  'write the STS endpoint Vault is configured with, e.g. "https://sts.eu-west-1.amazonaws.com"')
+    elif parts.path.strip("/") or parts.query or parts.fragment or parts.username:
+        r.problem("sts_endpoint", f"{url!r} has a path, query or credentials",
+                  "keep only scheme://host[:port], as in Vault's sts_endpoint")
+    elif parts.scheme == "http" and not _is_loopback(parts.hostname):
+        r.problem("sts_endpoint", f"{url!r} is plain http", "use https (plain http is allowed only for a loopback address)")
+    return url.rstrip("/")
+
+
+def _namespace(r: _Reader) -> str:
+    namespace = r.text("namespace").strip("/")
+    if namespace and not all(NAME_RE.match(part) for part in namespace.split("/")):
+        r.problem("namespace", f"{namespace!r} is not a Vault namespace path",
+                  'write e.g. "admin" (HCP Vault) or "team-a/dev": names of letters, digits, "-", "_" and "."')
+    return namespace
 
 
 def _parse_bastion(r: _Reader) -> BastionConfig:

@@ -110,7 +110,7 @@ def check_vault(st: DoctorState) -> str:
     reach = _vault_health(st.config)
     st.vault = VaultClient(st.config.vault)
     c = st.aws_creds
-    token = st.vault.login_aws_iam(c.access_key, c.secret_key, c.token)
+    token = st.vault.login_aws_iam(c.access_key, c.secret_key, c.token, profile_region=st.aws.profile_region)
     logmask.register_secret(token.secret)
     st.vault.use_token(token.secret)
     policies = ", ".join(token.info.policies) or "none"
@@ -120,10 +120,12 @@ def check_vault(st: DoctorState) -> str:
 def _vault_health(config: Config) -> str:
     import requests
 
+    from .vault import tls_verify
+
     cfg = config.vault
     url = f"{cfg.address}/v1/sys/health?standbyok=true&perfstandbyok=true"
     try:
-        resp = requests.get(url, timeout=cfg.timeout, verify=cfg.ca_cert or True)
+        resp = requests.get(url, timeout=cfg.timeout, verify=tls_verify(cfg))
     except requests.exceptions.SSLError as exc:
         raise NeedsUserError(f"TLS to Vault at {cfg.address} failed: {_first_line(exc)}",
                              "set vault.ca_cert to the PEM of Vault's CA") from None

@@ -203,7 +203,8 @@ class TokenKeeper(Keeper):
         dlog.register_secret(creds.token)
         self.vault.use_token(None)
         try:
-            token = self.vault.login_aws_iam(creds.access_key, creds.secret_key, creds.token)
+            token = self.vault.login_aws_iam(creds.access_key, creds.secret_key, creds.token,
+                                             profile_region=self.aws.profile_region)
         except TransientError as exc:
             return self._retry("login", exc)
         except DbtunneldError as exc:

@@ -11,6 +11,10 @@ hvac and requests failures into dbtunneld's errors:
   role or mount, lease not found): re-acquire or fix the config.
 * ``NeedsUserError``: TLS verification failed (set ``vault.ca_cert``).
 
+Vault's environment, as its CLI reads it: ``VAULT_NAMESPACE``, ``VAULT_CACERT`` and
+``VAULT_CAPATH`` stand in for ``vault.namespace`` / ``vault.ca_cert`` when those are unset;
+``VAULT_TOKEN`` and ``~/.vault-token`` are never read (the token is only what our login made).
+
 Secrets: the token travels only in the ``X-Vault-Token`` header; ``Token`` and ``LeaseGrant``
 never show their secret in ``repr``.
 """
@@ -18,17 +22,19 @@ never show their secret in ``repr``.
 from __future__ import annotations
 
 import math
+import os
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import hvac
 import hvac.exceptions as hexc
 import requests
 from requests.adapters import HTTPAdapter
 
+from . import iam_login
 from . import log as dlog
 from .config import VaultConfig
 from .errors import DbtunneldError, NeedsUserError, PermissionDeniedError, TransientError
@@ -113,6 +119,25 @@ def classify(exc: BaseException, doing: str, address: str) -> DbtunneldError:
     return TransientError(f"unexpected failure while {doing}: {type(exc).__name__}: {exc}")
 
 
+def _login_hint(cfg: VaultConfig, region: str) -> str:
+    signed = iam_login.sts_url(region, cfg.sts_endpoint)
+    return (f"check that your AWS role is bound to Vault role {cfg.role!r}, that vault.iam_server_id matches "
+            f"the server's iam_server_id_header_value, and that the server's STS endpoint takes a request "
+            f"signed for {region} at {signed} (set vault.sts_region / vault.sts_endpoint like its "
+            "sts_region / sts_endpoint)" + (f"; namespace {cfg.namespace!r}" if cfg.namespace else ""))
+
+
+def tls_verify(config: VaultConfig, environ: Mapping[str, str] = os.environ) -> bool | str:
+    """What to trust for Vault's TLS: ``vault.ca_cert``, else ``VAULT_CACERT``, else
+    ``VAULT_CAPATH`` (a directory of hashed CA files), else the system store."""
+    return config.ca_cert or environ.get("VAULT_CACERT") or environ.get("VAULT_CAPATH") or True
+
+
+def vault_namespace(config: VaultConfig, environ: Mapping[str, str] = os.environ) -> str:
+    """``vault.namespace``, else ``VAULT_NAMESPACE`` (Vault Enterprise / HCP), else the root."""
+    return (config.namespace or environ.get("VAULT_NAMESPACE", "")).strip("/")
+
+
 def _vault_message(exc: BaseException) -> str:
     errors = getattr(exc, "errors", None)
     if errors:
@@ -164,14 +189,17 @@ def _no_retry_session(verify: bool | str) -> requests.Session:
 class VaultClient:
     """One Vault endpoint as dbtunneld uses it. Not thread-safe: one per keeper thread."""
 
-    def __init__(self, config: VaultConfig, token: str | None = None, *, clock: Clock = SYSTEM_CLOCK) -> None:
+    def __init__(self, config: VaultConfig, token: str | None = None, *, clock: Clock = SYSTEM_CLOCK,
+                 environ: Mapping[str, str] = os.environ) -> None:
         self.config = config
         self._clock = clock
-        verify: bool | str = config.ca_cert or True
+        verify = tls_verify(config, environ)
+        self.namespace = vault_namespace(config, environ)
         self._session = _no_retry_session(verify)
         dlog.register_secret(token)
-        self._client = hvac.Client(url=config.address, token=token, timeout=config.timeout,
-                                   verify=verify, session=self._session)
+        # token "" (not None): hvac would otherwise pick up VAULT_TOKEN or ~/.vault-token
+        self._client = hvac.Client(url=config.address, token=token or "", timeout=config.timeout,
+                                   verify=verify, session=self._session, namespace=self.namespace or None)
 
     @property
     def address(self) -> str:
@@ -179,7 +207,7 @@ class VaultClient:
 
     def use_token(self, token: str | None) -> None:
         dlog.register_secret(token)
-        self._client.token = token
+        self._client.token = token or ""
 
     def close(self) -> None:
         self._session.close()
@@ -199,24 +227,22 @@ class VaultClient:
 
     # -- auth
 
-    def login_aws_iam(self, access_key: str, secret_key: str, session_token: str | None,
-                      region: str = "us-east-1") -> Token:
-        """Log in with the aws auth method: a signed sts:GetCallerIdentity for Vault to forward.
-
-        hvac signs for the global STS endpoint (``sts.amazonaws.com``), whose signing region is
-        us-east-1; pass another ``region`` only for a Vault set up with that regional STS.
-        """
+    def login_aws_iam(self, access_key: str, secret_key: str, session_token: str | None, *,
+                      profile_region: Callable[[], str] = str) -> Token:
+        """Log in with the aws auth method: a GetCallerIdentity signed for ``vault.sts_region``
+        (``auto``: ``profile_region()``, the AWS profile's region) at ``vault.sts_endpoint`` or
+        that region's STS host (see ``iam_login``), which Vault replays to its own STS endpoint."""
         cfg = self.config
+        region = iam_login.signing_region(cfg, profile_region)
         doing = f"the AWS IAM login (auth mount {cfg.auth_mount!r}, role {cfg.role!r})"
+        payload = iam_login.login_payload(access_key, secret_key, session_token, region=region,
+                                          endpoint=cfg.sts_endpoint, server_id=cfg.iam_server_id, role=cfg.role)
         try:
-            resp = self._client.auth.aws.iam_login(
-                access_key, secret_key, session_token, header_value=cfg.iam_server_id or None,
-                role=cfg.role, use_token=True, region=region, mount_point=cfg.auth_mount)
+            resp = self._client.login(f"/v1/auth/{cfg.auth_mount}/login", use_token=True, json=payload)
         except (hexc.InvalidRequest, hexc.Forbidden, hexc.Unauthorized) as exc:
             raise PermissionDeniedError(
                 f"Vault refused {doing}: {_vault_message(exc)}",
-                hint=f"check that your AWS role is bound to Vault role {cfg.role!r} and that "
-                     "vault.iam_server_id matches the server's iam_server_id_header_value") from None
+                hint=_login_hint(cfg, region)) from None
         except Exception as exc:
             raise classify(exc, doing, self.address) from None
         return self._token_from_auth(resp["auth"])

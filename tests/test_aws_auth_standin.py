@@ -148,6 +148,60 @@ def test_missing_fields_are_named(stack):
     assert refusal(stack, {"iam_http_request_method": "POST"}) == "missing iam_request_url"
 
 
+# ------------------------------------------------------------------ the STS endpoint (Vault's sts_endpoint)
+
+def dbtunneld_payload(creds: dict, server_id: str, region: str, endpoint: str = "") -> dict:
+    from dbtunneld.iam_login import login_payload as signed_login
+
+    return signed_login(creds["aws_access_key_id"], creds["aws_secret_access_key"], creds["aws_session_token"],
+                        region=region, endpoint=endpoint, server_id=server_id, role="db-developer")
+
+
+def test_global_endpoint_refuses_a_regional_signature(stack, dev_creds):
+    """The session stack's Vault uses the default global endpoint (us-east-1)."""
+    msg = refusal(stack, dbtunneld_payload(dev_creds, stack.server_id, "eu-west-1"))
+    assert "SignatureDoesNotMatch" in msg and "Credential should be scoped to a valid region" in msg
+    # signed for us-east-1 but for another endpoint's host: not a name of sts.amazonaws.com
+    msg = refusal(stack, dbtunneld_payload(dev_creds, stack.server_id, "us-east-1",
+                                           endpoint="https://sts.eu-west-1.amazonaws.com"))
+    assert "is not a name of https://sts.amazonaws.com" in msg
+    ok = post_login(stack, dbtunneld_payload(dev_creds, stack.server_id, "us-east-1"))
+    assert ok.status_code == 200, ok.text
+    requests.post(f"{stack.vault_addr}/v1/auth/token/revoke-self", timeout=10,
+                  headers={"X-Vault-Token": ok.json()["auth"]["client_token"]})
+
+
+def test_vault_picks_the_sts_endpoint_as_configured():
+    from dbtunneld.sandbox import sts_endpoint as sts
+
+    scope = "AWS4-HMAC-SHA256 Credential=ASIAX/20260101/ap-south-1/sts/aws4_request, SignedHeaders=host, Signature=0"
+    assert sts.vault_target("", "", False, scope) == sts.StsTarget("https://sts.amazonaws.com", "us-east-1")
+    assert sts.vault_target("", "", True, scope) == sts.StsTarget("https://sts.ap-south-1.amazonaws.com", "ap-south-1")
+    with pytest.raises(ValueError, match="region missing from Authorization header"):
+        sts.vault_target("", "", True, "")
+    vpce = "https://vpce-0abc-xyz.sts.eu-central-1.vpce.amazonaws.com"
+    assert sts.vault_target(vpce, "", False, scope).region == "eu-central-1"
+    proxy = sts.vault_target("https://sts-proxy.corp.example", "eu-north-1", False, scope)
+    assert proxy.region == "eu-north-1"
+    sts.check_accepts(proxy, "sts.eu-north-1.amazonaws.com", scope.replace("ap-south-1", "eu-north-1"))
+    with pytest.raises(sts.StsRefusal, match="scoped to a valid region"):
+        sts.check_accepts(proxy, "sts.eu-north-1.amazonaws.com", scope)
+    with pytest.raises(sts.StsRefusal, match="not a name of"):
+        sts.check_accepts(sts.StsTarget(vpce, "eu-central-1"), "sts.amazonaws.com",
+                          scope.replace("ap-south-1", "eu-central-1"))
+
+
+def test_namespaced_login_route(stack, dev_creds):
+    """The session stack's aws mount is in the root namespace: a login routed into another
+    namespace is not the stand-in's; OpenBao answers it (no such namespace or mount)."""
+    payload = login_payload(dev_creds, server_id=stack.server_id)
+    resp = requests.post(f"{stack.vault_addr}/v1/auth/aws/login", json=payload, timeout=30,
+                         headers={"X-Vault-Namespace": "team-a"})
+    assert resp.status_code in (400, 403, 404) and "auth" not in resp.json(), resp.text
+    resp = requests.post(f"{stack.vault_addr}/v1/team-a/auth/aws/login", json=payload, timeout=30)
+    assert resp.status_code in (400, 403, 404) and "auth" not in resp.json(), resp.text
+
+
 # ------------------------------------------------------------------ the proxy
 
 def test_other_paths_reach_openbao_unchanged(stack):

@@ -90,6 +90,15 @@ BAD = [
      ["config.toml: vault.address: 'vault' is not a URL; write e.g. \"https://vault.example.com:8200\""]),
     ("vault creds in url", '[vault]\naddress = "https://u:p@vault.example.com"\nrole = "r"\n' + BASE_BASTION + ONE_CLUSTER,
      ["config.toml: vault.address: must not carry credentials or a query; keep only scheme://host:port"]),
+    ("vault sts and namespace", '[vault]\naddress = "https://v.example.com"\nrole = "r"\nsts_region = "Europe"\n'
+     'sts_endpoint = "https://sts.eu-west-1.amazonaws.com/x"\nnamespace = "team a"\n' + BASE_BASTION + ONE_CLUSTER,
+     ["config.toml: vault.sts_region: 'Europe' is not an AWS region; write the region Vault's aws auth signs STS for",
+      "config.toml: vault.sts_endpoint: 'https://sts.eu-west-1.amazonaws.com/x' has a path, query or credentials; "
+      "keep only scheme://host[:port]",
+      "config.toml: vault.namespace: 'team a' is not a Vault namespace path; write e.g. \"admin\""]),
+    ("vault sts endpoint not a url", BASE_VAULT.replace('role = "r"', 'role = "r"\nsts_endpoint = "sts.eu-west-1"')
+     + BASE_BASTION + ONE_CLUSTER,
+     ["config.toml: vault.sts_endpoint: 'sts.eu-west-1' is not a URL; write the STS endpoint Vault is configured with"]),
     ("unknown transport", BASE_VAULT + '[bastion]\ntransport = "telnet"\ninstance_id = "i-0123456789abcdef0"\n' + ONE_CLUSTER,
      ["config.toml: bastion.transport: unknown transport 'telnet'; use one of ssm-ssh, ssm-port-forward, ssh, plugin"]),
     ("ssm without target", BASE_VAULT + ONE_CLUSTER,
@@ -152,6 +161,16 @@ def test_bad_config_lists_every_problem(label, text, expected):
     if not label == "not toml":
         assert len(lines) == len(expected), lines
     assert "config check" in info.value.hint
+
+
+def test_vault_sts_and_namespace_settings():
+    text = BASE_VAULT + 'sts_region = "auto"\nnamespace = "/admin/team-a/"\n' + BASE_BASTION + ONE_CLUSTER
+    vault = parse_config(text).vault
+    assert (vault.sts_region, vault.sts_endpoint, vault.namespace) == ("auto", "", "admin/team-a")
+    text = BASE_VAULT + 'sts_region = "eu-west-1"\nsts_endpoint = "https://vpce-1-a.sts.eu-west-1.vpce.amazonaws.com/"\n'
+    vault = parse_config(text + BASE_BASTION + ONE_CLUSTER).vault
+    assert vault.sts_endpoint == "https://vpce-1-a.sts.eu-west-1.vpce.amazonaws.com" and vault.sts_region == "eu-west-1"
+    assert parse_config(BASE_VAULT + BASE_BASTION + ONE_CLUSTER).vault.sts_region == "us-east-1"
 
 
 def test_missing_file_names_path_and_fix(tmp_path):

@@ -186,3 +186,26 @@ def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_every_layer_works_with_regional_sts_auto_and_a_namespace(make_stack, tmp_path):
+    """Vault set up with the eu-west-1 STS and its mounts in namespace team-a; the config says
+    sts_region = "auto" and the AWS profile's region is eu-west-1 (aws.region stays us-east-1)."""
+    stack = make_stack(sts_region="eu-west-1", vault_namespace="team-a", clusters=("orders",), ssm=False)
+    home = Home(stack, tmp_path / "regional")
+    aws_config = Path(home.info.aws_config_file)
+    text = aws_config.read_text()
+    assert f"region = {home.info.region}\nservices" in text
+    aws_config.write_text(text.replace(f"region = {home.info.region}\nservices", "region = eu-west-1\nservices", 1))
+    home.env.pop("AWS_REGION", None)
+    home.env.pop("AWS_DEFAULT_REGION", None)
+    config = variant(stack, tmp_path, 'sts_region = "eu-west-1"', 'sts_region = "auto"')
+    home.config_file = config
+    sign_in(home)
+    r = run(home, config)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert set(lines_by_layer(r.stdout).values()) == {"ok"}
+    assert stack.dynamic_users() == []
+    r = run(home, variant(stack, tmp_path, 'sts_region = "eu-west-1"', 'sts_region = "us-east-1"'))
+    assert r.returncode != 0 and lines_by_layer(r.stdout)["vault"] == "FAIL"
+    assert "scoped to a valid region" in r.stdout and "vault.sts_region" in r.stdout

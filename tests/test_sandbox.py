@@ -296,13 +296,16 @@ def test_restart_comes_back_on_the_same_port(tmp_path):
 
 # ------------------------------------------------------------------ `dbtunneld sandbox`
 
-def test_sandbox_command_prints_a_working_login_and_cleans_up():
+@pytest.mark.parametrize("options", [[], ["--sts-region", "eu-west-1", "--vault-namespace", "team-a"]],
+                         ids=["default", "regional-sts-and-namespace"])
+def test_sandbox_command_prints_a_working_login_and_cleans_up(options):
     import re
     import subprocess
 
     import pymysql
 
-    proc = subprocess.Popen([sys.executable, "-m", "dbtunneld.cli", "sandbox", "--no-daemon"], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "dbtunneld.cli", "sandbox", "--no-daemon", *options],
+                            stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=dict(os.environ), start_new_session=True)
     lines: list[str] = []
     try:

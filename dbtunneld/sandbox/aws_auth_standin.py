@@ -15,20 +15,33 @@ HTTP 400 with ``{"errors": [...]}``):
 2. If a server-id value is configured, the ``X-Vault-AWS-IAM-Server-ID`` header must be
    present, equal to it, and listed in the Authorization header's SignedHeaders; other
    ``X-Amz-*`` headers must be on the allowed list.
-3. The signed request is sent to the STS endpoint (moto) as ``endpoint + "/" + RequestURI``
-   with the client's Host header; moto verifies the signature. The answer must be 200 with
+3. The STS endpoint is picked as Vault picks it (``sts_endpoint``, or with
+   ``use_sts_region_from_client`` the region of the client's credential scope), and what AWS
+   would refuse there is refused (``sts_endpoint.py``: the credential scope's region must be the
+   endpoint's region and the signed Host one of its names; path_login.go ``pathLoginUpdateIam``,
+   ``buildHttpRequest``, ``submitCallerIdentityRequest``). The request then goes to moto (the
+   ``sts_transport`` address stands for that endpoint) as ``endpoint path + "/" + RequestURI``
+   with the client's Host header, exactly as signed; moto verifies the SigV4 signature with the
+   region of the credential scope and the Host it receives. The answer must be 200 with
    ``Content-Type: text/xml`` and exactly one identity.
 4. ``arn:aws:sts::ACCT:assumed-role/NAME/SESSION`` maps to ``arn:aws:iam::ACCT:role/NAME``;
    the requested role (or, if none, the principal's friendly name) must exist and bind that
    ARN (exact, or a glob ending in ``*``) in ``bound_iam_principal_arn``.
+
+Namespaces: the aws mount lives in ``namespace`` (Vault Enterprise / OpenBao). A login is
+served only at that namespace's path, from the ``X-Vault-Namespace`` header joined with a path
+prefix as Vault routes them (``/v1/auth/aws/login`` + header ``team-a``, or
+``/v1/team-a/auth/aws/login``); anything else goes to OpenBao unchanged, which answers for
+its own mounts.
 
 Then the stand-in signs a short-lived JWT (its own ES256 key) naming the canonical ARN, and
 logs in with it at OpenBao's JWT auth mount (mounted at the same path, e.g. ``auth/aws``),
 whose role of the same name checks the claims and carries the policies and TTLs; the
 OpenBao token response is returned as is. ``GET /_standin/health`` answers locally.
 
-Config file (JSON, mode 0600): ``listen_port``, ``vault_addr``, ``sts_endpoint``,
-``iam_server_id_header_value``, ``auth_mount``, ``jwt_key_file``, ``jwt_issuer``,
+Config file (JSON, mode 0600): ``listen_port``, ``vault_addr``, ``sts_transport`` (moto),
+``sts_endpoint``, ``sts_region``, ``use_sts_region_from_client`` (as Vault's config/client),
+``namespace``, ``iam_server_id_header_value``, ``auth_mount``, ``jwt_key_file``, ``jwt_issuer``,
 ``jwt_audience``, ``allowed_sts_header_values`` and ``roles`` (name ->
 ``{"bound_iam_principal_arn": [...]}``).
 """
@@ -53,6 +66,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
+from . import sts_endpoint as sts
 from .standin_http import Handler, Server, serve, setup_logging
 
 log = logging.getLogger("aws-auth-standin")
@@ -95,9 +109,13 @@ class Identity:
 class StandinConfig:
     listen_port: int
     vault_addr: str
-    sts_endpoint: str
+    sts_transport: str
     jwt_key_file: str
     roles: dict[str, dict]
+    sts_endpoint: str = sts.GLOBAL_ENDPOINT
+    sts_region: str = ""
+    use_sts_region_from_client: bool = False
+    namespace: str = ""
     iam_server_id_header_value: str = ""
     auth_mount: str = "aws"
     jwt_issuer: str = "dbtunneld-sandbox-aws-auth-standin"
@@ -132,7 +150,8 @@ def validate_body(body: str) -> None:
 
 
 def parse_headers(raw) -> list[tuple[str, list[str]]]:
-    """``iam_request_headers``: a JSON object, or base64 of one; values a string or a list."""
+    """``iam_request_headers``: a JSON object, or base64 of one; values a string or a list
+    (path_login.go ``parseIamRequestHeaders``)."""
     if isinstance(raw, str):
         text = raw
         try:
@@ -265,13 +284,27 @@ class Login:
         self.check_binding(role, identity)
         return role, identity
 
+    def sts_target(self, url, headers: list[tuple[str, list[str]]]) -> sts.StsTarget:
+        """The endpoint Vault would use, refusing what AWS would refuse there."""
+        cfg = self.config
+        authorization = ",".join(_header(headers, "Authorization") or [])
+        try:
+            target = sts.vault_target(cfg.sts_endpoint, cfg.sts_region, cfg.use_sts_region_from_client, authorization)
+            sts.check_accepts(target, url.hostname or "", authorization)
+        except ValueError as exc:
+            raise LoginRefused(str(exc)) from None
+        except sts.StsRefusal as exc:
+            raise LoginRefused(f"error making upstream request: {exc}") from None
+        return target
+
     def caller_identity(self, url, body: str, headers: list[tuple[str, list[str]]]) -> Identity:
         """Send the signed request to STS exactly as the plugin does and parse the answer."""
-        endpoint = urlsplit(self.config.sts_endpoint)
+        target = urlsplit(self.sts_target(url, headers).endpoint)
+        transport = urlsplit(self.config.sts_transport)
         request_uri = (url.path or "/") + (f"?{url.query}" if url.query else "")
-        conn = http.client.HTTPConnection(endpoint.hostname, endpoint.port or 80, timeout=15)
+        conn = http.client.HTTPConnection(transport.hostname, transport.port or 80, timeout=15)
         try:
-            conn.putrequest("POST", f"{endpoint.path.rstrip('/')}/{request_uri}", skip_host=True,
+            conn.putrequest("POST", f"{target.path.rstrip('/')}/{request_uri}", skip_host=True,
                             skip_accept_encoding=True)
             conn.putheader("Host", url.netloc)
             for k, values in headers:
@@ -332,11 +365,20 @@ class StandinHandler(Handler):
         path = self.path.split("?", 1)[0]
         if path == "/_standin/health":
             return self.send_json(200, {"standin": "aws-auth", "ok": True})
-        if path.rstrip("/") == f"/v1/auth/{self.login.config.auth_mount}/login" and self.command in ("POST", "PUT"):
+        if self.is_login(path) and self.command in ("POST", "PUT"):
             return self.handle_login()
         self.proxy(self.read_body())
 
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_LIST = do_OPTIONS = do_any
+
+    def is_login(self, path: str) -> bool:
+        """Vault's routing: the namespace header joined with the path after /v1/."""
+        if not path.startswith("/v1/"):
+            return False
+        header = (self.headers.get("X-Vault-Namespace") or "").strip("/")
+        routed = "/".join(p for p in (header, path[len("/v1/"):].strip("/")) if p)
+        cfg = self.login.config
+        return routed == "/".join(p for p in (cfg.namespace.strip("/"), f"auth/{cfg.auth_mount}/login") if p)
 
     def handle_login(self) -> None:
         try:
@@ -354,12 +396,15 @@ class StandinHandler(Handler):
         log.info("login accepted: %s as role %s", identity.arn, role)
         self.path = f"/v1/auth/{self.login.config.auth_mount}/login"
         self.command = "POST"
-        self.proxy(body, extra_headers={"Content-Type": "application/json"}, drop_token=True)
+        extra = {"Content-Type": "application/json"}
+        if self.login.config.namespace:
+            extra["X-Vault-Namespace"] = self.login.config.namespace
+        self.proxy(body, extra_headers=extra, drop_token=True)
 
     def proxy(self, body: bytes, extra_headers: dict | None = None, drop_token: bool = False) -> None:
         headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
-        if drop_token:
-            headers = {k: v for k, v in headers.items() if k.lower() != "x-vault-token"}
+        if drop_token:  # the JWT login: no client token, and the namespace is the stand-in's
+            headers = {k: v for k, v in headers.items() if k.lower() not in ("x-vault-token", "x-vault-namespace")}
         headers.update(extra_headers or {})
         headers["Content-Length"] = str(len(body))
         try:

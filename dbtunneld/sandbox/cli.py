@@ -33,19 +33,20 @@ SHORT_TTLS = dict(token_ttl=30, token_max_ttl=120, lease_ttl=20, lease_max_ttl=9
 
 
 def lease_users(stack: Stack) -> dict[str, dict[str, Any]]:
-    """One fresh leased user per cluster: {cluster: {"username", "password", "lease_id", "ttl"}}."""
-    import hvac
+    """One fresh leased user per cluster: {cluster: {"username", "password", "lease_id", "ttl"}},
+    through dbtunneld's own Vault client and the stack's daemon config (STS region, namespace)."""
+    from ..config import parse_config
+    from ..vault import VaultClient
 
     creds = stack.role_credentials()
-    vault = hvac.Client(url=stack.vault_addr)
-    vault.auth.aws.iam_login(creds["aws_access_key_id"], creds["aws_secret_access_key"],
-                             creds["aws_session_token"], header_value=stack.server_id,
-                             role=stack.vault_role, region=stack.region)
+    vault = VaultClient(parse_config(stack.daemon_config()).vault)  # its token dies with the stack
+    vault.login_aws_iam(creds["aws_access_key_id"], creds["aws_secret_access_key"], creds["aws_session_token"])
     out = {}
     for name, cluster in stack.clusters.items():
-        lease = vault.secrets.database.generate_credentials(cluster.db_role)
-        out[name] = {"username": lease["data"]["username"], "password": lease["data"]["password"],
-                     "lease_id": lease["lease_id"], "ttl": lease["lease_duration"]}
+        lease = vault.database_creds(cluster.db_role)
+        out[name] = {"username": lease.username, "password": lease.password,
+                     "lease_id": lease.lease_id, "ttl": int(lease.duration)}
+    vault.close()
     return out
 
 
@@ -56,6 +57,9 @@ def describe(stack: Stack, users: dict[str, dict[str, Any]], out: TextIO) -> Non
     row = lambda label, text: p(f"  {label:<38}{text}")  # noqa: E731
     p(f"dbtunneld sandbox: up in {stack.started_in:.1f}s (everything under {i.dir})")
     row("Vault (aws auth stand-in -> OpenBao):", f"{i.vault_addr}   OpenBao: {i.bao_addr}")
+    if i.sts_region or i.vault_namespace:
+        row("Vault aws auth set up with:", f"STS {i.sts_endpoint or i.sts_region or 'global'}"
+            f"   namespace {i.vault_namespace or '(root)'}")
     row("AWS (moto, SigV4 enforced):", f"{i.aws_endpoint}   account {i.account_id}")
     row("AWS SSO portal (stand-in):", i.sso_start_url)
     if i.ssm_endpoint:
@@ -86,10 +90,11 @@ def run_sandbox(args: argparse.Namespace, out: TextIO | None = None,
     out = out or sys.stdout
     stop = stop_event or threading.Event()
     ttls = SHORT_TTLS if getattr(args, "short_ttl", False) else {}
+    vault = dict(sts_region=getattr(args, "sts_region", "") or "", vault_namespace=getattr(args, "vault_namespace", "") or "")
     restore = _install_stop_handlers(stop) if stop_event is None else {}
     try:
         print("dbtunneld sandbox: starting MariaDB x2, OpenBao, moto, sshd and the stand-ins...", file=out, flush=True)
-        with start_stack(**ttls) as stack:
+        with start_stack(**ttls, **vault) as stack:
             if getattr(args, "no_daemon", False):
                 describe(stack, lease_users(stack), out)
                 out.flush()

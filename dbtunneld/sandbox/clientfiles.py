@@ -81,7 +81,10 @@ def daemon_config_text(info: "StackInfo", transport: str = "ssh") -> str:
         lines.append("")
     lines += ["[vault]", f"address = {_toml(info.vault_addr)}", f"role = {_toml(info.vault_role)}",
               f"auth_mount = {_toml(info.auth_mount)}", f"iam_server_id = {_toml(info.server_id)}",
-              f"database_mount = {_toml(info.database_mount)}", ""]
+              f"database_mount = {_toml(info.database_mount)}"]
+    lines += [f"{key} = {_toml(value)}" for key, value in (
+        ("sts_region", info.sts_region), ("sts_endpoint", info.sts_endpoint), ("namespace", info.vault_namespace))
+        if value] + [""]
     lines += _bastion_lines(info, transport)
     for c in info.clusters.values():
         lines += ["[[clusters]]", f"name = {_toml(c.name)}", f"endpoint = {_toml(c.host)}", f"port = {c.port}",

@@ -59,6 +59,9 @@ class StackInfo:
     auth_mount: str = JWT_MOUNT     # aws auth mount ("aws")
     database_mount: str = "database"
     server_id: str = SERVER_ID      # X-Vault-AWS-IAM-Server-ID value
+    vault_namespace: str = ""       # namespace holding the aws and database mounts ("" = root)
+    sts_region: str = ""            # Vault's aws auth sts_region ("" = global sts.amazonaws.com)
+    sts_endpoint: str = ""          # Vault's aws auth sts_endpoint ("" = derived from sts_region)
     # AWS (moto)
     aws_endpoint: str = ""          # moto: sts, iam, ec2, rds
     region: str = REGION

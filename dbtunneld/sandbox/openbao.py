@@ -80,15 +80,22 @@ class AwsRoleBinding:
 class BaoAdmin:
     """Root-token HTTP calls to OpenBao (configuration only; no retries)."""
 
-    def __init__(self, addr: str, token: str) -> None:
+    def __init__(self, addr: str, token: str, namespace: str = "", http: requests.Session | None = None) -> None:
         self.addr = addr.rstrip("/")
-        self.http = requests.Session()
+        self.namespace = namespace
+        self.http = http or requests.Session()
         self.http.headers["X-Vault-Token"] = token
 
+    def in_namespace(self, namespace: str) -> "BaoAdmin":
+        """The same root token and connection, every call in ``namespace`` (X-Vault-Namespace)."""
+        return BaoAdmin(self.addr, self.http.headers["X-Vault-Token"], namespace, self.http)
+
     def call(self, method: str, path: str, body: dict | None = None) -> Any:
-        resp = self.http.request(method, f"{self.addr}/v1/{path}", json=body, timeout=10)
+        headers = {"X-Vault-Namespace": self.namespace} if self.namespace else {}
+        resp = self.http.request(method, f"{self.addr}/v1/{path}", json=body, headers=headers, timeout=10)
         if resp.status_code >= 400:
-            raise RuntimeError(f"OpenBao {method} {path}: {resp.status_code} {resp.text.strip()}")
+            where = f" (namespace {self.namespace})" if self.namespace else ""
+            raise RuntimeError(f"OpenBao {method} {path}{where}: {resp.status_code} {resp.text.strip()}")
         return resp.json() if resp.content else None
 
     def write(self, path: str, body: dict | None = None) -> Any:
@@ -151,6 +158,13 @@ def configure_jwt_auth(bao: BaoAdmin, public_key_pem: str, roles: list[AwsRoleBi
             "token_policies": list(role.policies), "token_ttl": ttls.token_ttl,
             "token_max_ttl": ttls.token_max_ttl, "token_type": "service",
         })
+
+
+def create_namespace(root: BaoAdmin, namespace: str) -> BaoAdmin:
+    """Create ``namespace`` (OpenBao 2.x has namespaces, as Vault Enterprise / HCP) and return
+    an admin working inside it: its mounts, policies and tokens are invisible from the root."""
+    root.write(f"sys/namespaces/{namespace}")
+    return root.in_namespace(namespace)
 
 
 def configure_policies(bao: BaoAdmin) -> None:

@@ -45,13 +45,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from . import relay
+from . import relay, sts_endpoint
 from .guard import DIR_PREFIX, install_signal_guard, live_stacks, stop_all_stacks, sweep_stale_stacks
 from .info import REGION, SERVER_ID, SSO_SESSION, SSO_USER, VAULT_ROLE, ClusterInfo, StackInfo
 from .mariadb import MariaDB, install_datadir
 from .moto_launcher import ACCOUNT_ID, DEVELOPER_ROLE, UNBOUND_ROLE
 from .openbao import (JWT_AUDIENCE, JWT_ISSUER, JWT_MOUNT, AwsRoleBinding, BaoAdmin, ClusterDb, OpenBao, Ttls,
-                      configure_database, configure_jwt_auth, configure_policies)
+                      configure_database, configure_jwt_auth, configure_policies, create_namespace)
 from .procs import Service, ServiceError, StartError, file_probe, free_port, http_probe, stop_all
 from .sshd import Bastion
 from .standins import SsoStandin, VaultFront
@@ -84,6 +84,9 @@ class StackOptions:
     sso_device_code_ttl: int = 600
     sso_access_token_ttl: int = 8 * 3600
     role_credentials_ttl: int = 3600
+    sts_region: str = ""             # Vault's aws auth signs/uses this regional STS ("" = global)
+    sts_endpoint: str = ""           # Vault's sts_endpoint, e.g. a VPC endpoint name (needs sts_region)
+    vault_namespace: str = ""        # put the aws auth, database mount and policy in this namespace
 
 
 class Stack:
@@ -260,7 +263,8 @@ class Stack:
         port = self._port("vault-front")
         config = {
             "listen_port": port, "vault_addr": self.openbao_server.addr,
-            "sts_endpoint": f"http://127.0.0.1:{self._port('moto')}",
+            "sts_transport": f"http://127.0.0.1:{self._port('moto')}", **self._vault_sts_config(),
+            "namespace": self.options.vault_namespace,
             "iam_server_id_header_value": SERVER_ID, "auth_mount": JWT_MOUNT,
             "jwt_key_file": str(key_file), "jwt_issuer": JWT_ISSUER, "jwt_audience": JWT_AUDIENCE,
             "roles": {b.name: {"bound_iam_principal_arn": list(b.bound_iam_principal_arn)} for b in self._bindings()},
@@ -269,6 +273,12 @@ class Stack:
         return self._python_service("aws-auth-standin", "dbtunneld.sandbox.aws_auth_standin",
                                     ["--config", str(path)],
                                     http_probe(f"http://127.0.0.1:{port}/_standin/health"), port, VaultFront)
+
+    def _vault_sts_config(self) -> dict:
+        """Vault's config/client STS settings for the stand-in (default: the global endpoint)."""
+        o = self.options
+        endpoint = o.sts_endpoint or (sts_endpoint.regional_endpoint(o.sts_region) if o.sts_region else "")
+        return {"sts_endpoint": endpoint or sts_endpoint.GLOBAL_ENDPOINT, "sts_region": o.sts_region}
 
     def _sso_service(self) -> SsoStandin:
         o = self.options
@@ -296,8 +306,11 @@ class Stack:
     def _bindings(self) -> list[AwsRoleBinding]:
         return [AwsRoleBinding(VAULT_ROLE, (f"arn:aws:iam::{ACCOUNT_ID}:role/{DEVELOPER_ROLE}",))]
 
-    def _configure_openbao(self, bao: BaoAdmin) -> None:
+    def _configure_openbao(self, root: BaoAdmin) -> None:
         ttls = self.options.ttls
+        bao = root
+        if self.options.vault_namespace:
+            bao = create_namespace(root, self.options.vault_namespace)
         configure_database(bao, [ClusterDb(n, db.port, db.database, db.admin_user, db.admin_password)
                                  for n, db in self.mariadb.items()], ttls)
         configure_policies(bao)
@@ -323,7 +336,8 @@ class Stack:
             info = replace(info, bao_addr=self.openbao_server.addr, vault_addr=self.openbao_server.addr,
                            root_token=self.openbao_server.root_token)
         if self.vault_front is not None:
-            info = replace(info, vault_addr=f"http://127.0.0.1:{self.vault_front.port}")
+            info = replace(info, vault_addr=f"http://127.0.0.1:{self.vault_front.port}",
+                           vault_namespace=o.vault_namespace, sts_region=o.sts_region, sts_endpoint=o.sts_endpoint)
         if seed:
             info = replace(info, aws_endpoint=seed["endpoint"], user_name=seed["user"]["name"],
                            user_arn=seed["user"]["arn"], access_key_id=seed["user"]["access_key_id"],

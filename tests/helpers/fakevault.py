@@ -180,7 +180,7 @@ class FakeVaultClient:
     def close(self):
         pass
 
-    def login_aws_iam(self, access_key, secret_key, session_token, region="us-east-1"):
+    def login_aws_iam(self, access_key, secret_key, session_token, *, profile_region=str):
         tok = self.server.login()
         self.token = tok.secret
         return tok
@@ -220,6 +220,9 @@ class FakeAws:
 
     def caller_arn(self) -> str:
         return "arn:aws:sts::123456789012:assumed-role/db-developer/alice"
+
+    def profile_region(self) -> str:
+        return "eu-west-1"
 
     def sso_expires_at(self):
         return None
