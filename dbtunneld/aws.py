@@ -159,6 +159,18 @@ def parse_utc(text: str) -> float | None:
         return None
 
 
+SSO_REFRESH_LOCK = threading.RLock()   # one SSO token refresh at a time in this process
+
+
+class _SerialSSOTokenProvider(SSOTokenProvider):
+    """botocore's provider, refreshing under ``SSO_REFRESH_LOCK`` so that it and the SSO keeper
+    never spend the same refresh token twice."""
+
+    def _refresher(self):
+        with SSO_REFRESH_LOCK:
+            return super()._refresher()
+
+
 class _EndpointSession(botocore.session.Session):
     """A botocore session that applies endpoint overrides to every client it creates."""
 
@@ -199,7 +211,7 @@ def _build_session(config: AwsConfig, cache_dir: Path, config_file: Path | None 
             resolver.providers[i] = SSOProvider(
                 load_config=lambda: session.full_config, client_creator=session.create_client,
                 profile_name=profile, cache={}, token_cache=token_cache,
-                token_provider=SSOTokenProvider(session, cache=token_cache, profile_name=profile))
+                token_provider=_SerialSSOTokenProvider(session, cache=token_cache, profile_name=profile))
         elif isinstance(provider, AssumeRoleProvider):
             # SSO source profiles use our cache too, and a daemon never prompts for an MFA code.
             if hasattr(provider, "_profile_provider_builder"):

@@ -41,7 +41,7 @@ from botocore import UNSIGNED
 from botocore.config import Config as BotoConfig
 
 from . import log as dlog
-from .aws import AwsSession, SsoSettings, _sign_in, classify, format_utc, parse_utc
+from .aws import SSO_REFRESH_LOCK, AwsSession, SsoSettings, _sign_in, classify, format_utc, parse_utc
 from .errors import DbtunneldError, NeedsUserError, SignInNeededError
 from .timing import SYSTEM_CLOCK, Clock
 
@@ -105,6 +105,10 @@ class Registrations:
         cached = self._cached(auth_code)
         if cached is not None:
             return cached
+        return self.register(oidc, auth_code)
+
+    def register(self, oidc, auth_code: bool) -> Registration:
+        """Register a new client and write it to the AWS CLI's cache file."""
         kwargs: dict[str, Any] = {"clientName": f"dbtunneld-{self.sso.session_name or int(self.clock.time())}",
                                   "clientType": "public"}
         scopes = list(self.sso.scopes)
@@ -125,6 +129,10 @@ class Registrations:
         self.session.write_cache_file(self.path.stem, entry)
         return reg
 
+    def forget(self) -> None:
+        """Drop a registration AWS refused, so that the next sign-in registers anew."""
+        self.path.unlink(missing_ok=True)
+
     def _cached(self, auth_code: bool) -> Registration | None:
         try:
             entry = json.loads(self.path.read_text())
@@ -138,6 +146,10 @@ class Registrations:
         if expires - self.clock.time() < EXPIRY_WINDOW or is_auth_code != auth_code:
             return None
         return Registration(entry["clientId"], entry["clientSecret"], expires)
+
+
+def _is_invalid_client(exc: bexc.ClientError) -> bool:
+    return exc.response.get("Error", {}).get("Code", "") == "InvalidClientException"
 
 
 def _token_entry(sso: SsoSettings, reg: Registration, resp: dict[str, Any], now: float) -> dict[str, Any]:
@@ -173,6 +185,10 @@ def refresh_blocker(entry: dict[str, Any], sso: SsoSettings, now: float) -> str:
     return ""
 
 
+class _RefreshRefused(Exception):
+    """AWS answered the refresh-token grant with a final no (the SSO session is over)."""
+
+
 def refresh_sso_token(session: AwsSession, *, clock: Clock = SYSTEM_CLOCK, window: float = EXPIRY_WINDOW) -> float:
     """Keep the cached SSO token usable; returns when its access token expires.
 
@@ -180,10 +196,14 @@ def refresh_sso_token(session: AwsSession, *, clock: Clock = SYSTEM_CLOCK, windo
     ``SignInNeededError`` only when the token is expired and cannot be refreshed; a refused
     refresh while the token still works returns its expiry (the caller asks again later)."""
     sso = _settings(session)
+    with SSO_REFRESH_LOCK:
+        return _refresh_if_due(session, sso, clock.time(), window)
+
+
+def _refresh_if_due(session: AwsSession, sso: SsoSettings, now: float, window: float) -> float:
     entry = session.cached_sso_token()
     if not entry or not entry.get("accessToken"):
         raise _sign_in(session.profile, "no SSO sign-in on this machine yet")
-    now = clock.time()
     expires = parse_utc(str(entry.get("expiresAt", ""))) or 0.0
     if expires - now >= window:
         return expires
@@ -191,7 +211,7 @@ def refresh_sso_token(session: AwsSession, *, clock: Clock = SYSTEM_CLOCK, windo
     if not why:
         try:
             return _refresh(session, sso, entry, now)
-        except SignInNeededError as exc:
+        except _RefreshRefused as exc:
             why = str(exc)
     if expires > now:
         log.info("SSO token of profile %s cannot be refreshed (%s); it works for %.0f s more",
@@ -208,8 +228,10 @@ def _refresh(session: AwsSession, sso: SsoSettings, entry: dict[str, Any], now: 
                                                       refreshToken=entry["refreshToken"])
     except bexc.ClientError as exc:
         code = exc.response.get("Error", {}).get("Code", "")
+        if code == "InvalidClientException":
+            Registrations(session, sso, SYSTEM_CLOCK).forget()
         if code in _REFUSED:
-            raise _sign_in(session.profile, f"the refresh was refused ({code})") from None
+            raise _RefreshRefused(f"AWS refused the refresh: {code}") from None
         raise classify(exc, "refreshing the SSO token", session.profile) from None
     except Exception as exc:
         raise classify(exc, "refreshing the SSO token", session.profile) from None
@@ -266,13 +288,29 @@ class SsoDeviceLogin:
     def start(self) -> DeviceAuthorization:
         """Register (or reuse the CLI's registration) and start a device authorization."""
         try:
-            oidc = oidc_client(self.session, self.sso)
-            reg = self.registrations.get(oidc, auth_code=False)
-            resp = oidc.start_device_authorization(clientId=reg.client_id, clientSecret=reg.client_secret,
-                                                   startUrl=self.sso.start_url)
+            resp, reg = self._start()
         except Exception as exc:
             raise classify(exc, "starting the SSO sign-in", self.session.profile) from None
         dlog.register_secret(resp["deviceCode"])
+        return self._authorization(resp, reg)
+
+    def _start(self) -> tuple[dict[str, Any], Registration]:
+        oidc = oidc_client(self.session, self.sso)
+        reg = self.registrations.get(oidc, auth_code=False)
+        try:
+            return self._start_with(oidc, reg), reg
+        except bexc.ClientError as exc:
+            if not _is_invalid_client(exc):
+                raise
+        log.info("the cached SSO client registration was refused (expired early?); registering anew")
+        reg = self.registrations.register(oidc, auth_code=False)
+        return self._start_with(oidc, reg), reg
+
+    def _start_with(self, oidc, reg: Registration) -> dict[str, Any]:
+        return oidc.start_device_authorization(clientId=reg.client_id, clientSecret=reg.client_secret,
+                                               startUrl=self.sso.start_url)
+
+    def _authorization(self, resp: dict[str, Any], reg: Registration) -> DeviceAuthorization:
         return DeviceAuthorization(
             verification_uri=resp["verificationUri"],
             verification_uri_complete=resp.get("verificationUriComplete") or resp["verificationUri"],

@@ -28,7 +28,8 @@ import pymysql
 import pytest
 
 from dbtunneld import log as dlog
-from dbtunneld.aws import AwsSession, SsoDeviceLogin, format_utc
+from dbtunneld.aws import AwsSession, format_utc
+from dbtunneld.sso import SsoDeviceLogin
 from dbtunneld.config import parse_config
 from dbtunneld.errors import SignInNeededError
 from dbtunneld.keystore import Keystore

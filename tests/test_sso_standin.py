@@ -25,9 +25,10 @@ def sso_stack():
         yield s
 
 
-def clients(stack):
-    oidc = boto3.client("sso-oidc", endpoint_url=stack.sso_endpoint, region_name="us-east-1")
-    sso = boto3.client("sso", endpoint_url=stack.sso_endpoint, region_name="us-east-1")
+def clients(stack, region: str | None = None):
+    """boto3 clients of ``region``'s endpoints (default: the Identity Center's region)."""
+    oidc = boto3.client("sso-oidc", endpoint_url=stack.oidc_url(region), region_name=region or "us-east-1")
+    sso = boto3.client("sso", endpoint_url=stack.portal_url(region), region_name=region or "us-east-1")
     return oidc, sso
 
 
