@@ -810,9 +810,11 @@ class CredentialEngine:
         if sso is None or not entry:
             return st
         now = self.clock.time()
+        expires = parse_utc(str(entry.get("expiresAt", "")))
+        if expires is not None and expires <= now:
+            self.sso.notice_expired(expires)
         if not refresh_blocker(entry, sso, now):
             return replace(st, expires_at=None)
-        expires = parse_utc(str(entry.get("expiresAt", "")))
         st = replace(st, expires_at=expires)
         if st.state == S.VALID and expires is not None and expires <= now:
             st = replace(st, state=S.NEEDS_SIGN_IN, last_error="the AWS SSO sign-in expired and cannot be refreshed")

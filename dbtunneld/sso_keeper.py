@@ -53,13 +53,20 @@ class SsoKeeper(Keeper):
         self._next_at = clock.time()
         self._attempt = 0
         self._said = ""
-        self.refreshes = 0
+        self._noticed = 0.0
 
     def check_soon(self) -> None:
         """Look at the sign-in now (after a sign-in, or when credentials were refused)."""
         with self._cond:
             self._next_at = self.clock.time()
         self.wake()
+
+    def notice_expired(self, expires_at: float) -> None:
+        """The cached access token ended at ``expires_at`` (the cache changed behind our back,
+        or the machine slept): check it now, once per expired token seen."""
+        if expires_at != self._noticed:
+            self._noticed = expires_at
+            self.check_soon()
 
     def run_once(self) -> float:
         now = self.clock.time()
