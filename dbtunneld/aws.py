@@ -57,7 +57,7 @@ _TRANSIENT_CODES = {"Throttling", "ThrottlingException", "TooManyRequestsExcepti
 # Error classification
 
 
-def _sign_in(profile: str, why: str) -> SignInNeededError:
+def sign_in_needed(profile: str, why: str) -> SignInNeededError:
     return SignInNeededError(f"AWS SSO sign-in needed for profile {profile!r}: {why}")
 
 
@@ -66,11 +66,11 @@ def classify(exc: BaseException, doing: str, profile: str) -> DbtunneldError:
     if isinstance(exc, DbtunneldError):
         return exc
     if isinstance(exc, (bexc.SSOTokenLoadError, bexc.UnauthorizedSSOTokenError)):
-        return _sign_in(profile, "the SSO session is missing or expired")
+        return sign_in_needed(profile, "the SSO session is missing or expired")
     if isinstance(exc, bexc.TokenRetrievalError):
-        return _sign_in(profile, "the SSO session expired and could not be refreshed")
+        return sign_in_needed(profile, "the SSO session expired and could not be refreshed")
     if isinstance(exc, bexc.SSOError):
-        return _sign_in(profile, str(exc))
+        return sign_in_needed(profile, str(exc))
     if isinstance(exc, bexc.ProfileNotFound):
         return NeedsUserError(f"AWS profile {profile!r} is not in your AWS config",
                               hint="set aws.profile to a profile of ~/.aws/config (e.g. one made by `aws configure sso`)")
@@ -92,7 +92,7 @@ def _classify_client_error(exc: bexc.ClientError, doing: str, profile: str) -> D
     code, message = error.get("Code", ""), error.get("Message", "")
     status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
     if code in _SIGN_IN_CODES or code in ("ExpiredToken", "RequestExpired"):
-        return _sign_in(profile, f"{code} while {doing}")
+        return sign_in_needed(profile, f"{code} while {doing}")
     if code in _DENIED_CODES:
         return PermissionDeniedError(f"AWS refused {doing}: {code}: {message}",
                                      hint=f"check the permissions of the role of profile {profile!r}")

@@ -23,7 +23,7 @@ from typing import Any, Callable, TextIO
 from . import __version__
 from . import log as logmask
 from .config import ClusterConfig, Config, load_config
-from .errors import ConfigError, DbtunneldError, NeedsUserError, PermissionDeniedError, SignInNeededError, TransientError
+from .errors import ConfigError, DbtunneldError, NeedsUserError, PermissionDeniedError, TransientError
 from .paths import Paths, default_paths
 
 log = logging.getLogger(__name__)

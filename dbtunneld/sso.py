@@ -41,8 +41,8 @@ from botocore import UNSIGNED
 from botocore.config import Config as BotoConfig
 
 from . import log as dlog
-from .aws import SSO_REFRESH_LOCK, AwsSession, SsoSettings, _sign_in, classify, format_utc, parse_utc
-from .errors import DbtunneldError, NeedsUserError, SignInNeededError
+from .aws import SSO_REFRESH_LOCK, AwsSession, SsoSettings, classify, format_utc, parse_utc, sign_in_needed
+from .errors import DbtunneldError, NeedsUserError
 from .timing import SYSTEM_CLOCK, Clock
 
 log = logging.getLogger(__name__)
@@ -203,7 +203,7 @@ def refresh_sso_token(session: AwsSession, *, clock: Clock = SYSTEM_CLOCK, windo
 def _refresh_if_due(session: AwsSession, sso: SsoSettings, now: float, window: float) -> float:
     entry = session.cached_sso_token()
     if not entry or not entry.get("accessToken"):
-        raise _sign_in(session.profile, "no SSO sign-in on this machine yet")
+        raise sign_in_needed(session.profile, "no SSO sign-in on this machine yet")
     expires = parse_utc(str(entry.get("expiresAt", ""))) or 0.0
     if expires - now >= window:
         return expires
@@ -217,7 +217,7 @@ def _refresh_if_due(session: AwsSession, sso: SsoSettings, now: float, window: f
         log.info("SSO token of profile %s cannot be refreshed (%s); it works for %.0f s more",
                  session.profile, why, expires - now)
         return expires
-    raise _sign_in(session.profile, f"the SSO session ended ({why})")
+    raise sign_in_needed(session.profile, f"the SSO session ended ({why})")
 
 
 def _refresh(session: AwsSession, sso: SsoSettings, entry: dict[str, Any], now: float) -> float:
@@ -320,7 +320,7 @@ class SsoDeviceLogin:
     def poll(self, auth: DeviceAuthorization, interval: float) -> PollResult:
         """One CreateToken call: pending (same interval), slow_down (+5 s), or done (cache written)."""
         if self._clock.time() >= auth.expires_at:
-            raise _sign_in(self.session.profile, "the sign-in code expired before it was approved")
+            raise sign_in_needed(self.session.profile, "the sign-in code expired before it was approved")
         reg = auth.registration
         try:
             resp = oidc_client(self.session, self.sso).create_token(
@@ -333,9 +333,9 @@ class SsoDeviceLogin:
             if code == "SlowDownException":
                 return PollResult(False, interval + SLOW_DOWN_STEP)
             if code == "ExpiredTokenException":
-                raise _sign_in(self.session.profile, "the sign-in code expired before it was approved") from None
+                raise sign_in_needed(self.session.profile, "the sign-in code expired before it was approved") from None
             if code == "AccessDeniedException":
-                raise _sign_in(self.session.profile, "the sign-in was denied in the browser") from None
+                raise sign_in_needed(self.session.profile, "the sign-in was denied in the browser") from None
             raise classify(exc, "completing the SSO sign-in", self.session.profile) from None
         except Exception as exc:
             raise classify(exc, "completing the SSO sign-in", self.session.profile) from None
@@ -411,6 +411,7 @@ class SsoAuthCodeLogin:
                                  "or move sso_start_url/sso_region into an [sso-session] section")
         self.registrations = Registrations(session, self.sso, clock)
         self.verifier, self.challenge = pkce_pair()
+        dlog.register_secret(self.verifier)
         self.state = secrets.token_urlsafe(24)
         self._callback = _Callback()
         self._server: HTTPServer | None = None
@@ -446,9 +447,9 @@ class SsoAuthCodeLogin:
             self.close()
         cb = self._callback
         if cb.error or not cb.code:
-            raise _sign_in(self.session.profile, f"the browser sign-in failed ({cb.error or 'no code'})")
+            raise sign_in_needed(self.session.profile, f"the browser sign-in failed ({cb.error or 'no code'})")
         if not secrets.compare_digest(cb.state, self.state):
-            raise _sign_in(self.session.profile, "the browser sign-in answered with a wrong state; try again")
+            raise sign_in_needed(self.session.profile, "the browser sign-in answered with a wrong state; try again")
         return self._exchange(cb.code)
 
     def _wait(self, stop: StopFlag) -> None:
@@ -457,7 +458,7 @@ class SsoAuthCodeLogin:
             if stop.is_set():
                 raise DbtunneldError("the SSO sign-in was cancelled")
             if self._clock.time() >= deadline:
-                raise _sign_in(self.session.profile, "the browser sign-in was not completed in time")
+                raise sign_in_needed(self.session.profile, "the browser sign-in was not completed in time")
             assert self._server is not None
             self._server.handle_request()
 
@@ -471,7 +472,7 @@ class SsoAuthCodeLogin:
         except bexc.ClientError as exc:
             code_name = exc.response.get("Error", {}).get("Code", "")
             if code_name in _REFUSED:
-                raise _sign_in(self.session.profile, f"AWS refused the sign-in code ({code_name})") from None
+                raise sign_in_needed(self.session.profile, f"AWS refused the sign-in code ({code_name})") from None
             raise classify(exc, "completing the SSO sign-in", self.session.profile) from None
         except Exception as exc:
             raise classify(exc, "completing the SSO sign-in", self.session.profile) from None

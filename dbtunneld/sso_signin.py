@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from .aws import AwsSession
 from .errors import DbtunneldError, TransientError
-from .keeper import CredentialEvent, Tuning, short_error
+from .keeper import Tuning, short_error
 from .sso import SsoAuthCodeLogin, SsoDeviceLogin
 from .timing import Clock
 
