@@ -72,7 +72,7 @@ def oidc_client(session: AwsSession, sso: SsoSettings):
     """The sso-oidc client of the profile's Identity Center region (unsigned, as botocore's)."""
     return session.client("sso-oidc", region=sso.region,
                           config=BotoConfig(signature_version=UNSIGNED, region_name=sso.region,
-                                            retries={"max_attempts": 1}))
+                                            retries={"max_attempts": 1}, connect_timeout=10, read_timeout=20))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -213,7 +213,8 @@ def browser_sign_in(stack, session: AwsSession) -> None:
         opened.join(10)
 
 
-def test_tray_sign_in_uses_the_browser_with_pkce_and_reuses_the_cli_registration(sso_stack, tmp_path):
+def test_tray_sign_in_uses_the_browser_with_pkce_and_reuses_the_cli_registration(sso_stack, tmp_path, caplog):
+    caplog.set_level("INFO", logger="dbtunneld")
     session = aws_session(sso_stack, tmp_path / "home")
     sso = session.sso_settings()
     events: list = []
@@ -236,6 +237,11 @@ def test_tray_sign_in_uses_the_browser_with_pkce_and_reuses_the_cli_registration
         engine.sso_login(open_browser=lambda url: statuses.append(follow_browser(sso_stack, url)))
         wait_for(lambda: sum(e.kind == "sso.signed_in" for e in events) == 2, 20, "the second sign-in")
         assert sso_stack.sso.state()["registrations"] == before + 1      # registered once, then reused
+        token = json.loads((session.cache_dir / f"{sso.cache_key}.json").read_text())
+        logged = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("dbtunneld"))
+        assert "SSO sign-in started (authorization_code)" in logged
+        for secret in (token["accessToken"], token["refreshToken"], token["clientSecret"], reg["clientSecret"]):
+            assert secret not in logged
     finally:
         engine.stop(revoke=True, timeout=5)
 
