@@ -185,6 +185,16 @@ def refresh_blocker(entry: dict[str, Any], sso: SsoSettings, now: float) -> str:
     return ""
 
 
+def _refreshed_elsewhere(session: AwsSession, seen: dict[str, Any], now: float) -> float | None:
+    """Another process (the AWS CLI, another dbtunneld) refreshed the token meanwhile and spent the
+    refresh token we used: its new token's expiry, when it is a working one."""
+    fresh = session.cached_sso_token() or {}
+    expires = parse_utc(str(fresh.get("expiresAt", ""))) or 0.0
+    if fresh.get("accessToken") and fresh.get("accessToken") != seen.get("accessToken") and expires > now:
+        return expires
+    return None
+
+
 class _RefreshRefused(Exception):
     """AWS answered the refresh-token grant with a final no (the SSO session is over)."""
 
@@ -213,6 +223,9 @@ def _refresh_if_due(session: AwsSession, sso: SsoSettings, now: float, window: f
             return _refresh(session, sso, entry, now)
         except _RefreshRefused as exc:
             why = str(exc)
+        other = _refreshed_elsewhere(session, entry, now)
+        if other is not None:
+            return other
     if expires > now:
         log.info("SSO token of profile %s cannot be refreshed (%s); it works for %.0f s more",
                  session.profile, why, expires - now)

@@ -260,3 +260,18 @@ def test_device_code_on_request_and_a_denied_browser_sign_in_fails_cleanly(sso_s
         wait_for(lambda: any(e.kind == "sso.signed_in" for e in events), 20, "the sign-in event")
     finally:
         engine.stop(revoke=True, timeout=5)
+
+
+# ------------------------------------------------------------------ the keeper's schedule (pure)
+
+@pytest.mark.parametrize("left", [3600.0, 901.0, 900.0, 300.0, 6.0, 1.0, 0.0])
+def test_next_check_opens_the_refresh_window_or_halves_what_is_left(left):
+    from dbtunneld.sso_keeper import MIN_CHECK, next_check
+
+    now = 1000.0
+    at = next_check(now + left, now)
+    assert at > now
+    if left > 900:
+        assert at == now + left - 900            # when botocore's 15-minute window opens
+    else:
+        assert at == now + max(MIN_CHECK, left / 2)
