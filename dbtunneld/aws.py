@@ -7,9 +7,11 @@ the SSO provider creates internally), and reports when the credentials expire. T
 cache is the AWS CLI v2 one (``~/.aws/sso/cache/<sha1(session name or start url)>.json``), so
 ``aws`` and dbtunneld share one sign-in.
 
-``SsoDeviceLogin`` is the OIDC device-authorization flow (register the client, start the
-authorization, poll ``CreateToken`` honouring ``slow_down`` and expiry) and writes that cache.
-It polls once per call; the caller's loop owns the pacing.
+An endpoint URL may hold ``{region}``: it is replaced by the region of each client (a proxy or
+stand-in serving several regions). The SSO clients (sso-oidc, and the portal botocore calls for
+role credentials) always use the profile's ``sso_region``, never ``aws.region``.
+
+The sign-in flows and the token refresh are in ``sso``.
 
 ``classify`` is the one place that turns botocore failures into dbtunneld errors; an expired or
 missing SSO session always becomes ``SignInNeededError``.
@@ -29,8 +31,6 @@ from typing import Any, Mapping
 import boto3
 import botocore.exceptions as bexc
 import botocore.session
-from botocore import UNSIGNED
-from botocore.config import Config as BotoConfig
 from botocore.credentials import (
     AssumeRoleProvider,
     ProfileProviderBuilder,
@@ -45,10 +45,6 @@ from .config import AwsConfig
 from .errors import DbtunneldError, NeedsUserError, PermissionDeniedError, SignInNeededError, TransientError
 from .timing import SYSTEM_CLOCK, Clock
 
-DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
-DEFAULT_SCOPES = ("sso:account:access",)
-CLIENT_NAME = "dbtunneld"
-SLOW_DOWN_STEP = 5.0
 _SIGN_IN_CODES = {"UnauthorizedException", "UnauthorizedClientException", "InvalidGrantException",
                   "ExpiredTokenException"}
 _DENIED_CODES = {"AccessDenied", "AccessDeniedException", "InvalidClientTokenId", "SignatureDoesNotMatch",
@@ -62,7 +58,7 @@ _TRANSIENT_CODES = {"Throttling", "ThrottlingException", "TooManyRequestsExcepti
 # Error classification
 
 
-def _sign_in(profile: str, why: str) -> SignInNeededError:
+def sign_in_needed(profile: str, why: str) -> SignInNeededError:
     return SignInNeededError(f"AWS SSO sign-in needed for profile {profile!r}: {why}")
 
 
@@ -71,11 +67,11 @@ def classify(exc: BaseException, doing: str, profile: str) -> DbtunneldError:
     if isinstance(exc, DbtunneldError):
         return exc
     if isinstance(exc, (bexc.SSOTokenLoadError, bexc.UnauthorizedSSOTokenError)):
-        return _sign_in(profile, "the SSO session is missing or expired")
+        return sign_in_needed(profile, "the SSO session is missing or expired")
     if isinstance(exc, bexc.TokenRetrievalError):
-        return _sign_in(profile, "the SSO session expired and could not be refreshed")
+        return sign_in_needed(profile, "the SSO session expired and could not be refreshed")
     if isinstance(exc, bexc.SSOError):
-        return _sign_in(profile, str(exc))
+        return sign_in_needed(profile, str(exc))
     if isinstance(exc, bexc.ProfileNotFound):
         return NeedsUserError(f"AWS profile {profile!r} is not in your AWS config",
                               hint="set aws.profile to a profile of ~/.aws/config (e.g. one made by `aws configure sso`)")
@@ -97,7 +93,7 @@ def _classify_client_error(exc: bexc.ClientError, doing: str, profile: str) -> D
     code, message = error.get("Code", ""), error.get("Message", "")
     status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
     if code in _SIGN_IN_CODES or code in ("ExpiredToken", "RequestExpired"):
-        return _sign_in(profile, f"{code} while {doing}")
+        return sign_in_needed(profile, f"{code} while {doing}")
     if code in _DENIED_CODES:
         return PermissionDeniedError(f"AWS refused {doing}: {code}: {message}",
                                      hint=f"check the permissions of the role of profile {profile!r}")
@@ -132,7 +128,7 @@ class SsoSettings:
     session_name: str | None = None        # None: legacy profile (sso_start_url in the profile)
     account_id: str = ""
     role_name: str = ""
-    scopes: tuple[str, ...] = ()
+    scopes: tuple[str, ...] = ()          # sso_registration_scopes as written (may be empty)
 
     @property
     def cache_key(self) -> str:
@@ -164,6 +160,18 @@ def parse_utc(text: str) -> float | None:
         return None
 
 
+SSO_REFRESH_LOCK = threading.RLock()   # one SSO token refresh at a time in this process
+
+
+class _SerialSSOTokenProvider(SSOTokenProvider):
+    """botocore's provider, refreshing under ``SSO_REFRESH_LOCK`` so that it and the SSO keeper
+    never spend the same refresh token twice."""
+
+    def _refresher(self):
+        with SSO_REFRESH_LOCK:
+            return super()._refresher()
+
+
 class _EndpointSession(botocore.session.Session):
     """A botocore session that applies endpoint overrides to every client it creates."""
 
@@ -174,8 +182,14 @@ class _EndpointSession(botocore.session.Session):
     def create_client(self, service_name, *args, **kwargs):
         url = self._endpoint_overrides.get(service_name)
         if url and len(args) < 5 and kwargs.get("endpoint_url") is None:
-            kwargs["endpoint_url"] = url
+            kwargs["endpoint_url"] = url.replace("{region}", self._client_region(args, kwargs))
         return super().create_client(service_name, *args, **kwargs)
+
+    def _client_region(self, args: tuple, kwargs: dict) -> str:
+        """The region botocore gives this client: argument, then its Config, then the session's."""
+        config = kwargs.get("config")
+        return (args[0] if args else None) or kwargs.get("region_name") or \
+            getattr(config, "region_name", None) or self.get_config_variable("region") or "us-east-1"
 
 
 def _no_prompt(prompt: str = "") -> str:
@@ -198,7 +212,7 @@ def _build_session(config: AwsConfig, cache_dir: Path, config_file: Path | None 
             resolver.providers[i] = SSOProvider(
                 load_config=lambda: session.full_config, client_creator=session.create_client,
                 profile_name=profile, cache={}, token_cache=token_cache,
-                token_provider=SSOTokenProvider(session, cache=token_cache, profile_name=profile))
+                token_provider=_SerialSSOTokenProvider(session, cache=token_cache, profile_name=profile))
         elif isinstance(provider, AssumeRoleProvider):
             # SSO source profiles use our cache too, and a daemon never prompts for an MFA code.
             if hasattr(provider, "_profile_provider_builder"):
@@ -253,10 +267,11 @@ class AwsSession:
         with self._lock:
             return boto3.Session(botocore_session=self._botocore(), region_name=self.config.region)
 
-    def client(self, service: str, **kwargs: Any):
+    def client(self, service: str, region: str | None = None, **kwargs: Any):
+        """A client of ``service`` in ``region`` (default ``aws.region``)."""
         try:
             with self._lock:  # botocore sessions are not thread-safe; the clients they make are
-                return self._botocore().create_client(service, region_name=self.config.region, **kwargs)
+                return self._botocore().create_client(service, region_name=region or self.config.region, **kwargs)
         except Exception as exc:
             raise classify(exc, f"creating an {service} client", self.profile) from None
 
@@ -313,9 +328,12 @@ class AwsSession:
                                      hint=f"add [sso-session {name}] with sso_start_url and sso_region to ~/.aws/config")
             scopes = tuple(s.strip() for s in sess.get("sso_registration_scopes", "").split(",") if s.strip())
             return SsoSettings(sess["sso_start_url"], sess["sso_region"], name, prof.get("sso_account_id", ""),
-                               prof.get("sso_role_name", ""), scopes or DEFAULT_SCOPES)
+                               prof.get("sso_role_name", ""), scopes)
         if "sso_start_url" in prof:
-            return SsoSettings(prof["sso_start_url"], prof.get("sso_region", self.config.region), None,
+            if "sso_region" not in prof:
+                raise NeedsUserError(f"AWS profile {self.profile!r} has sso_start_url but no sso_region",
+                                     hint="add sso_region (the region of your IAM Identity Center) to the profile")
+            return SsoSettings(prof["sso_start_url"], prof["sso_region"], None,
                                prof.get("sso_account_id", ""), prof.get("sso_role_name", ""))
         return None
 
@@ -337,129 +355,11 @@ class AwsSession:
 
     def write_sso_token(self, sso: SsoSettings, entry: dict[str, Any]) -> Path:
         """Write a token cache entry as the AWS CLI v2 does (file 0600 in a 0700 folder)."""
+        return self.write_cache_file(sso.cache_key, entry)
+
+    def write_cache_file(self, key: str, entry: dict[str, Any]) -> Path:
+        """Write ``<sso cache>/<key>.json`` (tokens and client registrations share the folder)."""
         _register_sso_secrets(entry)
         self.cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        JSONFileCache(str(self.cache_dir), dumps_func=_json_dumps)[sso.cache_key] = entry
-        return self.cache_dir / f"{sso.cache_key}.json"
-
-
-# ---------------------------------------------------------------------------------------------
-# SSO device-authorization sign-in
-
-
-@dataclass(frozen=True)
-class DeviceAuthorization:
-    """A started device authorization: show ``verification_uri_complete`` (or the URI and the
-    ``user_code``) to the user, then poll until ``expires_at`` every ``interval`` seconds."""
-
-    verification_uri: str
-    verification_uri_complete: str
-    user_code: str
-    expires_at: float
-    interval: float
-    device_code: str = field(repr=False)
-    client_id: str = field(repr=False)
-    client_secret: str = field(repr=False)
-    registration_expires_at: float = 0.0
-
-    def public(self) -> dict[str, Any]:
-        """What a UI may show (no device code or client secret)."""
-        return {"verification_uri": self.verification_uri, "user_code": self.user_code,
-                "verification_uri_complete": self.verification_uri_complete,
-                "expires_at": self.expires_at, "interval": self.interval}
-
-
-@dataclass(frozen=True)
-class PollResult:
-    """One CreateToken poll: ``done`` with the cache path, or keep polling every ``interval``."""
-
-    done: bool
-    interval: float
-    cache_file: Path | None = None
-
-
-class SsoDeviceLogin:
-    """The OIDC device flow for the profile of ``session`` (one instance per sign-in)."""
-
-    def __init__(self, session: AwsSession, *, clock: Clock = SYSTEM_CLOCK) -> None:
-        self.session = session
-        self._clock = clock
-        sso = session.sso_settings()
-        if sso is None:
-            raise NeedsUserError(f"AWS profile {session.profile!r} does not use SSO; there is nothing to sign in to",
-                                 hint="sign in with the tool that provides this profile's credentials")
-        self.sso = sso
-
-    def _oidc(self):
-        return self.session.client("sso-oidc", config=BotoConfig(signature_version=UNSIGNED,
-                                                                 region_name=self.sso.region,
-                                                                 retries={"max_attempts": 1}))
-
-    def _registration(self, oidc) -> tuple[str, str, float]:
-        """Reuse the client registration cached with the token, or register anew."""
-        cached = self.session.cached_sso_token() or {}
-        expires = parse_utc(cached.get("registrationExpiresAt", "")) or 0.0
-        if cached.get("clientId") and cached.get("clientSecret") and expires > self._clock.time() + 3600:
-            return cached["clientId"], cached["clientSecret"], expires
-        kwargs: dict[str, Any] = {"clientName": f"{CLIENT_NAME}-{int(self._clock.time())}", "clientType": "public"}
-        if self.sso.session_name:
-            kwargs["scopes"] = list(self.sso.scopes)
-        reg = oidc.register_client(**kwargs)
-        dlog.register_secret(reg.get("clientSecret"))
-        return reg["clientId"], reg["clientSecret"], float(reg.get("clientSecretExpiresAt") or 0)
-
-    def start(self) -> DeviceAuthorization:
-        """Register (or reuse the registration) and start a device authorization."""
-        try:
-            oidc = self._oidc()
-            client_id, client_secret, reg_expires = self._registration(oidc)
-            resp = oidc.start_device_authorization(clientId=client_id, clientSecret=client_secret,
-                                                   startUrl=self.sso.start_url)
-        except Exception as exc:
-            raise classify(exc, "starting the SSO sign-in", self.session.profile) from None
-        now = self._clock.time()
-        return DeviceAuthorization(
-            verification_uri=resp["verificationUri"],
-            verification_uri_complete=resp.get("verificationUriComplete") or resp["verificationUri"],
-            user_code=resp["userCode"], expires_at=now + float(resp.get("expiresIn") or 600),
-            interval=float(resp.get("interval") or 5), device_code=resp["deviceCode"],
-            client_id=client_id, client_secret=client_secret, registration_expires_at=reg_expires)
-
-    def poll(self, auth: DeviceAuthorization, interval: float) -> PollResult:
-        """One CreateToken call: pending (same interval), slow_down (+5 s), or done (cache written)."""
-        if self._clock.time() >= auth.expires_at:
-            raise _sign_in(self.session.profile, "the sign-in code expired before it was approved")
-        try:
-            dlog.register_secret(auth.device_code)
-            resp = self._oidc().create_token(grantType=DEVICE_GRANT, deviceCode=auth.device_code,
-                                             clientId=auth.client_id, clientSecret=auth.client_secret)
-        except bexc.ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code", "")
-            if code == "AuthorizationPendingException":
-                return PollResult(False, interval)
-            if code == "SlowDownException":
-                return PollResult(False, interval + SLOW_DOWN_STEP)
-            if code == "ExpiredTokenException":
-                raise _sign_in(self.session.profile, "the sign-in code expired before it was approved") from None
-            if code == "AccessDeniedException":
-                raise _sign_in(self.session.profile, "the sign-in was denied in the browser") from None
-            raise classify(exc, "completing the SSO sign-in", self.session.profile) from None
-        except Exception as exc:
-            raise classify(exc, "completing the SSO sign-in", self.session.profile) from None
-        return PollResult(True, interval, self._write_cache(auth, resp))
-
-    def _write_cache(self, auth: DeviceAuthorization, resp: dict[str, Any]) -> Path:
-        now = self._clock.time()
-        entry: dict[str, Any] = {
-            "startUrl": self.sso.start_url, "region": self.sso.region,
-            "accessToken": resp["accessToken"],
-            "expiresAt": format_utc(now + float(resp.get("expiresIn") or 3600)),
-            "clientId": auth.client_id, "clientSecret": auth.client_secret,
-        }
-        if auth.registration_expires_at:
-            entry["registrationExpiresAt"] = format_utc(auth.registration_expires_at)
-        if resp.get("refreshToken"):
-            entry["refreshToken"] = resp["refreshToken"]
-        path = self.session.write_sso_token(self.sso, entry)
-        self.session.reset()
-        return path
+        JSONFileCache(str(self.cache_dir), dumps_func=_json_dumps)[key] = entry
+        return self.cache_dir / f"{key}.json"

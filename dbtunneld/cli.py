@@ -241,19 +241,37 @@ def _signed_in_line(info: dict) -> str:
     return f"signed in as {who}" if who else "signed in"
 
 
+def _browser_available() -> bool:
+    """A browser can be opened here (no: headless Linux without a display, no browser found)."""
+    import os
+    import webbrowser
+
+    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        return False
+    try:
+        webbrowser.get()
+    except webbrowser.Error:
+        return False
+    return True
+
+
 def _cmd_login(args: argparse.Namespace) -> int:
     import webbrowser
 
+    device = args.use_device_code or args.no_browser or not _browser_available()
     client = _client(args, start=True)
-    info = client.request("login", wait=0.0)
+    info = client.request("login", wait=0.0, use_device_code=device)
     if info.get("signed_in"):
         print(_signed_in_line(info))
         return EXIT_OK
     url = info.get("verification_uri_complete") or info.get("verification_uri", "")
-    print(f"Open {url} and confirm the code {info.get('user_code', '')}")
-    if not args.no_browser and url:
+    if info.get("user_code"):
+        print(f"Open {url} (on any device) and confirm the code {info['user_code']}")
+    else:
+        print(f"Sign in in the browser: {url}\n(on another device: `dbtunneld login --no-browser`)")
+    if not device and url:
         webbrowser.open(url)
-    done = client.request("login", wait=args.wait, timeout=args.wait + 15)
+    done = client.request("login", wait=args.wait, timeout=args.wait + 15, use_device_code=device)
     if not done.get("signed_in"):
         raise SignInNeededError("the sign-in was not confirmed in time")
     print(_signed_in_line(done))
@@ -322,8 +340,10 @@ def _add_daemon_commands(sub) -> None:
     rn.add_argument("name", nargs="?", help="cluster name (default: all)")
     rn.set_defaults(func=_cmd_renew)
 
-    lg = sub.add_parser("login", help="AWS SSO sign-in (device flow in the browser)")
-    lg.add_argument("--no-browser", action="store_true", help="only print the URL and code")
+    lg = sub.add_parser("login", help="AWS SSO sign-in (in the browser; device code when headless)")
+    lg.add_argument("--no-browser", action="store_true",
+                    help="do not open a browser: print a URL and code for any device (device code flow)")
+    lg.add_argument("--use-device-code", action="store_true", help="use the device code flow (as `aws sso login`)")
     lg.add_argument("--wait", type=float, default=600.0, help="seconds to wait for the confirmation")
     lg.set_defaults(func=_cmd_login)
 

@@ -271,7 +271,7 @@ class Daemon:
             "reconnect": lambda a: {"reconnecting": sup.reconnect(_targets(a))},
             "creds": lambda a: sup.creds(a["name"], a.get("field", "username")),
             "renew": lambda a: {"renewed": sup.renew(a.get("name"))},
-            "login": lambda a: sup.login(float(a.get("wait", 0.0))),
+            "login": lambda a: sup.login(float(a.get("wait", 0.0)), bool(a.get("use_device_code", False))),
             "reload": lambda a: self.reload(),
             "stop": lambda a: self.request_stop() or {"stopping": True, "pid": os.getpid()},
         }

@@ -23,7 +23,7 @@ from typing import Any, Callable, TextIO
 from . import __version__
 from . import log as logmask
 from .config import ClusterConfig, Config, load_config
-from .errors import ConfigError, DbtunneldError, NeedsUserError, PermissionDeniedError, SignInNeededError, TransientError
+from .errors import ConfigError, DbtunneldError, NeedsUserError, PermissionDeniedError, TransientError
 from .paths import Paths, default_paths
 
 log = logging.getLogger(__name__)
@@ -94,14 +94,13 @@ def check_aws(st: DoctorState) -> str:
 
 
 def _sso_state(session: Any) -> str:
-    sso = session.sso_settings()
-    if sso is None:
+    """The SSO sign-in as the refresh decides it (an expired access token is refreshed)."""
+    from .sso import refresh_sso_token
+
+    if session.sso_settings() is None:
         return ""
-    expires = session.sso_expires_at()
-    if expires is None or expires <= time.time():
-        what = "has expired" if expires else "has not been done on this machine"
-        raise SignInNeededError(f"the AWS SSO sign-in for profile {session.profile!r} {what}")
-    return f" (SSO sign-in valid for {_span(expires - time.time())})"
+    expires = refresh_sso_token(session)     # SignInNeededError when it cannot be refreshed
+    return f" (SSO access token valid for {_span(expires - time.time())}, refreshed as needed)"
 
 
 def check_vault(st: DoctorState) -> str:

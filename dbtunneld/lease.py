@@ -11,8 +11,9 @@ Facade for the supervisor / daemon (everything else here is internal)::
     engine.renew_now("orders")          # renew the lease now (rotate=True: mint new credentials)
     engine.release("orders")            # revoke the cluster's leases (bounded); it goes idle
     aws, vault, dbs = engine.status()   # model.CredentialStatus snapshots ({cluster: status})
-    info = engine.sso_login(open_browser=webbrowser.open)   # starts the SSO device flow, returns
-                                        # {verification_uri[_complete], user_code, expires_at, interval};
+    info = engine.sso_login(open_browser=webbrowser.open)   # starts the SSO sign-in: authorization
+                                        # code with PKCE (use_device_code=True: device flow); returns
+                                        # {flow, verification_uri[_complete], user_code, expires_at};
                                         # completion is announced by an "sso.signed_in" event
     engine.aws.boto3()                  # the boto3 session (SSM, EC2, RDS) on the same identity
     engine.stop(revoke=True, timeout=10)  # stop the keepers, revoke leases within the bound
@@ -27,6 +28,8 @@ Events never carry secrets: read the password with ``current()``.
 Keepers, each with its one retry loop (``keeper.Keeper``; ``run_once`` returns the delay to its
 next step, so tests drive them in virtual time):
 
+* ``sso_keeper.SsoKeeper`` refreshes the SSO token before it expires and decides "sign in needed"
+  from the refresh outcome (not from the hourly access-token expiry).
 * ``token_keeper.TokenKeeper`` keeps one Vault token: resume from the keyring, log in with the AWS
   identity, renew at ~2/3 of its TTL (``timing.plan_next``), back off on failure bounded by its
   remaining life, log in again before its max TTL (learned from a capped renewal, then predicted).
@@ -54,7 +57,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import log as dlog
-from .aws import AwsSession, SsoDeviceLogin
+from .aws import AwsSession, parse_utc
 from .config import ClusterConfig, Config, VaultConfig
 from .errors import ClosedError, DbtunneldError, PermissionDeniedError, TransientError
 from .keeper import CredentialEvent, Keeper, Tuning, finite, short_error
@@ -62,6 +65,9 @@ from .keystore import Keystore
 from .model import CredentialState, CredentialStatus
 from .paths import Paths, pid_alive
 from .timing import SYSTEM_CLOCK, Clock, Lifetime, jittered_grace, plan_next, renewal_capped, replace_time, retry_within
+from .sso import refresh_blocker
+from .sso_keeper import SsoKeeper
+from .sso_signin import SsoSignIn
 from .token_keeper import TokenKeeper, TokenView
 from .vault import LeaseGrant, VaultClient, VaultRequestError
 
@@ -627,9 +633,11 @@ class CredentialEngine:
         self.keepers: dict[str, LeaseKeeper] = {}
         self._orphans = self._find_orphans()
         self._sweeper: threading.Thread | None = None
-        self._sso_thread: threading.Thread | None = None
-        self._sso_info: dict[str, Any] | None = None
         self._stopping = threading.Event()
+        self.sso = SsoKeeper(self.aws, clock=clock, emit=self._emit, tuning=tuning, rng=self._rng,
+                             on_result=self._sso_checked)
+        self._sso_signin = SsoSignIn(self.aws, clock=clock, tuning=tuning, stopping=self._stopping,
+                                     on_done=self._sso_done)
         self._started = False
         self._identity_tried = False
 
@@ -689,6 +697,7 @@ class CredentialEngine:
         if self._orphans:
             log.info("found %d lease(s) left by an earlier run; revoking them once Vault is reachable",
                      len(self._orphans))
+        self.sso.start(self.threaded)
         self.tokens.start(self.threaded)
 
     def stop(self, revoke: bool = True, timeout: float | None = None) -> None:
@@ -706,14 +715,14 @@ class CredentialEngine:
         self._stop_units(keepers, deadline)
         if revoke:
             self._revoke_everything(keepers, deadline, bound)
-        for thread in (self._sweeper, self._sso_thread):
-            if thread is not None:
-                thread.join(max(0.0, deadline - time.monotonic()))
+        self._sso_signin.join(max(0.0, deadline - time.monotonic()))
+        if self._sweeper is not None:
+            self._sweeper.join(max(0.0, deadline - time.monotonic()))
         for unit in keepers + [self.tokens]:
             unit.vault.close()
 
     def _stop_units(self, keepers: list[LeaseKeeper], deadline: float) -> None:
-        units = keepers + [self.tokens]
+        units = keepers + [self.tokens, self.sso]
         for unit in units:          # all at once, then wait: a hung unit does not delay the others
             unit._stopping.set()
             unit.wake()
@@ -788,16 +797,27 @@ class CredentialEngine:
         return self.aws_status(), self.tokens.status(), {n: k.status() for n, k in list(self.keepers.items())}
 
     def aws_status(self) -> CredentialStatus:
+        """The AWS sign-in as the keepers last found it. A token that can be refreshed has no
+        known end (the SSO session's length is not told to clients): ``expires_at`` is then None;
+        one that cannot shows its expiry and reads "sign in" once past it."""
         with self._lock:
             st = self._aws_status
         try:
-            expires = self.aws.sso_expires_at()
+            sso = self.aws.sso_settings()
+            entry = self.aws.cached_sso_token() if sso else None
         except DbtunneldError:
-            expires = None
-        if expires is not None:
-            st = replace(st, expires_at=expires)
-        if st.state == S.VALID and expires is not None and expires <= self.clock.time():
-            st = replace(st, state=S.NEEDS_SIGN_IN, last_error="the AWS SSO session expired")
+            sso, entry = None, None
+        if sso is None or not entry:
+            return st
+        now = self.clock.time()
+        expires = parse_utc(str(entry.get("expiresAt", "")))
+        if expires is not None and expires <= now:
+            self.sso.notice_expired(expires)
+        if not refresh_blocker(entry, sso, now):
+            return replace(st, expires_at=None)
+        st = replace(st, expires_at=expires)
+        if st.state == S.VALID and expires is not None and expires <= now:
+            st = replace(st, state=S.NEEDS_SIGN_IN, last_error="the AWS SSO sign-in expired and cannot be refreshed")
         return st
 
     # -- orphans
@@ -830,46 +850,36 @@ class CredentialEngine:
 
     # -- SSO sign-in
 
-    def sso_login(self, open_browser: Callable[[str], Any] | None = None) -> dict[str, Any]:
-        """Start the SSO device flow (returns what to show the user); polling runs in the background."""
-        with self._lock:
-            if self._sso_thread is not None and self._sso_thread.is_alive() and self._sso_info:
-                return dict(self._sso_info)
-            flow = SsoDeviceLogin(self.aws, clock=self.clock)
-            auth = flow.start()
-            self._sso_info = auth.public()
-            self._sso_thread = threading.Thread(target=self._complete_sso, args=(flow, auth), name="dbtunneld-sso",
-                                                daemon=True)
-            self._sso_thread.start()
-        log.info("SSO sign-in started: open %s and confirm code %s", auth.verification_uri, auth.user_code)
-        self._emit(CredentialEvent("sso.started", self.aws.profile, self.clock.time(), self.aws_status(),
-                                   f"{auth.verification_uri_complete} code {auth.user_code}"))
+    def sso_login(self, open_browser: Callable[[str], Any] | None = None, *,
+                  use_device_code: bool = False) -> dict[str, Any]:
+        """Start the SSO sign-in (returns what to show the user); it completes in the background."""
+        info, new = self._sso_signin.start(use_device_code)
+        url = info["verification_uri_complete"]
+        if new:
+            shown = f"{url} code {info['user_code']}" if info.get("user_code") else url
+            log.info("SSO sign-in started (%s): open %s", info.get("flow"), shown)
+            self._emit(CredentialEvent("sso.started", self.aws.profile, self.clock.time(), self.aws_status(), shown))
         if open_browser is not None:
             try:
-                open_browser(auth.verification_uri_complete)
+                open_browser(url)
             except Exception as exc:
-                log.warning("could not open a browser (%s); open %s yourself", exc, auth.verification_uri_complete)
-        return dict(self._sso_info)
+                log.warning("could not open a browser (%s); open %s yourself", exc, url)
+        return info
 
-    def _complete_sso(self, flow: SsoDeviceLogin, auth) -> None:
-        interval = max(self.tuning.sso_poll_floor, auth.interval)
-        while not self._stopping.is_set():
-            self.clock.wait(self._stopping, interval)
-            if self._stopping.is_set():
-                return
-            try:
-                result = flow.poll(auth, interval)
-            except TransientError as exc:
-                log.warning("SSO sign-in: polling failed (%s); retry in %.1f s", short_error(exc), interval)
-                continue
-            except DbtunneldError as exc:
-                log.warning("SSO sign-in failed: %s", short_error(exc))
-                self._emit(CredentialEvent("sso.failed", self.aws.profile, self.clock.time(), self.aws_status(),
-                                           short_error(exc)))
-                return
-            interval = max(self.tuning.sso_poll_floor, result.interval)
-            if result.done:
-                return self._signed_in()
+    def _sso_done(self, ok: bool, detail: str) -> None:
+        if not ok:
+            self._emit(CredentialEvent("sso.failed", self.aws.profile, self.clock.time(), self.aws_status(), detail))
+            return
+        self._signed_in()
+
+    def _sso_checked(self, state: CredentialState, error: str) -> None:
+        """The SSO keeper's verdict (refresh outcome); a sign-in made elsewhere is picked up."""
+        with self._lock:
+            was = self._aws_status.state
+        self._set_aws_status(state, error, "")
+        if state == S.VALID and was == S.NEEDS_SIGN_IN:
+            self.aws.reset()
+            self._wake_after_sign_in()
 
     def _signed_in(self) -> None:
         self.aws.reset()
@@ -880,8 +890,12 @@ class CredentialEngine:
             log.info("signed in, but sts:GetCallerIdentity failed (%s)", short_error(exc))
         self._set_aws_status(S.VALID, "", identity)
         log.info("AWS SSO sign-in completed for profile %s", self.aws.profile)
+        self.sso.check_soon()
+        self._wake_after_sign_in()
+        self._emit(CredentialEvent("sso.signed_in", self.aws.profile, self.clock.time(), self.aws_status()))
+
+    def _wake_after_sign_in(self) -> None:
         self.tokens.notify_signed_in()
         for keeper in list(self.keepers.values()):
             keeper._mint_at = self.clock.time()
             keeper.wake()
-        self._emit(CredentialEvent("sso.signed_in", self.aws.profile, self.clock.time(), self.aws_status()))

@@ -38,7 +38,7 @@ COMMANDS: dict[str, dict[str, Any]] = {
     "reconnect": {"name": str, "all": bool},
     "creds": {"name": str, "field": str},
     "renew": {"name": str},
-    "login": {"wait": _NUMBER},
+    "login": {"wait": _NUMBER, "use_device_code": bool},
     "reload": {},
     "stop": {},
 }

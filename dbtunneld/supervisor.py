@@ -33,6 +33,7 @@ from .config import AwsConfig, BastionConfig, ClusterConfig, Config, CredentialS
 from .errors import DbtunneldError, NeedsUserError, SignInNeededError, TransientError, UnknownNameError
 from .model import CredentialState, CredentialStatus, DaemonStatus, TunnelState, TunnelStatus
 from .paths import Paths
+from .sso import refresh_sso_token
 from .wake import WakeDetector
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ class EngineUnit(Protocol):
     def renew_now(self, name: str) -> None: ...
     def current(self, name: str) -> DbCredentials | None: ...
     def credential_status(self) -> tuple[CredentialStatus | None, CredentialStatus | None, dict[str, CredentialStatus]]: ...
-    def sso_login(self, wait: float) -> dict[str, Any]: ...
+    def sso_login(self, wait: float, use_device_code: bool = False) -> dict[str, Any]: ...
     def keyring_note(self) -> str: ...
     def update_config(self, config: Config) -> None: ...   # same engine spec, other clusters
     def session_factory(self) -> Any: ...                  # boto3 session for the transports
@@ -312,8 +313,8 @@ class Supervisor:
         self._publisher.poke()
         return [s.name for s in slots]
 
-    def login(self, wait: float = 0.0) -> dict[str, Any]:
-        return self._require_engine().sso_login(wait)
+    def login(self, wait: float = 0.0, use_device_code: bool = False) -> dict[str, Any]:
+        return self._require_engine().sso_login(wait, use_device_code)
 
     def creds(self, name: str, field: str = "username", wait: float = CREDS_WAIT) -> dict[str, Any]:
         """Username, connection strings and expiry; the password only when ``field == "password"``."""
@@ -526,11 +527,12 @@ class EngineAdapter:
     def session_factory(self) -> Any:
         return self.engine.aws.boto3()
 
-    def sso_login(self, wait: float) -> dict[str, Any]:
-        """Start the device flow unless signed in; with ``wait`` > 0, wait for the confirmation."""
+    def sso_login(self, wait: float, use_device_code: bool = False) -> dict[str, Any]:
+        """Start the sign-in unless signed in (authorization code with PKCE, or the device flow);
+        with ``wait`` > 0, wait for the confirmation. The client opens the browser."""
         if self._signed_in():
             return self._signed_in_result()
-        info = self.engine.sso_login(open_browser=None)
+        info = self.engine.sso_login(open_browser=None, use_device_code=use_device_code)
         deadline = time.monotonic() + wait
         while wait > 0 and time.monotonic() < deadline:
             if self._signed_in():
@@ -539,9 +541,15 @@ class EngineAdapter:
         return {**info, "signed_in": False}
 
     def _signed_in(self) -> bool:
-        expires = self.engine.aws.sso_expires_at()
-        if expires is not None:
-            return expires > time.time()
+        """Signed in = the SSO token works or refreshes (an expired access token alone is not
+        a reason to sign in again); other profiles: as the engine found them."""
+        try:
+            if self.engine.aws.sso_settings() is not None:
+                return refresh_sso_token(self.engine.aws) > time.time()
+        except SignInNeededError:
+            return False
+        except DbtunneldError:
+            pass
         return self.engine.aws_status().state == CredentialState.VALID
 
     def _signed_in_result(self) -> dict[str, Any]:

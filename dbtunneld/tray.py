@@ -466,8 +466,11 @@ class TrayApp:
         url = info.get("verification_uri_complete") or info.get("verification_uri", "")
         if url:
             self.opener(url)
-        self.notifier.show("dbtunneld: confirm the sign-in in your browser",
-                           f"Code {info.get('user_code', '')}: confirm it on {url}")
+        if info.get("user_code"):
+            self.notifier.show("dbtunneld: confirm the sign-in in your browser",
+                               f"Code {info['user_code']}: confirm it on {url}")
+        else:
+            self.notifier.show("dbtunneld: sign in to AWS in your browser", "The browser returns to dbtunneld when done")
 
     def do_start_daemon(self) -> None:
         with self._lock:

@@ -86,7 +86,7 @@ class FakeEngine:
                    for n, c in self.creds.items()}
         return aws, vault, dbs
 
-    def sso_login(self, wait):
+    def sso_login(self, wait, use_device_code=False):
         return {"signed_in": True, "identity": "arn:aws:sts::123:assumed-role/dev/me"}
 
     def keyring_note(self):

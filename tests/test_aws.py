@@ -15,7 +15,7 @@ from pathlib import Path
 import botocore.exceptions as bexc
 import pytest
 
-from dbtunneld import aws
+from dbtunneld import aws, sso
 from dbtunneld.config import AwsConfig
 from dbtunneld.errors import NeedsUserError, PermissionDeniedError, SignInNeededError, TransientError
 from dbtunneld.sandbox.procs import Service, file_probe, free_port
@@ -197,7 +197,42 @@ def test_expired_cached_sso_token_means_sign_in_needed(home, profile):
 def test_device_login_refuses_non_sso_profiles(home):
     write_aws_files(home, credentials="[k]\naws_access_key_id = A\naws_secret_access_key = B\n")
     with pytest.raises(NeedsUserError, match="does not use SSO"):
-        aws.SsoDeviceLogin(session(home, "k"))
+        sso.SsoDeviceLogin(session(home, "k"))
+
+
+def test_legacy_profile_without_sso_region_is_a_config_error(home):
+    write_aws_files(home, config="[profile old]\nsso_start_url = https://x.awsapps.example/start\n")
+    with pytest.raises(NeedsUserError, match="no sso_region"):
+        session(home, "old").sso_settings()
+
+
+def test_registration_cache_file_is_the_aws_clis(home):
+    """awscli/botocore/utils.py BaseSSOTokenFetcher._registration_cache_key: sha1 of the sorted
+    JSON of tool, startUrl, region, scopes (None when unset) and session_name."""
+    write_aws_files(home, config=SSO_SESSION_CONFIG)
+    new = session(home, "dev-sso").sso_settings()
+    args = {"tool": "botocore", "startUrl": new.start_url, "region": "us-east-1",
+            "scopes": ["sso:account:access"], "session_name": "corp"}
+    assert sso.registration_cache_key(new) == hashlib.sha1(json.dumps(args, sort_keys=True).encode()).hexdigest()
+    old = session(home, "dev-legacy").sso_settings()
+    args = {"tool": "botocore", "startUrl": old.start_url, "region": "eu-west-1", "scopes": None, "session_name": None}
+    assert sso.registration_cache_key(old) == hashlib.sha1(json.dumps(args, sort_keys=True).encode()).hexdigest()
+
+
+def test_pkce_pair_is_s256():
+    verifier, challenge = sso.pkce_pair()
+    assert 43 <= len(verifier) <= 128 and "=" not in challenge
+    import base64
+    digest = base64.urlsafe_b64decode(challenge + "=")
+    assert digest == hashlib.sha256(verifier.encode()).digest()
+
+
+def test_endpoint_urls_take_the_region_of_each_client(home):
+    write_aws_files(home, credentials="[k]\naws_access_key_id = A\naws_secret_access_key = B\n")
+    s = aws.AwsSession(AwsConfig(profile="k", region="eu-west-1",
+                                 endpoint_urls={"sso-oidc": "http://127.0.0.1:9/oidc.{region}"}), home=home)
+    assert s.client("sso-oidc").meta.endpoint_url == "http://127.0.0.1:9/oidc.eu-west-1"
+    assert s.client("sso-oidc", region="us-east-1").meta.endpoint_url == "http://127.0.0.1:9/oidc.us-east-1"
 
 
 def _client_error(code: str, status: int = 400) -> bexc.ClientError:

@@ -304,3 +304,38 @@ def test_sandbox_runs_the_daemon_and_ctrl_c_leaves_nothing():
                 os.kill(daemon_pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+BROWSER_SCRIPT = "import sys, urllib.request\nurllib.request.urlopen(sys.argv[1], timeout=30).read()\n"
+
+
+def test_login_uses_the_browser_with_pkce_and_falls_back_to_the_device_code_when_headless(stack, daemon, tmp_path):
+    """`dbtunneld login` as `aws sso login`: the authorization-code flow in the browser ($BROWSER
+    here: a script that loads the page; the stand-in approves and redirects to the daemon's
+    loopback listener); without a display, the device code (the browser is not touched)."""
+    import json
+    import sys
+    import time
+
+    browser = tmp_path / "browser.py"
+    browser.write_text(BROWSER_SCRIPT)
+    daemon.env["BROWSER"] = f"{sys.executable} {browser} %s"
+    for key in ("DISPLAY", "WAYLAND_DISPLAY"):
+        daemon.env.pop(key, None)
+    stack.sso.auto_approve(True)
+    try:
+        before = stack.sso.state()["auth_requests"]
+        out = daemon.cli("login", "--wait", "60").stdout
+        assert "confirm the code" in out and "signed in" in out
+        assert stack.sso.state()["auth_requests"] == before
+        entry = json.loads(daemon.sso_cache_file().read_text())     # the SSO session ends
+        entry["expiresAt"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 60))
+        entry["refreshToken"] = "ended-session-refresh-token"
+        daemon.sso_cache_file().write_text(json.dumps(entry))
+        daemon.env["DISPLAY"] = ":0"
+        out = daemon.cli("login", "--wait", "60").stdout
+        assert "Sign in in the browser" in out and "signed in" in out
+        assert stack.sso.state()["auth_requests"] == before + 1
+        assert json.loads(daemon.sso_cache_file().read_text())["refreshToken"] != "ended-session-refresh-token"
+    finally:
+        stack.sso.auto_approve(False)

@@ -28,7 +28,8 @@ import pymysql
 import pytest
 
 from dbtunneld import log as dlog
-from dbtunneld.aws import AwsSession, SsoDeviceLogin, format_utc
+from dbtunneld.aws import AwsSession, format_utc
+from dbtunneld.sso import SsoDeviceLogin
 from dbtunneld.config import parse_config
 from dbtunneld.errors import SignInNeededError
 from dbtunneld.keystore import Keystore
@@ -344,7 +345,7 @@ def test_expired_sso_session_is_sign_in_needed_and_the_device_flow_recovers(stac
         with urllib.request.urlopen(url, timeout=10) as resp:
             visited.append(resp.status)
 
-    info = engine.sso_login(open_browser=browser)
+    info = engine.sso_login(open_browser=browser, use_device_code=True)
     assert info["user_code"] and info["verification_uri_complete"].startswith(stack.sso_endpoint)
     assert "device_code" not in info and "client_secret" not in info
     wait_for(lambda: any(e.kind == "sso.signed_in" for e in events), 20, what="the sign-in event")

@@ -21,7 +21,8 @@ from dbtunneld.doctor import CheckResult
 
 SIGN_IN = """
 import sys, time
-from dbtunneld.aws import AwsSession, SsoDeviceLogin
+from dbtunneld.aws import AwsSession
+from dbtunneld.sso import SsoDeviceLogin
 from dbtunneld.config import load_config
 login = SsoDeviceLogin(AwsSession(load_config(sys.argv[1]).aws))
 auth = login.start()

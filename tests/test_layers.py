@@ -13,8 +13,8 @@ PKG = Path(__file__).resolve().parent.parent / "dbtunneld"
 
 LAYERS = {
     0: {"__init__", "errors", "model", "timing", "config", "paths"},
-    1: {"aws", "vault", "iam_login", "ssm", "ssh", "keystore", "log", "discovery", "ports", "wake", "transport"},
-    2: {"lease", "keeper", "token_keeper", "tunnel", "supervisor"},
+    1: {"aws", "sso", "vault", "iam_login", "ssm", "ssh", "keystore", "log", "discovery", "ports", "wake", "transport"},
+    2: {"lease", "keeper", "token_keeper", "sso_keeper", "sso_signin", "tunnel", "supervisor"},
     3: {"protocol", "control", "client", "daemon", "doctor"},
     4: {"cli", "menu", "tray", "clipboard", "notify", "autostart", "__main__"},
 }

@@ -62,7 +62,7 @@ def test_generated_daemon_config_is_valid(stack):
     assert Path(cfg.bastion.key_file).is_file() and Path(cfg.bastion.known_hosts).is_file()
     assert {c.name: (c.port, c.db_role) for c in cfg.clusters} == {
         n: (c.port, f"{n}-ro") for n, c in stack.clusters.items()}
-    assert cfg.aws.endpoint_urls["sso-oidc"] == stack.sso_endpoint
+    assert cfg.aws.endpoint_urls["sso-oidc"] == stack.sso_endpoint + "/oidc.{region}"
 
 
 @pytest.mark.parametrize("transport", ["ssm-ssh", "ssm-port-forward"])
@@ -82,7 +82,7 @@ def test_aws_config_has_sso_profile(stack):
     assert profile["sso_role_name"] == "db-developer"
     assert parser[f"sso-session {stack.sso_session_name}"]["sso_start_url"] == stack.sso_start_url
     env = stack.env()
-    assert env["AWS_ENDPOINT_URL_SSO_OIDC"] == stack.sso_endpoint
+    assert env["AWS_ENDPOINT_URL_SSO_OIDC"] == stack.oidc_url()
     assert env["AWS_ENDPOINT_URL_STS"] == stack.aws_endpoint
     assert env["HOME"] == stack.home and "AWS_ACCESS_KEY_ID" not in env
 

@@ -25,9 +25,10 @@ def sso_stack():
         yield s
 
 
-def clients(stack):
-    oidc = boto3.client("sso-oidc", endpoint_url=stack.sso_endpoint, region_name="us-east-1")
-    sso = boto3.client("sso", endpoint_url=stack.sso_endpoint, region_name="us-east-1")
+def clients(stack, region: str | None = None):
+    """boto3 clients of ``region``'s endpoints (default: the Identity Center's region)."""
+    oidc = boto3.client("sso-oidc", endpoint_url=stack.oidc_url(region), region_name=region or "us-east-1")
+    sso = boto3.client("sso", endpoint_url=stack.portal_url(region), region_name=region or "us-east-1")
     return oidc, sso
 
 
@@ -242,3 +243,154 @@ def test_state_auto_approve():
     state.auto_approve = True
     auth = state.start_device_authorization({**reg, "startUrl": "http://x/start"}, "http://x")
     assert poll(state, reg, auth)["accessToken"]
+
+
+# ------------------------------------------------------------------ regions (over the wire)
+
+def test_each_region_is_its_own_endpoint_and_the_wrong_one_fails_as_on_aws(sso_stack):
+    """The instance lives in us-east-1: eu-west-1's OIDC registers clients (registration is
+    regional) but knows neither the start URL nor us-east-1's clients, and its portal refuses
+    us-east-1's tokens."""
+    oidc, sso = clients(sso_stack)
+    reg, auth = start_device_flow(oidc, sso_stack)
+    sso_stack.sso.approve(auth["userCode"])
+    token = poll_until_issued(oidc, reg, auth)
+    eu_oidc, eu_sso = clients(sso_stack, "eu-west-1")
+    eu_reg = eu_oidc.register_client(clientName="t", clientType="public")
+    with pytest.raises(eu_oidc.exceptions.InvalidRequestException):
+        eu_oidc.start_device_authorization(clientId=eu_reg["clientId"], clientSecret=eu_reg["clientSecret"],
+                                           startUrl=sso_stack.sso_start_url)
+    with pytest.raises(eu_oidc.exceptions.InvalidRequestRegionException):
+        eu_oidc.create_token(clientId=reg["clientId"], clientSecret=reg["clientSecret"],
+                             grantType="refresh_token", refreshToken=token["refreshToken"])
+    with pytest.raises(eu_sso.exceptions.UnauthorizedException):
+        eu_sso.list_accounts(accessToken=token["accessToken"])
+    assert sso.list_accounts(accessToken=token["accessToken"])["accountList"]
+    root = boto3.client("sso-oidc", endpoint_url=sso_stack.sso_endpoint, region_name="us-east-1")
+    with pytest.raises(root.exceptions.ClientError) as no_host:      # no region, no endpoint
+        root.register_client(clientName="t", clientType="public")
+    assert no_host.value.response["ResponseMetadata"]["HTTPStatusCode"] == 404
+
+
+# ------------------------------------------------------------------ PKCE (over the wire)
+
+def pkce() -> tuple[str, str]:
+    import base64
+    import secrets
+
+    verifier = secrets.token_urlsafe(48)
+    return verifier, base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).decode().rstrip("=")
+
+
+def register_for_auth_code(oidc, stack) -> dict:
+    return oidc.register_client(clientName="t", clientType="public", grantTypes=["authorization_code", "refresh_token"],
+                                redirectUris=["http://127.0.0.1/oauth/callback"], issuerUrl=stack.sso_start_url,
+                                scopes=["sso:account:access"])
+
+
+class NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None
+
+
+def authorize(stack, reg, redirect_uri: str, challenge: str, state: str = "st-1") -> tuple[int, str]:
+    """The browser: /authorize, then Allow on the consent form; (status, Location)."""
+    from urllib.parse import urlencode
+
+    query = urlencode({"response_type": "code", "client_id": reg["clientId"], "redirect_uri": redirect_uri,
+                       "state": state, "code_challenge_method": "S256", "scopes": "sso:account:access",
+                       "code_challenge": challenge})
+    try:
+        with urllib.request.urlopen(f"{stack.oidc_url()}/authorize?{query}", timeout=10) as resp:
+            page = resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, ""
+    request_id = page.split('name="request" value="', 1)[1].split('"', 1)[0]
+    opener = urllib.request.build_opener(NoRedirect)
+    data = urlencode({"request": request_id, "allow": "1"}).encode()
+    try:
+        opener.open(f"{stack.oidc_url()}/authorize/consent", data=data, timeout=10)
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers.get("Location", "")
+    raise AssertionError("no redirect")
+
+
+def test_pkce_authorization_code_grant(sso_stack):
+    from urllib.parse import parse_qs, urlsplit
+
+    oidc, sso = clients(sso_stack)
+    reg = register_for_auth_code(oidc, sso_stack)
+    verifier, challenge = pkce()
+    redirect = "http://127.0.0.1:43123/oauth/callback"              # any port (RFC 8252 7.3)
+    status, location = authorize(sso_stack, reg, redirect, challenge)
+    assert status == 302 and location.startswith(redirect + "?")
+    query = {k: v[0] for k, v in parse_qs(urlsplit(location).query).items()}
+    assert query["state"] == "st-1"
+    exchange = dict(clientId=reg["clientId"], clientSecret=reg["clientSecret"], grantType="authorization_code",
+                    redirectUri=redirect, code=query["code"])
+    with pytest.raises(oidc.exceptions.InvalidGrantException):        # wrong verifier: and the code is spent
+        oidc.create_token(codeVerifier=pkce()[0], **exchange)
+    with pytest.raises(oidc.exceptions.InvalidGrantException):
+        oidc.create_token(codeVerifier=verifier, **exchange)
+    status, location = authorize(sso_stack, reg, redirect, challenge)
+    code = parse_qs(urlsplit(location).query)["code"][0]
+    with pytest.raises(oidc.exceptions.InvalidGrantException):        # redirect URI differs from /authorize
+        oidc.create_token(codeVerifier=verifier, **{**exchange, "code": code,
+                                                    "redirectUri": "http://127.0.0.1:1/oauth/callback"})
+    status, location = authorize(sso_stack, reg, redirect, challenge)
+    code = parse_qs(urlsplit(location).query)["code"][0]
+    token = oidc.create_token(codeVerifier=verifier, **{**exchange, "code": code})
+    assert token["refreshToken"] and sso.list_accounts(accessToken=token["accessToken"])["accountList"]
+    with pytest.raises(oidc.exceptions.InvalidGrantException):        # single use
+        oidc.create_token(codeVerifier=verifier, **{**exchange, "code": code})
+    assert authorize(sso_stack, reg, "http://evil.example/oauth/callback", challenge)[0] == 400
+    assert authorize(sso_stack, reg, "http://127.0.0.1:43123/other", challenge)[0] == 400
+    device_reg, _ = start_device_flow(oidc, sso_stack)
+    assert authorize(sso_stack, device_reg, redirect, challenge)[0] == 400   # not registered for codes
+    with pytest.raises(oidc.exceptions.InvalidRedirectUriException):
+        oidc.register_client(clientName="t", clientType="public", grantTypes=["authorization_code"],
+                             redirectUris=["https://example.com/cb"], issuerUrl=sso_stack.sso_start_url)
+
+
+def test_state_refresh_tokens_end_with_the_session_and_rotation_does_not_extend_it():
+    state, clock, reg, auth = make_state(access_token_ttl=3600, refresh_token_ttl=8 * 3600)
+    state.approve(auth["userCode"])
+    token = poll(state, reg, auth)
+    for _ in range(7):                                       # refreshed every hour
+        clock.now += 3600
+        token = state.create_token({**reg, "grantType": "refresh_token", "refreshToken": token["refreshToken"]})
+    clock.now += 3600                                        # 8 h: the session is over
+    assert error_of(lambda: state.create_token(
+        {**reg, "grantType": "refresh_token", "refreshToken": token["refreshToken"]})) == "invalid_grant"
+
+
+def test_state_expired_registration_is_invalid_client():
+    state, clock, reg, auth = make_state(registration_ttl=1000)
+    state.approve(auth["userCode"])
+    token = poll(state, reg, auth)
+    clock.now += 1000
+    assert error_of(lambda: state.create_token(
+        {**reg, "grantType": "refresh_token", "refreshToken": token["refreshToken"]})) == "invalid_client"
+    assert error_of(lambda: state.start_device_authorization({**reg, "startUrl": "http://x/start"}, "http://x")) \
+        == "invalid_client"
+
+
+def test_state_authorization_code_expires_and_grant_types_are_enforced():
+    import base64
+
+    state, clock, _, _ = make_state(auth_code_ttl=60)
+    reg = state.register_client({"clientName": "t", "clientType": "public",
+                                 "grantTypes": ["authorization_code", "refresh_token"],
+                                 "redirectUris": ["http://127.0.0.1/oauth/callback"], "issuerUrl": "http://x/start"})
+    verifier = "v" * 64
+    challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).decode().rstrip("=")
+    query = {"response_type": "code", "client_id": reg["clientId"], "redirect_uri": "http://127.0.0.1:5/oauth/callback",
+             "state": "s", "code_challenge_method": "S256", "code_challenge": challenge}
+    code = state.consent(state.authorize(query, "us-east-1"), True).split("code=")[1].split("&")[0]
+    clock.now += 60
+    body = {**reg, "grantType": "authorization_code", "code": code, "codeVerifier": verifier,
+            "redirectUri": query["redirect_uri"]}
+    assert error_of(lambda: state.create_token(body)) == "invalid_grant"
+    assert error_of(lambda: state.create_token({**reg, "grantType": DEVICE_GRANT, "deviceCode": "x"})) \
+        == "unauthorized_client"
+    assert error_of(lambda: state.authorize({**query, "code_challenge_method": "plain"}, "us-east-1")) == "invalid_request"

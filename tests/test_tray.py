@@ -509,7 +509,8 @@ def test_start_daemon_from_the_menu_reconnects_at_once(home):
 
 SIGN_IN = """
 import sys, time
-from dbtunneld.aws import AwsSession, SsoDeviceLogin
+from dbtunneld.aws import AwsSession
+from dbtunneld.sso import SsoDeviceLogin
 from dbtunneld.config import load_config
 login = SsoDeviceLogin(AwsSession(load_config(sys.argv[1]).aws))
 auth = login.start()

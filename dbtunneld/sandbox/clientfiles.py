@@ -22,7 +22,7 @@ _SERVICE_KEYS = {"sts": ("sts", "STS"), "ec2": ("ec2", "EC2"), "rds": ("rds", "R
 
 
 def _urls(info: "StackInfo") -> dict[str, str]:
-    urls = info.endpoint_urls()
+    urls = info.endpoint_urls(region_template=False)
     if info.aws_endpoint:
         urls["iam"] = info.aws_endpoint
     return urls

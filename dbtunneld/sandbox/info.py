@@ -77,7 +77,7 @@ class StackInfo:
     bastion_instance_id: str = ""
     bastion_tags: dict[str, str] = field(default_factory=dict)
     # SSO (stand-in)
-    sso_endpoint: str = ""          # serves both sso and sso-oidc
+    sso_endpoint: str = ""          # base URL; sso-oidc under /oidc.<region>, sso under /portal.sso.<region>
     sso_start_url: str = ""
     sso_region: str = REGION
     sso_account_id: str = ACCOUNT_ID
@@ -104,14 +104,25 @@ class StackInfo:
         """``relay_command`` as one shell string (for ``paramiko.ProxyCommand``)."""
         return shlex.join(self.relay_command)
 
-    def endpoint_urls(self) -> dict[str, str]:
-        """Endpoint per AWS service, keyed as in dbtunneld's config (``sso-oidc`` etc.)."""
+    def oidc_url(self, region: str | None = None) -> str:
+        """The SSO OIDC endpoint of ``region`` (default: the Identity Center's) at the stand-in."""
+        return f"{self.sso_endpoint}/oidc.{region or self.sso_region}"
+
+    def portal_url(self, region: str | None = None) -> str:
+        """The SSO portal endpoint of ``region`` (default: the Identity Center's) at the stand-in."""
+        return f"{self.sso_endpoint}/portal.sso.{region or self.sso_region}"
+
+    def endpoint_urls(self, region_template: bool = True) -> dict[str, str]:
+        """Endpoint per AWS service, keyed as in dbtunneld's config (``sso-oidc`` etc.); with
+        ``region_template`` the SSO ones carry ``{region}`` (dbtunneld fills in each client's
+        region), else the Identity Center's region (for botocore / the AWS CLI)."""
         urls = {}
         if self.aws_endpoint:
             urls.update(sts=self.aws_endpoint, ec2=self.aws_endpoint, rds=self.aws_endpoint)
             urls["ssm"] = self.ssm_endpoint or self.aws_endpoint
         if self.sso_endpoint:
-            urls.update({"sso": self.sso_endpoint, "sso-oidc": self.sso_endpoint})
+            region = "{region}" if region_template else None
+            urls.update({"sso": self.portal_url(region), "sso-oidc": self.oidc_url(region)})
         return urls
 
     def to_json(self, secrets: bool = False) -> dict:

@@ -1,40 +1,45 @@
-"""Stand-in for the AWS SSO portal and its OIDC device flow (moto has neither).
+"""Stand-in for the AWS SSO portal and its OIDC service (moto has neither).
 
     python -m dbtunneld.sandbox.sso_standin --config FILE
 
-One HTTP server speaks both services with botocore's wire formats (rest-json), so boto3
-clients work with ``endpoint_url`` / ``AWS_ENDPOINT_URL_SSO`` / ``AWS_ENDPOINT_URL_SSO_OIDC``:
+One HTTP server speaks both services with botocore's wire formats (rest-json), one path prefix
+per AWS host, so a client pointed at the wrong region fails as on AWS (the rules, and the real
+sources they come from, are in ``sso_oidc``): ``/oidc.<region>`` is
+``https://oidc.<region>.amazonaws.com`` and ``/portal.sso.<region>`` is
+``https://portal.sso.<region>.amazonaws.com``. dbtunneld's ``aws.endpoint_urls`` take
+``{region}`` for this (``http://127.0.0.1:PORT/oidc.{region}``); a plain botocore / AWS CLI
+client is given the prefix of the instance's region.
 
-sso-oidc
-  ``POST /client/register``       RegisterClient -> clientId, clientSecret (90 days)
-  ``POST /device_authorization``  StartDeviceAuthorization -> deviceCode, userCode, URIs,
-                                  expiresIn, interval
-  ``POST /token``                 CreateToken, device-code grant: ``authorization_pending``
-                                  until the user code is approved, ``slow_down`` when polled
-                                  sooner than ``interval`` after the previous poll,
-                                  ``expired_token`` after ``expiresIn``; refresh-token grant
-                                  (rotates the refresh token)
-sso (portal)
+sso-oidc (``/oidc.<region>``)
+  ``POST /client/register``       RegisterClient (device, or authorization code with PKCE)
+  ``POST /device_authorization``  StartDeviceAuthorization
+  ``GET  /authorize``             the browser's sign-in page for the authorization-code grant;
+                                  with auto-approve (or after ``POST /authorize/consent``) it
+                                  redirects to the loopback ``redirect_uri`` with code + state
+  ``POST /token``                 CreateToken: device code, authorization code, refresh token
+sso (portal, ``/portal.sso.<region>``)
   ``GET /assignment/accounts``    ListAccounts
   ``GET /assignment/roles``       ListAccountRoles
   ``GET /federation/credentials`` GetRoleCredentials: REAL moto credentials, from
                                   ``sts:AssumeRole`` with the seeded IAM user's keys
   ``POST /logout``                Logout (revokes the access token)
-  (all take the access token in the ``x-amz-sso_bearer_token`` header; a missing, expired
-  or revoked one is ``UnauthorizedException``, 401)
+  (all take the access token in ``x-amz-sso_bearer_token``; a missing, expired, revoked or
+  other-region one is ``UnauthorizedException``, 401)
 
 A browser-less approval for tests: ``GET /device?user_code=XXXX-XXXX`` (the
 ``verificationUriComplete``) approves the code, as a user clicking "Allow" would.
 Test controls (JSON ``POST``): ``/_standin/approve`` ``{"user_code"}``, ``/_standin/deny``
-``{"user_code"}``, ``/_standin/auto-approve`` ``{"enabled"}`` (approve every new code at
-once), ``/_standin/expire-tokens`` (access tokens expire now), ``/_standin/revoke-tokens``
-(access and refresh tokens revoked); ``GET /_standin/state`` (counts), ``/_standin/health``.
+``{"user_code"}``, ``/_standin/auto-approve`` ``{"enabled"}`` (approve every new device code
+and /authorize request at once), ``/_standin/expire-tokens`` (access tokens expire now),
+``/_standin/end-sessions`` (the SSO sessions end: refresh tokens expire too),
+``/_standin/expire-registrations`` (client secrets expire), ``/_standin/revoke-tokens``;
+``GET /_standin/state`` (counts), ``/_standin/health``.
 
-Config file (JSON): ``listen_port``, ``region``, ``start_url``, ``seed_file`` (the moto
-launcher's output: endpoint, account, the user's keys), ``accounts``
-(``[{"accountId", "accountName", "emailAddress", "roles": [...]}]``), ``user_name``
-(session name of the role credentials), ``access_token_ttl``, ``device_code_ttl``,
-``interval``, ``role_credentials_ttl`` (seconds).
+Config file (JSON, ``sso_oidc.SsoConfig``): ``listen_port``, ``region`` (the instance's),
+``start_url``, ``seed_file`` (the moto launcher's output), ``accounts``, ``user_name``,
+``access_token_ttl`` (3600), ``refresh_token_ttl`` (the SSO session, 8 h),
+``registration_ttl`` (90 days), ``device_code_ttl``, ``auth_code_ttl``, ``interval``,
+``role_credentials_ttl`` (seconds).
 """
 
 from __future__ import annotations
@@ -43,221 +48,32 @@ import argparse
 import html
 import json
 import logging
-import secrets
-import string
+import re
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 from urllib.parse import parse_qs, urlsplit
 
+from .sso_oidc import (AUTH_CODE_GRANT, DEVICE_GRANT, REFRESH_GRANT, ApiError, SsoConfig, SsoState,  # noqa: F401
+                       oidc_error, portal_error)
 from .standin_http import Handler, Server, serve, setup_logging
 
 log = logging.getLogger("sso-standin")
 
-DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
-REFRESH_GRANT = "refresh_token"
+_HOST_PREFIX = re.compile(r"^/(oidc|portal\.sso)\.([a-z]{2}(?:-[a-z]+)+-\d)(/.*)$")
 
 
-class ApiError(Exception):
-    """An error in AWS's rest-json shape: ``x-amzn-ErrorType`` header plus a JSON body."""
-
-    def __init__(self, status: int, code: str, body: dict) -> None:
-        super().__init__(code)
-        self.status, self.code, self.body = status, code, body
+def list_accounts(config: SsoConfig) -> dict:
+    return {"accountList": [{k: a[k] for k in ("accountId", "accountName", "emailAddress")} for a in config.accounts]}
 
 
-def oidc_error(code: str, error: str, description: str, status: int = 400) -> ApiError:
-    return ApiError(status, code, {"error": error, "error_description": description})
-
-
-def portal_error(code: str, message: str, status: int) -> ApiError:
-    return ApiError(status, code, {"message": message})
-
-
-@dataclass
-class SsoConfig:
-    listen_port: int
-    start_url: str
-    seed_file: str
-    accounts: list[dict]
-    region: str = "us-east-1"
-    user_name: str = "alice@example.com"
-    access_token_ttl: int = 8 * 3600
-    device_code_ttl: int = 600
-    interval: int = 1
-    role_credentials_ttl: int = 3600
-
-    @classmethod
-    def load(cls, path: Path) -> "SsoConfig":
-        return cls(**json.loads(Path(path).read_text()))
-
-
-@dataclass
-class DeviceAuth:
-    client_id: str
-    user_code: str
-    expires_at: float
-    interval: float
-    status: str = "pending"           # pending | approved | denied | used
-    last_poll: float = 0.0
-
-
-@dataclass
-class Token:
-    client_id: str
-    expires_at: float
-    revoked: bool = False
-
-
-@dataclass
-class SsoState:
-    """Everything the stand-in remembers (in memory, guarded by one lock)."""
-
-    config: SsoConfig
-    clock: Callable[[], float] = time.time
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    clients: dict[str, str] = field(default_factory=dict)            # clientId -> secret
-    devices: dict[str, DeviceAuth] = field(default_factory=dict)     # deviceCode -> auth
-    user_codes: dict[str, str] = field(default_factory=dict)         # userCode -> deviceCode
-    access: dict[str, Token] = field(default_factory=dict)
-    refresh: dict[str, Token] = field(default_factory=dict)
-    auto_approve: bool = False
-
-    # -- sso-oidc
-
-    def register_client(self, body: dict) -> dict:
-        if not body.get("clientName") or body.get("clientType") != "public":
-            raise oidc_error("InvalidRequestException", "invalid_request", "clientName and clientType=public are required")
-        client_id, secret = "sandbox-" + secrets.token_urlsafe(16), secrets.token_urlsafe(48)
-        now = int(self.clock())
-        with self.lock:
-            self.clients[client_id] = secret
-        return {"clientId": client_id, "clientSecret": secret, "clientIdIssuedAt": now,
-                "clientSecretExpiresAt": now + 90 * 86400}
-
-    def _check_client(self, body: dict) -> str:
-        client_id = body.get("clientId") or ""
-        if self.clients.get(client_id) != body.get("clientSecret") or not client_id:
-            raise oidc_error("InvalidClientException", "invalid_client", "Invalid client", 401)
-        return client_id
-
-    def start_device_authorization(self, body: dict, base_url: str) -> dict:
-        with self.lock:
-            client_id = self._check_client(body)
-            device_code = secrets.token_urlsafe(32)
-            user_code = _user_code()
-            self.devices[device_code] = DeviceAuth(client_id, user_code, self.clock() + self.config.device_code_ttl,
-                                                   self.config.interval, "approved" if self.auto_approve else "pending")
-            self.user_codes[user_code] = device_code
-        log.info("device authorization started: user code %s", user_code)
-        return {"deviceCode": device_code, "userCode": user_code,
-                "verificationUri": f"{base_url}/device",
-                "verificationUriComplete": f"{base_url}/device?user_code={user_code}",
-                "expiresIn": self.config.device_code_ttl, "interval": self.config.interval}
-
-    def create_token(self, body: dict) -> dict:
-        with self.lock:
-            client_id = self._check_client(body)
-            grant = body.get("grantType")
-            if grant == DEVICE_GRANT:
-                self._take_device_grant(client_id, body.get("deviceCode") or "")
-            elif grant == REFRESH_GRANT:
-                self._take_refresh_grant(client_id, body.get("refreshToken") or "")
-            else:
-                raise oidc_error("UnsupportedGrantTypeException", "unsupported_grant_type", f"grant type {grant!r}")
-            return self._issue(client_id)
-
-    def _take_device_grant(self, client_id: str, device_code: str) -> None:
-        auth = self.devices.get(device_code)
-        now = self.clock()
-        if auth is None or auth.client_id != client_id or auth.status == "used":
-            raise oidc_error("InvalidGrantException", "invalid_grant", "Invalid grant provided")
-        if now >= auth.expires_at:
-            raise oidc_error("ExpiredTokenException", "expired_token", "Device code has expired")
-        if auth.status == "denied":
-            raise oidc_error("AccessDeniedException", "access_denied", "The user denied the authorization")
-        too_soon = auth.last_poll and now - auth.last_poll < auth.interval
-        auth.last_poll = now
-        if too_soon:
-            raise oidc_error("SlowDownException", "slow_down", "Client is polling too quickly")
-        if auth.status != "approved":
-            raise oidc_error("AuthorizationPendingException", "authorization_pending", "Authorization is still pending")
-        auth.status = "used"
-
-    def _take_refresh_grant(self, client_id: str, refresh_token: str) -> None:
-        token = self.refresh.pop(refresh_token, None)
-        if token is None or token.revoked or token.client_id != client_id:
-            raise oidc_error("InvalidGrantException", "invalid_grant", "Invalid refresh token provided")
-
-    def _issue(self, client_id: str) -> dict:
-        access, refresh = "sandbox-at-" + secrets.token_urlsafe(32), "sandbox-rt-" + secrets.token_urlsafe(32)
-        ttl = self.config.access_token_ttl
-        self.access[access] = Token(client_id, self.clock() + ttl)
-        self.refresh[refresh] = Token(client_id, float("inf"))
-        return {"accessToken": access, "tokenType": "Bearer", "expiresIn": ttl, "refreshToken": refresh}
-
-    def approve(self, user_code: str, status: str = "approved") -> bool:
-        with self.lock:
-            auth = self.devices.get(self.user_codes.get(user_code.strip().upper(), ""))
-            if auth is None or auth.status not in ("pending", "approved", "denied"):
-                return False
-            auth.status = status
-        log.info("user code %s %s", user_code, status)
-        return True
-
-    # -- sso portal
-
-    def check_access_token(self, token: str) -> None:
-        with self.lock:
-            entry = self.access.get(token or "")
-            if entry is None or entry.revoked or self.clock() >= entry.expires_at:
-                raise portal_error("UnauthorizedException", "Session token not found or invalid", 401)
-
-    def account(self, account_id: str) -> dict:
-        for acct in self.config.accounts:
-            if acct["accountId"] == account_id:
-                return acct
-        raise portal_error("ForbiddenException", "No access", 403)
-
-    def list_accounts(self) -> dict:
-        return {"accountList": [{k: a[k] for k in ("accountId", "accountName", "emailAddress")}
-                                for a in self.config.accounts]}
-
-    def list_account_roles(self, account_id: str) -> dict:
-        acct = self.account(account_id)
-        return {"roleList": [{"roleName": r, "accountId": account_id} for r in acct["roles"]]}
-
-    def expire_tokens(self) -> int:
-        with self.lock:
-            for t in self.access.values():
-                t.expires_at = min(t.expires_at, self.clock() - 1)
-            return len(self.access)
-
-    def revoke_tokens(self) -> int:
-        with self.lock:
-            for t in list(self.access.values()) + list(self.refresh.values()):
-                t.revoked = True
-            return len(self.access) + len(self.refresh)
-
-    def logout(self, token: str) -> None:
-        with self.lock:
-            if token in self.access:
-                self.access[token].revoked = True
-
-    def summary(self) -> dict:
-        with self.lock:
-            return {"clients": len(self.clients), "device_codes": len(self.devices),
-                    "pending": sum(d.status == "pending" for d in self.devices.values()),
-                    "access_tokens": len(self.access), "auto_approve": self.auto_approve}
-
-
-def _user_code() -> str:
-    letters = "".join(c for c in string.ascii_uppercase if c not in "AEIOUY")
-    raw = "".join(secrets.choice(letters) for _ in range(8))
-    return f"{raw[:4]}-{raw[4:]}"
+def find_account(config: SsoConfig, account_id: str) -> dict:
+    for acct in config.accounts:
+        if acct["accountId"] == account_id:
+            return acct
+    raise portal_error("ForbiddenException", "No access", 403)
 
 
 class RoleCredentials:
@@ -302,59 +118,117 @@ class SsoHandler(Handler):
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.server.server_address[1]}"
 
+    def route(self) -> tuple[str, str, str, dict]:
+        """(service, region, path, query): service "oidc" / "portal.sso", or "" at the root."""
+        url = urlsplit(self.path)
+        query = {k: v[0] for k, v in parse_qs(url.query).items()}
+        match = _HOST_PREFIX.match(url.path)
+        if match is None:
+            return "", "", url.path, query
+        return match.group(1), match.group(2), match.group(3), query
+
     def do_POST(self) -> None:
-        path = urlsplit(self.path).path
-        routes = {
-            "/client/register": lambda b: self.state.register_client(b),
-            "/device_authorization": lambda b: self.state.start_device_authorization(b, self.base_url()),
-            "/token": lambda b: self.state.create_token(b),
-            "/_standin/approve": lambda b: {"approved": self.state.approve(b.get("user_code", ""))},
-            "/_standin/deny": lambda b: {"denied": self.state.approve(b.get("user_code", ""), "denied")},
-            "/_standin/auto-approve": self._set_auto_approve,
-            "/_standin/expire-tokens": lambda b: {"expired": self.state.expire_tokens()},
-            "/_standin/revoke-tokens": lambda b: {"revoked": self.state.revoke_tokens()},
-        }
-        if path == "/logout":
+        service, region, path, query = self.route()
+        if service == "portal.sso" and path == "/logout":
             self.read_body()
             self.state.logout(self.headers.get("x-amz-sso_bearer_token", ""))
             return self.send_raw(200, b"", content_type=None)
-        if path == "/device":
+        if service == "oidc" and path == "/authorize/consent":
+            return self._consent()
+        if not service and path == "/device":
             return self._device_form()
+        routes = self._oidc_routes(region) if service == "oidc" else self._control_routes() if not service else {}
         if path not in routes:
-            return self.api_error(ApiError(404, "ResourceNotFoundException", {"message": f"no route {path}"}))
+            return self._not_found(path)
         try:
             body = self.read_json()
         except ValueError:
             return self.api_error(oidc_error("InvalidRequestException", "invalid_request", "body is not JSON"))
         self.answer(lambda: routes[path](body))
 
-    def do_GET(self) -> None:
-        url = urlsplit(self.path)
-        query = {k: v[0] for k, v in parse_qs(url.query).items()}
-        token = self.headers.get("x-amz-sso_bearer_token", "")
-        portal = {
-            "/assignment/accounts": lambda: self.state.list_accounts(),
-            "/assignment/roles": lambda: self.state.list_account_roles(query.get("account_id", "")),
-            "/federation/credentials": lambda: self._role_credentials(query),
+    def _oidc_routes(self, region: str) -> dict[str, Callable[[dict], dict]]:
+        return {
+            "/client/register": lambda b: self.state.register_client(b, region),
+            "/device_authorization": lambda b: self.state.start_device_authorization(b, self.base_url(), region),
+            "/token": lambda b: self.state.create_token(b, region),
         }
-        if url.path in portal:
-            return self.answer(lambda: (self.state.check_access_token(token), portal[url.path]())[1])
-        if url.path == "/device":
+
+    def _control_routes(self) -> dict[str, Callable[[dict], dict]]:
+        st = self.state
+        return {
+            "/_standin/approve": lambda b: {"approved": st.approve(b.get("user_code", ""))},
+            "/_standin/deny": lambda b: {"denied": st.approve(b.get("user_code", ""), "denied")},
+            "/_standin/auto-approve": self._set_auto_approve,
+            "/_standin/expire-tokens": lambda b: {"expired": st.expire_tokens()},
+            "/_standin/end-sessions": lambda b: {"ended": st.end_sessions()},
+            "/_standin/expire-registrations": lambda b: {"expired": st.expire_registrations()},
+            "/_standin/revoke-tokens": lambda b: {"revoked": st.revoke_tokens()},
+        }
+
+    def do_GET(self) -> None:
+        service, region, path, query = self.route()
+        if service == "portal.sso":
+            return self._portal(region, path, query)
+        if service == "oidc" and path == "/authorize":
+            return self._authorize(region, query)
+        if service:
+            return self._not_found(path)
+        if path == "/device":
             return self._device_page(query.get("user_code", ""))
-        if url.path in ("/start", "/start/"):
+        if path in ("/start", "/start/"):
             return self.send_raw(200, b"<h1>dbtunneld sandbox: AWS access portal (stand-in)</h1>",
                                  content_type="text/html")
-        if url.path == "/_standin/health":
-            return self.send_json(200, {"standin": "sso", "ok": True})
-        if url.path == "/_standin/state":
+        if path == "/_standin/health":
+            return self.send_json(200, {"standin": "sso", "ok": True, "region": self.state.config.region})
+        if path == "/_standin/state":
             return self.send_json(200, self.state.summary())
-        self.api_error(ApiError(404, "ResourceNotFoundException", {"message": f"no route {url.path}"}))
+        self._not_found(path)
+
+    def _portal(self, region: str, path: str, query: dict) -> None:
+        config = self.state.config
+        token = self.headers.get("x-amz-sso_bearer_token", "")
+        portal = {
+            "/assignment/accounts": lambda: list_accounts(config),
+            "/assignment/roles": lambda: {"roleList": [{"roleName": r, "accountId": query.get("account_id", "")}
+                                                       for r in find_account(config, query.get("account_id", ""))["roles"]]},
+            "/federation/credentials": lambda: self._role_credentials(query),
+        }
+        if path not in portal:
+            return self._not_found(path)
+        self.answer(lambda: (self.state.check_access_token(token, region), portal[path]())[1])
 
     def _role_credentials(self, query: dict) -> dict:
         account_id, role = query.get("account_id", ""), query.get("role_name", "")
-        if role not in self.state.account(account_id)["roles"]:
+        if role not in find_account(self.state.config, account_id)["roles"]:
             raise portal_error("ForbiddenException", "No access", 403)
         return self.creds.get(account_id, role)
+
+    def _authorize(self, region: str, query: dict) -> None:
+        try:
+            request_id = self.state.authorize(query, region)
+        except ApiError as exc:
+            text = html.escape(f"{exc.code}: {exc.body.get('error_description', '')}")
+            return self.send_raw(exc.status, f"<p>Sign-in failed: {text}</p>".encode(), content_type="text/html")
+        if self.state.auto_approve:
+            return self._redirect(self.state.consent(request_id, True))
+        form = (f'<form method="post" action="/oidc.{region}/authorize/consent">'
+                f'<input type="hidden" name="request" value="{html.escape(request_id)}">'
+                '<button name="allow" value="1">Allow</button><button name="allow" value="0">Deny</button></form>')
+        self.send_raw(200, form.encode(), content_type="text/html")
+
+    def _consent(self) -> None:
+        form = {k: v[0] for k, v in parse_qs(self.read_body().decode("utf-8", "replace")).items()}
+        try:
+            target = self.state.consent(form.get("request", ""), form.get("allow") == "1")
+        except ApiError as exc:
+            return self.send_raw(exc.status, b"<p>Unknown or finished sign-in request.</p>", content_type="text/html")
+        self._redirect(target)
+
+    def _redirect(self, location: str) -> None:
+        self.send_raw(302, b"", headers=[("Location", location)], content_type=None)
+
+    def _not_found(self, path: str) -> None:
+        self.api_error(ApiError(404, "ResourceNotFoundException", {"message": f"no route {path}"}))
 
     def _set_auto_approve(self, body: dict) -> dict:
         self.state.auto_approve = bool(body.get("enabled", True))
@@ -385,7 +259,7 @@ class SsoHandler(Handler):
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m dbtunneld.sandbox.sso_standin",
-                                description="stand-in for the AWS SSO portal and OIDC device flow")
+                                description="stand-in for the AWS SSO portal and OIDC service")
     p.add_argument("--config", type=Path, required=True)
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)

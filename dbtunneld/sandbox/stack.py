@@ -82,7 +82,10 @@ class StackOptions:
     base_dir: Path | None = None     # parent of the private temp dir (default: $TMPDIR)
     sso_interval: int = 1
     sso_device_code_ttl: int = 600
-    sso_access_token_ttl: int = 8 * 3600
+    sso_access_token_ttl: int = 3600          # as AWS; the SSO session (refresh token) lasts:
+    sso_refresh_token_ttl: int = 8 * 3600     # Identity Center's default session duration
+    sso_registration_ttl: int = 90 * 86400
+    sso_auth_code_ttl: int = 300
     role_credentials_ttl: int = 3600
     sts_region: str = ""             # Vault's aws auth signs/uses this regional STS ("" = global)
     sts_endpoint: str = ""           # Vault's sts_endpoint, e.g. a VPC endpoint name (needs sts_region)
@@ -290,6 +293,8 @@ class Stack:
                           "roles": [DEVELOPER_ROLE, UNBOUND_ROLE]}],
             "access_token_ttl": o.sso_access_token_ttl, "device_code_ttl": o.sso_device_code_ttl,
             "interval": o.sso_interval, "role_credentials_ttl": o.role_credentials_ttl,
+            "refresh_token_ttl": o.sso_refresh_token_ttl, "registration_ttl": o.sso_registration_ttl,
+            "auth_code_ttl": o.sso_auth_code_ttl,
         }
         path = _write_private_json(self.dir / "aws" / "sso-standin.json", config)
         return self._python_service("sso-standin", "dbtunneld.sandbox.sso_standin", ["--config", str(path)],

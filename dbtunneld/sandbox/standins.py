@@ -41,12 +41,21 @@ class SsoStandin(Service):
         return self._control("deny", {"user_code": user_code})["denied"]
 
     def auto_approve(self, enabled: bool = True) -> None:
-        """Approve every new device code at once (for tests of code that 'opens a browser')."""
+        """Approve every new device code and /authorize request at once (for tests of code that
+        'opens a browser')."""
         self._control("auto-approve", {"enabled": enabled})
 
     def expire_tokens(self) -> None:
         """Server side: every access token is expired now (the portal answers 401)."""
         self._control("expire-tokens")
+
+    def end_sessions(self) -> None:
+        """Server side: the SSO sessions end (refresh tokens expire; a new sign-in is needed)."""
+        self._control("end-sessions")
+
+    def expire_registrations(self) -> None:
+        """Server side: every client registration's secret expires (clientSecretExpiresAt)."""
+        self._control("expire-registrations")
 
     def revoke_tokens(self) -> None:
         """Server side: access and refresh tokens are revoked (refresh fails too)."""

@@ -227,6 +227,12 @@ class FakeAws:
     def sso_expires_at(self):
         return None
 
+    def sso_settings(self):
+        return None            # the SSO keeper stays idle; sign-in is switched with ``signed_in``
+
+    def cached_sso_token(self):
+        return None
+
     def reset(self):
         pass
 
