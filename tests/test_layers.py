@@ -16,7 +16,7 @@ LAYERS = {
     1: {"aws", "vault", "ssm", "ssh", "keystore", "log", "discovery", "ports", "wake", "transport", "tls"},
     2: {"lease", "keeper", "token_keeper", "tunnel", "supervisor"},
     3: {"protocol", "control", "client", "daemon", "doctor"},
-    4: {"cli", "menu", "tray", "clipboard", "notify", "autostart", "__main__"},
+    4: {"cli", "menu", "tray", "tray_darwin", "clipboard", "notify", "autostart", "__main__"},
 }
 RANK = {name: rank for rank, names in LAYERS.items() for name in names}
 UI_PACKAGES = {"pystray", "PIL", "gi", "Xlib", "tkinter", "AppKit", "objc"}

@@ -79,6 +79,7 @@ class NSApplication:
         self._policy = NSApplicationActivationPolicyRegular
         self._stop_flag = False
         self._terminated = False
+        self._delegate = None
         self.running = False
 
     def activationPolicy(self):
@@ -125,8 +126,18 @@ class NSApplication:
         _rec("NSApplication.stop")
         self._stop_flag = True
 
+    def setDelegate_(self, delegate):
+        _rec("NSApplication.setDelegate")
+        self._delegate = weakref.ref(delegate) if delegate is not None else None
+
     def terminate_(self, sender):
+        """terminate: tells the delegate (applicationWillTerminate:) and then calls exit(): run()
+        never returns and no Python `finally` runs. The fake records the exit and ends the loop."""
         _rec("NSApplication.terminate")
+        delegate = self._delegate() if self._delegate is not None else None
+        if delegate is not None and hasattr(delegate, "applicationWillTerminate_"):
+            delegate.applicationWillTerminate_(None)
+        _rec("process.exit", main_only=False)
         self._terminated = True
 
     def postEvent_atStart_(self, event, at_start):
@@ -429,6 +440,7 @@ class NSPasteboard:
         return self._count
 
     def clearContents(self):
+        _rec("NSPasteboard.clearContents", main_only=False)
         with self._lock:
             self._count += 1
             self._types, self._data = [], {}
