@@ -692,6 +692,7 @@ def run_mac_tray(daemon, driver) -> object:
         runner = tray.TrayRunner(macos.darwin_pystray(), "darwin", daemon.paths, daemon.paths.config_file,
                                  UiSettings(clipboard_clear_seconds=60), ready_timeout=30)
         runner.app._clipboard_factory = MacClipboard
+        nsapp = AppKit.NSApplication.sharedApplication()
         failure: list[BaseException] = []
 
         def drive():
@@ -703,7 +704,7 @@ def run_mac_tray(daemon, driver) -> object:
                 from PyObjCTools import AppHelper
 
                 AppHelper.callAfter(runner.icon.stop)
-                AppHelper.callAfter(AppKit.NSApplication.sharedApplication().terminate_, None)
+                AppHelper.callAfter(nsapp.terminate_, None)
 
         threading.Thread(target=drive, name="test-user", daemon=True).start()
         assert runner.run() == 0
