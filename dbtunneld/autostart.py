@@ -276,10 +276,16 @@ def _template(name: str) -> Template:
     return Template(resources.files("dbtunneld").joinpath("templates", name).read_text("utf-8"))
 
 
-def render_plist(command: Sequence[str], mode: str, log_dir: Path, label: str = LAUNCHD_LABEL) -> str:
+def render_plist(command: Sequence[str], mode: str, log_dir: Path, label: str = LAUNCHD_LABEL,
+                 env: Mapping[str, str] | None = None) -> str:
+    """``env``: the caller's environment; a DBTUNNELD_HOME set there is kept for the login item."""
     args = "\n".join(f"\t\t<string>{xml_escape(a)}</string>" for a in command)
+    variables = {"PATH": launchd_path(command)}
+    if env and env.get("DBTUNNELD_HOME"):
+        variables["DBTUNNELD_HOME"] = env["DBTUNNELD_HOME"]
+    environment = "\n".join(f"\t\t<key>{k}</key>\n\t\t<string>{xml_escape(v)}</string>" for k, v in variables.items())
     return _template("launchd.plist").substitute(
-        label=xml_escape(label), program_arguments=args, path=xml_escape(launchd_path(command)),
+        label=xml_escape(label), program_arguments=args, environment=environment,
         # Background would throttle the daemon's I/O and CPU (tunnels); Standard = no throttling
         process_type="Interactive" if mode == "tray" else "Standard",
         stdout_path=xml_escape(str(log_dir / f"launchd-{mode}.out.log")),
@@ -417,7 +423,7 @@ class LaunchdAgent(_LoginFile):
     def enable(self, mode: str, start_now: bool) -> list[str]:
         log_dir = default_paths(self.ctx.env, "darwin").log_dir
         log_dir.mkdir(parents=True, exist_ok=True)  # launchd does not create log folders
-        _write_atomic(self.path, render_plist(self.ctx.command_for(mode), mode, log_dir))
+        _write_atomic(self.path, render_plist(self.ctx.command_for(mode), mode, log_dir, env=self.ctx.env))
         notes = [f"wrote {self.path}"]
         self._launchctl("enable", self.target)  # clears a `launchctl disable` left from before
         if not start_now:

@@ -528,6 +528,15 @@ def test_macos_plist_runs_unthrottled_with_homebrew_on_path(mac, env: dict[str, 
     folders = data["EnvironmentVariables"]["PATH"].split(":")
     assert folders[0] == str(tmp_path / WEIRD / "bin")       # this install's own folder first
     assert "/opt/homebrew/bin" in folders and "/usr/local/bin" in folders and "/usr/bin" in folders
+    assert "DBTUNNELD_HOME" not in data["EnvironmentVariables"]     # only when the user set one
+
+
+def test_macos_login_item_keeps_a_short_dbtunneld_home(env: dict[str, str], tmp_path: Path) -> None:
+    """The long-socket-path fix on macOS is DBTUNNELD_HOME; the login item must start with it too."""
+    auto = Autostart(platform="darwin", env=env, run=FakeLaunchctl(), uid=501, executable=str(fake_install(tmp_path)))
+    auto.enable("tray")
+    variables = plistlib.loads(plist_path(env).read_bytes())["EnvironmentVariables"]
+    assert variables["DBTUNNELD_HOME"] == env["DBTUNNELD_HOME"]
 
 
 def test_plist_escapes_xml_in_paths() -> None:
