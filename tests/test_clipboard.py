@@ -265,3 +265,26 @@ def test_counter_close_clears_a_kept_value_too():
     assert kept.wait(1) == KEPT
     fb.close()
     assert fb.text == "" and kept.outcome == CLEARED
+
+
+# ----------------------------------------------------------------------------- the real platforms (CI runners)
+
+@pytest.mark.skipif(sys.platform != "darwin", reason="the real NSPasteboard (macOS runners)")
+def test_real_macos_pasteboard_marks_then_clears_on_close():
+    AppKit = pytest.importorskip("AppKit")
+    board = clipboard.MacClipboard()
+    pb = AppKit.NSPasteboard.generalPasteboard()
+    handle = board.copy("real-mac-secret", secret=True, clear_after=60)
+    assert pb.stringForType_(AppKit.NSPasteboardTypeString) == "real-mac-secret"
+    assert clipboard.CONCEALED_TYPE in list(pb.types())
+    board.close()
+    assert handle.wait(1) == CLEARED and pb.stringForType_(AppKit.NSPasteboardTypeString) is None
+
+
+@pytest.mark.skipif(sys.platform != "win32", reason="the real Windows clipboard (Windows runners)")
+def test_real_windows_clipboard_clears_on_close_only_while_current():
+    board = clipboard.WindowsClipboard()
+    handle = board.copy("real-win-secret", secret=True, clear_after=60)
+    before = board._counter()
+    board.close()
+    assert handle.wait(1) == CLEARED and board._counter() != before
