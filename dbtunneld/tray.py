@@ -6,7 +6,9 @@ crash never drops a tunnel. Every change to the icon, tooltip and menu goes thro
 ``UiFunnel`` that applies the newest model on the UI thread (macOS traps on menu changes from
 other threads). Before pystray is imported, ``check_desktop`` makes sure there is a display and
 (for the GTK/AppIndicator backends) a D-Bus session bus; without one the tray exits with a clear
-message instead of hanging, and a watchdog guards ``icon.run()`` the same way.
+message instead of hanging, and a watchdog guards ``icon.run()`` the same way. macOS specifics
+(main-thread AppKit calls, template icon, menu-bar-only app, open-menu watch) are in
+``tray_darwin``; one tray per user holds ``run/tray.lock``.
 """
 
 from __future__ import annotations
@@ -168,7 +170,9 @@ class UiFunnel:
     last one applied (so timers may submit freely without rebuilding an open menu). While the
     user has the menu open (``menu_opened`` .. ``menu_closed``, on the UI thread) nothing is
     applied: pystray's darwin and win32 backends map a click to an item by its position in the
-    newest menu, so a line added above would make the click run its neighbour.
+    newest menu, so a line added above would make the click run its neighbour. On macOS an NSMenu
+    delegate reports open and close (``tray_darwin``); GTK binds each item's own callback and
+    needs no hold; win32 is not wired yet.
     """
 
     def __init__(self, schedule: Callable[[Callable[[], Any]], Any], apply: Callable[[MenuModel], None]) -> None:

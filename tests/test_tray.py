@@ -752,7 +752,7 @@ def test_mac_icon_is_the_36px_template_at_18pt_marked_before_it_is_installed(dae
     def user(runner, AppKit):
         item = mac_ready(runner)
         seen["installed"] = list(item._button.installed)
-        runner.app.on_status(dataclasses_replace_health(daemon))
+        runner.app.on_status(orders_failed(daemon.status))
         wait_for(lambda: len(item._button.installed) > len(seen["installed"]), 5, "the state icon to change")
         seen["installed"] = list(item._button.installed)
         main_thread(runner.app.do_quit)
@@ -763,7 +763,7 @@ def test_mac_icon_is_the_36px_template_at_18pt_marked_before_it_is_installed(dae
         assert image == {"points": (18.0, 18.0), "pixels": (36, 36), "template": True}
 
 
-def dataclasses_replace_health(daemon) -> DaemonStatus:
+def orders_failed(daemon.status) -> DaemonStatus:
     import dataclasses
 
     st = daemon.status
