@@ -763,10 +763,9 @@ def test_mac_icon_is_the_36px_template_at_18pt_marked_before_it_is_installed(dae
         assert image == {"points": (18.0, 18.0), "pixels": (36, 36), "template": True}
 
 
-def orders_failed(daemon.status) -> DaemonStatus:
+def orders_failed(st: DaemonStatus) -> DaemonStatus:
     import dataclasses
 
-    st = daemon.status
     return dataclasses.replace(st, tunnels=(dataclasses.replace(st.tunnels[0], state=T.FAILED, last_error="boom"),)
                                + st.tunnels[1:])
 
