@@ -19,6 +19,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from configparser import ConfigParser, Error as ConfigParserError
 from dataclasses import asdict, dataclass
 from importlib import resources
@@ -42,6 +43,14 @@ APPROVED_KEY = r"Software\Microsoft\Windows\CurrentVersion\Explorer\StartupAppro
 RUN_VALUE = "dbtunneld"
 FALLBACK_ICON = "network-server"
 REWRITE = "run `dbtunneld autostart enable` to rewrite it"
+# launchd keeps a booted-out label until its process has exited (SIGKILL after ExitTimeOut, 20 s by
+# default); until then `bootstrap` fails with 5 (EIO) or 37 (EALREADY, operation in progress).
+LAUNCHD_FREE_WAIT = 25.0
+LAUNCHD_POLL = 0.5
+BOOTSTRAP_BUSY = (5, 37)
+# launchd starts agents with PATH=/usr/bin:/bin:/usr/sbin:/sbin: add Homebrew's folders (Apple
+# silicon, Intel) so that a Homebrew session-manager-plugin or ssh is found.
+LAUNCHD_PATH = ("/opt/homebrew/bin", "/usr/local/bin", "/usr/bin", "/bin", "/usr/sbin", "/sbin")
 
 
 class AutostartError(NeedsUserError):
@@ -267,14 +276,27 @@ def _template(name: str) -> Template:
     return Template(resources.files("dbtunneld").joinpath("templates", name).read_text("utf-8"))
 
 
-def render_plist(command: Sequence[str], mode: str, log_dir: Path, label: str = LAUNCHD_LABEL) -> str:
+def render_plist(command: Sequence[str], mode: str, log_dir: Path, label: str = LAUNCHD_LABEL,
+                 env: Mapping[str, str] | None = None) -> str:
+    """``env``: the caller's environment; a DBTUNNELD_HOME set there is kept for the login item."""
     args = "\n".join(f"\t\t<string>{xml_escape(a)}</string>" for a in command)
+    variables = {"PATH": launchd_path(command)}
+    if env and env.get("DBTUNNELD_HOME"):
+        variables["DBTUNNELD_HOME"] = env["DBTUNNELD_HOME"]
+    environment = "\n".join(f"\t\t<key>{k}</key>\n\t\t<string>{xml_escape(v)}</string>" for k, v in variables.items())
     return _template("launchd.plist").substitute(
-        label=xml_escape(label), program_arguments=args,
-        process_type="Interactive" if mode == "tray" else "Background",
+        label=xml_escape(label), program_arguments=args, environment=environment,
+        # Background would throttle the daemon's I/O and CPU (tunnels); Standard = no throttling
+        process_type="Interactive" if mode == "tray" else "Standard",
         stdout_path=xml_escape(str(log_dir / f"launchd-{mode}.out.log")),
         stderr_path=xml_escape(str(log_dir / f"launchd-{mode}.err.log")),
     )
+
+
+def launchd_path(command: Sequence[str]) -> str:
+    """PATH for the LaunchAgent: the program's own folder first, then Homebrew's and the system's."""
+    folders = [posixpath.dirname(command[0])] if command and posixpath.isabs(command[0]) else []
+    return ":".join(dict.fromkeys(folders + list(LAUNCHD_PATH)))
 
 
 def render_desktop(command: Sequence[str], icon: str) -> str:
@@ -332,6 +354,8 @@ class _Context:
     command_for: Callable[[str], list[str]]
     uid: int
     winreg: Any = None
+    clock: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], None] = time.sleep
 
     @property
     def home(self) -> Path:
@@ -399,21 +423,34 @@ class LaunchdAgent(_LoginFile):
     def enable(self, mode: str, start_now: bool) -> list[str]:
         log_dir = default_paths(self.ctx.env, "darwin").log_dir
         log_dir.mkdir(parents=True, exist_ok=True)  # launchd does not create log folders
-        _write_atomic(self.path, render_plist(self.ctx.command_for(mode), mode, log_dir))
+        _write_atomic(self.path, render_plist(self.ctx.command_for(mode), mode, log_dir, env=self.ctx.env))
         notes = [f"wrote {self.path}"]
         self._launchctl("enable", self.target)  # clears a `launchctl disable` left from before
         if not start_now:
             return notes + ["launchd loads it at the next login"]
         if mode == "daemon" and self.ctx.daemon_answers():
             return notes + ["a daemon is already running: launchd takes over at the next login"]
-        self._launchctl("bootout", self.target)  # not loaded is fine: bootstrap needs it unloaded
-        ran = self._launchctl("bootstrap", self.domain, str(self.path))
+        ran = self._reload()
         if ran.returncode != 0:
             raise AutostartError(f"launchctl bootstrap {self.domain} {self.path} failed: "
                                  f"{(ran.stderr or ran.stdout).strip()}",
                                  hint="the plist is written and loads at the next login; "
                                       "check `launchctl print " + self.target + "`")
         return notes + [f"loaded into launchd ({self.target}): running now"]
+
+    def _reload(self) -> Ran:
+        """bootout (not loaded is fine), wait until launchd has freed the label, then bootstrap."""
+        self._launchctl("bootout", self.target)
+        deadline = self.ctx.clock() + LAUNCHD_FREE_WAIT
+        while self._loaded() and self.ctx.clock() < deadline:
+            self.ctx.sleep(LAUNCHD_POLL)
+        while True:
+            ran = self._launchctl("bootstrap", self.domain, str(self.path))
+            if ran.returncode not in BOOTSTRAP_BUSY or self.ctx.clock() >= deadline:
+                return ran
+            log.warning("launchctl bootstrap: %s; retrying in %.1f s",
+                        (ran.stderr or ran.stdout).strip(), LAUNCHD_POLL)
+            self.ctx.sleep(LAUNCHD_POLL)
 
     def disable(self, stop_now: bool) -> list[str]:
         notes = []
@@ -635,17 +672,20 @@ class RunKey:
 class Autostart:
     """Enable, disable and inspect the login item. Every input is injectable for tests:
     ``platform`` (sys.platform form), ``env`` (HOME, XDG_CONFIG_HOME...), ``run`` (launchctl and
-    systemctl), ``winreg``, ``uid`` and the interpreter path used to find the installed program."""
+    systemctl), ``winreg``, ``uid``, the interpreter path used to find the installed program, and
+    ``clock`` / ``sleep`` for the bounded wait on launchd."""
 
     def __init__(self, platform: str | None = None, env: Mapping[str, str] | None = None,
                  run: Runner = run_tool, winreg: Any = None, uid: int | None = None,
                  executable: str | None = None,
-                 which: Callable[[str], str | None] = shutil.which) -> None:
+                 which: Callable[[str], str | None] = shutil.which,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
         self.platform = platform or sys.platform
         getuid = getattr(os, "getuid", lambda: 0)
         self.ctx = _Context(self.platform, dict(os.environ if env is None else env), run,
                             lambda mode: program_command(mode, self.platform, executable, which),
-                            getuid() if uid is None else uid, winreg)
+                            getuid() if uid is None else uid, winreg, clock, sleep)
         self.backends = self._backends()
 
     def _backends(self) -> dict[str, Any]:

@@ -3,7 +3,8 @@
 ``system_clipboard()`` picks the platform's backend. ``copy(text, secret=, clear_after=)``
 returns a ``Copied`` handle; after ``clear_after`` seconds the value is cleared only if the
 clipboard still holds what we put there (X11: we still own the selection; macOS and Windows:
-the clipboard's change counter has not moved). Secrets are marked so that clipboard managers
+the clipboard's change counter has not moved). ``close()`` (quit, Ctrl-C) clears a value still
+held the same way, so a secret never outlives the program that copied it. Secrets are marked so that clipboard managers
 and history skip them:
 
 * X11: this process owns the CLIPBOARD selection (python-xlib, one thread serves
@@ -59,6 +60,12 @@ class Copied:
             self.outcome = outcome
             self._done.set()
 
+    def settle(self, outcome: str) -> None:
+        """What closing did to a value that was pending or kept (closing decides it at last)."""
+        if not self._done.is_set() or self.outcome == KEPT:
+            self.outcome = outcome
+            self._done.set()
+
     def wait(self, timeout: float | None = None) -> str:
         self._done.wait(timeout)
         return self.outcome
@@ -101,17 +108,28 @@ def copy_secret(value: str, clear_after: float | None = 30.0, *, board: Clipboar
     board = board or system_clipboard()
     say = announce or (lambda text: print(text, file=sys.stderr, flush=True))
     wait = clear_after if clear_after and clear_after > 0 else None
+    handle: Copied | None = None
+    interrupted = False
     try:
         handle = board.copy(value, secret=True, clear_after=wait)
         say(f"copied; the clipboard is cleared in {wait:g} s (Ctrl-C clears it now)" if wait
             else "copied; the clipboard holds it while this command runs (Ctrl-C clears it)")
-        outcome = handle.wait()
+        handle.wait() if wait else threading.Event().wait()    # no delay: hold it until Ctrl-C
     except KeyboardInterrupt:
-        outcome = "cleared early"
+        interrupted = True
     finally:
-        board.close()
-    return {CLEARED: f"cleared after {wait:g} s" if wait else "cleared",
-            REPLACED: "another copy replaced it"}.get(outcome, outcome)
+        board.close()                        # clears the value when the clipboard still holds it
+    return _outcome_note(handle, wait, interrupted)
+
+
+def _outcome_note(handle: Copied | None, wait: float | None, interrupted: bool) -> str:
+    """What really happened to the copy, read from its handle after ``close()``."""
+    outcome = handle.outcome if handle is not None else ""
+    if outcome == CLEARED:
+        return "cleared now" if interrupted else f"cleared after {wait:g} s"
+    if outcome == REPLACED:
+        return "another copy replaced it; left alone"
+    return outcome or ("interrupted before the copy" if interrupted else "")
 
 
 # ----------------------------------------------------------------------------- polling backends
@@ -149,15 +167,24 @@ class _CounterClipboard(Clipboard):
         with self._lock:
             if not self._current or self._current[0] is not handle:
                 return
-            ours = self._counter() == self._current[1]
-            if ours:
-                self._clear()
-            handle.finish(CLEARED if ours else REPLACED)
+            handle.finish(self._clear_if_ours(self._current[1]))
             self._current = None
 
     def close(self) -> None:
+        """Clear a pending value now if the clipboard still holds it (quit, Ctrl-C); idempotent."""
         with self._lock:
-            self._supersede()
+            if self._timer:
+                self._timer.cancel()
+            current, self._current, self._timer = self._current, None, None
+            if current is not None:
+                current[0].settle(self._clear_if_ours(current[1]))
+
+    def _clear_if_ours(self, counter: int) -> str:
+        """CLEARED after clearing when the change counter has not moved since our write, else REPLACED."""
+        if self._counter() != counter:
+            return REPLACED
+        self._clear()
+        return CLEARED
 
     def _write(self, text: str, secret: bool) -> int:
         raise NotImplementedError
@@ -339,9 +366,9 @@ class X11Clipboard(Clipboard):
         except Exception:
             log.exception("the X11 clipboard thread stopped")
         finally:
-            held = self._release()
+            held, ours = self._release()
             if held:
-                held.handle.finish(CLEARED)
+                held.handle.settle(CLEARED if ours else REPLACED)
             self._d.close()
 
     def _serve_once(self) -> bool:
@@ -392,22 +419,22 @@ class X11Clipboard(Clipboard):
         held = self._held
         if held is None or held.deadline is None or self._clock() < held.deadline:
             return
-        ours = self._d.get_selection_owner(self._atoms["CLIPBOARD"]) == self._win
-        self._release()
+        _, ours = self._release()
         held.handle.finish(CLEARED if ours else REPLACED)
         log.info("clipboard %s", "cleared" if ours else "left alone: another program owns it now")
 
-    def _release(self) -> _Held | None:
-        """Forget the value; give up the selection only while we still own it."""
+    def _release(self) -> tuple[_Held | None, bool]:
+        """Forget the value; give up the selection only while we still own it (then True)."""
         held, self._held = self._held, None
         board = self._atoms["CLIPBOARD"]
-        if held is not None and self._d.get_selection_owner(board) == self._win:
+        ours = held is not None and self._d.get_selection_owner(board) == self._win
+        if ours:
             from Xlib.protocol import request
 
             request.SetSelectionOwner(display=self._d.display, window=self._X.NONE, selection=board,
                                       time=self._X.CurrentTime)
             self._d.flush()
-        return held
+        return held, ours
 
     def _handle_event(self, ev) -> None:
         X = self._X

@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 from . import protocol as P
 from .errors import DbtunneldError, PermissionDeniedError
+from .paths import short_socket_hint
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ def bind_control_socket(path: Path) -> socket.socket:
     """Bind and listen on ``path`` (mode 0600); the caller holds the daemon lock, so a leftover is stale."""
     if len(os.fsencode(str(path))) >= SUN_PATH_MAX:
         raise PermissionDeniedError(f"control socket path {path} is longer than {SUN_PATH_MAX - 1} bytes",
-                                    "set DBTUNNELD_HOME or XDG_RUNTIME_DIR to a shorter folder")
+                                    short_socket_hint())
     prepare_runtime_dir(path.parent)
     if path.exists() or path.is_symlink():
         path.unlink()

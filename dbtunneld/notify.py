@@ -5,8 +5,14 @@ needed, the AWS sign-in expires within 10 minutes); ``IncidentTracker`` remember
 announced and announces each again only after it was resolved (a failed tunnel came back up, the
 user signed in), plus the events it derives from consecutive snapshots (new DB credentials were
 minted). ``Notifier`` sends what the tracker yields through one sender: pystray's ``notify``
-where the backend supports it, else the desktop's service (org.freedesktop.Notifications over
-D-Bus, ``notify-send``, or ``osascript`` on macOS). More than a few at once become one summary.
+where the backend supports it (not on macOS), else the desktop's service (org.freedesktop.
+Notifications over D-Bus, ``notify-send``, or ``osascript`` on macOS). Every command runs with a
+timeout. More than a few at once become one summary.
+
+macOS: pystray's darwin ``notify`` runs ``osascript`` with the text pasted into the script and no
+timeout; ours passes the text as arguments (``on run argv``) and gives up after NOTIFY_TIMEOUT.
+Either way macOS shows the notice as coming from "Script Editor" and drops it when Script
+Editor's notifications are off in System Settings > Notifications.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ log = logging.getLogger(__name__)
 EXPIRY_WARNING = 600.0       # warn this long before the AWS sign-in ends
 FAILED_AFTER = 60.0          # a tunnel retrying for this long counts as failed
 MAX_AT_ONCE = 3              # more notices than this in one update become one summary
+NOTIFY_TIMEOUT = 5.0         # a notification command that takes longer is abandoned
 
 Sender = Callable[[str, str], None]          # (title, message)
 
@@ -184,19 +191,22 @@ def dbus_sender(app_name: str = "dbtunneld") -> Sender | None:
     return send
 
 
-def command_sender(platform: str = sys.platform, which: Callable[[str], str | None] = shutil.which) -> Sender | None:
-    """notify-send (Linux) or osascript (macOS); None when neither exists."""
-    if platform == "darwin" and which("osascript"):
+def command_sender(platform: str = sys.platform, which: Callable[[str], str | None] = shutil.which,
+                   timeout: float = NOTIFY_TIMEOUT) -> Sender | None:
+    """notify-send (Linux) or osascript (macOS), run with a timeout; None when neither exists."""
+    osascript = which("osascript") if platform == "darwin" else None
+    if osascript:
         script = "on run argv\ndisplay notification (item 2 of argv) with title (item 1 of argv)\nend run"
-        return lambda title, message: _run(["osascript", "-e", script, title, message])
-    if which("notify-send"):
-        return lambda title, message: _run(["notify-send", "--app-name=dbtunneld", title, message])
+        return lambda title, message: _run([osascript, "-e", script, title, message], timeout)
+    notify_send = which("notify-send")
+    if notify_send:
+        return lambda title, message: _run([notify_send, "--app-name=dbtunneld", title, message], timeout)
     return None
 
 
-def _run(argv: list[str]) -> None:
+def _run(argv: list[str], timeout: float = NOTIFY_TIMEOUT) -> None:
     subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                   timeout=10, check=True)
+                   timeout=timeout, check=True)
 
 
 def first_sender(candidates: Iterable[Callable[[], Sender | None]]) -> Sender | None:
@@ -208,8 +218,8 @@ def first_sender(candidates: Iterable[Callable[[], Sender | None]]) -> Sender | 
 
 
 def desktop_sender(icon=None, platform: str = sys.platform) -> Sender | None:
-    """The best way to notify here: pystray's, then D-Bus (Linux), then a command."""
-    candidates = [lambda: pystray_sender(icon) if icon is not None else None]
+    """The best way to notify here: pystray's (not on macOS), then D-Bus (Linux), then a command."""
+    candidates = [lambda: pystray_sender(icon) if icon is not None and platform != "darwin" else None]
     if platform.startswith("linux"):
         candidates.append(dbus_sender)
     candidates.append(lambda: command_sender(platform))

@@ -80,6 +80,18 @@ def default_paths(env: dict[str, str] | None = None, platform: str | None = None
                  state_home / APP / "log", run_dir)
 
 
+def short_socket_hint(platform: str | None = None) -> str:
+    """The fix for a control-socket path longer than the OS allows (104 bytes on macOS, 108 on Linux)."""
+    platform = platform or sys.platform
+    if platform == "darwin":                     # macOS has no XDG_RUNTIME_DIR: only DBTUNNELD_HOME moves it
+        return ("set DBTUNNELD_HOME to a short folder, e.g. `export DBTUNNELD_HOME=~/.dbtunneld` in your "
+                "shell profile (config, state and logs then live there too), then run "
+                "`dbtunneld autostart enable` again so that the login item uses it")
+    if platform.startswith("win"):
+        return "set DBTUNNELD_HOME to a short folder, e.g. C:\\dbtunneld"
+    return "set XDG_RUNTIME_DIR or DBTUNNELD_HOME to a shorter folder"
+
+
 def pid_alive(pid: int) -> bool:
     """True when a process with this pid exists (one we may not signal counts as alive)."""
     try:

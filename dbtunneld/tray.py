@@ -6,7 +6,9 @@ crash never drops a tunnel. Every change to the icon, tooltip and menu goes thro
 ``UiFunnel`` that applies the newest model on the UI thread (macOS traps on menu changes from
 other threads). Before pystray is imported, ``check_desktop`` makes sure there is a display and
 (for the GTK/AppIndicator backends) a D-Bus session bus; without one the tray exits with a clear
-message instead of hanging, and a watchdog guards ``icon.run()`` the same way.
+message instead of hanging, and a watchdog guards ``icon.run()`` the same way. macOS specifics
+(main-thread AppKit calls, template icon, menu-bar-only app, open-menu watch) are in
+``tray_darwin``; one tray per user holds ``run/tray.lock``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import autostart as autostart_mod
+from . import tray_darwin
 from .client import Client, DaemonNotRunning, ensure_daemon
 from .clipboard import Clipboard, system_clipboard
 from .config import UiSettings, load_config
@@ -42,6 +45,12 @@ AUTOSTART_EVERY = 4          # re-read the login item every this many ticks
 READY_TIMEOUT = 20.0         # icon.run() must reach its setup callback within this
 RESUBSCRIBE_MAX = 30.0
 EXIT_NO_DESKTOP = 1
+
+
+class TrayAlreadyRunning(NeedsUserError):
+    """Another tray of this user holds the tray lock."""
+
+    hint = "use its icon in the menu bar / system tray (Quit there to start another)"
 
 
 class DesktopUnavailable(NeedsUserError):
@@ -80,7 +89,7 @@ def _has_typelib(*names: str) -> bool:
 
 def check_desktop(env: dict[str, str], backend: str, platform: str = sys.platform) -> None:
     """Raise DesktopUnavailable naming what is missing (display, session bus)."""
-    if platform == "darwin" or platform.startswith("win"):
+    if platform == "darwin" or platform.startswith("win") or backend in ("darwin", "win32"):
         return
     _check_display(env)
     if backend in ("gtk", "appindicator"):
@@ -158,7 +167,12 @@ class UiFunnel:
     """The one way to change icon, tooltip and menu: ``submit`` from any thread, applied on the UI thread.
 
     Submissions coalesce: only the newest model is applied, and only when it differs from the
-    last one applied (so timers may submit freely without rebuilding an open menu).
+    last one applied (so timers may submit freely without rebuilding an open menu). While the
+    user has the menu open (``menu_opened`` .. ``menu_closed``, on the UI thread) nothing is
+    applied: pystray's darwin and win32 backends map a click to an item by its position in the
+    newest menu, so a line added above would make the click run its neighbour. On macOS an NSMenu
+    delegate reports open and close (``tray_darwin``); GTK binds each item's own callback and
+    needs no hold; win32 is not wired yet.
     """
 
     def __init__(self, schedule: Callable[[Callable[[], Any]], Any], apply: Callable[[MenuModel], None]) -> None:
@@ -167,6 +181,7 @@ class UiFunnel:
         self._lock = threading.Lock()
         self._pending: MenuModel | None = None
         self._scheduled = False
+        self._menu_open = False
         self.applied: MenuModel | None = None
         self.ui_thread: int | None = None
 
@@ -178,8 +193,24 @@ class UiFunnel:
             self._scheduled = True
         self._schedule(self._drain)
 
+    def menu_opened(self) -> None:
+        with self._lock:
+            self._menu_open = True
+
+    def menu_closed(self) -> None:
+        """Apply what was held, on a later turn of the UI loop (after the click is dispatched)."""
+        with self._lock:
+            self._menu_open = False
+            if self._pending is None or self._scheduled:
+                return
+            self._scheduled = True
+        self._schedule(self._drain)
+
     def _drain(self) -> bool:
         with self._lock:
+            if self._menu_open:
+                self._scheduled = False              # kept pending: menu_closed schedules it
+                return False
             model, self._pending, self._scheduled = self._pending, None, False
         if self.ui_thread is not None and threading.get_ident() != self.ui_thread:
             log.error("menu update ran outside the UI thread")
@@ -196,9 +227,7 @@ def ui_scheduler(backend: str) -> Callable[[Callable[[], Any]], Any]:
 
         return lambda fn: GLib.idle_add(fn)
     if backend == "darwin":
-        from PyObjCTools import AppHelper  # type: ignore[import-not-found]
-
-        return lambda fn: AppHelper.callAfter(fn)
+        return tray_darwin.on_main_thread
     lock = threading.Lock()                          # win32 / xorg: pystray marshals internally
 
     def run_now(fn):
@@ -524,6 +553,30 @@ def run_tray(paths: Paths | None = None, config_path: str | Path | None = None,
     backend = choose_backend(env)
     try:
         check_desktop(env, backend)
+        lock = hold_tray_lock(paths)
+    except (DesktopUnavailable, TrayAlreadyRunning) as exc:
+        print(f"dbtunneld tray: {exc.message}\nhint: {exc.hint}", file=sys.stderr)
+        return EXIT_NO_DESKTOP
+    try:
+        return _run_locked(paths, config_path, env, backend)
+    finally:
+        lock.release()
+
+
+def hold_tray_lock(paths: Paths):
+    """One tray per user: an OS lock on run/tray.lock, released when the process ends."""
+    from .daemon import AlreadyRunningError, InstanceLock
+
+    lock = InstanceLock(paths.runtime_dir / "tray.lock")
+    try:
+        return lock.acquire()
+    except AlreadyRunningError:
+        holder = lock.holder_pid()
+        raise TrayAlreadyRunning(f"a dbtunneld tray is already running{f' (pid {holder})' if holder else ''}") from None
+
+
+def _run_locked(paths: Paths, config_path: str | Path | None, env: dict[str, str], backend: str) -> int:
+    try:
         pystray = import_pystray(backend)
     except DesktopUnavailable as exc:
         print(f"dbtunneld tray: {exc.message}\nhint: {exc.hint}", file=sys.stderr)
@@ -573,23 +626,43 @@ class TrayRunner:
                  ready_timeout: float = READY_TIMEOUT) -> None:
         self.pystray, self.backend, self.ready_timeout = pystray, backend, ready_timeout
         self.ready = threading.Event()
-        self.icon = pystray.Icon("dbtunneld", icon_image(Health.IDLE, template=self._template()),
-                                 title="dbtunneld")
         self.funnel = UiFunnel(ui_scheduler(backend), self.apply)
-        notifier = Notifier(desktop_sender(self.icon), enabled=ui.notifications)
+        self.icon = self._make_icon()
+        notifier = Notifier(desktop_sender(self.icon, platform="darwin" if self._mac() else sys.platform),
+                            enabled=ui.notifications)
         self.app = TrayApp(Client(paths.socket_path), paths=paths, ui=ui, submit=self.funnel.submit,
-                           notifier=notifier, stop_ui=self.icon.stop,
+                           notifier=notifier, stop_ui=lambda: self.on_ui(self.icon.stop),
                            start_daemon=lambda: ensure_daemon(paths, config))
+        self._terminate_watch = tray_darwin.watch_termination(self.app.stop) if self._mac() else None
+
+    def _mac(self) -> bool:
+        return self.backend == "darwin"
 
     def _template(self) -> bool:
-        return self.backend == "darwin"
+        return self._mac()
+
+    def _make_icon(self):
+        """pystray's icon; on macOS the template-image subclass, as a menu bar extra, menu watched."""
+        image = icon_image(Health.IDLE, template=self._template())
+        if not self._mac():
+            return self.pystray.Icon("dbtunneld", image, title="dbtunneld")
+        tray_darwin.use_accessory_policy()
+        icon = tray_darwin.template_icon_class(self.pystray.Icon)("dbtunneld", image, title="dbtunneld")
+        icon.menu_watch = tray_darwin.menu_watch(self.funnel.menu_opened, self.funnel.menu_closed)
+        return icon
+
+    def on_ui(self, fn: Callable[[], Any]) -> None:
+        """AppKit calls from pystray's setup thread or a menu action go to the main thread."""
+        if self._mac():
+            tray_darwin.on_main_thread(fn)
+        else:
+            fn()
 
     def apply(self, model: MenuModel) -> None:
         """Runs on the UI thread only (through the funnel)."""
         icon = self.icon
         if self.funnel.applied is None or model.health != self.funnel.applied.health:
             icon.icon = icon_image(model.health, template=self._template())
-            self._mark_template()
         icon.title = model.tooltip
         self._set_hover_text(model.tooltip)
         icon.menu = to_pystray_menu(self.pystray, model.items, self.app.dispatch)
@@ -600,18 +673,13 @@ class TrayRunner:
         if status_icon is not None:
             status_icon.set_tooltip_text(text)
 
-    def _mark_template(self) -> None:
-        if self.backend != "darwin":
-            return
-        try:                                         # pystray has no API for template images
-            self.icon._status_item.button().image().setTemplate_(True)
-        except Exception:
-            pass
-
     def _setup(self, icon) -> None:
         self.ready.set()
-        icon.visible = True
+        self.on_ui(self._show)
         self.app.start()
+
+    def _show(self) -> None:
+        self.icon.visible = True
 
     def _watchdog(self) -> None:
         if not self.ready.wait(self.ready_timeout):

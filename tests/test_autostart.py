@@ -334,31 +334,71 @@ def test_without_systemctl_the_unit_is_written_and_status_says_why(env: dict[str
 # --- macOS: the plist, launchctl through a fake ---------------------------------------------------
 
 
-class FakeLaunchctl:
-    """Fake of launchctl (gui/UID domain) that behaves like the real one for our verbs."""
+class FakeClock:
+    """Time for the bounded waits: ``sleep`` advances it at once."""
 
-    def __init__(self, bootstrap_rc: int = 0) -> None:
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.slept: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+class FakeLaunchctl:
+    """Fake of launchctl (gui/UID domain) that behaves like the real one for our verbs.
+
+    ``bootout`` returns at once but launchd frees the label only when the process has exited
+    (``exit_seconds`` later on ``clock``: the daemon revokes its leases on SIGTERM); until then
+    `launchctl print` still shows the service and `bootstrap` fails with "Bootstrap failed: 5:
+    Input/output error" (or 37, "Operation already in progress", when ``busy_rc`` says so), as
+    reported for launchctl on macOS 11+ (launchctl(1): bootstrap/bootout; errno 5 EIO, 37 EALREADY).
+    With ``print_hides_exiting`` `print` already says "Could not find service" while bootstrap is
+    still refused (the case the bootstrap retry exists for).
+    """
+
+    def __init__(self, bootstrap_rc: int = 0, exit_seconds: float = 0.0, clock: FakeClock | None = None,
+                 busy_rc: int = 5, print_hides_exiting: bool = False) -> None:
         self.calls: list[list[str]] = []
         self.loaded: set[str] = set()
+        self.exiting: dict[str, float] = {}          # label -> when launchd frees it
         self.disabled: set[str] = set()
         self.bootstrap_rc = bootstrap_rc
+        self.exit_seconds, self.clock, self.busy_rc = exit_seconds, clock or FakeClock(), busy_rc
+        self.print_hides_exiting = print_hides_exiting
+
+    def _held(self, label: str) -> bool:
+        freed_at = self.exiting.get(label)
+        if freed_at is not None and self.clock() >= freed_at:
+            del self.exiting[label]
+        return label in self.loaded or label in self.exiting
 
     def __call__(self, argv, env) -> Ran:  # noqa: ANN001
         self.calls.append(list(argv))
         verb, arg = argv[1], argv[2]
         label = arg.split("/")[-1]
         if verb == "bootstrap":
+            data = plistlib.loads(Path(argv[3]).read_bytes())
             if self.bootstrap_rc:
                 return Ran(self.bootstrap_rc, "", "Bootstrap failed: 5: Input/output error\n")
-            data = plistlib.loads(Path(argv[3]).read_bytes())
+            if self._held(data["Label"]):
+                msg = {5: "5: Input/output error", 37: "37: Operation already in progress"}[self.busy_rc]
+                return Ran(self.busy_rc, "", f"Bootstrap failed: {msg}\n")
             self.loaded.add(data["Label"])
             return Ran(0)
         if verb == "bootout":
             gone = label in self.loaded
             self.loaded.discard(label)
+            if gone and self.exit_seconds:
+                self.exiting[label] = self.clock() + self.exit_seconds
             return Ran(0) if gone else Ran(3, "", "Boot-out failed: 3: No such process\n")
         if verb == "print":
-            return Ran(0, f"{arg} = {{...}}\n") if label in self.loaded else Ran(113)
+            shown = label in self.loaded if self.print_hides_exiting else self._held(label)
+            return Ran(0, f"{arg} = {{...}}\n") if shown else Ran(113, "", "Could not find service\n")
         if verb == "print-disabled":
             body = "".join(f'\t"{lb}" => disabled\n' for lb in sorted(self.disabled))
             return Ran(0, f"disabled services = {{\n{body}}}\n")
@@ -399,7 +439,7 @@ def test_macos_disable_removes_and_boots_out_only_when_asked(mac, env: dict[str,
     auto, fake = mac
     assert auto.enable("daemon").status.loaded is False  # the default waits for the next login
     auto.enable("daemon", start_now=True)
-    assert plistlib.loads(plist_path(env).read_bytes())["ProcessType"] == "Background"
+    assert plistlib.loads(plist_path(env).read_bytes())["ProcessType"] == "Standard"  # not throttled
     off = auto.disable()
     assert not plist_path(env).exists() and off.status.location is None
     assert LAUNCHD_LABEL in fake.loaded  # the running copy (maybe the tray itself) keeps running
@@ -426,11 +466,77 @@ def test_macos_status_rejects_a_broken_plist(mac, env: dict[str, str]) -> None: 
 
 
 def test_macos_bootstrap_failure_is_an_error_with_a_hint(env: dict[str, str], tmp_path: Path) -> None:
-    auto = Autostart(platform="darwin", env=env, run=FakeLaunchctl(bootstrap_rc=5), uid=501,
-                     executable=str(fake_install(tmp_path)))
+    clock = FakeClock()
+    auto = Autostart(platform="darwin", env=env, run=FakeLaunchctl(bootstrap_rc=5, clock=clock), uid=501,
+                     executable=str(fake_install(tmp_path)), clock=clock, sleep=clock.sleep)
     with pytest.raises(AutostartError) as err:
         auto.enable("tray", start_now=True)
     assert "Input/output error" in err.value.message and "launchctl print" in err.value.hint
+
+
+@pytest.mark.parametrize("busy_rc", [5, 37])
+def test_macos_enable_on_a_loaded_agent_waits_for_launchd_to_free_the_label(
+        env: dict[str, str], tmp_path: Path, busy_rc: int) -> None:
+    clock = FakeClock()
+    fake = FakeLaunchctl(exit_seconds=4.0, clock=clock, busy_rc=busy_rc)
+    mac_env = {k: v for k, v in env.items() if k != "DBTUNNELD_HOME"}
+    auto = Autostart(platform="darwin", env=mac_env, run=fake, uid=501, executable=str(fake_install(tmp_path)),
+                     clock=clock, sleep=clock.sleep)
+    auto.enable("tray", start_now=True)
+    started = clock.now
+    change = auto.enable("daemon", start_now=True)         # already loaded: bootout, wait, bootstrap
+    assert change.status.loaded is True and LAUNCHD_LABEL in fake.loaded
+    assert 4.0 <= clock.now - started <= 4.0 + autostart.LAUNCHD_POLL
+    assert [c[1] for c in fake.calls].count("bootstrap") == 2   # no failed attempt: it waited
+
+
+@pytest.mark.parametrize("busy_rc", [5, 37])
+def test_macos_bootstrap_busy_is_retried_until_the_label_is_free(
+        env: dict[str, str], tmp_path: Path, busy_rc: int) -> None:
+    clock = FakeClock()
+    fake = FakeLaunchctl(clock=clock, busy_rc=busy_rc, exit_seconds=3.0, print_hides_exiting=True)
+    mac_env = {k: v for k, v in env.items() if k != "DBTUNNELD_HOME"}
+    auto = Autostart(platform="darwin", env=mac_env, run=fake, uid=501, executable=str(fake_install(tmp_path)),
+                     clock=clock, sleep=clock.sleep)
+    auto.enable("tray", start_now=True)
+    fake.calls.clear()
+    change = auto.enable("tray", start_now=True)
+    assert change.status.loaded is True
+    assert [c[1] for c in fake.calls].count("bootstrap") > 1
+    assert fake.clock.now >= 1003.0
+
+
+def test_macos_label_never_freed_is_a_bounded_error(env: dict[str, str], tmp_path: Path) -> None:
+    clock = FakeClock()
+    fake = FakeLaunchctl(exit_seconds=3600.0, clock=clock)
+    mac_env = {k: v for k, v in env.items() if k != "DBTUNNELD_HOME"}
+    auto = Autostart(platform="darwin", env=mac_env, run=fake, uid=501, executable=str(fake_install(tmp_path)),
+                     clock=clock, sleep=clock.sleep)
+    auto.enable("tray", start_now=True)
+    started = clock.now
+    with pytest.raises(AutostartError) as err:
+        auto.enable("tray", start_now=True)
+    assert "Input/output error" in err.value.message and "launchctl print" in err.value.hint
+    assert clock.now - started <= autostart.LAUNCHD_FREE_WAIT + autostart.LAUNCHD_POLL
+
+
+def test_macos_plist_runs_unthrottled_with_homebrew_on_path(mac, env: dict[str, str], tmp_path: Path) -> None:  # noqa: ANN001
+    auto, _ = mac
+    auto.enable("daemon")
+    data = plistlib.loads(plist_path(env).read_bytes())
+    assert data["ProcessType"] in ("Standard", "Adaptive")
+    folders = data["EnvironmentVariables"]["PATH"].split(":")
+    assert folders[0] == str(tmp_path / WEIRD / "bin")       # this install's own folder first
+    assert "/opt/homebrew/bin" in folders and "/usr/local/bin" in folders and "/usr/bin" in folders
+    assert "DBTUNNELD_HOME" not in data["EnvironmentVariables"]     # only when the user set one
+
+
+def test_macos_login_item_keeps_a_short_dbtunneld_home(env: dict[str, str], tmp_path: Path) -> None:
+    """The long-socket-path fix on macOS is DBTUNNELD_HOME; the login item must start with it too."""
+    auto = Autostart(platform="darwin", env=env, run=FakeLaunchctl(), uid=501, executable=str(fake_install(tmp_path)))
+    auto.enable("tray")
+    variables = plistlib.loads(plist_path(env).read_bytes())["EnvironmentVariables"]
+    assert variables["DBTUNNELD_HOME"] == env["DBTUNNELD_HOME"]
 
 
 def test_plist_escapes_xml_in_paths() -> None:

@@ -4,6 +4,8 @@ after the delay only while it is still ours. Runs against a real X server (Xvfb)
 from __future__ import annotations
 
 import os
+import signal
+import sys
 import subprocess
 import threading
 
@@ -171,3 +173,118 @@ def test_copy_secret_for_the_command_line_waits_until_cleared(x):
     assert result["note"] == "cleared after 0.5 s"
     assert read(x).returncode != 0
     assert "cleared in 0.5 s" in said[0]
+
+
+# ----------------------------------------------------------------------------- closing clears (quit, Ctrl-C)
+
+@needs_x
+def test_ctrl_c_on_the_command_line_clears_the_real_x_clipboard(x):
+    """`dbtunneld creds NAME --copy` interrupted: the value is gone and the note says what happened."""
+    script = ("import sys; from dbtunneld import clipboard; "
+              "print(clipboard.copy_secret('ctrl-c-secret', clear_after=60), flush=True)")
+    env = dict(x.env, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        assert b"Ctrl-C clears it now" in proc.stderr.readline()
+        assert read(x).stdout == b"ctrl-c-secret"
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=10)
+    finally:
+        stop_pid(proc)
+    assert out.decode().strip() == "cleared now"
+    assert read(x).returncode != 0
+
+
+@needs_x
+def test_ctrl_c_leaves_another_programs_copy_alone_and_says_so(x):
+    board = X11Clipboard(x.display)
+    other = None
+
+    def someone_copies_then_ctrl_c(text):
+        nonlocal other
+        other = subprocess.Popen(["xclip", "-i", "-selection", "clipboard", "-quiet"], stdin=subprocess.PIPE,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=x.env)
+        other.stdin.write(b"theirs")
+        other.stdin.close()
+        wait_for(lambda: read(x).stdout == b"theirs", 5, "xclip to own the clipboard")
+        raise KeyboardInterrupt
+
+    try:
+        note = clipboard.copy_secret("mine", clear_after=60, board=board, announce=someone_copies_then_ctrl_c)
+        assert note == "another copy replaced it; left alone"
+        assert read(x).stdout == b"theirs"
+    finally:
+        if other is not None:
+            stop_pid(other)
+
+
+@pytest.fixture
+def pasteboard():
+    """MacClipboard on the fake NSPasteboard (tests/helpers/macfakes/AppKit.py: changeCount rules)."""
+    from helpers import macos
+
+    with macos.installed():
+        import AppKit
+
+        yield clipboard.MacClipboard(), AppKit.NSPasteboard.generalPasteboard()
+
+
+def test_mac_close_clears_a_pending_secret_when_still_current(pasteboard):
+    board, pb = pasteboard
+    handle = board.copy("pw-mac", secret=True, clear_after=60)
+    assert pb.stringForType_("public.utf8-plain-text") == "pw-mac"
+    assert clipboard.CONCEALED_TYPE in pb.types()
+    board.close()                                    # the tray quits
+    assert handle.wait(1) == CLEARED
+    assert pb.stringForType_("public.utf8-plain-text") is None
+    board.close()                                    # idempotent
+
+
+def test_mac_close_leaves_a_newer_copy_of_another_app_alone(pasteboard):
+    board, pb = pasteboard
+    handle = board.copy("pw-mac", secret=True, clear_after=60)
+    pb.simulate_other_app_copies("someone else's text")
+    board.close()
+    assert handle.wait(1) == REPLACED
+    assert pb.stringForType_("public.utf8-plain-text") == "someone else's text"
+
+
+def test_mac_ctrl_c_on_the_command_line_clears_and_says_so(pasteboard):
+    board, pb = pasteboard
+
+    def ctrl_c(text):
+        raise KeyboardInterrupt
+
+    assert clipboard.copy_secret("pw-cli", clear_after=30, board=board, announce=ctrl_c) == "cleared now"
+    assert pb.stringForType_("public.utf8-plain-text") is None
+
+
+def test_counter_close_clears_a_kept_value_too():
+    fb = FakeBoard()
+    kept = fb.copy("no-delay", secret=True, clear_after=None)
+    assert kept.wait(1) == KEPT
+    fb.close()
+    assert fb.text == "" and kept.outcome == CLEARED
+
+
+# ----------------------------------------------------------------------------- the real platforms (CI runners)
+
+@pytest.mark.skipif(sys.platform != "darwin", reason="the real NSPasteboard (macOS runners)")
+def test_real_macos_pasteboard_marks_then_clears_on_close():
+    AppKit = pytest.importorskip("AppKit")
+    board = clipboard.MacClipboard()
+    pb = AppKit.NSPasteboard.generalPasteboard()
+    handle = board.copy("real-mac-secret", secret=True, clear_after=60)
+    assert pb.stringForType_(AppKit.NSPasteboardTypeString) == "real-mac-secret"
+    assert clipboard.CONCEALED_TYPE in list(pb.types())
+    board.close()
+    assert handle.wait(1) == CLEARED and pb.stringForType_(AppKit.NSPasteboardTypeString) is None
+
+
+@pytest.mark.skipif(sys.platform != "win32", reason="the real Windows clipboard (Windows runners)")
+def test_real_windows_clipboard_clears_on_close_only_while_current():
+    board = clipboard.WindowsClipboard()
+    handle = board.copy("real-win-secret", secret=True, clear_after=60)
+    before = board._counter()
+    board.close()
+    assert handle.wait(1) == CLEARED and board._counter() != before

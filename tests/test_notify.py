@@ -4,6 +4,9 @@ desktop's notification service (a recording org.freedesktop.Notifications on a p
 from __future__ import annotations
 
 import json
+import os
+import time
+from pathlib import Path
 import subprocess
 import sys
 import textwrap
@@ -214,3 +217,51 @@ def test_notifications_reach_the_desktop_service(tmp_path, monkeypatch):
     finally:
         d.stop()
     assert not d.alive()
+
+
+# ----------------------------------------------------------------------------- macOS: our own sender
+
+def fake_osascript(folder: Path, *, hang: bool = False) -> Path:
+    """A stand-in for /usr/bin/osascript. osascript(1): `osascript -e STATEMENT [ARGUMENT ...]`
+    compiles STATEMENT and passes the ARGUMENTs to its `on run argv` handler as strings; this one
+    records them as JSON (and, with ``hang``, never answers, like a notification stuck on a prompt)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    script = folder / "osascript"
+    script.write_text(f"#!{sys.executable}\n" + textwrap.dedent(f'''
+        import json, sys, time
+        with open({str(folder / "calls.jsonl")!r}, "a") as f:
+            f.write(json.dumps(sys.argv[1:]) + "\\n")
+        if {hang!r}:
+            time.sleep(60)
+        '''))
+    script.chmod(0o755)
+    return script
+
+
+def test_macos_notifications_use_our_sender_not_pystrays(tmp_path, monkeypatch):
+    class DarwinIcon:                    # pystray's darwin Icon: HAS_NOTIFICATION, osascript, no timeout
+        HAS_NOTIFICATION = True
+
+        def __init__(self):
+            self.got = []
+
+        def notify(self, message, title=None):
+            self.got.append((title, message))
+
+    fake_osascript(tmp_path / "bin")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    icon = DarwinIcon()
+    desktop_sender(icon, platform="darwin")('dbtunneld: "orders" is down', 'said "no" \\ path')
+    assert icon.got == []
+    calls = [json.loads(line) for line in (tmp_path / "bin" / "calls.jsonl").read_text().splitlines()]
+    assert calls[0][0] == "-e" and "on run argv" in calls[0][1]
+    assert calls[0][2:] == ['dbtunneld: "orders" is down', 'said "no" \\ path']   # arguments, not script text
+
+
+def test_a_hanging_notification_command_is_abandoned_after_the_timeout(tmp_path):
+    script = fake_osascript(tmp_path / "bin", hang=True)
+    send = command_sender("darwin", which=lambda name: str(script), timeout=0.5)
+    notifier = Notifier(send)
+    started = time.monotonic()
+    notifier.show("dbtunneld: test", "a stuck notification")       # logged, never raised
+    assert time.monotonic() - started < 5

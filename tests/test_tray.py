@@ -675,3 +675,167 @@ def test_private_icon_dir_sweeps_dead_trays_only(tmp_path):
     assert mine == tmp_path / "tray-tmp" / str(os.getpid()) and mine.is_dir()
     assert not stale.exists() and alive.exists()
     assert (mine.stat().st_mode & 0o777) == 0o700
+
+
+# ----------------------------------------------------------------------------- macOS, on fake AppKit
+
+def run_mac_tray(daemon, driver) -> object:
+    """The real TrayRunner on pystray's real darwin backend over fake AppKit (tests/helpers/macfakes),
+    its run loop on this (the main) thread; ``driver(runner, AppKit)`` plays the user on another
+    thread. Returns the fakes' record of AppKit calls."""
+    from helpers import macos
+
+    with macos.installed() as cocoa:
+        import AppKit
+
+        from dbtunneld.clipboard import MacClipboard
+
+        runner = tray.TrayRunner(macos.darwin_pystray(), "darwin", daemon.paths, daemon.paths.config_file,
+                                 UiSettings(clipboard_clear_seconds=60), ready_timeout=30)
+        runner.app._clipboard_factory = MacClipboard
+        nsapp = AppKit.NSApplication.sharedApplication()
+        failure: list[BaseException] = []
+
+        def drive():
+            try:
+                driver(runner, AppKit)
+            except BaseException as exc:
+                failure.append(exc)
+            finally:                                                # the loop ends even on failure
+                from PyObjCTools import AppHelper
+
+                AppHelper.callAfter(runner.icon.stop)
+                AppHelper.callAfter(nsapp.terminate_, None)
+
+        threading.Thread(target=drive, name="test-user", daemon=True).start()
+        assert runner.run() == 0
+        if failure:
+            raise failure[0]
+        return cocoa
+
+
+def main_thread(fn) -> None:
+    from PyObjCTools import AppHelper
+
+    AppHelper.callAfter(fn)
+
+
+def mac_ready(runner) -> object:
+    item = runner.icon._status_item
+    wait_for(lambda: runner.funnel.applied is not None and not item._button.hidden and item.menu(), 10,
+             "the icon to show with its menu")
+    return item
+
+
+def titles(menu) -> list[str]:
+    return [i.title() for i in menu.itemArray()]
+
+
+def test_mac_appkit_runs_on_the_main_thread_as_a_menu_bar_extra_with_a_template_icon(daemon):
+    def user(runner, AppKit):
+        session = AppKit.simulate_open_menu(mac_ready(runner))
+        assert session.opened.wait(5)
+        session.click("Quit (tray only)")
+        assert session.finished.wait(5)
+
+    cocoa = run_mac_tray(daemon, user)
+    assert cocoa.violations == [], [f"{c.name} on {c.thread}" for c in cocoa.violations]
+    assert cocoa.named("NSApplication.run")[0].args == (1,), "activation policy Accessory before run()"
+    assert [c.args for c in cocoa.named("NSStatusBarButton.setHidden")] == [(False,)]
+    ui_calls = [c for c in cocoa.calls if c.name.startswith(("NSStatus", "NSMenu", "NSApplication.stop"))]
+    assert ui_calls and all(c.main for c in ui_calls)
+    assert cocoa.named("NSApplication.stop")[0].main, "Quit stopped the run loop from the main thread"
+
+
+def test_mac_icon_is_the_36px_template_at_18pt_marked_before_it_is_installed(daemon):
+    seen = {}
+
+    def user(runner, AppKit):
+        item = mac_ready(runner)
+        seen["installed"] = list(item._button.installed)
+        runner.app.on_status(orders_failed(daemon.status))
+        wait_for(lambda: len(item._button.installed) > len(seen["installed"]), 5, "the state icon to change")
+        seen["installed"] = list(item._button.installed)
+        main_thread(runner.app.do_quit)
+
+    run_mac_tray(daemon, user)
+    assert len(seen["installed"]) >= 2
+    for image in seen["installed"]:
+        assert image == {"points": (18.0, 18.0), "pixels": (36, 36), "template": True}
+
+
+def orders_failed(st: DaemonStatus) -> DaemonStatus:
+    import dataclasses
+
+    return dataclasses.replace(st, tunnels=(dataclasses.replace(st.tunnels[0], state=T.FAILED, last_error="boom"),)
+                               + st.tunnels[1:])
+
+
+def signed_out(status: DaemonStatus) -> DaemonStatus:
+    import dataclasses
+
+    return dataclasses.replace(status, aws=dataclasses.replace(status.aws, state=C.NEEDS_SIGN_IN))
+
+
+def test_mac_menu_replaced_while_open_still_runs_the_clicked_item(daemon):
+    """The sign-in line appears above the clusters while the menu is open; the click on "Copy
+    password" must copy the password (pystray maps clicks by position in the newest menu)."""
+    got = {}
+
+    def user(runner, AppKit):
+        item = mac_ready(runner)
+        board = AppKit.NSPasteboard.generalPasteboard()
+        session = AppKit.simulate_open_menu(item)
+        assert session.opened.wait(5)
+        orders = next(t for t in titles(item.menu()) if t.startswith("● orders"))
+        runner.app.on_status(signed_out(daemon.status))             # a status event while it is open
+        applied = threading.Event()
+        main_thread(applied.set)                # runs after the funnel's update
+        assert applied.wait(5)
+        session.click(orders, "Copy password")
+        assert session.finished.wait(5)
+        wait_for(lambda: board.stringForType_(AppKit.NSPasteboardTypeString), 10, "the copy")
+        got["copied"] = board.stringForType_(AppKit.NSPasteboardTypeString)
+        wait_for(lambda: "Sign in…" in titles(item.menu()), 5, "the held update after the menu closed")
+        main_thread(runner.app.do_quit)
+
+    cocoa = run_mac_tray(daemon, user)
+    assert got["copied"] == PASSWORD
+    assert cocoa.violations == []
+
+
+def test_mac_ctrl_c_clears_the_copied_password_before_the_process_exits(daemon):
+    def user(runner, AppKit):
+        import signal as signals
+
+        from PyObjCTools import MachSignals
+
+        item = mac_ready(runner)
+        board = AppKit.NSPasteboard.generalPasteboard()
+        session = AppKit.simulate_open_menu(item)
+        assert session.opened.wait(5)
+        session.click(next(t for t in titles(item.menu()) if t.startswith("● orders")), "Copy password")
+        wait_for(lambda: board.stringForType_(AppKit.NSPasteboardTypeString) == PASSWORD, 10, "the copy")
+        handler = MachSignals.getsignal(signals.SIGINT)              # pystray's: terminate:
+        main_thread(lambda: handler(signals.SIGINT))
+
+    cocoa = run_mac_tray(daemon, user)
+    names = [c.name for c in cocoa.calls]
+    exit_at = names.index("process.exit")
+    clears = [i for i, n in enumerate(names) if n == "NSPasteboard.clearContents"]
+    assert len(clears) == 2 and clears[-1] < exit_at, "copied, then cleared before terminate: exits"
+
+
+def test_a_second_tray_is_refused_with_the_pid_of_the_first(home):
+    paths = default_paths({"DBTUNNELD_HOME": str(home / "dbt"), "HOME": str(home)})
+    first = tray.hold_tray_lock(paths)
+    try:
+        env = {**os.environ, "DBTUNNELD_HOME": str(home / "dbt"), "HOME": str(home), "PYSTRAY_BACKEND": "darwin",
+               "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests" / "helpers" / "macfakes")])}
+        out = subprocess.run([sys.executable, "-m", "dbtunneld", "tray"], env=env, capture_output=True, text=True,
+                             timeout=60)
+    finally:
+        first.release()
+    assert out.returncode == 1
+    assert f"a dbtunneld tray is already running (pid {os.getpid()})" in out.stderr
+    tray.hold_tray_lock(paths).release()                            # free again once the first quits

@@ -23,6 +23,8 @@ from websockets.http11 import Response
 from websockets.protocol import State
 from websockets.uri import parse_uri
 
+from ..tls import client_ssl_context
+
 # websockets logs handshake headers (signatures, the security token) and the URL's query at
 # DEBUG; its protocol gets a logger of its own that never goes below INFO.
 PROTOCOL_LOG = logging.getLogger("dbtunneld.ssm.wsclient.protocol")
@@ -79,7 +81,7 @@ class WsClient(asyncio.Protocol):
 
     async def _open(self, headers: dict[str, str]) -> None:
         uri = self._uri
-        context = ssl.create_default_context() if uri.secure else None
+        context = client_ssl_context() if uri.secure else None
         await self._loop.create_connection(lambda: self, uri.host, uri.port, ssl=context, server_hostname=uri.host if context else None)
         request = self._protocol.connect()
         for name, value in headers.items():
