@@ -13,10 +13,10 @@ PKG = Path(__file__).resolve().parent.parent / "dbtunneld"
 
 LAYERS = {
     0: {"__init__", "errors", "model", "timing", "config", "paths"},
-    1: {"aws", "vault", "ssm", "ssh", "keystore", "log", "discovery", "ports", "wake", "transport"},
+    1: {"aws", "vault", "ssm", "ssh", "keystore", "log", "discovery", "ports", "wake", "transport", "inventory"},
     2: {"lease", "keeper", "token_keeper", "tunnel", "supervisor"},
     3: {"protocol", "control", "client", "daemon", "doctor"},
-    4: {"cli", "menu", "tray", "clipboard", "notify", "autostart", "__main__"},
+    4: {"cli", "menu", "tray", "clipboard", "notify", "autostart", "__main__", "onboarding"},
 }
 RANK = {name: rank for rank, names in LAYERS.items() for name in names}
 UI_PACKAGES = {"pystray", "PIL", "gi", "Xlib", "tkinter", "AppKit", "objc"}
