@@ -102,6 +102,19 @@ class UiSettings:
 
 
 @dataclass(frozen=True)
+class CatalogSettings:
+    """A team's shared cluster list: a TOML file (path or https URL) and/or RDS tags."""
+
+    source: str = ""                 # a path (relative to config.toml) or an https:// URL
+    rds_tags: bool = False           # clusters tagged dbtunneld:role (and dbtunneld:port)
+    timeout: float = 10.0            # for an https source
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.source) or self.rds_tags
+
+
+@dataclass(frozen=True)
 class ClusterConfig:
     name: str
     endpoint: str
@@ -126,7 +139,9 @@ class Config:
     credentials: CredentialSettings = field(default_factory=CredentialSettings)
     tunnels: TunnelSettings = field(default_factory=TunnelSettings)
     ui: UiSettings = field(default_factory=UiSettings)
+    catalog: CatalogSettings = field(default_factory=CatalogSettings)
     source: str = "<config>"
+    catalog_clusters: tuple[str, ...] = ()     # names of the clusters that came from the catalog
 
     def cluster(self, name: str) -> ClusterConfig:
         for c in self.clusters:
@@ -320,6 +335,18 @@ def _parse_tunnels(r: _Reader) -> TunnelSettings:
     )
 
 
+def _parse_catalog(r: _Reader) -> CatalogSettings:
+    source = r.text("source")
+    scheme = urlsplit(source).scheme if "://" in source else ""
+    if scheme and scheme != "https":
+        r.problem("source", f"{source!r} is not an https URL",
+                  "use https://... (the catalog decides which hosts you reach), or a file path")
+    elif scheme and not urlsplit(source).hostname:
+        r.problem("source", f"{source!r} has no host", 'write e.g. "https://git.example.com/team/dbtunneld.toml"')
+    return CatalogSettings(source=source, rds_tags=r.get("rds_tags", bool, False),
+                           timeout=r.number("timeout", 10.0, 0.5, 120.0))
+
+
 def _parse_cluster(r: _Reader) -> ClusterConfig | None:
     name = r.text("name", required=True, fix='write e.g. name = "orders"')
     if name and not NAME_RE.match(name):
@@ -385,7 +412,8 @@ def parse_config(text: str, source: str = "<config>") -> Config:
     ui = section("ui", lambda r: UiSettings(
         clipboard_clear_seconds=r.number("clipboard_clear_seconds", 30.0, 0.0, 3600.0),
         notifications=r.get("notifications", bool, True)))
-    clusters = _parse_clusters(doc.get("clusters"), problems, readers)
+    catalog = section("catalog", _parse_catalog)
+    clusters = _parse_clusters(doc.get("clusters"), problems, readers, optional=catalog.enabled)
     _check_clusters(clusters, problems)
     for c in clusters:
         if c.effective_transport(bastion) == "ssh" and not bastion.host:
@@ -393,7 +421,7 @@ def parse_config(text: str, source: str = "<config>") -> Config:
                 problems.append(Problem("bastion.host", f'cluster "{c.name}" uses transport "ssh" but no bastion host is set', 'write e.g. host = "bastion.example.com"'))
     for r in readers:
         r.finish()
-    known = {"aws", "vault", "bastion", "credentials", "tunnels", "ui", "clusters"}
+    known = {"aws", "vault", "bastion", "credentials", "tunnels", "ui", "clusters", "catalog"}
     for key in doc:
         if key not in known:
             close = difflib.get_close_matches(key, sorted(known), n=1)
@@ -401,10 +429,13 @@ def parse_config(text: str, source: str = "<config>") -> Config:
     if problems:
         raise ConfigError(source, problems)
     return Config(vault=vault, clusters=tuple(clusters), aws=aws, bastion=bastion,
-                  credentials=creds, tunnels=tunnels, ui=ui, source=source)
+                  credentials=creds, tunnels=tunnels, ui=ui, catalog=catalog, source=source)
 
 
-def _parse_clusters(raw: Any, problems: list[Problem], readers: list[_Reader]) -> list[ClusterConfig]:
+def _parse_clusters(raw: Any, problems: list[Problem], readers: list[_Reader], *,
+                    optional: bool = False) -> list[ClusterConfig]:
+    if raw is None and optional:
+        return []
     if raw is None:
         problems.append(Problem("clusters", "no cluster is defined", "add at least one [[clusters]] table with name, endpoint and db_role"))
         return []
@@ -417,6 +448,27 @@ def _parse_clusters(raw: Any, problems: list[Problem], readers: list[_Reader]) -
         readers.append(r)
         out.append(_parse_cluster(r))
     return out
+
+
+def parse_cluster_list(text: str, source: str) -> list[ClusterConfig]:
+    """The ``[[clusters]]`` of a team catalog (same keys as in config.toml); ConfigError lists
+    every problem, with ``source`` in each line."""
+    problems: list[Problem] = []
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(source, [Problem("", f"not valid TOML: {exc}", "fix the catalog's syntax at that line")]) from None
+    readers: list[_Reader] = []
+    clusters = _parse_clusters(doc.get("clusters", []), problems, readers)
+    _check_clusters(clusters, problems)
+    for r in readers:
+        r.finish()
+    for key in doc:
+        if key != "clusters":
+            problems.append(Problem(key, "unknown key in a catalog", "a catalog holds only [[clusters]] tables"))
+    if problems:
+        raise ConfigError(source, problems)
+    return clusters
 
 
 def load_config(path: str | Path) -> Config:
