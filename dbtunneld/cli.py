@@ -112,11 +112,14 @@ def _credential_line(label: str, c: dict | None, now: float) -> str:
 
 
 def _tunnel_detail(t: dict, now: float) -> str:
+    if t.get("state") == "up" and t.get("role") and t.get("role") != t.get("expected_role"):
+        return f"{t['expected_role']} port answers as a {t['role']} (failover?)"
     if t.get("next_retry_at") and t.get("state") in ("backoff", "reconnecting"):
         return f"retry in {_span(t['next_retry_at'] - now)}: {t.get('last_error', '')}".rstrip(": ")
     if t.get("last_error") and t.get("state") != "up":
         return t["last_error"] + (f" (hint: {t['hint']})" if t.get("hint") else "")
-    return "PRODUCTION" if t.get("production") else ""
+    role = t.get("role", "") if t.get("state") == "up" else ""
+    return "  ".join(p for p in (role, "PRODUCTION" if t.get("production") else "") if p)
 
 
 def render_status(st: dict, now: float) -> str:

@@ -125,6 +125,9 @@ class ClusterConfig:
     autoconnect: bool = False
     production: bool = False
     transport: str = ""              # overrides bastion.transport for this cluster
+    reader_port: int | None = None   # a second local port to the cluster's reader endpoint
+    reader_endpoint: str = ""        # default: the writer endpoint with ".cluster-" -> ".cluster-ro-"
+    reader_of: str = ""              # set on the reader unit built from a cluster (not a config key)
 
     def effective_transport(self, bastion: BastionConfig) -> str:
         return self.transport or bastion.transport
@@ -358,9 +361,11 @@ def _parse_cluster(r: _Reader) -> ClusterConfig | None:
     if local_port is not None and local_port < 1024:
         r.problem("local_port", f"port {local_port} is privileged", "pick a port from 1024 to 65535, e.g. 13306")
         local_port = None
+    endpoint = r.text("endpoint", required=True, fix="give the cluster's writer or reader endpoint")
+    reader_port, reader_endpoint = _parse_reader(r, endpoint)
     cluster = ClusterConfig(
         name=name,
-        endpoint=r.text("endpoint", required=True, fix="give the cluster's writer or reader endpoint"),
+        endpoint=endpoint, reader_port=reader_port, reader_endpoint=reader_endpoint,
         db_role=r.text("db_role", required=True, fix='name the Vault database role, e.g. db_role = "orders-ro"'),
         port=r.port("port", 3306) or 3306,
         local_port=local_port,
@@ -372,6 +377,26 @@ def _parse_cluster(r: _Reader) -> ClusterConfig | None:
     return cluster
 
 
+def aurora_reader_endpoint(endpoint: str) -> str:
+    """Aurora's reader endpoint for a cluster (writer) endpoint, or "" when it is not one."""
+    head, sep, tail = endpoint.partition(".cluster-")
+    if not sep or tail.startswith("ro-") or not endpoint.endswith(".rds.amazonaws.com"):
+        return ""
+    return f"{head}.cluster-ro-{tail}"
+
+
+def _parse_reader(r: _Reader, endpoint: str) -> tuple[int | None, str]:
+    reader_port = r.port("reader_port", None)
+    if reader_port is not None and reader_port < 1024:
+        r.problem("reader_port", f"port {reader_port} is privileged", "pick a port from 1024 to 65535, e.g. 13307")
+        reader_port = None
+    reader_endpoint = r.text("reader_endpoint") or aurora_reader_endpoint(endpoint)
+    if reader_port is not None and not reader_endpoint:
+        r.problem("reader_endpoint", "is needed with reader_port (the endpoint is not an Aurora cluster endpoint)",
+                  'write e.g. reader_endpoint = "orders.cluster-ro-abc.eu-west-1.rds.amazonaws.com"')
+    return reader_port, reader_endpoint
+
+
 def _check_clusters(clusters: list[ClusterConfig], problems: list[Problem]) -> None:
     names: dict[str, int] = {}
     ports: dict[int, str] = {}
@@ -380,10 +405,11 @@ def _check_clusters(clusters: list[ClusterConfig], problems: list[Problem]) -> N
         if c.name in names:
             problems.append(Problem(f"{where}.name", f'cluster "{c.name}" is defined twice (also clusters[{names[c.name]}])', "give each cluster a unique name"))
         names.setdefault(c.name, i)
-        if c.local_port is not None:
-            if c.local_port in ports:
-                problems.append(Problem(f"{where}.local_port", f'cluster "{c.name}": local_port {c.local_port} is already used by cluster "{ports[c.local_port]}"', "pick another port"))
-            ports.setdefault(c.local_port, c.name)
+        for key, port, label in (("local_port", c.local_port, c.name), ("reader_port", c.reader_port, f"{c.name} (reader)")):
+            if port is not None:
+                if port in ports:
+                    problems.append(Problem(f"{where}.{key}", f'cluster "{c.name}": {key} {port} is already used by cluster "{ports[port]}"', "pick another port"))
+                ports.setdefault(port, label)
 
 
 def parse_config(text: str, source: str = "<config>") -> Config:

@@ -91,6 +91,8 @@ class TunnelStatus:
     reconnects: int = 0
     username: str = ""             # current DB user (not a secret)
     credential: CredentialStatus | None = None
+    role: str = ""                 # what the server said at the last probe: "writer" | "reader" | ""
+    expected_role: str = ""        # what this port is for: "writer" | "reader" (Aurora reader_port)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -59,6 +59,8 @@ def cluster_lines(c: ClusterPlan) -> list[str]:
              f"db_role = {_q(c.db_role)}"]
     if c.database:
         lines.append(f"database = {_q(c.database)}")
+    if c.reader_endpoint:
+        lines.append("# reader_port = 0    # uncomment with a free port for a second tunnel to the reader endpoint")
     return lines + [""]
 
 
