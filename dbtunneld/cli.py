@@ -105,7 +105,8 @@ def _credential_line(label: str, c: dict | None, now: float) -> str:
     if c.get("expires_at"):
         parts.append(f"expires in {_span(c['expires_at'] - now)}")
     if c.get("identity"):
-        parts.append(c["identity"])
+        # Vault's identity is the token's accessor (safe to show: it cannot be used as the token)
+        parts.append(f"accessor {c['identity']}" if c.get("kind") == "vault" else c["identity"])
     if c.get("last_error"):
         parts.append(c["last_error"])
     return "  ".join(p for p in parts if p)

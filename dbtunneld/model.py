@@ -41,6 +41,7 @@ class Health(str, enum.Enum):
 
     IDLE = "idle"
     OK = "ok"
+    PARTIAL = "partial"            # every connected cluster is up, and some are turned off
     DEGRADED = "degraded"
     NEEDS_ACTION = "needs_action"
 
@@ -170,7 +171,9 @@ def overall_health(status: DaemonStatus) -> Health:
         return Health.DEGRADED
     if any(c.state == CredentialState.BACKOFF for c in creds):
         return Health.DEGRADED
-    return Health.OK if active else Health.IDLE
+    if not active:
+        return Health.IDLE
+    return Health.PARTIAL if len(active) < len(status.tunnels) else Health.OK
 
 
 def _replace(obj, **changes):

@@ -30,7 +30,7 @@ from .clipboard import Clipboard, system_clipboard
 from .config import UiSettings, load_config
 from .errors import ConfigError, DbtunneldError, NeedsUserError
 from .log import setup_logging
-from .menu import ClockReading, MenuItem, MenuModel, build_menu
+from .menu import ClockReading, MenuItem, MenuModel, build_menu, details_text
 from .model import DaemonStatus, Health, TunnelState
 from .notify import Notifier, desktop_sender
 from .paths import Paths, default_paths, pid_alive
@@ -427,10 +427,12 @@ class TrayApp:
         self.client.request("renew", name=name)
 
     def do_connect_all(self) -> None:
-        down = (TunnelState.STOPPED, TunnelState.FAILED)
-        for t in (self.status.tunnels if self.status else ()):
-            if t.autoconnect and t.state in down:
-                self.client.request("connect", name=t.name, wait=0.0)
+        self.client.request("connect", all=True, wait=0.0)      # as `dbtunneld connect --all`
+
+    def do_show_details(self, name: str) -> None:
+        t = next((t for t in (self.status.tunnels if self.status else ()) if t.name == name), None)
+        if t is not None:
+            self.notifier.show(f"dbtunneld: {name}", details_text(t))
 
     def do_copy(self, name: str, field: str) -> None:
         value = self._creds_field(name, field)

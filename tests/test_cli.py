@@ -304,3 +304,14 @@ def test_sandbox_runs_the_daemon_and_ctrl_c_leaves_nothing():
                 os.kill(daemon_pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def test_status_labels_the_vault_accessor_and_shows_the_aurora_role():
+    st = {**STATUS, "vault": {"kind": "vault", "name": "https://vault", "state": "valid", "identity": "hmac-acc-1"},
+          "tunnels": [{"name": "orders", "local_port": 13306, "state": "up", "role": "writer", "expected_role": "writer"},
+                      {"name": "orders-reader", "local_port": 13307, "state": "up", "role": "writer",
+                       "expected_role": "reader"}]}
+    lines = cli.render_status(st, NOW).splitlines()
+    assert lines[1] == "Vault  https://vault  valid  accessor hmac-acc-1"
+    assert lines[4].split()[-1] == "writer"
+    assert lines[5].endswith("reader port answers as a writer (failover?)")

@@ -211,12 +211,13 @@ def test_menu_actions_become_requests(daemon):
     app = make_app(daemon, confirm=lambda question: True)
     app.on_status(scripted_status())
     for action in [("connect", "billing"), ("disconnect", "orders"), ("reconnect", "orders"), ("renew", "orders"),
-                   ("connect_all",), ("open_client", "orders"), ("open_path", "/tmp/config.toml")]:
+                   ("connect_all",), ("open_client", "orders"), ("open_path", "/tmp/config.toml"),
+                   ("show_details", "billing")]:
         app.run_action(action)
     assert daemon.commands() == [
         ("connect", {"name": "billing", "wait": 0.0}), ("disconnect", {"name": "orders"}),
         ("reconnect", {"name": "orders"}), ("renew", {"name": "orders"}),
-        ("connect", {"name": "billing", "wait": 0.0}),                       # the autoconnect one that is down
+        ("connect", {"all": True, "wait": 0.0}),                            # every cluster, as connect --all
         ("creds", {"name": "orders", "field": "url"})]
     assert app.opened == ["mysql://v-orders-1@127.0.0.1:13306/app", "/tmp/config.toml"]
     assert app.shown == []
