@@ -44,7 +44,7 @@ COLOUR_DOTS = {
     TunnelState.NEEDS_SIGN_IN: "🔴",
     TunnelState.FAILED: "🔴",
 }
-ERROR_WIDTH = 56                 # characters per menu line: long errors wrap to two, then "…"
+ERROR_WIDTH = 48                 # characters per menu line: long errors wrap to two, then "…"
 ERROR_LINES = 2
 
 

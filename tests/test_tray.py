@@ -19,6 +19,7 @@ import sys
 import textwrap
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -703,3 +704,68 @@ def test_private_icon_dir_sweeps_dead_trays_only(tmp_path):
     assert mine == tmp_path / "tray-tmp" / str(os.getpid()) and mine.is_dir()
     assert not stale.exists() and alive.exists()
     assert (mine.stat().st_mode & 0o777) == 0o700
+
+
+# -- screenshots of each state (test-artifacts/tray-state-*.png)
+
+def _state_statuses(now: float) -> dict[str, DaemonStatus]:
+    base = scripted_status(now)
+    orders, billing = base.tunnels
+    up_billing = TunnelStatus("billing", 13307, T.UP, since=now - 60, username="v-billing-1", production=True)
+    long_error = ("ssm: StartSession for i-0123456789abcdef0 failed: TargetNotConnected: the target is not "
+                  "connected to Session Manager (its agent has not reported in the last 5 minutes)")
+    return {
+        "all-up": replace(base, tunnels=(orders, up_billing)),
+        "one-turned-off": base,
+        "reconnecting": replace(base, tunnels=(replace(orders, state=T.RECONNECTING, since=now - 3), up_billing)),
+        "failed-long-error": replace(base, tunnels=(
+            TunnelStatus("orders", 13306, T.FAILED, since=now - 30, last_error=long_error,
+                         hint="start the SSM agent on the bastion, or check bastion.tags in config.toml"), up_billing)),
+        "sign-in-needed": replace(base, aws=replace(base.aws, state=C.NEEDS_SIGN_IN),
+                                  tunnels=(replace(orders, state=T.NEEDS_SIGN_IN, username=""), billing)),
+        "writer-read-only": replace(base, tunnels=(replace(orders, role="reader", expected_role="writer"), up_billing)),
+    }
+
+
+@pytest.mark.tray
+@pytest.mark.skipif(bool(MISSING), reason=f"needs {', '.join(MISSING)} (Debian: xvfb dbus trayer xdotool xclip imagemagick)")
+def test_screenshots_of_each_state(home, daemon):
+    """The real tray (GTK) on each state: icon, tooltip, the menu and the first cluster's submenu.
+    A long error keeps the submenu narrow (wrapped, with "Show details…")."""
+    import re
+
+    from dbtunneld.menu import ClockReading, build_menu
+
+    pytest.importorskip("gi", reason="needs PyGObject (the tray extra)")
+    write_config(home, clear_seconds=30)
+    d = Desktop(home)
+    widths = {}
+    try:
+        d.start_x().start_bus().start_tray_host()
+        for name, status in _state_statuses(time.time()).items():
+            daemon.status = status
+            model = build_menu(status, autostart=False, clock=ClockReading(time.time()))
+            proc = start_tray(d, tray_env(d, home, PYSTRAY_BACKEND="gtk"))
+            try:
+                wait_for(lambda: d.run(["xdotool", "search", "--onlyvisible", "--name",
+                                        "^" + re.escape(model.tooltip) + "$"]).stdout, 30, f"the {name} tooltip")
+                icon = wait_for(lambda: icon_geometry(d), 10, "the icon")
+                before = set(popup_menus(d))
+                x, y, w, h = icon
+                d.run(["xdotool", "mousemove", str(x + w // 2), str(y + h // 2), "click", "3"], check=True)
+                main = wait_for(lambda: [m for m in popup_menus(d) if m not in before], 10, "the menu")[0]
+                first = next(i for i in model.items if i.submenu)
+                d.run(["xdotool", "key", *(["Down"] * keyboard_steps(model.items, first.text)), "Right"], check=True)
+                sub = wait_for(lambda: [m for m in popup_menus(d) if m not in before and m != main], 10, "the submenu")[0]
+                time.sleep(0.3)
+                d.screenshot(ARTIFACTS / f"tray-state-{name}.png")
+                widths[name] = sub[2]
+                d.run(["xdotool", "key", "Escape", "Escape"])
+            finally:
+                stop_pid(proc)
+    finally:
+        d.stop()
+    assert set(widths) == set(_state_statuses(time.time()))
+    assert widths["failed-long-error"] < 420, widths          # was ~600 px before wrapping
+    for name in widths:
+        assert (ARTIFACTS / f"tray-state-{name}.png").stat().st_size > 0
