@@ -31,7 +31,7 @@ from .config import UiSettings, load_config
 from .errors import ConfigError, DbtunneldError, NeedsUserError
 from .log import setup_logging
 from .menu import ClockReading, MenuItem, MenuModel, build_menu, details_text
-from .model import DaemonStatus, Health, TunnelState
+from .model import DaemonStatus, Health
 from .notify import Notifier, desktop_sender
 from .paths import Paths, default_paths, pid_alive
 

@@ -9,7 +9,6 @@ VPC's DNS would). The daemon gets free ports only.
 from __future__ import annotations
 
 import io
-import re
 import subprocess
 import sys
 import tomllib
