@@ -100,8 +100,8 @@ def test_failed_cluster_shows_error_and_fix():
     sub = menu(status(t)).find("✖ orders").submenu
     lines = texts(sub)[:texts(sub).index("---")]            # wrapped to ERROR_WIDTH, nothing cut
     assert lines == ["Error: 127.0.0.1:13306 is already in use by pid", "9 (nc)",
-                     "Fix: stop that process or pin another", "local_port"]
-    assert not any(i.enabled for i in sub[:4])
+                     "Fix: stop that process or pin another local_port"]
+    assert not any(i.enabled for i in sub[:3])
     up = menu(status(tunnel(last_error="old error"))).find("● orders").submenu
     assert not any(i.text.startswith("Error") for i in up), "a healed tunnel shows no stale error"
 
