@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from . import __version__
 from .errors import ConfigError, DbtunneldError, NeedsUserError, SignInNeededError, UnknownNameError
@@ -31,6 +32,14 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
     path = args.path or args.config or default_paths().config_file
     cfg = load_config(path)  # ConfigError -> exit 2 in main()
     print(f"{path}: ok ({len(cfg.clusters)} cluster{'s' if len(cfg.clusters) != 1 else ''})")
+    return EXIT_OK
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    from .onboarding.wizard import run_init
+
+    paths = _paths()
+    run_init(Path(args.config or paths.config_file), ports_file=paths.ports_file, open_browser=not args.no_browser)
     return EXIT_OK
 
 
@@ -96,18 +105,22 @@ def _credential_line(label: str, c: dict | None, now: float) -> str:
     if c.get("expires_at"):
         parts.append(f"expires in {_span(c['expires_at'] - now)}")
     if c.get("identity"):
-        parts.append(c["identity"])
+        # Vault's identity is the token's accessor (safe to show: it cannot be used as the token)
+        parts.append(f"accessor {c['identity']}" if c.get("kind") == "vault" else c["identity"])
     if c.get("last_error"):
         parts.append(c["last_error"])
     return "  ".join(p for p in parts if p)
 
 
 def _tunnel_detail(t: dict, now: float) -> str:
+    if t.get("state") == "up" and t.get("role") and t.get("role") != t.get("expected_role"):
+        return f"{t['expected_role']} port answers as a {t['role']} (failover?)"
     if t.get("next_retry_at") and t.get("state") in ("backoff", "reconnecting"):
         return f"retry in {_span(t['next_retry_at'] - now)}: {t.get('last_error', '')}".rstrip(": ")
     if t.get("last_error") and t.get("state") != "up":
         return t["last_error"] + (f" (hint: {t['hint']})" if t.get("hint") else "")
-    return "PRODUCTION" if t.get("production") else ""
+    role = t.get("role", "") if t.get("state") == "up" else ""
+    return "  ".join(p for p in (role, "PRODUCTION" if t.get("production") else "") if p)
 
 
 def render_status(st: dict, now: float) -> str:
@@ -392,6 +405,10 @@ def build_parser() -> argparse.ArgumentParser:
     check = cfg_sub.add_parser("check", help="validate a config file; exit 2 listing every problem")
     check.add_argument("path", nargs="?")
     check.set_defaults(func=_cmd_config_check)
+
+    it = sub.add_parser("init", help="write or extend config.toml by discovering profiles, clusters, bastion and roles")
+    it.add_argument("--no-browser", action="store_true", help="only print the sign-in URL and code")
+    it.set_defaults(func=_cmd_init)
 
     sb = sub.add_parser("sandbox", help="run the local stack of real servers (no AWS needed)")
     sb.add_argument("--no-daemon", action="store_true", help="only the servers, not the daemon")

@@ -106,6 +106,19 @@ class UiSettings:
 
 
 @dataclass(frozen=True)
+class CatalogSettings:
+    """A team's shared cluster list: a TOML file (path or https URL) and/or RDS tags."""
+
+    source: str = ""                 # a path (relative to config.toml) or an https:// URL
+    rds_tags: bool = False           # clusters tagged dbtunneld:role (and dbtunneld:port)
+    timeout: float = 10.0            # for an https source
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.source) or self.rds_tags
+
+
+@dataclass(frozen=True)
 class ClusterConfig:
     name: str
     endpoint: str
@@ -116,6 +129,9 @@ class ClusterConfig:
     autoconnect: bool = False
     production: bool = False
     transport: str = ""              # overrides bastion.transport for this cluster
+    reader_port: int | None = None   # a second local port to the cluster's reader endpoint
+    reader_endpoint: str = ""        # default: the writer endpoint with ".cluster-" -> ".cluster-ro-"
+    reader_of: str = ""              # set on the reader unit built from a cluster (not a config key)
 
     def effective_transport(self, bastion: BastionConfig) -> str:
         return self.transport or bastion.transport
@@ -130,7 +146,9 @@ class Config:
     credentials: CredentialSettings = field(default_factory=CredentialSettings)
     tunnels: TunnelSettings = field(default_factory=TunnelSettings)
     ui: UiSettings = field(default_factory=UiSettings)
+    catalog: CatalogSettings = field(default_factory=CatalogSettings)
     source: str = "<config>"
+    catalog_clusters: tuple[str, ...] = ()     # names of the clusters that came from the catalog
 
     def cluster(self, name: str) -> ClusterConfig:
         for c in self.clusters:
@@ -358,6 +376,18 @@ def _parse_tunnels(r: _Reader) -> TunnelSettings:
     )
 
 
+def _parse_catalog(r: _Reader) -> CatalogSettings:
+    source = r.text("source")
+    scheme = urlsplit(source).scheme if "://" in source else ""
+    if scheme and scheme != "https":
+        r.problem("source", f"{source!r} is not an https URL",
+                  "use https://... (the catalog decides which hosts you reach), or a file path")
+    elif scheme and not urlsplit(source).hostname:
+        r.problem("source", f"{source!r} has no host", 'write e.g. "https://git.example.com/team/dbtunneld.toml"')
+    return CatalogSettings(source=source, rds_tags=r.get("rds_tags", bool, False),
+                           timeout=r.number("timeout", 10.0, 0.5, 120.0))
+
+
 def _parse_cluster(r: _Reader) -> ClusterConfig | None:
     name = r.text("name", required=True, fix='write e.g. name = "orders"')
     if name and not NAME_RE.match(name):
@@ -369,9 +399,11 @@ def _parse_cluster(r: _Reader) -> ClusterConfig | None:
     if local_port is not None and local_port < 1024:
         r.problem("local_port", f"port {local_port} is privileged", "pick a port from 1024 to 65535, e.g. 13306")
         local_port = None
+    endpoint = r.text("endpoint", required=True, fix="give the cluster's writer or reader endpoint")
+    reader_port, reader_endpoint = _parse_reader(r, endpoint)
     cluster = ClusterConfig(
         name=name,
-        endpoint=r.text("endpoint", required=True, fix="give the cluster's writer or reader endpoint"),
+        endpoint=endpoint, reader_port=reader_port, reader_endpoint=reader_endpoint,
         db_role=r.text("db_role", required=True, fix='name the Vault database role, e.g. db_role = "orders-ro"'),
         port=r.port("port", 3306) or 3306,
         local_port=local_port,
@@ -383,6 +415,26 @@ def _parse_cluster(r: _Reader) -> ClusterConfig | None:
     return cluster
 
 
+def aurora_reader_endpoint(endpoint: str) -> str:
+    """Aurora's reader endpoint for a cluster (writer) endpoint, or "" when it is not one."""
+    head, sep, tail = endpoint.partition(".cluster-")
+    if not sep or tail.startswith("ro-") or not endpoint.endswith(".rds.amazonaws.com"):
+        return ""
+    return f"{head}.cluster-ro-{tail}"
+
+
+def _parse_reader(r: _Reader, endpoint: str) -> tuple[int | None, str]:
+    reader_port = r.port("reader_port", None)
+    if reader_port is not None and reader_port < 1024:
+        r.problem("reader_port", f"port {reader_port} is privileged", "pick a port from 1024 to 65535, e.g. 13307")
+        reader_port = None
+    reader_endpoint = r.text("reader_endpoint") or aurora_reader_endpoint(endpoint)
+    if reader_port is not None and not reader_endpoint:
+        r.problem("reader_endpoint", "is needed with reader_port (the endpoint is not an Aurora cluster endpoint)",
+                  'write e.g. reader_endpoint = "orders.cluster-ro-abc.eu-west-1.rds.amazonaws.com"')
+    return reader_port, reader_endpoint
+
+
 def _check_clusters(clusters: list[ClusterConfig], problems: list[Problem]) -> None:
     names: dict[str, int] = {}
     ports: dict[int, str] = {}
@@ -391,10 +443,11 @@ def _check_clusters(clusters: list[ClusterConfig], problems: list[Problem]) -> N
         if c.name in names:
             problems.append(Problem(f"{where}.name", f'cluster "{c.name}" is defined twice (also clusters[{names[c.name]}])', "give each cluster a unique name"))
         names.setdefault(c.name, i)
-        if c.local_port is not None:
-            if c.local_port in ports:
-                problems.append(Problem(f"{where}.local_port", f'cluster "{c.name}": local_port {c.local_port} is already used by cluster "{ports[c.local_port]}"', "pick another port"))
-            ports.setdefault(c.local_port, c.name)
+        for key, port, label in (("local_port", c.local_port, c.name), ("reader_port", c.reader_port, f"{c.name} (reader)")):
+            if port is not None:
+                if port in ports:
+                    problems.append(Problem(f"{where}.{key}", f'cluster "{c.name}": {key} {port} is already used by cluster "{ports[port]}"', "pick another port"))
+                ports.setdefault(port, label)
 
 
 def parse_config(text: str, source: str = "<config>") -> Config:
@@ -423,7 +476,8 @@ def parse_config(text: str, source: str = "<config>") -> Config:
     ui = section("ui", lambda r: UiSettings(
         clipboard_clear_seconds=r.number("clipboard_clear_seconds", 30.0, 0.0, 3600.0),
         notifications=r.get("notifications", bool, True)))
-    clusters = _parse_clusters(doc.get("clusters"), problems, readers)
+    catalog = section("catalog", _parse_catalog)
+    clusters = _parse_clusters(doc.get("clusters"), problems, readers, optional=catalog.enabled)
     _check_clusters(clusters, problems)
     for c in clusters:
         if c.effective_transport(bastion) == "ssh" and not bastion.host:
@@ -431,7 +485,7 @@ def parse_config(text: str, source: str = "<config>") -> Config:
                 problems.append(Problem("bastion.host", f'cluster "{c.name}" uses transport "ssh" but no bastion host is set', 'write e.g. host = "bastion.example.com"'))
     for r in readers:
         r.finish()
-    known = {"aws", "vault", "bastion", "credentials", "tunnels", "ui", "clusters"}
+    known = {"aws", "vault", "bastion", "credentials", "tunnels", "ui", "clusters", "catalog"}
     for key in doc:
         if key not in known:
             close = difflib.get_close_matches(key, sorted(known), n=1)
@@ -439,10 +493,13 @@ def parse_config(text: str, source: str = "<config>") -> Config:
     if problems:
         raise ConfigError(source, problems)
     return Config(vault=vault, clusters=tuple(clusters), aws=aws, bastion=bastion,
-                  credentials=creds, tunnels=tunnels, ui=ui, source=source)
+                  credentials=creds, tunnels=tunnels, ui=ui, catalog=catalog, source=source)
 
 
-def _parse_clusters(raw: Any, problems: list[Problem], readers: list[_Reader]) -> list[ClusterConfig]:
+def _parse_clusters(raw: Any, problems: list[Problem], readers: list[_Reader], *,
+                    optional: bool = False) -> list[ClusterConfig]:
+    if raw is None and optional:
+        return []
     if raw is None:
         problems.append(Problem("clusters", "no cluster is defined", "add at least one [[clusters]] table with name, endpoint and db_role"))
         return []
@@ -455,6 +512,27 @@ def _parse_clusters(raw: Any, problems: list[Problem], readers: list[_Reader]) -
         readers.append(r)
         out.append(_parse_cluster(r))
     return out
+
+
+def parse_cluster_list(text: str, source: str) -> list[ClusterConfig]:
+    """The ``[[clusters]]`` of a team catalog (same keys as in config.toml); ConfigError lists
+    every problem, with ``source`` in each line."""
+    problems: list[Problem] = []
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(source, [Problem("", f"not valid TOML: {exc}", "fix the catalog's syntax at that line")]) from None
+    readers: list[_Reader] = []
+    clusters = _parse_clusters(doc.get("clusters", []), problems, readers)
+    _check_clusters(clusters, problems)
+    for r in readers:
+        r.finish()
+    for key in doc:
+        if key != "clusters":
+            problems.append(Problem(key, "unknown key in a catalog", "a catalog holds only [[clusters]] tables"))
+    if problems:
+        raise ConfigError(source, problems)
+    return clusters
 
 
 def load_config(path: str | Path) -> Config:

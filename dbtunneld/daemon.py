@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 from . import log as logsetup
 from . import protocol as P
+from .catalog import with_catalog
 from .config import Config, load_config
 from .control import ControlServer, EventBus
 from .errors import ConfigError, DbtunneldError, NeedsUserError
@@ -167,7 +168,7 @@ class Daemon:
         self.paths.ensure()
         self.lock.acquire()
         try:
-            config = load_config(self.config_path)
+            config = self._load_config()
             factories = self.factories or default_factories()
             self.supervisor = Supervisor(config, self.paths, engine_factory=factories.engine,
                                          tunnel_factory=factories.tunnel, on_event=self.bus.publish,
@@ -240,10 +241,14 @@ class Daemon:
     def reload(self) -> dict[str, Any]:
         """Validate the config file, then reconcile; ConfigError leaves everything as it was."""
         with self._reload_lock:
-            new = load_config(self.config_path)
+            new = self._load_config()
             summary = self.supervisor.reload(new)
         self.bus.publish("reloaded", summary)
         return summary
+
+    def _load_config(self) -> Config:
+        """config.toml plus the team catalog it names (``dbtunneld.catalog``)."""
+        return with_catalog(load_config(self.config_path), self.paths.ports_file, self.paths.state_dir)
 
     def _reload_logged(self) -> None:
         log.info("reloading %s", self.config_path)

@@ -10,6 +10,7 @@ imports pystray, so every state combination is testable without a screen.
 from __future__ import annotations
 
 import sys
+import textwrap
 from dataclasses import dataclass
 from datetime import datetime, tzinfo
 
@@ -30,6 +31,25 @@ DOTS = {
     TunnelState.NEEDS_SIGN_IN: "▲",
     TunnelState.FAILED: "✖",
 }
+# Coloured dots where the system always has a colour emoji font (macOS, Windows). Linux menus keep
+# the shapes above: a desktop may lack a colour emoji font (this Xvfb test desktop does), and
+# GTK / AppIndicator menus take neither colours nor icons per item through pystray.
+COLOUR_DOTS = {
+    TunnelState.UP: "🟢",
+    TunnelState.STOPPED: "⚪",
+    TunnelState.CONNECTING: "🟡",
+    TunnelState.WAITING_CREDENTIALS: "🟡",
+    TunnelState.RECONNECTING: "🟡",
+    TunnelState.BACKOFF: "🟠",
+    TunnelState.NEEDS_SIGN_IN: "🔴",
+    TunnelState.FAILED: "🔴",
+}
+ERROR_WIDTH = 48                 # characters per menu line: long errors wrap to two, then "…"
+ERROR_LINES = 2
+
+
+def status_dot(state: TunnelState, platform: str = sys.platform) -> str:
+    return (COLOUR_DOTS if platform in ("darwin", "win32") else DOTS)[state]
 
 
 @dataclass(frozen=True)
@@ -172,12 +192,14 @@ def sign_in_wanted(status: DaemonStatus, clock: ClockReading) -> bool:
 
 def cluster_item(t: TunnelStatus, clock: ClockReading, platform: str = sys.platform) -> MenuItem:
     prod = " [PROD]" if t.production else ""
-    text = f"{DOTS[t.state]} {t.name}{prod}  127.0.0.1:{t.local_port}  {state_text(t, clock)}"
+    text = f"{status_dot(t.state, platform)} {t.name}{prod}  127.0.0.1:{t.local_port}  {state_text(t, clock)}"
     return MenuItem(text, submenu=cluster_submenu(t, platform))
 
 
 def state_text(t: TunnelStatus, clock: ClockReading) -> str:
     s = t.state
+    if s == TunnelState.UP and t.role and t.expected_role and t.role != t.expected_role:
+        return "up, but read-only (failover?)" if t.expected_role == "writer" else "up (reaches the writer)"
     if s in (TunnelState.UP, TunnelState.RECONNECTING, TunnelState.CONNECTING,
              TunnelState.WAITING_CREDENTIALS):
         return _STATE_TEXT[s] + _since(t.since, clock)
@@ -218,10 +240,35 @@ def _problem_lines(t: TunnelStatus) -> tuple[MenuItem, ...]:
     if t.production:
         lines.append(info("Production cluster: copying the password asks first"))
     if t.last_error and t.state != TunnelState.UP:
-        lines.append(info("Error: " + _clip(t.last_error, 90)))
+        error, cut = wrapped("Error: " + t.last_error)
+        lines += [info(line) for line in error]
         if t.hint:
-            lines.append(info("Fix: " + _clip(t.hint, 90)))
+            fix, cut_fix = wrapped("Fix: " + t.hint)
+            lines += [info(line) for line in fix]
+            cut = cut or cut_fix
+        if cut:
+            lines.append(MenuItem("Show details…", ("show_details", t.name)))
     return tuple(lines) + ((SEPARATOR,) if lines else ())
+
+
+def wrapped(text: str, width: int = ERROR_WIDTH, max_lines: int = ERROR_LINES) -> tuple[list[str], bool]:
+    """``text`` in at most ``max_lines`` lines of ``width`` characters; True when some was cut."""
+    lines = textwrap.wrap(" ".join(text.split()), width, break_long_words=True) or [""]
+    if len(lines) <= max_lines:
+        return lines, False
+    kept = lines[:max_lines]
+    kept[-1] = _clip(kept[-1] + " " + lines[max_lines], width)
+    if not kept[-1].endswith("…"):
+        kept[-1] = kept[-1][: width - 1] + "…"
+    return kept, True
+
+
+def details_text(t: TunnelStatus) -> str:
+    """The whole error of a cluster, for "Show details…"."""
+    parts = [f"{t.name} (127.0.0.1:{t.local_port}): {t.state.value}", t.last_error]
+    if t.hint:
+        parts.append("Fix: " + t.hint)
+    return "\n".join(p for p in parts if p)
 
 
 def _copy_password_item(t: TunnelStatus) -> MenuItem:
@@ -237,7 +284,7 @@ def _open_label(platform: str) -> str:
 # ---- global entries ------------------------------------------------------------------------
 
 def _global_items(status: DaemonStatus, autostart, config_path, log_path) -> tuple[MenuItem, ...]:
-    startable = any(t.autoconnect and t.state in (TunnelState.STOPPED, TunnelState.FAILED) for t in status.tunnels)
+    startable = any(t.state in (TunnelState.STOPPED, TunnelState.FAILED) for t in status.tunnels)
     return ((MenuItem("Connect all", ("connect_all",), enabled=startable),)
             + _settings_items(autostart, config_path, log_path)
             + (SEPARATOR,
@@ -258,7 +305,8 @@ def _settings_items(autostart: bool | None, config_path: str, log_path: str) -> 
 def tooltip(status: DaemonStatus, clock: ClockReading) -> str:
     tunnels = status.tunnels
     up = sum(t.state == TunnelState.UP for t in tunnels)
-    parts = [f"dbtunneld: {up}/{len(tunnels)} up"]
+    off = sum(t.state == TunnelState.STOPPED for t in tunnels)
+    parts = [f"dbtunneld: {up}/{len(tunnels)} up" + (f", {off} off" if off and up else "")]
     if sign_in_wanted(status, clock):
         parts.append("sign-in needed" if _needs_sign_in(status) else "sign-in expires soon")
     for t in tunnels:

@@ -41,6 +41,7 @@ class Health(str, enum.Enum):
 
     IDLE = "idle"
     OK = "ok"
+    PARTIAL = "partial"            # every connected cluster is up, and some are turned off
     DEGRADED = "degraded"
     NEEDS_ACTION = "needs_action"
 
@@ -91,6 +92,8 @@ class TunnelStatus:
     reconnects: int = 0
     username: str = ""             # current DB user (not a secret)
     credential: CredentialStatus | None = None
+    role: str = ""                 # what the server said at the last probe: "writer" | "reader" | ""
+    expected_role: str = ""        # what this port is for: "writer" | "reader" (Aurora reader_port)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -168,7 +171,9 @@ def overall_health(status: DaemonStatus) -> Health:
         return Health.DEGRADED
     if any(c.state == CredentialState.BACKOFF for c in creds):
         return Health.DEGRADED
-    return Health.OK if active else Health.IDLE
+    if not active:
+        return Health.IDLE
+    return Health.PARTIAL if len(active) < len(status.tunnels) else Health.OK
 
 
 def _replace(obj, **changes):

@@ -58,7 +58,19 @@ def incidents(status: DaemonStatus, now: float) -> list[Notice]:
                             f"Your AWS sign-in ends in {max(left, 1)} min. Choose 'Sign in…' "
                             "in the tray menu to stay connected."))
     found += [_failed_notice(t) for t in status.tunnels if tunnel_failed(t, now)]
+    found += [_failover_notice(t) for t in status.tunnels if writer_read_only(t)]
     return found
+
+
+def writer_read_only(t) -> bool:
+    """A writer port whose server says it is read-only (an Aurora failover, seen by the probe)."""
+    return t.expected_role == "writer" and t.role == "reader" and t.state == TunnelState.UP
+
+
+def _failover_notice(t) -> Notice:
+    return Notice(("failover", t.name), f"dbtunneld: {t.name} writer is read-only",
+                  f"The writer endpoint of {t.name} answered read-only (an Aurora failover?). dbtunneld "
+                  f"rebuilt the tunnel on 127.0.0.1:{t.local_port}; writes fail until the new writer answers.")
 
 
 def needs_sign_in(status: DaemonStatus) -> bool:
@@ -92,6 +104,9 @@ def resolved(key: tuple, status: DaemonStatus, now: float) -> bool:
     if kind == "tunnel_failed":
         t = next((t for t in status.tunnels if t.name == key[1]), None)
         return t is None or t.state in (TunnelState.UP, TunnelState.STOPPED)
+    if kind == "failover":
+        t = next((t for t in status.tunnels if t.name == key[1]), None)
+        return t is None or t.role == "writer"
     if kind == "sign_in":
         return not needs_sign_in(status) and (
             status.aws is None or status.aws.state in (CredentialState.VALID, CredentialState.RENEWING))

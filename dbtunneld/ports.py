@@ -74,6 +74,15 @@ class PortBook:
             log.info('cluster "%s": assigned local port %d (kept from now on)', name, port)
             return port
 
+    def keep(self, name: str, port: int) -> None:
+        """Record ``port`` for ``name`` unless it has one already (a catalog's first proposal)."""
+        with self._lock:
+            book = self.assignments()
+            if name not in book:
+                book[name] = port
+                self._write(book)
+                log.info('cluster "%s": local port %d (from the catalog; kept from now on)', name, port)
+
     def forget(self, name: str) -> None:
         with self._lock:
             book = self.assignments()

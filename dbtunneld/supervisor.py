@@ -102,7 +102,11 @@ def engine_spec(config: Config) -> tuple[AwsConfig, VaultConfig, CredentialSetti
 
 
 def unit_specs(config: Config) -> dict[str, UnitSpec]:
-    return {c.name: UnitSpec(c, config.bastion, config.aws, config.tunnels) for c in config.clusters}
+    """One unit per cluster, plus one per Aurora reader_port (named "<cluster>-reader")."""
+    from .aurora import reader_unit
+
+    clusters = [u for c in config.clusters for u in ([c, reader_unit(c)] if c.reader_port else [c])]
+    return {c.name: UnitSpec(c, config.bastion, config.aws, config.tunnels) for c in clusters}
 
 
 # ----------------------------------------------------------------------------- connection strings
@@ -131,6 +135,11 @@ class ClusterSlot:
     @property
     def name(self) -> str:
         return self.spec.cluster.name
+
+    @property
+    def cred_name(self) -> str:
+        """Whose DB user this tunnel uses: an Aurora reader port shares its cluster's."""
+        return self.spec.cluster.reader_of or self.spec.cluster.name
 
     def status(self, cred: CredentialStatus | None) -> TunnelStatus:
         st = self.tunnel.status()
@@ -263,7 +272,8 @@ class Supervisor:
 
     def _connect_slot(self, slot: ClusterSlot) -> None:
         slot.wanted = True
-        self._require_engine().want(slot.spec.cluster)
+        cluster = slot.spec.cluster
+        self._require_engine().want(replace(cluster, name=slot.cred_name) if cluster.reader_of else cluster)
         slot.tunnel.start()
         self._wake.register(slot.tunnel)
         log.info("[cluster=%s] connect requested (127.0.0.1:%s)", slot.name, slot.spec.cluster.local_port or "auto")
@@ -287,10 +297,16 @@ class Supervisor:
         # Outside the lock: stopping and revoking take up to the revoke bound; status readers go on.
         self._stop_tunnels(slots, time.monotonic() + self.config.credentials.revoke_timeout)
         for slot in slots:
-            engine.release(slot.name)
+            if not self._cred_still_used(slot):
+                engine.release(slot.cred_name)
             log.info("[cluster=%s] disconnected", slot.name)
         self._publisher.poke()
         return [s.name for s in slots]
+
+    def _cred_still_used(self, slot: ClusterSlot) -> bool:
+        """Another connected tunnel (a cluster and its reader port) shares the slot's DB user."""
+        with self._lock:
+            return any(s.wanted and s is not slot and s.cred_name == slot.cred_name for s in self._slots.values())
 
     def reconnect(self, names: Iterable[str] | None = None) -> list[str]:
         """Rebuild the upstream of connected tunnels now (the listener stays bound)."""
@@ -309,7 +325,7 @@ class Supervisor:
         for slot in slots:
             if not slot.wanted:
                 raise NeedsUserError(f'cluster "{slot.name}" is not connected', f"run `dbtunneld connect {slot.name}`")
-            self._require_engine().renew_now(slot.name)
+            self._require_engine().renew_now(slot.cred_name)
         self._publisher.poke()
         return [s.name for s in slots]
 
@@ -321,7 +337,7 @@ class Supervisor:
         slot = self._slot(name)
         if not slot.wanted:
             raise NeedsUserError(f'cluster "{name}" is not connected', f"run `dbtunneld connect {name}` first")
-        cred = self._wait_for_credentials(name, wait)
+        cred = self._wait_for_credentials(slot.cred_name, wait)
         port = self._port_of(slot)
         out: dict[str, Any] = {"name": name, "username": cred.username, "host": LOCALHOST, "port": port,
                                "database": slot.spec.cluster.database, "expires_at": cred.expires_at,
@@ -380,7 +396,7 @@ class Supervisor:
         was_wanted = {n for n in gone if running[n].wanted}
         self._stop_tunnels([running[n] for n in gone], time.monotonic() + new.credentials.revoke_timeout)
         for n in gone:
-            if n in was_wanted:
+            if n in was_wanted and not running[n].spec.cluster.reader_of:
                 self._engine.release(n)
             del self._slots[n]
         started = [n for n in desired if n not in kept]
@@ -415,7 +431,7 @@ class Supervisor:
         with self._lock:
             slots, engine = list(self._slots.values()), self._engine
         aws, vault, dbs = engine.credential_status() if engine else (None, None, {})
-        tunnels = tuple(s.status(dbs.get(s.name)) for s in slots)
+        tunnels = tuple(s.status(dbs.get(s.cred_name)) for s in slots)
         return DaemonStatus(version=__version__, pid=os.getpid(), started_at=self.started_at,
                             config_path=str(self.config_path), log_path=str(self.paths.log_file),
                             aws=aws, vault=vault, tunnels=tunnels,
@@ -573,29 +589,37 @@ def tunnel_factory(spec: UnitSpec, port: int, engine: EngineUnit, on_change: Cal
     from .tunnel import Tunnel
 
     c = spec.cluster
+    cred_name = c.reader_of or c.name
     transport = build_transport(_transport_config(spec), c, session_factory=engine.session_factory)
 
     def credentials_ready() -> bool:
-        if engine.current(c.name) is not None:
+        if engine.current(cred_name) is not None:
             return True
-        problem = credential_problem(engine.credential_status(), c.name)
+        problem = credential_problem(engine.credential_status(), cred_name)
         if problem is not None:
             raise problem
         return False
 
-    return Tunnel(c.name, port, c.endpoint, c.port, transport, spec.tunnels,
-                  prerequisite=credentials_ready, on_change=lambda status: on_change(),
-                  probe=login_probe(lambda: engine.current(c.name)))
+    from .aurora import RoleCheckedTunnel, expected_role
+
+    checked: list[RoleCheckedTunnel] = []
+    tunnel = Tunnel(c.name, port, c.endpoint, c.port, transport, spec.tunnels,
+                    prerequisite=credentials_ready, on_change=lambda status: on_change(),
+                    probe=login_probe(lambda: engine.current(cred_name), lambda ro: checked[0].observe(ro)))
+    checked.append(RoleCheckedTunnel(tunnel, expected_role(c)))
+    return checked[0]
 
 
 # ----------------------------------------------------------------------------- the login probe
 
-def login_probe(credentials: Callable[[], DbCredentials | None]) -> Callable[..., Any]:
+def login_probe(credentials: Callable[[], DbCredentials | None],
+                on_read_only: Callable[[bool], None] | None = None) -> Callable[..., Any]:
     """A tunnel probe that logs in with the cluster's current DB user, then quits.
 
     The greeting-only probe (``tunnel.probe_mysql``) aborts the handshake, which MySQL counts
     against max_connect_errors for the bastion's address; a completed login resets that count.
-    Until the cluster has credentials, the greeting-only probe.
+    Until the cluster has credentials, the greeting-only probe. ``on_read_only`` gets the
+    server's read-only flag after each login (``aurora.read_only_flags``).
     """
     from .tunnel import probe_mysql
 
@@ -603,11 +627,12 @@ def login_probe(credentials: Callable[[], DbCredentials | None]) -> Callable[...
         cred = credentials()
         if cred is None:
             return probe_mysql(transport, host, port, timeout)
-        return probe_mysql_login(transport, host, port, timeout, cred)
+        return probe_mysql_login(transport, host, port, timeout, cred, on_read_only)
     return probe
 
 
-def probe_mysql_login(transport: Any, host: str, port: int, timeout: float, cred: DbCredentials) -> Any:
+def probe_mysql_login(transport: Any, host: str, port: int, timeout: float, cred: DbCredentials,
+                      on_read_only: Callable[[bool], None] | None = None) -> Any:
     """Log in over a channel of ``transport`` and quit. A server error (1045 access denied, 1129
     host blocked, ...) is a refusal (``ok=False``); no answer or not MySQL raises TransientError."""
     import pymysql
@@ -621,6 +646,8 @@ def probe_mysql_login(transport: Any, host: str, port: int, timeout: float, cred
     try:
         conn.connect(chan)
         version = conn.get_server_info()
+        if on_read_only is not None:
+            _report_read_only(conn, on_read_only, host, port)
     except pymysql.err.MySQLError as exc:
         return _login_refusal(exc, host, port)
     except (EOFError, IndexError, ValueError, struct.error) as exc:
@@ -630,6 +657,19 @@ def probe_mysql_login(transport: Any, host: str, port: int, timeout: float, cred
             conn.close()                 # COM_QUIT: a clean end, not an aborted connection
         chan.close()
     return ProbeResult(True, version)
+
+
+def _report_read_only(conn: Any, on_read_only: Callable[[bool], None], host: str, port: int) -> None:
+    import pymysql
+
+    from .aurora import read_only_flags
+
+    try:
+        read_only = read_only_flags(conn)
+    except pymysql.err.MySQLError as exc:      # the login worked: the path is fine, the role unknown
+        log.info("could not read the read-only flags at %s:%d: %s", host, port, exc)
+        return
+    on_read_only(read_only)
 
 
 def _login_refusal(exc: Exception, host: str, port: int) -> Any:

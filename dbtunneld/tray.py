@@ -33,8 +33,8 @@ from .clipboard import Clipboard, system_clipboard
 from .config import UiSettings, load_config
 from .errors import ConfigError, DbtunneldError, NeedsUserError
 from .log import setup_logging
-from .menu import ClockReading, MenuItem, MenuModel, build_menu
-from .model import DaemonStatus, Health, TunnelState
+from .menu import ClockReading, MenuItem, MenuModel, build_menu, details_text
+from .model import DaemonStatus, Health
 from .notify import Notifier, desktop_sender
 from .paths import Paths, default_paths, pid_alive
 
@@ -70,7 +70,43 @@ def choose_backend(env: dict[str, str], platform: str = sys.platform) -> str:
         return "darwin"
     if platform.startswith("win"):
         return "win32"
-    return "appindicator" if _has_typelib("AyatanaAppIndicator3", "AppIndicator3") else "gtk"
+    if _has_typelib("AyatanaAppIndicator3", "AppIndicator3") and status_notifier_watcher_present(env):
+        return "appindicator"
+    return "gtk"
+
+
+STATUS_NOTIFIER_WATCHER = "org.kde.StatusNotifierWatcher"
+
+
+def status_notifier_watcher_present(env: dict[str, str], timeout: float = 2.0) -> bool:
+    """Whether a StatusNotifier watcher owns its name on the session bus. Without one, AppIndicator
+    falls back to a GtkStatusIcon (an XEmbed tray icon) and that fallback logs
+    "Gdk-CRITICAL: gdk_window_thaw_toplevel_updates: assertion ... failed" on every start; the GTK
+    backend is the same XEmbed icon without the warning (seen under Xvfb with trayer)."""
+    try:
+        from gi.repository import Gio, GLib
+    except ImportError:
+        return False
+    found: list[bool] = []
+
+    def ask() -> None:                                # a bus that never answers must not hang us
+        flags = Gio.DBusConnectionFlags.AUTHENTICATION_CLIENT | Gio.DBusConnectionFlags.MESSAGE_BUS_CONNECTION
+        for address in session_bus_candidates(env):
+            try:
+                conn = Gio.DBusConnection.new_for_address_sync(address, flags, None, None)
+                reply = conn.call_sync("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
+                                       "NameHasOwner", GLib.Variant("(s)", (STATUS_NOTIFIER_WATCHER,)),
+                                       GLib.VariantType("(b)"), Gio.DBusCallFlags.NONE, 1000, None)
+                conn.close_sync(None)
+                found.append(bool(reply.unpack()[0]))
+                return
+            except Exception as exc:                  # GLib.Error: the check is only a preference
+                log.debug("session bus %s: %s", address, exc)
+
+    worker = threading.Thread(target=ask, name="tray-watcher-check", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    return bool(found and found[0])
 
 
 def _has_typelib(*names: str) -> bool:
@@ -456,10 +492,12 @@ class TrayApp:
         self.client.request("renew", name=name)
 
     def do_connect_all(self) -> None:
-        down = (TunnelState.STOPPED, TunnelState.FAILED)
-        for t in (self.status.tunnels if self.status else ()):
-            if t.autoconnect and t.state in down:
-                self.client.request("connect", name=t.name, wait=0.0)
+        self.client.request("connect", all=True, wait=0.0)      # as `dbtunneld connect --all`
+
+    def do_show_details(self, name: str) -> None:
+        t = next((t for t in (self.status.tunnels if self.status else ()) if t.name == name), None)
+        if t is not None:
+            self.notifier.show(f"dbtunneld: {name}", details_text(t))
 
     def do_copy(self, name: str, field: str) -> None:
         value = self._creds_field(name, field)

@@ -295,6 +295,17 @@ class VaultClient:
                           renewable=bool(resp.get("renewable")), username=data["username"],
                           password=data["password"], issued_at=self._clock.time())
 
+    def list_database_roles(self) -> list[str]:
+        """The role names under the database mount (LIST ``<mount>/roles``); a policy that does not
+        grant ``list`` there raises PermissionDeniedError (a 403 is an answer: ask the user)."""
+        mount = self.config.database_mount
+        with self._classified(f"listing {mount}/roles"):
+            try:
+                resp = self._client.secrets.database.list_roles(mount_point=mount)
+            except hexc.InvalidPath:
+                return []            # Vault answers 404 for a LIST with no entries
+        return sorted(str(k) for k in (resp.get("data") or {}).get("keys", []))
+
     def renew_lease(self, lease_id: str, increment: float) -> LeaseRenewal:
         with self._classified(f"renewing lease {lease_id}"):
             resp = self._client.sys.renew_lease(lease_id=lease_id, increment=max(1, int(increment)))

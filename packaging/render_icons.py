@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Renders the tray icons: one geometry, written as SVG artwork and drawn as PNGs with Pillow.
 
-Each state (idle, ok, degraded, needs_action) has a colour icon (a database cylinder with a
+Each state (idle, ok, partial, degraded, needs_action) has a colour icon (a database cylinder with a
 status badge) and a monochrome template variant for the macOS menu bar (black on transparent;
 the state is told by the badge's shape). The geometry below is the single source:
 
@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / "assets"
 ICONS = ROOT / "dbtunneld" / "icons"
-STATES = ("idle", "ok", "degraded", "needs_action")
+STATES = ("idle", "ok", "partial", "degraded", "needs_action")
 COLOR_SIZES = (32, 64)
 TEMPLATE_SIZES = (18, 36)
 UNITS = 64                 # the artwork's coordinate box
@@ -72,7 +72,7 @@ class Polyline:
 
 Shape = Ellipse | Rect | Arc | Polyline
 
-BADGE = {"ok": "#2e7d32", "degraded": "#ef8f00", "needs_action": "#c62828", "idle": "#9e9e9e"}
+BADGE = {"ok": "#2e7d32", "partial": "#2e7d32", "degraded": "#ef8f00", "needs_action": "#c62828", "idle": "#9e9e9e"}
 WHITE = "#ffffff"
 BLACK = "#000000"
 
@@ -91,6 +91,8 @@ def cylinder(body: str, top: str, rim: str, x0=6.0, x1=42.0, y0=12.0, y1=50.0, r
 def badge_symbol(state: str, color: str, cx=47.0, cy=47.0) -> list[Shape]:
     if state == "ok":
         return [Polyline(((cx - 6.5, cy + 0.5), (cx - 2, cy + 5), (cx + 6.5, cy - 4.5)), color, 3.5)]
+    if state == "partial":          # up, with some clusters turned off: a pause sign on green
+        return [Rect(cx - 5.5, cy - 6, 4, 12, color), Rect(cx + 1.5, cy - 6, 4, 12, color)]
     if state == "degraded":
         return [Ellipse(cx + dx, cy, 2.2, 2.2, fill=color) for dx in (-6.0, 0.0, 6.0)]
     if state == "needs_action":
@@ -118,6 +120,7 @@ def template_icon(state: str) -> list[Shape]:
     badge = {
         "idle": [],
         "ok": [Ellipse(50, 50, 10, 10, fill=BLACK)],
+        "partial": [Rect(43.5, 41, 5, 18, BLACK), Rect(51.5, 41, 5, 18, BLACK)],
         "degraded": [Ellipse(50, 50, 8.5, 8.5, stroke=BLACK, width=3.5)],
         "needs_action": [Rect(47.5, 36, 5, 17, BLACK), Ellipse(50, 59, 3, 3, fill=BLACK)],
     }[state]

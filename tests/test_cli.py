@@ -339,3 +339,14 @@ def test_login_uses_the_browser_with_pkce_and_falls_back_to_the_device_code_when
         assert json.loads(daemon.sso_cache_file().read_text())["refreshToken"] != "ended-session-refresh-token"
     finally:
         stack.sso.auto_approve(False)
+
+
+def test_status_labels_the_vault_accessor_and_shows_the_aurora_role():
+    st = {**STATUS, "vault": {"kind": "vault", "name": "https://vault", "state": "valid", "identity": "hmac-acc-1"},
+          "tunnels": [{"name": "orders", "local_port": 13306, "state": "up", "role": "writer", "expected_role": "writer"},
+                      {"name": "orders-reader", "local_port": 13307, "state": "up", "role": "writer",
+                       "expected_role": "reader"}]}
+    lines = cli.render_status(st, NOW).splitlines()
+    assert lines[1] == "Vault  https://vault  valid  accessor hmac-acc-1"
+    assert lines[4].split()[-1] == "writer"
+    assert lines[5].endswith("reader port answers as a writer (failover?)")

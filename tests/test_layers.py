@@ -13,10 +13,10 @@ PKG = Path(__file__).resolve().parent.parent / "dbtunneld"
 
 LAYERS = {
     0: {"__init__", "errors", "model", "timing", "config", "paths"},
-    1: {"aws", "sso", "vault", "iam_login", "ssm", "ssh", "keystore", "log", "discovery", "ports", "wake", "transport", "tls"},
-    2: {"lease", "keeper", "token_keeper", "sso_keeper", "sso_signin", "tunnel", "supervisor"},
+    1: {"aws", "sso", "vault", "iam_login", "ssm", "ssh", "keystore", "log", "discovery", "ports", "wake", "transport", "tls", "inventory", "catalog"},
+    2: {"lease", "keeper", "token_keeper", "sso_keeper", "sso_signin", "tunnel", "supervisor", "aurora"},
     3: {"protocol", "control", "client", "daemon", "doctor"},
-    4: {"cli", "menu", "tray", "tray_darwin", "clipboard", "notify", "autostart", "__main__"},
+    4: {"cli", "menu", "tray", "tray_darwin", "clipboard", "notify", "autostart", "__main__", "onboarding"},
 }
 RANK = {name: rank for rank, names in LAYERS.items() for name in names}
 UI_PACKAGES = {"pystray", "PIL", "gi", "Xlib", "tkinter", "AppKit", "objc"}

@@ -8,6 +8,7 @@ from datetime import datetime, timezone
 
 import pytest
 
+from dbtunneld import menu as menu_mod
 from dbtunneld.menu import (SEPARATOR, ClockReading, MenuItem, build_menu, duration, short_identity)
 from dbtunneld.model import (CredentialState as C, CredentialStatus, DaemonStatus, Health, TunnelState as T,
                              TunnelStatus)
@@ -97,9 +98,10 @@ def test_failed_cluster_shows_error_and_fix():
     t = tunnel(state=T.FAILED, last_error="127.0.0.1:13306 is already in use by pid 9 (nc)",
                hint="stop that process or pin another local_port")
     sub = menu(status(t)).find("✖ orders").submenu
-    assert texts(sub)[:3] == ["Error: 127.0.0.1:13306 is already in use by pid 9 (nc)",
-                              "Fix: stop that process or pin another local_port", "---"]
-    assert not sub[0].enabled and not sub[1].enabled
+    lines = texts(sub)[:texts(sub).index("---")]            # wrapped to ERROR_WIDTH, nothing cut
+    assert lines == ["Error: 127.0.0.1:13306 is already in use by pid", "9 (nc)",
+                     "Fix: stop that process or pin another local_port"]
+    assert not any(i.enabled for i in sub[:3])
     up = menu(status(tunnel(last_error="old error"))).find("● orders").submenu
     assert not any(i.text.startswith("Error") for i in up), "a healed tunnel shows no stale error"
 
@@ -117,7 +119,7 @@ def test_since_on_another_day_shows_the_date():
 
 def test_sequel_ace_label_on_macos():
     m = menu(status(tunnel()), platform="darwin")
-    assert m.find("●", "Open in Sequel Ace").action == ("open_client", "orders")
+    assert m.find("🟢", "Open in Sequel Ace").action == ("open_client", "orders")     # coloured dot
 
 
 # ---- header --------------------------------------------------------------------------------
@@ -196,12 +198,13 @@ def test_global_entries_in_order():
     ((T.UP,), (True,), False),
     ((T.STOPPED,), (True,), True),
     ((T.FAILED,), (True,), True),
-    ((T.STOPPED,), (False,), False),
-    ((T.UP, T.STOPPED), (True, False), False),
+    ((T.STOPPED,), (False,), True),             # every cluster, as `connect --all` (not only autoconnect)
+    ((T.UP, T.STOPPED), (True, False), True),
     ((T.UP, T.STOPPED), (True, True), True),
+    ((T.UP, T.CONNECTING), (False, False), False),
     ((), (), False),
 ])
-def test_connect_all_is_enabled_when_an_autoconnect_cluster_is_down(states, autoconnect, enabled):
+def test_connect_all_is_enabled_when_any_cluster_is_down(states, autoconnect, enabled):
     ts = [tunnel(f"c{i}", s, 13306 + i, autoconnect=a) for i, (s, a) in enumerate(zip(states, autoconnect))]
     item = menu(status(*ts)).find("Connect all")
     assert (item.action, item.enabled) == (("connect_all",), enabled)
@@ -311,3 +314,33 @@ def test_menu_while_connecting_to_the_daemon():
     assert m.health is Health.IDLE
     with pytest.raises(KeyError):
         m.find("Start daemon")
+
+
+def test_a_long_error_wraps_to_two_lines_with_fix_and_show_details():
+    error = "ssm: StartSession failed: " + "the target is not connected to Session Manager " * 4
+    t = tunnel("orders", T.FAILED, 13306)
+    t = TunnelStatus(t.name, t.local_port, T.FAILED, last_error=error, hint="start the SSM agent on the bastion")
+    sub = menu(status(t)).find("✖ orders").submenu
+    texts = [i.text for i in sub if not i.separator]
+    assert texts[0].startswith("Error: ssm: StartSession failed") and texts[1].endswith("…")
+    assert all(len(x) <= menu_mod.ERROR_WIDTH for x in texts[:3])
+    assert texts[2] == "Fix: start the SSM agent on the bastion"
+    details = next(i for i in sub if i.text == "Show details…")
+    assert details.action == ("show_details", "orders")
+    assert error.strip() in " ".join(menu_mod.details_text(t).split()) and "Fix: start the SSM" in menu_mod.details_text(t)
+    short = TunnelStatus("orders", 13306, T.FAILED, last_error="refused", hint="retry")
+    assert "Show details…" not in [i.text for i in menu(status(short)).find("✖ orders").submenu]
+
+
+def test_icon_and_tooltip_show_a_cluster_turned_off():
+    both = menu(status(tunnel("orders", T.UP, 13306), tunnel("billing", T.UP, 13307)))
+    assert (both.health, both.tooltip) == (Health.OK, "dbtunneld: 2/2 up")
+    one_off = menu(status(tunnel("orders", T.UP, 13306), tunnel("billing", T.STOPPED, 13307)))
+    assert (one_off.health, one_off.tooltip) == (Health.PARTIAL, "dbtunneld: 1/2 up, 1 off")
+    all_off = menu(status(tunnel("orders", T.STOPPED, 13306)))
+    assert all_off.health == Health.IDLE
+
+
+def test_linux_dots_keep_shapes_and_macos_windows_get_colour():
+    assert menu_mod.status_dot(T.UP, "linux") == "●" and menu_mod.status_dot(T.FAILED, "linux") == "✖"
+    assert [menu_mod.status_dot(s, "darwin") for s in (T.UP, T.BACKOFF, T.FAILED, T.STOPPED)] == ["🟢", "🟠", "🔴", "⚪"]

@@ -35,7 +35,8 @@ def test_from_dict_ignores_unknown_fields_from_newer_daemons():
 @pytest.mark.parametrize("tunnels,vault,expected", [
     ((), CredentialState.VALID, Health.IDLE),
     ((TunnelState.STOPPED,), CredentialState.VALID, Health.IDLE),
-    ((TunnelState.UP, TunnelState.STOPPED), CredentialState.VALID, Health.OK),
+    ((TunnelState.UP, TunnelState.STOPPED), CredentialState.VALID, Health.PARTIAL),   # one turned off
+    ((TunnelState.UP, TunnelState.UP), CredentialState.VALID, Health.OK),
     ((TunnelState.UP, TunnelState.RECONNECTING), CredentialState.VALID, Health.DEGRADED),
     ((TunnelState.UP, TunnelState.BACKOFF), CredentialState.VALID, Health.DEGRADED),
     ((TunnelState.UP,), CredentialState.BACKOFF, Health.DEGRADED),

@@ -12,12 +12,14 @@ scripted status (``ScriptedDaemon``); the app-level tests use that server too.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import textwrap
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -139,6 +141,31 @@ def test_backend_choice():
 
 # ----------------------------------------------------------------------------- the funnel
 
+@pytest.mark.skipif(shutil.which("dbus-daemon") is None, reason="needs dbus-daemon")
+def test_appindicator_only_when_a_status_notifier_watcher_is_on_the_bus(home):
+    """Without a watcher AppIndicator falls back to an XEmbed icon that logs a Gdk-CRITICAL at start."""
+    gi = pytest.importorskip("gi")
+    from gi.repository import Gio
+
+    if not tray._has_typelib("AyatanaAppIndicator3", "AppIndicator3"):
+        pytest.skip("no AppIndicator typelib")
+    d = Desktop(home)
+    try:
+        d.start_bus()
+        env = {"DBUS_SESSION_BUS_ADDRESS": d.bus_address}
+        assert tray.choose_backend(env, "linux") == "gtk"
+        flags = Gio.DBusConnectionFlags.AUTHENTICATION_CLIENT | Gio.DBusConnectionFlags.MESSAGE_BUS_CONNECTION
+        conn = Gio.DBusConnection.new_for_address_sync(d.bus_address, flags, None, None)
+        owner = Gio.bus_own_name_on_connection(conn, tray.STATUS_NOTIFIER_WATCHER, Gio.BusNameOwnerFlags.NONE,
+                                               None, None)
+        wait_for(lambda: tray.status_notifier_watcher_present(env), 5, "the watcher name to be owned")
+        assert tray.choose_backend(env, "linux") == "appindicator"
+        Gio.bus_unown_name(owner)
+        conn.close_sync(None)
+    finally:
+        d.stop()
+
+
 def test_funnel_coalesces_and_applies_on_the_ui_thread():
     queue, applied = [], []
 
@@ -200,9 +227,9 @@ def test_app_follows_the_daemon_and_renders_its_status(daemon):
     app.start()
     try:
         wait_for(lambda: app.status is not None, 10, "the first status event")
-        model = wait_for(lambda: app.models and app.models[-1].health is Health.OK and app.models[-1], 10, "a model")
+        model = wait_for(lambda: app.models and app.models[-1].health is Health.PARTIAL and app.models[-1], 10, "a model")
         assert model.find("● orders").text.startswith("● orders  127.0.0.1:13306  up since")
-        assert model.tooltip == "dbtunneld: 1/2 up"
+        assert model.tooltip == "dbtunneld: 1/2 up, 1 off"
     finally:
         app.stop()
 
@@ -211,15 +238,16 @@ def test_menu_actions_become_requests(daemon):
     app = make_app(daemon, confirm=lambda question: True)
     app.on_status(scripted_status())
     for action in [("connect", "billing"), ("disconnect", "orders"), ("reconnect", "orders"), ("renew", "orders"),
-                   ("connect_all",), ("open_client", "orders"), ("open_path", "/tmp/config.toml")]:
+                   ("connect_all",), ("open_client", "orders"), ("open_path", "/tmp/config.toml"),
+                   ("show_details", "billing")]:
         app.run_action(action)
     assert daemon.commands() == [
         ("connect", {"name": "billing", "wait": 0.0}), ("disconnect", {"name": "orders"}),
         ("reconnect", {"name": "orders"}), ("renew", {"name": "orders"}),
-        ("connect", {"name": "billing", "wait": 0.0}),                       # the autoconnect one that is down
+        ("connect", {"all": True, "wait": 0.0}),                            # every cluster, as connect --all
         ("creds", {"name": "orders", "field": "url"})]
     assert app.opened == ["mysql://v-orders-1@127.0.0.1:13306/app", "/tmp/config.toml"]
-    assert app.shown == []
+    assert app.shown == [("dbtunneld: billing", "billing (127.0.0.1:13307): stopped")]   # Show details…
 
 
 def test_copy_marks_only_the_password_secret_and_uses_the_configured_delay(daemon):
@@ -458,11 +486,12 @@ def test_real_tray_copy_password_then_cleared(home, daemon, backend, button):
         proc = start_tray(d, tray_env(d, home, PYSTRAY_BACKEND=backend))
         icon = wait_for(lambda: proc.poll() is None and icon_geometry(d), 30,
                         f"the tray icon to appear (tray log: {home / 'tray.log'})")
-        assert d.run(["xdotool", "search", "--onlyvisible", "--name", "^dbtunneld: 1/2 up$"]).stdout.strip()
+        assert d.run(["xdotool", "search", "--onlyvisible", "--name", "^dbtunneld: 1/2 up, 1 off$"]).stdout.strip()
 
         choose(d, icon, button, daemon.status, ("● orders", "Copy password"),
                shot=ARTIFACTS / f"tray-menu-{backend}.png")
         assert wait_for(lambda: clipboard_text(d) == PASSWORD, 10, "the password on the clipboard")
+        print("TRAYLOGS", [(p, p.read_text(errors="replace")[-3000:]) for p in home.rglob("*") if p.is_file() and p.suffix in (".log", ".stderr")])
         assert ("creds", {"name": "orders", "field": "password"}) in daemon.calls
         targets = d.run(["xclip", "-o", "-selection", "clipboard", "-t", "TARGETS"]).stdout.decode().split()
         assert "x-kde-passwordManagerHint" in targets
@@ -498,7 +527,7 @@ def test_start_daemon_from_the_menu_reconnects_at_once(home):
         assert "config.toml: file not found" in model.items[1].text
         app.run_action(("start_daemon",))
         wait_for(lambda: app.status is not None, 5, "the status after starting the daemon (no backoff wait)")
-        assert models[-1].health is Health.OK
+        assert models[-1].health is Health.PARTIAL          # orders up, billing turned off
     finally:
         app.stop()
         for s in servers[1:]:
@@ -624,6 +653,7 @@ def test_real_tray_on_the_daemon_and_the_sandbox(stack):
         assert daemon_status(client).pid == daemon_pid
         logs = "".join(p.read_text(errors="replace") for p in home.rglob("*.log"))
         assert password not in logs, "the password leaked into a log"
+        assert "CRITICAL" not in (home / "tray.log").read_text(errors="replace"), "GTK warned at start"
     finally:
         if proc is not None:
             stop_pid(proc)
@@ -839,3 +869,68 @@ def test_a_second_tray_is_refused_with_the_pid_of_the_first(home):
     assert out.returncode == 1
     assert f"a dbtunneld tray is already running (pid {os.getpid()})" in out.stderr
     tray.hold_tray_lock(paths).release()                            # free again once the first quits
+
+
+# -- screenshots of each state (test-artifacts/tray-state-*.png)
+
+def _state_statuses(now: float) -> dict[str, DaemonStatus]:
+    base = scripted_status(now)
+    orders, billing = base.tunnels
+    up_billing = TunnelStatus("billing", 13307, T.UP, since=now - 60, username="v-billing-1", production=True)
+    long_error = ("ssm: StartSession for i-0123456789abcdef0 failed: TargetNotConnected: the target is not "
+                  "connected to Session Manager (its agent has not reported in the last 5 minutes)")
+    return {
+        "all-up": replace(base, tunnels=(orders, up_billing)),
+        "one-turned-off": base,
+        "reconnecting": replace(base, tunnels=(replace(orders, state=T.RECONNECTING, since=now - 3), up_billing)),
+        "failed-long-error": replace(base, tunnels=(
+            TunnelStatus("orders", 13306, T.FAILED, since=now - 30, last_error=long_error,
+                         hint="start the SSM agent on the bastion, or check bastion.tags in config.toml"), up_billing)),
+        "sign-in-needed": replace(base, aws=replace(base.aws, state=C.NEEDS_SIGN_IN),
+                                  tunnels=(replace(orders, state=T.NEEDS_SIGN_IN, username=""), billing)),
+        "writer-read-only": replace(base, tunnels=(replace(orders, role="reader", expected_role="writer"), up_billing)),
+    }
+
+
+@pytest.mark.tray
+@pytest.mark.skipif(bool(MISSING), reason=f"needs {', '.join(MISSING)} (Debian: xvfb dbus trayer xdotool xclip imagemagick)")
+def test_screenshots_of_each_state(home, daemon):
+    """The real tray (GTK) on each state: icon, tooltip, the menu and the first cluster's submenu.
+    A long error keeps the submenu narrow (wrapped, with "Show details…")."""
+    import re
+
+    from dbtunneld.menu import ClockReading, build_menu
+
+    pytest.importorskip("gi", reason="needs PyGObject (the tray extra)")
+    write_config(home, clear_seconds=30)
+    d = Desktop(home)
+    widths = {}
+    try:
+        d.start_x().start_bus().start_tray_host()
+        for name, status in _state_statuses(time.time()).items():
+            daemon.status = status
+            model = build_menu(status, autostart=False, clock=ClockReading(time.time()))
+            proc = start_tray(d, tray_env(d, home, PYSTRAY_BACKEND="gtk"))
+            try:
+                wait_for(lambda: d.run(["xdotool", "search", "--onlyvisible", "--name",
+                                        "^" + re.escape(model.tooltip) + "$"]).stdout, 30, f"the {name} tooltip")
+                icon = wait_for(lambda: icon_geometry(d), 10, "the icon")
+                before = set(popup_menus(d))
+                x, y, w, h = icon
+                d.run(["xdotool", "mousemove", str(x + w // 2), str(y + h // 2), "click", "3"], check=True)
+                main = wait_for(lambda: [m for m in popup_menus(d) if m not in before], 10, "the menu")[0]
+                first = next(i for i in model.items if i.submenu)
+                d.run(["xdotool", "key", *(["Down"] * keyboard_steps(model.items, first.text)), "Right"], check=True)
+                sub = wait_for(lambda: [m for m in popup_menus(d) if m not in before and m != main], 10, "the submenu")[0]
+                time.sleep(0.3)
+                d.screenshot(ARTIFACTS / f"tray-state-{name}.png")
+                widths[name] = sub[2]
+                d.run(["xdotool", "key", "Escape", "Escape"])
+            finally:
+                stop_pid(proc)
+    finally:
+        d.stop()
+    assert set(widths) == set(_state_statuses(time.time()))
+    assert widths["failed-long-error"] < 420, widths          # was ~600 px before wrapping
+    for name in widths:
+        assert (ARTIFACTS / f"tray-state-{name}.png").stat().st_size > 0

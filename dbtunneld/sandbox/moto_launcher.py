@@ -6,7 +6,8 @@ Seeds (with moto's default account 123456789012, region us-east-1): an IAM user 
 access key that may assume the roles ``db-developer`` (what the daemon needs: EC2/RDS
 lookups, SSM sessions) and ``analyst`` (a role Vault does not bind, for negative tests);
 a running EC2 bastion tagged ``Name=dbtunneld-bastion``; one Aurora MySQL cluster per
-``--cluster`` (port = the MariaDB port standing in for it). Then it sets
+``--cluster`` (port = the MariaDB port standing in for it), tagged ``dbtunneld:role=<name>-ro``
+(the team's Vault role for it, read by ``dbtunneld init`` and the RDS-tag catalog). Then it sets
 ``moto.settings.INITIAL_NO_AUTH_ACTION_COUNT = 0``: from then on a wrong, tampered or
 unknown signature fails (SignatureDoesNotMatch / InvalidClientTokenId) and IAM policies are
 enforced. Only then is FILE written (mode 0600, atomically): it holds the seeded ids and
@@ -107,7 +108,8 @@ def seed_rds(endpoint: str, region: str, clusters: dict[str, int]) -> dict:
     for name, port in clusters.items():
         c = rds.create_db_cluster(DBClusterIdentifier=name, Engine="aurora-mysql", EngineVersion="8.0.mysql_aurora.3.05.2",
                                   MasterUsername="admin", MasterUserPassword="not-used-" + name, Port=port,
-                                  DatabaseName=name)["DBCluster"]
+                                  DatabaseName=name,
+                                  Tags=[{"Key": "dbtunneld:role", "Value": f"{name}-ro"}])["DBCluster"]
         out[name] = {"arn": c["DBClusterArn"], "endpoint": c["Endpoint"],
                      "reader_endpoint": c.get("ReaderEndpoint", ""), "port": c["Port"]}
     return out

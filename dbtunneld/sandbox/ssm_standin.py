@@ -30,7 +30,7 @@ stderr, runs until SIGTERM/SIGINT or until its parent exits)::
         [--host 127.0.0.1] [--drop 0.05] [--delay-ms 0] [--jitter-ms 0]
         [--close-after-messages 0] [--agent-payload 1024] [--seed N]
         [--agent-version 3.3.1142.0] [--forward-url http://127.0.0.1:MOTO]
-        [--allow-unsigned-websocket] [--log-level INFO]
+        [--allow-unsigned-websocket] [--vpc-dns-seed MOTO_SEED.json] [--log-level INFO]
 
 In-process: ``SsmStandIn(...).start_background()`` returns once listening (``.url``);
 ``stop_background()`` ends every session and stops. Tokens are never logged.
@@ -53,6 +53,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .ssm_agent import DEFAULT_AGENT_VERSION, AgentSession, Faults, PortPlugin
@@ -128,8 +129,10 @@ class SsmStandIn:
         agent_version: str = DEFAULT_AGENT_VERSION,
         forward_url: str | None = None,
         allow_unsigned_websocket: bool = False,
+        vpc_dns_file: str | None = None,
     ) -> None:
         self.host = host
+        self.vpc_dns_file = vpc_dns_file
         self.allow_unsigned_websocket = allow_unsigned_websocket
         self.port = port
         self.targets = dict(targets or {})
@@ -277,10 +280,11 @@ class SsmStandIn:
             return PortPlugin({"portNumber": port}, *address)
         if document == REMOTE_DOCUMENT:
             host, port = param("host"), param("portNumber")
-            if not self._remote_allowed(host, port):
+            address = self._vpc_address(host)
+            if not self._remote_allowed(address, port):
                 raise ApiError("InvalidParameters", f"the stand-in only forwards to --allow-remote hosts; {host}:{port} is not one")
             props = {"portNumber": port, "type": "LocalPortForwarding", "host": host, "localPortNumber": param("localPortNumber", "0")}
-            return PortPlugin(props, host, int(port))
+            return PortPlugin(props, address, int(port))
         raise ApiError("InvalidDocument", f"document {document!r} is not supported by the stand-in")
 
     def _target_address(self, target: str) -> tuple[str, int] | None:
@@ -290,6 +294,20 @@ class SsmStandIn:
         if "*" in self.targets and TARGET_SYNTAX.match(target):
             return self.targets["*"]
         return None
+
+    def _vpc_address(self, host: str) -> str:
+        """What the agent dials for ``host``. The real agent resolves the name once per session with
+        the VPC's DNS (agent/session/plugins/port/port.go), where Aurora endpoints resolve; here the
+        writer and reader endpoints moto made (``--vpc-dns-seed``, read at each session as the seed
+        may be rewritten by a moto restart) resolve to the loopback MariaDB standing in for them."""
+        if not self.vpc_dns_file:
+            return host
+        try:
+            clusters = json.loads(Path(self.vpc_dns_file).read_text()).get("clusters", {})
+        except (OSError, ValueError):
+            return host
+        names = {c.get(k) for c in clusters.values() for k in ("endpoint", "reader_endpoint")}
+        return "127.0.0.1" if host in names - {None, ""} else host
 
     def _remote_allowed(self, host: str, port: str) -> bool:
         return host in self.allow_remote or f"{host}:{port}" in self.allow_remote
@@ -425,7 +443,8 @@ def stack_service(stack: Any) -> Any:
     from .procs import http_probe
 
     port = stack._port("ssm")
-    args = ["--port", str(port), "--target", f"*=127.0.0.1:{stack._port('sshd')}"]
+    args = ["--port", str(port), "--target", f"*=127.0.0.1:{stack._port('sshd')}",
+            "--vpc-dns-seed", str(stack.seed_file)]
     for db in stack.mariadb.values():
         args += ["--allow-remote", f"127.0.0.1:{db.port}", "--allow-remote", f"localhost:{db.port}"]
     ready = http_probe(f"http://127.0.0.1:{port}/_standin/health")
@@ -458,6 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--agent-version", default=DEFAULT_AGENT_VERSION)
     p.add_argument("--forward-url", default=None, help="where other AmazonSSM.* calls go (moto)")
     p.add_argument("--allow-unsigned-websocket", action="store_true", help="accept upgrades without SigV4 (older session-manager-plugin releases)")
+    p.add_argument("--vpc-dns-seed", default=None, help="moto seed file: its Aurora endpoints resolve to 127.0.0.1 (the VPC's DNS)")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -466,7 +486,7 @@ def standin_from_args(args: argparse.Namespace) -> SsmStandIn:
     faults = Faults()
     faults.update({"drop": args.drop, "delay_ms": args.delay_ms, "jitter_ms": args.jitter_ms, "close_after_messages": args.close_after_messages, "agent_payload": args.agent_payload, "seed": args.seed})
     allow = [h.strip() for item in args.allow_remote for h in item.split(",") if h.strip()]
-    return SsmStandIn(host=args.host, port=args.port, targets=dict(args.target), allow_remote=allow, faults=faults, agent_version=args.agent_version, forward_url=args.forward_url, allow_unsigned_websocket=args.allow_unsigned_websocket)
+    return SsmStandIn(host=args.host, port=args.port, targets=dict(args.target), allow_remote=allow, faults=faults, agent_version=args.agent_version, forward_url=args.forward_url, allow_unsigned_websocket=args.allow_unsigned_websocket, vpc_dns_file=args.vpc_dns_seed)
 
 
 async def _serve_until_stopped(standin: SsmStandIn) -> None:
