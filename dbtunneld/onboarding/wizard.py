@@ -1,6 +1,6 @@
 """`dbtunneld init`: from an AWS profile to a checked config.toml, by asking and discovering.
 
-Steps: pick a profile of ~/.aws/config, sign in (the SSO device flow of ``aws.SsoDeviceLogin``),
+Steps: pick a profile of ~/.aws/config, sign in (the SSO device flow of ``sso.SsoDeviceLogin``),
 log in to Vault and LIST the database roles (a 403 means: ask for each role), find the bastion by
 its tags, list the Aurora MySQL clusters, propose stable local ports, then write (or merge into)
 the config. Sections the file already has are used as they are and not asked again.
@@ -19,7 +19,8 @@ from typing import Any, Callable
 from urllib.parse import urlsplit
 
 from .. import inventory
-from ..aws import AwsSession, SsoDeviceLogin
+from ..aws import AwsSession
+from ..sso import SsoDeviceLogin
 from ..config import AwsConfig, VaultConfig
 from ..errors import ConfigError, DbtunneldError, PermissionDeniedError, Problem, SignInNeededError
 from ..ports import PortBook
