@@ -31,9 +31,10 @@ from urllib.parse import quote
 from . import __version__, model
 from .config import AwsConfig, BastionConfig, ClusterConfig, Config, CredentialSettings, TunnelSettings, VaultConfig
 from .errors import DbtunneldError, NeedsUserError, SignInNeededError, TransientError, UnknownNameError
-from .model import CredentialState, CredentialStatus, DaemonStatus, TunnelState, TunnelStatus
+from .model import CredentialState, CredentialStatus, DaemonStatus, DbCredentials, TunnelState, TunnelStatus
 from .paths import Paths
 from .wake import WakeDetector
+from .wanted import WantedSet
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +45,6 @@ SETTLED = {TunnelState.UP, TunnelState.FAILED, TunnelState.NEEDS_SIGN_IN, Tunnel
 
 
 # ----------------------------------------------------------------------------- what the supervisor needs
-
-@dataclass(frozen=True)
-class DbCredentials:
-    """A DB user as the engine hands it out (the password stays in memory)."""
-
-    username: str
-    password: str = field(repr=False)
-    expires_at: float | None = None
-
 
 class EngineUnit(Protocol):
     """The credential engine as the supervisor uses it (see ``lease.CredentialEngine``)."""
@@ -160,22 +152,29 @@ class Supervisor:
         self._engine: EngineUnit | None = None
         self._publisher = StatusPublisher(self.status_dict, self._emit)
         self._wake = wake or WakeDetector()      # checks connected tunnels and the engine after a sleep
+        self._wanted = WantedSet(paths.wanted_file)   # what the user connected, across restarts
         self.stopping = False
 
     # ---- lifecycle
 
     def start(self, autoconnect: bool = True) -> None:
-        """Start the engine (it revokes orphans of a crashed run) and build the units."""
+        """Start the engine (it revokes orphans of a crashed run), build the units, and connect the
+        ``autoconnect`` clusters and those the user had connected before the last stop or crash."""
         with self._lock:
             self._engine = self._start_engine(self.config)
             for spec in unit_specs(self.config).values():
                 self._slots[spec.cluster.name] = self._new_slot(spec, self.config)
-            auto = [s for s in self._slots.values() if s.spec.cluster.autoconnect] if autoconnect else []
+            self._wanted.keep_only(self._slots)
+            restored = self._wanted.names() if autoconnect else set()
+            auto = [s for s in self._slots.values()
+                    if s.spec.cluster.autoconnect or s.name in restored] if autoconnect else []
             for slot in auto:
                 self._connect_slot(slot)
         self._publisher.start()
         self._wake.start()
-        log.info("supervisor started: %d clusters, %d autoconnect", len(self._slots), len(auto))
+        log.info("supervisor started: %d clusters, %d connected at start (%s)", len(self._slots), len(auto),
+                 ", ".join(f"{s.name}: {'autoconnect' if s.spec.cluster.autoconnect else 'connected before'}"
+                           for s in auto) or "none")
 
     def stop(self, timeout: float = 15.0) -> None:
         """Stop every tunnel, then revoke every lease and the token (bounded by ``timeout``)."""
@@ -262,6 +261,7 @@ class Supervisor:
 
     def _connect_slot(self, slot: ClusterSlot) -> None:
         slot.wanted = True
+        self._wanted.add([slot.name])
         self._require_engine().want(slot.spec.cluster)
         slot.tunnel.start()
         self._wake.register(slot.tunnel)
@@ -283,6 +283,7 @@ class Supervisor:
             engine = self._require_engine()
             for slot in slots:
                 slot.wanted = False
+            self._wanted.discard(s.name for s in slots)
         # Outside the lock: stopping and revoking take up to the revoke bound; status readers go on.
         self._stop_tunnels(slots, time.monotonic() + self.config.credentials.revoke_timeout)
         for slot in slots:
@@ -382,6 +383,7 @@ class Supervisor:
             if n in was_wanted:
                 self._engine.release(n)
             del self._slots[n]
+        self._wanted.keep_only(desired)
         started = [n for n in desired if n not in kept]
         for n in started:
             self._slots[n] = slot = self._new_slot(desired[n], new)
@@ -399,6 +401,7 @@ class Supervisor:
         self._wake.unregister(self._engine)
         self._engine.stop(self.config.credentials.revoke_timeout)
         self._engine = self._start_engine(new)
+        self._wanted.keep_only(c.name for c in new.clusters)
         for spec in unit_specs(new).values():
             n = spec.cluster.name
             self._slots[n] = slot = self._new_slot(spec, new)
