@@ -111,6 +111,18 @@ def connection_strings(port: int, username: str, database: str = "", host: str =
 
 # ----------------------------------------------------------------------------- one cluster
 
+@dataclass
+class ReloadPlan:
+    """What a reload stops (detached from the tables first) and what it starts after."""
+
+    stop: list["ClusterSlot"]
+    release: list[str]
+    start: list[str]
+    connect: set[str]
+    summary: dict[str, list[str]]
+    old_engine: Any = None
+
+
 class ClusterSlot:
     """A cluster's running unit and whether the user wants it connected."""
 
@@ -154,6 +166,8 @@ class Supervisor:
         self._wake = wake or WakeDetector()      # checks connected tunnels and the engine after a sleep
         self._wanted = WantedSet(paths.wanted_file)   # what the user connected, across restarts
         self.stopping = False
+        self._reloading = False                  # the engine is being replaced (see ``reload``)
+        self._reload_serial = threading.Lock()
 
     # ---- lifecycle
 
@@ -255,6 +269,9 @@ class Supervisor:
         return slot
 
     def _require_engine(self) -> EngineUnit:
+        if self._reloading and not self.stopping:
+            raise NeedsUserError("the daemon is restarting its credentials after a config change",
+                                 "run the command again in a few seconds")
         if self._engine is None or self.stopping:
             raise NeedsUserError("the daemon is stopping", "run the command again once it has restarted")
         return self._engine
@@ -361,55 +378,72 @@ class Supervisor:
     # ---- reload
 
     def reload(self, new: Config) -> dict[str, list[str]]:
-        """Reconcile the running units with ``new`` (already validated by the caller)."""
-        with self._lock:
-            if engine_spec(new) != engine_spec(self.config):
-                summary = self._restart_everything(new)
-            else:
-                summary = self._reconcile_units(new)
-            self.config = new
+        """Reconcile the running units with ``new`` (already validated by the caller).
+
+        The lock is held only to change the tables: stopping tunnels, revoking leases and
+        stopping an engine (each up to ``revoke_timeout``, longer when Vault hangs) run outside
+        it, so ``status`` answers at once during a reload. Reloads run one at a time."""
+        with self._reload_serial:
+            with self._lock:
+                plan = self._plan_reload(new)
+            self._retire(plan)
+            with self._lock:
+                self._start_planned(plan, new)
+                self.config = new
         self._publisher.poke()
+        summary = plan.summary
         log.info("reloaded config: %s", ", ".join(f"{k} {v}" for k, v in summary.items() if v) or "no change")
         return summary
 
-    def _reconcile_units(self, new: Config) -> dict[str, list[str]]:
-        self._engine.update_config(new)
+    def _plan_reload(self, new: Config) -> "ReloadPlan":
+        """Under the lock: detach the units that must stop and note what starts after."""
+        restart = engine_spec(new) != engine_spec(self.config)
         desired, running = unit_specs(new), dict(self._slots)
-        kept = [n for n in running if n in desired and desired[n] == running[n].spec]
+        kept = [] if restart else [n for n in running if n in desired and desired[n] == running[n].spec]
         gone = [n for n in running if n not in kept]
-        was_wanted = {n for n in gone if running[n].wanted}
-        self._stop_tunnels([running[n] for n in gone], time.monotonic() + new.credentials.revoke_timeout)
+        wanted = {n for n, slot in running.items() if slot.wanted}
+        plan = ReloadPlan(stop=[running[n] for n in gone], release=[] if restart else [n for n in gone if n in wanted],
+                          start=[n for n in desired if n not in kept],
+                          connect={n for n in desired if n not in kept and (
+                              n in wanted or (n not in running and desired[n].cluster.autoconnect))},
+                          summary={"kept": kept, "stopped": [n for n in gone if n not in desired],
+                                   "restarted": [n for n in gone if n in desired],
+                                   "started": [n for n in desired if n not in running]})
         for n in gone:
-            if n in was_wanted:
-                self._engine.release(n)
             del self._slots[n]
+        if restart:
+            log.info("AWS / Vault / credential settings changed: restarting every unit")
+            plan.old_engine, self._engine = self._engine, None
+            self._reloading = True
+        else:
+            self._engine.update_config(new)
         self._wanted.keep_only(desired)
-        started = [n for n in desired if n not in kept]
-        for n in started:
-            self._slots[n] = slot = self._new_slot(desired[n], new)
-            if n in was_wanted or (n not in running and desired[n].cluster.autoconnect):
-                self._connect_slot(slot)
-        return {"kept": kept, "stopped": [n for n in gone if n not in desired],
-                "restarted": [n for n in started if n in running], "started": [n for n in started if n not in running]}
+        return plan
 
-    def _restart_everything(self, new: Config) -> dict[str, list[str]]:
-        log.info("AWS / Vault / credential settings changed: restarting every unit")
-        wanted = {n for n, s in self._slots.items() if s.wanted}
-        old_names = list(self._slots)
-        self._stop_tunnels(self._slots.values(), time.monotonic() + self.config.credentials.revoke_timeout)
-        self._slots.clear()
-        self._wake.unregister(self._engine)
-        self._engine.stop(self.config.credentials.revoke_timeout)
-        self._engine = self._start_engine(new)
-        self._wanted.keep_only(c.name for c in new.clusters)
-        for spec in unit_specs(new).values():
-            n = spec.cluster.name
+    def _retire(self, plan: "ReloadPlan") -> None:
+        """Outside the lock: stop the detached tunnels, revoke their leases or stop the old engine."""
+        bound = self.config.credentials.revoke_timeout
+        self._stop_tunnels(plan.stop, time.monotonic() + bound)
+        engine = self._engine
+        for n in plan.release:
+            if engine is not None:
+                engine.release(n)
+        if plan.old_engine is not None:
+            self._wake.unregister(plan.old_engine)
+            plan.old_engine.stop(bound)
+
+    def _start_planned(self, plan: "ReloadPlan", new: Config) -> None:
+        """Under the lock: a new engine if the old one was stopped, then the new units."""
+        if self.stopping:
+            return
+        if self._engine is None:
+            self._engine = self._start_engine(new)
+            self._reloading = False
+        for n in plan.start:
+            spec = unit_specs(new)[n]
             self._slots[n] = slot = self._new_slot(spec, new)
-            if n in wanted or (n not in old_names and spec.cluster.autoconnect):
+            if n in plan.connect:
                 self._connect_slot(slot)
-        return {"kept": [], "stopped": [n for n in old_names if n not in self._slots],
-                "restarted": [n for n in old_names if n in self._slots],
-                "started": [n for n in self._slots if n not in old_names]}
 
     # ---- status
 
