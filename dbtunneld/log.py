@@ -134,9 +134,10 @@ class PrivateRotatingFileHandler(RotatingFileHandler):
 
 _installed: list[logging.Handler] = []
 WIRE_LOGGERS = ("botocore", "boto3", "urllib3", "s3transfer")
-# botocore.tokens logs a WARNING with a whole traceback each time an SSO token refresh fails;
-# the engine already turns that into one "sign-in needed" state, so only its errors are kept.
-QUIET_LOGGERS = {"botocore.tokens": logging.ERROR}
+# botocore.tokens and botocore.credentials log a WARNING with a whole traceback each time an SSO
+# token is missing or its refresh fails (SSOTokenLoadError at every start before the first
+# sign-in); the engine already turns that into one "sign-in needed" state, so only errors are kept.
+QUIET_LOGGERS = {"botocore.tokens": logging.ERROR, "botocore.credentials": logging.ERROR}
 
 
 def install_masking(handler: logging.Handler) -> logging.Handler:
