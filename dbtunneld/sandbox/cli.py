@@ -360,4 +360,4 @@ def run_demo_daemon(stack: Stack, args: argparse.Namespace, out: TextIO, stop: t
     if left:
         print(f"dbtunneld sandbox: warning: DB users left behind: {', '.join(left)}", file=out, flush=True)
     else:
-        print("dbtunneld sandbox: the daemons revoked every DB user they made.", file=out, flush=True)
+        print("dbtunneld sandbox: the daemon revoked every DB user it made.", file=out, flush=True)
