@@ -24,7 +24,7 @@ import shlex
 import struct
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Protocol
 from urllib.parse import quote
 

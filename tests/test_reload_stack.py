@@ -7,8 +7,6 @@ from __future__ import annotations
 import threading
 import time
 
-import pytest
-
 from dbtunneld.sandbox.daemonproc import DaemonOptions, DaemonUnderTest
 
 REVOKE_TIMEOUT = 6.0
