@@ -2,9 +2,11 @@
 
 It owns one credential engine (AWS session, Vault token, a DB lease per connected cluster)
 and one tunnel unit per cluster. ``connect`` = want the cluster's credentials + start its
-tunnel; ``disconnect`` = stop the tunnel + revoke the lease. ``reload`` is a reconcile: units
-whose spec is unchanged keep running, removed or changed ones stop first (freeing their
-ports), then new ones start. A status snapshot (``model.DaemonStatus``) is published as an
+tunnel; ``disconnect`` = stop the tunnel + revoke the lease. What the user connected is kept
+in ``wanted.json`` (``wanted.WantedSet``) and connected again at the next start (after a crash,
+a quit or a reboot). ``reload`` is a reconcile: units whose spec is unchanged keep running,
+removed or changed ones stop first (freeing their ports), then new ones start; the slow part
+runs outside the lock, so status answers meanwhile. A status snapshot (``model.DaemonStatus``) is published as an
 event whenever it changes. The engine and tunnels are built by factories (``engine_factory`` and
 ``tunnel_factory`` below build the real ones: ``lease.CredentialEngine``, ``tunnel.Tunnel``), so
 tests of the orchestration use fakes.
