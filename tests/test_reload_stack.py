@@ -9,7 +9,7 @@ import time
 
 from dbtunneld.sandbox.daemonproc import DaemonOptions, DaemonUnderTest
 
-REVOKE_TIMEOUT = 6.0
+REVOKE_TIMEOUT = 10.0
 
 
 def _without_cluster(config: str, name: str) -> str:
@@ -38,22 +38,23 @@ def test_status_answers_at_once_while_a_reload_waits_for_a_hanging_vault(stack, 
             worker = threading.Thread(target=reload)
             worker.start()
             time.sleep(0.3)                               # the reload is revoking by now
-            latencies = []
-            while worker.is_alive() and len(latencies) < 200:
-                started = time.monotonic()
-                d.client.request("status", timeout=10)
-                latencies.append(time.monotonic() - started)
-                time.sleep(0.02)
             cli = d.cli("status", check=False, timeout=60)
             # `connect` starts a daemon when none answers its ping (2 s): one must answer now
             connect = d.cli("connect", "orders", "--wait", "0", check=False, timeout=60)
             still_reloading = worker.is_alive()
+            latencies = []
+            while worker.is_alive() and len(latencies) < 100:
+                started = time.monotonic()
+                d.client.request("status", timeout=10)
+                latencies.append(time.monotonic() - started)
+                time.sleep(0.02)
         finally:
             stack.openbao.thaw()
         worker.join(30)
-        print(f"reload took {reload_took}; {len(latencies)} status answers during it, slowest "
-              f"{max(latencies) * 1000:.0f} ms, median {sorted(latencies)[len(latencies) // 2] * 1000:.0f} ms")
-        assert max(latencies) < 0.1, latencies
+        ms = sorted(round(x * 1000) for x in latencies) or [-1]
+        print(f"reload took {reload_took}; {len(latencies)} status answers during it, slowest {ms[-1]} ms, "
+              f"median {ms[len(ms) // 2]} ms; CLI status and connect done while reloading: {still_reloading}")
+        assert latencies and max(latencies) < 0.1, latencies
         assert still_reloading and reload_took and reload_took[0] >= 2.0, "the reload should have hung on Vault"
         assert cli.returncode in (0, 4, 5) and "orders" in cli.stdout, cli.stdout + cli.stderr
         assert "exited with code" not in connect.stdout + connect.stderr, connect.stdout + connect.stderr
