@@ -3,9 +3,8 @@
 Front-end layer: talks to the daemon only through ``client`` (control socket). Errors are one
 line plus a hint on stderr; tracebacks go to the log only.
 
-Exit codes: 0 ok; 1 failure at run time; 2 usage or config error; 3 daemon not running;
-4 sign-in needed; 5 a tunnel or credential is not healthy; 6 (`dbtunneld daemon`) another
-daemon of this user is already running.
+Exit codes: ``exitcodes`` (0 ok, 1 failure, 2 usage or config, 3 no daemon, 4 sign-in needed,
+5 unhealthy, 6 another daemon already running).
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ from pathlib import Path
 from . import __version__
 from .errors import ConfigError, DbtunneldError, NeedsUserError, SignInNeededError, UnknownNameError
 
-EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_NO_DAEMON, EXIT_SIGN_IN, EXIT_UNHEALTHY = 0, 1, 2, 3, 4, 5
+from .exitcodes import EXIT_FAIL, EXIT_NO_DAEMON, EXIT_OK, EXIT_SIGN_IN, EXIT_UNHEALTHY, EXIT_USAGE  # noqa: F401
 
 
 def _cmd_version(args: argparse.Namespace) -> int:

@@ -7,12 +7,19 @@ sending garbage, or reads its event stream too slowly, is dropped. The daemon ne
 because of a client. Commands are served by a ``dispatch(Request) -> result`` callable given
 by the daemon; ``subscribe`` is served here: the reply carries a status snapshot and the
 connection then receives every event published on the ``EventBus``.
+
+Nobody can lock the owner out: a client must send a complete request within ``IDLE_TIMEOUT``
+of connecting (or of its last answer), or it is dropped; when ``MAX_IDLE`` clients wait
+without a request, the one idle longest is dropped to make room, so a new client that asks at
+once (the CLI, the tray) is always served. Subscribers (the tray's event stream) are counted
+apart (``MAX_SUBSCRIBERS``) and never dropped for idleness.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import itertools
 import logging
 import os
@@ -23,6 +30,7 @@ import stat
 import struct
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -33,7 +41,9 @@ from .paths import short_socket_hint
 
 log = logging.getLogger(__name__)
 
-MAX_CLIENTS = 64
+MAX_IDLE = 64                 # clients without a request; past it the longest idle is dropped
+MAX_SUBSCRIBERS = 32          # event streams (trays) at once
+IDLE_TIMEOUT = 10.0           # a client must send a complete request within this
 MAX_BAD_LINES = 16            # consecutive bad lines before a client is dropped
 EVENT_QUEUE = 512             # events buffered per subscriber before it is dropped as too slow
 SEND_TIMEOUT = 5.0
@@ -153,6 +163,9 @@ class _Connection:
         self._send_lock = threading.Lock()
         self._events: queue.Queue | None = None
         self._bad = 0
+        self.idle_since = time.monotonic()
+        self.busy = False                  # a request is being served
+        self.closed = False
         self.thread = threading.Thread(target=self.serve, name=f"control-client-{number}", daemon=True)
 
     def serve(self) -> None:
@@ -171,6 +184,9 @@ class _Connection:
             try:
                 data = self.sock.recv(65536)
             except TimeoutError:
+                if self.idle_too_long():
+                    log.info("%s dropped: no complete request within %g s", self.ctx, IDLE_TIMEOUT)
+                    return
                 continue
             if not data:
                 if buf.pending:
@@ -191,8 +207,20 @@ class _Connection:
         self._bad = 0
         if request.cmd == "subscribe":
             return self._subscribe(request)
-        self._answer(request)
+        self.busy = True
+        try:
+            self._answer(request)
+        finally:
+            self.busy, self.idle_since = False, time.monotonic()
         return True
+
+    @property
+    def idle(self) -> bool:
+        """Waiting for a request: may be dropped when it takes too long or room is needed."""
+        return self._events is None and not self.busy and not self.closed
+
+    def idle_too_long(self) -> bool:
+        return self.idle and time.monotonic() - self.idle_since > IDLE_TIMEOUT
 
     def _reject(self, exc: P.BadRequest) -> bool:
         self._bad += 1
@@ -223,6 +251,10 @@ class _Connection:
         if self._events is not None:
             self.send(P.encode_error(request.id, "bad_args", "already subscribed"))
             return True
+        if self.server.bus.subscribers >= MAX_SUBSCRIBERS:
+            self.send(P.encode_error(request.id, "busy", f"too many event subscribers ({MAX_SUBSCRIBERS})",
+                                     "close other dbtunneld trays; requests are still served"))
+            return True
         self._events = self.server.bus.subscribe()
         self._answer(P.Request(request.id, "status", {}))
         threading.Thread(target=self._write_events, name=self.thread.name + "-events", daemon=True).start()
@@ -246,7 +278,16 @@ class _Connection:
                 log.info("%s send failed (%s); dropping the client", self.ctx, exc)
                 return False
 
+    def evict(self) -> None:
+        """From another thread: end this client; its own thread closes the socket."""
+        self.closed = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
     def close(self) -> None:
+        self.closed = True
         q, self._events = self._events, None
         if q is not None:
             self.server.bus.unsubscribe(q)
@@ -325,13 +366,36 @@ class ControlServer:
         try:
             sock, _ = self._listener.accept()
         except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                dropped = self._drop_idlest("out of file descriptors")
+                if not dropped:
+                    time.sleep(0.1)          # nothing to free now: don't spin on the listener
+                return
             log.warning("accept failed: %s", exc)
             return
         sock.settimeout(SEND_TIMEOUT)
         conn = _Connection(self, sock, next(self._numbers))
+        self._make_room()
         with self._lock:
             self._clients.add(conn)
         conn.thread.start()
+
+    def _make_room(self) -> None:
+        """Keep fewer than MAX_IDLE clients waiting without a request: drop the longest idle."""
+        with self._lock:
+            idle = sum(1 for c in self._clients if c.idle)
+        if idle >= MAX_IDLE:
+            self._drop_idlest(f"{idle} clients idle")
+
+    def _drop_idlest(self, why: str) -> bool:
+        with self._lock:
+            idle = [c for c in self._clients if c.idle]
+        if not idle:
+            return False
+        victim = min(idle, key=lambda c: c.idle_since)
+        log.info("%s dropped to make room (%s; idle %.1f s)", victim.ctx, why, time.monotonic() - victim.idle_since)
+        victim.evict()
+        return True
 
     def _admit(self, conn: _Connection) -> bool:
         """On the client's thread: True if the peer may talk to us, else reply why and drain it."""
@@ -354,8 +418,6 @@ class ControlServer:
         if peer.uid != self.allowed_uid:
             return ("permission_denied", f"uid {peer.uid} (pid {peer.pid}) may not use this daemon",
                     f"the daemon belongs to uid {self.allowed_uid}; run your own with `dbtunneld daemon`")
-        if self.clients > MAX_CLIENTS:
-            return ("busy", f"too many clients ({MAX_CLIENTS})", "close other dbtunneld clients")
         return None
 
     def _forget(self, conn: _Connection) -> None:

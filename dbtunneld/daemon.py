@@ -27,6 +27,7 @@ from .catalog import with_catalog
 from .config import Config, load_config
 from .control import ControlServer, EventBus
 from .errors import ConfigError, DbtunneldError, NeedsUserError
+from .exitcodes import EXIT_ALREADY_RUNNING, EXIT_CONFIG, EXIT_FAIL, EXIT_OK  # noqa: F401
 from .paths import Paths
 from .supervisor import EngineFactory, Supervisor, TunnelFactory
 
@@ -36,8 +37,6 @@ STOP_TIMEOUT = 20.0
 LOG_MAX_BYTES = 5 * 1024 * 1024
 LOG_BACKUPS = 3
 QUIET_LOGGERS = ("paramiko", "botocore", "boto3", "urllib3", "hvac", "websockets")
-# 6: another daemon already holds the lock; login managers must not restart on it (a restart loop).
-EXIT_OK, EXIT_FAIL, EXIT_CONFIG, EXIT_ALREADY_RUNNING = 0, 1, 2, 6
 
 
 # ----------------------------------------------------------------------------- single instance

@@ -23,7 +23,8 @@ from typing import Any, Callable, TextIO
 from . import __version__
 from . import log as logmask
 from .config import ClusterConfig, Config, load_config
-from .errors import ConfigError, DbtunneldError, NeedsUserError, PermissionDeniedError, TransientError
+from .errors import ConfigError, DbtunneldError, NeedsUserError, PermissionDeniedError, SignInNeededError, TransientError
+from .exitcodes import EXIT_CONFIG, EXIT_FAIL, EXIT_OK, EXIT_SIGN_IN, EXIT_UNHEALTHY  # noqa: F401
 from .paths import Paths, default_paths
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,6 @@ LAYERS = ("config", "aws", "vault", "bastion", "transport", "database")
 TUNNEL_UP_WAIT = 30.0
 DB_TIMEOUT = 10
 LOG_TAIL_LINES = 200
-EXIT_OK, EXIT_FAIL, EXIT_CONFIG, EXIT_SIGN_IN, EXIT_UNHEALTHY = 0, 1, 2, 4, 5
 
 
 @dataclass

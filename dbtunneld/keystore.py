@@ -30,11 +30,14 @@ SCHEMA = "v1"
 MODES = ("auto", "system", "memory")
 ENV_MODE = "DBTUNNELD_KEYRING"
 PLAINTEXT_MODULES = ("keyrings.alt",)
-MEMORY_NOTE = "secrets are kept in memory only: a restart of dbtunneld will need a new sign-in"
+# What memory-only costs, truthfully: the keyring holds only the Vault token; after a restart the
+# daemon logs in to Vault again with the AWS SSO session, which the AWS CLI's cache keeps on disk.
+MEMORY_NOTE = ("secrets are kept in memory only: after a restart dbtunneld logs in to Vault again "
+               "(no new sign-in while the AWS SSO session lasts)")
 FIX = ("install and unlock a Secret Service keyring (gnome-keyring or KWallet; macOS Keychain and "
        "Windows Credential Locker work as they are) and remove PYTHON_KEYRING_BACKEND or "
        f"keyringrc.cfg settings that pick another backend, or set {ENV_MODE}=memory to keep secrets "
-       "in memory only (a restart then needs a new sign-in)")
+       "in memory only (a restart then logs in to Vault again)")
 
 
 class KeystoreRefusedError(NeedsUserError):

@@ -52,7 +52,7 @@ import os
 import random
 import threading
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -62,8 +62,8 @@ from .config import ClusterConfig, Config, VaultConfig
 from .errors import ClosedError, DbtunneldError, PermissionDeniedError, TransientError
 from .keeper import CredentialEvent, Keeper, Tuning, finite, short_error
 from .keystore import Keystore
-from .model import CredentialState, CredentialStatus
-from .paths import Paths, pid_alive
+from .model import CredentialState, CredentialStatus, DbCredentials
+from .paths import Paths, ProcessIdentity, my_identity, pid_alive
 from .timing import SYSTEM_CLOCK, Clock, Lifetime, jittered_grace, plan_next, renewal_capped, replace_time, retry_within
 from .sso import refresh_blocker
 from .sso_keeper import SsoKeeper
@@ -83,19 +83,6 @@ S = CredentialState
 # Public value types
 
 
-@dataclass(frozen=True)
-class DbCredentials:
-    """A DB user for one cluster. ``repr`` never shows the password."""
-
-    cluster: str
-    username: str
-    password: str = field(repr=False)
-    lease_id: str = ""
-    expires_at: float = 0.0
-    max_expires_at: float | None = None
-    issued_at: float = 0.0
-
-
 # ---------------------------------------------------------------------------------------------
 # Persisted lease records
 
@@ -110,6 +97,13 @@ class LeaseRecord:
     vault: str
     pid: int
     issued_at: float
+    owner_started: str = ""       # identity of the process ``pid`` (``paths.ProcessIdentity``): a
+    owner_command: str = ""       # zombie or a reused pid is not the owner (empty in older files)
+
+    def owner_alive(self) -> bool:
+        """The process that holds this lease still runs (not a zombie, not another program)."""
+        recorded = ProcessIdentity(self.owner_started, self.owner_command) if self.owner_started else None
+        return pid_alive(self.pid, recorded)
 
 
 class LeaseStore:
@@ -131,8 +125,9 @@ class LeaseStore:
             log.warning("ignoring unreadable %s (%s); leases it named expire on their own", self.path, exc)
             return []
         names = set(LeaseRecord.__dataclass_fields__)
+        required = {f.name for f in fields(LeaseRecord) if f.default is MISSING}
         return [LeaseRecord(**{k: v for k, v in r.items() if k in names})
-                for r in doc.get("leases", []) if isinstance(r, dict) and names <= set(r)]
+                for r in doc.get("leases", []) if isinstance(r, dict) and required <= set(r)]
 
     def records(self) -> list[LeaseRecord]:
         with self._lock:
@@ -159,9 +154,10 @@ class LeaseStore:
 
 
 def orphans(records: list[LeaseRecord], me: int | None = None) -> list[LeaseRecord]:
-    """Records no running process owns (a live other owner is another instance: leave it alone)."""
+    """Records no running process owns (a live other owner is another instance: leave it alone).
+    A zombie owner (killed, not reaped yet) or a pid now used by another program owns nothing."""
     me = os.getpid() if me is None else me
-    return [r for r in records if r.pid == me or not pid_alive(r.pid)]
+    return [r for r in records if r.pid == me or not r.owner_alive()]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,8 +220,8 @@ class LeaseKeeper(Keeper):
             if lease is None:
                 return None
             g = lease.grant
-            return DbCredentials(self.name, g.username, g.password, g.lease_id, lease.expires_at,
-                                 finite(self._end(lease)), g.issued_at)
+            return DbCredentials(g.username, g.password, lease.expires_at, cluster=self.name, lease_id=g.lease_id,
+                                 max_expires_at=finite(self._end(lease)), issued_at=g.issued_at)
 
     def _current(self) -> _Lease | None:
         now = self.clock.time()
@@ -435,8 +431,9 @@ class LeaseKeeper(Keeper):
         if self.stopping:  # released while minting: give it back at once
             revoke_leases([grant.lease_id], self.tokens, self.store, time.monotonic() + 5, {grant.lease_id: grant.username})
             return
+        me = my_identity()
         self.store.add(LeaseRecord(grant.lease_id, self.name, grant.username, self.tokens.config.address,
-                                   os.getpid(), grant.issued_at))
+                                   os.getpid(), grant.issued_at, me.started, me.command))
         lease = _Lease(grant, view.accessor, grant.issued_at + grant.duration, grant.duration, grant.renewable,
                        jittered_grace(grant.duration, self.rng.random()))
         with self._cond:

@@ -134,9 +134,10 @@ class PrivateRotatingFileHandler(RotatingFileHandler):
 
 _installed: list[logging.Handler] = []
 WIRE_LOGGERS = ("botocore", "boto3", "urllib3", "s3transfer")
-# botocore.tokens logs a WARNING with a whole traceback each time an SSO token refresh fails;
-# the engine already turns that into one "sign-in needed" state, so only its errors are kept.
-QUIET_LOGGERS = {"botocore.tokens": logging.ERROR}
+# botocore.tokens and botocore.credentials log a WARNING with a whole traceback each time an SSO
+# token is missing or its refresh fails (SSOTokenLoadError at every start before the first
+# sign-in); the engine already turns that into one "sign-in needed" state, so only errors are kept.
+QUIET_LOGGERS = {"botocore.tokens": logging.ERROR, "botocore.credentials": logging.ERROR}
 
 
 def install_masking(handler: logging.Handler) -> logging.Handler:
@@ -189,3 +190,33 @@ def unit_logger(logger: logging.Logger | str, **context: Any) -> UnitLogger:
     base = logging.getLogger(logger) if isinstance(logger, str) else logger
     text = ", ".join(f"{k}={v}" for k, v in context.items())
     return UnitLogger(base, {"context": text})
+
+
+class RepeatLimiter:
+    """Rate limit for a line that repeats (a retry loop's failure): ``admit(text)`` says whether
+    to log it now: the first time, when the text changes, then at most once per ``interval`` s.
+    It returns how many were held back since the last line logged (0 or more), or None to stay
+    quiet. ``reset()`` after a recovery, so the next outage logs its first failure at once."""
+
+    def __init__(self, interval: float = 60.0, clock: Any = None) -> None:
+        import time
+
+        self.interval = interval
+        self._clock = clock or time.monotonic
+        self._text: str | None = None
+        self._logged_at = float("-inf")
+        self.held = 0
+
+    def admit(self, text: str) -> int | None:
+        now = self._clock()
+        if text != self._text or now - self._logged_at >= self.interval:
+            held, self.held = self.held, 0
+            self._text, self._logged_at = text, now
+            return held
+        self.held += 1
+        return None
+
+    def reset(self) -> int:
+        """Forget the last line; return how many were held back since it."""
+        held, self.held, self._text = self.held, 0, None
+        return held

@@ -12,6 +12,20 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 
+@dataclass(frozen=True)
+class DbCredentials:
+    """A cluster's DB user as the engine hands it out; the password stays in memory and ``repr``
+    never shows it."""
+
+    username: str
+    password: str = field(repr=False)
+    expires_at: float | None = None
+    cluster: str = ""
+    lease_id: str = ""
+    max_expires_at: float | None = None
+    issued_at: float = 0.0
+
+
 class TunnelState(str, enum.Enum):
     STOPPED = "stopped"
     WAITING_CREDENTIALS = "waiting_credentials"

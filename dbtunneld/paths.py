@@ -1,5 +1,6 @@
 """Platform paths: config file, state directory, log directory, runtime (socket) directory.
-Also the one platform fact several owners of state files need: whether a recorded pid still runs.
+Also the one platform fact several owners of state files need: whether a recorded pid is still
+the process that recorded it (a zombie, or a pid the OS gave to another program, is not).
 
 Every path honours DBTUNNELD_HOME (tests and the sandbox point it at a private folder) and
 the XDG variables on Linux; macOS and Windows use their usual per-user folders.
@@ -8,6 +9,7 @@ the XDG variables on Linux; macOS and Windows use their usual per-user folders.
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +43,10 @@ class Paths:
     @property
     def leases_file(self) -> Path:
         return self.state_dir / "leases.json"
+
+    @property
+    def wanted_file(self) -> Path:
+        return self.state_dir / "wanted.json"
 
     def ensure(self) -> "Paths":
         """Create the folders with private modes (0700)."""
@@ -92,8 +98,71 @@ def short_socket_hint(platform: str | None = None) -> str:
     return "set XDG_RUNTIME_DIR or DBTUNNELD_HOME to a shorter folder"
 
 
-def pid_alive(pid: int) -> bool:
-    """True when a process with this pid exists (one we may not signal counts as alive)."""
+@dataclass(frozen=True)
+class ProcessIdentity:
+    """What tells a process apart from a later one that got the same pid."""
+
+    started: str        # Linux: boot id + start time in clock ticks; macOS/BSD: ps's lstart
+    command: str        # the command line, arguments joined by spaces
+
+
+def process_identity(pid: int) -> ProcessIdentity | None:
+    """The identity of a running process; None when there is none with this pid, or it is a
+    zombie (dead, not yet reaped by its parent: it holds no lock, socket or lease any more)."""
+    if pid <= 0:
+        return None
+    if os.path.isdir("/proc/self"):
+        return _linux_identity(pid)
+    if os.name == "posix":
+        return _ps_identity(pid)
+    return ProcessIdentity("", "") if _signal_zero(pid) else None
+
+
+def _linux_identity(pid: int) -> ProcessIdentity | None:
+    try:
+        stat = open(f"/proc/{pid}/stat", "rb").read().decode(errors="replace")
+        command = open(f"/proc/{pid}/cmdline", "rb").read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    except PermissionError:                       # hidepid: it runs, but is not ours to read
+        return ProcessIdentity("", "")
+    fields = stat[stat.rindex(")") + 2:].split()  # the name in (...) may hold spaces
+    if fields[0] in ("Z", "X"):
+        return None
+    return ProcessIdentity(f"{_boot_id()}:{fields[19]}", command.rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace"))
+
+
+def _boot_id() -> str:
+    try:
+        return open("/proc/sys/kernel/random/boot_id").read().strip()
+    except OSError:
+        return ""
+
+
+def _ps_identity(pid: int, run=subprocess.run) -> ProcessIdentity | None:
+    """macOS / BSD: ``ps -o stat=,lstart=,command= -p PID`` (no /proc there)."""
+    try:
+        out = run(["ps", "-o", "stat=,lstart=,command=", "-p", str(pid)], capture_output=True, text=True,
+                  timeout=5, env={**os.environ, "LC_ALL": "C"}).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ProcessIdentity("", "") if _signal_zero(pid) else None
+    return parse_ps_line(out)
+
+
+def parse_ps_line(line: str) -> ProcessIdentity | None:
+    """``Ss   Fri Dec  4 15:41:38 2026     /usr/bin/python3 -m dbtunneld.cli daemon`` -> identity;
+    None for no line or a zombie (stat starting with Z). lstart is 24 characters wide."""
+    line = line.strip("\n")
+    if not line.strip():
+        return None
+    state, _, rest = line.strip().partition(" ")
+    if state.startswith("Z"):
+        return None
+    rest = rest.lstrip()
+    return ProcessIdentity(" ".join(rest[:24].split()), rest[24:].strip())
+
+
+def _signal_zero(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -103,3 +172,19 @@ def pid_alive(pid: int) -> bool:
     except OSError:
         return False
     return True
+
+
+def pid_alive(pid: int, identity: ProcessIdentity | None = None) -> bool:
+    """True when ``pid`` runs (not a zombie) and, given the ``identity`` recorded with it, is still
+    that process. An unreadable identity (another user's process) counts as alive."""
+    now = process_identity(pid)
+    if now is None:
+        return False
+    if identity is None or not now.started or not identity.started:
+        return True
+    return now == identity
+
+
+def my_identity() -> ProcessIdentity:
+    """This process's identity, to record next to ``os.getpid()``."""
+    return process_identity(os.getpid()) or ProcessIdentity("", "")

@@ -2,9 +2,11 @@
 
 It owns one credential engine (AWS session, Vault token, a DB lease per connected cluster)
 and one tunnel unit per cluster. ``connect`` = want the cluster's credentials + start its
-tunnel; ``disconnect`` = stop the tunnel + revoke the lease. ``reload`` is a reconcile: units
-whose spec is unchanged keep running, removed or changed ones stop first (freeing their
-ports), then new ones start. A status snapshot (``model.DaemonStatus``) is published as an
+tunnel; ``disconnect`` = stop the tunnel + revoke the lease. What the user connected is kept
+in ``wanted.json`` (``wanted.WantedSet``) and connected again at the next start (after a crash,
+a quit or a reboot). ``reload`` is a reconcile: units whose spec is unchanged keep running,
+removed or changed ones stop first (freeing their ports), then new ones start; the slow part
+runs outside the lock, so status answers meanwhile. A status snapshot (``model.DaemonStatus``) is published as an
 event whenever it changes. The engine and tunnels are built by factories (``engine_factory`` and
 ``tunnel_factory`` below build the real ones: ``lease.CredentialEngine``, ``tunnel.Tunnel``), so
 tests of the orchestration use fakes.
@@ -24,17 +26,18 @@ import shlex
 import struct
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Protocol
 from urllib.parse import quote
 
 from . import __version__, model
 from .config import AwsConfig, BastionConfig, ClusterConfig, Config, CredentialSettings, TunnelSettings, VaultConfig
 from .errors import DbtunneldError, NeedsUserError, SignInNeededError, TransientError, UnknownNameError
-from .model import CredentialState, CredentialStatus, DaemonStatus, TunnelState, TunnelStatus
+from .model import CredentialState, CredentialStatus, DaemonStatus, DbCredentials, TunnelState, TunnelStatus
 from .paths import Paths
 from .sso import refresh_sso_token
 from .wake import WakeDetector
+from .wanted import WantedSet
 
 log = logging.getLogger(__name__)
 
@@ -45,15 +48,6 @@ SETTLED = {TunnelState.UP, TunnelState.FAILED, TunnelState.NEEDS_SIGN_IN, Tunnel
 
 
 # ----------------------------------------------------------------------------- what the supervisor needs
-
-@dataclass(frozen=True)
-class DbCredentials:
-    """A DB user as the engine hands it out (the password stays in memory)."""
-
-    username: str
-    password: str = field(repr=False)
-    expires_at: float | None = None
-
 
 class EngineUnit(Protocol):
     """The credential engine as the supervisor uses it (see ``lease.CredentialEngine``)."""
@@ -124,6 +118,18 @@ def connection_strings(port: int, username: str, database: str = "", host: str =
 
 # ----------------------------------------------------------------------------- one cluster
 
+@dataclass
+class ReloadPlan:
+    """What a reload stops (detached from the tables first) and what it starts after."""
+
+    stop: list["ClusterSlot"]
+    release: list[str]
+    start: list[str]
+    connect: set[str]
+    summary: dict[str, list[str]]
+    old_engine: Any = None
+
+
 class ClusterSlot:
     """A cluster's running unit and whether the user wants it connected."""
 
@@ -170,22 +176,31 @@ class Supervisor:
         self._engine: EngineUnit | None = None
         self._publisher = StatusPublisher(self.status_dict, self._emit)
         self._wake = wake or WakeDetector()      # checks connected tunnels and the engine after a sleep
+        self._wanted = WantedSet(paths.wanted_file)   # what the user connected, across restarts
         self.stopping = False
+        self._reloading = False                  # the engine is being replaced (see ``reload``)
+        self._reload_serial = threading.Lock()
 
     # ---- lifecycle
 
     def start(self, autoconnect: bool = True) -> None:
-        """Start the engine (it revokes orphans of a crashed run) and build the units."""
+        """Start the engine (it revokes orphans of a crashed run), build the units, and connect the
+        ``autoconnect`` clusters and those the user had connected before the last stop or crash."""
         with self._lock:
             self._engine = self._start_engine(self.config)
             for spec in unit_specs(self.config).values():
                 self._slots[spec.cluster.name] = self._new_slot(spec, self.config)
-            auto = [s for s in self._slots.values() if s.spec.cluster.autoconnect] if autoconnect else []
+            self._wanted.keep_only(self._slots)
+            restored = self._wanted.names() if autoconnect else set()
+            auto = [s for s in self._slots.values()
+                    if s.spec.cluster.autoconnect or s.name in restored] if autoconnect else []
             for slot in auto:
                 self._connect_slot(slot)
         self._publisher.start()
         self._wake.start()
-        log.info("supervisor started: %d clusters, %d autoconnect", len(self._slots), len(auto))
+        log.info("supervisor started: %d clusters, %d connected at start (%s)", len(self._slots), len(auto),
+                 ", ".join(f"{s.name}: {'autoconnect' if s.spec.cluster.autoconnect else 'connected before'}"
+                           for s in auto) or "none")
 
     def stop(self, timeout: float = 15.0) -> None:
         """Stop every tunnel, then revoke every lease and the token (bounded by ``timeout``)."""
@@ -266,12 +281,16 @@ class Supervisor:
         return slot
 
     def _require_engine(self) -> EngineUnit:
+        if self._reloading and not self.stopping:
+            raise NeedsUserError("the daemon is restarting its credentials after a config change",
+                                 "run the command again in a few seconds")
         if self._engine is None or self.stopping:
             raise NeedsUserError("the daemon is stopping", "run the command again once it has restarted")
         return self._engine
 
     def _connect_slot(self, slot: ClusterSlot) -> None:
         slot.wanted = True
+        self._wanted.add([slot.name])
         cluster = slot.spec.cluster
         self._require_engine().want(replace(cluster, name=slot.cred_name) if cluster.reader_of else cluster)
         slot.tunnel.start()
@@ -294,6 +313,7 @@ class Supervisor:
             engine = self._require_engine()
             for slot in slots:
                 slot.wanted = False
+            self._wanted.discard(s.name for s in slots)
         # Outside the lock: stopping and revoking take up to the revoke bound; status readers go on.
         self._stop_tunnels(slots, time.monotonic() + self.config.credentials.revoke_timeout)
         for slot in slots:
@@ -377,53 +397,73 @@ class Supervisor:
     # ---- reload
 
     def reload(self, new: Config) -> dict[str, list[str]]:
-        """Reconcile the running units with ``new`` (already validated by the caller)."""
-        with self._lock:
-            if engine_spec(new) != engine_spec(self.config):
-                summary = self._restart_everything(new)
-            else:
-                summary = self._reconcile_units(new)
-            self.config = new
+        """Reconcile the running units with ``new`` (already validated by the caller).
+
+        The lock is held only to change the tables: stopping tunnels, revoking leases and
+        stopping an engine (each up to ``revoke_timeout``, longer when Vault hangs) run outside
+        it, so ``status`` answers at once during a reload. Reloads run one at a time."""
+        with self._reload_serial:
+            with self._lock:
+                plan = self._plan_reload(new)
+            self._retire(plan)
+            with self._lock:
+                self._start_planned(plan, new)
+                self.config = new
         self._publisher.poke()
+        summary = plan.summary
         log.info("reloaded config: %s", ", ".join(f"{k} {v}" for k, v in summary.items() if v) or "no change")
         return summary
 
-    def _reconcile_units(self, new: Config) -> dict[str, list[str]]:
-        self._engine.update_config(new)
+    def _plan_reload(self, new: Config) -> "ReloadPlan":
+        """Under the lock: detach the units that must stop and note what starts after."""
+        restart = engine_spec(new) != engine_spec(self.config)
         desired, running = unit_specs(new), dict(self._slots)
-        kept = [n for n in running if n in desired and desired[n] == running[n].spec]
+        kept = [] if restart else [n for n in running if n in desired and desired[n] == running[n].spec]
         gone = [n for n in running if n not in kept]
-        was_wanted = {n for n in gone if running[n].wanted}
-        self._stop_tunnels([running[n] for n in gone], time.monotonic() + new.credentials.revoke_timeout)
+        wanted = {n for n, slot in running.items() if slot.wanted}
+        release = [] if restart else [n for n in gone if n in wanted and not running[n].spec.cluster.reader_of]
+        plan = ReloadPlan(stop=[running[n] for n in gone], release=release,
+                          start=[n for n in desired if n not in kept],
+                          connect={n for n in desired if n not in kept and (
+                              n in wanted or (n not in running and desired[n].cluster.autoconnect))},
+                          summary={"kept": kept, "stopped": [n for n in gone if n not in desired],
+                                   "restarted": [n for n in gone if n in desired],
+                                   "started": [n for n in desired if n not in running]})
         for n in gone:
-            if n in was_wanted and not running[n].spec.cluster.reader_of:
-                self._engine.release(n)
             del self._slots[n]
-        started = [n for n in desired if n not in kept]
-        for n in started:
-            self._slots[n] = slot = self._new_slot(desired[n], new)
-            if n in was_wanted or (n not in running and desired[n].cluster.autoconnect):
-                self._connect_slot(slot)
-        return {"kept": kept, "stopped": [n for n in gone if n not in desired],
-                "restarted": [n for n in started if n in running], "started": [n for n in started if n not in running]}
+        if restart:
+            log.info("AWS / Vault / credential settings changed: restarting every unit")
+            plan.old_engine, self._engine = self._engine, None
+            self._reloading = True
+        else:
+            self._engine.update_config(new)
+        self._wanted.keep_only(desired)
+        return plan
 
-    def _restart_everything(self, new: Config) -> dict[str, list[str]]:
-        log.info("AWS / Vault / credential settings changed: restarting every unit")
-        wanted = {n for n, s in self._slots.items() if s.wanted}
-        old_names = list(self._slots)
-        self._stop_tunnels(self._slots.values(), time.monotonic() + self.config.credentials.revoke_timeout)
-        self._slots.clear()
-        self._wake.unregister(self._engine)
-        self._engine.stop(self.config.credentials.revoke_timeout)
-        self._engine = self._start_engine(new)
-        for spec in unit_specs(new).values():
-            n = spec.cluster.name
+    def _retire(self, plan: "ReloadPlan") -> None:
+        """Outside the lock: stop the detached tunnels, revoke their leases or stop the old engine."""
+        bound = self.config.credentials.revoke_timeout
+        self._stop_tunnels(plan.stop, time.monotonic() + bound)
+        engine = self._engine
+        for n in plan.release:
+            if engine is not None:
+                engine.release(n)
+        if plan.old_engine is not None:
+            self._wake.unregister(plan.old_engine)
+            plan.old_engine.stop(bound)
+
+    def _start_planned(self, plan: "ReloadPlan", new: Config) -> None:
+        """Under the lock: a new engine if the old one was stopped, then the new units."""
+        if self.stopping:
+            return
+        if self._engine is None:
+            self._engine = self._start_engine(new)
+            self._reloading = False
+        for n in plan.start:
+            spec = unit_specs(new)[n]
             self._slots[n] = slot = self._new_slot(spec, new)
-            if n in wanted or (n not in old_names and spec.cluster.autoconnect):
+            if n in plan.connect:
                 self._connect_slot(slot)
-        return {"kept": [], "stopped": [n for n in old_names if n not in self._slots],
-                "restarted": [n for n in old_names if n in self._slots],
-                "started": [n for n in self._slots if n not in old_names]}
 
     # ---- status
 

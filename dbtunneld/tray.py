@@ -36,6 +36,7 @@ from .log import setup_logging
 from .menu import ClockReading, MenuItem, MenuModel, build_menu, details_text
 from .model import DaemonStatus, Health
 from .notify import Notifier, desktop_sender
+from .exitcodes import EXIT_FAIL as EXIT_NO_DESKTOP  # no desktop: a run-time failure
 from .paths import Paths, default_paths, pid_alive
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,6 @@ TICK = 15.0                  # re-render countdowns this often (applied only whe
 AUTOSTART_EVERY = 4          # re-read the login item every this many ticks
 READY_TIMEOUT = 20.0         # icon.run() must reach its setup callback within this
 RESUBSCRIBE_MAX = 30.0
-EXIT_NO_DESKTOP = 1
 
 
 class TrayAlreadyRunning(NeedsUserError):

@@ -30,7 +30,7 @@ from . import ports
 from .config import TunnelSettings
 from .errors import (DbtunneldError, NeedsUserError, PortInUseError, SignInNeededError,
                      TransientError)
-from .log import unit_logger
+from .log import RepeatLimiter, unit_logger
 from .model import TunnelState, TunnelStatus
 from .timing import SYSTEM_CLOCK, Backoff, Clock
 from .transport import Transport
@@ -182,10 +182,26 @@ def _read_exact(chan: Any, n: int) -> bytes:
     return buf
 
 
-def mysql_error_packet(code: int, message: str) -> bytes:
-    """A MySQL ERR packet (sequence 0): what a client sees instead of a greeting."""
-    payload = b"\xff" + struct.pack("<H", code) + b"#HY000" + message.encode("utf-8", "replace")[:500]
-    return struct.pack("<I", len(payload))[:3] + b"\x00" + payload
+# What a client of a tunnel that cannot reach its database sees instead of the greeting: a
+# server-range ERR packet. 1105 ER_UNKNOWN_ERROR (SQLSTATE HY000) is the server's code for "the
+# text says what went wrong"; a specific one (1040 too many connections, 1129 host blocked, 1130
+# host not allowed) would send users and the retry rules of their tools down a wrong path, and a
+# client-range code (2003) is rejected by libmariadb as a malformed packet (the mariadb CLI then
+# prints "ERROR 2027 Received malformed packet" instead of the text).
+REFUSED_CODE = 1105
+REFUSED_SQLSTATE = "HY000"
+
+
+def mysql_error_packet(message: str, code: int = REFUSED_CODE, sqlstate: str = REFUSED_SQLSTATE,
+                       sequence: int = 0) -> bytes:
+    """A MySQL ERR packet: 0xff, the error code, ``#`` + 5-byte SQLSTATE, the text. Sent instead of
+    the server greeting it has sequence id 0 (the greeting's)."""
+    if 2000 <= code < 3000 or not 1000 <= code < 65535:
+        raise ValueError(f"{code} is not a server error code (2000-2999 are client codes)")
+    if len(sqlstate) != 5 or not sqlstate.isascii():
+        raise ValueError(f"SQLSTATE must be 5 ASCII characters, not {sqlstate!r}")
+    payload = b"\xff" + struct.pack("<H", code) + b"#" + sqlstate.encode() + message.encode("utf-8", "replace")[:500]
+    return struct.pack("<I", len(payload))[:3] + bytes([sequence & 0xFF]) + payload
 
 
 REFUSED_HINTS = {
@@ -193,7 +209,14 @@ REFUSED_HINTS = {
           "and raise max_connect_errors in its parameter group",
     1040: "the cluster has too many connections; close idle sessions or raise max_connections",
 }
-UNREACHABLE_CODE = 2003           # what a client shows: "Can't connect to MySQL server"
+# A client that arrives while the upstream has been failing this long (or never came up) gets
+# the error as soon as one more attempt fails, instead of waiting ``connect_wait``; a shorter
+# outage (a bastion restarting) is waited through.
+PROMPT_REFUSAL_AFTER = 5.0
+FAILURE_LOG_INTERVAL = 60.0       # a failure that repeats is logged at most this often
+# moves a retry loop makes on every attempt: logged at DEBUG (the failure line says it all)
+RETRY_CYCLE = {(S.BACKOFF, S.CONNECTING), (S.BACKOFF, S.RECONNECTING), (S.CONNECTING, S.BACKOFF),
+               (S.RECONNECTING, S.BACKOFF)}
 
 
 # ---- the unit --------------------------------------------------------------------------------
@@ -254,6 +277,10 @@ class Tunnel:
         self._run: object | None = None   # the current run's token; None while stopped
         self._keeper_local = threading.local()   # .run: the run a keeper thread belongs to
         self._connecting = threading.Lock()
+        self._failed_attempts = 0         # connects that failed into backoff (clients wait on it)
+        self._trouble_since: float | None = None   # when the tunnel last left ``up`` (or started)
+        self._failure_log = RepeatLimiter(FAILURE_LOG_INTERVAL)
+        self._refusal_log = RepeatLimiter(FAILURE_LOG_INTERVAL)
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -345,11 +372,20 @@ class Tunnel:
                 return                           # a keeper of a stopped run: its news is stale
             before = self._machine.state
             self._machine.move(target, **details)
+            self._note_trouble(target)
             self._cond.notify_all()
         if before != target:
             error = details.get("error")
-            self._log.info("%s -> %s%s", before.value, target.value, f" ({error})" if error else "")
+            level = logging.DEBUG if (before, target) in RETRY_CYCLE else logging.INFO
+            self._log.log(level, "%s -> %s%s", before.value, target.value, f" ({error})" if error else "")
         self._notify()
+
+    def _note_trouble(self, target: TunnelState) -> None:
+        """Under ``_cond``: when the current outage began (None while up)."""
+        if target == S.UP:
+            self._trouble_since = None
+        elif self._trouble_since is None:
+            self._trouble_since = self._clock.time()
 
     def _notify(self) -> None:
         if self._on_change is not None:
@@ -426,6 +462,10 @@ class Tunnel:
             if self._ever_up:
                 self._counts["reconnects"] += 1
             self._ever_up = True
+        self._refusal_log.reset()
+        held = self._failure_log.reset()
+        if held:
+            self._log.info("up again (%d failed attempt%s not logged one by one)", held, "s" if held != 1 else "")
         self._retry.connected()
         now = self._clock.time()
         self._next_ping = now + self.settings.keepalive_interval
@@ -448,9 +488,21 @@ class Tunnel:
             self._move(S.FAILED, error=error.message, hint=error.hint)
         else:
             delay = self._retry.failed()
-            self._log.warning("%s; next try in %.1f s", error.message, delay)
+            with self._cond:
+                self._failed_attempts += 1
+            self._log_failure(error.message, delay)
             self._move(S.BACKOFF, error=error.message, hint=error.hint or "dbtunneld retries by itself",
                        next_retry_at=self._clock.time() + delay)
+
+    def _log_failure(self, message: str, delay: float) -> None:
+        """One WARNING per new error, then one a minute with the count: what really happens (clients
+        that wait make the keeper try every ``backoff_initial`` s instead of after ``delay``)."""
+        held = self._failure_log.admit(message)
+        if held is None:
+            return
+        also = f"; {held} more failed attempt{'s' if held != 1 else ''} since the last such line" if held else ""
+        self._log.warning("%s; next try in %.1f s, or every %g s while a client waits%s",
+                          message, delay, self.settings.backoff_initial, also)
 
     def _reconnect_state(self) -> TunnelState:
         return S.RECONNECTING if self._ever_up else S.CONNECTING
@@ -642,12 +694,15 @@ class Tunnel:
         passed a check after the failure; return (upstream id, checks) or why not."""
         with self._cond:
             self._waiting_clients += 1
+            failures_seen = self._failed_attempts
             try:
                 while True:
                     state = self._machine.state
                     if self._run is None:
                         return "the tunnel is stopping"
                     if state in (S.FAILED, S.NEEDS_SIGN_IN):
+                        return self._describe_trouble()
+                    if state == S.BACKOFF and self._failed_attempts > failures_seen and self._cannot_come_up():
                         return self._describe_trouble()
                     if state == S.UP and (self._generation != failed_on or self._checks > checks):
                         return self._generation, self._checks
@@ -661,6 +716,12 @@ class Tunnel:
             finally:
                 self._waiting_clients -= 1
 
+    def _cannot_come_up(self) -> bool:
+        """Under ``_cond``: never up in this process, or down for PROMPT_REFUSAL_AFTER already: a
+        client then gets the error once one more attempt fails, not after ``connect_wait``."""
+        since = self._trouble_since
+        return not self._ever_up or (since is not None and self._clock.time() - since >= PROMPT_REFUSAL_AFTER)
+
     def _describe_trouble(self) -> str:
         now = self._machine.now
         text = f"dbtunneld: tunnel {self.name!r} is {now.state.value.replace('_', ' ')}"
@@ -671,10 +732,12 @@ class Tunnel:
         return text
 
     def _refuse(self, client: socket.socket, why: str) -> None:
-        self._log.info("client refused: %s", why)
+        held = self._refusal_log.admit(why)
+        if held is not None:
+            self._log.info("client refused: %s%s", why, f" ({held} more refused with it since the last such line)" if held else "")
         if self._refuse_as_mysql:
             try:
-                client.sendall(mysql_error_packet(UNREACHABLE_CODE, why))
+                client.sendall(mysql_error_packet(why))
             except OSError:
                 pass
 

@@ -305,3 +305,41 @@ def wait_for(cond, timeout=5.0):
     while not cond():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.01)
+
+
+# ---- nobody locks the owner out (issue 15, point 4) -----------------------------------------
+
+def test_a_client_without_a_complete_request_is_dropped(rundir, monkeypatch):
+    monkeypatch.setattr(control, "SEND_TIMEOUT", 0.2)      # the reader's tick
+    monkeypatch.setattr(control, "IDLE_TIMEOUT", 0.5)
+    with control.ControlServer(rundir / "control.sock", FakeDaemon()) as srv:
+        slow = socket.socket(socket.AF_UNIX)
+        slow.connect(str(srv.path))
+        slow.sendall(b'{"id": 1, "cmd": "sta')             # never finished
+        sub = Client(srv.path).subscribe()
+        events = iter(sub)
+        assert next(events).event == "status"
+        slow.settimeout(5)
+        started = time.monotonic()
+        assert slow.recv(100) == b"", "the server closes a client that never completes a request"
+        took = time.monotonic() - started
+        srv.bus.publish("ping", {"n": 1})
+        assert next(events).event == "ping", "a quiet subscriber is not idle"
+        sub.close()
+        slow.close()
+    assert took < 3
+
+
+def test_subscribers_are_capped_apart_and_requests_still_served(server):
+    subs = [Client(server.path).subscribe() for _ in range(control.MAX_SUBSCRIBERS)]
+    try:
+        for s in subs:
+            assert next(iter(s)).event == "status"
+        extra = Client(server.path).subscribe()
+        with pytest.raises(errors.DbtunneldError, match="subscribers"):
+            next(iter(extra))
+        extra.close()
+        assert Client(server.path).request("status")["tunnels"] == []
+    finally:
+        for s in subs:
+            s.close()

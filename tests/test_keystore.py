@@ -65,7 +65,7 @@ def test_no_secure_backend_means_memory_only_said_once(backend, caplog):
     store.set("vault-token", "y", "secret-value-2")
     assert store.get("vault-token", "x") == "secret-value"
     assert not store.persistent and store.describe().startswith("memory only")
-    notes = [r for r in caplog.records if "restart of dbtunneld will need a new sign-in" in r.getMessage()]
+    notes = [r for r in caplog.records if ks.MEMORY_NOTE in r.getMessage()]
     assert len(notes) == 1
 
 

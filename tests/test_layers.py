@@ -12,9 +12,9 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parent.parent / "dbtunneld"
 
 LAYERS = {
-    0: {"__init__", "errors", "model", "timing", "config", "paths"},
+    0: {"__init__", "errors", "model", "timing", "config", "paths", "exitcodes"},
     1: {"aws", "sso", "vault", "iam_login", "ssm", "ssh", "keystore", "log", "discovery", "ports", "wake", "transport", "tls", "inventory", "catalog"},
-    2: {"lease", "keeper", "token_keeper", "sso_keeper", "sso_signin", "tunnel", "supervisor", "aurora"},
+    2: {"lease", "keeper", "token_keeper", "sso_keeper", "sso_signin", "tunnel", "supervisor", "aurora", "wanted"},
     3: {"protocol", "control", "client", "daemon", "doctor"},
     4: {"cli", "menu", "tray", "tray_darwin", "clipboard", "notify", "autostart", "__main__", "onboarding"},
 }
@@ -109,3 +109,47 @@ def test_the_checker_finds_planted_violations(tmp_path):
     assert any("lease.py:1 imports the sandbox" in v for v in up), up
     assert len(up) == 3, up
     assert ui_imports_below_front_ends(tmp_path) == ["ssm/client.py:2 imports pystray"]
+
+
+# ---- one definition of shared vocabulary (issue 15, point 8) ---------------------------------
+
+WIRE_PROTOCOL_PACKAGES = {"ssm"}      # ssm/message.py's EXIT_CODE is an SSM payload type, not an exit code
+
+
+def _assigned_names(node: ast.AST) -> list[str]:
+    targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+    names = []
+    for t in targets:
+        names += [e.id for e in (t.elts if isinstance(t, ast.Tuple) else [t]) if isinstance(e, ast.Name)]
+    return names
+
+
+def shared_definitions(root: Path = PKG) -> tuple[list[str], list[str]]:
+    """(modules that give an EXIT_* name an int literal, modules that define class DbCredentials)."""
+    exits, creds = [], []
+    for path in _files(root):
+        if _top(path, root) in WIRE_PROTOCOL_PACKAGES:
+            continue
+        rel = str(path.relative_to(root))
+        for node in ast.parse(path.read_text(), rel).body:
+            if isinstance(node, ast.ClassDef) and node.name == "DbCredentials":
+                creds.append(rel)
+            value = getattr(node, "value", None)
+            literal = value is not None and any(isinstance(n, ast.Constant) and type(n.value) is int
+                                                for n in ast.walk(value))
+            if literal and any(n.startswith("EXIT_") for n in _assigned_names(node)):
+                exits.append(rel)
+    return sorted(set(exits)), creds
+
+
+def test_exit_codes_and_db_credentials_are_defined_once():
+    exits, creds = shared_definitions()
+    assert exits == ["exitcodes.py"], f"exit codes defined outside dbtunneld/exitcodes.py: {exits}"
+    assert creds == ["model.py"], f"DbCredentials defined in {creds}; import it from dbtunneld.model"
+
+
+def test_the_single_definition_check_finds_copies(tmp_path):
+    (tmp_path / "cli.py").write_text("EXIT_OK, EXIT_FAIL = 0, 1\n")
+    (tmp_path / "daemon.py").write_text("from .exitcodes import EXIT_OK\nEXIT_ALIAS = EXIT_OK\n")
+    (tmp_path / "lease.py").write_text("class DbCredentials:\n    pass\n")
+    assert shared_definitions(tmp_path) == (["cli.py"], ["lease.py"])

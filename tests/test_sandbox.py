@@ -337,3 +337,95 @@ def test_sandbox_command_prints_a_working_login_and_cleans_up(options):
     assert proc.returncode == 0, rest
     assert "stopped; no process or file left behind" in rest
     assert [p for p in pids if pid_alive(p)] == [] and not Path(workdir).exists()
+
+
+# ------------------------------------------------------------------ `dbtunneld sandbox` as a newcomer sees it
+
+def _wait_for_line(path: Path, needle: str, proc, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = path.read_text() if path.exists() else ""
+        if needle in text:
+            return text
+        assert proc.poll() is None, "sandbox exited early:\n" + text
+        time.sleep(0.2)
+    raise AssertionError(f"no {needle!r} within {timeout:g} s:\n" + (path.read_text() if path.exists() else ""))
+
+
+def _run(argv: list[str], env: dict[str, str], timeout: float = 90):
+    import subprocess
+
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def test_sandbox_piped_through_tee_as_a_newcomer_uses_it(tmp_path):
+    """`dbtunneld sandbox | tee`, then in "another terminal" only the printed export line and
+    commands; a daemon restarted by hand; Ctrl-C to the whole pipeline (issue 15, point 7)."""
+    import json
+    import re
+    import shlex
+    import shutil
+    import subprocess
+
+    from dbtunneld.paths import process_identity
+
+    real_home = tmp_path / "real-home"                 # stands for the user's own home
+    real_home.mkdir()
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("AWS_", "DBTUNNELD_", "XDG_CONFIG", "XDG_STATE", "XDG_DATA", "XDG_CACHE"))}
+    env["HOME"] = str(real_home)
+    out, err = tmp_path / "tee.out", tmp_path / "sandbox.stderr"
+    line = (f"{shlex.quote(sys.executable)} -m dbtunneld.cli sandbox --no-tray --base-port {free_port()} "
+            f"2>{shlex.quote(str(err))} | tee {shlex.quote(str(out))} >/dev/null")
+    proc = subprocess.Popen(["sh", "-c", line], env=env, cwd=tmp_path, start_new_session=True)
+    by_hand = None
+    try:
+        text = _wait_for_line(out, "Ctrl-C stops", proc, 120)
+        lines = text.splitlines()
+        # one config line, and the AWS config the daemon really uses
+        config_lines = [ln for ln in lines if "config.toml" in ln]
+        assert len(config_lines) == 1, config_lines
+        aws_config = re.search(r"AWS config: (\S+)", text).group(1)
+        export = next(ln.strip() for ln in lines if ln.strip().startswith("export "))
+        assert sum(1 for ln in lines if "export " in ln and "DBTUNNELD_HOME" in ln) == 1
+        user_env = dict(item.split("=", 1) for item in shlex.split(export)[1:])
+        shell = {"PATH": env["PATH"], "PYTHONPATH": env.get("PYTHONPATH", ""), **user_env}
+        assert user_env["AWS_CONFIG_FILE"] == aws_config and Path(aws_config).is_file()
+        status_cmd = next(ln.strip() for ln in lines if ln.strip().endswith(" status"))
+        cli = shlex.split(status_cmd)[:-1]
+        assert shutil.which(cli[0], path=env["PATH"]) or Path(cli[0]).is_file(), f"{cli[0]} cannot be run as printed"
+        assert "the CLI below" not in text
+        # every command works with only the export line
+        st = json.loads(_run(cli + ["status", "--json"], shell).stdout)
+        daemon_pid = st["pid"]
+        assert config_lines[0].split("config: ", 1)[1].strip() == st["config_path"]
+        daemon_env = Path(f"/proc/{daemon_pid}/environ").read_bytes().decode().split("\0")
+        assert f"AWS_CONFIG_FILE={aws_config}" in daemon_env
+        transports = {t["name"]: t["transport"] for t in st["tunnels"]}
+        assert transports == {"orders": "ssh", "billing": "ssm-ssh"} and "ssm-ssh" in text
+        doctor = _run(cli + ["doctor"], shell, timeout=120)
+        assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+        assert _run(cli + ["creds", "orders"], shell).returncode == 0
+        # the daemon's log: no traceback, no false claim
+        log_text = Path(re.search(r"log: (\S+)", text).group(1)).read_text()
+        assert "Traceback" not in log_text and "SSOTokenLoadError" not in log_text, log_text[-3000:]
+        assert "will need a new sign-in" not in log_text
+        # restarted by hand: stop, then `connect` starts a new daemon, without a new sign-in
+        assert _run(cli + ["stop"], shell).returncode == 0
+        started = _run(cli + ["connect", "orders", "--wait", "45"], shell, timeout=120)
+        assert started.returncode == 0, started.stdout + started.stderr
+        by_hand = json.loads(_run(cli + ["status", "--json"], shell).stdout)["pid"]
+        assert by_hand != daemon_pid and process_identity(by_hand) is not None
+        # Ctrl-C to the whole pipeline: tee dies with it
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        if by_hand and process_identity(by_hand) is not None:
+            os.kill(by_hand, signal.SIGKILL)
+            pytest.fail(f"the daemon restarted by hand (pid {by_hand}) was left running")
+    stderr = err.read_text()
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
+    assert list(real_home.rglob("*")) == [], "the sandbox wrote into the real home"

@@ -572,10 +572,17 @@ def test_probe_rejects_silence_and_other_protocols(reply):
 
 
 def test_error_packet_is_well_formed():
-    packet = mysql_error_packet(2003, "tunnel is in backoff")
+    packet = mysql_error_packet("tunnel is in backoff")
     assert int.from_bytes(packet[:3], "little") == len(packet) - 4
-    assert packet[3] == 0 and packet[4] == 0xFF and packet[5:7] == (2003).to_bytes(2, "little")
+    assert packet[3] == 0, "an ERR sent instead of the greeting has sequence id 0"
+    assert packet[4] == 0xFF and packet[5:7] == (1105).to_bytes(2, "little")
     assert packet.endswith(b"#HY000tunnel is in backoff")
+
+
+@pytest.mark.parametrize("code", [2003, 2013, 0, 999])
+def test_error_packet_refuses_client_range_codes(code):
+    with pytest.raises(ValueError):
+        mysql_error_packet("x", code=code)
 
 
 def test_pymysql_shows_the_refusal_text():
@@ -587,14 +594,14 @@ def test_pymysql_shows_the_refusal_text():
 
     def answer():
         conn, _ = server.accept()
-        conn.sendall(mysql_error_packet(2003, "dbtunneld: tunnel 'orders' is backoff: bastion unreachable"))
+        conn.sendall(mysql_error_packet("dbtunneld: tunnel 'orders' is backoff: bastion unreachable"))
         conn.close()
 
     threading.Thread(target=answer, daemon=True).start()
     try:
         with pytest.raises(pymysql.err.OperationalError) as info:
             pymysql.connect(host="127.0.0.1", port=port, user="x", password="y", connect_timeout=5)
-        assert "bastion unreachable" in str(info.value)
+        assert info.value.args[0] == 1105 and "bastion unreachable" in str(info.value)
     finally:
         server.close()
 

@@ -405,3 +405,78 @@ def test_login_probe_with_wrong_credentials_reports_refusing(env, tunnels, caplo
     st = t.status()
     assert st.state == S.UP and "refuses connections: 1045" in st.last_error
     assert wrong not in caplog.text and wrong not in st.last_error
+
+
+# ---- a tunnel that cannot come up: what clients and the log see (issue 15, points 3 and 6) ------
+
+DEAD_BASTION = TunnelSettings(connect_wait=20, health_interval=30, health_timeout=2, keepalive_interval=2,
+                              backoff_initial=0.2, backoff_max=30)
+
+
+def _tunnel_to_a_dead_bastion(stack, tunnels) -> tuple[Tunnel, list[float]]:
+    """A tunnel whose bastion is down (the stack's sshd killed; healed before the next test), and
+    the times of its connect attempts."""
+    stack.sshd.kill()
+    orders = stack.clusters["orders"]
+    transport, attempts = stack_ssh(stack), []
+    real_connect = transport.connect
+
+    def counted_connect():
+        attempts.append(time.monotonic())
+        return real_connect()
+
+    transport.connect = counted_connect
+    t = tunnels(transport, ("127.0.0.1", orders.port), DEAD_BASTION)
+    eventually(lambda: t.state == S.BACKOFF, timeout=10, what="first connect failed")
+    return t, attempts
+
+
+@pytest.mark.fault
+def test_mariadb_cli_and_pymysql_show_the_tunnel_error_promptly(stack, tunnels):
+    """The real `mariadb` CLI (libmariadb) prints the tunnel's text, not "ERROR 2027 Received
+    malformed packet"; PyMySQL gets the server-range code 1105; both within seconds, not after
+    connect_wait (20 s)."""
+    import shutil
+    import subprocess
+
+    mariadb = shutil.which("mariadb") or pytest.skip("no mariadb CLI")
+    t, _ = _tunnel_to_a_dead_bastion(stack, tunnels)
+    started = time.monotonic()
+    cli = subprocess.run([mariadb, "--no-defaults", "-h", "127.0.0.1", "-P", str(t.local_port), "-u", "someone",
+                          "-e", "SELECT 1"], capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    cli_took = time.monotonic() - started
+    out = cli.stdout + cli.stderr
+    assert cli.returncode != 0
+    assert "malformed" not in out and "1105" in out and "tunnel 't0' is backoff: cannot reach the bastion" in out, out
+    started = time.monotonic()
+    with pytest.raises(pymysql.err.OperationalError) as info:
+        pymysql.connect(host="127.0.0.1", port=t.local_port, user="someone", password="x", connect_timeout=30)
+    pymysql_took = time.monotonic() - started
+    assert info.value.args[0] == 1105 and "is backoff" in info.value.args[1]
+    print(f"mariadb CLI: {out.strip()!r} after {cli_took:.2f} s; PyMySQL after {pymysql_took:.2f} s")
+    assert cli_took < 8 and pymysql_took < 8, (cli_took, pymysql_took)
+
+
+@pytest.mark.fault
+def test_backoff_log_tells_what_happens_and_is_rate_limited(stack, tunnels, caplog):
+    """Clients arriving every 100 ms make the keeper retry every backoff_initial: the log says so,
+    in one WARNING per new error (not one per attempt), and the state moves of each retry stay at DEBUG."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="dbtunneld.tunnel")
+    t, attempts = _tunnel_to_a_dead_bastion(stack, tunnels)
+    first = len(attempts)
+    deadline = time.monotonic() + 6
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", t.local_port), timeout=2).close()
+        except OSError:
+            pass
+        time.sleep(0.1)
+    lines = [r.getMessage() for r in caplog.records if r.name == "dbtunneld.tunnel"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "dbtunneld.tunnel" and r.levelno >= logging.WARNING]
+    attempts = len(attempts) - first
+    print(f"{attempts} failed attempts in 6 s -> {len(lines)} log lines, {len(warnings)} warnings: {warnings}")
+    assert attempts >= 8, "clients waiting should make the keeper retry often"
+    assert len(warnings) <= 2 and len(lines) <= 6, lines
+    assert all("every 0.2 s while a client waits" in w for w in warnings), warnings
