@@ -45,6 +45,8 @@ class Tuning:
     relogin_ahead: float | None = None  # log in again this long before the token's max TTL
                                         # (default 1.5 x credentials.mint_ahead; clamped to 1/3 of its life)
     sso_poll_floor: float = 1.0
+    orphan_tries: int = 6               # revoke attempts for leases an earlier run left behind...
+    orphan_window: float = 600.0        # ... within this long; the next start tries again
 
 
 class Keeper:

@@ -32,7 +32,7 @@ from dbtunneld.aws import AwsSession, SsoDeviceLogin, format_utc
 from dbtunneld.config import parse_config
 from dbtunneld.errors import SignInNeededError
 from dbtunneld.keystore import Keystore
-from dbtunneld.lease import CredentialEngine, LeaseStore, Tuning
+from dbtunneld.lease import CredentialEngine, LeaseRecord, LeaseStore, Tuning
 from dbtunneld.model import CredentialState
 from dbtunneld.paths import Paths
 from dbtunneld.sandbox.stack import start_stack
@@ -388,6 +388,92 @@ def test_soak_short_ttls_sixty_seconds_without_a_failed_login(soak):
     assert kinds.count("db.rotated") >= 3 and kinds.count("vault.login") >= 3
     assert soak.users_after == soak.baseline                     # every user gone after stop
     assert soak.stop_seconds < 10
+
+
+# ------------------------------------------------------------------------------------------
+# a Vault policy without sys/leases/revoke (as Vault's default policy)
+
+
+@pytest.fixture(scope="module")
+def no_revoke(tmp_path_factory):
+    """A private stack whose developer policy lacks sys/leases/revoke, and a signed-in harness."""
+    base = tmp_path_factory.mktemp("norevoke")
+    with start_stack(clusters=("orders", "billing"), ssh=False, ssm=False, base_dir=base, lease_revoke=False) as s:
+        h = Harness(s, base / "engine")
+        sign_in(s, h.session())
+        yield h
+        h.close()
+
+
+def revoke_warnings(caplog, lease_id: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and lease_id in r.getMessage()]
+
+
+def test_denied_revoke_is_final_said_once_with_the_policy_line_and_the_users_end(no_revoke, caplog):
+    caplog.set_level(logging.INFO)
+    stack = no_revoke.stack
+    engine = no_revoke.engine("denied")
+    engine.start()
+    creds = engine.want("orders", timeout=30)
+    remember(engine, "orders")
+    outcomes = engine.release("orders")
+    assert len(outcomes) == 1
+    out = outcomes[0]
+    assert (out.revoked, out.retried, out.username) == (False, False, creds.username)
+    assert 'path "sys/leases/revoke" { capabilities = ["update"] }' in out.hint
+    assert out.valid_until == pytest.approx(creds.expires_at, abs=5)       # the lease's own end
+    assert creds.username in stack.dynamic_users("orders")                 # Vault really refused
+    assert engine.store.records() == []                  # final: the next start does not try again
+    time.sleep(1.5)                                      # no retry loop behind our back
+    said = revoke_warnings(caplog, creds.lease_id)
+    assert len(said) == 1, said
+    assert 'path "sys/leases/revoke"' in said[0] and "stays valid until" in said[0] and " UTC (in " in said[0]
+    engine.stop(revoke=True, timeout=5)
+
+
+def test_denied_orphan_is_dropped_after_one_try_with_its_end_from_lease_lookup(no_revoke, caplog):
+    caplog.set_level(logging.INFO)
+    stack = no_revoke.stack
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    holder = no_revoke.engine("orphan-holder")
+    holder.start()
+    creds = holder.want("billing", timeout=30)
+    remember(holder, "billing")
+    rec = holder.store.records()[0]
+    successor_paths = paths_in(no_revoke.base / "orphan-successor")
+    LeaseStore(successor_paths.leases_file).add(LeaseRecord(rec.lease_id, rec.cluster, rec.username, rec.vault,
+                                                            dead.pid, rec.issued_at))
+    successor = CredentialEngine(no_revoke.config, successor_paths, Keystore.memory(), aws=no_revoke.session())
+    no_revoke.engines.append(successor)
+    successor.start()
+    wait_for(lambda: LeaseStore(successor_paths.leases_file).records() == [], 20, what="the orphan to be dropped")
+    wait_for(lambda: successor._sweeper is not None and not successor._sweeper.is_alive(), 5, what="the sweep to end")
+    said = revoke_warnings(caplog, rec.lease_id)
+    assert len(said) == 1 and 'path "sys/leases/revoke"' in said[0], said
+    assert "until its lease expires" not in said[0]      # the end came from sys/leases/lookup
+    assert creds.username in stack.dynamic_users("billing")
+    successor.stop(revoke=True, timeout=5)
+    holder.stop(revoke=True, timeout=5)
+
+
+def test_stop_without_revoke_rights_revokes_the_token_and_vault_drops_its_users(no_revoke):
+    stack = no_revoke.stack
+    engine = no_revoke.engine("quit", keystore=Keystore(InMemoryKeyring()))   # persistent: token kept otherwise
+    engine.start()
+    users = {name: engine.want(name, timeout=30) for name in ("orders", "billing")}
+    remember(engine, "orders", "billing")
+    assert {c.username for c in users.values()} <= set(stack.dynamic_users())
+    outcomes = engine.stop(revoke=True, timeout=10)
+    assert sorted((o.cluster, o.revoked, o.how) for o in outcomes) == [("billing", True, "token"),
+                                                                       ("orders", True, "token")]
+    wait_for(lambda: not {c.username for c in users.values()} & set(stack.dynamic_users()), 15,
+             what="Vault to drop the token's users")
+    for name, creds in users.items():
+        with pytest.raises(pymysql.err.OperationalError) as err:
+            mysql_login(stack.clusters[name], creds)
+        assert err.value.args[0] in (1045, 1698)
+    assert engine.store.records() == []
 
 
 def test_logs_hold_none_of_the_test_secrets():

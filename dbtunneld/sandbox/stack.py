@@ -84,6 +84,7 @@ class StackOptions:
     sso_device_code_ttl: int = 600
     sso_access_token_ttl: int = 8 * 3600
     role_credentials_ttl: int = 3600
+    lease_revoke: bool = True        # False: the developer policy lacks sys/leases/revoke (Vault's default policy)
 
 
 class Stack:
@@ -300,7 +301,7 @@ class Stack:
         ttls = self.options.ttls
         configure_database(bao, [ClusterDb(n, db.port, db.database, db.admin_user, db.admin_password)
                                  for n, db in self.mariadb.items()], ttls)
-        configure_policies(bao)
+        configure_policies(bao, self.options.lease_revoke)
         if self.vault_front is not None:
             configure_jwt_auth(bao, self._jwt_public_pem, self._bindings(), ttls)
 
