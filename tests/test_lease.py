@@ -301,6 +301,45 @@ def test_orphans_of_a_dead_run_are_revoked_and_a_live_owner_is_left_alone(world)
     assert [r.lease_id for r in LeaseStore(world.paths.leases_file).records()] == ["database/creds/x/live"]
 
 
+def test_orphan_clean_up_retries_are_bounded_in_count_and_time(world, caplog):
+    caplog.set_level(logging.INFO)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    world.server.token_ttl, world.server.token_max = 10 ** 6, 10 ** 7
+    LeaseStore(world.paths.leases_file).add(LeaseRecord("database/creds/orders-ro/lost", "orders", "v-lost",
+                                                        "http://127.0.0.1:8200", dead.pid, world.clock.time()))
+    clock = FakeClock(world.clock.time(), auto_advance=True)     # every wait returns at once, time jumps
+    tuning = Tuning(backoff=Backoff(initial=10.0, maximum=120.0), orphan_tries=4, orphan_window=3600)
+    engine = world.engine(clock=clock, tuning=tuning)
+    engine.tokens.run_once()                                      # a token, then Vault goes away
+    assert engine.tokens.current() is not None
+    world.server.down = True
+    t0 = clock.time()
+    sweep = threading.Thread(target=engine._sweep_orphans, daemon=True)
+    sweep.start()
+    sweep.join(10)
+    engine._stopping.set()                                        # ends an unbounded sweep (old code)
+    assert not sweep.is_alive(), "the orphan sweep never gave up"
+    tries = [w for _, w in world.server.failed_calls if w == "revoke-lease"]
+    assert len(tries) == 4                                        # the count bound
+    assert clock.time() - t0 <= 3600                              # the time bound
+    assert "giving up on 1 orphaned lease(s) after 4 tries" in caplog.text
+    assert [r.lease_id for r in LeaseStore(world.paths.leases_file).records()] == ["database/creds/orders-ro/lost"]
+
+    short = world.engine(clock=FakeClock(clock.time(), auto_advance=True),
+                         tuning=Tuning(backoff=Backoff(initial=100.0, maximum=1000.0), orphan_tries=50,
+                                       orphan_window=500))
+    world.server.down = False
+    short.tokens.run_once()
+    assert short.tokens.current() is not None
+    world.server.down = True
+    world.server.failed_calls.clear()
+    start = short.clock.time()
+    short._sweep_orphans()                                        # the time bound ends it first
+    assert short.clock.time() - start <= 500
+    assert 2 <= len([w for _, w in world.server.failed_calls if w == "revoke-lease"]) <= 3
+
+
 def test_permission_denied_and_unknown_role_are_failures_the_caller_sees(world):
     engine = world.engine()
     engine.start()
