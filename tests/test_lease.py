@@ -23,7 +23,7 @@ from dbtunneld.model import CredentialState
 from dbtunneld.paths import Paths
 from dbtunneld.timing import Backoff, FakeClock, SYSTEM_CLOCK
 from helpers.fakevault import FakeAws, FakeVaultClient, FakeVaultServer, run_virtual
-from helpers.keyrings import InMemoryKeyring
+from helpers.keyrings import BlockingMacKeychain, InMemoryKeyring
 
 S = CredentialState
 
@@ -452,3 +452,27 @@ def test_threaded_want_times_out_with_a_transient_error(tmp_path):
             engine.want("orders", timeout=0.6)
     finally:
         engine.stop(timeout=0.5)
+
+
+def test_a_blocked_keychain_prompt_does_not_freeze_the_token_keeper(tmp_path):
+    server = FakeVaultServer(SYSTEM_CLOCK, token_ttl=1, token_max=30, lease_ttl=1, lease_max=30)
+    paths = Paths(tmp_path / "c.toml", tmp_path / "state", tmp_path / "log", tmp_path / "run")
+    keychain = BlockingMacKeychain()                  # the Keychain prompt stays unanswered
+    keystore = Keystore(keychain)
+    keystore.timeout = 0.5
+    engine = CredentialEngine(parse_config(CONFIG.format(mint_ahead=600)), paths, keystore,
+                              tuning=Tuning(backoff=Backoff(0.2, 2)), aws=FakeAws(),
+                              make_vault=lambda c: FakeVaultClient(server, c))
+    engine.start()
+    try:
+        creds = engine.want("orders", timeout=5)     # resume asked the keychain: given up at 0.5 s
+        assert server.can_log_in(creds.username, creds.password)
+        renewed = engine.tokens.renewals
+        time.sleep(2.5)                               # the token lives 1 s: kept alive meanwhile
+        assert engine.tokens.renewals >= renewed + 2
+        assert engine.tokens.current() is not None and engine.current("orders") is not None
+        assert not keychain.answered.is_set() and keychain.calls == 1
+        assert not engine.keystore.persistent
+    finally:
+        keychain.answer()
+        engine.stop(timeout=1)
