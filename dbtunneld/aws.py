@@ -41,7 +41,7 @@ from botocore.utils import JSONFileCache
 
 from . import log as dlog
 from .config import AwsConfig
-from .errors import DbtunneldError, NeedsUserError, PermissionDeniedError, SignInNeededError, TransientError
+from .errors import DbtunneldError, NeedsUserError, PermissionDeniedError, SignInNeededError, TransientError, reraise_if_bug
 from .timing import SYSTEM_CLOCK, Clock
 
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
@@ -66,9 +66,11 @@ def _sign_in(profile: str, why: str) -> SignInNeededError:
 
 
 def classify(exc: BaseException, doing: str, profile: str) -> DbtunneldError:
-    """The dbtunneld error for a botocore failure while ``doing`` with ``profile``."""
+    """The dbtunneld error for a botocore failure while ``doing`` with ``profile``; a bug
+    (``errors.is_bug``) is not classified but raised as it is."""
     if isinstance(exc, DbtunneldError):
         return exc
+    reraise_if_bug(exc)
     if isinstance(exc, (bexc.SSOTokenLoadError, bexc.UnauthorizedSSOTokenError)):
         return _sign_in(profile, "the SSO session is missing or expired")
     if isinstance(exc, bexc.TokenRetrievalError):

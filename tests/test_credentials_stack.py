@@ -29,6 +29,7 @@ import pytest
 
 from dbtunneld import log as dlog
 from dbtunneld.aws import AwsSession, SsoDeviceLogin, format_utc
+from dbtunneld.aws import classify as aws_classify
 from dbtunneld.config import parse_config
 from dbtunneld.errors import SignInNeededError
 from dbtunneld.keystore import Keystore
@@ -37,6 +38,8 @@ from dbtunneld.model import CredentialState
 from dbtunneld.paths import Paths
 from dbtunneld.sandbox.stack import start_stack
 from dbtunneld.timing import Backoff
+from dbtunneld.vault import VaultClient
+from dbtunneld.vault import classify as vault_classify
 from helpers.keyrings import InMemoryKeyring
 
 S = CredentialState
@@ -388,6 +391,50 @@ def test_soak_short_ttls_sixty_seconds_without_a_failed_login(soak):
     assert kinds.count("db.rotated") >= 3 and kinds.count("vault.login") >= 3
     assert soak.users_after == soak.baseline                     # every user gone after stop
     assert soak.stop_seconds < 10
+
+
+# ------------------------------------------------------------------------------------------
+# a bug inside an adapter
+
+
+class RenamedArgumentVault(VaultClient):
+    """``renew_lease`` written against another hvac signature: hvac raises TypeError inside the
+    adapter's classified block, the kind of bug an hvac upgrade brings."""
+
+    def renew_lease(self, lease_id, increment):
+        with self._classified(f"renewing lease {lease_id}"):
+            self._client.sys.renew_lease(lease_id=lease_id, increment_seconds=int(increment))
+        raise AssertionError("hvac accepted an unknown argument")
+
+
+def test_a_bug_in_an_adapter_is_an_internal_error_logged_once_with_its_traceback(stack, harness, caplog):
+    with pytest.raises(TypeError):                       # the classifiers let bugs through as they are
+        vault_classify(TypeError("bad call"), "renewing", "http://vault")
+    with pytest.raises(AttributeError):
+        aws_classify(AttributeError("no attribute"), "loading credentials", "sandbox")
+    caplog.set_level(logging.INFO)
+    engine = CredentialEngine(harness.config, paths_in(harness.base / "bug"), Keystore.memory(),
+                              aws=harness.session(), tuning=Tuning(bug_retry=Backoff(initial=0.5, maximum=1.0)),
+                              make_vault=lambda cfg: RenamedArgumentVault(cfg))
+    harness.engines.append(engine)
+    engine.start()
+    creds = engine.want("orders", timeout=30)
+    remember(engine, "orders")
+    keeper = engine.keepers["orders"]
+    keeper.request_renewal()
+    st = wait_for(lambda: (lambda s: s if s.state == S.FAILED else None)(engine.status()[2]["orders"]), 10,
+                  what="the internal error in the status")
+    assert st.last_error.startswith("internal error: TypeError:") and "see the log" in st.last_error
+    time.sleep(3)                                        # retried slowly, never a busy loop
+    assert 3 <= keeper.internal_errors <= 6, keeper.internal_errors
+    mine = [r for r in caplog.records if r.name == "dbtunneld.keeper" and "db orders" in r.getMessage()]
+    with_traceback = [r for r in mine if r.exc_info]
+    assert len(with_traceback) == 1 and with_traceback[0].levelno == logging.ERROR
+    assert "increment_seconds" in str(with_traceback[0].exc_info[1])
+    assert all("the same internal error" in r.getMessage() for r in mine if not r.exc_info)
+    assert not [r for r in caplog.records if "renewing user" in r.getMessage() and "retry" in r.getMessage()]
+    assert engine.current("orders").username == creds.username      # the lease stays usable meanwhile
+    engine.stop(revoke=True, timeout=5)
 
 
 # ------------------------------------------------------------------------------------------
