@@ -504,9 +504,12 @@ def test_denied_orphan_is_dropped_after_one_try_with_its_end_from_lease_lookup(n
     holder.stop(revoke=True, timeout=5)
 
 
-def test_stop_without_revoke_rights_revokes_the_token_and_vault_drops_its_users(no_revoke):
+@pytest.mark.parametrize("persistent", [True, False])
+def test_stop_without_revoke_rights_revokes_the_token_and_vault_drops_its_users(no_revoke, caplog, persistent):
+    caplog.set_level(logging.INFO)
     stack = no_revoke.stack
-    engine = no_revoke.engine("quit", keystore=Keystore(InMemoryKeyring()))   # persistent: token kept otherwise
+    keystore = Keystore(InMemoryKeyring()) if persistent else Keystore.memory()   # persistent: token kept otherwise
+    engine = no_revoke.engine(f"quit-{persistent}", keystore=keystore)
     engine.start()
     users = {name: engine.want(name, timeout=30) for name in ("orders", "billing")}
     remember(engine, "orders", "billing")
@@ -521,6 +524,7 @@ def test_stop_without_revoke_rights_revokes_the_token_and_vault_drops_its_users(
             mysql_login(stack.clusters[name], creds)
         assert err.value.args[0] in (1045, 1698)
     assert engine.store.records() == []
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "token" in r.getMessage()]
 
 
 def test_logs_hold_none_of_the_test_secrets():
