@@ -7,7 +7,8 @@ returns the delay to its next step; the loop waits that long on the injected ``C
 A bug (``errors.is_bug``: AttributeError, TypeError, KeyError... raised in the keeper or let
 through by an adapter's classifier) is not a transient failure: ``step`` logs its traceback once
 (per distinct bug), shows "internal error" in the status (state failed) and retries on a slow
-schedule (``Tuning.bug_retry``: 30 s doubling to 10 min, never faster), since a bug that depends
+schedule (``Tuning.bug_retry``: 30 s doubling to 10 min, back to 30 s only after 10 min without
+it; the keeper does nothing else until the retry, wakes included), since a bug that depends
 on what a server answered may pass, and a keeper that stopped for good would need a restart. ``CredentialEvent`` is what keepers
 announce (never a secret); ``Tuning`` holds the engine knobs that are not user config.
 """
@@ -74,6 +75,8 @@ class Keeper:
         self.steps = 0
         self.internal_errors = 0
         self._bug_attempt = 0
+        self._last_bug_at = 0.0
+        self._paused_until = 0.0       # after a bug, nothing runs before this (wakes included)
         self._bugs_logged: set[tuple[str, str, int]] = set()
 
     # lifecycle
@@ -114,15 +117,20 @@ class Keeper:
     def step(self) -> float:
         """``run_once``, with a bug turned into "internal error" and a slow retry (never a crash
         of the loop, never a fast spin); returns the delay to the next step."""
+        now = self.clock.time()
+        if now < self._paused_until:
+            return self._paused_until - now
         try:
             delay = self.run_once()
         except Exception as exc:
             return self._internal_error(exc)
-        self._bug_attempt = 0
+        if self._bug_attempt and self.clock.time() - self._last_bug_at > self.tuning.bug_retry.maximum:
+            self._bug_attempt = 0      # a long stretch without the bug: back to the first delay
         return delay
 
     def _internal_error(self, exc: Exception) -> float:
         self.internal_errors += 1
+        self._last_bug_at = self.clock.time()
         delay = self.tuning.bug_retry.delay(self._bug_attempt, 0.5)
         self._bug_attempt += 1
         text = f"internal error: {type(exc).__name__}: {dlog.mask(str(exc))}"
@@ -134,7 +142,8 @@ class Keeper:
         else:
             log.warning("%s %s: the same %s again; retry %d in %.0f s", self.kind, self.name, text,
                         self._bug_attempt, delay)
-        self._set_status(state=S.FAILED, last_error=text + " (see the log)", next_action_at=self.clock.time() + delay)
+        self._paused_until = self.clock.time() + delay
+        self._set_status(state=S.FAILED, last_error=text + " (see the log)", next_action_at=self._paused_until)
         return delay
 
     def run_once(self) -> float:  # pragma: no cover - abstract

@@ -340,6 +340,29 @@ def test_orphan_clean_up_retries_are_bounded_in_count_and_time(world, caplog):
     assert 2 <= len([w for _, w in world.server.failed_calls if w == "revoke-lease"]) <= 3
 
 
+def test_a_bug_is_retried_on_a_slow_bounded_schedule_with_one_traceback(world, caplog, monkeypatch):
+    caplog.set_level(logging.INFO)
+    engine = world.engine()
+    engine.start()
+    engine.request("orders")
+    run_virtual(engine, world.clock, 2)
+    creds = engine.current("orders")
+
+    def broken(self, lease_id, increment):
+        return {"data": {}}["lease_duration"]          # a KeyError, as a changed answer format brings
+    monkeypatch.setattr(FakeVaultClient, "renew_lease", broken)
+    engine.renew_now("orders")
+    steps = run_virtual(engine, world.clock, 3600)
+    keeper = engine.keepers["orders"]
+    assert 6 <= keeper.internal_errors <= 12            # 30 s doubling to 10 min: ~9 in an hour
+    assert steps < 200                                  # not a busy loop
+    st = engine.status()[2]["orders"]
+    assert st.state == S.FAILED and st.last_error.startswith("internal error: KeyError")
+    tracebacks = [r for r in caplog.records if r.exc_info]
+    assert len(tracebacks) == 1 and "KeyError" in caplog.text
+    assert creds.password not in caplog.text
+
+
 def test_permission_denied_and_unknown_role_are_failures_the_caller_sees(world):
     engine = world.engine()
     engine.start()
