@@ -42,7 +42,7 @@ from botocore.utils import JSONFileCache
 
 from . import log as dlog
 from .config import AwsConfig
-from .errors import DbtunneldError, NeedsUserError, PermissionDeniedError, SignInNeededError, TransientError
+from .errors import DbtunneldError, NeedsUserError, PermissionDeniedError, SignInNeededError, TransientError, reraise_if_bug
 from .timing import SYSTEM_CLOCK, Clock
 
 _SIGN_IN_CODES = {"UnauthorizedException", "UnauthorizedClientException", "InvalidGrantException",
@@ -63,9 +63,11 @@ def sign_in_needed(profile: str, why: str) -> SignInNeededError:
 
 
 def classify(exc: BaseException, doing: str, profile: str) -> DbtunneldError:
-    """The dbtunneld error for a botocore failure while ``doing`` with ``profile``."""
+    """The dbtunneld error for a botocore failure while ``doing`` with ``profile``; a bug
+    (``errors.is_bug``) is not classified but raised as it is."""
     if isinstance(exc, DbtunneldError):
         return exc
+    reraise_if_bug(exc)
     if isinstance(exc, (bexc.SSOTokenLoadError, bexc.UnauthorizedSSOTokenError)):
         return sign_in_needed(profile, "the SSO session is missing or expired")
     if isinstance(exc, bexc.TokenRetrievalError):

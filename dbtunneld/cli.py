@@ -186,11 +186,54 @@ def _cmd_connect(args: argparse.Namespace) -> int:
     return EXIT_SIGN_IN if any(t.get("state") == "needs_sign_in" for t in result["tunnels"]) else EXIT_UNHEALTHY
 
 
+def render_revocation(outcomes: list[dict], now: float) -> list[str]:
+    """One line per DB user that was to be revoked, then each distinct fix once."""
+    lines, hints = [], []
+    for o in outcomes:
+        who = f"{o['cluster']}: user {o['username']}"
+        if o.get("revoked"):
+            lines.append(f"{who} revoked" + (" (with the Vault token that created it)" if o.get("how") == "token" else ""))
+            continue
+        until = o.get("valid_until")
+        end = (f"it stays valid until {_utc(until)} (in {_span(until - now)})" if until else
+               "it stays valid until its lease expires")
+        lines.append(f"{who} NOT revoked ({o.get('reason') or 'unknown'}); "
+                     + ("the next start tries again" if o.get("retried") else end))
+        if o.get("hint") and o["hint"] not in hints:
+            hints.append(o["hint"])
+    return lines + [f"hint: {h}" for h in hints]
+
+
+def _utc(epoch: float) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(epoch))
+
+
+def _revocation_summary(outcomes: list[dict] | None) -> str:
+    if outcomes is None:
+        return "what was revoked is in the daemon's log (it did not report in time)"
+    if not outcomes:
+        return "no DB user was held"
+    kept = sum(1 for o in outcomes if not o.get("revoked"))
+    return f"{kept} of {len(outcomes)} DB user(s) NOT revoked (see above)" if kept else "every DB user revoked"
+
+
 def _cmd_disconnect(args: argparse.Namespace) -> int:
-    names = _client(args).request("disconnect", **_target_args(args))["disconnected"]
-    for name in names:
-        print(f"{name}: disconnected (credentials revoked)")
-    if not names:
+    import time
+
+    reply = _client(args).request("disconnect", **_target_args(args))
+    outcomes = reply.get("revocation") or []
+    for name in reply["disconnected"]:
+        mine = [o for o in outcomes if o.get("cluster") == name]
+        if not mine:
+            print(f"{name}: disconnected (no credentials were held)")
+        elif all(o.get("revoked") for o in mine):
+            print(f"{name}: disconnected (credentials revoked)")
+        else:
+            print(f"{name}: disconnected")
+            print("\n".join(render_revocation(mine, time.time())))
+    if not reply["disconnected"]:
         print("nothing was connected")
     return EXIT_OK
 
@@ -314,13 +357,17 @@ def _cmd_stop(args: argparse.Namespace) -> int:
     import time
 
     client = _client(args)
-    pid = client.request("stop")["pid"]
+    reply = client.request("stop", wait=args.wait, timeout=args.wait + 10)
+    pid = reply["pid"]
     deadline = time.monotonic() + args.wait
     while client.ping(timeout=1.0):
         if time.monotonic() > deadline:
             raise DbtunneldError(f"the daemon (pid {pid}) is still stopping", "see its log; it stops within its bound")
         time.sleep(0.05)
-    print(f"daemon stopped (pid {pid}); leases revoked")
+    outcomes = reply.get("revocation")
+    for line in render_revocation(outcomes or [], time.time()):
+        print(line)
+    print(f"daemon stopped (pid {pid}); {_revocation_summary(outcomes)}")
     return EXIT_OK
 
 

@@ -166,6 +166,8 @@ class _Connection:
         self.idle_since = time.monotonic()
         self.busy = False                  # a request is being served
         self.closed = False
+        self.answered = threading.Event()  # clear while a request is being answered
+        self.answered.set()
         self.thread = threading.Thread(target=self.serve, name=f"control-client-{number}", daemon=True)
 
     def serve(self) -> None:
@@ -233,13 +235,17 @@ class _Connection:
 
     def _answer(self, request: P.Request) -> None:
         log.debug("%s %s %s", self.ctx, request.cmd, sorted(request.args))
+        self.answered.clear()
         try:
-            line = P.encode_result(request.id, self.server.dispatch(request))
-        except Exception as exc:  # every failure becomes a reply; the daemon keeps running
-            self._log_failure(request, exc)
-            payload = P.error_payload(exc)
-            line = P.encode_error(request.id, **payload)
-        self.send(line)
+            try:
+                line = P.encode_result(request.id, self.server.dispatch(request))
+            except Exception as exc:  # every failure becomes a reply; the daemon keeps running
+                self._log_failure(request, exc)
+                payload = P.error_payload(exc)
+                line = P.encode_error(request.id, **payload)
+            self.send(line)
+        finally:
+            self.answered.set()
 
     def _log_failure(self, request: P.Request, exc: Exception) -> None:
         if isinstance(exc, DbtunneldError):
@@ -424,8 +430,10 @@ class ControlServer:
         with self._lock:
             self._clients.discard(conn)
 
-    def close(self, timeout: float = 3.0) -> None:
-        """Stop accepting, drop every client, remove the socket file (idempotent)."""
+    def close(self, timeout: float = 3.0, answer_grace: float = 2.0) -> None:
+        """Stop accepting, let replies being answered go out (up to ``answer_grace`` s, e.g. the
+        ``stop`` reply with the revocation report), drop every client, remove the socket file
+        (idempotent)."""
         if self.closing:
             return
         self.closing = True
@@ -434,6 +442,9 @@ class ControlServer:
             self._thread.join(timeout)
         with self._lock:
             clients = list(self._clients)
+        end = time.monotonic() + answer_grace
+        for c in clients:
+            c.answered.wait(max(0.0, end - time.monotonic()))
         for c in clients:
             c.close()
         for c in clients:

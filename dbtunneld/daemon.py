@@ -159,6 +159,8 @@ class Daemon:
         self._reload_lock = threading.Lock()
         self.signals: list[str] = []               # names of signals received, logged by the main loop
         self.clean_stop = True
+        self.revocation: list[dict] | None = None  # what became of each DB user, once stopped
+        self._stopped = threading.Event()          # set when the supervisor stopped (``stop`` waiters)
 
     # ---- start and run
 
@@ -229,11 +231,27 @@ class Daemon:
 
     def _stop_supervisor(self) -> bool:
         if self.supervisor is None:
+            self._stopped.set()
             return True
-        t = threading.Thread(target=self.supervisor.stop, args=(self.stop_timeout,), name="shutdown", daemon=True)
+
+        def stop() -> None:
+            self.revocation = self.supervisor.stop(self.stop_timeout)
+
+        t = threading.Thread(target=stop, name="shutdown", daemon=True)
         t.start()
         t.join(self.stop_timeout + 2.0)
+        self._stopped.set()                     # ``stop`` requests answer now, before the socket closes
         return not t.is_alive()
+
+    def _stop_command(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Ask the main loop to stop; with ``wait``, answer once the leases are revoked, with an
+        outcome per DB user (``revocation``; None when the stop did not finish in ``wait``)."""
+        self.request_stop()
+        wait = float(args.get("wait", 0.0))
+        reply: dict[str, Any] = {"stopping": True, "pid": os.getpid()}
+        if wait > 0:
+            reply["revocation"] = self.revocation if self._stopped.wait(wait) else None
+        return reply
 
     # ---- reload
 
@@ -271,13 +289,13 @@ class Daemon:
         return {
             "status": lambda a: sup.status_dict(),
             "connect": lambda a: {"tunnels": sup.connect(_targets(a), float(a.get("wait", 0.0)))},
-            "disconnect": lambda a: {"disconnected": sup.disconnect(_targets(a))},
+            "disconnect": lambda a: sup.disconnect_report(_targets(a)),
             "reconnect": lambda a: {"reconnecting": sup.reconnect(_targets(a))},
             "creds": lambda a: sup.creds(a["name"], a.get("field", "username")),
             "renew": lambda a: {"renewed": sup.renew(a.get("name"))},
             "login": lambda a: sup.login(float(a.get("wait", 0.0)), bool(a.get("use_device_code", False))),
             "reload": lambda a: self.reload(),
-            "stop": lambda a: self.request_stop() or {"stopping": True, "pid": os.getpid()},
+            "stop": self._stop_command,
         }
 
 

@@ -103,3 +103,22 @@ class ClosedError(DbtunneldError):
 
 class ProtocolError(DbtunneldError):
     """A control-protocol or wire-protocol message was malformed."""
+
+
+# Exceptions that mean a bug (in dbtunneld or in a library it calls), not a failure of the world
+# outside: retrying them fast cannot help, and hiding them as "transient" hides the traceback.
+BUG_TYPES: tuple[type[BaseException], ...] = (AttributeError, TypeError, LookupError, NameError, AssertionError,
+                                              ArithmeticError, NotImplementedError, RecursionError)
+
+
+def is_bug(exc: BaseException) -> bool:
+    """True for a programming error (AttributeError, TypeError, KeyError...), which no classifier
+    turns into a ``DbtunneldError``: it propagates to the loop that owns the unit, which logs its
+    traceback once and shows "internal error" (``keeper.Keeper``)."""
+    return isinstance(exc, BUG_TYPES) and not isinstance(exc, DbtunneldError)
+
+
+def reraise_if_bug(exc: BaseException) -> None:
+    """For classifiers: let a bug through unchanged (with its traceback) instead of classifying it."""
+    if is_bug(exc):
+        raise exc

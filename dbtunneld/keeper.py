@@ -1,8 +1,15 @@
 """What every credential keeper shares: a lifecycle with one loop, a status, and events.
 
-A ``Keeper`` owns one retry loop: ``run_once`` does whatever is due and returns the delay to its
-next step; the loop waits that long on the injected ``Clock`` (or until ``wake``). Tests drive
-``run_once`` in virtual time instead of starting the thread. ``CredentialEvent`` is what keepers
+A ``Keeper`` owns one retry loop: ``step`` runs ``run_once``, which does whatever is due and
+returns the delay to its next step; the loop waits that long on the injected ``Clock`` (or until
+``wake``). Tests drive ``step`` in virtual time instead of starting the thread.
+
+A bug (``errors.is_bug``: AttributeError, TypeError, KeyError... raised in the keeper or let
+through by an adapter's classifier) is not a transient failure: ``step`` logs its traceback once
+(per distinct bug), shows "internal error" in the status (state failed) and retries on a slow
+schedule (``Tuning.bug_retry``: 30 s doubling to 10 min, back to 30 s only after 10 min without
+it; the keeper does nothing else until the retry, wakes included), since a bug that depends
+on what a server answered may pass, and a keeper that stopped for good would need a restart. ``CredentialEvent`` is what keepers
 announce (never a secret); ``Tuning`` holds the engine knobs that are not user config.
 """
 
@@ -45,12 +52,16 @@ class Tuning:
     relogin_ahead: float | None = None  # log in again this long before the token's max TTL
                                         # (default 1.5 x credentials.mint_ahead; clamped to 1/3 of its life)
     sso_poll_floor: float = 1.0
+    bug_retry: Backoff = Backoff(initial=30.0, maximum=600.0)   # after an internal error (a bug)
+    orphan_tries: int = 6               # revoke attempts for leases an earlier run left behind...
+    orphan_window: float = 600.0        # ... within this long; the next start tries again
 
 
 class Keeper:
     """A keeper with an explicit lifecycle: ``start`` spawns its loop, ``stop`` ends it."""
 
     kind = "keeper"
+    tuning = Tuning()     # subclasses set their own
 
     def __init__(self, name: str, clock: Clock, emit: Callable[[CredentialEvent], None]) -> None:
         self.name = name
@@ -62,6 +73,11 @@ class Keeper:
         self._cond = threading.Condition()
         self._status = CredentialStatus(kind=self.kind, name=name, state=S.IDLE, since=clock.time())
         self.steps = 0
+        self.internal_errors = 0
+        self._bug_attempt = 0
+        self._last_bug_at = 0.0
+        self._paused_until = 0.0       # after a bug, nothing runs before this (wakes included)
+        self._bugs_logged: set[tuple[str, str, int]] = set()
 
     # lifecycle
     def start(self, threaded: bool = True) -> None:
@@ -93,14 +109,42 @@ class Keeper:
     def _loop(self) -> None:
         while not self._stopping.is_set():
             self._wake.clear()
-            try:
-                delay = self.run_once()
-            except Exception:  # a bug must not kill the keeper silently or spin
-                log.exception("%s %s: unexpected error; retrying in 5 s", self.kind, self.name)
-                delay = 5.0
+            delay = self.step()
             if self._stopping.is_set():
                 break
             self.clock.wait(self._wake, max(0.0, delay))
+
+    def step(self) -> float:
+        """``run_once``, with a bug turned into "internal error" and a slow retry (never a crash
+        of the loop, never a fast spin); returns the delay to the next step."""
+        now = self.clock.time()
+        if now < self._paused_until:
+            return self._paused_until - now
+        try:
+            delay = self.run_once()
+        except Exception as exc:
+            return self._internal_error(exc)
+        if self._bug_attempt and self.clock.time() - self._last_bug_at > self.tuning.bug_retry.maximum:
+            self._bug_attempt = 0      # a long stretch without the bug: back to the first delay
+        return delay
+
+    def _internal_error(self, exc: Exception) -> float:
+        self.internal_errors += 1
+        self._last_bug_at = self.clock.time()
+        delay = self.tuning.bug_retry.delay(self._bug_attempt, 0.5)
+        self._bug_attempt += 1
+        text = f"internal error: {type(exc).__name__}: {dlog.mask(str(exc))}"
+        where = _origin(exc)
+        if where not in self._bugs_logged:
+            self._bugs_logged.add(where)
+            log.error("%s %s: %s (a bug in dbtunneld; please report it with this traceback); retry in %.0f s",
+                      self.kind, self.name, text, delay, exc_info=exc)
+        else:
+            log.warning("%s %s: the same %s again; retry %d in %.0f s", self.kind, self.name, text,
+                        self._bug_attempt, delay)
+        self._paused_until = self.clock.time() + delay
+        self._set_status(state=S.FAILED, last_error=text + " (see the log)", next_action_at=self._paused_until)
+        return delay
 
     def run_once(self) -> float:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -123,6 +167,15 @@ class Keeper:
 
     def _emit(self, kind: str, status: CredentialStatus | None = None, detail: str = "") -> None:
         self._emit_event(CredentialEvent(kind, self.name, self.clock.time(), status or self.status(), detail))
+
+
+def _origin(exc: BaseException) -> tuple[str, str, int]:
+    """A bug's identity for "log its traceback once": its type and the line that raised it."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    code = tb.tb_frame.f_code if tb is not None else None
+    return (type(exc).__name__, code.co_filename if code else "", tb.tb_lineno if tb is not None else 0)
 
 
 def short_error(exc: BaseException) -> str:

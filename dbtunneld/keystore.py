@@ -6,6 +6,12 @@ later schema can ignore or migrate old entries. Backends that keep secrets in pl
 used. With no secure backend the store keeps secrets in memory only and says so once; it never
 falls back to plain text. A backend that breaks at run time (locked, bus gone) degrades the same way.
 
+A keyring call can block: keyring's macOS backend calls ``SecItemCopyMatching``, which waits for
+the user's answer to the Keychain access prompt (shown again after every Homebrew Python upgrade,
+as the binary changed), and a locked Secret Service collection waits for its unlock prompt. So
+each call runs on a helper thread with a deadline (``Keystore.timeout``); past it the store goes
+memory-only with one message (on macOS: choose "Always Allow"), and the caller (a keeper) goes on.
+
 Modes (``Keystore.open(mode)``, default from ``DBTUNNELD_KEYRING``): ``auto`` (a secure backend
 if there is one, else memory), ``system`` (a secure backend or an error), ``memory``.
 """
@@ -21,7 +27,7 @@ import keyring.backend
 import keyring.errors
 from keyring.backends import chainer, fail, null
 
-from .errors import NeedsUserError
+from .errors import NeedsUserError, is_bug
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +40,10 @@ PLAINTEXT_MODULES = ("keyrings.alt",)
 # daemon logs in to Vault again with the AWS SSO session, which the AWS CLI's cache keeps on disk.
 MEMORY_NOTE = ("secrets are kept in memory only: after a restart dbtunneld logs in to Vault again "
                "(no new sign-in while the AWS SSO session lasts)")
+CALL_TIMEOUT = 5.0            # seconds a keyring call may take before the store goes memory-only
+MACOS_PROMPT = ('macOS is probably asking whether Python may use the Keychain item: choose "Always Allow" '
+                "(it asks again after every Python upgrade); the next start of dbtunneld uses the Keychain")
+LOCKED_PROMPT = "a locked keyring waits for its unlock prompt: unlock it at login, then restart dbtunneld"
 FIX = ("install and unlock a Secret Service keyring (gnome-keyring or KWallet; macOS Keychain and "
        "Windows Credential Locker work as they are) and remove PYTHON_KEYRING_BACKEND or "
        f"keyringrc.cfg settings that pick another backend, or set {ENV_MODE}=memory to keep secrets "
@@ -92,8 +102,10 @@ def resolve(backend: keyring.backend.KeyringBackend) -> tuple[keyring.backend.Ke
 class Keystore:
     """Get / set / delete secrets by ``(kind, name)``; memory always holds the current values."""
 
-    def __init__(self, backend: keyring.backend.KeyringBackend | None, reason: str = "") -> None:
+    def __init__(self, backend: keyring.backend.KeyringBackend | None, reason: str = "", *,
+                 timeout: float = CALL_TIMEOUT) -> None:
         self._backend = backend
+        self.timeout = timeout
         self._memory: dict[str, str] = {}
         self._lock = threading.Lock()
         self._reason = reason
@@ -161,11 +173,18 @@ class Keystore:
         backend = self._backend
         if backend is None:
             return None
-        try:
-            return call(backend)
-        except Exception as exc:  # locked keyring, bus gone, backend bug: never fatal
-            self._degrade(f"keyring {backend_name(backend)} failed to {what} ({type(exc).__name__}: {exc})")
+        done, result = _with_deadline(lambda: call(backend), self.timeout, f"dbtunneld-keyring-{what}")
+        if not done:
+            self._degrade(f"keyring {backend_name(backend)} did not answer a {what} within {self.timeout:g} s "
+                          f"({MACOS_PROMPT if _is_macos(backend) else LOCKED_PROMPT})")
             return None
+        if isinstance(result, BaseException):  # locked keyring, bus gone, backend bug: never fatal
+            if is_bug(result):
+                log.error("keyring %s failed to %s with an internal error", backend_name(backend), what,
+                          exc_info=result)
+            self._degrade(f"keyring {backend_name(backend)} failed to {what} ({type(result).__name__}: {result})")
+            return None
+        return result
 
     def _degrade(self, reason: str) -> None:
         with self._lock:
@@ -173,6 +192,28 @@ class Keystore:
                 return
             self._backend, self._reason = None, reason
         log.warning("%s; %s", reason, MEMORY_NOTE)
+
+
+def _with_deadline(call, timeout: float, name: str) -> tuple[bool, object]:
+    """Run ``call`` on a helper thread; ``(False, None)`` when it is still running after ``timeout``
+    (the thread is left to finish on its own: a blocked keychain call cannot be cancelled), else
+    ``(True, its result or the exception it raised)``."""
+    box: list[object] = []
+
+    def run() -> None:
+        try:
+            box.append(call())
+        except Exception as exc:
+            box.append(exc)
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return (True, box[0]) if box else (False, None)
+
+
+def _is_macos(backend: keyring.backend.KeyringBackend) -> bool:
+    return type(backend).__module__.startswith("keyring.backends.macOS")
 
 
 def _delete_quietly(backend: keyring.backend.KeyringBackend, key: str) -> None:

@@ -62,8 +62,9 @@ from .config import ClusterConfig, Config, VaultConfig
 from .errors import ClosedError, DbtunneldError, PermissionDeniedError, TransientError
 from .keeper import CredentialEvent, Keeper, Tuning, finite, short_error
 from .keystore import Keystore
-from .model import CredentialState, CredentialStatus, DbCredentials
+from .model import CredentialState, CredentialStatus, DbCredentials, LeaseOutcome
 from .paths import Paths, ProcessIdentity, my_identity, pid_alive
+from .revoke import RevokeTarget, revoke_leases, revoke_with_token
 from .timing import SYSTEM_CLOCK, Clock, Lifetime, jittered_grace, plan_next, renewal_capped, replace_time, retry_within
 from .sso import refresh_blocker
 from .sso_keeper import SsoKeeper
@@ -429,7 +430,8 @@ class LeaseKeeper(Keeper):
     def _adopt(self, grant: LeaseGrant, view: TokenView) -> None:
         dlog.register_secret(grant.password)
         if self.stopping:  # released while minting: give it back at once
-            revoke_leases([grant.lease_id], self.tokens, self.store, time.monotonic() + 5, {grant.lease_id: grant.username})
+            revoke_leases([RevokeTarget(grant.lease_id, self.name, grant.username, grant.issued_at + grant.duration)],
+                          self.tokens, self.store, time.monotonic() + 5)
             return
         me = my_identity()
         self.store.add(LeaseRecord(grant.lease_id, self.name, grant.username, self.tokens.config.address,
@@ -542,62 +544,25 @@ class LeaseKeeper(Keeper):
 
     # -- release
 
-    def revoke_all(self, deadline: float) -> list[str]:
-        """Revoke every lease this keeper holds (by ``deadline``, monotonic); returns failures."""
-        leases = self.take_leases()
-        failed = revoke_leases([lz.grant.lease_id for lz in leases], self.tokens, self.store, deadline,
-                               {lz.grant.lease_id: lz.grant.username for lz in leases})
-        self._set_status(state=S.REVOKED if not failed else S.IDLE, identity="", expires_at=None, next_action_at=None)
-        for lz in leases:
-            if lz.lease_id not in failed:
-                self._emit("db.revoked", detail=f"user {lz.grant.username}")
-        return failed
+    def revoke_all(self, deadline: float) -> list[LeaseOutcome]:
+        """Revoke every lease this keeper holds (by ``deadline``, monotonic); an outcome per lease."""
+        outcomes = revoke_leases([self.target(lz) for lz in self.take_leases()], self.tokens, self.store, deadline)
+        self.settle(outcomes)
+        return outcomes
 
+    def target(self, lease: _Lease) -> RevokeTarget:
+        """What revoking ``lease`` needs, with when its user ends on its own."""
+        end = min(lease.expires_at, self.tokens.max_expiry(lease.token_accessor) or math.inf)
+        return RevokeTarget(lease.lease_id, self.name, lease.grant.username, finite(end), lease.token_accessor)
 
-def revoke_leases(lease_ids: list[str], tokens: TokenKeeper, store: LeaseStore, deadline: float,
-                  users: dict[str, str] | None = None) -> list[str]:
-    """Revoke leases in parallel, each request bounded by ``deadline`` (monotonic). Revoked ones
-    leave the store; the others stay there for the next start. Returns the ids not revoked."""
-    users = users or {}
-    view = tokens.current()
-    make_vault = tokens.make_vault
-    if not lease_ids:
-        return []
-    if view is None:
-        log.warning("cannot revoke %d lease(s) now (no valid Vault token); the next start revokes them",
-                    len(lease_ids))
-        return list(lease_ids)
-    failed: list[str] = []
-    lock = threading.Lock()
-
-    def revoke(lease_id: str) -> None:
-        left = deadline - time.monotonic()
-        ok = False
-        if left > 0.05:
-            client = make_vault(replace(tokens.config, timeout=max(0.2, left)))
-            try:
-                client.use_token(view.secret)
-                client.revoke_lease(lease_id)
-                ok = True
-            except DbtunneldError as exc:
-                log.warning("revoking lease %s failed (%s); the next start retries", lease_id, short_error(exc))
-            finally:
-                client.close()
-        if ok:
-            store.remove(lease_id)
-            log.info("revoked user %s (lease %s)", users.get(lease_id, "?"), lease_id)
-        else:
-            with lock:
-                failed.append(lease_id)
-
-    threads = [threading.Thread(target=revoke, args=(lid,), name="dbtunneld-revoke", daemon=True) for lid in lease_ids]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(max(0.0, deadline - time.monotonic()))
-    with lock:
-        late = [lid for lid, t in zip(lease_ids, threads) if t.is_alive() and lid not in failed]
-        return failed + late
+    def settle(self, outcomes: list[LeaseOutcome]) -> None:
+        """After revoking: the keeper's state, and an event per user revoked."""
+        gone = all(o.revoked for o in outcomes)
+        self._set_status(state=S.REVOKED if gone else S.IDLE, identity="", expires_at=None, next_action_at=None,
+                         last_error="" if gone else "; ".join(sorted({o.reason for o in outcomes if not o.revoked})))
+        for o in outcomes:
+            if o.revoked:
+                self._emit("db.revoked", detail=f"user {o.username}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -697,26 +662,26 @@ class CredentialEngine:
         self.sso.start(self.threaded)
         self.tokens.start(self.threaded)
 
-    def stop(self, revoke: bool = True, timeout: float | None = None) -> None:
+    def stop(self, revoke: bool = True, timeout: float | None = None) -> list[LeaseOutcome]:
         """Stop every keeper; with ``revoke`` revoke all leases, bounded by ``timeout``
         (default ``credentials.revoke_timeout``) even when Vault or the network are failing.
         Leases not revoked in time stay in the leases file: the next start revokes them.
-        Idempotent."""
+        Returns an outcome per lease (empty when already stopped). Idempotent."""
         bound = self.config.credentials.revoke_timeout if timeout is None else timeout
         deadline = time.monotonic() + bound
         with self._lock:
             if self._stopping.is_set():
-                return
+                return []
             self._stopping.set()
             keepers = list(self.keepers.values())
         self._stop_units(keepers, deadline)
-        if revoke:
-            self._revoke_everything(keepers, deadline, bound)
+        outcomes = self._revoke_everything(keepers, deadline, bound) if revoke else []
         self._sso_signin.join(max(0.0, deadline - time.monotonic()))
         if self._sweeper is not None:
             self._sweeper.join(max(0.0, deadline - time.monotonic()))
         for unit in keepers + [self.tokens]:
             unit.vault.close()
+        return outcomes
 
     def _stop_units(self, keepers: list[LeaseKeeper], deadline: float) -> None:
         units = keepers + [self.tokens, self.sso]
@@ -726,18 +691,23 @@ class CredentialEngine:
         for unit in units:
             unit.stop(timeout=max(0.0, min(2.0, deadline - time.monotonic())))
 
-    def _revoke_everything(self, keepers: list[LeaseKeeper], deadline: float, bound: float) -> None:
-        held = {k: k.take_leases() for k in keepers}
-        ids = [lz.lease_id for leases in held.values() for lz in leases]
-        users = {lz.lease_id: lz.grant.username for leases in held.values() for lz in leases}
-        failed = set(revoke_leases(ids, self.tokens, self.store, deadline, users))
-        for keeper, leases in held.items():
-            if not any(lz.lease_id in failed for lz in leases):
-                keeper._set_status(state=S.REVOKED, identity="", expires_at=None, next_action_at=None)
-        if failed:
-            log.warning("%d lease(s) not revoked within %.1f s; the next start revokes them", len(failed), bound)
+    def _revoke_everything(self, keepers: list[LeaseKeeper], deadline: float, bound: float) -> list[LeaseOutcome]:
+        """Revoke every lease; those the policy or the network kept from being revoked one by one
+        go with the token when this token minted them (``revoke.revoke_with_token``)."""
+        targets = {k: [k.target(lz) for lz in k.take_leases()] for k in keepers}
+        flat = [t for ts in targets.values() for t in ts]
+        outcomes = revoke_leases(flat, self.tokens, self.store, deadline)
+        outcomes = revoke_with_token(outcomes, {t.lease_id: t.token_accessor for t in flat}, self.tokens,
+                                     self.store, deadline)
+        by_id = {o.lease_id: o for o in outcomes}
+        for keeper, ts in targets.items():
+            keeper.settle([by_id[t.lease_id] for t in ts])
+        late = [o for o in outcomes if not o.revoked and o.retried]
+        if late:
+            log.warning("%d lease(s) not revoked within %.1f s; the next start revokes them", len(late), bound)
         if not self.keystore.persistent and self.tokens.current() is not None and time.monotonic() < deadline:
             self.tokens.revoke(deadline - time.monotonic())   # it cannot be resumed after a restart anyway
+        return outcomes
 
     # -- clusters
 
@@ -775,8 +745,9 @@ class CredentialEngine:
             keeper.wait_renewal(ticket, timeout)
         return keeper.wait_credentials(timeout if self.threaded else 0)
 
-    def release(self, cluster_name: str, timeout: float | None = None) -> list[str]:
-        """Stop keeping the cluster's credentials and revoke them (bounded); returns lease ids not revoked."""
+    def release(self, cluster_name: str, timeout: float | None = None) -> list[LeaseOutcome]:
+        """Stop keeping the cluster's credentials and revoke them (bounded); an outcome per lease.
+        No token fallback here: revoking the token would end the other clusters' users too."""
         with self._lock:
             keeper = self.keepers.pop(cluster_name, None)
         if keeper is None:
@@ -784,9 +755,9 @@ class CredentialEngine:
         bound = self.config.credentials.revoke_timeout if timeout is None else timeout
         deadline = time.monotonic() + bound
         keeper.stop(timeout=min(2.0, bound))
-        failed = keeper.revoke_all(deadline)
+        outcomes = keeper.revoke_all(deadline)
         keeper.vault.close()
-        return failed
+        return outcomes
 
     # -- status
 
@@ -820,30 +791,33 @@ class CredentialEngine:
     # -- orphans
 
     def _sweep_orphans(self) -> None:
-        """Revoke leases an earlier run left behind (waits for a token; bounded retries)."""
-        pending = list(self._orphans)
-        attempt = 0
-        while pending and not self._stopping.is_set():
-            ids = [r.lease_id for r in pending]
-            users = {r.lease_id: r.username for r in pending}
-            deadline = time.monotonic() + self.config.credentials.revoke_timeout
-            failed = set(revoke_leases(ids, self.tokens, self.store, deadline, users))
-            pending = [r for r in pending if r.lease_id in failed]
-            if not pending:
-                break
-            delay = self.tuning.backoff.delay(attempt, self._rng.random())
+        """Revoke leases an earlier run left behind: at most ``tuning.orphan_tries`` attempts within
+        ``tuning.orphan_window`` seconds; a lease the policy does not let us revoke is not retried.
+        What is left stays in the leases file for the next start."""
+        started, attempt = self.clock.time(), 0
+        while self._orphans and not self._stopping.is_set():
+            self.sweep_orphans_once()
             attempt += 1
-            log.warning("%d orphaned lease(s) not revoked yet; retry %d in %.1f s", len(pending), attempt, delay)
+            if not self._orphans:
+                return
+            delay = self.tuning.backoff.delay(attempt - 1, self._rng.random())
+            if attempt >= self.tuning.orphan_tries or self.clock.time() + delay - started > self.tuning.orphan_window:
+                log.warning("giving up on %d orphaned lease(s) after %d tries in %.0f s; the next start tries again",
+                            len(self._orphans), attempt, self.clock.time() - started)
+                return
+            log.warning("%d orphaned lease(s) not revoked yet; retry %d in %.1f s", len(self._orphans), attempt, delay)
             self.clock.wait(self._stopping, delay)
-        self._orphans = pending
 
-    def sweep_orphans_once(self) -> list[str]:
-        """Revoke orphans now (for callers that run the engine without threads)."""
-        ids = [r.lease_id for r in self._orphans]
-        failed = set(revoke_leases(ids, self.tokens, self.store, time.monotonic() + self.config.credentials.revoke_timeout,
-                                   {r.lease_id: r.username for r in self._orphans}))
-        self._orphans = [r for r in self._orphans if r.lease_id in failed]
-        return sorted(failed)
+    def sweep_orphans_once(self) -> list[LeaseOutcome]:
+        """One attempt at the orphans (also for callers that run the engine without threads);
+        returns the outcomes. Retried ones stay orphans; revoked and denied ones are done."""
+        records = list(self._orphans)
+        targets = [RevokeTarget(r.lease_id, r.cluster, r.username) for r in records]
+        outcomes = revoke_leases(targets, self.tokens, self.store,
+                                 time.monotonic() + self.config.credentials.revoke_timeout)
+        retry = {o.lease_id for o in outcomes if o.retried}
+        self._orphans = [r for r in records if r.lease_id in retry]
+        return outcomes
 
     # -- SSO sign-in
 

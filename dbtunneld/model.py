@@ -88,6 +88,28 @@ class CredentialStatus:
 
 
 @dataclass(frozen=True)
+class LeaseOutcome:
+    """What became of one DB user that was to be revoked (``disconnect``, ``stop``)."""
+
+    cluster: str
+    username: str
+    lease_id: str
+    revoked: bool
+    how: str = ""                  # revoked: "lease" (sys/leases/revoke) or "token" (with the token that minted it)
+    reason: str = ""               # not revoked: why
+    hint: str = ""                 # not revoked: the fix (e.g. the Vault policy line to add)
+    valid_until: float | None = None   # not revoked: when the DB user ends on its own, if known
+    retried: bool = False          # not revoked: kept in the leases file, the next start tries again
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LeaseOutcome":
+        return _from_dict(cls, data)
+
+
+@dataclass(frozen=True)
 class TunnelStatus:
     name: str
     local_port: int

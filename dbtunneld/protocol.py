@@ -40,7 +40,7 @@ COMMANDS: dict[str, dict[str, Any]] = {
     "renew": {"name": str},
     "login": {"wait": _NUMBER, "use_device_code": bool},
     "reload": {},
-    "stop": {},
+    "stop": {"wait": _NUMBER},
 }
 REQUIRED_ARGS = {"creds": ("name",)}
 ONE_TARGET = ("connect", "disconnect", "reconnect")   # need exactly one of name / all

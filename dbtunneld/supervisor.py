@@ -53,9 +53,9 @@ class EngineUnit(Protocol):
     """The credential engine as the supervisor uses it (see ``lease.CredentialEngine``)."""
 
     def start(self) -> None: ...
-    def stop(self, timeout: float) -> None: ...            # revokes every lease and the token
+    def stop(self, timeout: float) -> list[dict] | None: ...   # revokes every lease (an outcome per lease)
     def want(self, cluster: ClusterConfig) -> None: ...     # mint and keep a lease (async)
-    def release(self, name: str) -> None: ...              # revoke the lease
+    def release(self, name: str) -> list[dict] | None: ...    # revoke the lease (an outcome per lease)
     def renew_now(self, name: str) -> None: ...
     def current(self, name: str) -> DbCredentials | None: ...
     def credential_status(self) -> tuple[CredentialStatus | None, CredentialStatus | None, dict[str, CredentialStatus]]: ...
@@ -202,8 +202,9 @@ class Supervisor:
                  ", ".join(f"{s.name}: {'autoconnect' if s.spec.cluster.autoconnect else 'connected before'}"
                            for s in auto) or "none")
 
-    def stop(self, timeout: float = 15.0) -> None:
-        """Stop every tunnel, then revoke every lease and the token (bounded by ``timeout``)."""
+    def stop(self, timeout: float = 15.0) -> list[dict]:
+        """Stop every tunnel, then revoke every lease and the token (bounded by ``timeout``);
+        returns what became of each DB user (``model.LeaseOutcome`` dicts)."""
         deadline = time.monotonic() + timeout
         with self._lock:
             self.stopping = True
@@ -211,11 +212,13 @@ class Supervisor:
             engine, self._engine = self._engine, None
         self._wake.stop()
         self._stop_tunnels(slots, deadline)
+        outcomes: list[dict] = []
         if engine is not None:
             self._wake.unregister(engine)
-            engine.stop(max(1.0, deadline - time.monotonic()))
+            outcomes = engine.stop(max(1.0, deadline - time.monotonic())) or []
         self._publisher.stop()
         log.info("supervisor stopped")
+        return outcomes
 
     def _start_engine(self, config: Config) -> EngineUnit:
         """Build and start the engine; one that can re-check its expiries is checked after a sleep."""
@@ -308,6 +311,11 @@ class Supervisor:
 
     def disconnect(self, names: Iterable[str] | None = None) -> list[str]:
         """Stop the tunnels and revoke the leases of the named clusters (all when None)."""
+        return self.disconnect_report(names)["disconnected"]
+
+    def disconnect_report(self, names: Iterable[str] | None = None) -> dict[str, Any]:
+        """``disconnect``, answered with what became of each DB user:
+        ``{"disconnected": [names], "revocation": [model.LeaseOutcome dicts]}``."""
         with self._lock:
             slots = [self._slot(n) for n in names] if names is not None else [s for s in self._slots.values() if s.wanted]
             engine = self._require_engine()
@@ -316,12 +324,13 @@ class Supervisor:
             self._wanted.discard(s.name for s in slots)
         # Outside the lock: stopping and revoking take up to the revoke bound; status readers go on.
         self._stop_tunnels(slots, time.monotonic() + self.config.credentials.revoke_timeout)
+        outcomes: list[dict] = []
         for slot in slots:
             if not self._cred_still_used(slot):
-                engine.release(slot.cred_name)
+                outcomes += engine.release(slot.cred_name) or []
             log.info("[cluster=%s] disconnected", slot.name)
         self._publisher.poke()
-        return [s.name for s in slots]
+        return {"disconnected": [s.name for s in slots], "revocation": outcomes}
 
     def _cred_still_used(self, slot: ClusterSlot) -> bool:
         """Another connected tunnel (a cluster and its reader port) shares the slot's DB user."""
@@ -548,16 +557,14 @@ class EngineAdapter:
     def start(self) -> None:
         self.engine.start()
 
-    def stop(self, timeout: float) -> None:
-        self.engine.stop(revoke=True, timeout=timeout)
+    def stop(self, timeout: float) -> list[dict]:
+        return [o.to_dict() for o in self.engine.stop(revoke=True, timeout=timeout)]
 
     def want(self, cluster: ClusterConfig) -> None:
         self.engine.request(cluster.name)
 
-    def release(self, name: str) -> None:
-        failed = self.engine.release(name)
-        if failed:
-            log.warning("[cluster=%s] %d lease(s) not revoked now; retried at the next start", name, len(failed))
+    def release(self, name: str) -> list[dict]:
+        return [o.to_dict() for o in self.engine.release(name)]   # the engine logs each lease's outcome
 
     def renew_now(self, name: str) -> None:
         self.engine.renew_now(name)

@@ -335,6 +335,8 @@ class TokenKeeper(Keeper):
         try:
             client.use_token(tok.secret)
             client.revoke_self()
+            with self._cond:
+                self._token = None          # gone for good: nothing may use it (or revoke it) again
             self.keystore.delete(TOKEN_KIND, self.key_name)
             self.ulog.info("revoked token %s", tok.info.accessor)
             return True

@@ -10,6 +10,10 @@ hvac and requests failures into dbtunneld's errors:
 * ``VaultRequestError``: 400/404, the request names something Vault does not know (unknown
   role or mount, lease not found): re-acquire or fix the config.
 * ``NeedsUserError``: TLS verification failed (set ``vault.ca_cert``).
+* ``RevokeDeniedError``: a 403 on ``sys/leases/revoke`` (the policy lacks it, as Vault's default
+  policy does): final for that lease, never retried; the hint names the policy line to add.
+* A bug (AttributeError, TypeError, KeyError... ``errors.is_bug``) is not classified: it propagates
+  unchanged, traceback and all, to the keeper loop (never disguised as a transient failure).
 
 Vault's environment, as its CLI reads it: ``VAULT_NAMESPACE``, ``VAULT_CACERT`` and
 ``VAULT_CAPATH`` stand in for ``vault.namespace`` / ``vault.ca_cert`` when those are unset;
@@ -37,7 +41,7 @@ from requests.adapters import HTTPAdapter
 from . import iam_login
 from . import log as dlog
 from .config import VaultConfig
-from .errors import DbtunneldError, NeedsUserError, PermissionDeniedError, TransientError
+from .errors import DbtunneldError, NeedsUserError, PermissionDeniedError, TransientError, reraise_if_bug
 from .timing import SYSTEM_CLOCK, Clock
 
 _TRANSIENT_HTTP = (hexc.InternalServerError, hexc.BadGateway, hexc.VaultDown, hexc.RateLimitExceeded,
@@ -46,6 +50,15 @@ _TRANSIENT_HTTP = (hexc.InternalServerError, hexc.BadGateway, hexc.VaultDown, he
 
 class VaultRequestError(DbtunneldError):
     """Vault rejected the request itself (400/404): an unknown role, mount or lease."""
+
+
+REVOKE_POLICY_LINE = 'path "sys/leases/revoke" { capabilities = ["update"] }'
+
+
+class RevokeDeniedError(PermissionDeniedError):
+    """Vault's policy does not let this token revoke leases (403 on ``sys/leases/revoke``)."""
+
+    hint = f"ask your Vault admin to add {REVOKE_POLICY_LINE} to the policy of your Vault role"
 
 
 @dataclass(frozen=True)
@@ -98,6 +111,7 @@ def classify(exc: BaseException, doing: str, address: str) -> DbtunneldError:
     """The dbtunneld error for a failure of ``doing`` against Vault at ``address``."""
     if isinstance(exc, DbtunneldError):
         return exc
+    reraise_if_bug(exc)
     if isinstance(exc, requests.exceptions.SSLError):
         return NeedsUserError(f"Vault at {address}: TLS verification failed while {doing}",
                               hint="set vault.ca_cert to the PEM file of Vault's CA (or fix the system trust store)")
@@ -314,6 +328,17 @@ class VaultClient:
                             renewable=bool(resp.get("renewable")))
 
     def revoke_lease(self, lease_id: str) -> None:
-        with self._classified(f"revoking lease {lease_id}"):
-            self._client.sys.revoke_lease(lease_id=lease_id)
+        """Revoke one lease; ``RevokeDeniedError`` when the policy does not allow it."""
+        try:
+            with self._classified(f"revoking lease {lease_id}"):
+                self._client.sys.revoke_lease(lease_id=lease_id)
+        except PermissionDeniedError as exc:
+            raise RevokeDeniedError(f"Vault's policy does not allow revoking lease {lease_id} "
+                                    f"(403 on sys/leases/revoke: {exc.message})") from None
+
+    def lease_expires_at(self, lease_id: str) -> float | None:
+        """When the lease ends on its own (``sys/leases/lookup``, in Vault's default policy)."""
+        with self._classified(f"looking up lease {lease_id}"):
+            data = self._client.sys.read_lease(lease_id=lease_id).get("data") or {}
+        return parse_time(data.get("expire_time"))
 

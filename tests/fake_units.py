@@ -13,7 +13,7 @@ import threading
 import time
 from dataclasses import replace
 
-from dbtunneld.model import CredentialState, CredentialStatus, TunnelState, TunnelStatus
+from dbtunneld.model import CredentialState, CredentialStatus, LeaseOutcome, TunnelState, TunnelStatus
 from dbtunneld.supervisor import DbCredentials
 
 _serial = itertools.count(1)
@@ -51,10 +51,10 @@ class FakeEngine:
     def stop(self, timeout):
         with self.lock:
             names = list(self.creds)
-        for name in names:
-            self.release(name)
+        outcomes = [o for name in names for o in self.release(name)]
         self.stopped = True
         LOG.append(("engine-stop", self.config.vault.address))
+        return outcomes
 
     def want(self, cluster):
         with self.lock:
@@ -66,9 +66,12 @@ class FakeEngine:
 
     def release(self, name):
         with self.lock:
-            if self.creds.pop(name, None) is not None:
-                self.revoked.append(name)
-                LOG.append(("revoke", name))
+            creds = self.creds.pop(name, None)
+            if creds is None:
+                return []
+            self.revoked.append(name)
+            LOG.append(("revoke", name))
+        return [LeaseOutcome(name, creds.username, f"database/creds/{name}/1", revoked=True, how="lease").to_dict()]
 
     def renew_now(self, name):
         self.renewed.append(name)

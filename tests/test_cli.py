@@ -8,6 +8,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import pymysql
@@ -229,9 +230,39 @@ def test_end_to_end_stop_revokes_everything(stack, daemon):
     users = [daemon.cli("creds", n, "--field", "username").stdout.strip() for n in ("orders", "billing")]
     assert set(users) <= set(stack.dynamic_users())
     out = daemon.cli("stop").stdout
-    assert "daemon stopped" in out
+    for user in users:
+        assert f": user {user} revoked\n" in out
+    assert "daemon stopped" in out and out.rstrip().endswith("every DB user revoked")
     assert not set(users) & set(stack.dynamic_users())
     assert daemon.cli("status", check=False).returncode == 3
+
+
+def test_end_to_end_without_revoke_rights_disconnect_and_stop_say_what_was_revoked(make_stack):
+    from dbtunneld.sandbox.daemonproc import DaemonUnderTest
+
+    stack = make_stack(lease_revoke=False, ssm=False)              # the policy lacks sys/leases/revoke
+    root = Path(tempfile.mkdtemp(prefix="dbt-e2e-", dir="/tmp"))
+    try:
+        with DaemonUnderTest(stack, root) as daemon:
+            daemon.sign_in()
+            daemon.cli("connect", "--all")
+            users = {n: daemon.cli("creds", n, "--field", "username").stdout.strip() for n in ("orders", "billing")}
+            out = daemon.cli("disconnect", "orders").stdout
+            assert out.startswith("orders: disconnected\n"), out
+            assert (f"orders: user {users['orders']} NOT revoked (Vault's policy does not allow sys/leases/revoke);"
+                    f" it stays valid until ") in out
+            assert 'hint: ask your Vault admin to add path "sys/leases/revoke" { capabilities = ["update"] }' in out
+            assert users["orders"] in stack.dynamic_users("orders")           # Vault refused: it lingers
+            out = daemon.cli("stop").stdout
+            assert f"billing: user {users['billing']} revoked (with the Vault token that created it)" in out
+            assert out.rstrip().endswith("every DB user revoked"), out
+            end = time.monotonic() + 15
+            while users["billing"] in stack.dynamic_users("billing") and time.monotonic() < end:
+                time.sleep(0.1)
+            assert users["billing"] not in stack.dynamic_users("billing")
+            assert daemon.log_text().count(f'cannot revoke user {users["orders"]}') == 1
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 # ------------------------------------------------------------------ `dbtunneld sandbox` runs the daemon

@@ -30,14 +30,17 @@ import pytest
 from dbtunneld import log as dlog
 from dbtunneld.aws import AwsSession, format_utc
 from dbtunneld.sso import SsoDeviceLogin
+from dbtunneld.aws import classify as aws_classify
 from dbtunneld.config import parse_config
 from dbtunneld.errors import SignInNeededError
 from dbtunneld.keystore import Keystore
-from dbtunneld.lease import CredentialEngine, LeaseStore, Tuning
+from dbtunneld.lease import CredentialEngine, LeaseRecord, LeaseStore, Tuning
 from dbtunneld.model import CredentialState
 from dbtunneld.paths import Paths
 from dbtunneld.sandbox.stack import start_stack
 from dbtunneld.timing import Backoff
+from dbtunneld.vault import VaultClient
+from dbtunneld.vault import classify as vault_classify
 from helpers.keyrings import InMemoryKeyring
 
 S = CredentialState
@@ -389,6 +392,140 @@ def test_soak_short_ttls_sixty_seconds_without_a_failed_login(soak):
     assert kinds.count("db.rotated") >= 3 and kinds.count("vault.login") >= 3
     assert soak.users_after == soak.baseline                     # every user gone after stop
     assert soak.stop_seconds < 10
+
+
+# ------------------------------------------------------------------------------------------
+# a bug inside an adapter
+
+
+class RenamedArgumentVault(VaultClient):
+    """``renew_lease`` written against another hvac signature: hvac raises TypeError inside the
+    adapter's classified block, the kind of bug an hvac upgrade brings."""
+
+    def renew_lease(self, lease_id, increment):
+        with self._classified(f"renewing lease {lease_id}"):
+            self._client.sys.renew_lease(lease_id=lease_id, increment_seconds=int(increment))
+        raise AssertionError("hvac accepted an unknown argument")
+
+
+def test_a_bug_in_an_adapter_is_an_internal_error_logged_once_with_its_traceback(stack, harness, caplog):
+    with pytest.raises(TypeError):                       # the classifiers let bugs through as they are
+        vault_classify(TypeError("bad call"), "renewing", "http://vault")
+    with pytest.raises(AttributeError):
+        aws_classify(AttributeError("no attribute"), "loading credentials", "sandbox")
+    caplog.set_level(logging.INFO)
+    engine = CredentialEngine(harness.config, paths_in(harness.base / "bug"), Keystore.memory(),
+                              aws=harness.session(), tuning=Tuning(bug_retry=Backoff(initial=0.5, maximum=1.0)),
+                              make_vault=lambda cfg: RenamedArgumentVault(cfg))
+    harness.engines.append(engine)
+    engine.start()
+    creds = engine.want("orders", timeout=30)
+    remember(engine, "orders")
+    keeper = engine.keepers["orders"]
+    keeper.request_renewal()
+    st = wait_for(lambda: (lambda s: s if s.state == S.FAILED else None)(engine.status()[2]["orders"]), 10,
+                  what="the internal error in the status")
+    assert st.last_error.startswith("internal error: TypeError:") and "see the log" in st.last_error
+    time.sleep(3)                                        # retried slowly, never a busy loop
+    assert 3 <= keeper.internal_errors <= 6, keeper.internal_errors
+    mine = [r for r in caplog.records if r.name == "dbtunneld.keeper" and "db orders" in r.getMessage()]
+    with_traceback = [r for r in mine if r.exc_info]
+    assert len(with_traceback) == 1 and with_traceback[0].levelno == logging.ERROR
+    assert "increment_seconds" in str(with_traceback[0].exc_info[1])
+    assert all("the same internal error" in r.getMessage() for r in mine if not r.exc_info)
+    assert not [r for r in caplog.records if "renewing user" in r.getMessage() and "retry" in r.getMessage()]
+    assert engine.current("orders").username == creds.username      # the lease stays usable meanwhile
+    engine.stop(revoke=True, timeout=5)
+
+
+# ------------------------------------------------------------------------------------------
+# a Vault policy without sys/leases/revoke (as Vault's default policy)
+
+
+@pytest.fixture(scope="module")
+def no_revoke(tmp_path_factory):
+    """A private stack whose developer policy lacks sys/leases/revoke, and a signed-in harness."""
+    base = tmp_path_factory.mktemp("norevoke")
+    with start_stack(clusters=("orders", "billing"), ssh=False, ssm=False, base_dir=base, lease_revoke=False) as s:
+        h = Harness(s, base / "engine")
+        sign_in(s, h.session())
+        yield h
+        h.close()
+
+
+def revoke_warnings(caplog, lease_id: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and lease_id in r.getMessage()]
+
+
+def test_denied_revoke_is_final_said_once_with_the_policy_line_and_the_users_end(no_revoke, caplog):
+    caplog.set_level(logging.INFO)
+    stack = no_revoke.stack
+    engine = no_revoke.engine("denied")
+    engine.start()
+    creds = engine.want("orders", timeout=30)
+    remember(engine, "orders")
+    outcomes = engine.release("orders")
+    assert len(outcomes) == 1
+    out = outcomes[0]
+    assert (out.revoked, out.retried, out.username) == (False, False, creds.username)
+    assert 'path "sys/leases/revoke" { capabilities = ["update"] }' in out.hint
+    assert out.valid_until == pytest.approx(creds.expires_at, abs=5)       # the lease's own end
+    assert creds.username in stack.dynamic_users("orders")                 # Vault really refused
+    assert engine.store.records() == []                  # final: the next start does not try again
+    time.sleep(1.5)                                      # no retry loop behind our back
+    said = revoke_warnings(caplog, creds.lease_id)
+    assert len(said) == 1, said
+    assert 'path "sys/leases/revoke"' in said[0] and "stays valid until" in said[0] and " UTC (in " in said[0]
+    engine.stop(revoke=True, timeout=5)
+
+
+def test_denied_orphan_is_dropped_after_one_try_with_its_end_from_lease_lookup(no_revoke, caplog):
+    caplog.set_level(logging.INFO)
+    stack = no_revoke.stack
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    holder = no_revoke.engine("orphan-holder")
+    holder.start()
+    creds = holder.want("billing", timeout=30)
+    remember(holder, "billing")
+    rec = holder.store.records()[0]
+    successor_paths = paths_in(no_revoke.base / "orphan-successor")
+    LeaseStore(successor_paths.leases_file).add(LeaseRecord(rec.lease_id, rec.cluster, rec.username, rec.vault,
+                                                            dead.pid, rec.issued_at))
+    successor = CredentialEngine(no_revoke.config, successor_paths, Keystore.memory(), aws=no_revoke.session())
+    no_revoke.engines.append(successor)
+    successor.start()
+    wait_for(lambda: LeaseStore(successor_paths.leases_file).records() == [], 20, what="the orphan to be dropped")
+    wait_for(lambda: successor._sweeper is not None and not successor._sweeper.is_alive(), 5, what="the sweep to end")
+    said = revoke_warnings(caplog, rec.lease_id)
+    assert len(said) == 1 and 'path "sys/leases/revoke"' in said[0], said
+    assert "until its lease expires" not in said[0]      # the end came from sys/leases/lookup
+    assert creds.username in stack.dynamic_users("billing")
+    successor.stop(revoke=True, timeout=5)
+    holder.stop(revoke=True, timeout=5)
+
+
+@pytest.mark.parametrize("persistent", [True, False])
+def test_stop_without_revoke_rights_revokes_the_token_and_vault_drops_its_users(no_revoke, caplog, persistent):
+    caplog.set_level(logging.INFO)
+    stack = no_revoke.stack
+    keystore = Keystore(InMemoryKeyring()) if persistent else Keystore.memory()   # persistent: token kept otherwise
+    engine = no_revoke.engine(f"quit-{persistent}", keystore=keystore)
+    engine.start()
+    users = {name: engine.want(name, timeout=30) for name in ("orders", "billing")}
+    remember(engine, "orders", "billing")
+    assert {c.username for c in users.values()} <= set(stack.dynamic_users())
+    outcomes = engine.stop(revoke=True, timeout=10)
+    assert sorted((o.cluster, o.revoked, o.how) for o in outcomes) == [("billing", True, "token"),
+                                                                       ("orders", True, "token")]
+    wait_for(lambda: not {c.username for c in users.values()} & set(stack.dynamic_users()), 15,
+             what="Vault to drop the token's users")
+    for name, creds in users.items():
+        with pytest.raises(pymysql.err.OperationalError) as err:
+            mysql_login(stack.clusters[name], creds)
+        assert err.value.args[0] in (1045, 1698)
+    assert engine.store.records() == []
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "token" in r.getMessage()]
 
 
 def test_logs_hold_none_of_the_test_secrets():

@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 
 import pytest
@@ -15,7 +16,8 @@ from keyring.backends import fail, null
 
 from dbtunneld import keystore as ks
 from dbtunneld.errors import NeedsUserError
-from helpers.keyrings import InMemoryKeyring, LockedKeyring, PlaintextKeyring, chainer_of
+from helpers.keyrings import (BlockingKeyring, BlockingMacKeychain, InMemoryKeyring, LockedKeyring, PlaintextKeyring,
+                              chainer_of)
 
 
 def test_keys_follow_the_versioned_schema():
@@ -95,6 +97,30 @@ def test_broken_backend_degrades_to_memory_once(caplog):
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
     assert "secret-value" not in caplog.text
+
+
+@pytest.mark.parametrize("backend,says", [(BlockingMacKeychain, '"Always Allow"'), (BlockingKeyring, "unlock it")])
+def test_a_keychain_call_that_blocks_is_abandoned_at_its_deadline_then_memory_only(backend, says, caplog):
+    caplog.set_level(logging.INFO, logger="dbtunneld.keystore")
+    keychain = backend()
+    store = ks.Keystore.open("auto", backend=keychain)
+    store.timeout = 0.3
+    try:
+        got: list = []
+        caller = threading.Thread(target=lambda: got.append(store.get("vault-token", "x")), daemon=True)
+        caller.start()                                             # a keeper asking for its token
+        caller.join(1.5)
+        assert got == [None], "the keyring call froze its caller"   # the prompt waits; we do not
+        assert not store.persistent and "did not answer a read within 0.3 s" in store.describe()
+        store.set("vault-token", "x", "secret-value")              # memory only from now on
+        assert store.get("vault-token", "x") == "secret-value"
+        store.delete("vault-token", "x")
+        assert keychain.calls == 1                                 # no pile of blocked threads
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 1 and says in warnings[0] and "memory only" in warnings[0]
+        assert "secret-value" not in caplog.text
+    finally:
+        keychain.answer()
 
 
 # ------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from dbtunneld.model import CredentialState
 from dbtunneld.paths import Paths
 from dbtunneld.timing import Backoff, FakeClock, SYSTEM_CLOCK
 from helpers.fakevault import FakeAws, FakeVaultClient, FakeVaultServer, run_virtual
-from helpers.keyrings import InMemoryKeyring
+from helpers.keyrings import BlockingMacKeychain, InMemoryKeyring
 
 S = CredentialState
 
@@ -256,7 +256,7 @@ def test_release_revokes_every_lease_and_the_store_forgets_them(world):
     engine.request("billing")
     run_virtual(engine, world.clock, 2)
     assert len(engine.store.records()) == 2
-    assert engine.release("orders") == []
+    assert [o.revoked for o in engine.release("orders")] == [True]
     assert [r.cluster for r in engine.store.records()] == ["billing"]
     assert len(world.server.alive_users()) == 1
     assert engine.status()[2].keys() == {"billing"}
@@ -296,9 +296,71 @@ def test_orphans_of_a_dead_run_are_revoked_and_a_live_owner_is_left_alone(world)
     second = world.engine()            # the crashed run's successor
     second.start()
     run_virtual(second, world.clock, 1)
-    assert second.sweep_orphans_once() == []
+    assert [o.revoked for o in second.sweep_orphans_once()] == [True]
     assert world.server.leases[lease_id].revoked_by_client
     assert [r.lease_id for r in LeaseStore(world.paths.leases_file).records()] == ["database/creds/x/live"]
+
+
+def test_orphan_clean_up_retries_are_bounded_in_count_and_time(world, caplog):
+    caplog.set_level(logging.INFO)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    world.server.token_ttl, world.server.token_max = 10 ** 6, 10 ** 7
+    LeaseStore(world.paths.leases_file).add(LeaseRecord("database/creds/orders-ro/lost", "orders", "v-lost",
+                                                        "http://127.0.0.1:8200", dead.pid, world.clock.time()))
+    clock = FakeClock(world.clock.time(), auto_advance=True)     # every wait returns at once, time jumps
+    tuning = Tuning(backoff=Backoff(initial=10.0, maximum=120.0), orphan_tries=4, orphan_window=3600)
+    engine = world.engine(clock=clock, tuning=tuning)
+    engine.tokens.run_once()                                      # a token, then Vault goes away
+    assert engine.tokens.current() is not None
+    world.server.down = True
+    t0 = clock.time()
+    sweep = threading.Thread(target=engine._sweep_orphans, daemon=True)
+    sweep.start()
+    sweep.join(10)
+    engine._stopping.set()                                        # ends an unbounded sweep (old code)
+    assert not sweep.is_alive(), "the orphan sweep never gave up"
+    tries = [w for _, w in world.server.failed_calls if w == "revoke-lease"]
+    assert len(tries) == 4                                        # the count bound
+    assert clock.time() - t0 <= 3600                              # the time bound
+    assert "giving up on 1 orphaned lease(s) after 4 tries" in caplog.text
+    assert [r.lease_id for r in LeaseStore(world.paths.leases_file).records()] == ["database/creds/orders-ro/lost"]
+
+    short = world.engine(clock=FakeClock(clock.time(), auto_advance=True),
+                         tuning=Tuning(backoff=Backoff(initial=100.0, maximum=1000.0), orphan_tries=50,
+                                       orphan_window=500))
+    world.server.down = False
+    short.tokens.run_once()
+    assert short.tokens.current() is not None
+    world.server.down = True
+    world.server.failed_calls.clear()
+    start = short.clock.time()
+    short._sweep_orphans()                                        # the time bound ends it first
+    assert short.clock.time() - start <= 500
+    assert 2 <= len([w for _, w in world.server.failed_calls if w == "revoke-lease"]) <= 3
+
+
+def test_a_bug_is_retried_on_a_slow_bounded_schedule_with_one_traceback(world, caplog, monkeypatch):
+    caplog.set_level(logging.INFO)
+    engine = world.engine()
+    engine.start()
+    engine.request("orders")
+    run_virtual(engine, world.clock, 2)
+    creds = engine.current("orders")
+
+    def broken(self, lease_id, increment):
+        return {"data": {}}["lease_duration"]          # a KeyError, as a changed answer format brings
+    monkeypatch.setattr(FakeVaultClient, "renew_lease", broken)
+    engine.renew_now("orders")
+    steps = run_virtual(engine, world.clock, 3600)
+    keeper = engine.keepers["orders"]
+    assert 6 <= keeper.internal_errors <= 12            # 30 s doubling to 10 min: ~9 in an hour
+    assert steps < 200                                  # not a busy loop
+    st = engine.status()[2]["orders"]
+    assert st.state == S.FAILED and st.last_error.startswith("internal error: KeyError")
+    tracebacks = [r for r in caplog.records if r.exc_info]
+    assert len(tracebacks) == 1 and "KeyError" in caplog.text
+    assert creds.password not in caplog.text
 
 
 def test_permission_denied_and_unknown_role_are_failures_the_caller_sees(world):
@@ -413,3 +475,27 @@ def test_threaded_want_times_out_with_a_transient_error(tmp_path):
             engine.want("orders", timeout=0.6)
     finally:
         engine.stop(timeout=0.5)
+
+
+def test_a_blocked_keychain_prompt_does_not_freeze_the_token_keeper(tmp_path):
+    server = FakeVaultServer(SYSTEM_CLOCK, token_ttl=1, token_max=30, lease_ttl=1, lease_max=30)
+    paths = Paths(tmp_path / "c.toml", tmp_path / "state", tmp_path / "log", tmp_path / "run")
+    keychain = BlockingMacKeychain()                  # the Keychain prompt stays unanswered
+    keystore = Keystore(keychain)
+    keystore.timeout = 0.5
+    engine = CredentialEngine(parse_config(CONFIG.format(mint_ahead=600)), paths, keystore,
+                              tuning=Tuning(backoff=Backoff(0.2, 2)), aws=FakeAws(),
+                              make_vault=lambda c: FakeVaultClient(server, c))
+    engine.start()
+    try:
+        creds = engine.want("orders", timeout=5)     # resume asked the keychain: given up at 0.5 s
+        assert server.can_log_in(creds.username, creds.password)
+        renewed = engine.tokens.renewals
+        time.sleep(2.5)                               # the token lives 1 s: kept alive meanwhile
+        assert engine.tokens.renewals >= renewed + 2
+        assert engine.tokens.current() is not None and engine.current("orders") is not None
+        assert not keychain.answered.is_set() and keychain.calls == 1
+        assert not engine.keystore.persistent
+    finally:
+        keychain.answer()
+        engine.stop(timeout=1)

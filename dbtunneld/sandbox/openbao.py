@@ -25,16 +25,25 @@ JWT_ISSUER = "dbtunneld-sandbox-aws-auth-standin"
 JWT_AUDIENCE = "openbao-aws-auth-standin"
 POLICY_NAME = "db-developer"
 
-POLICY_HCL = """
+LEASE_REVOKE_LINE = 'path "sys/leases/revoke"       { capabilities = ["update"] }'
+
+POLICY_HCL = f"""
 # What a developer's token may do (dbtunneld sandbox).
-path "database/creds/*"        { capabilities = ["read"] }
-path "sys/leases/renew"        { capabilities = ["update"] }
-path "sys/leases/revoke"       { capabilities = ["update"] }
-path "sys/leases/lookup"       { capabilities = ["update"] }
-path "auth/token/lookup-self"  { capabilities = ["read"] }
-path "auth/token/renew-self"   { capabilities = ["update"] }
-path "auth/token/revoke-self"  { capabilities = ["update"] }
+path "database/creds/*"        {{ capabilities = ["read"] }}
+path "sys/leases/renew"        {{ capabilities = ["update"] }}
+{LEASE_REVOKE_LINE}
+path "sys/leases/lookup"       {{ capabilities = ["update"] }}
+path "auth/token/lookup-self"  {{ capabilities = ["read"] }}
+path "auth/token/renew-self"   {{ capabilities = ["update"] }}
+path "auth/token/revoke-self"  {{ capabilities = ["update"] }}
 """
+
+
+def policy_hcl(lease_revoke: bool = True) -> str:
+    """The developer policy; ``lease_revoke=False`` is what a site that relies on Vault's default
+    policy grants (hashicorp/vault vault/policy_store.go, ``defaultPolicy``: ``sys/leases/renew``
+    and ``sys/leases/lookup`` but not ``sys/leases/revoke``; ``auth/token/revoke-self`` is in it)."""
+    return POLICY_HCL if lease_revoke else POLICY_HCL.replace(LEASE_REVOKE_LINE + "\n", "")
 
 
 def bao_binary() -> str:
@@ -167,8 +176,8 @@ def create_namespace(root: BaoAdmin, namespace: str) -> BaoAdmin:
     return root.in_namespace(namespace)
 
 
-def configure_policies(bao: BaoAdmin) -> None:
-    bao.write(f"sys/policies/acl/{POLICY_NAME}", {"policy": POLICY_HCL})
+def configure_policies(bao: BaoAdmin, lease_revoke: bool = True) -> None:
+    bao.write(f"sys/policies/acl/{POLICY_NAME}", {"policy": policy_hcl(lease_revoke)})
 
 
 @dataclass

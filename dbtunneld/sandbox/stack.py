@@ -90,6 +90,7 @@ class StackOptions:
     sts_region: str = ""             # Vault's aws auth signs/uses this regional STS ("" = global)
     sts_endpoint: str = ""           # Vault's sts_endpoint, e.g. a VPC endpoint name (needs sts_region)
     vault_namespace: str = ""        # put the aws auth, database mount and policy in this namespace
+    lease_revoke: bool = True        # False: the developer policy lacks sys/leases/revoke (Vault's default policy)
 
 
 class Stack:
@@ -318,7 +319,7 @@ class Stack:
             bao = create_namespace(root, self.options.vault_namespace)
         configure_database(bao, [ClusterDb(n, db.port, db.database, db.admin_user, db.admin_password)
                                  for n, db in self.mariadb.items()], ttls)
-        configure_policies(bao)
+        configure_policies(bao, self.options.lease_revoke)
         if self.vault_front is not None:
             configure_jwt_auth(bao, self._jwt_public_pem, self._bindings(), ttls)
 

@@ -256,7 +256,7 @@ def run_virtual(engine, clock, seconds: float, on_step=None, max_steps: int = 10
             clock.set(end)
             return steps
         clock.set(due[unit])
-        delay = unit.run_once()
+        delay = unit.step()
         steps += 1
         assert delay >= 0 and not math.isnan(delay)
         due[unit] = clock.time() + delay

@@ -3,6 +3,8 @@ plaintext look-alike (to check it is refused) and a broken one (to check degrada
 
 from __future__ import annotations
 
+import threading
+
 from keyring.backend import KeyringBackend
 from keyring.backends.chainer import ChainerBackend
 from keyring.errors import KeyringLocked, PasswordDeleteError
@@ -52,3 +54,48 @@ def chainer_of(*members):
         backends = list(members)
 
     return FixedChainer()
+
+
+class BlockingKeyring(InMemoryKeyring):
+    """A keyring whose calls wait for an answer that does not come (until ``answer()``).
+
+    Real behaviour it follows: keyring's macOS backend (keyring/backends/macOS/api.py) calls
+    ``SecItemCopyMatching`` / ``SecItemAdd``, which block until the user answers the Keychain
+    access prompt ("python3.12 wants to use your confidential information..."), shown again for
+    a new binary after every Homebrew Python upgrade; the SecretService backend
+    (keyring/backends/SecretService.py, ``get_preferred_collection`` -> secretstorage
+    ``Collection.unlock``, whose ``exec_prompt`` waits for the prompt's ``Completed`` signal) waits
+    for the unlock prompt of a locked collection. Neither has a timeout. ``calls`` counts the
+    calls that started.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answered = threading.Event()
+        self.calls = 0
+
+    def _wait(self) -> None:
+        self.calls += 1
+        self.answered.wait()
+
+    def get_password(self, service, username):
+        self._wait()
+        return super().get_password(service, username)
+
+    def set_password(self, service, username, password):
+        self._wait()
+        super().set_password(service, username, password)
+
+    def delete_password(self, service, username):
+        self._wait()
+        super().delete_password(service, username)
+
+    def answer(self) -> None:
+        self.answered.set()
+
+
+class BlockingMacKeychain(BlockingKeyring):
+    """``BlockingKeyring`` named as keyring's macOS backend (keyring.backends.macOS.Keyring)."""
+
+
+BlockingMacKeychain.__module__ = "keyring.backends.macOS"
