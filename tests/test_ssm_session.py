@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import boto3
@@ -184,6 +185,24 @@ def test_delayed_and_reordered_messages_are_delivered_in_order(standin, data_ser
             digest, got = download(sock, 2 * MB, seed=13)
         assert got == 2 * MB and digest == pattern_digest(2 * MB, seed=13)
         assert session.stats["buffered"] > 100  # early arrivals were held for the gaps
+
+
+def test_a_lone_pause_publication_does_not_hang_the_session(standin, data_server):
+    """The service may send pause_publication and never start_publication. Like the agent, the
+    client treats a pause as soft (lifted by the next acknowledgement or stream message) and
+    caps it (ChannelOptions.pause_cap); before, an idle client paused this way hung for good."""
+    options = ChannelOptions(pause_cap=1.0)
+    with start_port_forward(aws(), TARGET, "127.0.0.1", data_server.port, endpoint_url=standin.url, options=options) as session:
+        standin.control(f"/_standin/sessions/{session.session_id}/pause", {"start": False})
+        time.sleep(0.3)  # the pause has arrived; nothing is in flight to lift it
+        started = time.monotonic()
+        result: list[str] = []
+        worker = threading.Thread(target=lambda: result.append(upload(session.open_stream(timeout=10), 200_000, seed=22)), daemon=True)
+        worker.start()
+        worker.join(15)
+        assert result == [pattern_digest(200_000, seed=22)], "the session hung on a lone pause_publication"
+        assert time.monotonic() - started < 1.0 + 5.0  # the cap, plus a realistic-mode transfer
+        assert session.is_alive()
 
 
 def test_pause_publication_holds_then_resumes_the_flow(standin, data_server):

@@ -412,13 +412,14 @@ class AgentSession:
         took_ns = int((time.monotonic() - started) * 1e9)
         await self.send_stream(w.HANDSHAKE_COMPLETE, w.json_payload({"HandshakeTimeToComplete": took_ns, "CustomerMessage": ""}))
         destination = Destination(self.plugin)
-        self._relay = self._make_relay(destination)
+        relay = self._make_relay(destination)
         try:
-            await self._relay.start()
+            await relay.start()
         except OSError as exc:
             await self._finish(f"Unable to connect to specified port: {exc}")
             return
-        reason = await self._relay.run()
+        self._relay = relay  # IsConnectionAvailable: input is refused (not acknowledged) until now
+        reason = await relay.run()
         await self._drain_outgoing(DRAIN_TIMEOUT)
         await self._finish(reason)
 
