@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +21,7 @@ import paramiko
 import pymysql
 import pytest
 
-from dbtunneld.errors import ClosedError, NeedsUserError
+from dbtunneld.errors import ClosedError, NeedsUserError, TransientError
 from dbtunneld.sandbox.ssm_standin import SsmStandIn
 from dbtunneld.sandbox.ssm_testkit import DataServer, StandInProcess, download, pattern, pattern_digest, upload
 from dbtunneld.ssm import ChannelOptions, api, start_port_forward, start_ssh_session
@@ -213,6 +214,47 @@ def test_pause_publication_holds_then_resumes_the_flow(standin, data_server):
 
 
 # --- ending sessions -------------------------------------------------------------------------------
+
+
+def test_a_black_holed_session_is_declared_stalled_and_ends(standin, data_server):
+    """The websocket stays open but nothing comes back (no acknowledgements): once data has
+    waited ``stall_after`` s the channel ends with a TransientError, so its owner (the tunnel,
+    watching ``wait_closed``) starts a new session. Before, it looked alive for 300 s."""
+    options = ChannelOptions(stall_after=1.0)
+    with start_port_forward(aws(), TARGET, "127.0.0.1", data_server.port, endpoint_url=standin.url, options=options) as session:
+        with session.open_stream() as sock:
+            sock.sendall(b"E\n")
+            standin.control(f"/_standin/sessions/{session.session_id}/freeze", {"frozen": True})
+            sock.sendall(b"anyone there?")
+            assert session.wait_closed(6), "a black-holed session still looked alive"
+        assert isinstance(session.last_error, TransientError) and "stalled" in session.last_error.message
+    with start_port_forward(aws(), TARGET, "127.0.0.1", data_server.port, endpoint_url=standin.url) as fresh:
+        with fresh.open_stream() as sock:
+            assert upload(sock, 10_000) == pattern_digest(10_000)
+
+
+def test_a_slow_local_reader_is_not_mistaken_for_a_stall(standin, data_server, faults):
+    """While our own reader is back-pressured (the client reads slowly), acknowledgements cannot
+    be read: that time does not count towards the stall. Fast mode: every buffer on the echo
+    path must fill (~10 MB) before the agent's acknowledgements back up behind our reader."""
+    faults(mode="fast", agent_payload=16384)
+    options = ChannelOptions(stall_after=2.0, max_payload=16384)
+    with start_port_forward(aws(), TARGET, "127.0.0.1", data_server.port, endpoint_url=standin.url, options=options) as session:
+        with session.open_stream() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.sendall(b"E\n")
+            writer = threading.Thread(target=sock.sendall, args=(pattern(24 * MB, seed=31),), daemon=True)
+            writer.start()
+            time.sleep(3.0)  # nobody reads the echo: the agent's output backs up to our reader
+            digest, got = hashlib.sha256(), 0
+            while got < 24 * MB:
+                chunk = sock.recv(1 << 20)
+                assert chunk, f"the session ended under a slow reader: {session.last_error}"
+                digest.update(chunk)
+                got += len(chunk)
+            writer.join(10)
+            assert digest.hexdigest() == pattern_digest(24 * MB, seed=31)
+        assert session.is_alive(), session.last_error
 
 
 def test_close_leaves_the_session_terminated_in_the_service(standin, data_server):

@@ -213,6 +213,7 @@ class AgentSession:
         self._relay: StreamRelay | MuxRelay | None = None
         self._tasks: list[asyncio.Task] = []
         self._ended = False
+        self.frozen = False  # a black hole: the websocket stays open, nothing passes either way
         self._sent_to_client = 0
         self.stats = {"to_client": 0, "from_client": 0, "dropped": 0, "resent": 0, "refused": 0, "duplicates": 0}
 
@@ -301,7 +302,7 @@ class AgentSession:
     def _transmit(self, raw: bytes, *, ack: bool = False) -> None:
         """One attempt to put a message on the client's websocket, through the fault knobs."""
         conn = self._conn
-        if conn is None:
+        if conn is None or self.frozen:
             return
         faults = self.faults
         if faults.drop and self._rng.random() < faults.drop:
@@ -343,6 +344,8 @@ class AgentSession:
     # --- receiving ----------------------------------------------------------------------------
 
     async def _on_client_message(self, raw: bytes) -> None:
+        if self.frozen:
+            return
         if self.faults.drop and self._rng.random() < self.faults.drop:
             self.stats["dropped"] += 1
             return

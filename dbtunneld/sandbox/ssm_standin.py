@@ -24,7 +24,9 @@ parts a session touches, following their wire behaviour (see ``ssm_agent`` for t
   ``POST /_standin/sessions/<id>/close-websocket`` (``{"mode": "close"|"abort"}``);
   ``POST /_standin/sessions/<id>/terminate`` (``{"reason": "..."}``: a service-side end);
   ``POST /_standin/sessions/<id>/pause`` (``{"seconds": 1}``: pause_publication, then
-  start_publication; ``{"start": false}``: a pause with no start after it, as the service may).
+  start_publication; ``{"start": false}``: a pause with no start after it, as the service may);
+  ``POST /_standin/sessions/<id>/freeze`` (``{"frozen": true|false}``: the path goes silent both
+  ways while the websocket stays open, as when a network path black-holes).
 
 Modes: ``realistic`` (the default) paces and resends like the agent (~1 MB/s); ``fast`` is for
 tests of the client's own throughput (say so in the test). The command line is in
@@ -61,7 +63,7 @@ SSH_DOCUMENT = "AWS-StartSSHSession"
 REMOTE_DOCUMENT = "AWS-StartPortForwardingSessionToRemoteHost"
 JSON_11 = "application/x-amz-json-1.1"
 STREAM_PATH = re.compile(r"^/v1/data-channel/([A-Za-z0-9_.@-]+)$")
-CONTROL_SESSION = re.compile(r"^/_standin/sessions/([A-Za-z0-9_.@-]+)/(close-websocket|terminate|pause)$")
+CONTROL_SESSION = re.compile(r"^/_standin/sessions/([A-Za-z0-9_.@-]+)/(close-websocket|terminate|pause|freeze)$")
 TARGET_SYNTAX = re.compile(r"^((i|mi)-[0-9a-f]{8,17}|ecs:[^_\s]+_[^_\s]+_\S+)$")
 OPEN_TIMEOUT = 10.0
 ACTIVE = ("Connecting", "Connected", "Disconnected")
@@ -432,6 +434,9 @@ class SsmStandIn:
         if action == "terminate":
             await self._end(record, str(body.get("reason") or "terminated by the service"))
             return HttpResponse.json(record.row())
+        if action == "freeze":
+            record.agent.frozen = bool(body.get("frozen", True))
+            return HttpResponse.json({"frozen": record.agent.frozen})
         seconds = None if body.get("start") is False else float(body.get("seconds") or 1.0)
         asyncio.ensure_future(record.agent.pause(seconds))
         return HttpResponse.json({"paused": True, "start_after": seconds})

@@ -353,6 +353,10 @@ class DataChannel:
             if self._ws is not None and not self._paused:
                 await self._resend(self._out.due(now))
             if self._ws is not None:
+                stall = self.stall_reason(now)
+                if stall:
+                    await self._finish(TransientError(f"SSM session {self.session_id} stalled: {stall}", hint="a new session is started"))
+                    return
                 if len(self._out) and self._out.stalled_for(now) > self.options.give_up_after:
                     await self._finish(TransientError(f"SSM session {self.session_id}: the agent acknowledged nothing for {self.options.give_up_after:.0f} s"))
                     return
@@ -374,6 +378,22 @@ class DataChannel:
             await asyncio.wait_for(self._resend_wakeup.wait(), wait)
         except asyncio.TimeoutError:
             pass
+
+    def stall_reason(self, now: float) -> str:
+        """Why the channel looks stalled ('' when it does not): data waits for an acknowledgement
+        and neither an acknowledgement nor any other message came for ``stall_after`` s. Time spent with our own reader back-pressured (a slow
+        local client: acknowledgements cannot be read then) does not count."""
+        if self._ws is None or not len(self._out) or self._reader_blocked():
+            self._last_progress = now
+            return ""
+        waiting = min(self._out.stalled_for(now), now - self._last_progress, now - self._last_received)
+        if waiting <= self.options.stall_after:
+            return ""
+        return f"no acknowledgement and no message from the service for {waiting:.0f} s ({len(self._out)} messages waiting)"
+
+    def _reader_blocked(self) -> bool:
+        ws = self._ws
+        return self._in_sink or (ws is not None and (ws.reading_paused or ws.backlog > 0))
 
     def _wake(self) -> None:
         self._changed.set()
@@ -451,7 +471,11 @@ class DataChannel:
         ptype = msg.payload_type
         if ptype in (m.OUTPUT, m.STDERR):
             if self._sink is not None:
-                await self._sink(msg.payload)
+                self._in_sink = True
+                try:
+                    await self._sink(msg.payload)
+                finally:
+                    self._in_sink = False
         elif ptype == m.HANDSHAKE_REQUEST:
             await self._on_handshake_request(msg)
         elif ptype == m.HANDSHAKE_COMPLETE:
