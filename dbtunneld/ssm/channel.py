@@ -214,7 +214,8 @@ class DataChannel:
                 await self._resume()
             error = None
             if self._ended_by_service and not self._closing:
-                error = ClosedError(f"SSM session {self.session_id} ended by the service: {self._ended_by_service}")
+                error = ClosedError(f"Session Manager ended SSM session {self.session_id}: {self._ended_by_service}",
+                                    hint="a new session is needed (idle timeout, max session duration or a terminate)")
             await self._finish(error)
         except asyncio.CancelledError:
             raise
