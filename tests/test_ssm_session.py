@@ -127,6 +127,29 @@ def test_echo_round_trips_keep_their_order(standin, data_server):
                 assert got == message
 
 
+def test_realistic_mode_paces_and_resends_like_the_agent(standin, data_server, faults):
+    """The stand-in's default: 1 KiB per message with a 1 ms sleep (~1 MB/s at best), and only
+    the oldest unacknowledged message resent, once per 100 ms. Fast mode is far quicker."""
+    faults(drop=0.05, seed=17)
+    with start_port_forward(aws(), TARGET, "127.0.0.1", data_server.port, endpoint_url=standin.url) as session:
+        with session.open_stream() as sock:
+            started = time.monotonic()
+            digest, got = download(sock, MB // 2, seed=16)
+            realistic = time.monotonic() - started
+        assert got == MB // 2 and digest == pattern_digest(MB // 2, seed=16)
+    stats = standin.session(session.session_id)["Stats"]
+    assert realistic >= 0.5  # >= 500 messages of 1 KiB, each followed by a 1 ms sleep
+    assert stats["dropped"] > 10 and stats["resent"] <= realistic * 10 + 3  # oldest only, every 100 ms
+    faults(drop=0, mode="fast", agent_payload=16384)
+    with start_port_forward(aws(), TARGET, "127.0.0.1", data_server.port, endpoint_url=standin.url, options=BULK) as session:
+        with session.open_stream() as sock:
+            started = time.monotonic()
+            assert download(sock, MB // 2, seed=16)[1] == MB // 2
+            fast = time.monotonic() - started
+    print(f"0.5 MB at 5 % loss: realistic {realistic:.2f} s ({stats['resent']} agent resends); fast, no loss: {fast:.2f} s")
+    assert fast < realistic / 3
+
+
 @pytest.mark.fault
 def test_five_percent_of_messages_dropped_fifty_megabytes_arrive_byte_exact(standin, data_server, faults):
     faults(drop=0.05, agent_payload=16384, seed=5, mode="fast")  # the client's loss repair at speed: fast mode
