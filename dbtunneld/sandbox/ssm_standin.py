@@ -15,7 +15,9 @@ parts a session touches, following their wire behaviour (see ``ssm_agent`` for t
 * the service's preferences: the idle session timeout (default 20 min; only data messages
   reset it, as smux keepalive would otherwise: aws/amazon-ssm-agent ``port_mux.go``
   ``initialize``) and the max session duration; at either the service sends ``channel_closed``
-  (with the reason in ``Output``) and closes the websocket, as for TerminateSession;
+  (with the reason in ``Output``) and closes the websocket, as for TerminateSession (what the
+  client sees: aws/session-manager-plugin ``src/datachannel/streaming.go``
+  ``HandleChannelClosedMessage`` prints ``Output`` and stops the session);
 * a control API for tests and the sandbox (no auth; loopback only):
   ``GET /_standin/health``; ``GET /_standin/sessions`` (the session table: status
   Connecting / Connected / Disconnected / Terminated, with stats); ``GET|POST /_standin/faults``
