@@ -189,7 +189,8 @@ def run(n: int, round_trips: int) -> list[Row]:
     rows = [direct(server, n, round_trips)]
     log_path = os.path.join(tempfile.gettempdir(), f"bench-ssm-standin-{os.getpid()}.log")
     try:
-        with StandInProcess("--target", f"{TARGET}=127.0.0.1:{server.port}", "--allow-remote", "127.0.0.1", "--allow-unsigned-websocket", "--log-level", "WARNING", log_path=log_path) as standin:
+        with StandInProcess("--target", f"{TARGET}=127.0.0.1:{server.port}", "--allow-remote", "127.0.0.1", "--allow-unsigned-websocket", "--log-level", "WARNING", log_path=log_path,
+                            credentials={"AKIDBENCH": "bench-secret"}) as standin:
             rows.append(native_stream(standin.url, n, round_trips, 1024))
             rows.append(native_port_forward(standin.url, server, n, round_trips, 1024))
             standin.control("/_standin/faults", {"agent_payload": 16384})
