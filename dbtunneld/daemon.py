@@ -159,6 +159,7 @@ class Daemon:
         self._reload_lock = threading.Lock()
         self.signals: list[str] = []               # names of signals received, logged by the main loop
         self.clean_stop = True
+        self._ssm_sweep_stop = threading.Event()
 
     # ---- start and run
 
@@ -173,6 +174,7 @@ class Daemon:
                                          tunnel_factory=factories.tunnel, on_event=self.bus.publish,
                                          config_path=str(self.config_path))
             self.supervisor.start()
+            self._start_ssm_registry(config)
             self.server = ControlServer(self.paths.socket_path, self.dispatch, self.bus).start()
         except BaseException:
             self._abort_start()
@@ -180,6 +182,13 @@ class Daemon:
         sd_notify("READY=1")
         log.info("dbtunneld daemon ready (pid %d, config %s)", os.getpid(), self.config_path)
         return self
+
+    def _start_ssm_registry(self, config: Config) -> None:
+        """Record SSM sessions in the state dir; terminate those a crashed run left open."""
+        from .ssm import session_registry
+        factory = getattr(self.supervisor._require_engine(), "session_factory", None) if self.supervisor else None
+        if factory is not None:
+            session_registry.start_for_daemon(self.paths.state_dir, config.aws, factory, self._ssm_sweep_stop)
 
     def _abort_start(self) -> None:
         if self.supervisor is not None:
@@ -218,6 +227,7 @@ class Daemon:
         sd_notify("STOPPING=1")
         log.info("stopping: closing tunnels and revoking leases (bound %.0f s)", self.stop_timeout)
         self.bus.publish("stopping", {"pid": os.getpid()})
+        self._ssm_sweep_stop.set()
         finished = self._stop_supervisor()
         if self.server is not None:
             self.server.close()

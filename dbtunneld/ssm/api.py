@@ -14,6 +14,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import session_registry
 from ..errors import (
     ConfigError,
     DbtunneldError,
@@ -103,6 +104,7 @@ class SsmApi:
         request = start_session_request(target, document, parameters)
         response = self._call("StartSession", f"target {target}", **request)
         log.info("SSM session %s started on %s (%s)", response["SessionId"], target, document)
+        session_registry.opened(response["SessionId"])
         return _grant(response)
 
     def resume_session(self, session_id: str) -> Grant | None:
@@ -114,6 +116,7 @@ class SsmApi:
 
     def terminate_session(self, session_id: str) -> None:
         self._call("TerminateSession", f"session {session_id}", SessionId=session_id)
+        session_registry.ended(session_id)
         log.info("SSM session %s terminated", session_id)
 
     def websocket_headers(self, stream_url: str) -> dict[str, str]:
