@@ -30,7 +30,7 @@ stderr, runs until SIGTERM/SIGINT or until its parent exits)::
         [--host 127.0.0.1] [--drop 0.05] [--delay-ms 0] [--jitter-ms 0]
         [--close-after-messages 0] [--agent-payload 1024] [--seed N]
         [--agent-version 3.3.1142.0] [--forward-url http://127.0.0.1:MOTO]
-        [--allow-unsigned-websocket] [--log-level INFO]
+        [--allow-unsigned-websocket] [--stream-base wss://NAME[:PORT]] [--log-level INFO]
 
 In-process: ``SsmStandIn(...).start_background()`` returns once listening (``.url``);
 ``stop_background()`` ends every session and stops. Tokens are never logged.
@@ -128,8 +128,10 @@ class SsmStandIn:
         agent_version: str = DEFAULT_AGENT_VERSION,
         forward_url: str | None = None,
         allow_unsigned_websocket: bool = False,
+        stream_base: str = "",
     ) -> None:
         self.host = host
+        self.stream_base = stream_base.rstrip("/")
         self.allow_unsigned_websocket = allow_unsigned_websocket
         self.port = port
         self.targets = dict(targets or {})
@@ -296,7 +298,8 @@ class SsmStandIn:
 
     def _grant(self, record: SessionRecord) -> dict[str, Any]:
         record.token = secrets.token_urlsafe(32)
-        stream_url = f"ws://{self.host}:{self.port}/v1/data-channel/{record.session_id}?role=publish_subscribe&cell-number={secrets.token_urlsafe(12)}"
+        base = self.stream_base or f"ws://{self.host}:{self.port}"
+        stream_url = f"{base}/v1/data-channel/{record.session_id}?role=publish_subscribe&cell-number={secrets.token_urlsafe(12)}"
         return {"SessionId": record.session_id, "TokenValue": record.token, "StreamUrl": stream_url}
 
     async def _op_ResumeSession(self, body: dict[str, Any], owner: str) -> dict[str, Any]:
@@ -458,6 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--agent-version", default=DEFAULT_AGENT_VERSION)
     p.add_argument("--forward-url", default=None, help="where other AmazonSSM.* calls go (moto)")
     p.add_argument("--allow-unsigned-websocket", action="store_true", help="accept upgrades without SigV4 (older session-manager-plugin releases)")
+    p.add_argument("--stream-base", default="", help="scheme://host[:port] of the stream URLs handed out (e.g. wss://ssmmessages.example behind a TLS front); default ws://HOST:PORT")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -466,7 +470,7 @@ def standin_from_args(args: argparse.Namespace) -> SsmStandIn:
     faults = Faults()
     faults.update({"drop": args.drop, "delay_ms": args.delay_ms, "jitter_ms": args.jitter_ms, "close_after_messages": args.close_after_messages, "agent_payload": args.agent_payload, "seed": args.seed})
     allow = [h.strip() for item in args.allow_remote for h in item.split(",") if h.strip()]
-    return SsmStandIn(host=args.host, port=args.port, targets=dict(args.target), allow_remote=allow, faults=faults, agent_version=args.agent_version, forward_url=args.forward_url, allow_unsigned_websocket=args.allow_unsigned_websocket)
+    return SsmStandIn(host=args.host, port=args.port, targets=dict(args.target), allow_remote=allow, faults=faults, agent_version=args.agent_version, forward_url=args.forward_url, allow_unsigned_websocket=args.allow_unsigned_websocket, stream_base=args.stream_base)
 
 
 async def _serve_until_stopped(standin: SsmStandIn) -> None:

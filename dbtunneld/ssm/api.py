@@ -99,6 +99,7 @@ class SsmApi:
         self.endpoint_url = endpoint_url
         config = Config(retries={"total_max_attempts": 1}, connect_timeout=10, read_timeout=30)
         self.client = boto3_session.client("ssm", region_name=self.region, endpoint_url=endpoint_url, config=config)
+        self.ca_bundle = _ca_bundle(boto3_session)
 
     def start_session(self, target: str, document: str, parameters: dict[str, list[str]]) -> Grant:
         request = start_session_request(target, document, parameters)
@@ -139,6 +140,14 @@ class SsmApi:
             return method(**kwargs)
         except Exception as exc:  # botocore raises many unrelated types; classify them in one place
             raise classify_error(exc, operation, what) from exc
+
+
+def _ca_bundle(boto3_session: Any) -> str | None:
+    """botocore's ``ca_bundle`` (``AWS_CA_BUNDLE`` or the profile's): the websocket trusts the same CAs."""
+    try:
+        return boto3_session._session.get_config_variable("ca_bundle") or None
+    except Exception:  # not a real boto3 session (tests), or an unreadable config
+        return None
 
 
 def _snake(operation: str) -> str:

@@ -30,6 +30,7 @@ from typing import Any, Protocol
 
 from ..errors import ClosedError, DbtunneldError, NeedsUserError, ProtocolError, TransientError
 from . import message as m
+from . import netpath
 from .api import Grant, redact_url
 from .reliability import GIVE_UP_AFTER, OutgoingWindow, ReorderBuffer, Verdict
 from .wsclient import WsClient
@@ -65,6 +66,7 @@ class ChannelOptions:
     terminate_timeout: float = 10.0
     ping_interval: float | None = 30.0
     max_message: int = 4 << 20
+    ca_bundle: str | None = None  # trusted CAs for wss:// (AWS_CA_BUNDLE / the profile's ca_bundle)
 
 
 @dataclass
@@ -185,8 +187,9 @@ class DataChannel:
         try:
             ws = await self._connect_ws(grant.stream_url, headers, self.options)
             await ws.send(m.open_data_channel(grant.token, self._client_id, self.options.client_version))
-        except (OSError, asyncio.TimeoutError) as exc:
-            raise TransientError(f"{self._label} data channel {redact_url(grant.stream_url)}: {type(exc).__name__}: {exc}") from None
+        except (OSError, ValueError, asyncio.TimeoutError) as exc:
+            where = f"{self._label} data channel {redact_url(grant.stream_url)}"
+            raise netpath.dial_error(exc, where) or TransientError(f"{where}: {type(exc).__name__}: {exc}") from None
         except Exception as exc:  # HandshakeError, and websockets' InvalidHandshake family
             raise TransientError(f"{self._label} data channel {redact_url(grant.stream_url)}: {_describe(exc)}") from None
         self._ws = ws
@@ -505,4 +508,5 @@ def _describe(exc: BaseException) -> str:
 
 
 async def _websocket_connect(url: str, headers: dict[str, str], options: ChannelOptions) -> WsClient:
-    return await WsClient.connect(url, headers, open_timeout=options.open_timeout, max_size=options.max_message, ping_interval=options.ping_interval)
+    return await WsClient.connect(url, headers, open_timeout=options.open_timeout, max_size=options.max_message, ping_interval=options.ping_interval,
+                                  ca_bundle=options.ca_bundle)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import dataclasses
 import logging
 import socket
 import threading
@@ -293,6 +294,9 @@ SessionFactory = Callable[[SsmApi, Grant, str, ChannelOptions | None], _BaseSess
 
 
 def open_session(cls: SessionFactory, api: SsmApi, grant: Grant, target: str, options: ChannelOptions | None, timeout: float) -> Any:
+    options = options or ChannelOptions()
+    if options.ca_bundle is None and api.ca_bundle:
+        options = dataclasses.replace(options, ca_bundle=api.ca_bundle)
     session = cls(api, grant, target, options)
     session._open(timeout)
     return session
