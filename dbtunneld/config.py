@@ -42,7 +42,7 @@ from .errors import ConfigError, Problem
 TRANSPORTS = ("ssm-ssh", "ssm-port-forward", "ssh", "plugin")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 INSTANCE_RE = re.compile(r"^(i-[0-9a-f]{8,17}|mi-[0-9a-f]{8,17}|ecs:[A-Za-z0-9_-]+_[A-Za-z0-9]+_[A-Za-z0-9-]+)$")
-AWS_ENDPOINT_SERVICES = ("sts", "ec2", "rds", "ssm", "sso", "sso-oidc", "ec2-instance-connect")
+AWS_ENDPOINT_SERVICES = ("sts", "ec2", "rds", "ssm", "kms", "sso", "sso-oidc", "ec2-instance-connect")
 
 
 @dataclass(frozen=True)

@@ -176,12 +176,14 @@ class SsmSshTransport(SshBasedTransport):
     def __init__(self, session_factory: SessionFactory, target: Callable[[], str],
                  options_for: Callable[[str], ssh.SshOptions],
                  ephemeral: Callable[[str, ssh.SshOptions], ssh.SshOptions] | None = None,
-                 endpoint_url: str | None = None, region: str | None = None, port: int = 22) -> None:
+                 endpoint_url: str | None = None, region: str | None = None, port: int = 22,
+                 kms_endpoint_url: str | None = None) -> None:
         super().__init__(options_for)
         self._session_factory = session_factory
         self._target = target
         self._ephemeral = ephemeral
         self._endpoint_url, self._region, self._port = endpoint_url, region, port
+        self._kms_endpoint_url = kms_endpoint_url
         self._ssm: Any = None
 
     def _open_carrier(self) -> tuple[Any, str]:
@@ -190,7 +192,8 @@ class SsmSshTransport(SshBasedTransport):
         target = self._target()
         try:
             session = start_ssh_session(self._session_factory(), target, port=self._port,
-                                        endpoint_url=self._endpoint_url, region=self._region)
+                                        endpoint_url=self._endpoint_url, region=self._region,
+                                        kms_endpoint_url=self._kms_endpoint_url)
         except Exception as exc:
             raise classify_aws_error(exc, f"SSM StartSession to {target}") from None
         self._ssm = session
@@ -245,11 +248,13 @@ class SsmPortForwardTransport(Transport):
     kind = "ssm-port-forward"
 
     def __init__(self, session_factory: SessionFactory, target: Callable[[], str], host: str, port: int,
-                 endpoint_url: str | None = None, region: str | None = None) -> None:
+                 endpoint_url: str | None = None, region: str | None = None,
+                 kms_endpoint_url: str | None = None) -> None:
         self._session_factory = session_factory
         self._target = target
         self.host, self.port = host, port
         self._endpoint_url, self._region = endpoint_url, region
+        self._kms_endpoint_url = kms_endpoint_url
         self._session: Any = None
         self._label = ""
 
@@ -260,7 +265,8 @@ class SsmPortForwardTransport(Transport):
         target = self._target()
         try:
             session = start_port_forward(self._session_factory(), target, self.host, self.port,
-                                         endpoint_url=self._endpoint_url, region=self._region)
+                                         endpoint_url=self._endpoint_url, region=self._region,
+                                         kms_endpoint_url=self._kms_endpoint_url)
         except Exception as exc:
             raise classify_aws_error(exc, f"SSM port session to {target}") from None
         self._session, self._label = session, target
@@ -336,12 +342,14 @@ def build_transport(config: Config, cluster: ClusterConfig,
     if kind == "ssm-ssh":
         eic = _eic(bastion, session_factory, aws.region, aws.endpoint_urls)
         return SsmSshTransport(session_factory, target, options_for, ephemeral=eic,
-                               endpoint_url=ssm_url, region=aws.region, port=bastion.port)
+                               endpoint_url=ssm_url, region=aws.region, port=bastion.port,
+                               kms_endpoint_url=aws.endpoint_urls.get("kms"))
     if kind == "plugin":
         return PluginTransport(session_factory, target, options_for, bastion.plugin_path,
                                endpoint_url=ssm_url, region=aws.region, port=bastion.port)
     return SsmPortForwardTransport(session_factory, target, cluster.endpoint, cluster.port,
-                                   endpoint_url=ssm_url, region=aws.region)
+                                   endpoint_url=ssm_url, region=aws.region,
+                                   kms_endpoint_url=aws.endpoint_urls.get("kms"))
 
 
 def _options_factory(bastion: BastionConfig) -> Callable[[str], ssh.SshOptions]:

@@ -23,6 +23,7 @@ websockets: a resumed client gets every unacknowledged message again.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import time
@@ -36,6 +37,7 @@ from ..ssm import smux
 from ..ssm.reliability import OutgoingWindow, ReorderBuffer, Verdict
 from ..ssm.session import version_tuple
 from .ssm_http import WsConnection
+from .ssm_kms import RECEIVED_ENCRYPTED, SENT_ENCRYPTED, AgentCipher, KmsHandshakeError
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +108,12 @@ class AgentSession:
         on_end: Callable[[str], Awaitable[None]] | None = None,
         on_state: Callable[[str], None] | None = None,
         rng: random.Random | None = None,
+        cipher: AgentCipher | None = None,
     ) -> None:
         self.session_id = session_id
+        self.cipher = cipher  # KMS encryption (the account's Session Manager preference), or None
+        self._handshake_payload: dict[str, Any] = {}
+        self._challenge_answer: asyncio.Future[bytes] | None = None
         self.plugin = plugin
         self.faults = faults
         self.agent_version = agent_version
@@ -205,6 +211,8 @@ class AgentSession:
             await self._changed.wait()
         if self._ended:
             return
+        if self.cipher is not None and self.cipher.ready and payload_type in SENT_ENCRYPTED:
+            payload = self.cipher.seal(payload)
         seq = self._next_seq
         self._next_seq += 1
         raw = m.encode(m.stream_message(m.OUTPUT_STREAM, seq, payload_type, payload, syn_on_zero=True))
@@ -289,18 +297,29 @@ class AgentSession:
             await self._process(item)
 
     def _accepts(self, msg: m.AgentMessage) -> bool:
-        return msg.payload_type == m.HANDSHAKE_RESPONSE or self._ready
+        return msg.payload_type in (m.HANDSHAKE_RESPONSE, m.ENC_CHALLENGE_RESPONSE) or self._ready
 
     async def _process(self, msg: m.AgentMessage) -> None:
         if msg.payload_type == m.HANDSHAKE_RESPONSE:
             self._on_handshake_response(msg)
+        elif msg.payload_type == m.ENC_CHALLENGE_RESPONSE:
+            if self._challenge_answer is not None and not self._challenge_answer.done():
+                self._challenge_answer.set_result(msg.payload)
         elif msg.payload_type == m.OUTPUT and self._relay is not None:
-            await self._relay.write(msg.payload)
+            payload = msg.payload
+            if self.cipher is not None and self.cipher.ready and payload_type_encrypted(msg.payload_type):
+                try:
+                    payload = self.cipher.open(payload)
+                except KmsHandshakeError as exc:
+                    await self._finish(str(exc))
+                    return
+            await self._relay.write(payload)
         elif msg.payload_type == m.FLAG:
             await self._on_flag(m.parse_flag(msg.payload))
 
     def _on_handshake_response(self, msg: m.AgentMessage) -> None:
         response = m.json_payload(msg)
+        self._handshake_payload = response
         self.client_version = str(response.get("ClientVersion") or "")
         log.info("stand-in agent [session=%s] client version %s", self.session_id, self.client_version)
         self._handshake_response.set()
@@ -316,13 +335,23 @@ class AgentSession:
     async def _run_plugin(self) -> None:
         started = time.monotonic()
         request = m.handshake_request(self.agent_version, "Port", self.plugin.properties)
+        if self.cipher is not None:
+            payload = json.loads(request)
+            payload["RequestedClientActions"].append(self.cipher.requested_action())
+            request = json.dumps(payload).encode()
         await self.send_stream(m.HANDSHAKE_REQUEST, request)
         try:
             await asyncio.wait_for(self._handshake_response.wait(), HANDSHAKE_TIMEOUT)
         except asyncio.TimeoutError:
             await self._finish("Handshake timed out. Please ensure that you have the latest version of the session manager plugin.")
             return
-        await self.send_stream(m.HANDSHAKE_COMPLETE, m.handshake_complete(time.monotonic() - started))
+        if self.cipher is not None:
+            failure = await self._finish_kms_handshake()
+            if failure:
+                await self._finish(failure)
+                return
+        message = "This session is encrypted using AWS KMS." if self.cipher is not None else ""
+        await self.send_stream(m.HANDSHAKE_COMPLETE, m.handshake_complete(time.monotonic() - started, message))
         self._relay = self._make_relay()
         try:
             await self._relay.start()
@@ -333,6 +362,27 @@ class AgentSession:
         reason = await self._relay.run()
         await self._drain_outgoing(DRAIN_TIMEOUT)
         await self._finish(reason)
+
+    async def _finish_kms_handshake(self) -> str:
+        """finalizeKMSEncryption, then the encryption challenge; '' when it all checks out."""
+        cipher = self.cipher
+        assert cipher is not None
+        actions = {a.get("ActionType"): a for a in self._handshake_payload.get("ProcessedClientActions") or []}
+        action = actions.get("KMSEncryption")
+        if action is None or action.get("ActionStatus") != 1:
+            detail = action and f"status {action.get('ActionStatus')} error: {action.get('Error')}"
+            return f"KMSEncryption failed on client with {detail or 'no answer'}"
+        try:
+            await cipher.finalize(action.get("ActionResult"))
+            self._challenge_answer = asyncio.get_running_loop().create_future()
+            await self.send_stream(m.ENC_CHALLENGE_REQUEST, cipher.challenge_request())
+            answer = await asyncio.wait_for(self._challenge_answer, HANDSHAKE_TIMEOUT)
+            cipher.check_challenge_response(answer)
+        except KmsHandshakeError as exc:
+            return str(exc)
+        except asyncio.TimeoutError:
+            return "Timed out waiting for encryption challenge."
+        return ""
 
     async def _drain_outgoing(self, timeout: float) -> None:
         """Before ending, give the client time to acknowledge what is in flight (the agent waits 2 s)."""
@@ -355,6 +405,10 @@ class AgentSession:
             await self._on_end(reason)
         else:
             await self.end(reason)
+
+
+def payload_type_encrypted(payload_type: int) -> bool:
+    return payload_type in RECEIVED_ENCRYPTED
 
 
 async def _connect(host: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:

@@ -31,6 +31,7 @@ stderr, runs until SIGTERM/SIGINT or until its parent exits)::
         [--close-after-messages 0] [--agent-payload 1024] [--seed N]
         [--agent-version 3.3.1142.0] [--forward-url http://127.0.0.1:MOTO]
         [--allow-unsigned-websocket] [--stream-base wss://NAME[:PORT]] [--log-level INFO]
+        [--kms-key-id KEY --kms-endpoint http://127.0.0.1:MOTO [--kms-require-challenge]]
 
 In-process: ``SsmStandIn(...).start_background()`` returns once listening (``.url``);
 ``stop_background()`` ends every session and stops. Tokens are never logged.
@@ -56,6 +57,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .ssm_agent import DEFAULT_AGENT_VERSION, AgentSession, Faults, PortPlugin
+from .ssm_kms import AgentCipher, KmsSettings
 from .ssm_http import HttpRequest, HttpResponse, HttpServer, WsConnection
 
 log = logging.getLogger("dbtunneld.sandbox.ssm_standin")
@@ -129,7 +131,9 @@ class SsmStandIn:
         forward_url: str | None = None,
         allow_unsigned_websocket: bool = False,
         stream_base: str = "",
+        kms: KmsSettings | None = None,
     ) -> None:
+        self.kms = kms
         self.host = host
         self.stream_base = stream_base.rstrip("/")
         self.allow_unsigned_websocket = allow_unsigned_websocket
@@ -260,6 +264,7 @@ class SsmStandIn:
             agent_version=self.agent_version,
             on_end=lambda reason, r=record: self._end(r, reason),
             on_state=lambda state, r=record: self._set_state(r, state),
+            cipher=AgentCipher(self.kms, session_id, target) if self.kms else None,
         )
         self.sessions[session_id] = record
         log.info("StartSession %s: %s on %s", session_id, document, target)
@@ -462,6 +467,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--forward-url", default=None, help="where other AmazonSSM.* calls go (moto)")
     p.add_argument("--allow-unsigned-websocket", action="store_true", help="accept upgrades without SigV4 (older session-manager-plugin releases)")
     p.add_argument("--stream-base", default="", help="scheme://host[:port] of the stream URLs handed out (e.g. wss://ssmmessages.example behind a TLS front); default ws://HOST:PORT")
+    p.add_argument("--kms-key-id", default="", help="encrypt every session with this KMS key (Session Manager preference); the agent's credentials come from the environment")
+    p.add_argument("--kms-endpoint", default="", help="the KMS API the agent calls (moto)")
+    p.add_argument("--kms-region", default="us-east-1")
+    p.add_argument("--kms-require-challenge", action="store_true", help="the agent's RequireKMSChallengeResponse")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -470,7 +479,15 @@ def standin_from_args(args: argparse.Namespace) -> SsmStandIn:
     faults = Faults()
     faults.update({"drop": args.drop, "delay_ms": args.delay_ms, "jitter_ms": args.jitter_ms, "close_after_messages": args.close_after_messages, "agent_payload": args.agent_payload, "seed": args.seed})
     allow = [h.strip() for item in args.allow_remote for h in item.split(",") if h.strip()]
-    return SsmStandIn(host=args.host, port=args.port, targets=dict(args.target), allow_remote=allow, faults=faults, agent_version=args.agent_version, forward_url=args.forward_url, allow_unsigned_websocket=args.allow_unsigned_websocket, stream_base=args.stream_base)
+    return SsmStandIn(host=args.host, port=args.port, targets=dict(args.target), allow_remote=allow, faults=faults, agent_version=args.agent_version, forward_url=args.forward_url, allow_unsigned_websocket=args.allow_unsigned_websocket, stream_base=args.stream_base, kms=_kms_settings(args))
+
+
+def _kms_settings(args: argparse.Namespace) -> KmsSettings | None:
+    if not args.kms_key_id:
+        return None
+    if not args.kms_endpoint:
+        raise SystemExit("--kms-key-id needs --kms-endpoint (the KMS API the agent calls)")
+    return KmsSettings(args.kms_key_id, args.kms_endpoint, args.kms_region, require_challenge=args.kms_require_challenge)
 
 
 async def _serve_until_stopped(standin: SsmStandIn) -> None:

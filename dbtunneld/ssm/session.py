@@ -122,7 +122,7 @@ class _BaseSession:
             raise error from None
 
     async def _start(self) -> None:
-        self._channel = DataChannel(self._grant, self._api, options=self._options)
+        self._channel = DataChannel(self._grant, self._api, options=self._options, target=self.target)
         self._grant = Grant(self.session_id, self._grant.stream_url, "")  # the channel keeps the token now
         handshake = await self._channel.start()
         await self._attach(handshake)
