@@ -17,7 +17,9 @@ parts a session touches, following their wire behaviour (see ``ssm_agent`` for t
   (JSON: ``drop``, ``delay_ms``, ``jitter_ms``, ``close_after_messages``, ``agent_payload``,
   ``seed``); ``POST /_standin/sessions/<id>/close-websocket`` (``{"mode": "close"|"abort"}``);
   ``POST /_standin/sessions/<id>/terminate`` (``{"reason": "..."}``: a service-side end);
-  ``POST /_standin/sessions/<id>/pause`` (``{"seconds": 1}``: pause/start publication).
+  ``POST /_standin/sessions/<id>/pause`` (``{"seconds": 1}``: pause/start publication);
+  ``GET|POST /_standin/dns`` (``{"name": "db.example", "addresses": ["127.0.0.2"]}``: what the
+  VPC's resolver answers; a port session resolves its host once, at StartSession, like the agent).
 
 Command line (prints one line ``READY http://HOST:PORT`` on stdout when it listens, logs on
 stderr, runs until SIGTERM/SIGINT or until its parent exits)::
@@ -134,6 +136,7 @@ class SsmStandIn:
         kms: KmsSettings | None = None,
     ) -> None:
         self.kms = kms
+        self.dns: dict[str, list[str]] = {}  # the VPC resolver's answers (tests flip them: failover)
         self.host = host
         self.stream_base = stream_base.rstrip("/")
         self.allow_unsigned_websocket = allow_unsigned_websocket
@@ -287,7 +290,7 @@ class SsmStandIn:
             if not self._remote_allowed(host, port):
                 raise ApiError("InvalidParameters", f"the stand-in only forwards to --allow-remote hosts; {host}:{port} is not one")
             props = {"portNumber": port, "type": "LocalPortForwarding", "host": host, "localPortNumber": param("localPortNumber", "0")}
-            return PortPlugin(props, host, int(port))
+            return PortPlugin(props, self._resolve_once(host), int(port))
         raise ApiError("InvalidDocument", f"document {document!r} is not supported by the stand-in")
 
     def _target_address(self, target: str) -> tuple[str, int] | None:
@@ -297,6 +300,26 @@ class SsmStandIn:
         if "*" in self.targets and TARGET_SYNTAX.match(target):
             return self.targets["*"]
         return None
+
+    def _resolve_once(self, host: str) -> str:
+        """The address the agent dials for the whole session (port.go resolves ``host`` once, at
+        session start): the ``/_standin/dns`` table's first answer, else ``host`` itself."""
+        addresses = self.dns.get(host.lower())
+        if addresses:
+            log.info("resolved %s to %s for this session", host, addresses[0])
+            return addresses[0]
+        return host
+
+    def _set_dns(self, body: dict[str, Any]) -> None:
+        name = str(body.get("name") or "").lower()
+        addresses = [str(a) for a in body.get("addresses") or []]
+        if not name:
+            raise ValueError("dns: name is required")
+        if addresses:
+            self.dns[name] = addresses
+        else:
+            self.dns.pop(name, None)
+        log.info("dns: %s -> %s", name, addresses or "(removed)")
 
     def _remote_allowed(self, host: str, port: str) -> bool:
         return host in self.allow_remote or f"{host}:{port}" in self.allow_remote
@@ -403,6 +426,10 @@ class SsmStandIn:
                     self.faults.update(request.json())
                     log.info("faults now %s", self.faults.to_dict())
                 return HttpResponse.json(self.faults.to_dict())
+            if path == "/_standin/dns":
+                if request.method == "POST":
+                    self._set_dns(request.json())
+                return HttpResponse.json(self.dns)
             match = CONTROL_SESSION.match(path)
             if match and request.method == "POST":
                 return await self._session_action(match.group(1), match.group(2), request.json())

@@ -102,6 +102,7 @@ class DataChannel:
         self.session_id = grant.session_id
         self.target = target
         self._cipher: SessionCipher | None = None  # set when the agent asks for KMS encryption
+        self.on_connect_error: Callable[[], None] | None = None  # called on the loop at ConnectToPortError
         self.options = opts = options or ChannelOptions()
         self._grant = grant
         self._service = service
@@ -532,6 +533,8 @@ class DataChannel:
             return
         if flag == m.FLAG_CONNECT_TO_PORT_ERROR:
             log.warning("%s the agent could not connect to the destination port", self._label)
+            if self.on_connect_error is not None:
+                self.on_connect_error()
 
 
 def _close_reason(ws: WsClient | None) -> str:

@@ -257,6 +257,7 @@ class PortForwardSession(_BaseSession):
     def __init__(self, api: SsmApi, grant: Grant, target: str, options: ChannelOptions | None = None) -> None:
         super().__init__(api, grant, target, options)
         self._mux: MuxClient | None = None
+        self.on_connect_error: Callable[[], None] | None = None  # the agent could not dial host:port
 
     async def _attach(self, handshake: Handshake) -> None:
         if not handshake.multiplexed:
@@ -272,7 +273,13 @@ class PortForwardSession(_BaseSession):
         assert channel is not None
         self._mux = MuxClient(channel.send, keepalive=keepalive, label=f"[ssm session={self.session_id}]")
         channel.set_sink(self._mux.feed)
+        channel.on_connect_error = self._connect_error
         self._mux.start()
+
+    def _connect_error(self) -> None:
+        callback = self.on_connect_error
+        if callback is not None:
+            callback()
 
     async def _detach(self) -> None:
         if self._mux is not None:
