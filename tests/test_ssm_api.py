@@ -37,7 +37,7 @@ def boto(token: str | None = "session-token-ssm-test") -> boto3.Session:
 
 @pytest.fixture(scope="module")
 def standin():
-    s = SsmStandIn(targets={TARGET: ("127.0.0.1", 9)}, allow_remote=["db.internal"]).start_background()
+    s = SsmStandIn(targets={TARGET: ("127.0.0.1", 9)}, allow_remote=["db.internal"], credentials={"AKIDSSMAPITEST": "secret-ssm-api-test"}).start_background()
     yield s
     s.stop_background()
 

@@ -16,7 +16,8 @@ import boto3
 import pytest
 
 from dbtunneld.errors import ProtocolError
-from dbtunneld.sandbox.ssm_standin import SsmStandIn, build_parser, parse_sigv4, parse_target, standin_from_args
+from dbtunneld.sandbox.ssm_standin import SsmStandIn
+from dbtunneld.sandbox.ssm_standin_cli import build_parser, parse_target, standin_from_args
 from dbtunneld.ssm import api
 from dbtunneld.ssm import message as m
 from dbtunneld.ssm.wsclient import HandshakeError, WsClient
@@ -27,7 +28,7 @@ ECS = "ecs:orders_0123abcd_0123abcd-456"
 
 @pytest.fixture(scope="module")
 def standin():
-    s = SsmStandIn(targets={TARGET: ("127.0.0.1", 9), ECS: ("127.0.0.1", 9)}, allow_remote=["127.0.0.1:3306"]).start_background()
+    s = SsmStandIn(targets={TARGET: ("127.0.0.1", 9), ECS: ("127.0.0.1", 9)}, allow_remote=["127.0.0.1:3306"], credentials={"AKIDSTANDINTEST": "secret"}).start_background()
     yield s
     s.stop_background()
 
@@ -50,15 +51,18 @@ def test_api_calls_need_a_sigv4_authorization_header(standin):
     headers = {"X-Amz-Target": "AmazonSSM.StartSession", "Content-Type": "application/x-amz-json-1.1"}
     status, body = post(standin.url + "/", json.dumps({"Target": TARGET, "DocumentName": "AWS-StartSSHSession"}).encode(), headers)
     assert status == 403 and body["__type"] == "IncompleteSignatureException"
-    forged = {**headers, "Authorization": "AWS4-HMAC-SHA256 Credential=AKID/20240101/us-east-1/sts/aws4_request, SignedHeaders=host, Signature=" + "0" * 64}
+    forged = {**headers, "X-Amz-Date": "20240101T000000Z", "Authorization": "AWS4-HMAC-SHA256 Credential=AKIDSTANDINTEST/20240101/us-east-1/sts/aws4_request, SignedHeaders=host, Signature=" + "0" * 64}
     status, body = post(standin.url + "/", b"{}", forged)
     assert status == 403 and "sts" in body["message"]
 
 
-def test_sigv4_header_parsing():
-    header = "AWS4-HMAC-SHA256 Credential=AKIDX/20240101/eu-west-1/ssmmessages/aws4_request, SignedHeaders=host;x-amz-date, Signature=" + "a" * 64
-    assert parse_sigv4(header) == ("AKIDX", "eu-west-1", "ssmmessages")
-    assert parse_sigv4("Bearer xyz") is None
+def test_api_calls_with_a_wrong_secret_or_an_unknown_key_are_refused(standin):
+    wrong = boto3.Session(aws_access_key_id="AKIDSTANDINTEST", aws_secret_access_key="not-the-secret", region_name="us-east-1")
+    with pytest.raises(Exception, match="SignatureDoesNotMatch"):
+        api.SsmApi(wrong, endpoint_url=standin.url).client.start_session(Target=TARGET, DocumentName="AWS-StartSSHSession")
+    unknown = boto3.Session(aws_access_key_id="AKIDNOBODY", aws_secret_access_key="secret", region_name="us-east-1")
+    with pytest.raises(Exception, match="InvalidClientTokenId"):
+        api.SsmApi(unknown, endpoint_url=standin.url).client.start_session(Target=TARGET, DocumentName="AWS-StartSSHSession")
 
 
 def test_documents_targets_and_remote_hosts_are_checked(standin):
@@ -107,7 +111,7 @@ def test_websocket_needs_a_signed_upgrade_and_the_current_token(standin):
         assert first is None and ws.close_code == 1008  # refused
         resumed = ssm.resume_session(grant.session_id)
         assert resumed is not None
-        ws, first = await open_channel(resumed.stream_url, headers, grant.token)
+        ws, first = await open_channel(resumed.stream_url, ssm.websocket_headers(resumed.stream_url), grant.token)
         assert first is None and ws.close_code == 1008  # the old token died with the resume
         ws, first = await open_channel(resumed.stream_url, ssm.websocket_headers(resumed.stream_url), resumed.token)
         msg = m.decode(first)

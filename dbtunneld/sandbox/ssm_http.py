@@ -166,6 +166,14 @@ class WsConnection:
                 return False
         return True
 
+    async def wait_writable(self) -> None:
+        """Back-pressure: wait while more than the high-water mark is queued towards the client."""
+        if not self.closed and self._writer.transport.get_write_buffer_size() > WRITE_HIGH_WATER:
+            try:
+                await self._writer.drain()
+            except (ConnectionError, OSError):
+                self._mark_closed()
+
     async def close(self, code: int = 1000, reason: str = "") -> None:
         """A clean close: close frame, then the TCP connection (without waiting long for the echo)."""
         if self._protocol.state is State.OPEN and not self._writer.is_closing():

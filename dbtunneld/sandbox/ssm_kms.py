@@ -39,11 +39,12 @@ NONCE = 12
 CHALLENGE_BYTES = 64
 RANDOM_CHALLENGE_BYTES = 16
 OUTPUT, STDERR, EXIT_CODE = 1, 11, 12  # payload types (agent/session/contracts/agentmessage.go)
+ENC_CHALLENGE_REQUEST, ENC_CHALLENGE_RESPONSE = 8, 9
 SENT_ENCRYPTED = frozenset({OUTPUT, STDERR, EXIT_CODE})
 RECEIVED_ENCRYPTED = frozenset({OUTPUT})
 
 
-class KmsHandshakeError(Exception):
+class KmsHandshakeError(ValueError):
     """The client's KMS answer is unusable: the agent cancels the session with this text."""
 
 
@@ -66,7 +67,9 @@ class KmsSettings:
 
 
 class AgentCipher:
-    """One session's agent-side encryption state."""
+    """One session's agent-side encryption state; also its handshake action (``ssm_agent.HandshakeAction``)."""
+
+    action_type = "KMSEncryption"
 
     def __init__(self, settings: KmsSettings, session_id: str, target: str) -> None:
         self.settings = settings
@@ -84,8 +87,8 @@ class AgentCipher:
     def ready(self) -> bool:
         return self._seal is not None
 
-    def requested_action(self) -> dict[str, Any]:
-        return {"ActionType": "KMSEncryption", "ActionParameters": {"KMSKeyId": self.settings.key_id, "Challenge": self.random_challenge}}
+    def parameters(self) -> dict[str, Any]:
+        return {"KMSKeyId": self.settings.key_id, "Challenge": self.random_challenge}
 
     async def finalize(self, result: Any) -> None:
         """Decrypt the client's data key through KMS (blocking call in a thread)."""

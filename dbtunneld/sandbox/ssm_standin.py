@@ -3,53 +3,50 @@
 moto has no Session Manager, and no SSM agent can run here, so this stand-in plays both AWS
 parts a session touches, following their wire behaviour (see ``ssm_agent`` for the agent):
 
-* the SSM JSON 1.1 API (``X-Amz-Target: AmazonSSM.<Operation>``, a SigV4 ``Authorization``
-  header required): StartSession (``AWS-StartSSHSession``,
+* the SSM JSON 1.1 API (``X-Amz-Target: AmazonSSM.<Operation>``, SigV4 verified by
+  ``ssm_sigv4``): StartSession (``AWS-StartSSHSession``,
   ``AWS-StartPortForwardingSessionToRemoteHost``), ResumeSession, TerminateSession,
   DescribeSessions; other operations are forwarded to ``--forward-url`` (moto) when given;
 * the data-channel websockets at ``ws://HOST:PORT/v1/data-channel/<session-id>`` (the stream
-  URL StartSession returns): the upgrade must carry a SigV4 ``Authorization`` for
-  ``ssmmessages`` and the first message the session's current token (OpenDataChannel); each
-  ResumeSession issues a new token;
+  URL StartSession returns, its query holding ``/``, ``+`` and ``=`` as real ones may): the
+  upgrade must be SigV4-signed for ``ssmmessages`` (Authorization header, canonical query as
+  aws-sdk-go v1 builds it; or a presigned URL) and the first message must carry the session's
+  current token (OpenDataChannel); each ResumeSession issues a new token;
+* the service's preferences: the idle session timeout (default 20 min; only data messages
+  reset it, as smux keepalive would otherwise: aws/amazon-ssm-agent ``port_mux.go``
+  ``initialize``) and the max session duration; at either the service sends ``channel_closed``
+  (with the reason in ``Output``) and closes the websocket, as for TerminateSession;
 * a control API for tests and the sandbox (no auth; loopback only):
   ``GET /_standin/health``; ``GET /_standin/sessions`` (the session table: status
   Connecting / Connected / Disconnected / Terminated, with stats); ``GET|POST /_standin/faults``
-  (JSON: ``drop``, ``delay_ms``, ``jitter_ms``, ``close_after_messages``, ``agent_payload``,
-  ``seed``); ``POST /_standin/sessions/<id>/close-websocket`` (``{"mode": "close"|"abort"}``);
+  (JSON, see ``ssm_agent.Faults``: ``mode``, ``idle_timeout``, ``max_session_duration``,
+  ``drop``, ``delay_ms``, ``jitter_ms``, ``close_after_messages``, ``agent_payload``, ``seed``);
+  ``POST /_standin/sessions/<id>/close-websocket`` (``{"mode": "close"|"abort"}``);
   ``POST /_standin/sessions/<id>/terminate`` (``{"reason": "..."}``: a service-side end);
-  ``POST /_standin/sessions/<id>/pause`` (``{"seconds": 1}``: pause/start publication);
+  ``POST /_standin/sessions/<id>/pause`` (``{"seconds": 1}``: pause_publication, then
+  start_publication; ``{"start": false}``: a pause with no start after it, as the service may);
   ``GET|POST /_standin/dns`` (``{"name": "db.example", "addresses": ["127.0.0.2"]}``: what the
-  VPC's resolver answers; a port session resolves its host once, at StartSession, like the agent).
+  VPC's resolver answers; a port session resolves its host once, like the agent).
 
-Command line (prints one line ``READY http://HOST:PORT`` on stdout when it listens, logs on
-stderr, runs until SIGTERM/SIGINT or until its parent exits)::
+KMS-encrypted sessions (``kms``, ``ssm_kms``: the account's Session Manager preference) and a
+``stream_base`` for stream URLs behind a TLS front are set at start (``ssm_standin_cli``).
 
-    python -m dbtunneld.sandbox.ssm_standin --port 0 \\
-        --target i-0abc0123456789def=127.0.0.1:2222   # SSH sessions to this target reach this sshd
-        --target ecs:demo_task_runtime=127.0.0.1:2222 # ECS targets too (repeat --target)
-        --target '*=127.0.0.1:2222'                   # any instance id / ECS target (the sandbox)
-        --allow-remote 127.0.0.1[:PORT]               # hosts port sessions may reach (repeatable)
-        [--host 127.0.0.1] [--drop 0.05] [--delay-ms 0] [--jitter-ms 0]
-        [--close-after-messages 0] [--agent-payload 1024] [--seed N]
-        [--agent-version 3.3.1142.0] [--forward-url http://127.0.0.1:MOTO]
-        [--allow-unsigned-websocket] [--stream-base wss://NAME[:PORT]] [--log-level INFO]
-        [--kms-key-id KEY --kms-endpoint http://127.0.0.1:MOTO [--kms-require-challenge]]
-
-In-process: ``SsmStandIn(...).start_background()`` returns once listening (``.url``);
-``stop_background()`` ends every session and stops. Tokens are never logged.
+Modes: ``realistic`` (the default) paces and resends like the agent (~1 MB/s); ``fast`` is for
+tests of the client's own throughput (say so in the test). The command line is in
+``ssm_standin_cli``. In-process: ``SsmStandIn(...).start_background()`` returns once listening
+(``.url``); ``stop_background()`` ends every session and stops. Tokens are never logged.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
+import base64
+import datetime
 import hmac
 import json
 import logging
-import os
 import re
 import secrets
-import signal
 import sys
 import threading
 import time
@@ -58,9 +55,11 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
 
-from .ssm_agent import DEFAULT_AGENT_VERSION, AgentSession, Faults, PortPlugin
+from .ssm_agent import DEFAULT_AGENT_VERSION, AgentSession, Faults
+from .ssm_agent_port import PortPlugin, Resolver, system_resolve
 from .ssm_kms import AgentCipher, KmsSettings
 from .ssm_http import HttpRequest, HttpResponse, HttpServer, WsConnection
+from .ssm_sigv4 import SignatureError, SignedBy, Verifier
 
 log = logging.getLogger("dbtunneld.sandbox.ssm_standin")
 
@@ -69,10 +68,12 @@ REMOTE_DOCUMENT = "AWS-StartPortForwardingSessionToRemoteHost"
 JSON_11 = "application/x-amz-json-1.1"
 STREAM_PATH = re.compile(r"^/v1/data-channel/([A-Za-z0-9_.@-]+)$")
 CONTROL_SESSION = re.compile(r"^/_standin/sessions/([A-Za-z0-9_.@-]+)/(close-websocket|terminate|pause)$")
-SIGV4 = re.compile(r"^AWS4-HMAC-SHA256 Credential=([^/]+)/(\d{8})/([^/]+)/([^/]+)/aws4_request, ?SignedHeaders=[^,]+, ?Signature=[0-9a-f]{64}$")
 TARGET_SYNTAX = re.compile(r"^((i|mi)-[0-9a-f]{8,17}|ecs:[^_\s]+_[^_\s]+_\S+)$")
 OPEN_TIMEOUT = 10.0
 ACTIVE = ("Connecting", "Connected", "Disconnected")
+# The service's words are not public; these say what happened in the same spirit.
+IDLE_REASON = "Session terminated: idle for {minutes} (Session Manager idle session timeout)"
+MAX_DURATION_REASON = "Session terminated: it reached the maximum session duration of {minutes}"
 
 
 class ApiError(Exception):
@@ -112,10 +113,8 @@ class SessionRecord:
         }
 
 
-def parse_sigv4(header: str) -> tuple[str, str, str] | None:
-    """(access key, region, service) from a SigV4 Authorization header, or None."""
-    match = SIGV4.match(header.strip())
-    return (match.group(1), match.group(3), match.group(4)) if match else None
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:g} minutes" if seconds >= 60 else f"{seconds:g} seconds"
 
 
 class SsmStandIn:
@@ -132,14 +131,20 @@ class SsmStandIn:
         agent_version: str = DEFAULT_AGENT_VERSION,
         forward_url: str | None = None,
         allow_unsigned_websocket: bool = False,
+        credentials: dict[str, str] | None = None,
+        accept_unknown_keys: bool = False,
+        resolve: Resolver = system_resolve,
         stream_base: str = "",
         kms: KmsSettings | None = None,
     ) -> None:
-        self.kms = kms
-        self.dns: dict[str, list[str]] = {}  # the VPC resolver's answers (tests flip them: failover)
         self.host = host
-        self.stream_base = stream_base.rstrip("/")
+        self.stream_base = stream_base.rstrip("/")  # scheme://host[:port] of stream URLs (a TLS front)
+        self.kms = kms  # the account encrypts sessions with this KMS key
+        self.dns: dict[str, list[str]] = {}  # /_standin/dns answers, before ``resolve``
         self.allow_unsigned_websocket = allow_unsigned_websocket
+        self.verifier = Verifier(credentials, accept_unknown_keys=accept_unknown_keys)
+        self._system_resolve = resolve
+        self.resolve = self._resolve  # how agents look up remote hosts (once per session): the DNS seam
         self.port = port
         self.targets = dict(targets or {})
         self.allow_remote = list(allow_remote)
@@ -227,13 +232,13 @@ class SsmStandIn:
             return HttpResponse.json({"__type": "ValidationException", "message": str(exc)}, 400, content_type=JSON_11)
 
     def _check_signature(self, request: HttpRequest, service: str) -> str:
-        parsed = parse_sigv4(request.header("authorization"))
-        if parsed is None:
-            raise ApiError("IncompleteSignatureException", "a SigV4 Authorization header is required", 403)
-        access_key, _region, signed_for = parsed
-        if signed_for != service:
-            raise ApiError("InvalidSignatureException", f"signed for service {signed_for!r}, expected {service!r}", 403)
-        return access_key
+        return self._verify(request, service).access_key
+
+    def _verify(self, request: HttpRequest, service: str) -> SignedBy:
+        try:
+            return self.verifier.verify(request.method, request.target, request.headers, request.body, service, now=_utcnow())
+        except SignatureError as exc:
+            raise ApiError(exc.code, exc.message, 403) from None
 
     async def _forward(self, request: HttpRequest, operation: str) -> HttpResponse:
         if not self.forward_url:
@@ -270,7 +275,8 @@ class SsmStandIn:
             cipher=AgentCipher(self.kms, session_id, target) if self.kms else None,
         )
         self.sessions[session_id] = record
-        log.info("StartSession %s: %s on %s", session_id, document, target)
+        asyncio.ensure_future(self._enforce_limits(record))
+        log.info("StartSession %s: %s on %s (%s mode)", session_id, document, target, record.agent.mode)
         return self._grant(record)
 
     def _plugin_for(self, target: str, document: str, params: dict[str, Any]) -> PortPlugin:
@@ -284,13 +290,13 @@ class SsmStandIn:
             port = param("portNumber", "22")
             address = self._target_address(target)
             assert address is not None
-            return PortPlugin({"portNumber": port}, *address)
+            return PortPlugin({"portNumber": port}, *address, resolve=self.resolve)
         if document == REMOTE_DOCUMENT:
             host, port = param("host"), param("portNumber")
             if not self._remote_allowed(host, port):
                 raise ApiError("InvalidParameters", f"the stand-in only forwards to --allow-remote hosts; {host}:{port} is not one")
             props = {"portNumber": port, "type": "LocalPortForwarding", "host": host, "localPortNumber": param("localPortNumber", "0")}
-            return PortPlugin(props, self._resolve_once(host), int(port))
+            return PortPlugin(props, host, int(port), resolve=self.resolve)
         raise ApiError("InvalidDocument", f"document {document!r} is not supported by the stand-in")
 
     def _target_address(self, target: str) -> tuple[str, int] | None:
@@ -301,14 +307,9 @@ class SsmStandIn:
             return self.targets["*"]
         return None
 
-    def _resolve_once(self, host: str) -> str:
-        """The address the agent dials for the whole session (port.go resolves ``host`` once, at
-        session start): the ``/_standin/dns`` table's first answer, else ``host`` itself."""
-        addresses = self.dns.get(host.lower())
-        if addresses:
-            log.info("resolved %s to %s for this session", host, addresses[0])
-            return addresses[0]
-        return host
+    def _resolve(self, host: str) -> list[str]:
+        """The VPC resolver: the ``/_standin/dns`` table first (tests flip it: Aurora failover)."""
+        return list(self.dns.get(host.lower()) or self._system_resolve(host))
 
     def _set_dns(self, body: dict[str, Any]) -> None:
         name = str(body.get("name") or "").lower()
@@ -327,7 +328,7 @@ class SsmStandIn:
     def _grant(self, record: SessionRecord) -> dict[str, Any]:
         record.token = secrets.token_urlsafe(32)
         base = self.stream_base or f"ws://{self.host}:{self.port}"
-        stream_url = f"{base}/v1/data-channel/{record.session_id}?role=publish_subscribe&cell-number={secrets.token_urlsafe(12)}"
+        stream_url = f"{base}/v1/data-channel/{record.session_id}?role=publish_subscribe&cell-number={_cell_number()}"
         return {"SessionId": record.session_id, "TokenValue": record.token, "StreamUrl": stream_url}
 
     async def _op_ResumeSession(self, body: dict[str, Any], owner: str) -> dict[str, Any]:
@@ -375,6 +376,20 @@ class SsmStandIn:
         log.info("session %s terminated: %s", record.session_id, reason)
         await record.agent.end(reason)
 
+    async def _enforce_limits(self, record: SessionRecord) -> None:
+        """The service's idle timeout (data messages only: acks and pings do not count) and max duration."""
+        agent = record.agent
+        while record.status in ACTIVE:
+            idle, longest = self.faults.idle_timeout, self.faults.max_session_duration
+            await asyncio.sleep(min(1.0, idle / 10, longest / 10 if longest else 1.0))
+            now = time.monotonic()
+            if record.status not in ACTIVE:
+                return
+            if now - agent.last_data > self.faults.idle_timeout:
+                await self._end(record, IDLE_REASON.format(minutes=_minutes(self.faults.idle_timeout)))
+            elif self.faults.max_session_duration and now - agent.started > self.faults.max_session_duration:
+                await self._end(record, MAX_DURATION_REASON.format(minutes=_minutes(self.faults.max_session_duration)))
+
     def _set_state(self, record: SessionRecord, state: str) -> None:
         if record.status in ACTIVE:
             record.status = state
@@ -388,10 +403,13 @@ class SsmStandIn:
         record = self.sessions.get(match.group(1)) if match else None
         if record is None or record.status not in ACTIVE:
             return HttpResponse.json({"message": "no such active session"}, 404)
-        parsed = parse_sigv4(request.header("authorization"))
-        unsigned_ok = self.allow_unsigned_websocket and not request.header("authorization")
-        if not unsigned_ok and (parsed is None or parsed[2] != "ssmmessages" or not request.header("x-amz-date")):
-            return HttpResponse.json({"message": "the websocket upgrade must be SigV4-signed for ssmmessages"}, 403)
+        if self.allow_unsigned_websocket and not request.header("authorization") and "X-Amz-Signature" not in request.query:
+            return None
+        try:
+            self._verify(request, "ssmmessages")
+        except ApiError as exc:
+            log.warning("session %s: websocket upgrade refused: %s: %s", record.session_id, exc.code, exc.message)
+            return HttpResponse.json({"__type": exc.code, "message": f"the websocket upgrade must be SigV4-signed for ssmmessages: {exc.message}"}, 403)
         return None
 
     async def _websocket(self, conn: WsConnection) -> None:
@@ -447,8 +465,9 @@ class SsmStandIn:
         if action == "terminate":
             await self._end(record, str(body.get("reason") or "terminated by the service"))
             return HttpResponse.json(record.row())
-        asyncio.ensure_future(record.agent.pause(float(body.get("seconds") or 1.0)))
-        return HttpResponse.json({"paused": True})
+        seconds = None if body.get("start") is False else float(body.get("seconds") or 1.0)
+        asyncio.ensure_future(record.agent.pause(seconds))
+        return HttpResponse.json({"paused": True, "start_after": seconds})
 
 
 # --- the sandbox stack --------------------------------------------------------------------------
@@ -460,86 +479,26 @@ def stack_service(stack: Any) -> Any:
     from .procs import http_probe
 
     port = stack._port("ssm")
-    args = ["--port", str(port), "--target", f"*=127.0.0.1:{stack._port('sshd')}"]
+    args = ["--port", str(port), "--target", f"*=127.0.0.1:{stack._port('sshd')}", "--accept-unknown-keys"]  # moto mints the keys
     for db in stack.mariadb.values():
         args += ["--allow-remote", f"127.0.0.1:{db.port}", "--allow-remote", f"localhost:{db.port}"]
     ready = http_probe(f"http://127.0.0.1:{port}/_standin/health")
     return stack._python_service("ssm-standin", "dbtunneld.sandbox.ssm_standin", args, ready, port)
 
 
-# --- command line -------------------------------------------------------------------------------
+def _cell_number() -> str:
+    """Standard base64 with padding, as real stream URLs carry it raw: always with ``+``, ``/``, ``=``."""
+    while True:
+        text = base64.b64encode(secrets.token_bytes(13)).decode()
+        if "+" in text and "/" in text:
+            return text
 
 
-def parse_target(text: str) -> tuple[str, tuple[str, int]]:
-    name, _, address = text.partition("=")
-    host, _, port = address.rpartition(":")
-    if not name or not host or not port.isdigit():
-        raise argparse.ArgumentTypeError(f"--target wants ID=HOST:PORT, got {text!r}")
-    return name, (host, int(port))
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dbtunneld.sandbox.ssm_standin", description="SSM Session Manager stand-in (API + agent side)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=0)
-    p.add_argument("--target", action="append", type=parse_target, default=[], help="ID=HOST:PORT: SSH sessions to ID reach this sshd")
-    p.add_argument("--allow-remote", action="append", default=[], help="HOST or HOST:PORT port sessions may reach (repeatable, comma lists ok)")
-    p.add_argument("--drop", type=float, default=0.0)
-    p.add_argument("--delay-ms", type=float, default=0.0)
-    p.add_argument("--jitter-ms", type=float, default=0.0)
-    p.add_argument("--close-after-messages", type=int, default=0)
-    p.add_argument("--agent-payload", type=int, default=1024)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--agent-version", default=DEFAULT_AGENT_VERSION)
-    p.add_argument("--forward-url", default=None, help="where other AmazonSSM.* calls go (moto)")
-    p.add_argument("--allow-unsigned-websocket", action="store_true", help="accept upgrades without SigV4 (older session-manager-plugin releases)")
-    p.add_argument("--stream-base", default="", help="scheme://host[:port] of the stream URLs handed out (e.g. wss://ssmmessages.example behind a TLS front); default ws://HOST:PORT")
-    p.add_argument("--kms-key-id", default="", help="encrypt every session with this KMS key (Session Manager preference); the agent's credentials come from the environment")
-    p.add_argument("--kms-endpoint", default="", help="the KMS API the agent calls (moto)")
-    p.add_argument("--kms-region", default="us-east-1")
-    p.add_argument("--kms-require-challenge", action="store_true", help="the agent's RequireKMSChallengeResponse")
-    p.add_argument("--log-level", default="INFO")
-    return p
-
-
-def standin_from_args(args: argparse.Namespace) -> SsmStandIn:
-    faults = Faults()
-    faults.update({"drop": args.drop, "delay_ms": args.delay_ms, "jitter_ms": args.jitter_ms, "close_after_messages": args.close_after_messages, "agent_payload": args.agent_payload, "seed": args.seed})
-    allow = [h.strip() for item in args.allow_remote for h in item.split(",") if h.strip()]
-    return SsmStandIn(host=args.host, port=args.port, targets=dict(args.target), allow_remote=allow, faults=faults, agent_version=args.agent_version, forward_url=args.forward_url, allow_unsigned_websocket=args.allow_unsigned_websocket, stream_base=args.stream_base, kms=_kms_settings(args))
-
-
-def _kms_settings(args: argparse.Namespace) -> KmsSettings | None:
-    if not args.kms_key_id:
-        return None
-    if not args.kms_endpoint:
-        raise SystemExit("--kms-key-id needs --kms-endpoint (the KMS API the agent calls)")
-    return KmsSettings(args.kms_key_id, args.kms_endpoint, args.kms_region, require_challenge=args.kms_require_challenge)
-
-
-async def _serve_until_stopped(standin: SsmStandIn) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    url = await standin.start()
-    print(f"READY {url}", flush=True)
-    parent = os.getppid()
-    while not stop.is_set():
-        try:
-            await asyncio.wait_for(stop.wait(), 0.5)
-        except asyncio.TimeoutError:
-            if os.getppid() != parent:
-                break
-    await standin.stop()
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(stream=sys.stderr, level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(_serve_until_stopped(standin_from_args(args)))
-    return 0
+def _utcnow() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
 
 
 if __name__ == "__main__":
+    from .ssm_standin_cli import main
+
     sys.exit(main())

@@ -2,6 +2,8 @@
 
 * ``StandInProcess``: runs ``python -m dbtunneld.sandbox.ssm_standin`` with the given flags,
   waits for its ``READY`` line (bounded), talks to its control API, stops it by pid.
+  ``credentials={access key: secret}`` go to the stand-in in a 0600 file (never in argv), so
+  it verifies those keys' SigV4 signatures.
 * ``DataServer``: a threaded TCP server speaking a tiny line protocol, so transfers can be
   checked byte for byte: ``D <n> <seed>`` sends n bytes of a seeded pattern, ``U <n>`` reads
   n bytes and answers their SHA-256 (hex, newline), ``E`` echoes until EOF.
@@ -14,10 +16,12 @@ import json
 import os
 import random
 import select
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -44,8 +48,10 @@ def pattern_digest(n: int, seed: int = 1) -> str:
 class StandInProcess:
     """The SSM stand-in in its own process, stopped by pid (also when a test fails)."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None, log_path: str | None = None) -> None:
+    def __init__(self, *args: str, env: dict[str, str] | None = None, log_path: str | None = None, credentials: dict[str, str] | None = None) -> None:
         self.args = list(args)
+        self.credentials = dict(credentials or {})
+        self._credentials_dir: str | None = None
         self.env = env
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
@@ -53,7 +59,7 @@ class StandInProcess:
 
     def start(self, timeout: float = 15.0) -> "StandInProcess":
         stderr = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
-        argv = [sys.executable, "-m", "dbtunneld.sandbox.ssm_standin", *self.args]
+        argv = [sys.executable, "-m", "dbtunneld.sandbox.ssm_standin", *self.args, *self._credentials_args()]
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL, env=self.env, start_new_session=True)
         if self.log_path:
             stderr.close()  # type: ignore[union-attr]
@@ -63,6 +69,16 @@ class StandInProcess:
             raise RuntimeError(f"SSM stand-in did not start (got {line!r}); see {self.log_path or 'its stderr'}")
         self.url = line.split()[1]
         return self
+
+    def _credentials_args(self) -> list[str]:
+        if not self.credentials:
+            return []
+        self._credentials_dir = tempfile.mkdtemp(prefix="ssm-standin-")
+        path = os.path.join(self._credentials_dir, "credentials.json")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            json.dump(self.credentials, handle)
+        return ["--credentials-file", path]
 
     def _read_ready(self, timeout: float) -> str:
         assert self.proc is not None and self.proc.stdout is not None
@@ -83,6 +99,9 @@ class StandInProcess:
         return self.proc.pid if self.proc else None
 
     def stop(self, timeout: float = 5.0) -> None:
+        if self._credentials_dir:
+            shutil.rmtree(self._credentials_dir, ignore_errors=True)
+            self._credentials_dir = None
         proc = self.proc
         if proc is None or proc.poll() is not None:
             return

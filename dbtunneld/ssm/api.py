@@ -52,6 +52,20 @@ class Grant:
     response: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
 
+def go_query_encode(query: str) -> str:
+    """A query as aws-sdk-go v1 signs it: ``url.ParseQuery`` (``+`` is a space, ``%XX`` decoded),
+    then ``Values.Encode()`` (keys sorted, ``url.QueryEscape``: all but ``A-Za-z0-9-_.~``
+    escaped), then ``+`` -> ``%20`` (aws/signer/v4/v4.go ``buildCanonicalString``)."""
+    pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
+    ordered = sorted(range(len(pairs)), key=lambda i: pairs[i][0])  # stable: a key's values keep their order
+    escape = lambda text: urllib.parse.quote(text, safe="-_.~")  # noqa: E731
+    return "&".join(f"{escape(pairs[i][0])}={escape(pairs[i][1])}" for i in ordered)
+
+
+def is_presigned(query: str) -> bool:
+    return any(key == "X-Amz-Signature" for key, _ in urllib.parse.parse_qsl(query, keep_blank_values=True))
+
+
 def redact_url(url: str) -> str:
     """``url`` without its query string (where stream URLs may carry credentials)."""
     parts = urllib.parse.urlsplit(url)
@@ -137,16 +151,24 @@ class SsmApi:
         return response["Plaintext"], response["CiphertextBlob"]
 
     def websocket_headers(self, stream_url: str) -> dict[str, str]:
-        """SigV4 headers (service ``ssmmessages``) for the websocket upgrade GET of ``stream_url``."""
+        """SigV4 headers (service ``ssmmessages``) for the websocket upgrade GET of ``stream_url``.
+
+        Signed as the session-manager-plugin signs it (aws-sdk-go v1): the canonical query is
+        ``go_query_encode(query)``, while the URL itself is dialled unchanged. A presigned URL
+        (``X-Amz-Signature`` in its query) is dialled as it is, with no headers.
+        """
         from botocore.auth import SigV4Auth
         from botocore.awsrequest import AWSRequest
 
+        parts = urllib.parse.urlsplit(stream_url)
+        if is_presigned(parts.query):
+            return {}
         credentials = self.boto3_session.get_credentials()
         if credentials is None:
             raise SignInNeededError("no AWS credentials to sign the SSM data channel")
-        parts = urllib.parse.urlsplit(stream_url)
         scheme = {"wss": "https", "ws": "http"}.get(parts.scheme, parts.scheme)
-        request = AWSRequest(method="GET", url=urllib.parse.urlunsplit((scheme,) + tuple(parts[1:])))
+        url = urllib.parse.urlunsplit((scheme, parts.netloc, parts.path, go_query_encode(parts.query), ""))
+        request = AWSRequest(method="GET", url=url)  # botocore signs a URL's query as it is written
         SigV4Auth(credentials.get_frozen_credentials(), WEBSOCKET_SERVICE, self.region).add_auth(request)
         return {k: v for k, v in request.headers.items() if k.lower() in ("authorization", "x-amz-date", "x-amz-security-token")}
 
