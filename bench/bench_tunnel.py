@@ -258,7 +258,7 @@ def lab() -> Iterator[Lab]:
         sshd_port = free_port()
         ssm = StandInProcess("--port", "0", "--target", f"{TARGET}=127.0.0.1:{sshd_port}",
                              "--allow-remote", "127.0.0.1", "--log-level", "WARNING",
-                             log_path=str(root / "ssm-standin.log")).start()
+                             log_path=str(root / "ssm-standin.log"), credentials={"AKIDBENCH": "bench-secret"}).start()
         closers.insert(0, ssm.stop)
         servers = Child({"mode": "serve", "delay": {"sshd": sshd_port, "ssm": int(ssm.url.rsplit(":", 1)[1])}})
         closers.insert(0, servers.stop)

@@ -117,7 +117,8 @@ def cluster(stack, tmp_path):
                  f"GRANT SELECT, INSERT ON failover.* TO '{APP_USER}'@'%';")
     port = _shared_port()
     instances = {"127.0.0.2": Instance("127.0.0.2", port, dbs[0].port), "127.0.0.3": Instance("127.0.0.3", port, dbs[1].port)}
-    standin = StandInProcess("--target", f"{TARGET}=127.0.0.1:9", "--allow-remote", f"{ENDPOINT}:{port}", log_path=str(tmp_path / "standin.log"))
+    standin = StandInProcess("--target", f"{TARGET}=127.0.0.1:9", "--allow-remote", f"{ENDPOINT}:{port}", log_path=str(tmp_path / "standin.log"),
+                             credentials={"AKIDFAILOVERTEST": "secret-failover-test"})
     standin.start()
     set_dns(standin, "127.0.0.2")
     try:

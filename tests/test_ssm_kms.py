@@ -59,7 +59,7 @@ def kms_standin(stack, data_server, tmp_path):
     env.update(AWS_ACCESS_KEY_ID=seed["agent"]["access_key_id"], AWS_SECRET_ACCESS_KEY=seed["agent"]["secret_access_key"])
     proc = StandInProcess("--target", f"{TARGET}=127.0.0.1:{data_server.port}", "--allow-remote", "127.0.0.1",
                           "--kms-key-id", seed["alias"], "--kms-endpoint", stack.info.aws_endpoint, "--kms-require-challenge",
-                          env=env, log_path=str(tmp_path / "standin.log"))
+                          "--accept-unknown-keys", env=env, log_path=str(tmp_path / "standin.log"))
     proc.start()
     yield proc
     proc.stop()

@@ -93,7 +93,7 @@ def _standin(data_server, tmp_path, stream_base: str, port: int = 0) -> StandInP
     args = ["--target", f"{TARGET}=127.0.0.1:{data_server.port}", "--allow-remote", "127.0.0.1", "--stream-base", stream_base]
     if port:
         args += ["--port", str(port)]
-    return StandInProcess(*args, log_path=str(tmp_path / "standin.log"))
+    return StandInProcess(*args, log_path=str(tmp_path / "standin.log"), credentials={"AKIDSSMPROXYTEST": "secret-ssm-proxy-test"})
 
 
 def _download_ok(session, n: int = 300_000) -> bool:
