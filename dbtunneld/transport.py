@@ -287,7 +287,7 @@ class SsmPortForwardTransport(Transport):
         from .ssm.failover import EndpointWatch
 
         session.on_connect_error = lambda: self._stale(session, f"the agent could not connect to {self.host}:{self.port}")
-        if self._dns_interval:
+        if self._dns_interval and self._writer:
             self._dns_watch = EndpointWatch(self.host, lambda why: self._stale(session, why),
                                             resolve=self._resolve, interval=self._dns_interval)
 

@@ -24,7 +24,7 @@ import pytest
 
 from dbtunneld.config import TunnelSettings
 from dbtunneld.sandbox.ssm_testkit import StandInProcess
-from dbtunneld.ssm.failover import contains_read_only_error
+from dbtunneld.ssm.failover import contains_read_only_error, is_writer_endpoint
 from dbtunneld.transport import SsmPortForwardTransport
 from dbtunneld.tunnel import Tunnel, mysql_error_packet
 
@@ -41,6 +41,13 @@ def test_read_only_errors_are_found_in_mysql_traffic_only():
         assert contains_read_only_error(b"\x05\x00\x00\x01abcde" + packet) == code
     assert contains_read_only_error(mysql_error_packet(1045, "Access denied")) == 0
     assert contains_read_only_error(b"\xff\x0a\x05#HY000 in the middle of a row") == 0   # no packet header
+
+
+def test_only_writer_endpoints_are_watched():
+    assert is_writer_endpoint("orders.cluster-c0123.eu-west-1.rds.amazonaws.com")
+    assert is_writer_endpoint("db.internal.example")
+    assert not is_writer_endpoint("orders.cluster-ro-c0123.eu-west-1.rds.amazonaws.com")
+    assert not is_writer_endpoint("reporting.cluster-custom-c0123.eu-west-1.rds.amazonaws.com")
 
 
 class Instance:

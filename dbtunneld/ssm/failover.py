@@ -7,7 +7,8 @@ points at the new writer, but an old session keeps reaching the old one, now a r
 down). Three signs say the session is stale; each calls ``on_stale(reason)`` once:
 
 * ``EndpointWatch``: the endpoint's DNS answer, re-resolved every few seconds (Aurora's TTL is
-  5 s), differs from the one the session started with;
+  5 s), differs from the one the session started with (writer endpoints only: reader and custom
+  endpoints rotate their answers);
 * ``connect_to_port_error``: the agent sent the ConnectToPortError flag (it could not dial);
 * ``ReadOnlyWatch``: on a writer endpoint, the server answered a statement with MySQL error
   1290 (``--read-only``) or 1836 (read-only mode), seen in plain-text MySQL traffic (TLS
@@ -43,8 +44,10 @@ def system_resolver(host: str) -> frozenset:
 
 
 def is_writer_endpoint(host: str) -> bool:
-    """Aurora reader endpoints are ``<name>.cluster-ro-<id>...``; everything else may take writes."""
-    return ".cluster-ro-" not in host.lower()
+    """Not an Aurora reader (``.cluster-ro-``) or custom (``.cluster-custom-``) endpoint: those
+    rotate their DNS answers between instances and may answer read-only by design."""
+    name = host.lower()
+    return ".cluster-ro-" not in name and ".cluster-custom-" not in name
 
 
 class EndpointWatch:
