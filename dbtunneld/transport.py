@@ -71,6 +71,10 @@ class Transport(ABC):
     def describe(self) -> str:
         return self.kind
 
+    def why_closed(self) -> str:
+        """Why the upstream ended, when it knows more than "it closed" ('' otherwise)."""
+        return ""
+
 
 # ---- SSH-based transports --------------------------------------------------------------------
 
@@ -324,6 +328,11 @@ class SsmPortForwardTransport(Transport):
     def wait_closed(self, timeout: float | None = None) -> bool:
         session = self._session
         return True if session is None else bool(session.wait_closed(timeout))
+
+    def why_closed(self) -> str:
+        session = self._session
+        error = getattr(session, "last_error", None)
+        return error.message if error is not None else ""
 
     def close(self) -> None:
         session, self._session = self._session, None

@@ -477,7 +477,7 @@ class Tunnel:
             self._drop_upstream()
             return self._move(self._reconnect_state())
         if "died" in reasons or not self.transport.is_alive():
-            return self._lost("the connection to the bastion closed")
+            return self._lost(self.transport.why_closed() or "the connection to the bastion closed")
         if reasons & {"check", "suspect"} or now >= self._next_ping:
             self._next_ping = now + s.keepalive_interval
             flowed = self._traffic()

@@ -89,6 +89,60 @@ def test_websocket_upgrade_is_signed_for_ssmmessages():
     assert headers["X-Amz-Security-Token"] == "session-token-ssm-test"
 
 
+# An independent SigV4, written here from AWS's documentation (not from dbtunneld or botocore):
+# canonical request, string to sign, HMAC chain. Its canonical query follows aws-sdk-go v1, which
+# the session-manager-plugin signs with (aws/signer/v4/v4.go: url.Query().Encode(), "+" -> "%20"):
+# the query is decoded ("+" is a space) and every key and value escaped except A-Za-z0-9-_.~.
+def _go_query(query: str) -> str:
+    from urllib.parse import quote, unquote_plus
+
+    pairs = [part.partition("=")[::2] for part in query.split("&") if part]
+    decoded = sorted((unquote_plus(k), unquote_plus(v)) for k, v in pairs)
+    return "&".join(f"{quote(k, safe='-_.~')}={quote(v, safe='-_.~')}" for k, v in decoded)
+
+
+def _sigv4(secret: str, amz_date: str, region: str, service: str, host: str, path: str, query: str, headers: dict[str, str]) -> str:
+    import hashlib
+    import hmac
+
+    signed = sorted({"host": host, **{k.lower(): v for k, v in headers.items()}}.items())
+    canonical = "\n".join(["GET", path, query, "".join(f"{k}:{v}\n" for k, v in signed), ";".join(k for k, _ in signed), hashlib.sha256(b"").hexdigest()])
+    scope = f"{amz_date[:8]}/{region}/{service}/aws4_request"
+    to_sign = "\n".join(["AWS4-HMAC-SHA256", amz_date, scope, hashlib.sha256(canonical.encode()).hexdigest()])
+    key = ("AWS4" + secret).encode()
+    for part in (amz_date[:8], region, service, "aws4_request"):
+        key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+    return hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
+
+
+def test_the_independent_sigv4_reproduces_aws_test_suite_get_vanilla():
+    # aws-sig-v4-test-suite "get-vanilla": GET / on example.amazonaws.com, 20150830T123600Z
+    signature = _sigv4("wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY", "20150830T123600Z", "us-east-1", "service", "example.amazonaws.com", "/", "", {"X-Amz-Date": "20150830T123600Z"})
+    assert signature == "5fa00fa31553b73ebf1942676e86291e8372ff2a2260956d9b8aae1d763fbf31"
+
+
+def test_stream_url_query_is_signed_as_aws_sdk_go_v1_encodes_it():
+    """A stream URL with a raw ``+``, ``/`` and ``=`` in its query (as real ones carry): the
+    signature must be the one the service computes over the Go-encoded query; botocore on the raw
+    URL signs ``/`` and ``=`` unescaped and ``+`` as ``+``, which the service rejects."""
+    url = "wss://ssmmessages.eu-west-1.amazonaws.com/v1/data-channel/s-1?role=publish_subscribe&cell-number=AAEAAb+c/dE=="
+    assert _go_query("role=publish_subscribe&cell-number=AAEAAb+c/dE==") == "cell-number=AAEAAb%20c%2FdE%3D%3D&role=publish_subscribe"
+    assert api.go_query_encode("role=publish_subscribe&cell-number=AAEAAb+c/dE==") == "cell-number=AAEAAb%20c%2FdE%3D%3D&role=publish_subscribe"
+    headers = api.SsmApi(boto(), endpoint_url="http://127.0.0.1:9").websocket_headers(url)
+    amz_date = headers["X-Amz-Date"]
+    expected = _sigv4("secret-ssm-api-test", amz_date, "eu-west-1", "ssmmessages", "ssmmessages.eu-west-1.amazonaws.com", "/v1/data-channel/s-1",
+                      _go_query("role=publish_subscribe&cell-number=AAEAAb+c/dE=="), {"X-Amz-Date": amz_date, "X-Amz-Security-Token": "session-token-ssm-test"})
+    assert headers["Authorization"].endswith(f"Signature={expected}")
+    assert "SignedHeaders=host;x-amz-date;x-amz-security-token," in headers["Authorization"]
+
+
+def test_presigned_stream_urls_are_dialled_as_they_are():
+    presigned = ("wss://ssmmessages.eu-west-1.amazonaws.com/v1/data-channel/s-1?role=publish_subscribe&X-Amz-Algorithm=AWS4-HMAC-SHA256"
+                 "&X-Amz-Credential=AKID%2F20260101%2Feu-west-1%2Fssmmessages%2Faws4_request&X-Amz-Date=20260101T000000Z&X-Amz-Expires=60"
+                 "&X-Amz-SignedHeaders=host&X-Amz-Signature=" + "ab" * 32)
+    assert api.SsmApi(boto(), endpoint_url="http://127.0.0.1:9").websocket_headers(presigned) == {}
+
+
 def test_websocket_signature_without_session_token_has_no_token_header():
     headers = api.SsmApi(boto(token=None), endpoint_url="http://127.0.0.1:9").websocket_headers("ws://127.0.0.1:1/v1/data-channel/s")
     assert "X-Amz-Security-Token" not in headers

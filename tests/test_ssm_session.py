@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import socket
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import boto3
@@ -19,7 +21,7 @@ import paramiko
 import pymysql
 import pytest
 
-from dbtunneld.errors import ClosedError, NeedsUserError
+from dbtunneld.errors import ClosedError, NeedsUserError, TransientError
 from dbtunneld.sandbox.ssm_standin import SsmStandIn
 from dbtunneld.sandbox.ssm_testkit import DataServer, StandInProcess, download, pattern, pattern_digest, upload
 from dbtunneld.ssm import ChannelOptions, api, start_port_forward, start_ssh_session
@@ -125,6 +127,29 @@ def test_echo_round_trips_keep_their_order(standin, data_server):
                 assert got == message
 
 
+def test_realistic_mode_paces_and_resends_like_the_agent(standin, data_server, faults):
+    """The stand-in's default: 1 KiB per message with a 1 ms sleep (~1 MB/s at best), and only
+    the oldest unacknowledged message resent, once per 100 ms. Fast mode is far quicker."""
+    faults(drop=0.05, seed=17)
+    with start_port_forward(aws(), TARGET, "127.0.0.1", data_server.port, endpoint_url=standin.url) as session:
+        with session.open_stream() as sock:
+            started = time.monotonic()
+            digest, got = download(sock, MB // 2, seed=16)
+            realistic = time.monotonic() - started
+        assert got == MB // 2 and digest == pattern_digest(MB // 2, seed=16)
+    stats = standin.session(session.session_id)["Stats"]
+    assert realistic >= 0.5  # >= 500 messages of 1 KiB, each followed by a 1 ms sleep
+    assert stats["dropped"] > 10 and stats["resent"] <= realistic * 10 + 3  # oldest only, every 100 ms
+    faults(drop=0, mode="fast", agent_payload=16384)
+    with start_port_forward(aws(), TARGET, "127.0.0.1", data_server.port, endpoint_url=standin.url, options=BULK) as session:
+        with session.open_stream() as sock:
+            started = time.monotonic()
+            assert download(sock, MB // 2, seed=16)[1] == MB // 2
+            fast = time.monotonic() - started
+    print(f"0.5 MB at 5 % loss: realistic {realistic:.2f} s ({stats['resent']} agent resends); fast, no loss: {fast:.2f} s")
+    assert fast < realistic / 3
+
+
 @pytest.mark.fault
 def test_five_percent_of_messages_dropped_fifty_megabytes_arrive_byte_exact(standin, data_server, faults):
     faults(drop=0.05, agent_payload=16384, seed=5, mode="fast")  # the client's loss repair at speed: fast mode
@@ -186,6 +211,24 @@ def test_delayed_and_reordered_messages_are_delivered_in_order(standin, data_ser
         assert session.stats["buffered"] > 100  # early arrivals were held for the gaps
 
 
+def test_a_lone_pause_publication_does_not_hang_the_session(standin, data_server):
+    """The service may send pause_publication and never start_publication. Like the agent, the
+    client treats a pause as soft (lifted by the next acknowledgement or stream message) and
+    caps it (ChannelOptions.pause_cap); before, an idle client paused this way hung for good."""
+    options = ChannelOptions(pause_cap=1.0)
+    with start_port_forward(aws(), TARGET, "127.0.0.1", data_server.port, endpoint_url=standin.url, options=options) as session:
+        standin.control(f"/_standin/sessions/{session.session_id}/pause", {"start": False})
+        time.sleep(0.3)  # the pause has arrived; nothing is in flight to lift it
+        started = time.monotonic()
+        result: list[str] = []
+        worker = threading.Thread(target=lambda: result.append(upload(session.open_stream(timeout=10), 200_000, seed=22)), daemon=True)
+        worker.start()
+        worker.join(15)
+        assert result == [pattern_digest(200_000, seed=22)], "the session hung on a lone pause_publication"
+        assert time.monotonic() - started < 1.0 + 5.0  # the cap, plus a realistic-mode transfer
+        assert session.is_alive()
+
+
 def test_pause_publication_holds_then_resumes_the_flow(standin, data_server):
     with start_port_forward(aws(), TARGET, "127.0.0.1", data_server.port, endpoint_url=standin.url) as session:
         with session.open_stream() as sock:
@@ -194,6 +237,47 @@ def test_pause_publication_holds_then_resumes_the_flow(standin, data_server):
 
 
 # --- ending sessions -------------------------------------------------------------------------------
+
+
+def test_a_black_holed_session_is_declared_stalled_and_ends(standin, data_server):
+    """The websocket stays open but nothing comes back (no acknowledgements): once data has
+    waited ``stall_after`` s the channel ends with a TransientError, so its owner (the tunnel,
+    watching ``wait_closed``) starts a new session. Before, it looked alive for 300 s."""
+    options = ChannelOptions(stall_after=1.0)
+    with start_port_forward(aws(), TARGET, "127.0.0.1", data_server.port, endpoint_url=standin.url, options=options) as session:
+        with session.open_stream() as sock:
+            sock.sendall(b"E\n")
+            standin.control(f"/_standin/sessions/{session.session_id}/freeze", {"frozen": True})
+            sock.sendall(b"anyone there?")
+            assert session.wait_closed(6), "a black-holed session still looked alive"
+        assert isinstance(session.last_error, TransientError) and "stalled" in session.last_error.message
+    with start_port_forward(aws(), TARGET, "127.0.0.1", data_server.port, endpoint_url=standin.url) as fresh:
+        with fresh.open_stream() as sock:
+            assert upload(sock, 10_000) == pattern_digest(10_000)
+
+
+def test_a_slow_local_reader_is_not_mistaken_for_a_stall(standin, data_server, faults):
+    """While our own reader is back-pressured (the client reads slowly), acknowledgements cannot
+    be read: that time does not count towards the stall. Fast mode: every buffer on the echo
+    path must fill (~10 MB) before the agent's acknowledgements back up behind our reader."""
+    faults(mode="fast", agent_payload=16384)
+    options = ChannelOptions(stall_after=2.0, max_payload=16384)
+    with start_port_forward(aws(), TARGET, "127.0.0.1", data_server.port, endpoint_url=standin.url, options=options) as session:
+        with session.open_stream() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.sendall(b"E\n")
+            writer = threading.Thread(target=sock.sendall, args=(pattern(24 * MB, seed=31),), daemon=True)
+            writer.start()
+            time.sleep(3.0)  # nobody reads the echo: the agent's output backs up to our reader
+            digest, got = hashlib.sha256(), 0
+            while got < 24 * MB:
+                chunk = sock.recv(1 << 20)
+                assert chunk, f"the session ended under a slow reader: {session.last_error}"
+                digest.update(chunk)
+                got += len(chunk)
+            writer.join(10)
+            assert digest.hexdigest() == pattern_digest(24 * MB, seed=31)
+        assert session.is_alive(), session.last_error
 
 
 def test_close_leaves_the_session_terminated_in_the_service(standin, data_server):

@@ -180,3 +180,94 @@ def test_wildcard_target_accepts_only_target_shaped_names():
 def test_corrupt_message_is_a_protocol_error_not_a_crash():
     with pytest.raises(ProtocolError):
         m.decode(b"\x00" * 50)
+
+
+def test_websocket_accepts_a_presigned_url_and_refuses_wrong_secrets(standin):
+    from botocore.auth import SigV4QueryAuth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    ssm = ssm_api(standin)
+    grant = ssm.start_session(TARGET, api.DOC_SSH, api.ssh_parameters(22))
+    assert any(c in grant.stream_url.split("?", 1)[1] for c in "+/=")  # real stream URLs carry them raw
+
+    def presign(secret: str) -> str:
+        request = AWSRequest(method="GET", url=grant.stream_url.replace("ws://", "http://", 1))
+        SigV4QueryAuth(Credentials("AKIDSTANDINTEST", secret), "ssmmessages", "us-east-1", expires=60).add_auth(request)
+        return request.url.replace("http://", "ws://", 1)
+
+    async def scenario() -> None:
+        ws, first = await open_channel(presign("secret"), {}, grant.token)
+        assert first is not None and m.decode(first).payload_type == m.HANDSHAKE_REQUEST
+        await ws.close()
+        with pytest.raises(HandshakeError) as info:
+            await WsClient.connect(presign("wrong"), {}, open_timeout=5, max_size=1 << 20)
+        assert info.value.status == 403 and "SignatureDoesNotMatch" in str(info.value)
+        wrong = api.SsmApi(boto3.Session(aws_access_key_id="AKIDSTANDINTEST", aws_secret_access_key="wrong", region_name="us-east-1"), endpoint_url=standin.url)
+        with pytest.raises(HandshakeError) as info:
+            await WsClient.connect(grant.stream_url, wrong.websocket_headers(grant.stream_url), open_timeout=5, max_size=1 << 20)
+        assert info.value.status == 403
+
+    asyncio.run(scenario())
+    ssm.terminate_session(grant.session_id)
+
+
+def test_a_failed_handshake_action_cancels_the_session_like_the_agent(standin):
+    """datachannel.go handleHandshakeResponse: any ProcessedClientAction whose ActionStatus is
+    not 1 cancels the session; the client then sees channel_closed and the websocket close."""
+    ssm = ssm_api(standin)
+    grant = ssm.start_session(TARGET, api.DOC_SSH, api.ssh_parameters(22))
+
+    async def scenario() -> str:
+        ws, first = await open_channel(grant.stream_url, ssm.websocket_headers(grant.stream_url), grant.token)
+        request = m.decode(first)
+        ws.send_nowait(m.encode(m.acknowledgement(request)))
+        failed = [{"ActionType": "SessionType", "ActionStatus": 2, "ActionResult": None, "Error": "no thanks"}]
+        response = m.stream_message(m.INPUT_STREAM, 0, m.HANDSHAKE_RESPONSE, m.handshake_response("1.2.650.0", failed, ["no thanks"]))
+        ws.send_nowait(m.encode(response))
+        async for raw in ws:
+            msg = m.decode(raw)
+            if msg.message_type == m.CHANNEL_CLOSED:
+                return str(m.json_payload(msg).get("Output"))
+        return ""
+
+    output = asyncio.run(scenario())
+    assert "SessionType failed on client with status 2 error: no thanks" in output
+    row = next(r for r in standin.sessions.values() if r.session_id == grant.session_id)
+    assert row.status == "Terminated" and "status 2" in row.reason
+
+
+def test_remote_hosts_are_resolved_once_per_session(data_server_port):
+    """port.go validateParameters: the host is looked up when the session starts; every stream
+    dials those addresses, so a DNS change is seen only by a new session."""
+    from dbtunneld.sandbox.ssm_testkit import pattern_digest, upload
+    from dbtunneld.ssm import start_port_forward
+
+    lookups: list[str] = []
+    answers = {"db.internal": ["127.0.0.1"]}
+
+    def resolve(host: str) -> list[str]:
+        lookups.append(host)
+        return list(answers[host])
+
+    s = SsmStandIn(targets={TARGET: ("127.0.0.1", 9)}, allow_remote=["db.internal"], credentials={"AKIDSTANDINTEST": "secret"}, resolve=resolve).start_background()
+    try:
+        aws = boto3.Session(aws_access_key_id="AKIDSTANDINTEST", aws_secret_access_key="secret", region_name="us-east-1")
+        with start_port_forward(aws, TARGET, "db.internal", data_server_port, endpoint_url=s.url) as session:
+            with session.open_stream() as sock:
+                assert upload(sock, 10_000) == pattern_digest(10_000)
+            answers["db.internal"] = ["127.0.0.9"]  # "failover": nothing listens there
+            with session.open_stream() as sock:  # still dials the address resolved at the start
+                assert upload(sock, 10_000) == pattern_digest(10_000)
+        assert lookups == ["db.internal"]
+    finally:
+        s.stop_background()
+
+
+@pytest.fixture(scope="module")
+def data_server_port():
+    from dbtunneld.sandbox.ssm_testkit import DataServer
+
+    server = DataServer()
+    yield server.port
+    server.close()

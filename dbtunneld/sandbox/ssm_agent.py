@@ -218,6 +218,7 @@ class AgentSession:
         self._relay: StreamRelay | MuxRelay | None = None
         self._tasks: list[asyncio.Task] = []
         self._ended = False
+        self.frozen = False  # a black hole: the websocket stays open, nothing passes either way
         self._sent_to_client = 0
         self.stats = {"to_client": 0, "from_client": 0, "dropped": 0, "resent": 0, "refused": 0, "duplicates": 0}
 
@@ -308,7 +309,7 @@ class AgentSession:
     def _transmit(self, raw: bytes, *, ack: bool = False) -> None:
         """One attempt to put a message on the client's websocket, through the fault knobs."""
         conn = self._conn
-        if conn is None:
+        if conn is None or self.frozen:
             return
         faults = self.faults
         if faults.drop and self._rng.random() < faults.drop:
@@ -350,6 +351,8 @@ class AgentSession:
     # --- receiving ----------------------------------------------------------------------------
 
     async def _on_client_message(self, raw: bytes) -> None:
+        if self.frozen:
+            return
         if self.faults.drop and self._rng.random() < self.faults.drop:
             self.stats["dropped"] += 1
             return
@@ -432,13 +435,14 @@ class AgentSession:
         message = "This session is encrypted using AWS KMS." if self.cipher is not None else ""
         await self.send_stream(w.HANDSHAKE_COMPLETE, w.json_payload({"HandshakeTimeToComplete": took_ns, "CustomerMessage": message}))
         destination = Destination(self.plugin)
-        self._relay = self._make_relay(destination)
+        relay = self._make_relay(destination)
         try:
-            await self._relay.start()
+            await relay.start()
         except OSError as exc:
             await self._finish(f"Unable to connect to specified port: {exc}")
             return
-        reason = await self._relay.run()
+        self._relay = relay  # IsConnectionAvailable: input is refused (not acknowledged) until now
+        reason = await relay.run()
         await self._drain_outgoing(DRAIN_TIMEOUT)
         await self._finish(reason)
 

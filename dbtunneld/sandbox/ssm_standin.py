@@ -25,6 +25,8 @@ parts a session touches, following their wire behaviour (see ``ssm_agent`` for t
   ``POST /_standin/sessions/<id>/terminate`` (``{"reason": "..."}``: a service-side end);
   ``POST /_standin/sessions/<id>/pause`` (``{"seconds": 1}``: pause_publication, then
   start_publication; ``{"start": false}``: a pause with no start after it, as the service may);
+  ``POST /_standin/sessions/<id>/freeze`` (``{"frozen": true|false}``: the path goes silent both
+  ways while the websocket stays open, as when a network path black-holes);
   ``GET|POST /_standin/dns`` (``{"name": "db.example", "addresses": ["127.0.0.2"]}``: what the
   VPC's resolver answers; a port session resolves its host once, like the agent).
 
@@ -67,7 +69,7 @@ SSH_DOCUMENT = "AWS-StartSSHSession"
 REMOTE_DOCUMENT = "AWS-StartPortForwardingSessionToRemoteHost"
 JSON_11 = "application/x-amz-json-1.1"
 STREAM_PATH = re.compile(r"^/v1/data-channel/([A-Za-z0-9_.@-]+)$")
-CONTROL_SESSION = re.compile(r"^/_standin/sessions/([A-Za-z0-9_.@-]+)/(close-websocket|terminate|pause)$")
+CONTROL_SESSION = re.compile(r"^/_standin/sessions/([A-Za-z0-9_.@-]+)/(close-websocket|terminate|pause|freeze)$")
 TARGET_SYNTAX = re.compile(r"^((i|mi)-[0-9a-f]{8,17}|ecs:[^_\s]+_[^_\s]+_\S+)$")
 OPEN_TIMEOUT = 10.0
 ACTIVE = ("Connecting", "Connected", "Disconnected")
@@ -465,6 +467,9 @@ class SsmStandIn:
         if action == "terminate":
             await self._end(record, str(body.get("reason") or "terminated by the service"))
             return HttpResponse.json(record.row())
+        if action == "freeze":
+            record.agent.frozen = bool(body.get("frozen", True))
+            return HttpResponse.json({"frozen": record.agent.frozen})
         seconds = None if body.get("start") is False else float(body.get("seconds") or 1.0)
         asyncio.ensure_future(record.agent.pause(seconds))
         return HttpResponse.json({"paused": True, "start_after": seconds})

@@ -9,7 +9,11 @@ Lifecycle (all on one asyncio loop):
 3. stream data: every ``input_stream_data`` we send is kept until acknowledged and resent on
    its own deadline (``reliability``); every ``output_stream_data`` we receive is acknowledged
    and delivered in sequence order to ``sink``;
-4. ``pause_publication`` stops our sending (new data and resends) until ``start_publication``;
+4. ``pause_publication`` stops our sending (new data and resends) until ``start_publication``,
+   any acknowledgement or stream message (the pause is soft, as in the agent's
+   ``datachannel.go`` ``handleAcknowledgeMessage`` / ``handleStreamDataMessage``), or
+   ``pause_cap`` seconds; the give-up clock keeps running meanwhile (the service may send a
+   pause with no start after it);
 5. when the websocket drops (AWS recycles it about hourly) the session is resumed: ResumeSession
    for a new token, a new websocket, and every unacknowledged message resent;
 6. ``close`` sends the TerminateSession flag and calls TerminateSession, whatever happened before.
@@ -66,6 +70,8 @@ class ChannelOptions:
     open_timeout: float = 15.0
     resume_delays: tuple[float, ...] = (0.0, 0.2, 0.5, 1.0, 2.0, 4.0, 8.0)
     give_up_after: float = GIVE_UP_AFTER
+    pause_cap: float = 3.0  # longest we honour a pause_publication nothing else cleared
+    stall_after: float = 10.0  # unacknowledged data waiting this long with no acknowledgement: stalled
     terminate_timeout: float = 10.0
     ping_interval: float | None = 30.0
     max_message: int = 4 << 20
@@ -116,6 +122,9 @@ class DataChannel:
         self._in: ReorderBuffer[m.AgentMessage] = ReorderBuffer(opts.reorder_capacity)
         self._next_seq = 0
         self._paused = False
+        self._paused_at = 0.0
+        self._last_received = self._last_progress = clock()
+        self._in_sink = False
         self._changed = asyncio.Event()
         self._resend_wakeup = asyncio.Event()
         self._handshake: asyncio.Future[Handshake] = asyncio.get_running_loop().create_future()
@@ -215,7 +224,8 @@ class DataChannel:
                 await self._resume()
             error = None
             if self._ended_by_service and not self._closing:
-                error = ClosedError(f"SSM session {self.session_id} ended by the service: {self._ended_by_service}")
+                error = ClosedError(f"Session Manager ended SSM session {self.session_id}: {self._ended_by_service}",
+                                    hint="a new session is needed (idle timeout, max session duration or a terminate)")
             await self._finish(error)
         except asyncio.CancelledError:
             raise
@@ -350,8 +360,16 @@ class DataChannel:
     async def _resend_loop(self) -> None:
         while not self.closed.is_set():
             now = self._clock()
+            if self._paused and now - self._paused_at > self.options.pause_cap:
+                log.warning("%s pause_publication not lifted after %.0f s; sending again", self._label, self.options.pause_cap)
+                self._set_paused(False)
             if self._ws is not None and not self._paused:
                 await self._resend(self._out.due(now))
+            if self._ws is not None:
+                stall = self.stall_reason(now)
+                if stall:
+                    await self._finish(TransientError(f"SSM session {self.session_id} stalled: {stall}", hint="a new session is started"))
+                    return
                 if len(self._out) and self._out.stalled_for(now) > self.options.give_up_after:
                     await self._finish(TransientError(f"SSM session {self.session_id}: the agent acknowledged nothing for {self.options.give_up_after:.0f} s"))
                     return
@@ -363,14 +381,32 @@ class DataChannel:
         wait = IDLE_RESEND_WAIT if deadline is None else max(0.002, deadline - self._clock())
         if deadline is not None and (self._ws is None or self._paused):
             wait = max(wait, 0.05)
+        if self._paused:
+            wait = min(wait, max(0.01, self._paused_at + self.options.pause_cap - self._clock()))
         self._resend_wakeup.clear()
-        if deadline is not None:
+        if deadline is not None or self._paused:
             await asyncio.sleep(wait)
             return
         try:
             await asyncio.wait_for(self._resend_wakeup.wait(), wait)
         except asyncio.TimeoutError:
             pass
+
+    def stall_reason(self, now: float) -> str:
+        """Why the channel looks stalled ('' when it does not): data waits for an acknowledgement
+        and neither an acknowledgement nor any other message came for ``stall_after`` s. Time spent with our own reader back-pressured (a slow
+        local client: acknowledgements cannot be read then) does not count."""
+        if self._ws is None or not len(self._out) or self._reader_blocked():
+            self._last_progress = now
+            return ""
+        waiting = min(self._out.stalled_for(now), now - self._last_progress, now - self._last_received)
+        if waiting <= self.options.stall_after:
+            return ""
+        return f"no acknowledgement and no message from the service for {waiting:.0f} s ({len(self._out)} messages waiting)"
+
+    def _reader_blocked(self) -> bool:
+        ws = self._ws
+        return self._in_sink or (ws is not None and (ws.reading_paused or ws.backlog > 0))
 
     def _wake(self) -> None:
         self._changed.set()
@@ -385,6 +421,9 @@ class DataChannel:
             log.warning("%s dropped a corrupt message: %s", self._label, exc.message)
             return
         kind = msg.message_type
+        self._last_received = self._clock()
+        if kind in (m.OUTPUT_STREAM, m.ACKNOWLEDGE) and self._paused:
+            self._set_paused(False)  # soft pause: any acknowledgement or stream message lifts it
         if kind == m.OUTPUT_STREAM:
             await self._on_stream(msg)
         elif kind == m.ACKNOWLEDGE:
@@ -416,6 +455,7 @@ class DataChannel:
             return
         now = self._clock()
         if self._out.ack(seq, now):
+            self._last_progress = now
             self._changed.set()
             if not self._paused:
                 lost = self._out.lost(now)
@@ -434,6 +474,7 @@ class DataChannel:
         if paused == self._paused:
             return
         self._paused = paused
+        self._paused_at = self._clock()
         log.info("%s agent %s publication", self._label, "paused" if paused else "resumed")
         if not paused:
             asyncio.ensure_future(self._resend(self._out.resend_all(self._clock())))
@@ -450,7 +491,11 @@ class DataChannel:
                 return
         if ptype in (m.OUTPUT, m.STDERR):
             if self._sink is not None:
-                await self._sink(payload)
+                self._in_sink = True
+                try:
+                    await self._sink(payload)
+                finally:
+                    self._in_sink = False
         elif ptype == m.HANDSHAKE_REQUEST:
             await self._on_handshake_request(msg)
         elif ptype == m.HANDSHAKE_COMPLETE:

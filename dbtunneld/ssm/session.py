@@ -283,7 +283,8 @@ class PortForwardSession(_BaseSession):
 
     async def _detach(self) -> None:
         if self._mux is not None:
-            await self._mux.close()
+            error = self.last_error or (self._channel.error if self._channel is not None else None)
+            await self._mux.close(error.message if error is not None and not self._closing else "")
 
     def open_stream(self, timeout: float = 10.0) -> socket.socket:
         """A connected socket to the remote host:port (blocking mode; close it when done)."""

@@ -18,6 +18,7 @@ import asyncio
 import logging
 import socket
 import struct
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -99,6 +100,7 @@ class _Stream:
 
     def __init__(self, sid: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.sid = sid
+        self.opened = time.monotonic()
         self.reader = reader
         self.writer = writer
         self.local_done = False  # we sent FIN
@@ -242,11 +244,16 @@ class MuxClient:
             await asyncio.sleep(interval)
             await self._enqueue(encode_frame(NOP, 0))
 
-    async def close(self) -> None:
-        """Close every stream's local socket and stop; no frames are sent after this."""
+    async def close(self, reason: str = "") -> None:
+        """Close every stream's local socket and stop; no frames are sent after this. With a
+        ``reason`` (the session ended underneath), each open stream's end is logged with it."""
         if self._closed:
             return
         self._closed = True
+        if reason:
+            now = time.monotonic()
+            for stream in self._streams.values():
+                log.info("%s client connection on smux stream %d (open %.0f s) closed: %s", self._label, stream.sid, now - stream.opened, reason)
         self._outbox_room.set()
         self._outbox_ready.set()
         for stream in list(self._streams.values()):

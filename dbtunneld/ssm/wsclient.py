@@ -4,7 +4,9 @@ The data channel sends one acknowledgement per received message; written one by 
 cost a system call each and dominated the profile. Here every frame queued during one turn of
 the event loop goes out in a single ``transport.write``. Receiving is a queue of whole messages
 with flow control (reading pauses while the consumer is behind), pings keep the connection
-honest (a missing pong aborts it, which the channel treats as a drop and resumes).
+honest (a missing pong aborts it, which the channel treats as a drop and resumes); the pong
+deadline is paused while reading is paused for back-pressure (the pong sits unread behind the
+messages the consumer has not taken yet, and a slow consumer is not a dead connection).
 Proxies (``HTTPS_PROXY`` / ``NO_PROXY``) and the CA bundle are chosen as AWS's tools do
 (``netpath``).
 """
@@ -226,6 +228,16 @@ class WsClient(asyncio.Protocol):
             self._transport.resume_reading()
         return message
 
+    @property
+    def reading_paused(self) -> bool:
+        """True while reading is paused because the consumer is behind."""
+        return self._reading_paused
+
+    @property
+    def backlog(self) -> int:
+        """Messages received but not yet taken by the consumer."""
+        return len(self._messages)
+
     # --- keepalive and closing --------------------------------------------------------------
 
     async def _ping_loop(self, interval: float) -> None:
@@ -238,11 +250,28 @@ class WsClient(asyncio.Protocol):
                 return
             self._protocol.send_ping(token)
             self._schedule_flush()
-            try:
-                await asyncio.wait_for(waiter, interval)
-            except asyncio.TimeoutError:
+            if not await self._await_pong(waiter, interval):
                 self.abort()
                 return
+
+    async def _await_pong(self, waiter: "asyncio.Future[None]", timeout: float) -> bool:
+        """The pong within ``timeout`` s of time spent reading (back-pressure pauses the clock)."""
+        deadline = self._loop.time() + timeout
+        while True:
+            step = max(0.0, min(deadline - self._loop.time(), 1.0))
+            try:
+                await asyncio.wait_for(asyncio.shield(waiter), step)
+                return True
+            except asyncio.TimeoutError:
+                if self._reading_paused:
+                    deadline = max(deadline, self._loop.time() + timeout)
+                elif self._loop.time() >= deadline:
+                    waiter.cancel()
+                    return False
+            except asyncio.CancelledError:
+                if waiter.cancelled() and self.closed:
+                    return True  # connection_lost cancelled it; the caller sees closed
+                raise
 
     async def close(self, code: int = 1000, reason: str = "", timeout: float = 2.0) -> None:
         """The closing handshake, bounded by ``timeout``; then the connection is dropped."""
