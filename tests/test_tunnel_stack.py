@@ -95,7 +95,9 @@ def env(stack, tmp_path_factory):
     orders = stack.clusters["orders"]
     bastion = Sshd(root / "bastion", permit_open=[orders.port, echo.port, data.port]).start()
     ssm = StandInProcess("--port", "0", "--target", f"{stack.bastion_instance_id}=127.0.0.1:{bastion.port}",
-                         "--allow-remote", "127.0.0.1", log_path=str(root / "ssm-standin.log"))
+                         "--allow-remote", "127.0.0.1", "--accept-unknown-keys",   # moto mints the role's keys
+                         "--mode", "fast",      # 100 MB byte-exact transfers: the client's own throughput
+                         log_path=str(root / "ssm-standin.log"))
     try:
         ssm.start()
         session = boto3.Session(region_name=stack.region, **stack.role_credentials())
