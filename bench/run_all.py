@@ -42,7 +42,7 @@ from bench.report import Figure, Results
 @dataclass(frozen=True)
 class Plan:
     mb: int = 50                   # MB per bulk transfer (ssh paths)
-    ssm_mb: int = 10               # MB per bulk transfer through SSM
+    ssm_mb: int = 3                # MB per bulk transfer through SSM (realistic stand-in: ~0.5 MB/s down)
     rtt: int = 300                 # round trips on loopback (a fifth when delayed)
     reps: int = 3                  # bastion kills, click-to-query repetitions
     sysbench_seconds: float = 10.0
@@ -56,7 +56,7 @@ class Plan:
     ssm_fast_mb: float = 30.0
 
 
-QUICK = Plan(mb=10, ssm_mb=2, rtt=100, reps=1, sysbench_seconds=4.0, sysbench_tables=1, sysbench_rows=2000,
+QUICK = Plan(mb=10, ssm_mb=1, rtt=100, reps=1, sysbench_seconds=4.0, sysbench_tables=1, sysbench_rows=2000,
              idle_counts=(1, 10), idle_seconds=5.0, vault_seconds=60.0, fault_transports=("ssh",),
              ssm_realistic_mb=1.0, ssm_fast_mb=10.0)
 
