@@ -24,7 +24,7 @@ import pytest
 
 from dbtunneld.config import TunnelSettings
 from dbtunneld.sandbox.ssm_testkit import StandInProcess
-from dbtunneld.ssm.failover import contains_read_only_error, is_writer_endpoint
+from dbtunneld.ssm.failover import ReadOnlyWatch, contains_read_only_error, is_writer_endpoint
 from dbtunneld.transport import SsmPortForwardTransport
 from dbtunneld.tunnel import Tunnel, mysql_error_packet
 
@@ -41,6 +41,20 @@ def test_read_only_errors_are_found_in_mysql_traffic_only():
         assert contains_read_only_error(b"\x05\x00\x00\x01abcde" + packet) == code
     assert contains_read_only_error(mysql_error_packet(1045, "Access denied")) == 0
     assert contains_read_only_error(b"\xff\x0a\x05#HY000 in the middle of a row") == 0   # no packet header
+
+
+def test_read_only_answer_split_across_reads_is_seen_once_and_passed_on():
+    packet = b"\x07\x00\x00\x01\x00\x00\x00\x02\x00\x00\x00" + mysql_error_packet(1836, "Running in read-only mode")
+    chunks = [packet[:14], packet[14:20], packet[20:], b""]
+
+    class Stream:
+        def recv(self, size):
+            return chunks.pop(0)
+
+    seen = []
+    watched = ReadOnlyWatch(Stream(), seen.append)
+    got = b"".join(iter(lambda: watched.recv(65536), b""))
+    assert got == packet and seen == [1836]
 
 
 def test_only_writer_endpoints_are_watched():
