@@ -271,3 +271,29 @@ def data_server_port():
     server = DataServer()
     yield server.port
     server.close()
+
+
+def test_max_session_duration_ends_even_a_busy_session(standin, data_server_port):
+    """The service ends a session at the max session duration whatever its traffic (the idle
+    timeout, which data resets, is covered with a tunnel in test_ssm_idle.py)."""
+    import time
+
+    from dbtunneld.errors import ClosedError
+    from dbtunneld.ssm import start_port_forward
+
+    standin.allow_remote.append(f"127.0.0.1:{data_server_port}")
+    standin.faults.update({"max_session_duration": 1.5})
+    try:
+        aws = boto3.Session(aws_access_key_id="AKIDSTANDINTEST", aws_secret_access_key="secret", region_name="us-east-1")
+        with start_port_forward(aws, TARGET, "127.0.0.1", data_server_port, endpoint_url=standin.url) as session:
+            with session.open_stream() as sock:
+                sock.sendall(b"E\n")
+                deadline = time.monotonic() + 6
+                while not session.closed.is_set() and time.monotonic() < deadline:
+                    sock.sendall(b"still here")  # data keeps flowing: the idle timer never fires
+                    sock.recv(100)
+            assert session.wait_closed(1)
+            assert isinstance(session.last_error, ClosedError)
+            assert "maximum session duration of 1.5 seconds" in session.last_error.message
+    finally:
+        standin.faults.update({"max_session_duration": 0})

@@ -94,13 +94,14 @@ def env(stack, tmp_path_factory):
     echo, data = GreetingEchoServer(), DataServer()
     orders = stack.clusters["orders"]
     bastion = Sshd(root / "bastion", permit_open=[orders.port, echo.port, data.port]).start()
+    role = stack.role_credentials()
     ssm = StandInProcess("--port", "0", "--target", f"{stack.bastion_instance_id}=127.0.0.1:{bastion.port}",
-                         "--allow-remote", "127.0.0.1", "--accept-unknown-keys",   # moto mints the role's keys
-                         "--mode", "fast",      # 100 MB byte-exact transfers: the client's own throughput
-                         log_path=str(root / "ssm-standin.log"))
+                         "--allow-remote", "127.0.0.1", "--mode", "fast",   # 100 MB transfers: the client's own throughput
+                         log_path=str(root / "ssm-standin.log"),
+                         credentials={role["aws_access_key_id"]: role["aws_secret_access_key"]})  # SigV4 checked
     try:
         ssm.start()
-        session = boto3.Session(region_name=stack.region, **stack.role_credentials())
+        session = boto3.Session(region_name=stack.region, **role)
         yield Env(stack, echo, data, bastion, ssm, session)
     finally:
         ssm.stop()
@@ -198,8 +199,17 @@ def download(port: int, total: int, seed: int) -> str:
 NOT_MYSQL = dict(probe=lambda *a: ProbeResult(True, "data server"))   # it sends no greeting
 
 
+@pytest.fixture
+def fast_ssm(env):
+    """The SSM stand-in in fast mode for one test (it measures the client's throughput)."""
+    env.ssm.control("/_standin/faults", {"mode": "fast", "agent_payload": 16384})
+    yield
+    env.ssm.control("/_standin/faults", {"mode": "realistic", "agent_payload": 1024})
+
+
 @pytest.mark.parametrize("kind", TRANSPORTS)
-def test_query_and_100mb_byte_exact(env, tunnels, kind):
+def test_query_and_100mb_byte_exact(env, tunnels, kind, fast_ssm):
+    """100 MB measures the client's throughput: the SSM stand-in runs in fast mode here."""
     orders = env.stack.clusters["orders"]
     db = tunnels(env.transport(kind, "127.0.0.1", orders.port), ("127.0.0.1", orders.port))
     bulk = tunnels(env.transport(kind, "127.0.0.1", env.data.port), ("127.0.0.1", env.data.port), **NOT_MYSQL)

@@ -4,8 +4,8 @@ Written from aws/amazon-ssm-agent ``agent/session/datachannel/datachannel.go`` (
 below) and ``agent/session/config/config.go``; the port plugin is in ``ssm_agent_port``.
 
 * Handshake (``PerformHandshake``): HandshakeRequest with the requested client actions
-  (``buildHandshakeRequestPayload``: ``SessionType`` first, then ``KMSEncryption`` for an
-  encrypted session: ``ssm_kms``, which also does the encryption challenge), then wait for the HandshakeResponse (15 s). In
+  (``buildHandshakeRequestPayload``: ``SessionType`` first; more actions such as KMSEncryption
+  plug in through ``AgentSession.actions``), then wait for the HandshakeResponse (15 s). In
   ``handleHandshakeResponse`` any ProcessedClientAction whose ActionStatus is not 1 (Success)
   cancels the session; a successful action is finalised by its handler. Then
   HandshakeComplete, then the plugin.
@@ -29,19 +29,17 @@ preferences (``idle_timeout``, ``max_session_duration``) are enforced by ``ssm_s
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import random
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Protocol
 
 from . import ssm_wire as w
+from .ssm_agent_buffer import OutgoingBuffer
 from .ssm_agent_port import REALISTIC, Destination, MuxRelay, PortPlugin, StreamRelay, fast_pacing
 from .ssm_http import WsConnection
-from .ssm_kms import ENC_CHALLENGE_REQUEST, ENC_CHALLENGE_RESPONSE, RECEIVED_ENCRYPTED, SENT_ENCRYPTED, AgentCipher, KmsHandshakeError
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +49,6 @@ KEEPALIVE_OFF_ABOVE = "1.2.331.0"
 HANDSHAKE_TIMEOUT = 15.0
 RESEND_INTERVAL = 0.1  # ResendSleepInterval
 FAST_RESEND_INTERVAL = 0.01
-OUTGOING_CAPACITY = 100_000  # OutgoingMessageBufferCapacity
 INCOMING_CAPACITY = 100_000
 DRAIN_TIMEOUT = 5.0  # PrepareToCloseChannel waits 2 s; fault knobs can make the tail slower
 MODES = ("realistic", "fast")
@@ -101,68 +98,26 @@ def version_tuple(version: str) -> tuple[int, ...]:
     return tuple(int("".join(c for c in part if c.isdigit()) or 0) for part in version.split("."))
 
 
-class RetransmissionTimer:
-    """``calculateRetransmissionTimeout``: the agent's RTT estimate (samples every ack, resends too)."""
-
-    def __init__(self) -> None:
-        self.rtt, self.rttvar, self.timeout = 0.1, 0.0, 0.2
-
-    def sample(self, rtt: float) -> None:
-        self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.rtt - rtt)
-        self.rtt = 0.875 * self.rtt + 0.125 * rtt
-        self.timeout = min(self.rtt + max(0.01, 4 * self.rttvar), 1.0)
-
-
-class OutgoingBuffer:
-    """Sent messages until acknowledged, oldest first (``OutgoingMessageBuffer``)."""
-
-    def __init__(self) -> None:
-        self.timer = RetransmissionTimer()
-        self._items: OrderedDict[int, list[Any]] = OrderedDict()  # seq -> [raw, last_sent]
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def add(self, seq: int, raw: bytes, now: float) -> None:
-        if len(self._items) < OUTGOING_CAPACITY:  # AddDataToOutgoingMessageBuffer: full -> not kept
-            self._items[seq] = [raw, now]
-
-    def ack(self, seq: int, now: float) -> bool:
-        item = self._items.pop(seq, None)
-        if item is not None:
-            self.timer.sample(now - item[1])
-        return item is not None
-
-    def oldest_due(self, now: float) -> list[bytes]:
-        """The realistic scheduler: the front message only, if its last send has timed out."""
-        if not self._items:
-            return []
-        item = next(iter(self._items.values()))
-        if now - item[1] <= self.timer.timeout:
-            return []
-        item[1] = now
-        return [item[0]]
-
-    def all_due(self, now: float) -> list[bytes]:
-        due = [item for item in self._items.values() if now - item[1] > self.timer.timeout]
-        for item in due:
-            item[1] = now
-        return [item[0] for item in due]
-
-    def everything(self, now: float) -> list[bytes]:
-        for item in self._items.values():
-            item[1] = now
-        return [item[0] for item in self._items.values()]
-
-
 class HandshakeAction(Protocol):
-    """One RequestedClientAction: what goes in the request, and what to do with a successful result."""
+    """One RequestedClientAction: what goes in the request, and what to do with a successful result.
+    An action may also define ``async confirm(session)``, awaited after every action is finalised
+    and before HandshakeComplete (the KMS encryption challenge goes there); raising ValueError
+    from ``finalize`` or ``confirm`` cancels the session."""
 
     action_type: str
 
     def parameters(self) -> Any: ...
 
-    def finalize(self, result: Any) -> Any: ...  # raise ValueError to cancel the session (may be a coroutine)
+    def finalize(self, result: Any) -> None: ...
+
+
+class PayloadCipher(Protocol):
+    """Set as ``AgentSession.cipher`` once a session is encrypted (datachannel.go encrypts
+    Output payloads it sends and decrypts those it receives)."""
+
+    def encrypt(self, payload: bytes) -> bytes: ...
+
+    def decrypt(self, payload: bytes) -> bytes: ...
 
 
 @dataclass
@@ -194,17 +149,16 @@ class AgentSession:
         on_end: Callable[[str], Awaitable[None]] | None = None,
         on_state: Callable[[str], None] | None = None,
         rng: random.Random | None = None,
-        cipher: AgentCipher | None = None,
     ) -> None:
         self.session_id = session_id
-        self.cipher = cipher  # KMS encryption (the account's Session Manager preference), or None
-        self._challenge_answer: asyncio.Future[bytes] | None = None
         self.plugin = plugin
         self.faults = faults
         self.mode = faults.mode
         self.agent_version = agent_version
         self.client_version = ""
-        self.actions: list[HandshakeAction] = [SessionTypeAction(plugin)] + ([cipher] if cipher is not None else [])
+        self.actions: list[HandshakeAction] = [SessionTypeAction(plugin)]  # seam: more client actions (KMS)
+        self.cipher: PayloadCipher | None = None  # seam: set by an encryption action
+        self.payload_handlers: dict[int, Callable[[w.Message], Awaitable[None]]] = {}  # other payload types
         self.started = self.last_data = time.monotonic()
         self._on_end = on_end
         self._on_state = on_state or (lambda state: None)
@@ -292,8 +246,8 @@ class AgentSession:
         conn = self._conn
         if conn is not None:
             await conn.wait_writable()
-        if self.cipher is not None and self.cipher.ready and payload_type in SENT_ENCRYPTED:
-            payload = self.cipher.seal(payload)  # SendStreamDataMessage encrypts after the plugin's read
+        if self.cipher is not None and payload_type == w.OUTPUT:
+            payload = self.cipher.encrypt(payload)
         seq = self._next_seq
         self._next_seq += 1
         raw = w.pack(w.stream_message(seq, payload_type, payload))
@@ -306,7 +260,7 @@ class AgentSession:
         if conn is not None:
             conn.send_nowait(w.pack(w.control(kind)))
 
-    def _transmit(self, raw: bytes, *, ack: bool = False) -> None:
+    def _transmit(self, raw: bytes) -> None:
         """One attempt to put a message on the client's websocket, through the fault knobs."""
         conn = self._conn
         if conn is None or self.frozen:
@@ -388,29 +342,21 @@ class AgentSession:
             self._ack(msg)
 
     def _ack(self, msg: w.Message) -> None:
-        self._transmit(w.pack(w.acknowledgement(msg)), ack=True)
+        self._transmit(w.pack(w.acknowledgement(msg)))
 
     async def _process(self, msg: w.Message) -> bool:
         """processStreamDataMessage; False when the port is not connected yet."""
         if msg.payload_type == w.HANDSHAKE_RESPONSE:
             if self._response is not None and not self._response.done():
                 self._response.set_result(msg)
-        elif msg.payload_type == ENC_CHALLENGE_RESPONSE:
-            if self._challenge_answer is not None and not self._challenge_answer.done():
-                self._challenge_answer.set_result(msg.payload)
         elif msg.payload_type == w.OUTPUT:
             if self._relay is None:
                 return False
-            payload = msg.payload
-            if self.cipher is not None and msg.payload_type in RECEIVED_ENCRYPTED:
-                try:
-                    payload = self.cipher.open(payload)
-                except KmsHandshakeError as exc:
-                    asyncio.ensure_future(self._finish(f"Error decrypting stream data message sequence {msg.seq}, err: {exc}"))
-                    return True
-            await self._relay.write(payload)
+            await self._relay.write(self.cipher.decrypt(msg.payload) if self.cipher is not None else msg.payload)
         elif msg.payload_type == w.FLAG:
             await self._on_flag(w.read_flag(msg.payload))
+        elif msg.payload_type in self.payload_handlers:
+            await self.payload_handlers[msg.payload_type](msg)
         self.stats["from_client"] += 1
         return True
 
@@ -426,13 +372,11 @@ class AgentSession:
         started = time.monotonic()
         try:
             await self._handshake()
-            if self.cipher is not None:
-                await self._encryption_challenge(self.cipher)
         except HandshakeFailed as exc:
             await self._finish(str(exc))
             return
         took_ns = int((time.monotonic() - started) * 1e9)
-        message = "This session is encrypted using AWS KMS." if self.cipher is not None else ""
+        message = "This session is encrypted using AWS KMS." if self.cipher is not None else ""  # buildHandshakeCompletePayload
         await self.send_stream(w.HANDSHAKE_COMPLETE, w.json_payload({"HandshakeTimeToComplete": took_ns, "CustomerMessage": message}))
         destination = Destination(self.plugin)
         relay = self._make_relay(destination)
@@ -459,21 +403,16 @@ class AgentSession:
             raise HandshakeFailed(f"Unmarshalling of HandshakeResponse message failed, {exc}") from None
         self.client_version = str(response.get("ClientVersion") or "")
         log.info("stand-in agent [session=%s] client version %s", self.session_id, self.client_version)
-        await self._check_actions(response.get("ProcessedClientActions") or [])
+        self._check_actions(response.get("ProcessedClientActions") or [])
+        for action in self.actions:
+            confirm = getattr(action, "confirm", None)
+            if confirm is not None:
+                try:
+                    await confirm(self)
+                except ValueError as exc:
+                    raise HandshakeFailed(f"{action.action_type}: {exc}") from None
 
-    async def _encryption_challenge(self, cipher: AgentCipher) -> None:
-        """sendEncryptionChallenge, then wait for the client's answer (handleEncryptionChallengeResponse)."""
-        self._challenge_answer = asyncio.get_running_loop().create_future()
-        await self.send_stream(ENC_CHALLENGE_REQUEST, cipher.challenge_request())
-        try:
-            answer = await asyncio.wait_for(self._challenge_answer, HANDSHAKE_TIMEOUT)
-            cipher.check_challenge_response(answer)
-        except asyncio.TimeoutError:
-            raise HandshakeFailed("Timed out waiting for encryption challenge.") from None
-        except KmsHandshakeError as exc:
-            raise HandshakeFailed(str(exc)) from None
-
-    async def _check_actions(self, processed: list[dict[str, Any]]) -> None:
+    def _check_actions(self, processed: list[dict[str, Any]]) -> None:
         handlers = {action.action_type: action for action in self.actions}
         for item in processed:
             kind, status = item.get("ActionType"), item.get("ActionStatus")
@@ -484,9 +423,7 @@ class AgentSession:
                 log.warning("stand-in agent [session=%s] unknown handshake client action %s", self.session_id, kind)
                 continue
             try:
-                finalized = handler.finalize(item.get("ActionResult"))
-                if inspect.isawaitable(finalized):
-                    await finalized
+                handler.finalize(item.get("ActionResult"))
             except ValueError as exc:
                 raise HandshakeFailed(f"{kind}: {exc}") from None
 

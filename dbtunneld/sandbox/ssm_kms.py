@@ -35,13 +35,13 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from . import ssm_wire as w
+
 NONCE = 12
 CHALLENGE_BYTES = 64
 RANDOM_CHALLENGE_BYTES = 16
-OUTPUT, STDERR, EXIT_CODE = 1, 11, 12  # payload types (agent/session/contracts/agentmessage.go)
-ENC_CHALLENGE_REQUEST, ENC_CHALLENGE_RESPONSE = 8, 9
-SENT_ENCRYPTED = frozenset({OUTPUT, STDERR, EXIT_CODE})
-RECEIVED_ENCRYPTED = frozenset({OUTPUT})
+CHALLENGE_TIMEOUT = 15.0  # the agent's handshakeTimeout
+ENC_CHALLENGE_REQUEST, ENC_CHALLENGE_RESPONSE = 8, 9  # payload types (contracts/agentmessage.go)
 
 
 class KmsHandshakeError(ValueError):
@@ -66,8 +66,9 @@ class KmsSettings:
                             aws_access_key_id=self.access_key_id or None, aws_secret_access_key=self.secret_access_key or None)
 
 
-class AgentCipher:
-    """One session's agent-side encryption state; also its handshake action (``ssm_agent.HandshakeAction``)."""
+class KmsEncryption:
+    """One session's KMSEncryption: its handshake action (``ssm_agent.HandshakeAction``: parameters,
+    ``finalize``, ``confirm``) and, once confirmed, its ``AgentSession.cipher`` (encrypt / decrypt)."""
 
     action_type = "KMSEncryption"
 
@@ -76,64 +77,77 @@ class AgentCipher:
         self.session_id = session_id
         self.target = target
         self.random_challenge = base64.b64encode(os.urandom(RANDOM_CHALLENGE_BYTES)).decode()
+        self._blob = b""
+        self._acknowledged = False
         self._seal: AESGCM | None = None
         self._open: AESGCM | None = None
-        self._challenge = b""
+        self._answer: asyncio.Future[bytes] | None = None
 
     def __repr__(self) -> str:
-        return f"AgentCipher(session={self.session_id}, key={self.settings.key_id})"
-
-    @property
-    def ready(self) -> bool:
-        return self._seal is not None
+        return f"KmsEncryption(session={self.session_id}, key={self.settings.key_id})"
 
     def parameters(self) -> dict[str, Any]:
         return {"KMSKeyId": self.settings.key_id, "Challenge": self.random_challenge}
 
-    async def finalize(self, result: Any) -> None:
-        """Decrypt the client's data key through KMS (blocking call in a thread)."""
+    def finalize(self, result: Any) -> None:
+        """finalizeKMSEncryption's checks of the client's ActionResult."""
         if not isinstance(result, dict) or not result.get("KMSCipherTextKey"):
             raise KmsHandshakeError("KMSEncryption result without KMSCipherTextKey")
-        acknowledged = bool(result.get("ChallengeAcknowledgement"))
-        if self.settings.require_challenge and not acknowledged:
+        self._acknowledged = bool(result.get("ChallengeAcknowledgement"))
+        if self.settings.require_challenge and not self._acknowledged:
             raise KmsHandshakeError("client does not support required encryption context random challenge")
-        blob = base64.b64decode(result["KMSCipherTextKey"])
+        self._blob = base64.b64decode(result["KMSCipherTextKey"])
+
+    async def confirm(self, session: Any) -> None:
+        """UpdateEncryptionKey (kms:Decrypt, in a thread), then the encryption challenge."""
         context = {"aws:ssm:SessionId": self.session_id, "aws:ssm:TargetId": self.target}
-        if acknowledged:
+        if self._acknowledged:
             context["aws:ssm:RandomChallenge"] = self.random_challenge
         loop = asyncio.get_running_loop()
         try:
-            plain = await loop.run_in_executor(None, self._kms_decrypt, blob, context)
+            plain = await loop.run_in_executor(None, self._kms_decrypt, self._blob, context)
         except Exception as exc:
             raise KmsHandshakeError(f"Unable to retrieve data key, {type(exc).__name__}: {exc}") from None
         if len(plain) != 64:
             raise KmsHandshakeError(f"data key of {len(plain)} bytes, expected 64")
         self._seal, self._open = AESGCM(plain[:32]), AESGCM(plain[32:])
+        await self._challenge(session, loop)
+        session.cipher = self
+
+    async def _challenge(self, session: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self._answer = loop.create_future()
+        session.payload_handlers[ENC_CHALLENGE_RESPONSE] = self._on_answer
+        challenge = os.urandom(CHALLENGE_BYTES)
+        payload = json.dumps({"Challenge": base64.b64encode(self.encrypt(challenge)).decode()}).encode()
+        await session.send_stream(ENC_CHALLENGE_REQUEST, payload)
+        try:
+            answer = await asyncio.wait_for(self._answer, CHALLENGE_TIMEOUT)
+        except asyncio.TimeoutError:
+            raise KmsHandshakeError("Timed out waiting for encryption challenge.") from None
+        try:
+            echoed = self.decrypt(base64.b64decode(json.loads(answer)["Challenge"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise KmsHandshakeError(f"EncryptionChallengeResponse unusable: {exc}") from None
+        if echoed != challenge:
+            raise KmsHandshakeError("Encryption challenge does not match!")
+
+    async def _on_answer(self, msg: Any) -> None:
+        if self._answer is not None and not self._answer.done():
+            self._answer.set_result(msg.payload)
 
     def _kms_decrypt(self, blob: bytes, context: dict[str, str]) -> bytes:
         response = self.settings.client().decrypt(CiphertextBlob=blob, EncryptionContext=context, KeyId=self.settings.key_id)
         return response["Plaintext"]
 
-    def seal(self, plaintext: bytes) -> bytes:
+    def encrypt(self, plaintext: bytes) -> bytes:
         assert self._seal is not None
         nonce = os.urandom(NONCE)
         return nonce + self._seal.encrypt(nonce, plaintext, None)
 
-    def open(self, sealed: bytes) -> bytes:
+    def decrypt(self, sealed: bytes) -> bytes:
+        """The agent's decryption key; a bad tag is a message the agent refuses (not acknowledged)."""
         assert self._open is not None
         try:
             return self._open.decrypt(sealed[:NONCE], sealed[NONCE:], None)
         except InvalidTag:
-            raise KmsHandshakeError("Error decrypting encrypted text") from None
-
-    def challenge_request(self) -> bytes:
-        self._challenge = os.urandom(CHALLENGE_BYTES)
-        return json.dumps({"Challenge": base64.b64encode(self.seal(self._challenge)).decode()}).encode()
-
-    def check_challenge_response(self, payload: bytes) -> None:
-        try:
-            answer = self.open(base64.b64decode(json.loads(payload)["Challenge"]))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise KmsHandshakeError(f"Unmarshalling of EncryptionChallengeResponse message failed, {exc}") from None
-        if answer != self._challenge:
-            raise KmsHandshakeError("Encryption challenge does not match!")
+            raise w.WireError("Error decrypting encrypted text") from None

@@ -1,16 +1,20 @@
 """SigV4 verification for the SSM stand-in: the data-channel websocket upgrade and the API calls.
 
-The session-manager-plugin signs the upgrade GET with aws-sdk-go v1 (aws/session-manager-plugin
-``src/communicator/websocketchannel.go``: ``getV4SignatureHeader`` builds ``http.NewRequest("GET",
-url)`` and calls ``v4.Signer.Sign``; the URL is then dialled unchanged). aws-sdk-go v1
+The upgrade is signed the way AWS's Go code signs its Session Manager websockets
+(aws/amazon-ssm-agent ``agent/session/communicator/websocketchannel.go``:
+``getV4SignatureHeader`` builds ``http.NewRequest("GET", url)`` and calls aws-sdk-go v1's
+``v4.Signer.Sign``; the URL is dialled unchanged, and a presigned URL is dialled with no
+headers; REAL-SYSTEMS.md says session-manager-plugin releases from 1.2.688 do the same; the
+plugin snapshot readable here, 1.2.650, does not sign yet). aws-sdk-go v1
 (``aws/signer/v4/v4.go``: ``signingCtx.buildCanonicalString``) builds the canonical query from
-``url.Query().Encode()`` with ``+`` turned into ``%20``: the query is *decoded* first (``+`` in
+``ctx.Query.Encode()`` with ``+`` turned into ``%20``: the query is *decoded* first (``+`` in
 the URL means a space) and every value re-escaped with ``url.QueryEscape``, so a raw ``/``,
-``=`` or ``+`` in the stream URL's query is signed as ``%2F``, ``%3D``, ``%20``. The service
-canonicalises what it receives the same way; so does this module, independently of botocore
-and of the client. Presigned URLs (``X-Amz-Signature`` in the query, ``v4.Signer.Presign``) are
-accepted too: the signature left out of the canonical query, the payload hashed as for headers
-(``buildBodyDigest``: ``UNSIGNED-PAYLOAD`` is for S3 presigns only).
+``=`` or ``+`` in the stream URL's query is signed as ``%2F``, ``%3D``, ``%20``. The canonical
+URI is ``EscapePath`` of the escaped path. The service canonicalises what it receives the same
+way; so does this module, independently of botocore and of the client. Presigned URLs
+(``X-Amz-Signature`` in the query) are accepted too: the signature left out of the canonical
+query, the payload hashed as for headers (``buildBodyDigest``: ``UNSIGNED-PAYLOAD`` is for S3
+presigns only).
 
 ``credentials`` maps access key ids to secret keys. A key not in the map is refused
 (``InvalidClientTokenId``, as AWS does) unless ``accept_unknown_keys`` is on: the sandbox stack,

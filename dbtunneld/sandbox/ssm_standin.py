@@ -15,7 +15,9 @@ parts a session touches, following their wire behaviour (see ``ssm_agent`` for t
 * the service's preferences: the idle session timeout (default 20 min; only data messages
   reset it, as smux keepalive would otherwise: aws/amazon-ssm-agent ``port_mux.go``
   ``initialize``) and the max session duration; at either the service sends ``channel_closed``
-  (with the reason in ``Output``) and closes the websocket, as for TerminateSession;
+  (with the reason in ``Output``) and closes the websocket, as for TerminateSession (what the
+  client sees: aws/session-manager-plugin ``src/datachannel/streaming.go``
+  ``HandleChannelClosedMessage`` prints ``Output`` and stops the session);
 * a control API for tests and the sandbox (no auth; loopback only):
   ``GET /_standin/health``; ``GET /_standin/sessions`` (the session table: status
   Connecting / Connected / Disconnected / Terminated, with stats); ``GET|POST /_standin/faults``
@@ -59,7 +61,7 @@ from typing import Any
 
 from .ssm_agent import DEFAULT_AGENT_VERSION, AgentSession, Faults
 from .ssm_agent_port import PortPlugin, Resolver, system_resolve
-from .ssm_kms import AgentCipher, KmsSettings
+from .ssm_kms import KmsEncryption, KmsSettings
 from .ssm_http import HttpRequest, HttpResponse, HttpServer, WsConnection
 from .ssm_sigv4 import SignatureError, SignedBy, Verifier
 
@@ -274,8 +276,9 @@ class SsmStandIn:
             agent_version=self.agent_version,
             on_end=lambda reason, r=record: self._end(r, reason),
             on_state=lambda state, r=record: self._set_state(r, state),
-            cipher=AgentCipher(self.kms, session_id, target) if self.kms else None,
         )
+        if self.kms is not None:
+            record.agent.actions.append(KmsEncryption(self.kms, session_id, target))
         self.sessions[session_id] = record
         asyncio.ensure_future(self._enforce_limits(record))
         log.info("StartSession %s: %s on %s (%s mode)", session_id, document, target, record.agent.mode)
