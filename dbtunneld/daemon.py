@@ -173,8 +173,9 @@ class Daemon:
             self.supervisor = Supervisor(config, self.paths, engine_factory=factories.engine,
                                          tunnel_factory=factories.tunnel, on_event=self.bus.publish,
                                          config_path=str(self.config_path))
+            ssm_sessions = self._record_ssm_sessions()  # before any tunnel can start a session
             self.supervisor.start()
-            self._start_ssm_registry(config)
+            self._end_leftover_ssm_sessions(ssm_sessions, config)
             self.server = ControlServer(self.paths.socket_path, self.dispatch, self.bus).start()
         except BaseException:
             self._abort_start()
@@ -183,12 +184,18 @@ class Daemon:
         log.info("dbtunneld daemon ready (pid %d, config %s)", os.getpid(), self.config_path)
         return self
 
-    def _start_ssm_registry(self, config: Config) -> None:
-        """Record SSM sessions in the state dir; terminate those a crashed run left open."""
+    def _record_ssm_sessions(self) -> Any:
         from .ssm import session_registry
-        factory = getattr(self.supervisor._require_engine(), "session_factory", None) if self.supervisor else None
-        if factory is not None:
-            session_registry.start_for_daemon(self.paths.state_dir, config.aws, factory, self._ssm_sweep_stop)
+        return session_registry.install_for_daemon(self.paths.state_dir)
+
+    def _end_leftover_ssm_sessions(self, registry: Any, config: Config) -> None:
+        """TerminateSession for the SSM sessions a crashed run left open (in a thread)."""
+        from .ssm import session_registry
+
+        def boto3_session() -> Any:                 # asked at each try: sign-in may come later
+            assert self.supervisor is not None
+            return self.supervisor._require_engine().session_factory()
+        session_registry.sweep_for_daemon(registry, config.aws, boto3_session, self._ssm_sweep_stop)
 
     def _abort_start(self) -> None:
         if self.supervisor is not None:

@@ -154,20 +154,22 @@ def sweep_leftovers(registry: SessionRegistry, make_terminate: Callable[[], Call
     return thread
 
 
-def start_for_daemon(state_dir: Path, aws: Any, session_factory: Callable[[], Any],
-                     stop: threading.Event) -> SessionRegistry:
-    """The daemon's start: record this run's sessions, end those of a crashed run (in a thread).
-
-    ``aws`` is the config's ``AwsConfig`` (region, ``endpoint_urls["ssm"]``); ``session_factory``
-    gives the engine's boto3 session, asked again at each try (sign-in may come later)."""
-    from .api import SsmApi
-
+def install_for_daemon(state_dir: Path) -> SessionRegistry:
+    """Record this process's sessions in ``<state_dir>/ssm-sessions.json`` from now on."""
     registry = SessionRegistry(Path(state_dir) / FILE_NAME)
     install(registry)
+    return registry
+
+
+def sweep_for_daemon(registry: SessionRegistry, aws: Any, session_factory: Callable[[], Any],
+                     stop: threading.Event) -> threading.Thread | None:
+    """End, in a thread, the sessions a crashed run left open. ``aws`` is the config's
+    ``AwsConfig`` (region, ``endpoint_urls["ssm"]``); ``session_factory`` gives the engine's
+    boto3 session, asked again at each try (sign-in may come later)."""
+    from .api import SsmApi
 
     def make_terminate() -> Callable[[str], None]:
         api = SsmApi(session_factory(), region=aws.region, endpoint_url=aws.endpoint_urls.get("ssm"))
         return api.terminate_session
 
-    sweep_leftovers(registry, make_terminate, stop)
-    return registry
+    return sweep_leftovers(registry, make_terminate, stop)
