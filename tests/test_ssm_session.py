@@ -229,6 +229,23 @@ def test_a_lone_pause_publication_does_not_hang_the_session(standin, data_server
         assert session.is_alive()
 
 
+def test_the_give_up_clock_keeps_running_while_paused(standin, data_server):
+    """Paused by the service and then nothing at all: the client's give-up clock is not stopped
+    by the pause (before, it was checked only while not paused: a paused dead session lived on)."""
+    options = ChannelOptions(pause_cap=60.0, give_up_after=1.0, stall_after=60.0)
+    with start_port_forward(aws(), TARGET, "127.0.0.1", data_server.port, endpoint_url=standin.url, options=options) as session:
+        sock = session.open_stream()
+        sock.sendall(b"E\n")
+        time.sleep(0.3)
+        standin.control(f"/_standin/sessions/{session.session_id}/freeze", {"frozen": True})
+        sock.sendall(b"lost in the void")  # it waits for an acknowledgement that never comes
+        time.sleep(0.2)
+        standin.control(f"/_standin/sessions/{session.session_id}/pause", {"start": False})  # still delivered
+        assert session.wait_closed(6), "a paused session that heard nothing more never gave up"
+        assert isinstance(session.last_error, TransientError) and "acknowledged nothing" in session.last_error.message
+        sock.close()
+
+
 def test_pause_publication_holds_then_resumes_the_flow(standin, data_server):
     with start_port_forward(aws(), TARGET, "127.0.0.1", data_server.port, endpoint_url=standin.url) as session:
         with session.open_stream() as sock:

@@ -20,7 +20,9 @@ below) and ``agent/session/config/config.go``; the port plugin is in ``ssm_agent
   acknowledged; a handler that is not ready (port not connected yet: ``ErrHandlerNotReady``)
   leaves it unacknowledged. Later ones are acknowledged and held; earlier ones acknowledged
   again. Any stream message or acknowledgement clears a pause (``Pause = false``).
-* The session outlives websockets; a resumed client gets every unacknowledged message again.
+* The session outlives websockets. Messages sent while the client's websocket was down are
+  lost at the service and come back only through the scheduler (realistic mode: ~10 a second);
+  fast mode resends every unacknowledged message to a resumed client at once.
 
 Fault knobs (``Faults``: drops, delays, jitter, websocket closes) act on the wire; the service
 preferences (``idle_timeout``, ``max_session_duration``) are enforced by ``ssm_standin``.
@@ -188,8 +190,10 @@ class AgentSession:
             self._response = asyncio.get_running_loop().create_future()
             self._tasks.append(asyncio.ensure_future(self._run_plugin()))
             self._tasks.append(asyncio.ensure_future(self._resend_loop()))
-        else:
+        elif self.mode == "fast":
             self._resend(self._out.everything(time.monotonic()))
+        # realistic: nothing special on a new websocket; what the service dropped while the
+        # client was away comes back through the oldest-only scheduler, ~10 messages a second
         try:
             async for raw in conn:
                 if isinstance(raw, bytes):
