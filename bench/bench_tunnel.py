@@ -639,7 +639,7 @@ def render(results: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=int, default=100, help="MB per bulk transfer (ssh paths)")
-    parser.add_argument("--ssm-mb", type=int, default=20, help="MB per bulk transfer through SSM")
+    parser.add_argument("--ssm-mb", type=int, default=3, help="MB per bulk transfer through SSM (the stand-in runs realistic: ~0.5 MB/s down)")
     parser.add_argument("--rtt", type=int, default=500, help="round trips on loopback (a fifth when delayed)")
     parser.add_argument("--fault-reps", type=int, default=3, help="bastion kills (and freezes - 1) per mode")
     parser.add_argument("--idle-seconds", type=float, default=20.0)

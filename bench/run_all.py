@@ -9,7 +9,10 @@ Stages (each one's failure is reported in the table and the run goes on):
    modes (SSM through the stand-in), on loopback and through a delay line adding 15 ms each way:
    bulk MB/s both ways, round trip p50/p99, new connection, worst first byte with 20 and 50
    connections opened at once;
-2. on the sandbox stack, the real daemon process (``daemon_bench``): click-to-first-query,
+2. the SSM data channel (``bench_ssm``): the native client vs AWS's session-manager-plugin (when
+   installed) vs direct TCP, through the stand-in in ``realistic`` and ``fast`` modes: MB/s both
+   ways, round trip, recovery after 5 % loss and after a websocket close;
+3. on the sandbox stack, the real daemon process (``daemon_bench``): click-to-first-query,
    reconnect and detection after bastion faults, sysbench ``oltp_read_only``, idle CPU and memory
    with 1, 10 and 50 tunnels, and (in a thread, on its own stack with TTLs 120x shorter) Vault
    requests per hour.
@@ -39,7 +42,7 @@ from bench.report import Figure, Results
 @dataclass(frozen=True)
 class Plan:
     mb: int = 50                   # MB per bulk transfer (ssh paths)
-    ssm_mb: int = 10               # MB per bulk transfer through SSM
+    ssm_mb: int = 3                # MB per bulk transfer through SSM (realistic stand-in: ~0.5 MB/s down)
     rtt: int = 300                 # round trips on loopback (a fifth when delayed)
     reps: int = 3                  # bastion kills, click-to-query repetitions
     sysbench_seconds: float = 10.0
@@ -49,10 +52,13 @@ class Plan:
     idle_seconds: float = 10.0
     vault_seconds: float = 150.0
     fault_transports: tuple[str, ...] = ("ssh", "ssm-ssh")
+    ssm_realistic_mb: float = 3.0  # bench_ssm: per transfer through the realistic stand-in (~1 MB/s)
+    ssm_fast_mb: float = 30.0
 
 
-QUICK = Plan(mb=10, ssm_mb=2, rtt=100, reps=1, sysbench_seconds=4.0, sysbench_tables=1, sysbench_rows=2000,
-             idle_counts=(1, 10), idle_seconds=5.0, vault_seconds=60.0, fault_transports=("ssh",))
+QUICK = Plan(mb=10, ssm_mb=1, rtt=100, reps=1, sysbench_seconds=4.0, sysbench_tables=1, sysbench_rows=2000,
+             idle_counts=(1, 10), idle_seconds=5.0, vault_seconds=60.0, fault_transports=("ssh",),
+             ssm_realistic_mb=1.0, ssm_fast_mb=10.0)
 
 
 # ---------------------------------------------------------------------------- stage 1: tunnel paths
@@ -121,7 +127,19 @@ def path_figures(link: str, table: dict[str, dict[str, float]]) -> list[Figure]:
     return out
 
 
-# ---------------------------------------------------------------------------- stage 2: the daemon
+# ---------------------------------------------------------------------------- stage 2: the SSM data channel
+
+def ssm_channel(plan: Plan, results: Results) -> None:
+    """``bench_ssm``: native client vs the plugin vs direct, realistic and fast stand-in, recovery."""
+    from bench import bench_ssm
+
+    sizes = {"realistic": int(plan.ssm_realistic_mb * bench_ssm.MB), "fast": int(plan.ssm_fast_mb * bench_ssm.MB)}
+    figures, series = bench_ssm.figures(sizes, max(50, plan.rtt // 2))
+    results.add(figures)
+    results.series["ssm"] = series
+
+
+# ---------------------------------------------------------------------------- stage 3: the daemon
 
 def daemon_stages(plan: Plan, results: Results, root: Path, stage: Callable) -> None:
     from bench import daemon_bench as db
@@ -192,6 +210,8 @@ def run(plan: Plan, quick: bool, only: str | None = None) -> Results:
         if only in (None, "paths"):
             stage("tunnel paths", lambda: tunnel_paths(plan, results, lambda what: print(
                 f"  measured {what}", file=sys.stderr, flush=True)))
+        if only in (None, "ssm"):
+            stage("SSM data channel", lambda: ssm_channel(plan, results))
         if only in (None, "daemon"):
             stage("daemon stages", lambda: daemon_stages(plan, results, root, stage))
     finally:
@@ -223,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller transfers and shorter windows")
     parser.add_argument("--out", type=Path, default=report.RESULTS_DIR, help="where bench.json and the charts go")
-    parser.add_argument("--only", choices=("paths", "daemon"), help="run one half only")
+    parser.add_argument("--only", choices=("paths", "ssm", "daemon"), help="run one stage only")
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else Plan()
     home = private_home()

@@ -43,7 +43,7 @@ TRANSPORTS = ("ssm-ssh", "ssm-port-forward", "ssh", "plugin")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 INSTANCE_RE = re.compile(r"^(i-[0-9a-f]{8,17}|mi-[0-9a-f]{8,17}|ecs:[A-Za-z0-9_-]+_[A-Za-z0-9]+_[A-Za-z0-9-]+)$")
 REGION_RE = re.compile(r"[a-z]{2}(-[a-z]+)+-\d")
-AWS_ENDPOINT_SERVICES = ("sts", "ec2", "rds", "ssm", "sso", "sso-oidc", "ec2-instance-connect")
+AWS_ENDPOINT_SERVICES = ("sts", "ec2", "rds", "ssm", "kms", "sso", "sso-oidc", "ec2-instance-connect")
 
 
 @dataclass(frozen=True)

@@ -161,6 +161,7 @@ class Daemon:
         self.clean_stop = True
         self.revocation: list[dict] | None = None  # what became of each DB user, once stopped
         self._stopped = threading.Event()          # set when the supervisor stopped (``stop`` waiters)
+        self._ssm_sweep_stop = threading.Event()
 
     # ---- start and run
 
@@ -174,7 +175,9 @@ class Daemon:
             self.supervisor = Supervisor(config, self.paths, engine_factory=factories.engine,
                                          tunnel_factory=factories.tunnel, on_event=self.bus.publish,
                                          config_path=str(self.config_path))
+            ssm_sessions = self._record_ssm_sessions()  # before any tunnel can start a session
             self.supervisor.start()
+            self._end_leftover_ssm_sessions(ssm_sessions, config)
             self.server = ControlServer(self.paths.socket_path, self.dispatch, self.bus).start()
         except BaseException:
             self._abort_start()
@@ -182,6 +185,19 @@ class Daemon:
         sd_notify("READY=1")
         log.info("dbtunneld daemon ready (pid %d, config %s)", os.getpid(), self.config_path)
         return self
+
+    def _record_ssm_sessions(self) -> Any:
+        from .ssm import session_registry
+        return session_registry.install_for_daemon(self.paths.state_dir)
+
+    def _end_leftover_ssm_sessions(self, registry: Any, config: Config) -> None:
+        """TerminateSession for the SSM sessions a crashed run left open (in a thread)."""
+        from .ssm import session_registry
+
+        def boto3_session() -> Any:                 # asked at each try: sign-in may come later
+            assert self.supervisor is not None
+            return self.supervisor._require_engine().session_factory()
+        session_registry.sweep_for_daemon(registry, config.aws, boto3_session, self._ssm_sweep_stop)
 
     def _abort_start(self) -> None:
         if self.supervisor is not None:
@@ -220,6 +236,7 @@ class Daemon:
         sd_notify("STOPPING=1")
         log.info("stopping: closing tunnels and revoking leases (bound %.0f s)", self.stop_timeout)
         self.bus.publish("stopping", {"pid": os.getpid()})
+        self._ssm_sweep_stop.set()
         finished = self._stop_supervisor()
         if self.server is not None:
             self.server.close()

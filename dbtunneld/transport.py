@@ -180,12 +180,14 @@ class SsmSshTransport(SshBasedTransport):
     def __init__(self, session_factory: SessionFactory, target: Callable[[], str],
                  options_for: Callable[[str], ssh.SshOptions],
                  ephemeral: Callable[[str, ssh.SshOptions], ssh.SshOptions] | None = None,
-                 endpoint_url: str | None = None, region: str | None = None, port: int = 22) -> None:
+                 endpoint_url: str | None = None, region: str | None = None, port: int = 22,
+                 kms_endpoint_url: str | None = None) -> None:
         super().__init__(options_for)
         self._session_factory = session_factory
         self._target = target
         self._ephemeral = ephemeral
         self._endpoint_url, self._region, self._port = endpoint_url, region, port
+        self._kms_endpoint_url = kms_endpoint_url
         self._ssm: Any = None
 
     def _open_carrier(self) -> tuple[Any, str]:
@@ -194,7 +196,8 @@ class SsmSshTransport(SshBasedTransport):
         target = self._target()
         try:
             session = start_ssh_session(self._session_factory(), target, port=self._port,
-                                        endpoint_url=self._endpoint_url, region=self._region)
+                                        endpoint_url=self._endpoint_url, region=self._region,
+                                        kms_endpoint_url=self._kms_endpoint_url)
         except Exception as exc:
             raise classify_aws_error(exc, f"SSM StartSession to {target}") from None
         self._ssm = session
@@ -244,16 +247,29 @@ class PluginTransport(SshBasedTransport):
 # ---- SSM port forwarding (no SSH) --------------------------------------------------------------
 
 class SsmPortForwardTransport(Transport):
-    """An SSM port session to the cluster endpoint; each client gets its own smux stream."""
+    """An SSM port session to the cluster endpoint; each client gets its own smux stream.
+
+    The session is closed (so the tunnel rebuilds it) when it goes stale after an Aurora
+    failover: the endpoint's DNS answer changed, the agent could not dial, or the writer answered
+    read-only (``ssm.failover``). ``resolve`` and ``dns_interval`` (None: no DNS watch) tune it."""
 
     kind = "ssm-port-forward"
 
     def __init__(self, session_factory: SessionFactory, target: Callable[[], str], host: str, port: int,
-                 endpoint_url: str | None = None, region: str | None = None) -> None:
+                 endpoint_url: str | None = None, region: str | None = None,
+                 kms_endpoint_url: str | None = None, resolve: Callable[[str], frozenset] | None = None,
+                 dns_interval: float | None = 5.0) -> None:
+        from .ssm.failover import is_writer_endpoint, system_resolver
+
         self._session_factory = session_factory
         self._target = target
         self.host, self.port = host, port
         self._endpoint_url, self._region = endpoint_url, region
+        self._kms_endpoint_url = kms_endpoint_url
+        self._resolve = resolve or system_resolver
+        self._dns_interval = dns_interval
+        self._writer = is_writer_endpoint(host)
+        self._dns_watch: Any = None
         self._session: Any = None
         self._label = ""
 
@@ -264,10 +280,31 @@ class SsmPortForwardTransport(Transport):
         target = self._target()
         try:
             session = start_port_forward(self._session_factory(), target, self.host, self.port,
-                                         endpoint_url=self._endpoint_url, region=self._region)
+                                         endpoint_url=self._endpoint_url, region=self._region,
+                                         kms_endpoint_url=self._kms_endpoint_url)
         except Exception as exc:
             raise classify_aws_error(exc, f"SSM port session to {target}") from None
         self._session, self._label = session, target
+        self._watch_for_failover(session)
+
+    def _watch_for_failover(self, session: Any) -> None:
+        from .ssm.failover import EndpointWatch
+
+        session.on_connect_error = lambda: self._stale(session, f"the agent could not connect to {self.host}:{self.port}")
+        if self._dns_interval and self._writer:
+            self._dns_watch = EndpointWatch(self.host, lambda why: self._stale(session, why),
+                                            resolve=self._resolve, interval=self._dns_interval)
+
+    def _stale(self, session: Any, why: str) -> None:
+        """Close a session that reaches the wrong server; the tunnel sees it die and rebuilds."""
+        if session is not self._session or not session.is_alive():
+            return
+        log.warning("ssm-port-forward via %s: %s; starting a new SSM session (Aurora failover?)", self._label, why)
+        session.last_error = TransientError(f"SSM port session went stale: {why}")
+        threading.Thread(target=_close, args=(session,), name="ssm-failover-close", daemon=True).start()
+
+    def _read_only(self, session: Any, code: int) -> None:
+        self._stale(session, f"{self.host} answered with MySQL error {code} (read-only) on the writer endpoint")
 
     def open_channel(self, host: str, port: int, timeout: float) -> Any:
         session = self._session
@@ -276,9 +313,13 @@ class SsmPortForwardTransport(Transport):
         if (host, port) != (self.host, self.port):
             raise ClosedError(f"this port session reaches {self.host}:{self.port}, not {host}:{port}")
         try:
-            return session.open_stream(timeout)
+            stream = session.open_stream(timeout)
         except Exception as exc:
             raise _as_transient(exc, f"ssm-port-forward via {self._label}: cannot open a stream") from None
+        if not self._writer:
+            return stream
+        from .ssm.failover import ReadOnlyWatch
+        return ReadOnlyWatch(stream, lambda code: self._read_only(session, code))
 
     def is_alive(self) -> bool:
         session = self._session
@@ -295,6 +336,9 @@ class SsmPortForwardTransport(Transport):
 
     def close(self) -> None:
         session, self._session = self._session, None
+        watch, self._dns_watch = self._dns_watch, None
+        if watch is not None:
+            watch.stop()
         if session is not None:
             _close(session)
 
@@ -345,12 +389,14 @@ def build_transport(config: Config, cluster: ClusterConfig,
     if kind == "ssm-ssh":
         eic = _eic(bastion, session_factory, aws.region, aws.endpoint_urls)
         return SsmSshTransport(session_factory, target, options_for, ephemeral=eic,
-                               endpoint_url=ssm_url, region=aws.region, port=bastion.port)
+                               endpoint_url=ssm_url, region=aws.region, port=bastion.port,
+                               kms_endpoint_url=aws.endpoint_urls.get("kms"))
     if kind == "plugin":
         return PluginTransport(session_factory, target, options_for, bastion.plugin_path,
                                endpoint_url=ssm_url, region=aws.region, port=bastion.port)
     return SsmPortForwardTransport(session_factory, target, cluster.endpoint, cluster.port,
-                                   endpoint_url=ssm_url, region=aws.region)
+                                   endpoint_url=ssm_url, region=aws.region,
+                                   kms_endpoint_url=aws.endpoint_urls.get("kms"))
 
 
 def _options_factory(bastion: BastionConfig) -> Callable[[str], ssh.SshOptions]:

@@ -137,7 +137,7 @@ BAD = [
     ("bad region", '[aws]\nregion = "europe"\n' + BASE_VAULT + BASE_BASTION + ONE_CLUSTER,
      ["config.toml: aws.region: 'europe' is not an AWS region; write e.g. \"eu-west-1\""]),
     ("bad endpoint service", '[aws]\nendpoint_urls = { s3 = "http://127.0.0.1:1" }\n' + BASE_VAULT + BASE_BASTION + ONE_CLUSTER,
-     ["config.toml: aws.endpoint_urls.s3: unknown service; use one of sts, ec2, rds, ssm, sso, sso-oidc, ec2-instance-connect"]),
+     ["config.toml: aws.endpoint_urls.s3: unknown service; use one of sts, ec2, rds, ssm, kms, sso, sso-oidc, ec2-instance-connect"]),
     ("clusters not array", 'clusters = "a"\n' + BASE_VAULT + BASE_BASTION,
      ["config.toml: clusters: must be an array of tables, not a string; write each cluster as [[clusters]]"]),
     ("bad cluster name", BASE_VAULT + BASE_BASTION + '[[clusters]]\nname = "my cluster"\nendpoint = "a"\ndb_role = "r"\n',

@@ -168,7 +168,8 @@ def test_port_forward_streams_only_reach_the_sessions_endpoint():
 
     t = transport.SsmPortForwardTransport(NoAws(), lambda: "i-0123456789abcdef0", "db", 3306)
     t._session = session = Session()
-    assert t.open_channel("db", 3306, 1) == "stream"
+    stream = t.open_channel("db", 3306, 1)              # a writer endpoint: watched for read-only answers
+    assert stream._stream == "stream"
     with pytest.raises(ClosedError):
         t.open_channel("other", 3306, 1)
     assert t.is_alive()

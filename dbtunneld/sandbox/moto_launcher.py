@@ -7,7 +7,10 @@ access key that may assume the roles ``db-developer`` (what the daemon needs: EC
 lookups, SSM sessions) and ``analyst`` (a role Vault does not bind, for negative tests);
 a running EC2 bastion tagged ``Name=dbtunneld-bastion``; one Aurora MySQL cluster per
 ``--cluster`` (port = the MariaDB port standing in for it), tagged ``dbtunneld:role=<name>-ro``
-(the team's Vault role for it, read by ``dbtunneld init`` and the RDS-tag catalog). Then it sets
+(the team's Vault role for it, read by ``dbtunneld init`` and the RDS-tag catalog);
+a KMS key for Session Manager's
+session encryption (``kms``: the developer role may GenerateDataKey, the user ``ssm-agent``,
+standing for the SSM agent's instance role, may Decrypt). Then it sets
 ``moto.settings.INITIAL_NO_AUTH_ACTION_COUNT = 0``: from then on a wrong, tampered or
 unknown signature fails (SignatureDoesNotMatch / InvalidClientTokenId) and IAM policies are
 enforced. Only then is FILE written (mode 0600, atomically): it holds the seeded ids and
@@ -44,8 +47,10 @@ DEVELOPER_POLICY = {
         "sts:GetCallerIdentity", "ec2:Describe*", "rds:Describe*", "ssm:StartSession",
         "ssm:ResumeSession", "ssm:TerminateSession", "ssm:DescribeSessions",
         "ssm:DescribeInstanceInformation", "ssm:GetConnectionStatus",
-        "ec2-instance-connect:SendSSHPublicKey"]}],
+        "ec2-instance-connect:SendSSHPublicKey", "kms:GenerateDataKey"]}],
 }
+AGENT_USER = "ssm-agent"   # the instance role of the SSM agent: decrypts session data keys
+AGENT_POLICY = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": ["kms:Decrypt"], "Resource": "*"}]}
 ANALYST_POLICY = {
     "Version": "2012-10-17",
     "Statement": [{"Effect": "Allow", "Action": ["sts:GetCallerIdentity"], "Resource": "*"}],
@@ -90,6 +95,18 @@ def seed_iam(endpoint: str, region: str) -> dict:
     return {"user": {"name": USER_NAME, "arn": user["Arn"], "access_key_id": key["AccessKeyId"],
                      "secret_access_key": key["SecretAccessKey"]},
             "roles": roles}
+
+
+def seed_kms(endpoint: str, region: str) -> dict:
+    """The KMS key Session Manager encrypts sessions with, and the agent's identity that may decrypt."""
+    kms, iam = _client("kms", endpoint, region), _client("iam", endpoint, region)
+    key = kms.create_key(Description="dbtunneld sandbox: Session Manager session encryption")["KeyMetadata"]
+    kms.create_alias(AliasName="alias/dbtunneld-ssm-sessions", TargetKeyId=key["KeyId"])
+    iam.create_user(UserName=AGENT_USER)
+    iam.put_user_policy(UserName=AGENT_USER, PolicyName="decrypt-session-keys", PolicyDocument=json.dumps(AGENT_POLICY))
+    access = iam.create_access_key(UserName=AGENT_USER)["AccessKey"]
+    return {"key_id": key["KeyId"], "key_arn": key["Arn"], "alias": "alias/dbtunneld-ssm-sessions",
+            "agent": {"access_key_id": access["AccessKeyId"], "secret_access_key": access["SecretAccessKey"]}}
 
 
 def seed_ec2(endpoint: str, region: str) -> str:
@@ -198,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     seed = {"endpoint": endpoint, "account_id": ACCOUNT_ID, "region": args.region,
             "bastion_tags": BASTION_TAGS, **seed_iam(endpoint, args.region),
             "bastion_instance_id": seed_ec2(endpoint, args.region),
-            "clusters": seed_rds(endpoint, args.region, clusters)}
+            "clusters": seed_rds(endpoint, args.region, clusters), "kms": seed_kms(endpoint, args.region)}
     enable_enforcement()
     write_private(args.seed_out, seed)
     print(f"moto ready on {endpoint}; enforcement on", flush=True)

@@ -380,7 +380,8 @@ class AgentSession:
             await self._finish(str(exc))
             return
         took_ns = int((time.monotonic() - started) * 1e9)
-        await self.send_stream(w.HANDSHAKE_COMPLETE, w.json_payload({"HandshakeTimeToComplete": took_ns, "CustomerMessage": ""}))
+        message = "This session is encrypted using AWS KMS." if self.cipher is not None else ""  # buildHandshakeCompletePayload
+        await self.send_stream(w.HANDSHAKE_COMPLETE, w.json_payload({"HandshakeTimeToComplete": took_ns, "CustomerMessage": message}))
         destination = Destination(self.plugin)
         relay = self._make_relay(destination)
         try:

@@ -28,7 +28,12 @@ parts a session touches, following their wire behaviour (see ``ssm_agent`` for t
   ``POST /_standin/sessions/<id>/pause`` (``{"seconds": 1}``: pause_publication, then
   start_publication; ``{"start": false}``: a pause with no start after it, as the service may);
   ``POST /_standin/sessions/<id>/freeze`` (``{"frozen": true|false}``: the path goes silent both
-  ways while the websocket stays open, as when a network path black-holes).
+  ways while the websocket stays open, as when a network path black-holes);
+  ``GET|POST /_standin/dns`` (``{"name": "db.example", "addresses": ["127.0.0.2"]}``: what the
+  VPC's resolver answers; a port session resolves its host once, like the agent).
+
+KMS-encrypted sessions (``kms``, ``ssm_kms``: the account's Session Manager preference) and a
+``stream_base`` for stream URLs behind a TLS front are set at start (``ssm_standin_cli``).
 
 Modes: ``realistic`` (the default) paces and resends like the agent (~1 MB/s); ``fast`` is for
 tests of the client's own throughput (say so in the test). The command line is in
@@ -59,6 +64,7 @@ from typing import Any
 
 from .ssm_agent import DEFAULT_AGENT_VERSION, AgentSession, Faults
 from .ssm_agent_port import PortPlugin, Resolver, system_resolve
+from .ssm_kms import KmsEncryption, KmsSettings
 from .ssm_http import HttpRequest, HttpResponse, HttpServer, WsConnection
 from .ssm_sigv4 import SignatureError, SignedBy, Verifier
 
@@ -136,14 +142,19 @@ class SsmStandIn:
         credentials: dict[str, str] | None = None,
         accept_unknown_keys: bool = False,
         resolve: Resolver = system_resolve,
+        stream_base: str = "",
+        kms: KmsSettings | None = None,
     ) -> None:
         self.host = host
         self.vpc_dns_file = vpc_dns_file
+        self.stream_base = stream_base.rstrip("/")  # scheme://host[:port] of stream URLs (a TLS front)
+        self.kms = kms  # the account encrypts sessions with this KMS key
+        self.dns: dict[str, list[str]] = {}  # /_standin/dns answers, before ``resolve``
         self.allow_unsigned_websocket = allow_unsigned_websocket
         self.verifier = Verifier(credentials, accept_unknown_keys=accept_unknown_keys)
-        # how agents look up remote hosts (once per session): the DNS seam; with a VPC seed,
-        # moto's Aurora endpoint names resolve to the loopback MariaDB standing in for them
-        self.resolve = self._vpc_resolver(resolve) if vpc_dns_file else resolve
+        # with a VPC seed, moto's Aurora endpoint names resolve to the loopback MariaDB standing in for them
+        self._system_resolve = self._vpc_resolver(resolve) if vpc_dns_file else resolve
+        self.resolve = self._resolve  # how agents look up remote hosts (once per session): the DNS seam
         self.port = port
         self.targets = dict(targets or {})
         self.allow_remote = list(allow_remote)
@@ -272,6 +283,8 @@ class SsmStandIn:
             on_end=lambda reason, r=record: self._end(r, reason),
             on_state=lambda state, r=record: self._set_state(r, state),
         )
+        if self.kms is not None:
+            record.agent.actions.append(KmsEncryption(self.kms, session_id, target))
         self.sessions[session_id] = record
         asyncio.ensure_future(self._enforce_limits(record))
         log.info("StartSession %s: %s on %s (%s mode)", session_id, document, target, record.agent.mode)
@@ -326,12 +339,28 @@ class SsmStandIn:
             return [address] if address != host else fallback(host)
         return resolve
 
+    def _resolve(self, host: str) -> list[str]:
+        """The VPC resolver: the ``/_standin/dns`` table first (tests flip it: Aurora failover)."""
+        return list(self.dns.get(host.lower()) or self._system_resolve(host))
+
+    def _set_dns(self, body: dict[str, Any]) -> None:
+        name = str(body.get("name") or "").lower()
+        addresses = [str(a) for a in body.get("addresses") or []]
+        if not name:
+            raise ValueError("dns: name is required")
+        if addresses:
+            self.dns[name] = addresses
+        else:
+            self.dns.pop(name, None)
+        log.info("dns: %s -> %s", name, addresses or "(removed)")
+
     def _remote_allowed(self, host: str, port: str) -> bool:
         return host in self.allow_remote or f"{host}:{port}" in self.allow_remote
 
     def _grant(self, record: SessionRecord) -> dict[str, Any]:
         record.token = secrets.token_urlsafe(32)
-        stream_url = f"ws://{self.host}:{self.port}/v1/data-channel/{record.session_id}?role=publish_subscribe&cell-number={_cell_number()}"
+        base = self.stream_base or f"ws://{self.host}:{self.port}"
+        stream_url = f"{base}/v1/data-channel/{record.session_id}?role=publish_subscribe&cell-number={_cell_number()}"
         return {"SessionId": record.session_id, "TokenValue": record.token, "StreamUrl": stream_url}
 
     async def _op_ResumeSession(self, body: dict[str, Any], owner: str) -> dict[str, Any]:
@@ -447,6 +476,10 @@ class SsmStandIn:
                     self.faults.update(request.json())
                     log.info("faults now %s", self.faults.to_dict())
                 return HttpResponse.json(self.faults.to_dict())
+            if path == "/_standin/dns":
+                if request.method == "POST":
+                    self._set_dns(request.json())
+                return HttpResponse.json(self.dns)
             match = CONTROL_SESSION.match(path)
             if match and request.method == "POST":
                 return await self._session_action(match.group(1), match.group(2), request.json())

@@ -13,6 +13,8 @@ SIGTERM/SIGINT or until its parent exits::
         [--drop 0.05] [--delay-ms 0] [--jitter-ms 0] [--close-after-messages 0]
         [--agent-payload 1024] [--seed N] [--agent-version 3.3.1142.0]
         [--forward-url http://127.0.0.1:MOTO] [--allow-unsigned-websocket] [--log-level INFO]
+        [--stream-base wss://NAME[:PORT]]            # stream URLs behind a TLS front (proxy tests)
+        [--kms-key-id KEY --kms-endpoint URL [--kms-require-challenge]]  # KMS-encrypted sessions
 
 Secrets never go in argv: credentials come from a file (or the in-process ``credentials=``).
 """
@@ -29,6 +31,7 @@ import sys
 
 from .ssm_agent import DEFAULT_AGENT_VERSION, MODES, Faults
 from .ssm_standin import SsmStandIn
+from .ssm_kms import KmsSettings
 
 
 def parse_target(text: str) -> tuple[str, tuple[str, int]]:
@@ -60,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--forward-url", default=None, help="where other AmazonSSM.* calls go (moto)")
     p.add_argument("--allow-unsigned-websocket", action="store_true", help="accept upgrades without SigV4 (older session-manager-plugin releases)")
     p.add_argument("--vpc-dns-seed", default=None, help="moto seed file: its Aurora endpoints resolve to 127.0.0.1 (the VPC's DNS)")
+    p.add_argument("--stream-base", default="", help="scheme://host[:port] of the stream URLs handed out (e.g. wss://ssmmessages.example behind a TLS front); default ws://HOST:PORT")
+    p.add_argument("--kms-key-id", default="", help="encrypt every session with this KMS key (Session Manager preference); the agent's credentials come from the environment")
+    p.add_argument("--kms-endpoint", default="", help="the KMS API the agent calls (moto)")
+    p.add_argument("--kms-region", default="us-east-1")
+    p.add_argument("--kms-require-challenge", action="store_true", help="the agent's RequireKMSChallengeResponse")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -87,7 +95,16 @@ def standin_from_args(args: argparse.Namespace) -> SsmStandIn:
         forward_url=args.forward_url, allow_unsigned_websocket=args.allow_unsigned_websocket,
         credentials=read_credentials(args.credentials_file), accept_unknown_keys=args.accept_unknown_keys,
         vpc_dns_file=args.vpc_dns_seed,
+        stream_base=args.stream_base, kms=_kms_settings(args),
     )
+
+
+def _kms_settings(args: argparse.Namespace) -> KmsSettings | None:
+    if not args.kms_key_id:
+        return None
+    if not args.kms_endpoint:
+        raise SystemExit("--kms-key-id needs --kms-endpoint (the KMS API the agent calls)")
+    return KmsSettings(args.kms_key_id, args.kms_endpoint, args.kms_region, require_challenge=args.kms_require_challenge)
 
 
 async def _serve_until_stopped(standin: SsmStandIn) -> None:

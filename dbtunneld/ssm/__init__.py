@@ -20,20 +20,25 @@ Both sessions have ``session_id``, ``target``, ``closed`` (a ``threading.Event``
 ``wait_closed(timeout)``, ``is_alive()``, ``last_error`` (why it ended underneath: the service
 terminated it, a resume failed...), ``stats`` and ``close()``; they are context managers.
 ``start_*`` raise the project's errors: ``ConfigError`` (bad target/port), ``SignInNeededError``,
-``PermissionDeniedError``, ``NeedsUserError`` (e.g. KMS-encrypted sessions, old agents),
+``PermissionDeniedError`` (e.g. no kms:GenerateDataKey for a KMS-encrypted session),
+``NeedsUserError`` (old agents, a disabled KMS key),
 ``TransientError`` (network, agent offline, no handshake). A session never retries behind the
 caller's back except to resume its own websocket when AWS recycles it (bounded).
 
 Targets: EC2 / managed instance ids (``i-...``, ``mi-...``) and ECS targets
 ``ecs:<cluster>_<task-id>_<container-runtime-id>``. ``region`` and ``endpoint_url`` override the
-boto3 session's (the endpoint is the SSM API; stream URLs come back from StartSession).
+boto3 session's (the endpoint is the SSM API; stream URLs come back from StartSession);
+``kms_endpoint_url`` the KMS API's (sessions encrypted by the Session Manager preferences).
+The websocket honours HTTPS_PROXY / NO_PROXY and AWS_CA_BUNDLE (``netpath``).
 
 Fallback: ``PluginProxy.start(boto3_session, target, port=22)`` runs AWS's session-manager-plugin
 as a paramiko ProxyCommand-like object (stopped with SIGINT); ``NeedsUserError`` when missing.
 
 Modules: ``message`` (framing), ``reliability`` (acks, resend timing, reordering), ``smux``,
 ``channel`` (the websocket protocol), ``session`` (the blocking faces), ``api`` (boto3 calls,
-SigV4 websocket signing, error classification), ``plugin`` (the fallback).
+SigV4 websocket signing, error classification), ``encryption`` (KMS-encrypted sessions),
+``netpath`` (proxies, CA bundle), ``session_registry`` (ids of open sessions, for crash
+recovery), ``plugin`` (the fallback).
 """
 
 from __future__ import annotations
@@ -68,9 +73,10 @@ def start_ssh_session(
     region: str | None = None,
     options: ChannelOptions | None = None,
     timeout: float = OPEN_TIMEOUT,
+    kms_endpoint_url: str | None = None,
 ) -> SsmSession:
     """Start ``AWS-StartSSHSession`` on ``target`` and return once the agent's handshake is done."""
-    api = SsmApi(boto3_session, region=region, endpoint_url=endpoint_url)
+    api = SsmApi(boto3_session, region=region, endpoint_url=endpoint_url, kms_endpoint_url=kms_endpoint_url)
     grant = api.start_session(target, DOC_SSH, ssh_parameters(port))
     return open_session(SsmSession, api, grant, target, options, timeout)
 
@@ -85,8 +91,9 @@ def start_port_forward(
     region: str | None = None,
     options: ChannelOptions | None = None,
     timeout: float = OPEN_TIMEOUT,
+    kms_endpoint_url: str | None = None,
 ) -> PortForwardSession:
     """Start ``AWS-StartPortForwardingSessionToRemoteHost`` (``host:port`` as seen from ``target``)."""
-    api = SsmApi(boto3_session, region=region, endpoint_url=endpoint_url)
+    api = SsmApi(boto3_session, region=region, endpoint_url=endpoint_url, kms_endpoint_url=kms_endpoint_url)
     grant = api.start_session(target, DOC_PORT_FORWARD_REMOTE, port_forward_parameters(host, port))
     return open_session(PortForwardSession, api, grant, target, options, timeout)

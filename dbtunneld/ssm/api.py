@@ -14,6 +14,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import session_registry
 from ..errors import (
     ConfigError,
     DbtunneldError,
@@ -29,12 +30,14 @@ log = logging.getLogger(__name__)
 DOC_SSH = "AWS-StartSSHSession"
 DOC_PORT_FORWARD_REMOTE = "AWS-StartPortForwardingSessionToRemoteHost"
 WEBSOCKET_SERVICE = "ssmmessages"
+KMS_DATA_KEY_BYTES = 64  # the plugin's KMSKeySizeInBytes: two AES-256 keys
 
 _INSTANCE = re.compile(r"^(i|mi)-[0-9a-f]{8,17}$")
 _ECS = re.compile(r"^ecs:[^_\s]+_[^_\s]+_[^\s]+$")
 
 SIGN_IN_CODES = {"ExpiredToken", "ExpiredTokenException", "UnrecognizedClientException", "InvalidClientTokenId"}
 PERMISSION_CODES = {"AccessDeniedException", "AccessDenied", "UnauthorizedOperation", "IncompleteSignatureException"}
+KMS_KEY_CODES = {"NotFoundException", "DisabledException", "KMSInvalidStateException", "InvalidKeyUsageException"}
 TARGET_CODES = {"InvalidTarget", "InvalidDocument", "InvalidParameters", "ValidationException", "InvalidDocumentVersion"}
 TRANSIENT_CODES = {"TargetNotConnected", "ThrottlingException", "InternalServerError", "ServiceUnavailable"}
 
@@ -102,7 +105,8 @@ def start_session_request(target: str, document: str, parameters: dict[str, list
 class SsmApi:
     """boto3 calls for one region/endpoint. Blocking: call it from a worker thread."""
 
-    def __init__(self, boto3_session: Any, *, region: str | None = None, endpoint_url: str | None = None) -> None:
+    def __init__(self, boto3_session: Any, *, region: str | None = None, endpoint_url: str | None = None,
+                 kms_endpoint_url: str | None = None) -> None:
         from botocore.config import Config
 
         self.boto3_session = boto3_session
@@ -110,13 +114,18 @@ class SsmApi:
         if not self.region:
             raise NeedsUserError("no AWS region for the SSM session", hint="set aws.region in the config or a region in the AWS profile")
         self.endpoint_url = endpoint_url
+        self.kms_endpoint_url = kms_endpoint_url
         config = Config(retries={"total_max_attempts": 1}, connect_timeout=10, read_timeout=30)
         self.client = boto3_session.client("ssm", region_name=self.region, endpoint_url=endpoint_url, config=config)
+        self._config = config
+        self._kms: Any = None
+        self.ca_bundle = _ca_bundle(boto3_session)
 
     def start_session(self, target: str, document: str, parameters: dict[str, list[str]]) -> Grant:
         request = start_session_request(target, document, parameters)
         response = self._call("StartSession", f"target {target}", **request)
         log.info("SSM session %s started on %s (%s)", response["SessionId"], target, document)
+        session_registry.opened(response["SessionId"])
         return _grant(response)
 
     def resume_session(self, session_id: str) -> Grant | None:
@@ -128,7 +137,18 @@ class SsmApi:
 
     def terminate_session(self, session_id: str) -> None:
         self._call("TerminateSession", f"session {session_id}", SessionId=session_id)
+        session_registry.ended(session_id)
         log.info("SSM session %s terminated", session_id)
+
+    def generate_data_key(self, key_id: str, context: dict[str, str]) -> tuple[bytes, bytes]:
+        """kms:GenerateDataKey for a KMS-encrypted session: (plaintext key, encrypted key)."""
+        if self._kms is None:
+            self._kms = self.boto3_session.client("kms", region_name=self.region, endpoint_url=self.kms_endpoint_url, config=self._config)
+        try:
+            response = self._kms.generate_data_key(KeyId=key_id, NumberOfBytes=KMS_DATA_KEY_BYTES, EncryptionContext=context)
+        except Exception as exc:
+            raise classify_error(exc, "kms:GenerateDataKey", f"key {key_id}") from exc
+        return response["Plaintext"], response["CiphertextBlob"]
 
     def websocket_headers(self, stream_url: str) -> dict[str, str]:
         """SigV4 headers (service ``ssmmessages``) for the websocket upgrade GET of ``stream_url``.
@@ -160,6 +180,14 @@ class SsmApi:
             raise classify_error(exc, operation, what) from exc
 
 
+def _ca_bundle(boto3_session: Any) -> str | None:
+    """botocore's ``ca_bundle`` (``AWS_CA_BUNDLE`` or the profile's): the websocket trusts the same CAs."""
+    try:
+        return boto3_session._session.get_config_variable("ca_bundle") or None
+    except Exception:  # not a real boto3 session (tests), or an unreadable config
+        return None
+
+
 def _snake(operation: str) -> str:
     return re.sub(r"(?<!^)([A-Z])", r"_\1", operation).lower()
 
@@ -186,9 +214,16 @@ def classify_error(exc: BaseException, operation: str, what: str) -> DbtunneldEr
 def _classify_client_error(exc: Any, operation: str, what: str) -> DbtunneldError:
     error = exc.response.get("Error", {})
     code = error.get("Code", "")
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+    if code == str(status) == "403":  # an error body botocore could not parse (moto's IAM denials)
+        code = "AccessDenied"
     text = f"SSM {operation} ({what}): {code}: {error.get('Message', '')}"
     if code in SIGN_IN_CODES:
         return SignInNeededError(text)
+    if code in PERMISSION_CODES and operation.startswith("kms:"):
+        return PermissionDeniedError(text, hint=f"Session Manager encrypts sessions with a KMS key: the role needs {operation} on it ({what})")
+    if code in KMS_KEY_CODES:
+        return NeedsUserError(text, hint="the KMS key named in the Session Manager preferences is missing or disabled")
     if code in PERMISSION_CODES:
         return PermissionDeniedError(text, hint="the role needs ssm:StartSession on the target and the document, ssm:ResumeSession and ssm:TerminateSession")
     if code in TARGET_CODES:
@@ -197,7 +232,6 @@ def _classify_client_error(exc: Any, operation: str, what: str) -> DbtunneldErro
         return NeedsUserError(text, hint="the session is gone; start a new one")
     if code == "TargetNotConnected":
         return TransientError(text, hint="the SSM agent on the target is offline or not registered; is the instance running?")
-    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
     if code in TRANSIENT_CODES or status >= 500 or status == 429:
         return TransientError(text)
     return NeedsUserError(text, hint="see the AWS error code above")

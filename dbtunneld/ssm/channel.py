@@ -34,7 +34,9 @@ from typing import Any, Protocol
 
 from ..errors import ClosedError, DbtunneldError, NeedsUserError, ProtocolError, TransientError
 from . import message as m
+from . import netpath
 from .api import Grant, redact_url
+from .encryption import ENCRYPTED_INCOMING, ENCRYPTED_OUTGOING, SessionCipher, encryption_context, kms_request
 from .reliability import GIVE_UP_AFTER, OutgoingWindow, ReorderBuffer, Verdict
 from .wsclient import WsClient
 
@@ -55,6 +57,8 @@ class SessionService(Protocol):
 
     def websocket_headers(self, stream_url: str) -> dict[str, str]: ...
 
+    def generate_data_key(self, key_id: str, context: dict[str, str]) -> tuple[bytes, bytes]: ...
+
 
 @dataclass(frozen=True)
 class ChannelOptions:
@@ -71,6 +75,7 @@ class ChannelOptions:
     terminate_timeout: float = 10.0
     ping_interval: float | None = 30.0
     max_message: int = 4 << 20
+    ca_bundle: str | None = None  # trusted CAs for wss:// (AWS_CA_BUNDLE / the profile's ca_bundle)
 
 
 @dataclass
@@ -98,8 +103,12 @@ class DataChannel:
         options: ChannelOptions | None = None,
         clock: Callable[[], float] = time.monotonic,
         connect: Callable[..., Awaitable[Any]] | None = None,
+        target: str = "",
     ) -> None:
         self.session_id = grant.session_id
+        self.target = target
+        self._cipher: SessionCipher | None = None  # set when the agent asks for KMS encryption
+        self.on_connect_error: Callable[[], None] | None = None  # called on the loop at ConnectToPortError
         self.options = opts = options or ChannelOptions()
         self._grant = grant
         self._service = service
@@ -194,8 +203,9 @@ class DataChannel:
         try:
             ws = await self._connect_ws(grant.stream_url, headers, self.options)
             await ws.send(m.open_data_channel(grant.token, self._client_id, self.options.client_version))
-        except (OSError, asyncio.TimeoutError) as exc:
-            raise TransientError(f"{self._label} data channel {redact_url(grant.stream_url)}: {type(exc).__name__}: {exc}") from None
+        except (OSError, ValueError, asyncio.TimeoutError) as exc:
+            where = f"{self._label} data channel {redact_url(grant.stream_url)}"
+            raise netpath.dial_error(exc, where) or TransientError(f"{where}: {type(exc).__name__}: {exc}") from None
         except Exception as exc:  # HandshakeError, and websockets' InvalidHandshake family
             raise TransientError(f"{self._label} data channel {redact_url(grant.stream_url)}: {_describe(exc)}") from None
         self._ws = ws
@@ -311,6 +321,8 @@ class DataChannel:
 
     async def _send_stream(self, payload_type: int, payload: bytes, *, force: bool = False) -> None:
         await self._wait_sendable(force)
+        if self._cipher is not None and payload_type in ENCRYPTED_OUTGOING:
+            payload = self._cipher.encrypt(payload)
         seq = self._next_seq
         self._next_seq += 1
         raw = m.encode(m.stream_message(m.INPUT_STREAM, seq, payload_type, payload))
@@ -470,11 +482,18 @@ class DataChannel:
 
     async def _dispatch(self, msg: m.AgentMessage) -> None:
         ptype = msg.payload_type
+        payload = msg.payload
+        if self._cipher is not None and ptype in ENCRYPTED_INCOMING:
+            try:
+                payload = self._cipher.decrypt(payload)
+            except ProtocolError as exc:
+                await self._finish(ProtocolError(f"SSM session {self.session_id}: {exc.message}"))
+                return
         if ptype in (m.OUTPUT, m.STDERR):
             if self._sink is not None:
                 self._in_sink = True
                 try:
-                    await self._sink(msg.payload)
+                    await self._sink(payload)
                 finally:
                     self._in_sink = False
         elif ptype == m.HANDSHAKE_REQUEST:
@@ -484,38 +503,63 @@ class DataChannel:
         elif ptype == m.FLAG:
             self._on_flag(msg)
         elif ptype == m.ENC_CHALLENGE_REQUEST:
-            await self._finish(NeedsUserError(f"SSM session {self.session_id}: the agent asks for KMS encryption", hint=_KMS_HINT))
+            await self._on_encryption_challenge(msg)
         else:
             log.debug("%s ignored payload type %d", self._label, ptype)
 
     async def _on_handshake_request(self, msg: m.AgentMessage) -> None:
         request = m.json_payload(msg)
         self._info.agent_version = str(request.get("AgentVersion") or "")
-        processed, errors = [], []
+        processed, errors, failure = [], [], None
         for action in request.get("RequestedClientActions") or []:
-            result = self._process_action(action)
+            try:
+                result = await self._process_action(action)
+            except DbtunneldError as exc:  # KMS refused: tell the agent, then end with this error
+                failure = failure or exc
+                result = {"ActionType": action.get("ActionType"), "ActionStatus": 2, "ActionResult": None, "Error": f"Failed to process action {action.get('ActionType')}: {exc.message}"}
             processed.append(result)
             if result["ActionStatus"] != 1:
                 errors.append(result["Error"])
         payload = m.handshake_response(self.options.client_version, processed, errors)
         await self._send_stream(m.HANDSHAKE_RESPONSE, payload)
         if errors:
-            await self._finish(NeedsUserError(f"SSM session {self.session_id}: {'; '.join(errors)}", hint=_KMS_HINT))
+            await self._finish(failure or NeedsUserError(f"SSM session {self.session_id}: {'; '.join(errors)}", hint="update dbtunneld, or use the session-manager-plugin fallback"))
 
-    def _process_action(self, action: dict[str, Any]) -> dict[str, Any]:
+    async def _process_action(self, action: dict[str, Any]) -> dict[str, Any]:
         kind = action.get("ActionType")
         params = action.get("ActionParameters") or {}
+        if kind == "KMSEncryption":
+            return await self._kms_encryption(params)
         if kind == "SessionType" and params.get("SessionType") == "Port":
             self._info.session_type = "Port"
             self._info.properties = dict(params.get("Properties") or {})
             return {"ActionType": kind, "ActionStatus": 1, "ActionResult": None, "Error": ""}
         if kind == "SessionType":
             error = f"session type {params.get('SessionType')!r} is not supported (only port sessions)"
-        elif kind == "KMSEncryption":
-            error = "KMS encryption of the session is not supported by the native client"
         else:
             error = f"unsupported action {kind}"
         return {"ActionType": kind, "ActionStatus": 3 if kind != "SessionType" else 2, "ActionResult": None, "Error": error}
+
+    async def _kms_encryption(self, params: dict[str, Any]) -> dict[str, Any]:
+        """GenerateDataKey for the session (see ``encryption``); the keys apply from now on."""
+        key_id, challenge = kms_request(params)
+        context = encryption_context(self.session_id, self.target, challenge)
+        loop = asyncio.get_running_loop()
+        plaintext, blob = await loop.run_in_executor(None, self._service.generate_data_key, key_id, context)
+        self._cipher = SessionCipher(plaintext, blob)
+        log.info("%s session encrypted with KMS key %s", self._label, key_id)
+        return {"ActionType": "KMSEncryption", "ActionStatus": 1, "ActionResult": self._cipher.action_result(bool(challenge)), "Error": ""}
+
+    async def _on_encryption_challenge(self, msg: m.AgentMessage) -> None:
+        if self._cipher is None:
+            await self._finish(ProtocolError(f"SSM session {self.session_id}: encryption challenge without a KMSEncryption handshake"))
+            return
+        try:
+            answer = self._cipher.answer_challenge(msg.payload)
+        except ProtocolError as exc:
+            await self._finish(ProtocolError(f"SSM session {self.session_id}: {exc.message}"))
+            return
+        await self._send_stream(m.ENC_CHALLENGE_RESPONSE, answer)
 
     def _on_handshake_complete(self, msg: m.AgentMessage) -> None:
         if self._handshake.done():
@@ -534,9 +578,8 @@ class DataChannel:
             return
         if flag == m.FLAG_CONNECT_TO_PORT_ERROR:
             log.warning("%s the agent could not connect to the destination port", self._label)
-
-
-_KMS_HINT = "turn off KMS encryption in the Session Manager preferences, or use the session-manager-plugin fallback"
+            if self.on_connect_error is not None:
+                self.on_connect_error()
 
 
 def _close_reason(ws: WsClient | None) -> str:
@@ -550,4 +593,5 @@ def _describe(exc: BaseException) -> str:
 
 
 async def _websocket_connect(url: str, headers: dict[str, str], options: ChannelOptions) -> WsClient:
-    return await WsClient.connect(url, headers, open_timeout=options.open_timeout, max_size=options.max_message, ping_interval=options.ping_interval)
+    return await WsClient.connect(url, headers, open_timeout=options.open_timeout, max_size=options.max_message, ping_interval=options.ping_interval,
+                                  ca_bundle=options.ca_bundle)

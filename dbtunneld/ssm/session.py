@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import dataclasses
 import logging
 import socket
 import threading
@@ -121,7 +122,7 @@ class _BaseSession:
             raise error from None
 
     async def _start(self) -> None:
-        self._channel = DataChannel(self._grant, self._api, options=self._options)
+        self._channel = DataChannel(self._grant, self._api, options=self._options, target=self.target)
         self._grant = Grant(self.session_id, self._grant.stream_url, "")  # the channel keeps the token now
         handshake = await self._channel.start()
         await self._attach(handshake)
@@ -256,6 +257,7 @@ class PortForwardSession(_BaseSession):
     def __init__(self, api: SsmApi, grant: Grant, target: str, options: ChannelOptions | None = None) -> None:
         super().__init__(api, grant, target, options)
         self._mux: MuxClient | None = None
+        self.on_connect_error: Callable[[], None] | None = None  # the agent could not dial host:port
 
     async def _attach(self, handshake: Handshake) -> None:
         if not handshake.multiplexed:
@@ -271,7 +273,13 @@ class PortForwardSession(_BaseSession):
         assert channel is not None
         self._mux = MuxClient(channel.send, keepalive=keepalive, label=f"[ssm session={self.session_id}]")
         channel.set_sink(self._mux.feed)
+        channel.on_connect_error = self._connect_error
         self._mux.start()
+
+    def _connect_error(self) -> None:
+        callback = self.on_connect_error
+        if callback is not None:
+            callback()
 
     async def _detach(self) -> None:
         if self._mux is not None:
@@ -294,6 +302,9 @@ SessionFactory = Callable[[SsmApi, Grant, str, ChannelOptions | None], _BaseSess
 
 
 def open_session(cls: SessionFactory, api: SsmApi, grant: Grant, target: str, options: ChannelOptions | None, timeout: float) -> Any:
+    options = options or ChannelOptions()
+    if options.ca_bundle is None and api.ca_bundle:
+        options = dataclasses.replace(options, ca_bundle=api.ca_bundle)
     session = cls(api, grant, target, options)
     session._open(timeout)
     return session

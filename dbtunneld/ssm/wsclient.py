@@ -7,7 +7,8 @@ with flow control (reading pauses while the consumer is behind), pings keep the 
 honest (a missing pong aborts it, which the channel treats as a drop and resumes); the pong
 deadline is paused while reading is paused for back-pressure (the pong sits unread behind the
 messages the consumer has not taken yet, and a slow consumer is not a dead connection).
-TLS for ``wss://`` uses the default context; proxies are not supported.
+Proxies (``HTTPS_PROXY`` / ``NO_PROXY``) and the CA bundle are chosen as AWS's tools do
+(``netpath``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import asyncio
 import logging
 import os
 import socket
-import ssl
 from collections import deque
 
 from websockets.client import ClientProtocol
@@ -25,7 +25,7 @@ from websockets.http11 import Response
 from websockets.protocol import State
 from websockets.uri import parse_uri
 
-from ..tls import client_ssl_context
+from . import netpath
 
 # websockets logs handshake headers (signatures, the security token) and the URL's query at
 # DEBUG; its protocol gets a logger of its own that never goes below INFO.
@@ -47,7 +47,9 @@ class HandshakeError(Exception):
 class WsClient(asyncio.Protocol):
     """One client websocket. ``await WsClient.connect(...)``, iterate for messages, ``send``, ``close``."""
 
-    def __init__(self, url: str, max_size: int) -> None:
+    def __init__(self, url: str, max_size: int, ca_bundle: str | None = None) -> None:
+        self._url = url
+        self._ca_bundle = ca_bundle
         self._uri = parse_uri(url)
         self._protocol = ClientProtocol(self._uri, max_size=max_size, logger=PROTOCOL_LOG)
         self._loop = asyncio.get_running_loop()
@@ -70,8 +72,9 @@ class WsClient(asyncio.Protocol):
     # --- opening --------------------------------------------------------------------------------
 
     @classmethod
-    async def connect(cls, url: str, headers: dict[str, str], *, open_timeout: float, max_size: int, ping_interval: float | None = None) -> "WsClient":
-        client = cls(url, max_size)
+    async def connect(cls, url: str, headers: dict[str, str], *, open_timeout: float, max_size: int, ping_interval: float | None = None,
+                      ca_bundle: str | None = None) -> "WsClient":
+        client = cls(url, max_size, ca_bundle)
         try:
             await asyncio.wait_for(client._open(headers), open_timeout)
         except BaseException:
@@ -83,8 +86,14 @@ class WsClient(asyncio.Protocol):
 
     async def _open(self, headers: dict[str, str]) -> None:
         uri = self._uri
-        context = client_ssl_context() if uri.secure else None
-        await self._loop.create_connection(lambda: self, uri.host, uri.port, ssl=context, server_hostname=uri.host if context else None)
+        context = netpath.tls_context(self._ca_bundle) if uri.secure else None
+        tls_name = uri.host if context else None
+        proxy = netpath.proxy_for(self._url)
+        if proxy is None:
+            await self._loop.create_connection(lambda: self, uri.host, uri.port, ssl=context, server_hostname=tls_name)
+        else:
+            sock = await netpath.open_tunnel(proxy, uri.host, uri.port, timeout=30.0)
+            await self._loop.create_connection(lambda: self, sock=sock, ssl=context, server_hostname=tls_name)
         request = self._protocol.connect()
         for name, value in headers.items():
             request.headers[name] = value
