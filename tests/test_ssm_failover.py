@@ -37,14 +37,14 @@ APP_USER, APP_PASSWORD = "failover_app", "failover-app-pw-0123"
 
 def test_read_only_errors_are_found_in_mysql_traffic_only():
     for code in (1290, 1836):
-        packet = mysql_error_packet(code, "The MariaDB server is running with the --read-only option")
+        packet = mysql_error_packet("The MariaDB server is running with the --read-only option", code=code, sequence=1)
         assert contains_read_only_error(b"\x05\x00\x00\x01abcde" + packet) == code
-    assert contains_read_only_error(mysql_error_packet(1045, "Access denied")) == 0
+    assert contains_read_only_error(mysql_error_packet("Access denied", code=1045, sequence=1)) == 0
     assert contains_read_only_error(b"\xff\x0a\x05#HY000 in the middle of a row") == 0   # no packet header
 
 
 def test_read_only_answer_split_across_reads_is_seen_once_and_passed_on():
-    packet = b"\x07\x00\x00\x01\x00\x00\x00\x02\x00\x00\x00" + mysql_error_packet(1836, "Running in read-only mode")
+    packet = b"\x07\x00\x00\x01\x00\x00\x00\x02\x00\x00\x00" + mysql_error_packet("Running in read-only mode", code=1836, sequence=2)
     chunks = [packet[:14], packet[14:20], packet[20:], b""]
 
     class Stream:
