@@ -15,6 +15,7 @@ socket by that thread (``ForwardChannel.deliver_into``).
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import logging
 import os
@@ -57,17 +58,67 @@ def _feed_channel_data(chan: paramiko.Channel, m: Any) -> None:
         chan.in_buffer.feed(data)
 
 
+def _window_adjust(chan: paramiko.Channel, m: Any) -> None:
+    """MSG_CHANNEL_WINDOW_ADJUST, as paramiko's, then wake a forwarding loop waiting for room."""
+    chan._window_adjust(m)
+    upstream = getattr(chan, "dbtunneld_upstream", None)
+    if upstream is not None:
+        upstream.window_opened()
+
+
+class _GatheringPacketizer(paramiko.Packetizer):
+    """paramiko's Packetizer whose writes can be gathered: inside ``gather()`` (one forwarding
+    loop turn) the packets the gathering thread sends go out in one socket write at its end.
+    A packet from any other thread (a keepalive, a key exchange) first writes what was gathered,
+    so bytes leave in sequence-number order. ``write_all`` runs under the packetizer's write lock."""
+
+    def __init__(self, sock: Any) -> None:
+        super().__init__(sock)
+        self._gathered: list[bytes] | None = None
+        self._gatherer = 0
+
+    def write_all(self, out: bytes) -> None:
+        if self._gathered is not None:
+            if threading.get_ident() == self._gatherer:
+                self._gathered.append(out)
+                return
+            self._write_gathered()
+        super().write_all(out)
+
+    def _write_gathered(self) -> None:
+        if self._gathered:
+            data = b"".join(self._gathered)
+            self._gathered.clear()
+            super().write_all(data)
+
+    @contextlib.contextmanager
+    def gather(self):
+        lock = self._Packetizer__write_lock
+        with lock:
+            self._gathered, self._gatherer = [], threading.get_ident()
+        try:
+            yield
+        finally:
+            with lock:
+                try:
+                    self._write_gathered()
+                finally:
+                    self._gathered = None
+
+
 class _QuietTransport(paramiko.Transport):
     """paramiko's Transport, waking once a second while it logs in (default: ten times; after
     login it does not wake at all when idle), whose channel data can be delivered straight into
-    a socket (``ForwardChannel.deliver_into``)."""
+    a socket (``ForwardChannel.deliver_into``, ``ChannelUpstream``) and whose packets can be
+    written in batches (``_GatheringPacketizer``)."""
 
     _active_check_timeout = 1.0
     _channel_handler_table = {**paramiko.Transport._channel_handler_table,
-                              paramiko.common.MSG_CHANNEL_DATA: _feed_channel_data}
+                              paramiko.common.MSG_CHANNEL_DATA: _feed_channel_data,
+                              paramiko.common.MSG_CHANNEL_WINDOW_ADJUST: _window_adjust}
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, packetizer_class=_GatheringPacketizer, **kwargs)
         self.sink_lock = threading.Lock()
 
 
@@ -400,6 +451,10 @@ class ForwardChannel:
     def close(self) -> None:
         self.chan.close()
 
+    def forward_upstream(self) -> "ChannelUpstream":
+        """This channel as an upstream of a forwarding loop (``dbtunneld.forward``)."""
+        return ChannelUpstream(self.chan)
+
     def deliver_into(self, sock: socket.socket, on_bytes: Callable[[int], None] | None = None) -> None:
         """Deliver everything the channel receives into ``sock`` until the channel's end of
         stream; raises OSError when ``sock`` fails. Blocks the calling thread, which writes
@@ -544,6 +599,178 @@ class _SocketSink:
             self._chan.transport._send_user_message(m)
         except (paramiko.SSHException, EOFError, OSError):
             pass                          # the connection is going away; its end shows elsewhere
+
+
+# ---- forwarding: a channel as an upstream of dbtunneld.forward's loop ---------------------------
+
+class ChannelUpstream:
+    """A ``direct-tcpip`` channel driven by a forwarding loop (``dbtunneld.forward.Link``).
+
+    Download: paramiko's reader thread writes channel data straight into the client's socket
+    (non-blocking; no thread hand-off per packet). What the socket does not take, or anything
+    that arrives while older bytes wait, queues in order and the loop is poked once to write it
+    when the socket drains. The window is acknowledged only for bytes the client took, so a
+    client that stops reading stops the bastion after one window (back-pressure); the loop
+    sends the adjusts (the reader thread must not: it would wait on itself during a key
+    exchange). Upload: ``send`` takes what the window allows without blocking; a window adjust
+    pokes the loop when it waits for room. The loop's sends of one turn go out in one write.
+    """
+
+    def __init__(self, chan: paramiko.Channel) -> None:
+        self.chan = chan
+        self._lock = threading.Lock()
+        self._queue: list[bytes] = []
+        self._ended = self._failed = False
+        self._ack = 0
+        self._waiting_for_room = False
+        self._link: Any = None
+
+    def attach(self, link: Any) -> None:
+        self._link = link
+        with self.chan.transport.sink_lock:
+            early = self.chan.in_buffer.empty()    # e.g. a greeting that came with the open
+            with self._lock:
+                if early:
+                    self._queue.append(early)
+                self._ended = self.chan.eof_received or self.chan.closed
+            self.chan.in_buffer = self
+        self.chan.dbtunneld_upstream = self
+        if early:
+            link.poke()
+
+    # -- paramiko's reader thread: the BufferedPipe interface --
+
+    def feed(self, data: bytes) -> None:
+        sent = 0
+        with self._lock:
+            if self._failed:
+                return
+            if self._queue:
+                self._queue.append(data)  # the loop was poked for the first of these
+                return
+            try:
+                sent = self._link.client.send(data)      # non-blocking: the loop set it so
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:
+                self._failed = True
+            if sent < len(data) and not self._failed:
+                self._queue.append(data[sent:])
+            poke = sent < len(data)
+        if sent:
+            self._delivered(sent, from_reader=True)
+        if poke:
+            self._link.poke()
+
+    def close(self) -> None:
+        with self._lock:
+            self._ended = True
+        if self._link is not None:
+            self._link.poke()
+
+    def read(self, nbytes: int, timeout: float | None = None) -> bytes:
+        return b""                        # everything goes to the client's socket
+
+    def read_ready(self) -> bool:
+        return False
+
+    def set_event(self, event: Any) -> None:
+        pass
+
+    def empty(self) -> bytes:
+        return b""
+
+    def __len__(self) -> int:
+        return sum(map(len, self._queue))
+
+    def window_opened(self) -> None:
+        if self._waiting_for_room:
+            self._waiting_for_room = False
+            self._link.poke()
+
+    # -- the loop thread --
+
+    def fileno_for_loop(self) -> None:
+        return None
+
+    def wants(self) -> int:
+        return 0
+
+    def pump_down(self) -> None:
+        sent = 0
+        with self._lock:                  # held while writing: the reader must not overtake
+            if self._failed:
+                raise OSError("the client's socket failed")
+            if self._queue:
+                chunk = self._queue[0] if len(self._queue) == 1 else b"".join(self._queue)
+                sent = _send_nowait(self._link.client, chunk)
+                self._queue = [chunk[sent:]] if sent < len(chunk) else []
+            ack, self._ack = self._ack, 0
+        if sent:
+            ack += self._delivered(sent, from_reader=False)
+        if ack:
+            self._send_window_adjust(ack)
+
+    def down_blocked(self) -> bool:
+        return bool(self._queue)
+
+    def down_ended(self) -> bool:
+        with self._lock:
+            return self._ended and not self._queue
+
+    def send(self, data: bytes) -> int:
+        total = 0
+        while total < len(data):
+            if self.chan.out_window_size <= 0:
+                self._waiting_for_room = True
+                if self.chan.out_window_size <= 0:   # an adjust may have come in between
+                    break
+                self._waiting_for_room = False
+            sent = self.chan.send(data[total:] if total else data)
+            if sent <= 0:
+                raise EOFError("the channel is closed")
+            total += sent
+        return total
+
+    def batch_key(self) -> Any:
+        return self.chan.transport
+
+    def batch(self) -> Any:
+        return self.chan.transport.packetizer.gather()
+
+    def shutdown_write(self) -> None:
+        self.chan.shutdown_write()
+
+    def close(self) -> None:
+        self.chan.dbtunneld_upstream = None
+        self.chan.close()
+
+    def _delivered(self, n: int, from_reader: bool) -> int:
+        self._link.received += n
+        ack = self.chan._check_add_window(n)
+        if ack > 0 and from_reader:
+            with self._lock:
+                self._ack += ack
+            self._link.poke()
+            return 0
+        return max(ack, 0)
+
+    def _send_window_adjust(self, ack: int) -> None:
+        m = paramiko.Message()
+        m.add_byte(paramiko.common.cMSG_CHANNEL_WINDOW_ADJUST)
+        m.add_int(self.chan.remote_chanid)
+        m.add_int(ack)
+        try:
+            self.chan.transport._send_user_message(m)
+        except (paramiko.SSHException, EOFError, OSError):
+            pass                          # the connection is going away; its end shows elsewhere
+
+
+def _send_nowait(sock: socket.socket, data: bytes) -> int:
+    try:
+        return sock.send(data)
+    except (BlockingIOError, InterruptedError):
+        return 0
 
 
 def _channel_error(exc: paramiko.ChannelException, host: str, port: int, label: str) -> Exception:
