@@ -633,12 +633,12 @@ class ChannelUpstream:
                 if early:
                     self._queue.append(early)
                 self._ended = self.chan.eof_received or self.chan.closed
-            self.chan.in_buffer = self
+            self.chan.in_buffer = _ChannelSink(self)
         self.chan.dbtunneld_upstream = self
         if early:
             link.poke()
 
-    # -- paramiko's reader thread: the BufferedPipe interface --
+    # -- paramiko's reader thread (through _ChannelSink) --
 
     def feed(self, data: bytes) -> None:
         sent = 0
@@ -662,25 +662,13 @@ class ChannelUpstream:
         if poke:
             self._link.poke()
 
-    def close(self) -> None:
+    def peer_ended(self) -> None:
         with self._lock:
             self._ended = True
         if self._link is not None:
             self._link.poke()
 
-    def read(self, nbytes: int, timeout: float | None = None) -> bytes:
-        return b""                        # everything goes to the client's socket
-
-    def read_ready(self) -> bool:
-        return False
-
-    def set_event(self, event: Any) -> None:
-        pass
-
-    def empty(self) -> bytes:
-        return b""
-
-    def __len__(self) -> int:
+    def queued(self) -> int:
         return sum(map(len, self._queue))
 
     def window_opened(self) -> None:
@@ -764,6 +752,35 @@ class ChannelUpstream:
             self.chan.transport._send_user_message(m)
         except (paramiko.SSHException, EOFError, OSError):
             pass                          # the connection is going away; its end shows elsewhere
+
+
+class _ChannelSink:
+    """Stands in for paramiko's ``BufferedPipe`` as a channel's ``in_buffer``: data and the
+    peer's end go to a ``ChannelUpstream`` (paramiko calls these with the channel's lock held)."""
+
+    def __init__(self, upstream: ChannelUpstream) -> None:
+        self._upstream = upstream
+
+    def feed(self, data: bytes) -> None:
+        self._upstream.feed(data)
+
+    def close(self) -> None:
+        self._upstream.peer_ended()
+
+    def read(self, nbytes: int, timeout: float | None = None) -> bytes:
+        return b""                        # everything goes to the client's socket
+
+    def read_ready(self) -> bool:
+        return False
+
+    def set_event(self, event: Any) -> None:
+        pass
+
+    def empty(self) -> bytes:
+        return b""
+
+    def __len__(self) -> int:
+        return self._upstream.queued()
 
 
 def _send_nowait(sock: socket.socket, data: bytes) -> int:
