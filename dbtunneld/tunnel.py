@@ -769,12 +769,12 @@ class _Acceptor:
         self._wake_w.close()
 
 
-# ---- threads for client connections -----------------------------------------------------------
+# ---- threads: channel opens, CPU affinity -------------------------------------------------------
 
 # Every thread of one tunnel runs on one CPU (Linux: threads inherit the affinity of the thread
-# that starts them, so pinning the keeper and the acceptor covers the SSH reader, the pings and
-# the connection threads). The data path hands the GIL back and forth between the SSH reader
-# and each connection's upload thread several times per round trip; across two CPUs every
+# that starts them, so pinning the keeper, the acceptor and the forwarding loop covers the SSH
+# reader, the pings and the threads that open channels). The data path hands the GIL back and
+# forth between the SSH reader and the forwarding loop; across two CPUs every
 # hand-off is a cross-CPU wake-up: with 4 busy connections sysbench oltp_read_only went from
 # ~320 to ~470 tps (p95 17 -> 11 ms, forwarder CPU per query 134 -> 77 us) when pinned
 # (bench/concurrency_probe.py --sysbench). Tunnels take CPUs in turn.
@@ -802,13 +802,15 @@ def pin_this_thread(cpu: int | None) -> None:
         log.debug("cannot pin %s to CPU %d: %s", threading.current_thread().name, cpu, exc)
 
 
-WORKER_IDLE_SECONDS = 60.0
+WORKER_IDLE_SECONDS = 5.0
 
 
 class _Workers:
-    """Threads kept for reuse by one tunnel's connections. Handing a job to an idle thread is
-    one wake-up; starting a thread costs a start handshake (0.1-0.2 ms on the path of every new
-    connection). A thread idle for ``idle`` seconds ends (no periodic wake-ups)."""
+    """Threads kept for reuse to open the channels of new connections (an open waits for the
+    bastion; clients opening at once must not wait on each other). Handing a job to an idle
+    thread is one wake-up; starting a thread costs a start handshake (0.1-0.2 ms on the path of
+    every new connection). A thread idle for ``idle`` seconds ends (no periodic wake-ups); the
+    bytes of open connections never need one (``forward.Forwarder``)."""
 
     def __init__(self, name: str, idle: float = WORKER_IDLE_SECONDS) -> None:
         self.name = name
