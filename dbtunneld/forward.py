@@ -86,6 +86,16 @@ class Forwarder:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._ended = False               # the loop thread has gone: calls run inline
+        self._buffer = memoryview(bytearray(READ_SIZE))
+
+    def recv(self, sock: socket.socket) -> bytes | None:
+        """What ``sock`` has (b"" at its end; None when nothing yet), read into the loop's one
+        buffer: recv(256 KiB) would allocate (mmap) 256 KiB for every small message."""
+        try:
+            n = sock.recv_into(self._buffer)
+        except (BlockingIOError, InterruptedError):
+            return None
+        return self._buffer[:n].tobytes()
 
     def start(self) -> None:
         with self._lock:
@@ -306,9 +316,8 @@ class Link:
             self.upstream.shutdown_write()
 
     def _read_client(self, turn: "_Turn") -> None:
-        try:
-            data = self.client.recv(READ_SIZE)
-        except (BlockingIOError, InterruptedError):
+        data = self.loop.recv(self.client)
+        if data is None:
             return
         if not data:
             self._client_eof = True
@@ -385,9 +394,8 @@ class SocketUpstream:
                     return
             if self._eof:
                 return
-            try:
-                data = self.sock.recv(READ_SIZE)
-            except (BlockingIOError, InterruptedError):
+            data = self._link.loop.recv(self.sock)
+            if data is None:
                 return
             if not data:
                 self._eof = True
