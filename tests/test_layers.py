@@ -13,7 +13,7 @@ PKG = Path(__file__).resolve().parent.parent / "dbtunneld"
 
 LAYERS = {
     0: {"__init__", "errors", "model", "timing", "config", "paths"},
-    1: {"aws", "vault", "iam_login", "ssm", "ssh", "keystore", "log", "discovery", "ports", "wake", "transport"},
+    1: {"aws", "vault", "iam_login", "ssm", "ssh", "keystore", "log", "discovery", "ports", "wake", "transport", "forward"},
     2: {"lease", "keeper", "token_keeper", "tunnel", "supervisor"},
     3: {"protocol", "control", "client", "daemon", "doctor"},
     4: {"cli", "menu", "tray", "clipboard", "notify", "autostart", "__main__"},
