@@ -221,7 +221,7 @@ class _Turn:
     def __enter__(self) -> "_Turn":
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         try:
             self._stack.close()            # writes what the batches gathered
         except Exception as exc:           # the connection died: its owner notices and cuts the links

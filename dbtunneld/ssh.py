@@ -8,8 +8,9 @@ errors of ``dbtunneld.errors``; this module never retries (the tunnel owns retri
 
 Tuning (see STACK-NOTES, "SSH forwarding speed"): 16 MiB channel windows, 256 KiB packets,
 aes128-gcm first, TCP_NODELAY, a reader thread that blocks without a timeout once logged in
-(no poll() per read, no idle wake-ups), and channel data written straight into the client's
-socket by that thread (``ForwardChannel.deliver_into``).
+(no poll() per read, no idle wake-ups), channel data written straight into the client's socket
+by that thread, and the packets of one forwarding-loop turn written together
+(``ChannelUpstream``, ``_GatheringPacketizer``; the loop is ``dbtunneld.forward``).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class ForwardingRefusedError(PermissionDeniedError):
 
 def _feed_channel_data(chan: paramiko.Channel, m: Any) -> None:
     """MSG_CHANNEL_DATA, as paramiko's ``Channel._feed``, but under the transport's sink lock so
-    that ``ForwardChannel.deliver_into`` can swap the channel's buffer without losing a byte."""
+    that ``ChannelUpstream.attach`` can swap the channel's buffer without losing a byte."""
     data = m if isinstance(m, bytes) else m.get_binary()
     with chan.transport.sink_lock:
         chan.in_buffer.feed(data)
@@ -109,7 +110,7 @@ class _GatheringPacketizer(paramiko.Packetizer):
 class _QuietTransport(paramiko.Transport):
     """paramiko's Transport, waking once a second while it logs in (default: ten times; after
     login it does not wake at all when idle), whose channel data can be delivered straight into
-    a socket (``ForwardChannel.deliver_into``, ``ChannelUpstream``) and whose packets can be
+    a socket (``ChannelUpstream``) and whose packets can be
     written in batches (``_GatheringPacketizer``)."""
 
     _active_check_timeout = 1.0
@@ -430,8 +431,7 @@ class SshConnection:
 
 class ForwardChannel:
     """A ``direct-tcpip`` channel: socket-like (recv / sendall / shutdown_write / settimeout /
-    close), plus ``deliver_into(sock)``, which writes incoming data into ``sock`` from paramiko's
-    reader thread (no hand-off to another thread on the way down: lower latency, fewer copies)."""
+    close), and ``forward_upstream()`` for a forwarding loop (``ChannelUpstream``)."""
 
     def __init__(self, chan: paramiko.Channel) -> None:
         self.chan = chan
@@ -454,151 +454,6 @@ class ForwardChannel:
     def forward_upstream(self) -> "ChannelUpstream":
         """This channel as an upstream of a forwarding loop (``dbtunneld.forward``)."""
         return ChannelUpstream(self.chan)
-
-    def deliver_into(self, sock: socket.socket, on_bytes: Callable[[int], None] | None = None) -> None:
-        """Deliver everything the channel receives into ``sock`` until the channel's end of
-        stream; raises OSError when ``sock`` fails. Blocks the calling thread, which writes
-        whatever the reader thread could not write without blocking (and the window adjusts)."""
-        sink = _SocketSink(self.chan, sock, on_bytes)
-        with self.chan.transport.sink_lock:
-            early = self.chan.in_buffer.empty()   # e.g. a greeting that came with the open
-            self.chan.in_buffer = sink
-        sink.start(early, ended=self.chan.eof_received or self.chan.closed)
-        sink.run()
-
-
-class _SocketSink:
-    """Stands in for paramiko's ``BufferedPipe`` on one channel (see ForwardChannel).
-
-    The reader thread sends with MSG_DONTWAIT; what the socket does not take (or anything that
-    arrives while older bytes wait) queues in order for the writer thread, which also sends the
-    window adjusts (the reader thread must not: it would wait on itself during a key exchange).
-    The queue is bounded by the channel window the bastion honours.
-    """
-
-    def __init__(self, chan: paramiko.Channel, sock: socket.socket,
-                 on_bytes: Callable[[int], None] | None) -> None:
-        self._chan, self._sock, self._on_bytes = chan, sock, on_bytes
-        self._cond = threading.Condition()
-        self._queue: list[bytes] = []
-        self._queued = 0
-        self._writing = True              # until start(): everything queues
-        self._ended = self._failed = False
-        self._ack = 0
-        self._dontwait = getattr(socket, "MSG_DONTWAIT", 0)
-
-    # -- paramiko's side (its reader thread), the BufferedPipe interface --
-
-    def feed(self, data: bytes) -> None:
-        with self._cond:
-            if self._failed:
-                return
-            if self._queue or self._writing or not self._dontwait:
-                self._enqueue(data)
-                return
-            try:
-                sent = self._sock.send(data, self._dontwait)
-            except BlockingIOError:
-                sent = 0
-            except OSError:
-                self._fail()
-                return
-            if sent < len(data):
-                self._enqueue(data[sent:])
-        self._delivered(sent)
-
-    def close(self) -> None:
-        with self._cond:
-            self._ended = True
-            self._cond.notify()
-
-    def read(self, nbytes: int, timeout: float | None = None) -> bytes:
-        return b""                        # everything goes to the socket
-
-    def read_ready(self) -> bool:
-        return False
-
-    def set_event(self, event: Any) -> None:
-        pass
-
-    def empty(self) -> bytes:
-        return b""
-
-    def __len__(self) -> int:
-        return self._queued
-
-    # -- the writer (the connection's thread) --
-
-    def start(self, early: bytes, ended: bool) -> None:
-        with self._cond:
-            if early:
-                self._queue.insert(0, early)
-                self._queued += len(early)
-            self._writing = False
-            self._ended = self._ended or ended
-            self._cond.notify()
-
-    def run(self) -> None:
-        while True:
-            with self._cond:
-                while not (self._queue or self._ack or self._ended or self._failed):
-                    self._cond.wait()
-                if self._failed:
-                    raise OSError("the client's socket failed")
-                ack, self._ack = self._ack, 0
-                chunk = b"".join(self._queue)
-                self._queue.clear()
-                self._queued = 0
-                self._writing = bool(chunk)
-                finished = self._ended and not chunk
-            if ack:
-                self._send_window_adjust(ack)
-            if finished:
-                return
-            if chunk:
-                self._write(chunk)
-
-    def _write(self, chunk: bytes) -> None:
-        try:
-            self._sock.sendall(chunk)
-        except OSError:
-            with self._cond:
-                self._fail()
-            raise
-        with self._cond:
-            self._writing = False
-        self._delivered(len(chunk))
-
-    def _enqueue(self, data: bytes) -> None:
-        self._queue.append(data)
-        self._queued += len(data)
-        self._cond.notify()
-
-    def _fail(self) -> None:
-        self._failed = True
-        self._queue.clear()
-        self._cond.notify()
-
-    def _delivered(self, n: int) -> None:
-        if n <= 0:
-            return
-        if self._on_bytes is not None:
-            self._on_bytes(n)
-        ack = self._chan._check_add_window(n)
-        if ack > 0:
-            with self._cond:
-                self._ack += ack
-                self._cond.notify()
-
-    def _send_window_adjust(self, ack: int) -> None:
-        m = paramiko.Message()
-        m.add_byte(paramiko.common.cMSG_CHANNEL_WINDOW_ADJUST)
-        m.add_int(self._chan.remote_chanid)
-        m.add_int(ack)
-        try:
-            self._chan.transport._send_user_message(m)
-        except (paramiko.SSHException, EOFError, OSError):
-            pass                          # the connection is going away; its end shows elsewhere
 
 
 # ---- forwarding: a channel as an upstream of dbtunneld.forward's loop ---------------------------
