@@ -94,17 +94,26 @@ class _GatheringPacketizer(paramiko.Packetizer):
 
     @contextlib.contextmanager
     def gather(self):
+        """Gather this thread's packets until the outermost ``gather`` ends. Nested calls (a
+        step run from inside a loop turn) join the open gathering: starting afresh would drop
+        packets already numbered, and the server would stop at the next MAC."""
         lock = self._Packetizer__write_lock
+        me = threading.get_ident()
         with lock:
-            self._gathered, self._gatherer = [], threading.get_ident()
+            if self._gathered is not None and self._gatherer == me:
+                nested = True
+            else:
+                nested = False
+                self._gathered, self._gatherer = [], me
         try:
             yield
         finally:
-            with lock:
-                try:
-                    self._write_gathered()
-                finally:
-                    self._gathered = None
+            if not nested:
+                with lock:
+                    try:
+                        self._write_gathered()
+                    finally:
+                        self._gathered = None
 
 
 class _QuietTransport(paramiko.Transport):

@@ -233,3 +233,24 @@ def test_one_turns_packets_leave_in_one_write(conn, echo):
         chans[0].sendall(b"second")
     assert [read_exact(c, 6) for c in chans] == [b"turn 0", b"turn 1", b"turn 2"]
     assert read_exact(chans[0], 11) == b"firstsecond"
+
+
+def test_a_gathering_inside_a_gathering_keeps_every_packet(conn, echo):
+    """A link step run from inside a loop turn (a poke) gathers again on the same thread: the
+    packets gathered so far must still leave, in order (dropping them broke the server's MAC
+    check: "message authentication code incorrect", the connection reset)."""
+    chans = [conn.open_channel("127.0.0.1", echo.port, timeout=5) for _ in range(2)]
+    greeting = mysql_greeting()
+    for c in chans:
+        assert read_exact(c, len(greeting)) == greeting
+    packetizer = conn._transport.packetizer
+    with packetizer.gather():
+        chans[0].sendall(b"outer")
+        with packetizer.gather():
+            chans[1].sendall(b"inner")
+        chans[0].sendall(b"after")
+    chans[0].settimeout(10)
+    chans[1].settimeout(10)
+    assert read_exact(chans[0], 10) == b"outerafter"
+    assert read_exact(chans[1], 5) == b"inner"
+    assert conn.ping(5)
