@@ -130,6 +130,20 @@ class _QuietTransport(paramiko.Transport):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, packetizer_class=_GatheringPacketizer, **kwargs)
         self.sink_lock = threading.Lock()
+        self.packetizer.complete_handshake = _once(self.packetizer.complete_handshake)
+
+
+def _once(fn: Callable[[], None]) -> Callable[[], None]:
+    """paramiko calls ``Packetizer.complete_handshake`` after every message it reads; only the
+    first call does anything (later ones cancel a finished timer: a lock and an Event.set each)."""
+    done = False
+
+    def first_time_only() -> None:
+        nonlocal done
+        if not done:
+            done = True
+            fn()
+    return first_time_only
 
 
 @dataclass(frozen=True)
