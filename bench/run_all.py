@@ -12,6 +12,9 @@ Stages (each one's failure is reported in the table and the run goes on):
 2. the SSM data channel (``bench_ssm``): the native client vs AWS's session-manager-plugin (when
    installed) vs direct TCP, through the stand-in in ``realistic`` and ``fast`` modes: MB/s both
    ways, round trip, recovery after 5 % loss and after a websocket close;
+2b. the data path under many clients (``data_path``): mariadb-slap and sysbench through
+   dbtunneld's ``ssh`` tunnel and OpenSSH ``ssh -L`` in turns, CPU per query, RSS and threads
+   over five load rounds, idle wake-ups of 10 tunnels; its ratios are bench.json's top-level keys;
 3. on the sandbox stack, the real daemon process (``daemon_bench``): click-to-first-query,
    reconnect and detection after bastion faults, sysbench ``oltp_read_only``, idle CPU and memory
    with 1, 10 and 50 tunnels, and (in a thread, on its own stack with TTLs 120x shorter) Vault
@@ -54,11 +57,12 @@ class Plan:
     fault_transports: tuple[str, ...] = ("ssh", "ssm-ssh")
     ssm_realistic_mb: float = 3.0  # bench_ssm: per transfer through the realistic stand-in (~1 MB/s)
     ssm_fast_mb: float = 30.0
+    load: Any = None               # data_path.LoadPlan (None: its default)
 
 
 QUICK = Plan(mb=10, ssm_mb=1, rtt=100, reps=1, sysbench_seconds=4.0, sysbench_tables=1, sysbench_rows=2000,
              idle_counts=(1, 10), idle_seconds=5.0, vault_seconds=60.0, fault_transports=("ssh",),
-             ssm_realistic_mb=1.0, ssm_fast_mb=10.0)
+             ssm_realistic_mb=1.0, ssm_fast_mb=10.0, load="quick")
 
 
 # ---------------------------------------------------------------------------- stage 1: tunnel paths
@@ -139,6 +143,17 @@ def ssm_channel(plan: Plan, results: Results) -> None:
     results.series["ssm"] = series
 
 
+# ---------------------------------------------------------------------------- stage 2: data path under load
+
+def data_path(plan: Plan, results: Results, progress: Callable[[str], None]) -> None:
+    from bench import data_path as dp
+
+    out = dp.run(dp.QUICK if plan.load == "quick" else dp.LoadPlan(), progress=progress)
+    results.add(dp.figures(out))
+    results.headline.update(dp.headline(out))
+    results.series["data_path"] = out
+
+
 # ---------------------------------------------------------------------------- stage 3: the daemon
 
 def daemon_stages(plan: Plan, results: Results, root: Path, stage: Callable) -> None:
@@ -212,6 +227,9 @@ def run(plan: Plan, quick: bool, only: str | None = None) -> Results:
                 f"  measured {what}", file=sys.stderr, flush=True)))
         if only in (None, "ssm"):
             stage("SSM data channel", lambda: ssm_channel(plan, results))
+        if only in (None, "data-path"):
+            stage("data path under load", lambda: data_path(plan, results, lambda what: print(
+                what, file=sys.stderr, flush=True)))
         if only in (None, "daemon"):
             stage("daemon stages", lambda: daemon_stages(plan, results, root, stage))
     finally:
@@ -243,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller transfers and shorter windows")
     parser.add_argument("--out", type=Path, default=report.RESULTS_DIR, help="where bench.json and the charts go")
-    parser.add_argument("--only", choices=("paths", "ssm", "daemon"), help="run one stage only")
+    parser.add_argument("--only", choices=("paths", "ssm", "data-path", "daemon"), help="run one stage only")
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else Plan()
     home = private_home()
