@@ -362,10 +362,12 @@ class Link:
 
 
 class SocketUpstream:
-    """A socket as the upstream (an smux stream's end of its socket pair, a plain TCP stream)."""
+    """A socket as the upstream (an smux stream's end of its socket pair, a plain TCP stream);
+    ``inspect``, when given, sees each chunk received from it (e.g. ``ssm.failover.ReadOnlyWatch``)."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, inspect: Callable[[bytes], None] | None = None) -> None:
         self.sock = sock
+        self._inspect = inspect
         self._link: Link | None = None
         self._pending = b""               # from the upstream, not yet taken by the client
         self._eof = False
@@ -400,6 +402,8 @@ class SocketUpstream:
             if not data:
                 self._eof = True
                 return
+            if self._inspect is not None:
+                self._inspect(data)
             self._pending = data
 
     def down_blocked(self) -> bool:

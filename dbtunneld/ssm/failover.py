@@ -103,6 +103,11 @@ class ReadOnlyWatch:
 
     def recv(self, size: int) -> bytes:
         data = self._stream.recv(size)
+        self.inspect(data)
+        return data
+
+    def inspect(self, data: bytes) -> None:
+        """Check bytes received from the server (once a read-only answer was seen, no more)."""
         if data and not self._seen:
             window = self._tail + data
             code = contains_read_only_error(window)
@@ -110,7 +115,12 @@ class ReadOnlyWatch:
             if code:
                 self._seen = True
                 self._on_read_only(code)
-        return data
+
+    def forward_upstream(self) -> Any:
+        """The forwarding loop's view (``forward.upstream_for``): the stream's socket, inspected."""
+        from ..forward import SocketUpstream
+
+        return SocketUpstream(self._stream, inspect=self.inspect)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)
