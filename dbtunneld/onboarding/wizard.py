@@ -166,6 +166,8 @@ class InitWizard:
         search = inventory.bastion_candidates(session.client("ec2"), session.client("ssm"))
         if search.ssm_note:
             self.ui.say(search.ssm_note)
+        for c in search.skipped:
+            self.ui.say(f"bastion {c.instance_id} {c.name}: skipped, its SSM agent is {c.ping_status}")
         transport = TRANSPORT_CHOICES[self.ui.choose("Transport", TRANSPORT_CHOICES, 0)]
         plan = self._bastion_target(search, transport)
         if transport == "ssm-ssh":
@@ -182,7 +184,7 @@ class InitWizard:
         labels = [f"{c.instance_id} {c.name} (SSM: {c.ping_status or 'unknown'})" for c in found]
         chosen = found[self.ui.choose("Bastion", labels, 0)]
         key, value = inventory.BASTION_ROLE_TAG
-        tagged = [c for c in found if c.tags.get(key) == value]
+        tagged = [c for c in found + search.skipped if c.tags.get(key) == value]
         how = "SSM agent " + chosen.ping_status if chosen.ping_status else "EC2 tags (SSM status unknown)"
         if tagged == [chosen]:
             return BastionPlan(transport, tags={key: value}, note=f"found by init: {chosen.instance_id}, {how}")
