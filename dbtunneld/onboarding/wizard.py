@@ -115,7 +115,7 @@ class InitWizard:
             pass
         login = SsoDeviceLogin(session)
         auth = login.start()
-        self.ui.say(f"Sign in to AWS: open {auth.verification_uri_complete} and confirm the code {auth.user_code}")
+        self.ui.show_sign_in(auth.verification_uri_complete, auth.user_code)
         if self.open_browser:
             webbrowser.open(auth.verification_uri_complete)
         interval = auth.interval
