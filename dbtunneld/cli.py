@@ -55,7 +55,10 @@ def _init_window(paths, config: Path, open_browser: bool) -> int:
         if exc.name not in ("tkinter", "_tkinter"):
             raise
         print(f"dbtunneld init --gui: {launch.TK_MISSING}", file=sys.stderr)
-        return EXIT_OK if launch.open_terminal_with_init(config) else EXIT_FAIL
+        if launch.open_terminal_with_init(config):
+            return EXIT_OK
+        print("no terminal emulator found to open it in: open a terminal and run `dbtunneld init`", file=sys.stderr)
+        return EXIT_FAIL
     return run_window(config, ports_file=paths.ports_file, open_browser=open_browser,
                       after_write=lambda added, ui: launch.start_and_connect(paths, config, added, ui))
 

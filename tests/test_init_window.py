@@ -9,6 +9,7 @@ The tray's side: with no config, the menu offers "Set up…" first and picking i
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -158,3 +159,24 @@ def test_tray_without_config_offers_set_up_and_opens_the_window(tmp_path):
             for name, p in d.procs:
                 if name == "setup-window":
                     stop_pid(p)
+
+
+def test_without_tkinter_init_gui_says_how_to_install_it(tmp_path):
+    """No tkinter and no terminal emulator to fall back to: a message naming the packages and `dbtunneld init`."""
+    code = ("import sys; sys.modules['tkinter'] = None; from dbtunneld.cli import main; "
+            "sys.exit(main(['--config', sys.argv[1], 'init', '--gui']))")
+    env = dict(os.environ, PATH=str(tmp_path), HOME=str(tmp_path), DBTUNNELD_HOME=str(tmp_path / "dbt"))
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "config.toml")], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert "no tkinter" in done.stderr and "apt install python3-tk" in done.stderr
+    assert "brew install python-tk" in done.stderr and "dbtunneld init" in done.stderr
+    assert not (tmp_path / "config.toml").exists()
+
+
+def test_pages_are_headed_by_the_wizard_step():
+    from dbtunneld.onboarding.window import step_of
+
+    assert [step_of(q) for q in ("AWS profile", "Vault address", "Vault database role for orders", "Transport",
+                                 "SSH user on the bastion", "Clusters to add", "Local port for orders")] == [
+        "1. AWS profile", "3. Vault", "5. Clusters", "4. Bastion", "4. Bastion", "5. Clusters", "5. Clusters"]

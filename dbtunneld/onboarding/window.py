@@ -142,8 +142,9 @@ class SetupWindow:
         self.lines.configure(state="disabled")
 
     def show_code(self, url: str, code: str) -> None:
-        for child in self.code.winfo_children():
+        for child in self.code.winfo_children() + self.body.winfo_children():
             child.destroy()
+        ttk.Label(self.body, text="Waiting for the sign-in to be confirmed…").pack(anchor="w")
         ttk.Label(self.code, text="Confirm this code in the browser:").pack(anchor="w")
         ttk.Label(self.code, text=code, font=("TkFixedFont", 22, "bold")).pack(anchor="w", pady=4)
         ttk.Button(self.code, text="Open the sign-in page", command=lambda: webbrowser.open(url)).pack(anchor="w")

@@ -203,9 +203,11 @@ class InitWizard:
             self.ui.say("no new Aurora MySQL cluster found")
             return []
         by_name = {c.identifier: c for c in found}
-        picked = self.ui.choose_many("Clusters to add", [f"{c.name}  {c.endpoint}" for c in fresh])
         proposer = PortProposer(self.existing.port_range(), self._claimed_ports())
-        return [self._finish_cluster(fresh[i], by_name[fresh[i].name], roles, proposer) for i in picked]
+        ports = [proposer.propose(by_name[c.name].tag_port()) for c in fresh]
+        picked = self.ui.choose_many("Clusters to add", [f"{c.name}  {c.endpoint}  -> 127.0.0.1:{port}"
+                                                         for c, port in zip(fresh, ports)])
+        return [self._finish_cluster(fresh[i], by_name[fresh[i].name], roles, proposer, ports[i]) for i in picked]
 
     def _claimed_ports(self) -> set[int]:
         claimed = self.existing.claimed_ports()
@@ -214,9 +216,8 @@ class InitWizard:
         return claimed
 
     def _finish_cluster(self, plan: ClusterPlan, found: inventory.AuroraCluster, roles: list[str] | None,
-                        proposer: PortProposer) -> ClusterPlan:
+                        proposer: PortProposer, proposed: int) -> ClusterPlan:
         plan.db_role = self._role_for(plan.name, found.tag_role, roles)
-        proposed = proposer.propose(found.tag_port())
         while True:
             answer = self.ui.ask(f"Local port for {plan.name}", str(proposed))
             if answer.isdigit() and 1024 <= int(answer) <= 65535:
