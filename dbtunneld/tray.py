@@ -549,9 +549,10 @@ class TrayApp:
 
     def do_setup(self) -> None:
         """The first-run window (`dbtunneld init --gui`, its own process: Tk never meets pystray)."""
-        if self._setup_proc is not None and self._setup_proc.poll() is None:
-            return                                   # already open
-        self._setup_proc = proc = self._launch_setup(gui_command(self.config))
+        with self._lock:
+            if self._setup_proc is not None and self._setup_proc.poll() is None:
+                return                               # already open
+            self._setup_proc = proc = self._launch_setup(gui_command(self.config))
         proc.wait()
         log.info("setup window closed (exit %s)", proc.returncode)
         self._retry.set()                            # the window started the daemon: follow it now

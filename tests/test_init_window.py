@@ -180,3 +180,43 @@ def test_pages_are_headed_by_the_wizard_step():
     assert [step_of(q) for q in ("AWS profile", "Vault address", "Vault database role for orders", "Transport",
                                  "SSH user on the bastion", "Clusters to add", "Local port for orders")] == [
         "1. AWS profile", "3. Vault", "5. Clusters", "4. Bastion", "4. Bastion", "5. Clusters", "5. Clusters"]
+
+
+@pytest.mark.tray
+@pytest.mark.skipif(bool(missing_tools(("dbus-daemon", "trayer"))), reason="needs dbus-daemon and trayer")
+def test_real_tray_without_config_opens_the_window_and_offers_set_up_first():
+    """`dbtunneld tray` on an empty home: the setup window opens by itself, the icon says "not set up
+    yet" and its menu starts with "Set up…" (screenshot: test-artifacts/tray-not-set-up.png)."""
+    import shutil
+    import signal
+    import tempfile
+
+    pytest.importorskip("gi", reason="needs PyGObject (the tray extra)")
+    from helpers.xsession import Desktop, children_of
+    from test_tray import icon_geometry, popup_menus
+
+    home = Path(tempfile.mkdtemp(prefix="dbt-i19-", dir="/tmp"))     # short: Unix socket paths
+    (home / "aws-config").write_text("[profile dev]\nregion = eu-west-1\n")
+    d = Desktop(home)
+    tray_proc = None
+    try:
+        d.start_x().start_bus().start_tray_host()
+        env = dict(d.env, DBTUNNELD_HOME=str(home / "dbt"), AWS_CONFIG_FILE=str(home / "aws-config"),
+                   PYSTRAY_BACKEND="gtk", PYTHONUNBUFFERED="1")
+        tray_proc = d.spawn("tray", [sys.executable, "-m", "dbtunneld", "tray"], env=env)
+        title = wait_for(lambda: window_title(d), 40, "the setup window the tray opens")
+        assert title == TITLE + "1. AWS profile: AWS profile"
+        wait_for(lambda: d.run(["xdotool", "search", "--onlyvisible", "--name", "^dbtunneld: not set up yet$"]).stdout,
+                 30, "the tray's not-set-up tooltip")
+        x, y, w, h = wait_for(lambda: icon_geometry(d), 10, "the icon")
+        before = set(popup_menus(d))
+        d.run(["xdotool", "mousemove", str(x + w // 2), str(y + h // 2), "click", "3"], check=True)
+        wait_for(lambda: [m for m in popup_menus(d) if m not in before], 10, "the menu")
+        d.screenshot(ARTIFACTS / "tray-not-set-up.png")
+        d.run(["xdotool", "key", "Escape"])
+    finally:
+        if tray_proc is not None:
+            for pid in children_of(tray_proc.pid):            # the window: its own process
+                os.kill(pid, signal.SIGTERM)
+        d.stop()
+        shutil.rmtree(home, ignore_errors=True)
