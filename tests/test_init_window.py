@@ -220,3 +220,20 @@ def test_real_tray_without_config_opens_the_window_and_offers_set_up_first():
                 os.kill(pid, signal.SIGTERM)
         d.stop()
         shutil.rmtree(home, ignore_errors=True)
+
+
+def test_a_wizard_error_ends_on_a_page_that_says_the_fix(tmp_path):
+    """No profile in ~/.aws/config: the window's last page names the problem and the fix; exit 1."""
+    (tmp_path / "aws-config").write_text("# no profile yet\n")
+    with screen(tmp_path / "x") as d:
+        env = dict(d.env, DBTUNNELD_HOME=str(tmp_path / "dbt"), AWS_CONFIG_FILE=str(tmp_path / "aws-config"))
+        proc = d.spawn("init-gui", [sys.executable, "-m", "dbtunneld", "init", "--gui"], env=env)
+        try:
+            title = wait_for(lambda: window_title(d), 30, "the setup window")
+            assert title == TITLE + "Setup stopped: ~/.aws/config has no profile", title
+            d.screenshot(ARTIFACTS / "init-window-error.png")
+            answer(d)                                         # Close
+            assert proc.wait(15) == 1
+        finally:
+            stop_pid(proc)
+    assert not (tmp_path / "dbt" / "config.toml").exists()

@@ -251,7 +251,8 @@ def run_window(config_path: Path, *, ports_file: Path | None, open_browser: bool
             window.post(lambda: window.finish("Setup stopped", text))
         except Exception as exc:                      # shown, never a silent dead window
             log.exception("init window: the wizard failed")
-            window.post(lambda: window.finish("Setup stopped", f"{type(exc).__name__}: {exc}"))
+            text = f"{type(exc).__name__}: {exc}"
+            window.post(lambda: window.finish("Setup stopped", text))
 
     threading.Thread(target=work, name="init-wizard", daemon=True).start()
     root.mainloop()
