@@ -38,8 +38,29 @@ def _cmd_init(args: argparse.Namespace) -> int:
     from .onboarding.wizard import run_init
 
     paths = _paths()
-    run_init(Path(args.config or paths.config_file), ports_file=paths.ports_file, open_browser=not args.no_browser)
+    config = Path(args.config or paths.config_file)
+    if args.gui:
+        return _init_window(paths, config, open_browser=not args.no_browser)
+    run_init(config, ports_file=paths.ports_file, open_browser=not args.no_browser)
     return EXIT_OK
+
+
+def _init_window(paths, config: Path, open_browser: bool) -> int:
+    """`dbtunneld init --gui`: the first-run window; without tkinter, a terminal running `init`."""
+    from .onboarding import launch
+
+    try:
+        from .onboarding.window import run_window
+    except ImportError as exc:
+        if exc.name not in ("tkinter", "_tkinter"):
+            raise
+        print(f"dbtunneld init --gui: {launch.TK_MISSING}", file=sys.stderr)
+        if launch.open_terminal_with_init(config):
+            return EXIT_OK
+        print("no terminal emulator found to open it in: open a terminal and run `dbtunneld init`", file=sys.stderr)
+        return EXIT_FAIL
+    return run_window(config, ports_file=paths.ports_file, open_browser=open_browser,
+                      after_write=lambda added, ui: launch.start_and_connect(paths, config, added, ui))
 
 
 def _cmd_sandbox(args: argparse.Namespace) -> int:
@@ -454,6 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     it = sub.add_parser("init", help="write or extend config.toml by discovering profiles, clusters, bastion and roles")
     it.add_argument("--no-browser", action="store_true", help="only print the sign-in URL and code")
+    it.add_argument("--gui", action="store_true", help="ask in a window (what the tray's Set up… opens), "
+                                                        "then start the daemon and connect")
     it.set_defaults(func=_cmd_init)
 
     sb = sub.add_parser("sandbox", help="run the local stack of real servers (no AWS needed)")

@@ -87,27 +87,31 @@ class BastionCandidate:
 
 @dataclass(frozen=True)
 class BastionSearch:
-    candidates: list[BastionCandidate]
+    candidates: list[BastionCandidate]           # what to offer: the Online ones when SSM answered
     ssm_note: str = ""               # why SSM's agent status is unknown, when it is
+    skipped: list[BastionCandidate] = field(default_factory=list)   # tagged, but their agent is not Online
 
 
 def bastion_candidates(ec2: Any, ssm: Any) -> BastionSearch:
     """Running instances tagged ``dbtunneld:role=bastion`` or named "*bastion*"; with SSM's answer,
-    only those whose agent is Online (SSM DescribeInstanceInformation)."""
+    only those whose agent is Online (SSM DescribeInstanceInformation), unless none is."""
     instances = [i for i in _running_instances(ec2) if _looks_like_bastion(i)]
     candidates = [BastionCandidate(i["InstanceId"], _tags(i).get("Name", ""), _tags(i)) for i in instances]
     if not candidates:
         return BastionSearch([])
     try:
-        pings = _ping_status(ssm, [c.instance_id for c in candidates])
+        pings = {c.instance_id: _ping_status(ssm, c.instance_id) for c in candidates}
     except Exception as exc:
         code = (getattr(exc, "response", None) or {}).get("Error", {}).get("Code", "") or type(exc).__name__
         note = f"SSM DescribeInstanceInformation failed ({code}); the bastion is chosen by its EC2 tags only"
         log.info("%s", note)
         return BastionSearch(candidates, note)
-    online = [BastionCandidate(c.instance_id, c.name, c.tags, pings.get(c.instance_id, "not registered"))
-              for c in candidates]
-    return BastionSearch(sorted(online, key=lambda c: (c.ping_status != "Online", c.instance_id)))
+    known = sorted((BastionCandidate(c.instance_id, c.name, c.tags, pings[c.instance_id]) for c in candidates),
+                   key=lambda c: (c.ping_status != "Online", c.instance_id))
+    online = [c for c in known if c.ping_status == "Online"]
+    if not online:
+        return BastionSearch(known, "SSM: no bastion candidate's agent is Online; sessions will fail until one is")
+    return BastionSearch(online, skipped=[c for c in known if c.ping_status != "Online"])
 
 
 def _running_instances(ec2: Any) -> list[dict[str, Any]]:
@@ -129,6 +133,15 @@ def _looks_like_bastion(instance: dict[str, Any]) -> bool:
     return tags.get(key) == value or "bastion" in tags.get("Name", "").lower()
 
 
-def _ping_status(ssm: Any, instance_ids: list[str]) -> dict[str, str]:
-    resp = ssm.describe_instance_information(Filters=[{"Key": "InstanceIds", "Values": instance_ids}])
-    return {i["InstanceId"]: i.get("PingStatus", "") for i in resp.get("InstanceInformationList", [])}
+def _ping_status(ssm: Any, instance_id: str) -> str:
+    """The agent's PingStatus, or "not registered": SSM answers InvalidInstanceId for an instance
+    id that is no managed node (so each candidate is asked on its own)."""
+    try:
+        pages = ssm.get_paginator("describe_instance_information").paginate(
+            Filters=[{"Key": "InstanceIds", "Values": [instance_id]}])
+        found = [i for page in pages for i in page.get("InstanceInformationList", [])]
+    except Exception as exc:
+        if (getattr(exc, "response", None) or {}).get("Error", {}).get("Code") == "InvalidInstanceId":
+            return "not registered"
+        raise
+    return next((i.get("PingStatus", "") for i in found if i.get("InstanceId") == instance_id), "not registered")

@@ -98,9 +98,13 @@ class ClockReading:
 
 def build_menu(status: DaemonStatus | None, *, autostart: bool | None, clock: ClockReading,
                platform: str = sys.platform, daemon_problem: str = "",
-               config_path: str = "", log_path: str = "", connecting: bool = False) -> MenuModel:
+               config_path: str = "", log_path: str = "", connecting: bool = False,
+               needs_setup: bool = False) -> MenuModel:
     """The whole menu for one snapshot. ``autostart`` None means unknown or unsupported;
-    ``status`` None means no daemon answers (``connecting``: the tray is still reaching it)."""
+    ``status`` None means no daemon answers (``connecting``: the tray is still reaching it);
+    ``needs_setup``: there is no config file yet, so "Set up…" comes first."""
+    if status is None and needs_setup:
+        return _setup_menu(autostart, config_path, log_path)
     if status is None:
         return _no_daemon_menu(autostart, daemon_problem, config_path, log_path, connecting)
     items = (_header(status, clock) + (SEPARATOR,)
@@ -121,6 +125,12 @@ def _no_daemon_menu(autostart, problem, config_path, log_path, connecting) -> Me
         SEPARATOR, MenuItem("Quit (tray only)", ("quit",)))
     tip = "dbtunneld: connecting to the daemon" if connecting else "dbtunneld: daemon not running"
     return MenuModel(items, Health.IDLE if connecting else Health.NEEDS_ACTION, tip)
+
+
+def _setup_menu(autostart, config_path, log_path) -> MenuModel:
+    items = (info("dbtunneld is not set up yet (no config file)"), MenuItem("Set up…", ("setup",)), SEPARATOR,
+             *_settings_items(autostart, "", log_path, setup=False), SEPARATOR, MenuItem("Quit (tray only)", ("quit",)))
+    return MenuModel(items, Health.NEEDS_ACTION, "dbtunneld: not set up yet")
 
 
 # ---- header --------------------------------------------------------------------------------
@@ -292,10 +302,11 @@ def _global_items(status: DaemonStatus, autostart, config_path, log_path) -> tup
                MenuItem("Quit and disconnect all", ("quit_all",))))
 
 
-def _settings_items(autostart: bool | None, config_path: str, log_path: str) -> tuple[MenuItem, ...]:
+def _settings_items(autostart: bool | None, config_path: str, log_path: str,
+                    setup: bool = True) -> tuple[MenuItem, ...]:
     login = (MenuItem("Start at login", ("set_autostart", not autostart), checked=autostart)
              if autostart is not None else MenuItem("Start at login", None, enabled=False, checked=False))
-    return (login,
+    return (login,) + ((MenuItem("Set up…", ("setup",)),) if setup else ()) + (
             MenuItem("Open config", ("open_path", config_path), enabled=bool(config_path)),
             MenuItem("Open log", ("open_path", log_path), enabled=bool(log_path)))
 

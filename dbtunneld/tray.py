@@ -36,6 +36,7 @@ from .log import setup_logging
 from .menu import ClockReading, MenuItem, MenuModel, build_menu, details_text
 from .model import DaemonStatus, Health
 from .notify import Notifier, desktop_sender
+from .onboarding.launch import gui_command
 from .exitcodes import EXIT_FAIL as EXIT_NO_DESKTOP  # no desktop: a run-time failure
 from .paths import Paths, default_paths, pid_alive
 
@@ -352,8 +353,13 @@ class TrayApp:
                  confirm: Callable[[str], bool | None] = ask_confirmation,
                  opener: Callable[[str], None] = open_target,
                  autostart: Callable[[], bool | None] = read_autostart,
-                 set_autostart: Callable[[bool], None] | None = None) -> None:
+                 set_autostart: Callable[[bool], None] | None = None, config: Path | None = None,
+                 launch_setup: Callable[[list[str]], subprocess.Popen] | None = None) -> None:
         self.client, self.paths, self.ui = client, paths, ui
+        self.config = Path(config or paths.config_file)
+        self._launch_setup = launch_setup or _spawn_detached
+        self._setup_proc: subprocess.Popen | None = None
+        self.first_run_setup = False                 # `dbtunneld tray`: open the setup window when unconfigured
         self.submit, self.notifier, self.clock, self.stop_ui = submit, notifier, clock, stop_ui
         self._clipboard_factory, self._board = clipboard, None
         self._start_daemon = start_daemon or (lambda: ensure_daemon(paths))
@@ -374,8 +380,8 @@ class TrayApp:
     def model(self) -> MenuModel:
         return build_menu(self.status, autostart=self.autostart, clock=ClockReading(self.clock()),
                           platform=self.platform, daemon_problem=self.problem,
-                          config_path=str(self.paths.config_file), log_path=str(self.paths.log_file),
-                          connecting=self.connecting)
+                          config_path=str(self.config), log_path=str(self.paths.log_file),
+                          connecting=self.connecting, needs_setup=not self.config.exists())
 
     def refresh(self) -> None:
         self.submit(self.model())
@@ -394,6 +400,8 @@ class TrayApp:
     # -- threads
     def start(self) -> None:
         self.refresh()
+        if self.first_run_setup and not self.config.exists():     # the window opens by itself
+            self.dispatch(("setup",))
         for name, target in (("tray-events", self.follow_daemon), ("tray-tick", self.tick)):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
@@ -539,6 +547,17 @@ class TrayApp:
         else:
             self.notifier.show("dbtunneld: sign in to AWS in your browser", "The browser returns to dbtunneld when done")
 
+    def do_setup(self) -> None:
+        """The first-run window (`dbtunneld init --gui`, its own process: Tk never meets pystray)."""
+        with self._lock:
+            if self._setup_proc is not None and self._setup_proc.poll() is None:
+                return                               # already open
+            self._setup_proc = proc = self._launch_setup(gui_command(self.config))
+        proc.wait()
+        log.info("setup window closed (exit %s)", proc.returncode)
+        self._retry.set()                            # the window started the daemon: follow it now
+        self.refresh()
+
     def do_start_daemon(self) -> None:
         with self._lock:
             self.connecting, self.problem = True, ""
@@ -564,6 +583,10 @@ class TrayApp:
         if not value:
             raise NeedsUserError(f"{name} has no {field} yet", "connect it first")
         return str(value)
+
+
+def _spawn_detached(argv: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True)
 
 
 def _set_autostart(enabled: bool) -> None:
@@ -624,7 +647,9 @@ def _run_locked(paths: Paths, config_path: str | Path | None, env: dict[str, str
     tempfile.tempdir = str(private_icon_dir(paths.runtime_dir))
     ui = load_ui_settings(config)
     ready_timeout = float(env.get("DBTUNNELD_TRAY_READY_TIMEOUT") or READY_TIMEOUT)
-    return TrayRunner(pystray, backend, paths, config, ui, ready_timeout).run()
+    runner = TrayRunner(pystray, backend, paths, config, ui, ready_timeout)
+    runner.app.first_run_setup = True
+    return runner.run()
 
 
 def private_icon_dir(runtime_dir: Path, pid: int | None = None) -> Path:
@@ -670,7 +695,7 @@ class TrayRunner:
                             enabled=ui.notifications)
         self.app = TrayApp(Client(paths.socket_path), paths=paths, ui=ui, submit=self.funnel.submit,
                            notifier=notifier, stop_ui=lambda: self.on_ui(self.icon.stop),
-                           start_daemon=lambda: ensure_daemon(paths, config))
+                           start_daemon=lambda: ensure_daemon(paths, config), config=config)
         self._terminate_watch = tray_darwin.watch_termination(self.app.stop) if self._mac() else None
 
     def _mac(self) -> bool:

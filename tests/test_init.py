@@ -9,6 +9,7 @@ VPC's DNS would). The daemon gets free ports only.
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 import sys
 import tomllib
@@ -62,7 +63,8 @@ def test_init_from_empty_config_to_a_mariadb_query(stack, tmp_path):
         assert proc.returncode == 0, proc.stdout + proc.stderr
         out = proc.stdout
         assert "Vault refused to list database/roles (403)" in out          # the sandbox policy has no list
-        assert "SSM DescribeInstanceInformation failed" in out              # the stand-in lacks it: EC2 tags
+        assert "SSM DescribeInstanceInformation failed" not in out          # the stand-in answers it
+        assert f"{stack.bastion_instance_id} dbtunneld-bastion (SSM: Online)" in out
         check = d.cli("config", "check", str(d.config_path))
         assert "ok (2 clusters)" in check.stdout
         doc = tomllib.loads(d.config_path.read_text())
@@ -118,6 +120,31 @@ def test_init_lists_vault_roles_when_the_policy_allows(stack, tmp_path):
         assert {c["name"]: c["db_role"] for c in doc["clusters"]} == {"billing": "billing-ro", "orders": "orders-ro"}
     finally:
         bao.write(f"sys/policies/acl/{POLICY_NAME}", {"policy": POLICY_HCL})
+
+
+def test_init_picks_the_online_bastion_and_skips_a_connection_lost_one(stack, tmp_path):
+    """SSM's PingStatus decides: the tagged bastion's agent lost its connection, the standby's is
+    Online, so init offers only the standby and pins it by instance id."""
+    from test_ssm_inventory import set_ping
+
+    seed = json.loads(stack.seed_file.read_text())
+    bastion, standby = seed["bastion_instance_id"], seed["standby_instance_id"]
+    set_ping(stack, bastion, "ConnectionLost")
+    set_ping(stack, standby, "Online")
+    try:
+        with DaemonUnderTest(stack, tmp_path) as d:
+            d.config_path.unlink()
+            proc = _init(d, _first_answers(stack))
+            assert proc.returncode == 0, proc.stdout + proc.stderr
+            assert f"bastion {bastion} dbtunneld-bastion: skipped, its SSM agent is ConnectionLost" in proc.stdout
+            assert f"1) {standby} dbtunneld-bastion-standby (SSM: Online)" in proc.stdout
+            assert f"2) {bastion}" not in proc.stdout
+            doc = tomllib.loads(d.config_path.read_text())
+            assert doc["bastion"] == {"transport": "ssm-port-forward", "instance_id": standby}
+            assert "ok (2 clusters)" in d.cli("config", "check", str(d.config_path)).stdout
+    finally:
+        set_ping(stack, bastion, "Online")
+        set_ping(stack, standby, "")
 
 
 # ---- pure parts

@@ -185,9 +185,10 @@ def test_start_at_login_shows_the_real_state(autostart, checked, enabled, action
 
 def test_global_entries_in_order():
     m = menu(status(tunnel()))
-    tail = texts(m.items)[-8:]
-    assert tail == ["---", "Connect all", "Start at login", "Open config", "Open log", "---",
+    tail = texts(m.items)[-9:]
+    assert tail == ["---", "Connect all", "Start at login", "Set up…", "Open config", "Open log", "---",
                     "Quit (tray only)", "Quit and disconnect all"]
+    assert m.find("Set up…").action == ("setup",)                 # re-running setup adds clusters
     assert m.find("Open config").action == ("open_path", "/home/u/.config/dbtunneld/config.toml")
     assert m.find("Open log").action == ("open_path", "/home/u/.local/state/dbtunneld/log/dbtunneld.log")
     assert m.find("Quit (tray only)").action == ("quit",)
@@ -251,12 +252,22 @@ def test_menu_when_no_daemon_answers():
     m = build_menu(None, autostart=True, clock=CLOCK, daemon_problem="no dbtunneld daemon is listening on /x",
                    config_path="/c.toml", log_path="/l.log")
     assert texts(m.items) == ["dbtunneld daemon is not running", "no dbtunneld daemon is listening on /x",
-                              "Start daemon", "---", "Start at login", "Open config", "Open log", "---",
-                              "Quit (tray only)"]
+                              "Start daemon", "---", "Start at login", "Set up…", "Open config", "Open log",
+                              "---", "Quit (tray only)"]
     assert m.health is Health.NEEDS_ACTION and "not running" in m.tooltip
     assert m.find("Start daemon").action == ("start_daemon",)
     assert m.find("Start at login").checked is True
     assert m.find("Open config").action == ("open_path", "/c.toml")
+
+
+def test_menu_without_a_config_offers_set_up_first():
+    m = build_menu(None, autostart=False, clock=CLOCK, daemon_problem="config.toml: file not found",
+                   config_path="/c.toml", log_path="/l.log", needs_setup=True)
+    assert texts(m.items)[:3] == ["dbtunneld is not set up yet (no config file)", "Set up…", "---"]
+    assert m.items[1].action == ("setup",) and m.items[1].enabled
+    assert texts(m.items).count("Set up…") == 1 and "Start daemon" not in texts(m.items)
+    assert m.find("Open config").enabled is False                  # nothing to open yet
+    assert m.health is Health.NEEDS_ACTION and m.tooltip == "dbtunneld: not set up yet"
 
 
 # ---- invariants over every combination ------------------------------------------------------

@@ -295,8 +295,16 @@ def test_start_at_login_toggles_the_real_setting(daemon):
     assert state["on"] and app.models[-1].find("Start at login").checked is True
 
 
-def test_daemon_loss_shows_start_daemon(home):
+def configured_paths(home: Path):
+    """Paths whose config file exists (without one the tray offers "Set up…" instead: test_init_window)."""
     paths = default_paths({"DBTUNNELD_HOME": str(home / "dbt"), "HOME": str(home)})
+    paths.config_file.parent.mkdir(parents=True, exist_ok=True)
+    paths.config_file.touch()
+    return paths
+
+
+def test_daemon_loss_shows_start_daemon(home):
+    paths = configured_paths(home)
     models = []
     app = tray.TrayApp(Client(paths.socket_path), paths=paths, ui=UiSettings(), submit=models.append,
                        notifier=Notifier(None), start_daemon=lambda: Client(paths.socket_path),
@@ -509,7 +517,7 @@ def test_real_tray_copy_password_then_cleared(home, daemon, backend, button):
 def test_start_daemon_from_the_menu_reconnects_at_once(home):
     from dbtunneld.client import DaemonStartError
 
-    paths = default_paths({"DBTUNNELD_HOME": str(home / "dbt"), "HOME": str(home)})
+    paths = configured_paths(home)
     servers, models = [], []
 
     def start_daemon():

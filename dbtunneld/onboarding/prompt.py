@@ -22,6 +22,10 @@ class Prompter:
     def say(self, text: str = "") -> None:
         print(text, file=self.out, flush=True)
 
+    def show_sign_in(self, url: str, code: str) -> None:
+        """The AWS sign-in is waiting for the user to confirm ``code`` at ``url``."""
+        self.say(f"Sign in to AWS: open {url} and confirm the code {code}")
+
     def ask(self, question: str, default: str = "", *, required: bool = False) -> str:
         """The answer, or ``default`` for an empty line; ``required`` repeats until non-empty."""
         shown = f" [{default}]" if default else ""

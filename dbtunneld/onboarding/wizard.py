@@ -115,7 +115,7 @@ class InitWizard:
             pass
         login = SsoDeviceLogin(session)
         auth = login.start()
-        self.ui.say(f"Sign in to AWS: open {auth.verification_uri_complete} and confirm the code {auth.user_code}")
+        self.ui.show_sign_in(auth.verification_uri_complete, auth.user_code)
         if self.open_browser:
             webbrowser.open(auth.verification_uri_complete)
         interval = auth.interval
@@ -166,6 +166,8 @@ class InitWizard:
         search = inventory.bastion_candidates(session.client("ec2"), session.client("ssm"))
         if search.ssm_note:
             self.ui.say(search.ssm_note)
+        for c in search.skipped:
+            self.ui.say(f"bastion {c.instance_id} {c.name}: skipped, its SSM agent is {c.ping_status}")
         transport = TRANSPORT_CHOICES[self.ui.choose("Transport", TRANSPORT_CHOICES, 0)]
         plan = self._bastion_target(search, transport)
         if transport == "ssm-ssh":
@@ -182,7 +184,7 @@ class InitWizard:
         labels = [f"{c.instance_id} {c.name} (SSM: {c.ping_status or 'unknown'})" for c in found]
         chosen = found[self.ui.choose("Bastion", labels, 0)]
         key, value = inventory.BASTION_ROLE_TAG
-        tagged = [c for c in found if c.tags.get(key) == value]
+        tagged = [c for c in found + search.skipped if c.tags.get(key) == value]
         how = "SSM agent " + chosen.ping_status if chosen.ping_status else "EC2 tags (SSM status unknown)"
         if tagged == [chosen]:
             return BastionPlan(transport, tags={key: value}, note=f"found by init: {chosen.instance_id}, {how}")
@@ -201,9 +203,11 @@ class InitWizard:
             self.ui.say("no new Aurora MySQL cluster found")
             return []
         by_name = {c.identifier: c for c in found}
-        picked = self.ui.choose_many("Clusters to add", [f"{c.name}  {c.endpoint}" for c in fresh])
         proposer = PortProposer(self.existing.port_range(), self._claimed_ports())
-        return [self._finish_cluster(fresh[i], by_name[fresh[i].name], roles, proposer) for i in picked]
+        ports = [proposer.propose(by_name[c.name].tag_port()) for c in fresh]
+        picked = self.ui.choose_many("Clusters to add", [f"{c.name}  {c.endpoint}  -> 127.0.0.1:{port}"
+                                                         for c, port in zip(fresh, ports)])
+        return [self._finish_cluster(fresh[i], by_name[fresh[i].name], roles, proposer, ports[i]) for i in picked]
 
     def _claimed_ports(self) -> set[int]:
         claimed = self.existing.claimed_ports()
@@ -212,9 +216,8 @@ class InitWizard:
         return claimed
 
     def _finish_cluster(self, plan: ClusterPlan, found: inventory.AuroraCluster, roles: list[str] | None,
-                        proposer: PortProposer) -> ClusterPlan:
+                        proposer: PortProposer, proposed: int) -> ClusterPlan:
         plan.db_role = self._role_for(plan.name, found.tag_role, roles)
-        proposed = proposer.propose(found.tag_port())
         while True:
             answer = self.ui.ask(f"Local port for {plan.name}", str(proposed))
             if answer.isdigit() and 1024 <= int(answer) <= 65535:

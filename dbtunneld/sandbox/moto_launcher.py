@@ -5,7 +5,9 @@
 Seeds (with moto's default account 123456789012, region us-east-1): an IAM user with an
 access key that may assume the roles ``db-developer`` (what the daemon needs: EC2/RDS
 lookups, SSM sessions) and ``analyst`` (a role Vault does not bind, for negative tests);
-a running EC2 bastion tagged ``Name=dbtunneld-bastion``; one Aurora MySQL cluster per
+a running EC2 bastion tagged ``Name=dbtunneld-bastion`` (its SSM agent is Online in the SSM
+stand-in: ``ssm_inventory``) and a standby ``Name=dbtunneld-bastion-standby`` without the
+``dbtunneld:role`` tag and without an agent (tests mark it ConnectionLost); one Aurora MySQL cluster per
 ``--cluster`` (port = the MariaDB port standing in for it), tagged ``dbtunneld:role=<name>-ro``
 (the team's Vault role for it, read by ``dbtunneld init`` and the RDS-tag catalog);
 a KMS key for Session Manager's
@@ -32,6 +34,7 @@ USER_NAME = "dev-alice"
 DEVELOPER_ROLE = "db-developer"
 UNBOUND_ROLE = "analyst"
 BASTION_TAGS = {"Name": "dbtunneld-bastion", "dbtunneld:role": "bastion"}
+STANDBY_TAGS = {"Name": "dbtunneld-bastion-standby"}
 
 
 def trust_policy(user_arn: str) -> dict:
@@ -109,10 +112,10 @@ def seed_kms(endpoint: str, region: str) -> dict:
             "agent": {"access_key_id": access["AccessKeyId"], "secret_access_key": access["SecretAccessKey"]}}
 
 
-def seed_ec2(endpoint: str, region: str) -> str:
-    """A running bastion instance tagged for discovery; returns its id."""
+def seed_ec2(endpoint: str, region: str, tag_map: dict[str, str] = BASTION_TAGS) -> str:
+    """A running instance with ``tag_map`` (the bastion tagged for discovery); returns its id."""
     ec2 = _client("ec2", endpoint, region)
-    tags = [{"Key": k, "Value": v} for k, v in BASTION_TAGS.items()]
+    tags = [{"Key": k, "Value": v} for k, v in tag_map.items()]
     inst = ec2.run_instances(ImageId="ami-0abcdef1234567890", InstanceType="t3.nano", MinCount=1, MaxCount=1,
                              TagSpecifications=[{"ResourceType": "instance", "Tags": tags}])["Instances"][0]
     return inst["InstanceId"]
@@ -215,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     seed = {"endpoint": endpoint, "account_id": ACCOUNT_ID, "region": args.region,
             "bastion_tags": BASTION_TAGS, **seed_iam(endpoint, args.region),
             "bastion_instance_id": seed_ec2(endpoint, args.region),
+            "standby_instance_id": seed_ec2(endpoint, args.region, STANDBY_TAGS), "standby_tags": STANDBY_TAGS,
             "clusters": seed_rds(endpoint, args.region, clusters), "kms": seed_kms(endpoint, args.region)}
     enable_enforcement()
     write_private(args.seed_out, seed)

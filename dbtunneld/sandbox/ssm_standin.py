@@ -6,7 +6,7 @@ parts a session touches, following their wire behaviour (see ``ssm_agent`` for t
 * the SSM JSON 1.1 API (``X-Amz-Target: AmazonSSM.<Operation>``, SigV4 verified by
   ``ssm_sigv4``): StartSession (``AWS-StartSSHSession``,
   ``AWS-StartPortForwardingSessionToRemoteHost``), ResumeSession, TerminateSession,
-  DescribeSessions; other operations are forwarded to ``--forward-url`` (moto) when given;
+  DescribeSessions, DescribeInstanceInformation (``ssm_inventory``); other operations are forwarded to ``--forward-url`` (moto) when given;
 * the data-channel websockets at ``ws://HOST:PORT/v1/data-channel/<session-id>`` (the stream
   URL StartSession returns, its query holding ``/``, ``+`` and ``=`` as real ones may): the
   upgrade must be SigV4-signed for ``ssmmessages`` (Authorization header, canonical query as
@@ -30,7 +30,8 @@ parts a session touches, following their wire behaviour (see ``ssm_agent`` for t
   ``POST /_standin/sessions/<id>/freeze`` (``{"frozen": true|false}``: the path goes silent both
   ways while the websocket stays open, as when a network path black-holes);
   ``GET|POST /_standin/dns`` (``{"name": "db.example", "addresses": ["127.0.0.2"]}``: what the
-  VPC's resolver answers; a port session resolves its host once, like the agent).
+  VPC's resolver answers; a port session resolves its host once, like the agent);
+  ``GET|POST /_standin/instances`` (the managed nodes and their PingStatus: ``ssm_inventory``).
 
 KMS-encrypted sessions (``kms``, ``ssm_kms``: the account's Session Manager preference) and a
 ``stream_base`` for stream URLs behind a TLS front are set at start (``ssm_standin_cli``).
@@ -65,6 +66,7 @@ from typing import Any
 from .ssm_agent import DEFAULT_AGENT_VERSION, AgentSession, Faults
 from .ssm_agent_port import PortPlugin, Resolver, system_resolve
 from .ssm_kms import KmsEncryption, KmsSettings
+from .ssm_inventory import InventoryError, ManagedInstances
 from .ssm_http import HttpRequest, HttpResponse, HttpServer, WsConnection
 from .ssm_sigv4 import SignatureError, SignedBy, Verifier
 
@@ -162,6 +164,7 @@ class SsmStandIn:
         self.agent_version = agent_version
         self.forward_url = forward_url
         self.sessions: dict[str, SessionRecord] = {}
+        self.instances = ManagedInstances(vpc_dns_file)  # DescribeInstanceInformation's nodes
         self._server = HttpServer(self._http, self._websocket, self._authorize_websocket)
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -392,6 +395,12 @@ class SsmStandIn:
             rows.append({k: v for k, v in row.items() if v not in (None, "")})
         return {"Sessions": rows}
 
+    async def _op_DescribeInstanceInformation(self, body: dict[str, Any], owner: str) -> dict[str, Any]:
+        try:
+            return self.instances.describe(body)
+        except InventoryError as exc:
+            raise ApiError(exc.code, exc.message) from None
+
     def _session(self, body: dict[str, Any]) -> SessionRecord:
         record = self.sessions.get(str(body.get("SessionId") or ""))
         if record is None:
@@ -480,6 +489,9 @@ class SsmStandIn:
                 if request.method == "POST":
                     self._set_dns(request.json())
                 return HttpResponse.json(self.dns)
+            if path == "/_standin/instances":
+                body = request.json() if request.method == "POST" else None
+                return HttpResponse.json(self.instances.set_status(body) if body is not None else self.instances.listing())
             match = CONTROL_SESSION.match(path)
             if match and request.method == "POST":
                 return await self._session_action(match.group(1), match.group(2), request.json())
