@@ -37,12 +37,13 @@ COMMANDS: dict[str, dict[str, Any]] = {
     "disconnect": {"name": str, "all": bool},
     "reconnect": {"name": str, "all": bool},
     "creds": {"name": str, "field": str},
-    "renew": {"name": str},
+    "renew": {"name": str, "rotate": bool},
+    "reset_password": {"name": str},          # a new local password (login = "local")
     "login": {"wait": _NUMBER, "use_device_code": bool},
     "reload": {},
     "stop": {"wait": _NUMBER},
 }
-REQUIRED_ARGS = {"creds": ("name",)}
+REQUIRED_ARGS = {"creds": ("name",), "reset_password": ("name",)}
 ONE_TARGET = ("connect", "disconnect", "reconnect")   # need exactly one of name / all
 
 
