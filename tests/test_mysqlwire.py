@@ -114,3 +114,20 @@ def test_wrong_password_limiter_locks_with_backoff_and_resets():
     assert limiter.locked_for() == 0
     limiter.succeeded()
     assert limiter.failed() == 0
+
+
+def test_upstream_login_mirrors_the_client_minus_compression():
+    """The sandbox's MariaDB runs without performance_schema, so the attributes are checked here."""
+    from dbtunneld.local_login import LocalLogin
+    server = w.Greeting(b"8.0.36", 9, w.new_scramble(), 0xFFFFFFFF & ~w.CLIENT_MYSQL, 255, 2, w.CACHING_SHA2)
+    attrs = b"\x0c_client_name\x07libmysql"
+    client = w.Login(0x01FFFFFF & ~w.CLIENT_MYSQL, 1 << 24, 8, b"orders", b"x" * 20, b"appdb", w.NATIVE, attrs,
+                     mariadb_caps=5)
+    up = w.parse_login(LocalLogin._upstream_login(server, client, "v-lease-user", w.CACHING_SHA2, b"pw").build())
+    assert up.user == b"v-lease-user" and up.plugin == w.CACHING_SHA2
+    assert up.auth_response == w.sha2_scramble(b"pw", server.scramble)
+    assert (up.database, up.charset, up.attributes, up.max_packet) == (b"appdb", 8, attrs, 1 << 24)
+    assert up.capabilities == client.capabilities & ~w.NOT_RELAYABLE
+    assert not up.capabilities & (w.CLIENT_COMPRESS | w.CLIENT_SSL)
+    no_db = LocalLogin._upstream_login(server, client.with_(database=None), "u", w.NATIVE, b"pw")
+    assert not w.parse_login(no_db.build()).capabilities & w.CLIENT_CONNECT_WITH_DB
