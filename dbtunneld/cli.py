@@ -400,7 +400,7 @@ def _add_daemon_commands(sub) -> None:
 
     cr = sub.add_parser("creds", help="DB username, mysql command, URLs (the password only with --field password)")
     cr.add_argument("name", help="cluster name")
-    cr.add_argument("--field", choices=("username", "password", "mysql", "url", "jdbc"), help="print only this value")
+    cr.add_argument("--field", choices=("username", "password", "mysql", "url", "jdbc", "lease_user"), help="print only this value")
     cr.add_argument("--copy", action="store_true", help="copy the field (default: the password) to the clipboard")
     cr.add_argument("--clear-after", type=float, default=30.0, help="seconds before a copied secret is cleared")
     cr.add_argument("--json", action="store_true", help="machine-readable output (no password unless --field password)")

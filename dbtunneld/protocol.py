@@ -26,7 +26,7 @@ MAX_REQUEST_BYTES = 64 * 1024
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 MAX_ID_LENGTH = 64
 
-CREDS_FIELDS = ("username", "password", "mysql", "url", "jdbc")
+CREDS_FIELDS = ("username", "password", "mysql", "url", "jdbc", "lease_user")
 _NUMBER = (int, float)
 
 # cmd -> {arg: type}; names in REQUIRED_ARGS must be present.
