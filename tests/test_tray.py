@@ -644,7 +644,8 @@ def test_real_tray_on_the_daemon_and_the_sandbox(stack):
 
         choose(d, icon, button, up, ("● orders", "Copy password"), shot=ARTIFACTS / "tray-menu-sandbox.png")
         password = wait_for(lambda: clipboard_text(d), 10, "the password on the clipboard")
-        assert mysql_login(orders.local_port, user, password, orders.database) == 1   # that lease's password
+        local_user = client.request("creds", name="orders")["username"]              # login = "local"
+        assert mysql_login(orders.local_port, local_user, password, orders.database) == 1   # the stable pair
         wait_for(lambda: clipboard_text(d) is None, 15, "the clipboard to be cleared")
 
         proc.kill()                                           # a tray crash...
