@@ -151,7 +151,8 @@ class ClusterSlot:
         st = self.tunnel.status()
         username = cred.identity if cred and cred.state not in (CredentialState.IDLE, CredentialState.REVOKED) else ""
         return replace(st, production=self.spec.cluster.production, autoconnect=self.spec.cluster.autoconnect,
-                       database=self.spec.cluster.database, credential=cred, username=st.username or username)
+                       database=self.spec.cluster.database, credential=cred, username=st.username or username,
+                       login=self.spec.cluster.login)
 
 
 # ----------------------------------------------------------------------------- the supervisor
