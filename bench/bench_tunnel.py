@@ -159,7 +159,8 @@ def _tunnel(spec: dict[str, Any], name: str):
     def report(status) -> None:
         print(f"STATE {status.state.value} {time.monotonic():.6f} {name}", flush=True)
 
-    return Tunnel(name, 0, "127.0.0.1", spec["remote_port"], _transport(spec), TunnelSettings(),
+    settings = TunnelSettings(**{k: spec[k] for k in ("keepalive_interval",) if k in spec})
+    return Tunnel(name, 0, "127.0.0.1", spec["remote_port"], _transport(spec), settings,
                   probe=probe, on_change=report)
 
 

@@ -44,13 +44,15 @@ class Results:
     figures: list[Figure] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)      # stages that could not run, and why
     series: dict[str, Any] = field(default_factory=dict)    # extra data for the charts
+    headline: dict[str, Any] = field(default_factory=dict)  # top-level keys of bench.json
 
     def add(self, figures: Iterable[Figure]) -> None:
         self.figures.extend(figures)
 
     def to_json(self) -> dict[str, Any]:
         figures = [dict(asdict(f), ratio=_round(f.ratio, 3)) for f in self.figures]
-        return {"meta": self.meta, "figures": figures, "failures": self.failures, "series": self.series}
+        return {**self.headline, "meta": self.meta, "figures": figures, "failures": self.failures,
+                "series": self.series}
 
 
 # ---------------------------------------------------------------------------- the table

@@ -9,7 +9,10 @@ Stages (each one's failure is reported in the table and the run goes on):
    modes (SSM through the stand-in), on loopback and through a delay line adding 15 ms each way:
    bulk MB/s both ways, round trip p50/p99, new connection, worst first byte with 20 and 50
    connections opened at once;
-2. on the sandbox stack, the real daemon process (``daemon_bench``): click-to-first-query,
+2. the data path under many clients (``data_path``): mariadb-slap and sysbench through
+   dbtunneld's ``ssh`` tunnel and OpenSSH ``ssh -L`` in turns, CPU per query, RSS and threads
+   over five load rounds, idle wake-ups of 10 tunnels; its ratios are bench.json's top-level keys;
+3. on the sandbox stack, the real daemon process (``daemon_bench``): click-to-first-query,
    reconnect and detection after bastion faults, sysbench ``oltp_read_only``, idle CPU and memory
    with 1, 10 and 50 tunnels, and (in a thread, on its own stack with TTLs 120x shorter) Vault
    requests per hour.
@@ -49,10 +52,12 @@ class Plan:
     idle_seconds: float = 10.0
     vault_seconds: float = 150.0
     fault_transports: tuple[str, ...] = ("ssh", "ssm-ssh")
+    load: Any = None               # data_path.LoadPlan (None: its default)
 
 
 QUICK = Plan(mb=10, ssm_mb=2, rtt=100, reps=1, sysbench_seconds=4.0, sysbench_tables=1, sysbench_rows=2000,
-             idle_counts=(1, 10), idle_seconds=5.0, vault_seconds=60.0, fault_transports=("ssh",))
+             idle_counts=(1, 10), idle_seconds=5.0, vault_seconds=60.0, fault_transports=("ssh",),
+             load="quick")
 
 
 # ---------------------------------------------------------------------------- stage 1: tunnel paths
@@ -121,7 +126,18 @@ def path_figures(link: str, table: dict[str, dict[str, float]]) -> list[Figure]:
     return out
 
 
-# ---------------------------------------------------------------------------- stage 2: the daemon
+# ---------------------------------------------------------------------------- stage 2: data path under load
+
+def data_path(plan: Plan, results: Results, progress: Callable[[str], None]) -> None:
+    from bench import data_path as dp
+
+    out = dp.run(dp.QUICK if plan.load == "quick" else dp.LoadPlan(), progress=progress)
+    results.add(dp.figures(out))
+    results.headline.update(dp.headline(out))
+    results.series["data_path"] = out
+
+
+# ---------------------------------------------------------------------------- stage 3: the daemon
 
 def daemon_stages(plan: Plan, results: Results, root: Path, stage: Callable) -> None:
     from bench import daemon_bench as db
@@ -192,6 +208,9 @@ def run(plan: Plan, quick: bool, only: str | None = None) -> Results:
         if only in (None, "paths"):
             stage("tunnel paths", lambda: tunnel_paths(plan, results, lambda what: print(
                 f"  measured {what}", file=sys.stderr, flush=True)))
+        if only in (None, "data-path"):
+            stage("data path under load", lambda: data_path(plan, results, lambda what: print(
+                what, file=sys.stderr, flush=True)))
         if only in (None, "daemon"):
             stage("daemon stages", lambda: daemon_stages(plan, results, root, stage))
     finally:
@@ -223,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller transfers and shorter windows")
     parser.add_argument("--out", type=Path, default=report.RESULTS_DIR, help="where bench.json and the charts go")
-    parser.add_argument("--only", choices=("paths", "daemon"), help="run one half only")
+    parser.add_argument("--only", choices=("paths", "data-path", "daemon"), help="run one stage only")
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else Plan()
     home = private_home()

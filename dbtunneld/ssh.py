@@ -8,13 +8,15 @@ errors of ``dbtunneld.errors``; this module never retries (the tunnel owns retri
 
 Tuning (see STACK-NOTES, "SSH forwarding speed"): 16 MiB channel windows, 256 KiB packets,
 aes128-gcm first, TCP_NODELAY, a reader thread that blocks without a timeout once logged in
-(no poll() per read, no idle wake-ups), and channel data written straight into the client's
-socket by that thread (``ForwardChannel.deliver_into``).
+(no poll() per read, no idle wake-ups), channel data written straight into the client's socket
+by that thread, and the packets of one forwarding-loop turn written together
+(``ChannelUpstream``, ``_GatheringPacketizer``; the loop is ``dbtunneld.forward``).
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import logging
 import os
@@ -51,24 +53,97 @@ class ForwardingRefusedError(PermissionDeniedError):
 
 def _feed_channel_data(chan: paramiko.Channel, m: Any) -> None:
     """MSG_CHANNEL_DATA, as paramiko's ``Channel._feed``, but under the transport's sink lock so
-    that ``ForwardChannel.deliver_into`` can swap the channel's buffer without losing a byte."""
+    that ``ChannelUpstream.attach`` can swap the channel's buffer without losing a byte."""
     data = m if isinstance(m, bytes) else m.get_binary()
     with chan.transport.sink_lock:
         chan.in_buffer.feed(data)
 
 
+def _window_adjust(chan: paramiko.Channel, m: Any) -> None:
+    """MSG_CHANNEL_WINDOW_ADJUST, as paramiko's, then wake a forwarding loop waiting for room."""
+    chan._window_adjust(m)
+    upstream = getattr(chan, "dbtunneld_upstream", None)
+    if upstream is not None:
+        upstream.window_opened()
+
+
+class _GatheringPacketizer(paramiko.Packetizer):
+    """paramiko's Packetizer whose writes can be gathered: inside ``gather()`` (one forwarding
+    loop turn) the packets the gathering thread sends go out in one socket write at its end.
+    A packet from any other thread (a keepalive, a key exchange) first writes what was gathered,
+    so bytes leave in sequence-number order. ``write_all`` runs under the packetizer's write lock."""
+
+    def __init__(self, sock: Any) -> None:
+        super().__init__(sock)
+        self._gathered: list[bytes] | None = None
+        self._gatherer = 0
+
+    def write_all(self, out: bytes) -> None:
+        if self._gathered is not None:
+            if threading.get_ident() == self._gatherer:
+                self._gathered.append(out)
+                return
+            self._write_gathered()
+        super().write_all(out)
+
+    def _write_gathered(self) -> None:
+        if self._gathered:
+            data = b"".join(self._gathered)
+            self._gathered.clear()
+            super().write_all(data)
+
+    @contextlib.contextmanager
+    def gather(self):
+        """Gather this thread's packets until the outermost ``gather`` ends. Nested calls (a
+        step run from inside a loop turn) join the open gathering: starting afresh would drop
+        packets already numbered, and the server would stop at the next MAC."""
+        lock = self._Packetizer__write_lock
+        me = threading.get_ident()
+        with lock:
+            if self._gathered is not None and self._gatherer == me:
+                nested = True
+            else:
+                nested = False
+                self._gathered, self._gatherer = [], me
+        try:
+            yield
+        finally:
+            if not nested:
+                with lock:
+                    try:
+                        self._write_gathered()
+                    finally:
+                        self._gathered = None
+
+
 class _QuietTransport(paramiko.Transport):
     """paramiko's Transport, waking once a second while it logs in (default: ten times; after
     login it does not wake at all when idle), whose channel data can be delivered straight into
-    a socket (``ForwardChannel.deliver_into``)."""
+    a socket (``ChannelUpstream``) and whose packets can be
+    written in batches (``_GatheringPacketizer``)."""
 
     _active_check_timeout = 1.0
     _channel_handler_table = {**paramiko.Transport._channel_handler_table,
-                              paramiko.common.MSG_CHANNEL_DATA: _feed_channel_data}
+                              paramiko.common.MSG_CHANNEL_DATA: _feed_channel_data,
+                              paramiko.common.MSG_CHANNEL_WINDOW_ADJUST: _window_adjust}
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, packetizer_class=_GatheringPacketizer, **kwargs)
         self.sink_lock = threading.Lock()
+        self.packetizer.complete_handshake = _once(self.packetizer.complete_handshake)
+
+
+def _once(fn: Callable[[], None]) -> Callable[[], None]:
+    """paramiko calls ``Packetizer.complete_handshake`` after every message it reads; only the
+    first call does anything (later ones cancel a finished timer: a lock and an Event.set each)."""
+    done = False
+
+    def first_time_only() -> None:
+        nonlocal done
+        if not done:
+            done = True
+            fn()
+    return first_time_only
 
 
 @dataclass(frozen=True)
@@ -379,8 +454,7 @@ class SshConnection:
 
 class ForwardChannel:
     """A ``direct-tcpip`` channel: socket-like (recv / sendall / shutdown_write / settimeout /
-    close), plus ``deliver_into(sock)``, which writes incoming data into ``sock`` from paramiko's
-    reader thread (no hand-off to another thread on the way down: lower latency, fewer copies)."""
+    close), and ``forward_upstream()`` for a forwarding loop (``ChannelUpstream``)."""
 
     def __init__(self, chan: paramiko.Channel) -> None:
         self.chan = chan
@@ -400,65 +474,179 @@ class ForwardChannel:
     def close(self) -> None:
         self.chan.close()
 
-    def deliver_into(self, sock: socket.socket, on_bytes: Callable[[int], None] | None = None) -> None:
-        """Deliver everything the channel receives into ``sock`` until the channel's end of
-        stream; raises OSError when ``sock`` fails. Blocks the calling thread, which writes
-        whatever the reader thread could not write without blocking (and the window adjusts)."""
-        sink = _SocketSink(self.chan, sock, on_bytes)
-        with self.chan.transport.sink_lock:
-            early = self.chan.in_buffer.empty()   # e.g. a greeting that came with the open
-            self.chan.in_buffer = sink
-        sink.start(early, ended=self.chan.eof_received or self.chan.closed)
-        sink.run()
+    def forward_upstream(self) -> "ChannelUpstream":
+        """This channel as an upstream of a forwarding loop (``dbtunneld.forward``)."""
+        return ChannelUpstream(self.chan)
 
 
-class _SocketSink:
-    """Stands in for paramiko's ``BufferedPipe`` on one channel (see ForwardChannel).
+# ---- forwarding: a channel as an upstream of dbtunneld.forward's loop ---------------------------
 
-    The reader thread sends with MSG_DONTWAIT; what the socket does not take (or anything that
-    arrives while older bytes wait) queues in order for the writer thread, which also sends the
-    window adjusts (the reader thread must not: it would wait on itself during a key exchange).
-    The queue is bounded by the channel window the bastion honours.
+class ChannelUpstream:
+    """A ``direct-tcpip`` channel driven by a forwarding loop (``dbtunneld.forward.Link``).
+
+    Download: paramiko's reader thread writes channel data straight into the client's socket
+    (non-blocking; no thread hand-off per packet). What the socket does not take, or anything
+    that arrives while older bytes wait, queues in order and the loop is poked once to write it
+    when the socket drains. The window is acknowledged only for bytes the client took, so a
+    client that stops reading stops the bastion after one window (back-pressure); the loop
+    sends the adjusts (the reader thread must not: it would wait on itself during a key
+    exchange). Upload: ``send`` takes what the window allows without blocking; a window adjust
+    pokes the loop when it waits for room. The loop's sends of one turn go out in one write.
     """
 
-    def __init__(self, chan: paramiko.Channel, sock: socket.socket,
-                 on_bytes: Callable[[int], None] | None) -> None:
-        self._chan, self._sock, self._on_bytes = chan, sock, on_bytes
-        self._cond = threading.Condition()
+    def __init__(self, chan: paramiko.Channel) -> None:
+        self.chan = chan
+        self._lock = threading.Lock()
         self._queue: list[bytes] = []
-        self._queued = 0
-        self._writing = True              # until start(): everything queues
         self._ended = self._failed = False
         self._ack = 0
-        self._dontwait = getattr(socket, "MSG_DONTWAIT", 0)
+        self._waiting_for_room = False
+        self._link: Any = None
 
-    # -- paramiko's side (its reader thread), the BufferedPipe interface --
+    def attach(self, link: Any) -> None:
+        self._link = link
+        with self.chan.transport.sink_lock:
+            early = self.chan.in_buffer.empty()    # e.g. a greeting that came with the open
+            with self._lock:
+                if early:
+                    self._queue.append(early)
+                self._ended = self.chan.eof_received or self.chan.closed
+            self.chan.in_buffer = _ChannelSink(self)
+        self.chan.dbtunneld_upstream = self
+        if early:
+            link.poke()
+
+    # -- paramiko's reader thread (through _ChannelSink) --
 
     def feed(self, data: bytes) -> None:
-        with self._cond:
+        sent = 0
+        with self._lock:
             if self._failed:
                 return
-            if self._queue or self._writing or not self._dontwait:
-                self._enqueue(data)
+            if self._queue:
+                self._queue.append(data)  # the loop was poked for the first of these
                 return
             try:
-                sent = self._sock.send(data, self._dontwait)
-            except BlockingIOError:
-                sent = 0
+                sent = self._link.client.send(data)      # non-blocking: the loop set it so
+            except (BlockingIOError, InterruptedError):
+                pass
             except OSError:
-                self._fail()
-                return
-            if sent < len(data):
-                self._enqueue(data[sent:])
-        self._delivered(sent)
+                self._failed = True
+            if sent < len(data) and not self._failed:
+                self._queue.append(data[sent:])
+            poke = sent < len(data)
+        if sent:
+            self._delivered(sent, from_reader=True)
+        if poke:
+            self._link.poke()
+
+    def peer_ended(self) -> None:
+        with self._lock:
+            self._ended = True
+        if self._link is not None:
+            self._link.poke()
+
+    def queued(self) -> int:
+        return sum(map(len, self._queue))
+
+    def window_opened(self) -> None:
+        if self._waiting_for_room:
+            self._waiting_for_room = False
+            self._link.poke()
+
+    # -- the loop thread --
+
+    def fileno_for_loop(self) -> None:
+        return None
+
+    def wants(self) -> int:
+        return 0
+
+    def pump_down(self) -> None:
+        sent = 0
+        with self._lock:                  # held while writing: the reader must not overtake
+            if self._failed:
+                raise OSError("the client's socket failed")
+            if self._queue:
+                chunk = self._queue[0] if len(self._queue) == 1 else b"".join(self._queue)
+                sent = _send_nowait(self._link.client, chunk)
+                self._queue = [chunk[sent:]] if sent < len(chunk) else []
+            ack, self._ack = self._ack, 0
+        if sent:
+            ack += self._delivered(sent, from_reader=False)
+        if ack:
+            self._send_window_adjust(ack)
+
+    def down_blocked(self) -> bool:
+        return bool(self._queue)
+
+    def down_ended(self) -> bool:
+        with self._lock:
+            return self._ended and not self._queue
+
+    def send(self, data: bytes) -> int:
+        total = 0
+        while total < len(data):
+            if self.chan.out_window_size <= 0:
+                self._waiting_for_room = True
+                if self.chan.out_window_size <= 0:   # an adjust may have come in between
+                    break
+                self._waiting_for_room = False
+            sent = self.chan.send(data[total:] if total else data)
+            if sent <= 0:
+                raise EOFError("the channel is closed")
+            total += sent
+        return total
+
+    def batch_key(self) -> Any:
+        return self.chan.transport
+
+    def batch(self) -> Any:
+        return self.chan.transport.packetizer.gather()
+
+    def shutdown_write(self) -> None:
+        self.chan.shutdown_write()
 
     def close(self) -> None:
-        with self._cond:
-            self._ended = True
-            self._cond.notify()
+        self.chan.dbtunneld_upstream = None
+        self.chan.close()
+
+    def _delivered(self, n: int, from_reader: bool) -> int:
+        self._link.received += n
+        ack = self.chan._check_add_window(n)
+        if ack > 0 and from_reader:
+            with self._lock:
+                self._ack += ack
+            self._link.poke()
+            return 0
+        return max(ack, 0)
+
+    def _send_window_adjust(self, ack: int) -> None:
+        m = paramiko.Message()
+        m.add_byte(paramiko.common.cMSG_CHANNEL_WINDOW_ADJUST)
+        m.add_int(self.chan.remote_chanid)
+        m.add_int(ack)
+        try:
+            self.chan.transport._send_user_message(m)
+        except (paramiko.SSHException, EOFError, OSError):
+            pass                          # the connection is going away; its end shows elsewhere
+
+
+class _ChannelSink:
+    """Stands in for paramiko's ``BufferedPipe`` as a channel's ``in_buffer``: data and the
+    peer's end go to a ``ChannelUpstream`` (paramiko calls these with the channel's lock held)."""
+
+    def __init__(self, upstream: ChannelUpstream) -> None:
+        self._upstream = upstream
+
+    def feed(self, data: bytes) -> None:
+        self._upstream.feed(data)
+
+    def close(self) -> None:
+        self._upstream.peer_ended()
 
     def read(self, nbytes: int, timeout: float | None = None) -> bytes:
-        return b""                        # everything goes to the socket
+        return b""                        # everything goes to the client's socket
 
     def read_ready(self) -> bool:
         return False
@@ -470,80 +658,14 @@ class _SocketSink:
         return b""
 
     def __len__(self) -> int:
-        return self._queued
+        return self._upstream.queued()
 
-    # -- the writer (the connection's thread) --
 
-    def start(self, early: bytes, ended: bool) -> None:
-        with self._cond:
-            if early:
-                self._queue.insert(0, early)
-                self._queued += len(early)
-            self._writing = False
-            self._ended = self._ended or ended
-            self._cond.notify()
-
-    def run(self) -> None:
-        while True:
-            with self._cond:
-                while not (self._queue or self._ack or self._ended or self._failed):
-                    self._cond.wait()
-                if self._failed:
-                    raise OSError("the client's socket failed")
-                ack, self._ack = self._ack, 0
-                chunk = b"".join(self._queue)
-                self._queue.clear()
-                self._queued = 0
-                self._writing = bool(chunk)
-                finished = self._ended and not chunk
-            if ack:
-                self._send_window_adjust(ack)
-            if finished:
-                return
-            if chunk:
-                self._write(chunk)
-
-    def _write(self, chunk: bytes) -> None:
-        try:
-            self._sock.sendall(chunk)
-        except OSError:
-            with self._cond:
-                self._fail()
-            raise
-        with self._cond:
-            self._writing = False
-        self._delivered(len(chunk))
-
-    def _enqueue(self, data: bytes) -> None:
-        self._queue.append(data)
-        self._queued += len(data)
-        self._cond.notify()
-
-    def _fail(self) -> None:
-        self._failed = True
-        self._queue.clear()
-        self._cond.notify()
-
-    def _delivered(self, n: int) -> None:
-        if n <= 0:
-            return
-        if self._on_bytes is not None:
-            self._on_bytes(n)
-        ack = self._chan._check_add_window(n)
-        if ack > 0:
-            with self._cond:
-                self._ack += ack
-                self._cond.notify()
-
-    def _send_window_adjust(self, ack: int) -> None:
-        m = paramiko.Message()
-        m.add_byte(paramiko.common.cMSG_CHANNEL_WINDOW_ADJUST)
-        m.add_int(self._chan.remote_chanid)
-        m.add_int(ack)
-        try:
-            self._chan.transport._send_user_message(m)
-        except (paramiko.SSHException, EOFError, OSError):
-            pass                          # the connection is going away; its end shows elsewhere
+def _send_nowait(sock: socket.socket, data: bytes) -> int:
+    try:
+        return sock.send(data)
+    except (BlockingIOError, InterruptedError):
+        return 0
 
 
 def _channel_error(exc: paramiko.ChannelException, host: str, port: int, label: str) -> Exception:

@@ -3,7 +3,8 @@
 The unit owns its listener for its whole life: the port is bound once and stays bound while
 the upstream is rebuilt, so a client that connects during a rebuild waits (up to
 ``tunnels.connect_wait``) and then flows. Every accepted connection gets its own upstream
-channel and its own pair of pump threads, so no client waits on another.
+channel (opened on a pooled thread), then one loop thread per tunnel (``forward.Forwarder``)
+moves the bytes of all its connections, with back-pressure both ways.
 
 One keeper thread owns the state machine (``TRANSITIONS``, guarded by ``StateMachine``) and is
 the only place that retries: it connects, keeps the upstream alive (SSH keepalive pings and a
@@ -26,7 +27,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from . import ports
+from . import forward, ports
 from .config import TunnelSettings
 from .errors import (DbtunneldError, NeedsUserError, PortInUseError, SignInNeededError,
                      TransientError)
@@ -37,7 +38,6 @@ from .transport import Transport
 
 log = logging.getLogger(__name__)
 
-READ_SIZE = 256 * 1024
 S = TunnelState
 
 # ---- the state machine -----------------------------------------------------------------------
@@ -269,7 +269,7 @@ class Tunnel:
         self._next_ping = self._next_probe = 0.0
         self._clients_since_probe = 0
         self._probed = False              # the current upstream passed a probe already
-        self._pipes: set[_Pipe] = set()
+        self._pipes: set[forward.Link] = set()
         self._bytes_down = 0              # received by pipes that have ended
         self._counts = {"open": 0, "total": 0, "reconnects": 0}
         self._serial = itertools.count(1)
@@ -278,6 +278,7 @@ class Tunnel:
         self._cpu = data_path_cpu() if transport.pin_data_path else None
         self._listener: socket.socket | None = None
         self._acceptor: _Acceptor | None = None
+        self._forwarder: forward.Forwarder | None = None
         self._keeper: threading.Thread | None = None
         self._run: object | None = None   # the current run's token; None while stopped
         self._keeper_local = threading.local()   # .run: the run a keeper thread belongs to
@@ -302,8 +303,11 @@ class Tunnel:
             self._move(S.FAILED, error=exc.message, hint=exc.hint)
             return
         run = object()
+        forwarder = forward.Forwarder(f"tunnel-{self.name}-forward", on_start=lambda: pin_this_thread(self._cpu))
+        forwarder.start()
         with self._cond:
             self._run = run
+            self._forwarder = forwarder
         self._move(S.CONNECTING)
         self._keeper = threading.Thread(target=self._keep, args=(run,), name=f"tunnel-{self.name}",
                                         daemon=True)
@@ -326,6 +330,10 @@ class Tunnel:
             self._listener = None
         self.transport.close()
         self._abort_pipes(lambda pipe: True)
+        with self._cond:
+            forwarder, self._forwarder = self._forwarder, None
+        if forwarder is not None:
+            forwarder.close()
         if keeper is not None and keeper is not threading.current_thread():
             keeper.join(timeout)
         if self.state != S.STOPPED:
@@ -645,8 +653,8 @@ class Tunnel:
         self._workers.run(self._serve, client, number)
 
     def _serve(self, client: socket.socket, number: int) -> None:
-        pipe = _Pipe(client, f"[tunnel={self.name}] conn-{number}")
-        pipe.start_upload(self._workers)        # the upload side waits while the channel opens
+        """On a pooled thread: open the client's channel, then hand both to the forwarding loop."""
+        forwarding = False
         try:
             opened = self._open_for_client(time.monotonic() + self.settings.connect_wait)
             if isinstance(opened, str):
@@ -654,12 +662,12 @@ class Tunnel:
                 return
             if not self._ready_to_relay(client, opened[0]):
                 return
-            self._pump(pipe, *opened)
+            forwarding = self._forward(client, *opened, f"[tunnel={self.name}] conn-{number}")
         finally:
-            pipe.cancel()                       # no-op once attached; else frees the upload side
-            _close(client)
-            with self._cond:
-                self._counts["open"] -= 1
+            if not forwarding:
+                _close(client)
+                with self._cond:
+                    self._counts["open"] -= 1
 
     def _ready_to_relay(self, client: socket.socket, chan: Any) -> bool:
         """The ``before_relay`` step (the one seam between accepting and relaying)."""
@@ -673,19 +681,32 @@ class Tunnel:
         _close(chan)
         return False
 
-    def _pump(self, pipe: "_Pipe", chan: Any, generation: int) -> None:
-        with self._cond:
-            self._pipes.add(pipe)
-            stale = generation != self._generation
-        pipe.attach(chan, generation)
-        if stale:                               # the upstream was dropped while we opened
-            pipe.abort()
+    def _forward(self, client: socket.socket, chan: Any, generation: int, label: str) -> bool:
+        """True when the forwarding loop took the connection (it ends it: ``_link_ended``)."""
         try:
-            pipe.download()
-        finally:
-            with self._cond:
-                self._pipes.discard(pipe)
-                self._bytes_down += pipe.received
+            upstream = forward.upstream_for(chan)
+        except TypeError as exc:
+            self._log.error("%s: %s", label, exc)
+            _close(chan)
+            return False
+        with self._cond:
+            forwarder = self._forwarder
+            if forwarder is None:                # stopping
+                _close(chan)
+                return False
+            link = forwarder.add(client, upstream, self._link_ended, label, generation)
+            if not link.ended:                  # (a loop that has stopped ends it at once)
+                self._pipes.add(link)
+            stale = generation != self._generation
+        if stale:                               # the upstream was dropped while we opened
+            link.abort()
+        return True
+
+    def _link_ended(self, link: forward.Link) -> None:
+        with self._cond:
+            self._pipes.discard(link)
+            self._bytes_down += link.received
+            self._counts["open"] -= 1
 
     def _open_for_client(self, deadline: float) -> tuple[Any, int] | str:
         """A channel for one client, waiting through rebuilds; or why there is none."""
@@ -760,7 +781,7 @@ class Tunnel:
             except OSError:
                 pass
 
-    def _abort_pipes(self, which: Callable[["_Pipe"], bool]) -> None:
+    def _abort_pipes(self, which: Callable[[forward.Link], bool]) -> None:
         with self._cond:
             doomed = [p for p in self._pipes if which(p)]
         for pipe in doomed:
@@ -830,12 +851,12 @@ class _Acceptor:
         self._wake_w.close()
 
 
-# ---- threads for client connections -----------------------------------------------------------
+# ---- threads: channel opens, CPU affinity -------------------------------------------------------
 
 # Every thread of one tunnel runs on one CPU (Linux: threads inherit the affinity of the thread
-# that starts them, so pinning the keeper and the acceptor covers the SSH reader, the pings and
-# the connection threads). The data path hands the GIL back and forth between the SSH reader
-# and each connection's upload thread several times per round trip; across two CPUs every
+# that starts them, so pinning the keeper, the acceptor and the forwarding loop covers the SSH
+# reader, the pings and the threads that open channels). The data path hands the GIL back and
+# forth between the SSH reader and the forwarding loop; across two CPUs every
 # hand-off is a cross-CPU wake-up: with 4 busy connections sysbench oltp_read_only went from
 # ~320 to ~470 tps (p95 17 -> 11 ms, forwarder CPU per query 134 -> 77 us) when pinned
 # (bench/concurrency_probe.py --sysbench). Tunnels take CPUs in turn.
@@ -863,13 +884,15 @@ def pin_this_thread(cpu: int | None) -> None:
         log.debug("cannot pin %s to CPU %d: %s", threading.current_thread().name, cpu, exc)
 
 
-WORKER_IDLE_SECONDS = 60.0
+WORKER_IDLE_SECONDS = 5.0
 
 
 class _Workers:
-    """Threads kept for reuse by one tunnel's connections. Handing a job to an idle thread is
-    one wake-up; starting a thread costs a start handshake (0.1-0.2 ms on the path of every new
-    connection). A thread idle for ``idle`` seconds ends (no periodic wake-ups)."""
+    """Threads kept for reuse to open the channels of new connections (an open waits for the
+    bastion; clients opening at once must not wait on each other). Handing a job to an idle
+    thread is one wake-up; starting a thread costs a start handshake (0.1-0.2 ms on the path of
+    every new connection). A thread idle for ``idle`` seconds ends (no periodic wake-ups); the
+    bytes of open connections never need one (``forward.Forwarder``)."""
 
     def __init__(self, name: str, idle: float = WORKER_IDLE_SECONDS) -> None:
         self.name = name
@@ -928,99 +951,6 @@ class _Worker:
             finally:
                 done.set()
             self._pool.rest(self)
-
-
-# ---- one client connection -------------------------------------------------------------------
-
-class _Pipe:
-    """Copies bytes both ways between a client and its channel; half-closes pass through.
-
-    The upload thread is started before the channel exists (``start_upload``) so that its
-    start-up overlaps the channel open; it waits for ``attach`` (or ``cancel``)."""
-
-    def __init__(self, client: socket.socket, label: str) -> None:
-        self.client = client
-        self.chan: Any = None
-        self.generation = -1
-        self.label = label
-        self.received = 0                 # bytes from the upstream (read by the keeper)
-        self._aborted = False
-        self._attached = threading.Event()
-        self._upload: threading.Event | None = None
-
-    def start_upload(self, workers: "_Workers") -> None:
-        self._upload = workers.run(self._upload_when_attached)
-
-    def attach(self, chan: Any, generation: int) -> None:
-        self.chan, self.generation = chan, generation
-        self._attached.set()
-
-    def cancel(self) -> None:
-        self._attached.set()              # with no channel attached: the upload side just ends
-
-    def _upload_when_attached(self) -> None:
-        self._attached.wait()
-        if self.chan is not None:
-            self._copy(self.client, self.chan)
-
-    def download(self) -> None:
-        """Copy channel -> client in the calling thread, then wait for the upload to end.
-        Channels that can write into the client's socket themselves (SSH) do so."""
-        deliver = getattr(self.chan, "deliver_into", None)
-        if deliver is None:
-            self._copy(self.chan, self.client, count=True)
-        else:
-            self._deliver(deliver)
-        if self._upload is not None:
-            self._upload.wait()
-        _close(self.chan)
-
-    def _deliver(self, deliver: Callable[..., None]) -> None:
-        try:
-            deliver(self.client, self._count)
-            _shutdown_write(self.client)
-        except Exception as exc:
-            if not self._aborted:
-                log.debug("%s: %s", self.label, exc)
-            self.abort()
-
-    def _count(self, n: int) -> None:
-        self.received += n
-
-    def _copy(self, src: Any, dst: Any, count: bool = False) -> None:
-        try:
-            while True:
-                data = src.recv(READ_SIZE)
-                if not data:
-                    break
-                if count:
-                    self.received += len(data)
-                dst.sendall(data)
-            _shutdown_write(dst)
-        except Exception as exc:   # socket, paramiko and stream errors all end this copy
-            if not self._aborted:
-                log.debug("%s: %s", self.label, exc)
-            self.abort()
-
-    def abort(self) -> None:
-        """Cut both ends (the client sees the connection drop)."""
-        self._aborted = True
-        try:
-            self.client.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        if self.chan is not None:
-            _close(self.chan)
-
-
-def _shutdown_write(stream: Any) -> None:
-    try:
-        if hasattr(stream, "shutdown_write"):
-            stream.shutdown_write()
-        else:
-            stream.shutdown(socket.SHUT_WR)
-    except OSError:
-        pass
 
 
 def _close(stream: Any) -> None:

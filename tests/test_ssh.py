@@ -13,7 +13,7 @@ import pytest
 
 from dbtunneld import ssh
 from dbtunneld.errors import HostKeyError, NeedsUserError, PermissionDeniedError, TransientError
-from tunnel_servers import GreetingEchoServer, Sshd, free_port, keygen, mysql_greeting
+from tunnel_servers import GreetingEchoServer, Sshd, free_port, keygen
 
 
 @pytest.fixture(scope="module")
@@ -274,30 +274,3 @@ def test_parse_public_key_rejects_a_short_line():
 def test_ephemeral_keys_are_fresh():
     a, b = ssh.ephemeral_key(), ssh.ephemeral_key()
     assert isinstance(a, paramiko.Ed25519Key) and a.get_base64() != b.get_base64()
-
-
-def test_deliver_into_a_slow_reader_keeps_order_and_blocks_no_one(sshd, echo):
-    """Channel data written straight into a socket by paramiko's reader thread: a client that
-    does not read queues (in order) without stalling another channel of the same connection."""
-    with dial(sshd) as conn:
-        slow_chan = conn.open_channel("127.0.0.1", echo.port, timeout=5)
-        ours, client = socket.socketpair()
-        done = threading.Event()
-        threading.Thread(target=lambda: (slow_chan.deliver_into(ours), done.set()), daemon=True).start()
-        payload = os.urandom(8 << 20)
-        threading.Thread(target=slow_chan.sendall, args=(payload,), daemon=True).start()
-        other = conn.open_channel("127.0.0.1", echo.port, timeout=5)      # meanwhile, nobody reads
-        other.settimeout(10)              # a reader thread stuck on the slow socket would time out
-        read_exact(other, len(mysql_greeting()))
-        other.sendall(b"ping")
-        assert read_exact(other, 4) == b"ping"
-        greeting = mysql_greeting()
-        got = bytearray()
-        client.settimeout(30)
-        while len(got) < len(greeting) + len(payload):
-            got += client.recv(1 << 20)
-        assert bytes(got) == greeting + payload
-        slow_chan.close()
-        assert done.wait(10)
-        for s in (ours, client):
-            s.close()

@@ -667,3 +667,28 @@ def test_only_plain_ssh_pins_its_data_path(make, echo):
 def test_threads_are_not_pinned_when_turned_off(monkeypatch):
     monkeypatch.setenv("DBTUNNELD_PIN_THREADS", "0")
     assert tunnel_mod.data_path_cpu() is None
+
+
+def test_open_connections_hold_no_threads(make):
+    """Forty open, flowing connections cost no thread each: one forwarding loop moves them all."""
+    t, _ = make()
+    t.start()
+    eventually(lambda: t.state == S.UP, what="up")
+    connect_and_greet(t.local_port).close()             # the loop and an opener thread exist now
+    eventually(lambda: t.status().connections_open == 0, what="first connection closed")
+    baseline = tunnel_threads()
+    socks = [connect_and_greet(t.local_port) for _ in range(40)]
+    try:
+        for i, sock in enumerate(socks):
+            sock.sendall(b"%d" % i)
+        assert [recv_exact(s, len(b"%d" % i)) for i, s in enumerate(socks)] == [b"%d" % i for i in range(40)]
+        assert t.status().connections_open == 40
+        assert tunnel_threads() <= baseline, threading.enumerate()
+    finally:
+        for sock in socks:
+            sock.close()
+    eventually(lambda: t.status().connections_open == 0, what="all closed")
+
+
+def tunnel_threads() -> int:
+    return sum(th.name.startswith("tunnel-orders") for th in threading.enumerate())
