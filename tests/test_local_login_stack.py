@@ -18,7 +18,7 @@ from dbtunneld import mysqlwire as w
 from dbtunneld.local_login import FREE_WRONG, LocalLogin
 from dbtunneld.model import DbCredentials
 from dbtunneld.sandbox.cli import lease_users
-from test_tunnel_stack import SETTINGS, TRANSPORTS, env, eventually, tunnels  # noqa: F401 (fixtures)
+from test_tunnel_stack import TRANSPORTS, env, eventually, tunnels  # noqa: F401 (fixtures)
 
 pymysql = pytest.importorskip("pymysql")
 
@@ -95,6 +95,14 @@ def test_local_pair_survives_a_rotation(env, tunnels, leases, kind, plugin, tmp_
     assert current_user(old) == first.username      # the old session keeps its lease's user
     old.close()
     again.close()
+
+
+@pytest.mark.parametrize("client_plugin", ["client_ed25519", "sha256_password"])
+def test_a_client_on_another_plugin_is_switched_to_ours(env, tunnels, leases, client_plugin, tmp_path):  # noqa: F811
+    t, _ = local_tunnel(env, tunnels, leases, "ssh", w.CACHING_SHA2)
+    cli = mariadb_cli(t.local_port, tmp_path, "SELECT CURRENT_USER()", LOCAL_PASSWORD, f"--default-auth={client_plugin}")
+    assert cli.returncode == 0, cli.stderr
+    assert cli.stdout.strip().startswith(leases.current.username + "@")
 
 
 def test_database_and_charset_reach_the_server(env, tunnels, leases):  # noqa: F811
