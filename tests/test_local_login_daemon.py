@@ -29,9 +29,9 @@ def start_daemon(stack, login: str = "", transport: str = "ssh"):
     return root, d
 
 
-@pytest.fixture
-def local_daemon(stack):
-    root, d = start_daemon(stack)
+@pytest.fixture(params=["ssh", "ssm-ssh", "ssm-port-forward"])
+def local_daemon(stack, request):
+    root, d = start_daemon(stack, transport=request.param)
     with d:
         d.start()
         d.sign_in()
@@ -96,6 +96,7 @@ def _lease_user(d) -> str:
 
 
 def test_sysbench_through_the_local_login(stack, local_daemon):
+    """(sysbench at a few hundred tps through the SSM stand-in's realistic 1 KB agent reads.)"""
     bench = pytest.importorskip("bench.workload")
     if not bench.available():
         pytest.skip("sysbench is not installed")
