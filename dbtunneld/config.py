@@ -134,6 +134,7 @@ class ClusterConfig:
     reader_of: str = ""              # set on the reader unit built from a cluster (not a config key)
     login: str = "local"             # "local": a stable local user/password on the port; "lease": pass-through
     local_user: str = ""             # the local user name (default: the cluster name)
+    local_tls: bool = False          # login = "local": offer TLS on the port (self-signed, per machine)
 
     def effective_transport(self, bastion: BastionConfig) -> str:
         return self.transport or bastion.transport
@@ -419,6 +420,7 @@ def _parse_cluster(r: _Reader) -> ClusterConfig | None:
         transport=transport,
         login=_parse_login(r),
         local_user=_parse_local_user(r),
+        local_tls=r.get("local_tls", bool, False),
     )
     return cluster
 

@@ -9,9 +9,10 @@ password, so a mismatch is a wrong password), logs in upstream as the cluster's 
 user, hands the client the server's OK, and returns: from then on the tunnel relays bytes
 untouched. New connections therefore use the newest lease; open ones keep theirs.
 
-Not handled: TLS on either side (the capability is not offered to the client and not asked of
-the server: the SSH/SSM transport encrypts the path), and COM_CHANGE_USER after the login (it is
-relayed, so the server refuses the local user; reconnect instead).
+With ``tls`` (``local_tls = true``) the client may switch to TLS (a self-signed per-machine
+certificate, ``local_tls``); the relay then gets a bridged plain socket. Not handled: TLS to the
+server (not asked: the SSH/SSM transport encrypts the path) and COM_CHANGE_USER after the login
+(it is relayed, so the server refuses the local user; reconnect instead).
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ import hmac
 import logging
 import secrets
 import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from . import local_tls
 from . import mysqlwire as w
 from .model import DbCredentials
 
@@ -121,7 +124,8 @@ class _Exchange:
 
 
 class LocalLogin:
-    """``before_relay(client, channel) -> bool`` for one tunnel (see the module doc).
+    """``before_relay(client, channel) -> socket | None`` for one tunnel (see the module doc):
+    the socket to relay (the client, or a bridge to its TLS connection), None when refused.
 
     ``user``: the local user name; ``password()``: the current local password;
     ``credentials()``: the cluster's current leased DB user (None while there is none).
@@ -130,7 +134,8 @@ class LocalLogin:
 
     def __init__(self, name: str, user: str, password: Callable[[], str],
                  credentials: Callable[[], DbCredentials | None], *, limiter: WrongPasswordLimiter | None = None,
-                 timeout: float = LOGIN_TIMEOUT, greeting_plugin: str = "") -> None:
+                 timeout: float = LOGIN_TIMEOUT, greeting_plugin: str = "",
+                 tls: ssl.SSLContext | None = None) -> None:
         self.name = name
         self.user = user
         self._password = password
@@ -138,14 +143,17 @@ class LocalLogin:
         self.limiter = limiter or WrongPasswordLimiter()
         self.timeout = timeout
         self._greeting_plugin = greeting_plugin
+        self._tls = tls
 
-    def __call__(self, client: socket.socket, channel: Any) -> bool:
+    def __call__(self, client: socket.socket, channel: Any) -> socket.socket | None:
         down, up = _Exchange(client), _Exchange(channel)
         _set_timeout(client, self.timeout)
         _set_timeout(channel, self.timeout)
         try:
             self._login(down, up)
-            return True
+            if down.stream is client:
+                return client
+            return local_tls.bridge(down.stream, f"tunnel-{self.name}")
         except LoginRefused as exc:
             _try_send(down, w.err_payload(exc.code, exc.text, exc.sqlstate))
         except w.ProtocolError as exc:
@@ -156,7 +164,9 @@ class LocalLogin:
         finally:
             _set_timeout(client, None)
             _set_timeout(channel, None)
-        return False
+        if down.stream is not client:
+            _close_quietly(down.stream)
+        return None
 
     def _login(self, down: _Exchange, up: _Exchange) -> None:
         server = self._server_greeting(up)
@@ -176,12 +186,15 @@ class LocalLogin:
 
     def _client_greeting(self, server: w.Greeting) -> w.Greeting:
         plugin = self._greeting_plugin or (server.plugin if server.plugin in w.PLUGINS else w.NATIVE)
-        caps = (server.capabilities & ~w.NOT_RELAYABLE) | w.LOGIN_CAPS
+        caps = (server.capabilities & ~w.NOT_RELAYABLE) | w.LOGIN_CAPS | (w.CLIENT_SSL if self._tls else 0)
         return w.Greeting(server.server_version, server.connection_id, w.new_scramble(), caps,
                           server.charset, server.status, plugin, server.mariadb_caps)
 
     def _verify_client(self, down: _Exchange, ours: w.Greeting) -> w.Login:
         payload = down.read()
+        if w.is_ssl_request(payload) and self._tls is not None:
+            down.stream = self._tls.wrap_socket(down.stream, server_side=True)
+            payload = down.read()
         if w.is_ssl_request(payload):
             raise LoginRefused(w.ER_UNKNOWN, "dbtunneld: the local port does not offer TLS (the tunnel "
                                              "encrypts the path); turn off 'require SSL' for 127.0.0.1", "08004")
@@ -273,7 +286,17 @@ class LocalLogin:
 def _set_timeout(stream: Any, timeout: float | None) -> None:
     setter = getattr(stream, "settimeout", None)
     if setter is not None:
-        setter(timeout)
+        try:
+            setter(timeout)
+        except OSError:             # a client socket handed over to TLS (detached)
+            pass
+
+
+def _close_quietly(stream: Any) -> None:
+    try:
+        stream.close()
+    except OSError:
+        pass
 
 
 def _try_send(down: _Exchange, payload: bytes) -> None:

@@ -570,6 +570,7 @@ class EngineAdapter:
 
         self.keystore = Keystore.open()
         self.local_passwords = LocalPasswords(self.keystore)   # login = "local": one per cluster
+        self.paths = paths
         self._on_event = on_event
         self.engine = CredentialEngine(config, paths, self.keystore, on_event=self._forward)
 
@@ -695,7 +696,12 @@ def local_login_for(c: ClusterConfig, engine: EngineUnit) -> Any:
     from .local_login import LocalLogin
 
     cred_name = c.reader_of or c.name
-    return LocalLogin(c.name, local_user(c), lambda: passwords.get(cred_name), lambda: engine.current(cred_name))
+    tls = None
+    if c.local_tls:
+        from .local_tls import server_context
+        tls = server_context(getattr(engine, "paths").state_dir)
+    return LocalLogin(c.name, local_user(c), lambda: passwords.get(cred_name), lambda: engine.current(cred_name),
+                      tls=tls)
 
 
 # ----------------------------------------------------------------------------- the login probe

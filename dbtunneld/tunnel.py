@@ -222,7 +222,7 @@ RETRY_CYCLE = {(S.BACKOFF, S.CONNECTING), (S.BACKOFF, S.RECONNECTING), (S.CONNEC
 # ---- the unit --------------------------------------------------------------------------------
 
 Probe = Callable[[Transport, str, int, float], ProbeResult]
-BeforeRelay = Callable[[socket.socket, Any], bool]
+BeforeRelay = Callable[[socket.socket, Any], "socket.socket | None"]
 CREDENTIALS_RECHECK = 2.0         # waiting_credentials re-asks the prerequisite this often
 
 
@@ -235,7 +235,8 @@ class Tunnel:
     state move, outside the unit's locks (connection counts are read with ``status()``).
     ``local_port=0`` binds an ephemeral port (tests). ``before_relay(client, channel)`` (optional)
     runs once per connection on the fresh channel before any byte is relayed (the local login,
-    ``local_login.LocalLogin``); False ends the connection (it has told the client why).
+    ``local_login.LocalLogin``) and returns the socket to relay (the client, or one that stands for
+    it); None ends the connection (it has told the client why).
     """
 
     def __init__(self, name: str, local_port: int, remote_host: str, remote_port: int,
@@ -660,8 +661,10 @@ class Tunnel:
             if isinstance(opened, str):
                 self._refuse(client, opened)
                 return
-            if not self._ready_to_relay(client, opened[0]):
+            relay = self._ready_to_relay(client, opened[0])
+            if relay is None:
                 return
+            client = relay
             forwarding = self._forward(client, *opened, f"[tunnel={self.name}] conn-{number}")
         finally:
             if not forwarding:
@@ -669,17 +672,18 @@ class Tunnel:
                 with self._cond:
                     self._counts["open"] -= 1
 
-    def _ready_to_relay(self, client: socket.socket, chan: Any) -> bool:
+    def _ready_to_relay(self, client: socket.socket, chan: Any) -> socket.socket | None:
         """The ``before_relay`` step (the one seam between accepting and relaying)."""
         if self._before_relay is None:
-            return True
+            return client
         try:
-            if self._before_relay(client, chan):
-                return True
+            relay = self._before_relay(client, chan)
+            if relay is not None:
+                return relay
         except Exception:
             self._log.exception("before_relay failed")
         _close(chan)
-        return False
+        return None
 
     def _forward(self, client: socket.socket, chan: Any, generation: int, label: str) -> bool:
         """True when the forwarding loop took the connection (it ends it: ``_link_ended``)."""

@@ -158,3 +158,39 @@ def test_no_lease_yet_is_a_readable_server_error(env, tunnels):  # noqa: F811
     with pytest.raises(pymysql.err.OperationalError) as err:
         connect(t.local_port)
     assert err.value.args[0] == w.ER_UNKNOWN and "no database user yet" in err.value.args[1]
+
+
+@pytest.mark.parametrize("plugin", [w.NATIVE, w.CACHING_SHA2])
+def test_tls_clients_log_in_over_a_verified_local_certificate(env, tunnels, leases, plugin, tmp_path):  # noqa: F811
+    import ssl
+
+    from dbtunneld.local_tls import CERT_NAME, KEY_NAME, server_context
+    orders = env.stack.clusters["orders"]
+    login = LocalLogin("orders", LOCAL_USER, lambda: LOCAL_PASSWORD, lambda: leases.current,
+                       greeting_plugin=plugin, tls=server_context(tmp_path))
+    assert (tmp_path / KEY_NAME).stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / CERT_NAME).stat().st_mode & 0o777 == 0o600
+    t = tunnels(env.transport("ssh", "127.0.0.1", orders.port), ("127.0.0.1", orders.port), before_relay=login)
+    cert = str(tmp_path / CERT_NAME)
+    conn = connect(t.local_port, ssl={"ca": cert}, database=orders.database)   # verifies name and chain
+    assert isinstance(conn._sock, ssl.SSLSocket)
+    with conn.cursor() as cur:
+        cur.execute(f"SELECT COUNT(*) FROM `{orders.table}`")
+        assert cur.fetchone()[0] > 0
+        cur.execute("SELECT REPEAT('x', 3000000)")                     # a few MB through the bridge
+        assert len(cur.fetchone()[0]) == 3000000
+    assert current_user(conn) == leases.current.username
+    conn.close()
+    cli = mariadb_cli(t.local_port, tmp_path, "status", LOCAL_PASSWORD, "--ssl", f"--ssl-ca={cert}",
+                      "--ssl-verify-server-cert", f"--default-auth={plugin}")
+    assert cli.returncode == 0, cli.stderr
+    assert "Cipher in use" in cli.stdout
+    with pytest.raises(pymysql.err.OperationalError) as err:          # a wrong password over TLS too
+        connect(t.local_port, password="wrong", ssl={"ca": cert})
+    assert err.value.args[0] == w.ER_ACCESS_DENIED
+
+
+def test_without_local_tls_a_client_that_requires_ssl_is_told_why(env, tunnels, leases, tmp_path):  # noqa: F811
+    t, _ = local_tunnel(env, tunnels, leases, "ssh")
+    cli = mariadb_cli(t.local_port, tmp_path, "SELECT 1", LOCAL_PASSWORD, "--ssl", "--ssl-verify-server-cert")
+    assert cli.returncode != 0 and "SSL" in cli.stderr
