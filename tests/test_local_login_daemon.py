@@ -126,3 +126,25 @@ def test_login_lease_passes_the_leased_user_through(stack, tmp_path):
             assert refused.returncode != 0 and 'login = "lease"' in refused.stdout + refused.stderr
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_local_tls_from_the_config_with_the_real_daemon(stack, tmp_path):
+    root, d = start_daemon(stack, login="local")
+    d.write_config(d.config.replace('login = "local"', 'login = "local"\nlocal_tls = true', 1))
+    try:
+        with d:
+            d.start()
+            d.sign_in()
+            d.cli("connect", "orders", "--wait", "60")
+            c = d.creds("orders")
+            cert = d.paths.state_dir / "local-tls-cert.pem"
+            opts = tmp_path / "client.cnf"
+            opts.write_text(f"[client]\npassword={c['password']}\n")
+            opts.chmod(0o600)
+            out = subprocess.run(["mariadb", f"--defaults-extra-file={opts}", "-h", "127.0.0.1", "-P", str(c["port"]),
+                                  "-u", c["username"], "--ssl", f"--ssl-ca={cert}", "--ssl-verify-server-cert",
+                                  "-e", "status"], capture_output=True, text=True, timeout=60)
+            assert out.returncode == 0, out.stderr
+            assert "Cipher in use" in out.stdout and c["lease_user"] in out.stdout
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
