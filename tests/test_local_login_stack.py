@@ -194,3 +194,23 @@ def test_without_local_tls_a_client_that_requires_ssl_is_told_why(env, tunnels, 
     t, _ = local_tunnel(env, tunnels, leases, "ssh")
     cli = mariadb_cli(t.local_port, tmp_path, "SELECT 1", LOCAL_PASSWORD, "--ssl", "--ssl-verify-server-cert")
     assert cli.returncode != 0 and "SSL" in cli.stderr
+
+
+def test_thirty_concurrent_logins_each_as_the_lease(env, tunnels, leases):  # noqa: F811
+    import threading
+    t, _ = local_tunnel(env, tunnels, leases, "ssh")
+    results: list = [None] * 30
+
+    def one(i):
+        try:
+            conn = connect(t.local_port)
+            results[i] = current_user(conn)
+            conn.close()
+        except Exception as exc:   # recorded, asserted below
+            results[i] = repr(exc)
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(30)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    assert results == [leases.current.username] * 30
