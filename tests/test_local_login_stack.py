@@ -214,3 +214,42 @@ def test_thirty_concurrent_logins_each_as_the_lease(env, tunnels, leases):  # no
     for th in threads:
         th.join(60)
     assert results == [leases.current.username] * 30
+
+
+def test_upstream_caching_sha2_fast_path_against_a_second_local_login(env, tunnels, leases):  # noqa: F811
+    """The sandbox's MariaDB has no caching_sha2_password, so the upstream side of that plugin logs
+    in to another LocalLogin that offers it (and verifies the scramble independently of ours)."""
+    import socket
+    import threading
+
+    inner, _ = local_tunnel(env, tunnels, leases, "ssh", w.CACHING_SHA2)
+    as_lease = DbCredentials(LOCAL_USER, LOCAL_PASSWORD, "lease/local", time.time() + 600)
+    outer = LocalLogin("outer", "outer-user", lambda: "outer-pw", lambda: as_lease)
+    client_end, proxy_end = socket.socketpair()
+    upstream = socket.create_connection(("127.0.0.1", inner.local_port), timeout=30)
+    relayed: list = []
+
+    def proxy():
+        relay = outer(proxy_end, upstream)
+        relayed.append(relay)
+        if relay is None:
+            return
+        for src, dst in ((relay, upstream), (upstream, relay)):
+            threading.Thread(target=copy, args=(src, dst), daemon=True).start()
+
+    def copy(src, dst):
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:              # closed at the end of the test
+            pass
+    threading.Thread(target=proxy, daemon=True).start()
+    conn = pymysql.connections.Connection(user="outer-user", password="outer-pw", defer_connect=True,
+                                          connect_timeout=30, read_timeout=30)
+    conn.connect(client_end)
+    try:
+        assert current_user(conn) == leases.current.username
+    finally:
+        conn.close()
+        upstream.close()
+    assert relayed and relayed[0] is proxy_end
