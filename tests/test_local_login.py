@@ -79,3 +79,39 @@ def test_upstream_caching_sha2_full_auth_with_the_servers_rsa_key():
     ok, seq = w.read_packet(client_end)
     assert ok[:1] == b"\x00" and seq == 4                    # the server's OK, in the client's sequence
     assert seen == {"user": b"v-lease", "db": b"appdb", "fast": True, "password": b"lease-pw\0"}
+
+
+def test_upstream_auth_switch_then_caching_sha2_fast_path():
+    """The server greets with mysql_native_password, then switches the user to caching_sha2_password
+    with a new nonce (AuthSwitchRequest), then confirms the fast path (0x01 0x03) and says OK."""
+    import socket
+    import threading
+    import time
+
+    from dbtunneld import mysqlwire as w
+    from dbtunneld.local_login import LocalLogin, _Exchange
+    from dbtunneld.model import DbCredentials
+
+    server_end, proxy_up = socket.socketpair()
+    first, second = w.new_scramble(), w.new_scramble()
+    seen: dict = {}
+
+    def server():
+        s = _Exchange(server_end)
+        s.send(w.Greeting(b"8.0.36", 5, first, w.LOGIN_CAPS | w.CLIENT_MYSQL, 255, 2, w.NATIVE).build())
+        seen["native"] = w.parse_login(s.read()).auth_response == w.native_scramble(b"lease-pw", first)
+        s.send(w.auth_switch_payload(w.CACHING_SHA2, second))
+        seen["switched"] = s.read() == w.sha2_scramble(b"lease-pw", second)
+        s.send(bytes([1, w.FAST_AUTH_OK]))
+        s.send(w.ok_payload())
+    threading.Thread(target=server, daemon=True).start()
+
+    cred = DbCredentials("v-lease", "lease-pw", "lease/1", time.time() + 60)
+    outer = LocalLogin("c", "me", lambda: "local-pw", lambda: cred)
+    up = _Exchange(proxy_up)
+    greeting = w.parse_greeting(up.read())
+    client_end, proxy_down = socket.socketpair()
+    outer._log_in_upstream(up, greeting, w.Login(w.LOGIN_CAPS | w.CLIENT_MYSQL, 1 << 24, 45, b"me", b""),
+                           _Exchange(proxy_down, seq=2))
+    assert w.read_packet(client_end)[0][:1] == b"\x00"
+    assert seen == {"native": True, "switched": True}
