@@ -273,6 +273,8 @@ def render_creds(c: dict, now: float) -> str:
              f"username  {c['username']}",
              f"password  not shown: `dbtunneld creds {c['name']} --field password` or `--copy`",
              f"mysql     {c['mysql']}", f"url       {c['url']}", f"jdbc      {c['jdbc']}"]
+    if c.get("login") == "local":
+        lines.append(f"login     local: stable, saved logins keep working (now as {c.get('lease_user', '')})")
     if c.get("expires_at"):
         lines.append(f"expires   in {_span(c['expires_at'] - now)} (renewed while connected)")
     return "\n".join(lines)
@@ -306,9 +308,18 @@ def _cmd_creds(args: argparse.Namespace) -> int:
 
 
 def _cmd_renew(args: argparse.Namespace) -> int:
-    kw = {"name": args.name} if args.name else {}
+    kw: dict = {"name": args.name} if args.name else {}
+    if args.rotate:
+        kw["rotate"] = True
     names = _client(args).request("renew", timeout=60, **kw)["renewed"]
     print(f"renewed the credentials of {', '.join(names)}" if names else "nothing is connected")
+    return EXIT_OK
+
+
+def _cmd_reset_password(args: argparse.Namespace) -> int:
+    c = _client(args).request("reset_password", name=args.name)
+    print(f"new local password for {c['username']} on {args.name}: `dbtunneld creds {args.name} --copy` "
+          "(saved logins need it; open sessions go on)")
     return EXIT_OK
 
 
@@ -410,7 +421,7 @@ def _add_daemon_commands(sub) -> None:
 
     cr = sub.add_parser("creds", help="DB username, mysql command, URLs (the password only with --field password)")
     cr.add_argument("name", help="cluster name")
-    cr.add_argument("--field", choices=("username", "password", "mysql", "url", "jdbc"), help="print only this value")
+    cr.add_argument("--field", choices=("username", "password", "mysql", "url", "jdbc", "lease_user"), help="print only this value")
     cr.add_argument("--copy", action="store_true", help="copy the field (default: the password) to the clipboard")
     cr.add_argument("--clear-after", type=float, default=30.0, help="seconds before a copied secret is cleared")
     cr.add_argument("--json", action="store_true", help="machine-readable output (no password unless --field password)")
@@ -418,7 +429,12 @@ def _add_daemon_commands(sub) -> None:
 
     rn = sub.add_parser("renew", help="renew credentials now")
     rn.add_argument("name", nargs="?", help="cluster name (default: all)")
+    rn.add_argument("--rotate", action="store_true", help="mint new DB users now (login = \"local\": saved logins keep working)")
     rn.set_defaults(func=_cmd_renew)
+
+    rp = sub.add_parser("reset-password", help='a new local password for a cluster (login = "local")')
+    rp.add_argument("name", help="cluster name")
+    rp.set_defaults(func=_cmd_reset_password)
 
     lg = sub.add_parser("login", help="AWS SSO sign-in (in the browser; device code when headless)")
     lg.add_argument("--no-browser", action="store_true",

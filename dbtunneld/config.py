@@ -132,6 +132,9 @@ class ClusterConfig:
     reader_port: int | None = None   # a second local port to the cluster's reader endpoint
     reader_endpoint: str = ""        # default: the writer endpoint with ".cluster-" -> ".cluster-ro-"
     reader_of: str = ""              # set on the reader unit built from a cluster (not a config key)
+    login: str = "local"             # "local": a stable local user/password on the port; "lease": pass-through
+    local_user: str = ""             # the local user name (default: the cluster name)
+    local_tls: bool = False          # login = "local": offer TLS on the port (self-signed, per machine)
 
     def effective_transport(self, bastion: BastionConfig) -> str:
         return self.transport or bastion.transport
@@ -388,6 +391,10 @@ def _parse_catalog(r: _Reader) -> CatalogSettings:
                            timeout=r.number("timeout", 10.0, 0.5, 120.0))
 
 
+LOGINS = ("local", "lease")
+LOCAL_USER_RE = re.compile(r"^[A-Za-z0-9._-]+$")
+
+
 def _parse_cluster(r: _Reader) -> ClusterConfig | None:
     name = r.text("name", required=True, fix='write e.g. name = "orders"')
     if name and not NAME_RE.match(name):
@@ -411,8 +418,30 @@ def _parse_cluster(r: _Reader) -> ClusterConfig | None:
         autoconnect=r.get("autoconnect", bool, False),
         production=r.get("production", bool, False),
         transport=transport,
+        login=_parse_login(r),
+        local_user=_parse_local_user(r),
+        local_tls=r.get("local_tls", bool, False),
     )
     return cluster
+
+
+def _parse_login(r: _Reader) -> str:
+    login = r.text("login", "local")
+    if login not in LOGINS:
+        r.problem("login", f"unknown login {login!r}",
+                  'use "local" (a stable local user and password; saved logins keep working) or "lease" '
+                  "(log in with the leased Vault user, which changes at each rotation)")
+        return "local"
+    return login
+
+
+def _parse_local_user(r: _Reader) -> str:
+    user = r.text("local_user")
+    if user and (len(user) > 32 or not LOCAL_USER_RE.match(user)):
+        r.problem("local_user", f"{user!r} is not a usable MySQL user name",
+                  "use up to 32 letters, digits, '.', '_' or '-', e.g. local_user = \"me\"")
+        return ""
+    return user
 
 
 def aurora_reader_endpoint(endpoint: str) -> str:

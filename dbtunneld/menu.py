@@ -242,7 +242,16 @@ def cluster_submenu(t: TunnelStatus, platform: str = sys.platform) -> tuple[Menu
                MenuItem("Copy URL (no password)", ("copy", name, "url"), enabled=has_user),
                MenuItem(_open_label(platform), ("open_client", name), enabled=has_user),
                SEPARATOR,
-               MenuItem("Renew credentials", ("renew", name), enabled=has_user and running)))
+               MenuItem("Renew credentials", ("renew", name), enabled=has_user and running))
+            + _local_login_items(t))
+
+
+def _local_login_items(t: TunnelStatus) -> tuple[MenuItem, ...]:
+    """login = "local": the copied pair is stable (rotation is invisible), and it can be reset."""
+    if t.login != "local":
+        return ()
+    return (SEPARATOR, info("Local login: saved logins keep working"),
+            MenuItem("Reset local password…", ("reset_password", t.name)))
 
 
 def _problem_lines(t: TunnelStatus) -> tuple[MenuItem, ...]:

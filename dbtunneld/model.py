@@ -130,6 +130,7 @@ class TunnelStatus:
     credential: CredentialStatus | None = None
     role: str = ""                 # what the server said at the last probe: "writer" | "reader" | ""
     expected_role: str = ""        # what this port is for: "writer" | "reader" (Aurora reader_port)
+    login: str = ""                # "local": a stable local user/password on the port; "lease": pass-through
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -26,7 +26,7 @@ MAX_REQUEST_BYTES = 64 * 1024
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 MAX_ID_LENGTH = 64
 
-CREDS_FIELDS = ("username", "password", "mysql", "url", "jdbc")
+CREDS_FIELDS = ("username", "password", "mysql", "url", "jdbc", "lease_user")
 _NUMBER = (int, float)
 
 # cmd -> {arg: type}; names in REQUIRED_ARGS must be present.
@@ -37,12 +37,13 @@ COMMANDS: dict[str, dict[str, Any]] = {
     "disconnect": {"name": str, "all": bool},
     "reconnect": {"name": str, "all": bool},
     "creds": {"name": str, "field": str},
-    "renew": {"name": str},
+    "renew": {"name": str, "rotate": bool},
+    "reset_password": {"name": str},          # a new local password (login = "local")
     "login": {"wait": _NUMBER, "use_device_code": bool},
     "reload": {},
     "stop": {"wait": _NUMBER},
 }
-REQUIRED_ARGS = {"creds": ("name",)}
+REQUIRED_ARGS = {"creds": ("name",), "reset_password": ("name",)}
 ONE_TARGET = ("connect", "disconnect", "reconnect")   # need exactly one of name / all
 
 

@@ -151,7 +151,8 @@ class ClusterSlot:
         st = self.tunnel.status()
         username = cred.identity if cred and cred.state not in (CredentialState.IDLE, CredentialState.REVOKED) else ""
         return replace(st, production=self.spec.cluster.production, autoconnect=self.spec.cluster.autoconnect,
-                       database=self.spec.cluster.database, credential=cred, username=st.username or username)
+                       database=self.spec.cluster.database, credential=cred, username=st.username or username,
+                       login=self.spec.cluster.login)
 
 
 # ----------------------------------------------------------------------------- the supervisor
@@ -348,13 +349,15 @@ class Supervisor:
         self._publisher.poke()
         return [s.name for s in slots]
 
-    def renew(self, name: str | None = None) -> list[str]:
-        """Renew the leases of one cluster, or of every connected one, now."""
+    def renew(self, name: str | None = None, rotate: bool = False) -> list[str]:
+        """Renew the leases of one cluster, or of every connected one, now (``rotate``: mint new
+        DB users; with login = "local" saved logins keep working)."""
         slots = [self._slot(name)] if name is not None else [s for s in self._slots.values() if s.wanted]
         for slot in slots:
             if not slot.wanted:
                 raise NeedsUserError(f'cluster "{slot.name}" is not connected', f"run `dbtunneld connect {slot.name}`")
-            self._require_engine().renew_now(slot.cred_name)
+            engine = self._require_engine()
+            engine.renew_now(slot.cred_name, rotate=True) if rotate else engine.renew_now(slot.cred_name)
         self._publisher.poke()
         return [s.name for s in slots]
 
@@ -368,13 +371,31 @@ class Supervisor:
             raise NeedsUserError(f'cluster "{name}" is not connected', f"run `dbtunneld connect {name}` first")
         cred = self._wait_for_credentials(slot.cred_name, wait)
         port = self._port_of(slot)
-        out: dict[str, Any] = {"name": name, "username": cred.username, "host": LOCALHOST, "port": port,
-                               "database": slot.spec.cluster.database, "expires_at": cred.expires_at,
-                               "production": slot.spec.cluster.production}
-        out.update(connection_strings(port, cred.username, slot.spec.cluster.database))
+        c = slot.spec.cluster
+        passwords = self._local_passwords(c)
+        username = local_user(c) if passwords else cred.username
+        out: dict[str, Any] = {"name": name, "username": username, "host": LOCALHOST, "port": port,
+                               "database": c.database, "expires_at": None if passwords else cred.expires_at,
+                               "production": c.production, "login": "local" if passwords else "lease",
+                               "lease_user": cred.username, "lease_expires_at": cred.expires_at}
+        out.update(connection_strings(port, username, c.database))
         if field == "password":
-            out["password"] = cred.password
+            out["password"] = passwords.get(slot.cred_name) if passwords else cred.password
         return out
+
+    def _local_passwords(self, c: ClusterConfig) -> Any:
+        """The engine's local password store when the cluster uses ``login = "local"``."""
+        return getattr(self._engine, "local_passwords", None) if c.login == "local" else None
+
+    def reset_local_password(self, name: str) -> dict[str, Any]:
+        """A new local password for the cluster (saved logins need it); open sessions go on."""
+        slot = self._slot(name)
+        passwords = self._local_passwords(slot.spec.cluster)
+        if passwords is None:
+            raise NeedsUserError(f'cluster "{name}" logs in with the leased user (login = "lease")',
+                                 'set login = "local" for it in config.toml to get a stable local password')
+        passwords.reset(slot.cred_name)
+        return {"name": name, "username": local_user(slot.spec.cluster)}
 
     def _port_of(self, slot: ClusterSlot) -> int:
         return slot.tunnel.status().local_port or slot.spec.cluster.local_port or 0
@@ -545,7 +566,11 @@ class EngineAdapter:
         from .keystore import Keystore
         from .lease import CredentialEngine
 
+        from .local_login import LocalPasswords
+
         self.keystore = Keystore.open()
+        self.local_passwords = LocalPasswords(self.keystore)   # login = "local": one per cluster
+        self.paths = paths
         self._on_event = on_event
         self.engine = CredentialEngine(config, paths, self.keystore, on_event=self._forward)
 
@@ -566,8 +591,8 @@ class EngineAdapter:
     def release(self, name: str) -> list[dict]:
         return [o.to_dict() for o in self.engine.release(name)]   # the engine logs each lease's outcome
 
-    def renew_now(self, name: str) -> None:
-        self.engine.renew_now(name)
+    def renew_now(self, name: str, rotate: bool = False) -> None:
+        self.engine.renew_now(name, rotate=rotate)
 
     def check_now(self) -> None:
         """Re-run every keeper's schedule now: after a sleep, wall-clock deadlines may have passed."""
@@ -652,9 +677,31 @@ def tunnel_factory(spec: UnitSpec, port: int, engine: EngineUnit, on_change: Cal
     checked: list[RoleCheckedTunnel] = []
     tunnel = Tunnel(c.name, port, c.endpoint, c.port, transport, spec.tunnels,
                     prerequisite=credentials_ready, on_change=lambda status: on_change(),
-                    probe=login_probe(lambda: engine.current(cred_name), lambda ro: checked[0].observe(ro)))
+                    probe=login_probe(lambda: engine.current(cred_name), lambda ro: checked[0].observe(ro)),
+                    before_relay=local_login_for(c, engine))
     checked.append(RoleCheckedTunnel(tunnel, expected_role(c)))
     return checked[0]
+
+
+def local_user(c: ClusterConfig) -> str:
+    """The stable local user of a ``login = "local"`` cluster (its reader port shares it)."""
+    return c.local_user or c.reader_of or c.name
+
+
+def local_login_for(c: ClusterConfig, engine: EngineUnit) -> Any:
+    """The tunnel's ``before_relay`` step for ``login = "local"`` (None: pass-through)."""
+    passwords = getattr(engine, "local_passwords", None)
+    if c.login != "local" or passwords is None:
+        return None
+    from .local_login import LocalLogin
+
+    cred_name = c.reader_of or c.name
+    tls = None
+    if c.local_tls:
+        from .local_tls import server_context
+        tls = server_context(getattr(engine, "paths").state_dir)
+    return LocalLogin(c.name, local_user(c), lambda: passwords.get(cred_name), lambda: engine.current(cred_name),
+                      tls=tls)
 
 
 # ----------------------------------------------------------------------------- the login probe

@@ -523,6 +523,14 @@ class TrayApp:
         elif answer:
             self.do_copy(name, field)
 
+    def do_reset_password(self, name: str) -> None:
+        answer = self.confirm(f"Make a new local password for {name}? Saved logins will need it; open sessions go on.")
+        if answer is None:
+            self.notifier.show(f"dbtunneld: {name}", f"No dialog tool to confirm with: run dbtunneld reset-password {name}")
+        elif answer:
+            self.client.request("reset_password", name=name)
+            self.notifier.show(f"dbtunneld: {name}", "New local password: use Copy password")
+
     def do_open_client(self, name: str) -> None:
         self.opener(self._creds_field(name, "url"))
 

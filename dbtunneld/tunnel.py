@@ -222,6 +222,7 @@ RETRY_CYCLE = {(S.BACKOFF, S.CONNECTING), (S.BACKOFF, S.RECONNECTING), (S.CONNEC
 # ---- the unit --------------------------------------------------------------------------------
 
 Probe = Callable[[Transport, str, int, float], ProbeResult]
+BeforeRelay = Callable[[socket.socket, Any], "socket.socket | None"]
 CREDENTIALS_RECHECK = 2.0         # waiting_credentials re-asks the prerequisite this often
 
 
@@ -232,14 +233,18 @@ class Tunnel:
     credentials" (state waiting_credentials; ``check_now()`` when they arrive skips the wait);
     it may raise dbtunneld errors (sign-in needed, ...). ``on_change`` is called after every
     state move, outside the unit's locks (connection counts are read with ``status()``).
-    ``local_port=0`` binds an ephemeral port (tests).
+    ``local_port=0`` binds an ephemeral port (tests). ``before_relay(client, channel)`` (optional)
+    runs once per connection on the fresh channel before any byte is relayed (the local login,
+    ``local_login.LocalLogin``) and returns the socket to relay (the client, or one that stands for
+    it); None ends the connection (it has told the client why).
     """
 
     def __init__(self, name: str, local_port: int, remote_host: str, remote_port: int,
                  transport: Transport, settings: TunnelSettings = TunnelSettings(), *,
                  clock: Clock = SYSTEM_CLOCK, prerequisite: Callable[[], bool] | None = None,
                  on_change: Callable[[TunnelStatus], None] | None = None, probe: Probe = probe_mysql,
-                 rnd: Callable[[], float] = random.random, refuse_as_mysql: bool = True) -> None:
+                 rnd: Callable[[], float] = random.random, refuse_as_mysql: bool = True,
+                 before_relay: BeforeRelay | None = None) -> None:
         self.name = name
         self.local_port = local_port
         self.remote = (remote_host, remote_port)
@@ -250,6 +255,7 @@ class Tunnel:
         self._on_change = on_change
         self._probe = probe
         self._refuse_as_mysql = refuse_as_mysql
+        self._before_relay = before_relay
         self._log = unit_logger(log, tunnel=name)
         self._cond = threading.Condition()
         self._machine = StateMachine(clock)
@@ -655,12 +661,29 @@ class Tunnel:
             if isinstance(opened, str):
                 self._refuse(client, opened)
                 return
+            relay = self._ready_to_relay(client, opened[0])
+            if relay is None:
+                return
+            client = relay
             forwarding = self._forward(client, *opened, f"[tunnel={self.name}] conn-{number}")
         finally:
             if not forwarding:
                 _close(client)
                 with self._cond:
                     self._counts["open"] -= 1
+
+    def _ready_to_relay(self, client: socket.socket, chan: Any) -> socket.socket | None:
+        """The ``before_relay`` step (the one seam between accepting and relaying)."""
+        if self._before_relay is None:
+            return client
+        try:
+            relay = self._before_relay(client, chan)
+            if relay is not None:
+                return relay
+        except Exception:
+            self._log.exception("before_relay failed")
+        _close(chan)
+        return None
 
     def _forward(self, client: socket.socket, chan: Any, generation: int, label: str) -> bool:
         """True when the forwarding loop took the connection (it ends it: ``_link_ended``)."""

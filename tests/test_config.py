@@ -148,6 +148,10 @@ BAD = [
      ["config.toml: vault: must be a table, not a string; write it as [vault]"]),
     ("bad host key", BASE_VAULT + '[bastion]\ninstance_id = "i-0123456789abcdef0"\nhost_key = "AAAA"\n' + ONE_CLUSTER,
      ['config.toml: bastion.host_key: is not an OpenSSH public key line; write "ssh-ed25519 AAAA..." as in known_hosts']),
+    ("unknown login", BASE_VAULT + BASE_BASTION + ONE_CLUSTER + 'login = "vault"\n',
+     ["config.toml: clusters[0].login: unknown login 'vault'; use \"local\" (a stable local user and password; saved logins keep working) or \"lease\""]),
+    ("bad local user", BASE_VAULT + BASE_BASTION + ONE_CLUSTER + 'local_user = "me@host"\n',
+     ["config.toml: clusters[0].local_user: 'me@host' is not a usable MySQL user name; use up to 32 letters"]),
 ]
 
 
@@ -209,3 +213,10 @@ def test_required_keys_must_not_be_empty(key, line):
     text = "\n".join(line if row.startswith(f"{name} = ") else row for row in text.split("\n"))
     with pytest.raises(ConfigError, match=rf"config.toml: {re.escape(key)}: is empty"):
         parse_config(text, "config.toml")
+
+
+def test_login_defaults_to_local_and_lease_is_kept():
+    cfg = parse_config(BASE_VAULT + BASE_BASTION + ONE_CLUSTER)
+    assert (cfg.clusters[0].login, cfg.clusters[0].local_user) == ("local", "")
+    cfg = parse_config(BASE_VAULT + BASE_BASTION + ONE_CLUSTER + 'login = "lease"\nlocal_user = "me"\n')
+    assert (cfg.clusters[0].login, cfg.clusters[0].local_user) == ("lease", "me")

@@ -88,7 +88,7 @@ def test_zombie_daemon_is_not_alive_its_leases_are_revoked_at_restart(stack, dae
     for name in ("orders", "billing"):
         d.cli("connect", name, "--wait", "45")
     d.wait_up(["orders", "billing"])
-    users = {n: d.creds(n)["username"] for n in ("orders", "billing")}
+    users = {n: d.creds(n)["lease_user"] for n in ("orders", "billing")}
     leases = _lease_ids(d)
     assert len(leases) == 2 and set(users.values()) <= set(stack.dynamic_users())
 
@@ -104,7 +104,7 @@ def test_zombie_daemon_is_not_alive_its_leases_are_revoked_at_restart(stack, dae
     print(f"after the restart: users of the zombie left {set(users.values()) & set(stack.dynamic_users())}, "
           f"its Vault leases left {left}")
     assert gone and not left
-    new_user = d.creds("orders")["username"]
+    new_user = d.creds("orders")["lease_user"]
     d.cli("disconnect", "--all")
     assert _eventually(lambda: not ({new_user} | set(users.values())) & set(stack.dynamic_users()), 20)
 

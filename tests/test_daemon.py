@@ -314,7 +314,7 @@ def persisted_leases(d) -> list[dict]:
 def test_sigterm_leaves_no_lease_in_vault_and_no_user_in_mariadb(stack, connected):
     d = connected
     leases = [r["lease_id"] for r in persisted_leases(d)]
-    users = [d.creds(n)["username"] for n in ("orders", "billing")]
+    users = [d.creds(n)["lease_user"] for n in ("orders", "billing")]
     assert len(leases) == 2 and all(lease_alive(stack, lid) for lid in leases)
     assert set(users) <= set(stack.dynamic_users())
     os.kill(d.pid, signal.SIGTERM)

@@ -426,7 +426,7 @@ class _EventTap:
 def test_daemon_sigkilled_and_restarted_orphans_revoked(stack, daemons, figures, scan):
     d = daemons(stack)
     creds = _connect(d, "orders", "billing")
-    users = {n: _remember(scan, c)["username"] for n, c in creds.items()}
+    users = {n: _remember(scan, c)["lease_user"] for n, c in creds.items()}
     leases_before = _lease_ids(d)
     assert set(users.values()) <= set(stack.dynamic_users())
     d.kill(signal.SIGKILL)
@@ -437,7 +437,7 @@ def test_daemon_sigkilled_and_restarted_orphans_revoked(stack, daemons, figures,
     assert _eventually(lambda: not set(users.values()) & set(stack.dynamic_users()), 30)
     revoked_in = time.monotonic() - t0
     left_in_vault = _vault_leases(stack, ("orders-ro", "billing-ro")) & leases_before
-    new_user = _remember(scan, d.creds("orders"))["username"]
+    new_user = _remember(scan, d.creds("orders"))["lease_user"]
     assert new_user not in users.values() and not left_in_vault
     assert not set(_lease_ids(d)) & leases_before
     assert d.stop()
@@ -792,7 +792,7 @@ def _soak(s, d: DaemonUnderTest, scan: SecretScan, seconds: float) -> dict[str, 
 def _soak_round(d, name, port, table, long_conn, out, users, errors, scan) -> None:
     try:
         c = _remember(scan, d.creds(name))
-        users.add(c["username"])
+        users.add(c["lease_user"])
         query(port, c, f"SELECT COUNT(*) FROM {table}")
         out["queries"] += 1
     except Exception as exc:

@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 import pytest
 
 from dbtunneld import menu as menu_mod
-from dbtunneld.menu import (SEPARATOR, ClockReading, MenuItem, build_menu, duration, short_identity)
+from dbtunneld.menu import (SEPARATOR, ClockReading, MenuItem, build_menu, cluster_submenu, duration, short_identity)
 from dbtunneld.model import (CredentialState as C, CredentialStatus, DaemonStatus, Health, TunnelState as T,
                              TunnelStatus)
 
@@ -355,3 +355,12 @@ def test_icon_and_tooltip_show_a_cluster_turned_off():
 def test_linux_dots_keep_shapes_and_macos_windows_get_colour():
     assert menu_mod.status_dot(T.UP, "linux") == "●" and menu_mod.status_dot(T.FAILED, "linux") == "✖"
     assert [menu_mod.status_dot(s, "darwin") for s in (T.UP, T.BACKOFF, T.FAILED, T.STOPPED)] == ["🟢", "🟠", "🔴", "⚪"]
+
+
+def test_local_login_row_says_saved_logins_keep_working_and_offers_a_reset():
+    local = cluster_submenu(tunnel(login="local"))
+    assert "Local login: saved logins keep working" in texts(local)
+    reset = next(i for i in local if i.text == "Reset local password…")
+    assert reset.action == ("reset_password", "orders")
+    lease = cluster_submenu(tunnel(login="lease"))
+    assert "Reset local password…" not in texts(lease) and not any("saved logins" in t for t in texts(lease))

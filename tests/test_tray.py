@@ -652,12 +652,13 @@ def test_real_tray_on_the_daemon_and_the_sandbox(stack):
 
         choose(d, icon, button, up, ("● orders", "Copy password"), shot=ARTIFACTS / "tray-menu-sandbox.png")
         password = wait_for(lambda: clipboard_text(d), 10, "the password on the clipboard")
-        assert mysql_login(orders.local_port, user, password, orders.database) == 1   # that lease's password
+        local_user = client.request("creds", name="orders")["username"]              # login = "local"
+        assert mysql_login(orders.local_port, local_user, password, orders.database) == 1   # the stable pair
         wait_for(lambda: clipboard_text(d) is None, 15, "the clipboard to be cleared")
 
         proc.kill()                                           # a tray crash...
         proc.wait(10)
-        assert mysql_login(orders.local_port, user, password, orders.database) == 1   # ...drops no tunnel
+        assert mysql_login(orders.local_port, local_user, password, orders.database) == 1   # ...drops no tunnel
         assert daemon_status(client).pid == daemon_pid
         logs = "".join(p.read_text(errors="replace") for p in home.rglob("*.log"))
         assert password not in logs, "the password leaked into a log"
@@ -942,3 +943,12 @@ def test_screenshots_of_each_state(home, daemon):
     assert widths["failed-long-error"] < 420, widths          # was ~600 px before wrapping
     for name in widths:
         assert (ARTIFACTS / f"tray-state-{name}.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("answer,requested", [(True, True), (False, False), (None, False)])
+def test_reset_local_password_asks_then_requests(daemon, answer, requested):
+    questions = []
+    app = make_app(daemon, confirm=lambda q: questions.append(q) or answer)
+    app.run_action(("reset_password", "orders"))
+    assert "new local password for orders" in questions[0].lower() and "open sessions go on" in questions[0]
+    assert (("reset_password", {"name": "orders"}) in daemon.commands()) is requested

@@ -1,0 +1,90 @@
+"""login = "local" vs login = "lease" vs OpenSSH ``ssh -L``, on the sandbox stack (ssh transport).
+
+Per path: connection set-up (connect + login + SELECT 1 + close, sequential, median and p95) and
+sysbench ``oltp_read_only`` (4 threads) as the same leased read-only user. The local login adds
+one round of its own (our greeting) and the upstream login happens on the already open channel.
+
+    PYTHONPATH=. python -m bench.local_login_bench [--seconds 3] [--connects 20] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from bench import workload
+from bench.daemon_bench import daemon_lab, mysql_greeting, query
+from dbtunneld.sandbox.daemonproc import wait_until
+
+
+def connect_times(port: int, user: str, password: str, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        started = time.perf_counter()
+        query(port, user, password)
+        out.append((time.perf_counter() - started) * 1000)
+    return out
+
+
+def measure(paths: dict, database: str, args: argparse.Namespace) -> None:
+    """``--rounds`` rounds, the order of the paths rotated each round (a shared machine's load
+    drifts); medians over the rounds."""
+    setup: dict[str, list[float]] = {n: [] for n in paths}
+    tps: dict[str, list[float]] = {n: [] for n in paths}
+    names = list(paths)
+    for i in range(args.rounds):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            port, user, password = paths[name]
+            setup[name] += connect_times(port, user, password, args.connects)
+            r = workload.run(workload.Target("127.0.0.1", port, user, password, database),
+                             args.seconds, threads=4, tables=2, table_size=10000)
+            tps[name].append(r.tps)
+    for name in names:
+        times = sorted(setup[name])
+        print(f"{name:15} connect+login+SELECT 1+close median {statistics.median(times):6.2f} ms "
+              f"p95 {times[int(len(times) * 0.95) - 1]:6.2f} ms   sysbench median {statistics.median(tps[name]):6.1f} tps "
+              f"(rounds: {', '.join(f'{t:.0f}' for t in tps[name])})")
+
+
+def connected_daemon(lab, name: str, login: str):
+    d = lab.daemon(name, clusters=("orders",))
+    d.write_config(d.config.replace('name = "orders"', f'name = "orders"\nlogin = "{login}"', 1))
+    d.start()
+    d.sign_in()
+    d.cli("connect", "orders", "--wait", "60")
+    return d
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--connects", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="dbt-llb-", dir="/tmp"))
+    with daemon_lab(root, quick=True) as lab:
+        c = lab.stack.clusters["orders"]
+        admin = workload.Target("127.0.0.1", c.port, c.admin_user, c.admin_password, c.database)
+        workload.prepare(admin, 2, 10000)
+        try:
+            local, lease = connected_daemon(lab, "local", "local"), connected_daemon(lab, "lease", "lease")
+            lc, pc = local.creds("orders"), lease.creds("orders")
+            proc, ssh_port = lab.openssh(c.port)
+            wait_until(lambda: mysql_greeting(ssh_port, 2), 30)
+            paths = {"login=local": (lc["port"], lc["username"], lc["password"]),
+                     "login=lease": (pc["port"], pc["username"], pc["password"]),
+                     "OpenSSH ssh -L": (ssh_port, pc["username"], pc["password"])}
+            try:
+                measure(paths, c.database, args)
+            finally:
+                proc.kill()
+                proc.wait(10)
+        finally:
+            workload.cleanup(admin, 2)
+
+
+if __name__ == "__main__":
+    main()
