@@ -14,7 +14,7 @@ import time
 from dataclasses import replace
 
 from dbtunneld.model import CredentialState, CredentialStatus, LeaseOutcome, TunnelState, TunnelStatus
-from dbtunneld.supervisor import DbCredentials
+from dbtunneld.model import DbCredentials
 
 _serial = itertools.count(1)
 

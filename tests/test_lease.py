@@ -18,7 +18,11 @@ import pytest
 from dbtunneld.config import parse_config
 from dbtunneld.errors import PermissionDeniedError, SignInNeededError, TransientError
 from dbtunneld.keystore import Keystore
-from dbtunneld.lease import CredentialEngine, DbCredentials, LeaseRecord, LeaseStore, Tuning, orphans
+from dbtunneld.credentials import CredentialEngine
+from dbtunneld.keeper import Tuning
+from dbtunneld.lease_store import LeaseRecord, LeaseStore
+from dbtunneld.model import DbCredentials
+from dbtunneld.orphans import orphans
 from dbtunneld.model import CredentialState
 from dbtunneld.paths import Paths
 from dbtunneld.timing import Backoff, FakeClock, SYSTEM_CLOCK
@@ -146,7 +150,7 @@ def test_a_revoked_stored_token_means_a_new_login(world):
 
 
 def test_vault_unreachable_backs_off_bounded_then_recovers(world, caplog):
-    caplog.set_level(logging.WARNING, logger="dbtunneld.lease")
+    caplog.set_level(logging.WARNING, logger="dbtunneld")
     world.server.token_ttl, world.server.token_max = 60, 3600
     engine = world.engine()
     engine.start()
@@ -173,7 +177,7 @@ def test_vault_unreachable_backs_off_bounded_then_recovers(world, caplog):
 
 
 def test_sign_in_needed_is_one_state_change_and_a_sign_in_resumes(world, caplog):
-    caplog.set_level(logging.WARNING, logger="dbtunneld.lease")
+    caplog.set_level(logging.WARNING, logger="dbtunneld")
     world.aws.signed_in = False
     engine = world.engine()
     engine.start()
@@ -315,7 +319,7 @@ def test_orphan_clean_up_retries_are_bounded_in_count_and_time(world, caplog):
     assert engine.tokens.current() is not None
     world.server.down = True
     t0 = clock.time()
-    sweep = threading.Thread(target=engine._sweep_orphans, daemon=True)
+    sweep = threading.Thread(target=engine.orphans.run, daemon=True)
     sweep.start()
     sweep.join(10)
     engine._stopping.set()                                        # ends an unbounded sweep (old code)
@@ -335,7 +339,7 @@ def test_orphan_clean_up_retries_are_bounded_in_count_and_time(world, caplog):
     world.server.down = True
     world.server.failed_calls.clear()
     start = short.clock.time()
-    short._sweep_orphans()                                        # the time bound ends it first
+    short.orphans.run()                                        # the time bound ends it first
     assert short.clock.time() - start <= 500
     assert 2 <= len([w for _, w in world.server.failed_calls if w == "revoke-lease"]) <= 3
 

@@ -13,7 +13,9 @@ from dbtunneld.config import parse_config
 from dbtunneld.model import TunnelState
 from dbtunneld.paths import default_paths
 from dbtunneld.daemon import Daemon, Factories
-from dbtunneld.supervisor import StatusPublisher, Supervisor, connection_strings
+from dbtunneld.status_publisher import StatusPublisher
+from dbtunneld.supervisor import Supervisor, connection_strings
+from dbtunneld.timing import FakeClock
 from dbtunneld.wake import WakeDetector
 
 
@@ -206,15 +208,15 @@ def test_engine_events_wake_the_waiting_tunnels(make):
 
 # ---- sleep/wake
 
-class Clocks:
-    """Wall and monotonic clocks the test moves; a sleep moves only the wall clock."""
+class Clocks(FakeClock):
+    """The engine's fake clock; a sleep moves only the wall clock."""
 
     def __init__(self):
-        self.wall, self.mono = 1_700_000_000.0, 100.0
+        super().__init__(1_700_000_000.0)
 
     def sleep(self, seconds: float):
-        self.mono += 5
-        self.wall += 5 + seconds
+        self.advance(5)
+        self.jump_wall(seconds)
 
 
 class CheckableEngine(F.FakeEngine):
@@ -237,7 +239,7 @@ def clocks():
 def woken(make, clocks):
     """A supervisor whose wake detector runs on fake clocks (its own thread would poll once an hour)."""
     def _woken(clusters):
-        wake = WakeDetector(wall=lambda: clocks.wall, monotonic=lambda: clocks.mono, tick=3600, threshold=10)
+        wake = WakeDetector(clock=clocks, tick=1e9, threshold=10)   # its thread never polls by itself
         return make(clusters, engine_factory=CheckableEngine, wake=wake), wake
     return _woken
 

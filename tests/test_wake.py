@@ -5,17 +5,19 @@ from __future__ import annotations
 import threading
 import time
 
+from dbtunneld.timing import FakeClock
 from dbtunneld.wake import WakeDetector
 
 
-class Clocks:
+class Clocks(FakeClock):
+    """The engine's fake clock; a sleep (or a clock set) moves only the wall clock."""
+
     def __init__(self):
-        self.wall = 1_700_000_000.0
-        self.mono = 100.0
+        super().__init__(1_700_000_000.0)
 
     def tick(self, seconds: float, slept: float = 0.0):
-        self.mono += seconds
-        self.wall += seconds + slept
+        self.advance(seconds)
+        self.jump_wall(slept)
 
 
 class Unit:
@@ -27,7 +29,7 @@ class Unit:
 
 
 def detector(clocks: Clocks, **kw) -> WakeDetector:
-    return WakeDetector(wall=lambda: clocks.wall, monotonic=lambda: clocks.mono, threshold=10, **kw)
+    return WakeDetector(clock=clocks, threshold=10, **kw)
 
 
 def test_normal_ticks_check_nothing():
