@@ -337,5 +337,4 @@ class CredentialEngine:
     def _wake_after_sign_in(self) -> None:
         self.tokens.notify_signed_in()
         for keeper in list(self.keepers.values()):
-            keeper._mint_at = self.clock.time()
-            keeper.wake()
+            keeper.mint_soon()

@@ -75,8 +75,11 @@ class LeaseKeeper(Keeper):
         self._failure: DbtunneldError | None = None
         self.mints = 0
         self.renewals = 0
-        self._renew_requests = 0
-        self._renew_done = 0
+        self._renew_requests = 0      # tickets handed out (any thread, under ``_cond``)
+        self._rotate_requested = False
+        self._mint_requested = False  # a sign-in happened: try minting now (any thread, under ``_cond``)
+        self._renew_taken = 0         # tickets the keeper's step has applied (keeper thread only)
+        self._renew_done = 0          # tickets served (a step that applied them has finished)
         self._seen_generation = -1
 
     # -- what others read
@@ -138,19 +141,21 @@ class LeaseKeeper(Keeper):
         return replace(st, state=state, last_error=tst.last_error or st.last_error)
 
     def request_renewal(self, rotate: bool = False) -> int:
+        """Ask the keeper (from any thread) to renew now, or to rotate; returns a ticket for
+        ``wait_renewal``. Only the keeper's own step touches its leases (``_take_requests``), so a
+        request that arrives during a renewal is served by the next step, not overwritten."""
         with self._cond:
-            now = self.clock.time()
-            lease = self._current()
-            if lease is None or rotate:
-                self._mint_at = now
-                if lease is not None:  # asked for: mint now, without probing the token first
-                    lease.action, lease.next_at, lease.probed = "rotate", now, True
-            else:
-                lease.action, lease.next_at, lease.attempt = "renew", now, 0
             self._renew_requests += 1
+            self._rotate_requested = self._rotate_requested or rotate
             ticket = self._renew_requests
         self.wake()
         return ticket
+
+    def mint_soon(self) -> None:
+        """From any thread (after a sign-in): if no lease is held, try minting at the next step."""
+        with self._cond:
+            self._mint_requested = True
+        self.wake()
 
     def wait_renewal(self, ticket: int, timeout: float) -> bool:
         end = time.monotonic() + timeout
@@ -186,12 +191,13 @@ class LeaseKeeper(Keeper):
         now = self.clock.time()
         self._follow_token(now)
         self._drop_expired(now)
+        taken = self._take_requests(now)
         if self._current() is None and now >= self._mint_at:
             self._mint()
         for lease in list(self._leases):
             if lease.next_at <= self.clock.time() and lease in self._leases:
                 self._act(lease)
-        self._finish_renewal_requests()
+        self._finish_renewal_requests(taken)
         return max(0.0, self._next_wake() - self.clock.time())
 
     def _follow_token(self, now: float) -> None:
@@ -214,10 +220,30 @@ class LeaseKeeper(Keeper):
             times.append(self._mint_at)
         return min(times) if times else math.inf
 
-    def _finish_renewal_requests(self) -> None:
+    def _take_requests(self, now: float) -> int:
+        """Apply the renew/rotate requests made before this step; returns the last ticket applied."""
         with self._cond:
-            if self._renew_done != self._renew_requests:
-                self._renew_done = self._renew_requests
+            upto, rotate, mint = self._renew_requests, self._rotate_requested, self._mint_requested
+            self._rotate_requested = self._mint_requested = False
+        if mint:
+            self._mint_at = now
+        if upto == self._renew_taken:
+            return upto
+        self._renew_taken = upto
+        lease = self._current()
+        if lease is None or rotate:
+            self._mint_at = now
+            if lease is not None:  # asked for: mint now, without probing the token first
+                lease.action, lease.next_at, lease.probed = "rotate", now, True
+        else:
+            lease.action, lease.next_at, lease.attempt = "renew", now, 0
+        return upto
+
+    def _finish_renewal_requests(self, taken: int) -> None:
+        """The requests applied at the start of this step are served: wake their waiters."""
+        with self._cond:
+            if self._renew_done < taken:
+                self._renew_done = taken
                 self._cond.notify_all()
 
     def _drop_expired(self, now: float) -> None:

@@ -42,7 +42,10 @@ class EngineAdapter:
         self.engine.start()
 
     def stop(self, timeout: float) -> list[dict]:
-        return [o.to_dict() for o in self.engine.stop(revoke=True, timeout=timeout)]
+        """Stop and revoke within ``credentials.revoke_timeout`` (README: quit revokes within it,
+        even when Vault hangs), or the caller's shorter bound."""
+        bound = min(timeout, self.engine.config.credentials.revoke_timeout)
+        return [o.to_dict() for o in self.engine.stop(revoke=True, timeout=bound)]
 
     def want(self, cluster: ClusterConfig) -> None:
         self.engine.request(cluster.name)

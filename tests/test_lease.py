@@ -503,3 +503,28 @@ def test_a_blocked_keychain_prompt_does_not_freeze_the_token_keeper(tmp_path):
     finally:
         keychain.answer()
         engine.stop(timeout=1)
+
+
+def test_a_rotate_requested_during_a_renewal_is_not_lost(world, monkeypatch):
+    """Issue 16: a rotate request that arrives while the keeper renews (another thread calls
+    ``renew_now(rotate=True)`` during the Vault call) must rotate; its ticket is done only then."""
+    engine = world.engine()
+    engine.start()
+    keeper = engine.request("orders")
+    run_virtual(engine, world.clock, 2)
+    first = engine.current("orders")
+    tickets = []
+    real_renew = world.server.renew_lease
+
+    def renew_while_a_rotate_arrives(secret, lease_id, increment):
+        if not tickets:
+            tickets.append(keeper.request_renewal(rotate=True))   # as the control thread would
+        return real_renew(secret, lease_id, increment)
+
+    monkeypatch.setattr(world.server, "renew_lease", renew_while_a_rotate_arrives)
+    renew_ticket = keeper.request_renewal()
+    run_virtual(engine, world.clock, 0)
+    assert keeper.wait_renewal(renew_ticket, 0)
+    assert tickets and keeper.wait_renewal(tickets[0], 0), "the rotate's ticket must end once it is served"
+    assert engine.current("orders").username != first.username, "the rotate request was lost"
+    assert len(kinds(world.events, "db.rotated", "orders")) == 1
