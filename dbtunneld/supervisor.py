@@ -27,7 +27,7 @@ import shlex
 import threading
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, cast
 from urllib.parse import quote
 
 from . import __version__, model
@@ -39,7 +39,7 @@ from .status_publisher import StatusPublisher
 from .units import (EngineFactory, EngineUnit, TunnelFactory, TunnelUnit, UnavailableTunnel, UnitSpec, engine_spec,
                     unit_specs)
 from .timing import SYSTEM_CLOCK, Clock
-from .wake import WakeDetector
+from .wake import Checkable, WakeDetector
 from .wanted import WantedSet
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,7 @@ class Supervisor:
                  ", ".join(f"{s.name}: {'autoconnect' if s.spec.cluster.autoconnect else 'connected before'}"
                            for s in auto) or "none")
 
-    def stop(self, timeout: float = 15.0) -> list[dict]:
+    def stop(self, timeout: float = 15.0) -> list[dict[str, Any]]:
         """Stop every tunnel, then revoke every lease and the token (bounded by ``timeout``);
         returns what became of each DB user (``model.LeaseOutcome`` dicts)."""
         deadline = time.monotonic() + timeout
@@ -157,7 +157,7 @@ class Supervisor:
             engine, self._engine = self._engine, None
         self._wake.stop()
         self._stop_tunnels(slots, deadline)
-        outcomes: list[dict] = []
+        outcomes: list[dict[str, Any]] = []
         if engine is not None:
             self._wake.unregister(engine)
             outcomes = engine.stop(max(1.0, deadline - time.monotonic())) or []
@@ -169,7 +169,7 @@ class Supervisor:
         """Build and start the engine; one that can re-check its expiries is checked after a sleep."""
         engine = self._engine_factory(config, self.paths, self._engine_event)
         engine.start()
-        if callable(getattr(engine, "check_now", None)):
+        if isinstance(engine, Checkable):
             self._wake.register(engine)
         return engine
 
@@ -177,7 +177,7 @@ class Supervisor:
         """Build a cluster's tunnel on its stable port; a port problem is the unit's failed state."""
         try:
             port = self._port_for(spec, config)
-            tunnel = self._tunnel_factory(spec, port, self._engine, self._publisher.poke)
+            tunnel = self._tunnel_factory(spec, port, cast(EngineUnit, self._engine), self._publisher.poke)
         except DbtunneldError as exc:
             log.warning("[cluster=%s] cannot build the tunnel: %s", spec.cluster.name, exc.message)
             tunnel = UnavailableTunnel(spec.cluster.name, spec.cluster.local_port or 0, exc)
@@ -256,7 +256,7 @@ class Supervisor:
 
     def disconnect(self, names: Iterable[str] | None = None) -> list[str]:
         """Stop the tunnels and revoke the leases of the named clusters (all when None)."""
-        return self.disconnect_report(names)["disconnected"]
+        return list(self.disconnect_report(names)["disconnected"])
 
     def disconnect_report(self, names: Iterable[str] | None = None) -> dict[str, Any]:
         """``disconnect``, answered with what became of each DB user:
@@ -269,7 +269,7 @@ class Supervisor:
             self._wanted.discard(s.name for s in slots)
         # Outside the lock: stopping and revoking take up to the revoke bound; status readers go on.
         self._stop_tunnels(slots, time.monotonic() + self.config.credentials.revoke_timeout)
-        outcomes: list[dict] = []
+        outcomes: list[dict[str, Any]] = []
         for slot in slots:
             if not self._cred_still_used(slot):
                 outcomes += engine.release(slot.cred_name) or []
@@ -391,7 +391,7 @@ class Supervisor:
             log.info("AWS / Vault / credential settings changed: restarting every unit")
             plan.old_engine, self._engine = self._engine, None
             self._reloading = True
-        else:
+        elif self._engine is not None:
             self._engine.update_config(new)
         self._wanted.keep_only(desired)
         return plan
@@ -441,7 +441,7 @@ class Supervisor:
 
 # ----------------------------------------------------------------------------- what blocks credentials
 
-def credential_problem(statuses: tuple, name: str) -> Exception | None:
+def credential_problem(statuses: tuple[Any, Any, dict[str, CredentialStatus]], name: str) -> Exception | None:
     """What blocks a cluster's credentials and needs the user (sign in, fix something); None otherwise."""
     aws, vault, dbs = statuses
     for st in (aws, vault, dbs.get(name)):

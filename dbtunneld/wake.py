@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from .timing import SYSTEM_CLOCK, Clock
 
@@ -21,6 +21,7 @@ TICK = 5.0          # seconds between comparisons
 THRESHOLD = 10.0    # a jump larger than this means the machine slept (or the clock was set)
 
 
+@runtime_checkable
 class Checkable(Protocol):
     def check_now(self) -> None: ...
 
@@ -45,7 +46,7 @@ class WakeDetector:
         with self._lock:
             self._units[id(unit)] = unit
 
-    def unregister(self, unit: Checkable) -> None:
+    def unregister(self, unit: object) -> None:
         with self._lock:
             self._units.pop(id(unit), None)
 

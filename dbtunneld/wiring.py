@@ -11,7 +11,7 @@ from typing import Any, Callable
 from .config import ClusterConfig, Config, VaultConfig
 from .errors import DbtunneldError, SignInNeededError
 from .login_probe import login_probe
-from .model import CredentialState
+from .model import CredentialState, CredentialStatus
 from .paths import Paths
 from .sso import refresh_sso_token
 from .supervisor import credential_problem
@@ -41,7 +41,7 @@ class EngineAdapter:
     def start(self) -> None:
         self.engine.start()
 
-    def stop(self, timeout: float) -> list[dict]:
+    def stop(self, timeout: float) -> list[dict[str, Any]]:
         """Stop and revoke within ``credentials.revoke_timeout`` (README: quit revokes within it,
         even when Vault hangs), or the caller's shorter bound."""
         bound = min(timeout, self.engine.config.credentials.revoke_timeout)
@@ -50,7 +50,7 @@ class EngineAdapter:
     def want(self, cluster: ClusterConfig) -> None:
         self.engine.request(cluster.name)
 
-    def release(self, name: str) -> list[dict]:
+    def release(self, name: str) -> list[dict[str, Any]]:
         return [o.to_dict() for o in self.engine.release(name)]   # the engine logs each lease's outcome
 
     def renew_now(self, name: str) -> None:
@@ -65,7 +65,7 @@ class EngineAdapter:
     def current(self, name: str) -> Any:
         return self.engine.current(name)
 
-    def credential_status(self) -> tuple:
+    def credential_status(self) -> tuple[CredentialStatus, CredentialStatus, dict[str, CredentialStatus]]:
         return self.engine.status()
 
     def keyring_note(self) -> str:
