@@ -26,6 +26,7 @@ from dbtunneld.orphans import orphans
 from dbtunneld.model import CredentialState
 from dbtunneld.paths import Paths
 from dbtunneld.timing import Backoff, FakeClock, SYSTEM_CLOCK
+from dbtunneld.sandbox.procs import wait_until
 from helpers.fakevault import FakeAws, FakeVaultClient, FakeVaultServer, run_virtual
 from helpers.keyrings import BlockingMacKeychain, InMemoryKeyring
 
@@ -494,9 +495,8 @@ def test_a_blocked_keychain_prompt_does_not_freeze_the_token_keeper(tmp_path):
     try:
         creds = engine.want("orders", timeout=5)     # resume asked the keychain: given up at 0.5 s
         assert server.can_log_in(creds.username, creds.password)
-        renewed = engine.tokens.renewals
-        time.sleep(2.5)                               # the token lives 1 s: kept alive meanwhile
-        assert engine.tokens.renewals >= renewed + 2
+        renewed = engine.tokens.renewals              # the token lives 1 s: kept alive meanwhile
+        assert wait_until(lambda: engine.tokens.renewals >= renewed + 2, 5.0), engine.tokens.renewals
         assert engine.tokens.current() is not None and engine.current("orders") is not None
         assert not keychain.answered.is_set() and keychain.calls == 1
         assert not engine.keystore.persistent

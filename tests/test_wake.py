@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 from dbtunneld.timing import FakeClock
 from dbtunneld.wake import WakeDetector
@@ -23,9 +22,11 @@ class Clocks(FakeClock):
 class Unit:
     def __init__(self):
         self.checks = 0
+        self.checked = threading.Event()
 
     def check_now(self):
         self.checks += 1
+        self.checked.set()
 
 
 def detector(clocks: Clocks, **kw) -> WakeDetector:
@@ -83,9 +84,8 @@ def test_thread_polls_on_its_tick():
     d = detector(clocks, tick=0.01)
     d.register(a)
     with d:
+        assert clocks.wait_for_waiters(1)         # the detector's thread waits on the clock
         clocks.tick(0, slept=600)
-        deadline = time.monotonic() + 5
-        while a.checks == 0 and time.monotonic() < deadline:
-            time.sleep(0.005)
+        assert a.checked.wait(5)
     assert a.checks == 1
     assert not any(t.name == "wake-detector" for t in threading.enumerate())
