@@ -180,8 +180,7 @@ class CredentialEngine:
     def _stop_units(self, keepers: list[LeaseKeeper], deadline: float) -> None:
         units = keepers + [self.tokens, self.sso]
         for unit in units:          # all at once, then wait: a hung unit does not delay the others
-            unit._stopping.set()
-            unit.wake()
+            unit.request_stop()
         for unit in units:
             unit.stop(timeout=max(0.0, min(2.0, deadline - time.monotonic())))
 
@@ -224,7 +223,7 @@ class CredentialEngine:
         """Credentials for ``cluster_name``: minted on first call, then kept; waits up to ``timeout``."""
         keeper = self.request(cluster_name)
         if self.tokens.current() is None and keeper.current() is None:
-            self.tokens._raise_if_blocked()
+            self.tokens.raise_if_blocked()
         return keeper.wait_credentials(timeout)
 
     def current(self, cluster_name: str) -> DbCredentials | None:

@@ -126,7 +126,7 @@ class LeaseKeeper(Keeper):
 
     def _raise_if_blocked(self) -> None:
         if self._current() is None and self.tokens.current() is None:
-            return self.tokens._raise_if_blocked()   # waiting for a token: its problem is ours
+            return self.tokens.raise_if_blocked()   # waiting for a token: its problem is ours
         st = self._status
         if st.state == S.FAILED and self._failure is not None:
             raise self._failure
