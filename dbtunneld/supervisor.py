@@ -194,7 +194,8 @@ class Supervisor:
         slots = list(slots)
         for slot in slots:
             self._wake.unregister(slot.tunnel)
-        threads = [threading.Thread(target=self._stop_slot, args=(s, deadline), name=f"stop-{s.name}")
+        # daemon threads: one that outlives the deadline (a wedged transport) must not hold up the exit
+        threads = [threading.Thread(target=self._stop_slot, args=(s, deadline), name=f"stop-{s.name}", daemon=True)
                    for s in slots]
         for t in threads:
             t.start()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import pytest
 
@@ -309,3 +310,30 @@ def test_the_daemon_runs_one_detector_and_ends_it(tmp_path):
         serving.join(5)
         d.shutdown()
     assert not any(t.is_alive() for t in mine)
+
+
+# ---- threads do not outlive their owner (issue 16)
+
+class HangingTunnel(F.FakeTunnel):
+    """A tunnel whose stop hangs until released (a wedged transport)."""
+
+    release = threading.Event()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.release.wait(30)
+        super().stop(timeout)
+
+
+def test_a_hung_tunnel_stop_is_bounded_and_its_thread_cannot_keep_the_process_alive(tmp_path, events):
+    sup = Supervisor(cfg([("orders", 13306, True)]), default_paths({"DBTUNNELD_HOME": str(tmp_path)}),
+                     engine_factory=F.engine_factory, tunnel_factory=lambda *a: HangingTunnel(*a),
+                     on_event=lambda e, d: events.append((e, d)))
+    sup.start(autoconnect=True)
+    try:
+        started = time.monotonic()
+        sup.stop(timeout=0.5)
+        assert time.monotonic() - started < 3.0
+        stuck = [t for t in threading.enumerate() if t.name == "stop-orders"]
+        assert stuck and all(t.daemon for t in stuck), "a stop thread left behind must not block the exit"
+    finally:
+        HangingTunnel.release.set()
