@@ -65,7 +65,7 @@ class RoleCheckedTunnel:
             self.tunnel.reconnect()
 
     def status(self) -> TunnelStatus:
-        st = self.tunnel.status()
+        st: TunnelStatus = self.tunnel.status()
         return replace(st, role=self.role if st.state == TunnelState.UP else "", expected_role=self.expected)
 
     def __getattr__(self, name: str) -> Any:

@@ -36,7 +36,7 @@ def probe_mysql_login(transport: Any, host: str, port: int, timeout: float, cred
                       on_read_only: Callable[[bool], None] | None = None) -> Any:
     """Log in over a channel of ``transport`` and quit. A server error (1045 access denied, 1129
     host blocked, ...) is a refusal (``ok=False``); no answer or not MySQL raises TransientError."""
-    import pymysql  # type: ignore[import-untyped]  # no stubs in the venv (types-PyMySQL not a dependency)
+    import pymysql
 
     from .tunnel import ProbeResult
 
