@@ -4,7 +4,7 @@ A ``Figure`` is one measured value of dbtunneld (or of a plain path such as dire
 its reference measured in the same run (OpenSSH ``ssh -L``, direct TCP...), with the unit, which
 direction is better, and the target from the issues. ``render_table`` prints them grouped by
 section; ``write_json`` and ``write_charts`` write ``bench/results/``. Charts are drawn with
-Pillow (a dependency already), so the benchmark needs no plotting library.
+Pillow (the `bench` extra), so the benchmark needs no plotting library.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Aurora writer and reader ports: which role the server behind a tunnel plays, and failover.
 
 A cluster with ``reader_port`` gets a second unit to its reader endpoint (``reader_unit``). The
-login probe (``supervisor.probe_mysql_login``) reads the server's read-only flags
+login probe (``login_probe.probe_mysql_login``) reads the server's read-only flags
 (``read_only_flags``): Aurora replicas report ``@@innodb_read_only = 1``; MariaDB and MySQL
 servers that lack that variable, or keep it off, are read-only when ``@@read_only`` is on (that
 is how the sandbox flips its MariaDB, with ``SET GLOBAL read_only=1``). ``RoleCheckedTunnel``
@@ -65,7 +65,7 @@ class RoleCheckedTunnel:
             self.tunnel.reconnect()
 
     def status(self) -> TunnelStatus:
-        st = self.tunnel.status()
+        st: TunnelStatus = self.tunnel.status()
         return replace(st, role=self.role if st.state == TunnelState.UP else "", expected_role=self.expected)
 
     def __getattr__(self, name: str) -> Any:

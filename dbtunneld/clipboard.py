@@ -316,7 +316,7 @@ class X11Clipboard(Clipboard):
         try:
             from Xlib import X, Xatom, display as xdisplay, error as xerror
         except ImportError:
-            raise ClipboardUnavailable("python-xlib is not installed", "pip install python-xlib") from None
+            raise ClipboardUnavailable("python-xlib is not installed", "install the tray extra: pip install 'dbtunneld[tray]'") from None
         try:
             self._d = xdisplay.Display(display_name)
         except (xerror.DisplayError, OSError) as exc:

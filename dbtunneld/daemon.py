@@ -29,7 +29,8 @@ from .control import ControlServer, EventBus
 from .errors import ConfigError, DbtunneldError, NeedsUserError
 from .exitcodes import EXIT_ALREADY_RUNNING, EXIT_CONFIG, EXIT_FAIL, EXIT_OK  # noqa: F401
 from .paths import Paths
-from .supervisor import EngineFactory, Supervisor, TunnelFactory
+from .supervisor import Supervisor
+from .units import EngineFactory, TunnelFactory
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,7 @@ class Factories:
 
 
 def default_factories() -> Factories:
-    from .supervisor import engine_factory, tunnel_factory
+    from .wiring import engine_factory, tunnel_factory
     return Factories(engine_factory, tunnel_factory)
 
 

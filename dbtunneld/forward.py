@@ -386,17 +386,19 @@ class SocketUpstream:
         return 0 if self._pending or self._eof else R
 
     def pump_down(self) -> None:
-        client = self._link.client
+        link = self._link
+        assert link is not None, "pump_down before attach"
+        client = link.client
         while True:
             if self._pending:
                 sent = _send(client, self._pending)
-                self._link.received += sent
+                link.received += sent
                 self._pending = self._pending[sent:]
                 if self._pending:
                     return
             if self._eof:
                 return
-            data = self._link.loop.recv(self.sock)
+            data = link.loop.recv(self.sock)
             if data is None:
                 return
             if not data:
@@ -417,6 +419,10 @@ class SocketUpstream:
 
     def batch_key(self) -> None:
         return None
+
+    def batch(self) -> Any:
+        """Never called: the loop batches only upstreams with a ``batch_key``."""
+        return contextlib.nullcontext()
 
     def shutdown_write(self) -> None:
         _shutdown_write(self.sock)

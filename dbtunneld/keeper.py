@@ -85,9 +85,13 @@ class Keeper:
             self._thread = threading.Thread(target=self._loop, name=f"dbtunneld-{self.kind}-{self.name}", daemon=True)
             self._thread.start()
 
-    def stop(self, timeout: float = 5.0) -> None:
+    def request_stop(self) -> None:
+        """Ask the loop to end after its current step (returns at once; ``stop`` also waits)."""
         self._stopping.set()
         self._wake.set()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.request_stop()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)

@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 from . import local_tls
 from . import mysqlwire as w
+from .config import ClusterConfig
 from .model import DbCredentials
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,11 @@ LOGIN_TIMEOUT = 15.0             # seconds a whole login (client side and upstre
 FREE_WRONG = 3                   # wrong passwords in a row before the port starts to lock
 MAX_LOCK = 60.0                  # the longest lock after wrong passwords
 PASSWORD_KIND = "local-password"
+
+
+def local_user(c: ClusterConfig) -> str:
+    """The stable local user of a ``login = "local"`` cluster (its reader port shares it)."""
+    return c.local_user or c.reader_of or c.name
 
 
 class LoginRefused(Exception):

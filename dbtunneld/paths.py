@@ -3,7 +3,10 @@ Also the one platform fact several owners of state files need: whether a recorde
 the process that recorded it (a zombie, or a pid the OS gave to another program, is not).
 
 Every path honours DBTUNNELD_HOME (tests and the sandbox point it at a private folder) and
-the XDG variables on Linux; macOS and Windows use their usual per-user folders.
+the XDG variables on Linux; macOS and Windows use their usual per-user folders. For this process
+the base folders come from platformdirs (Windows' known folders, XDG on Linux); for another
+process's environment or platform (``env`` / ``platform`` given) they are derived from it the
+same way, so the sandbox and autostart can compute another user's paths.
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ class Paths:
 
 
 def default_paths(env: dict[str, str] | None = None, platform: str | None = None) -> Paths:
+    this_process = env is None and platform is None
     env = dict(os.environ if env is None else env)
     platform = platform or sys.platform
     home = Path(env.get("HOME") or Path.home())
@@ -65,6 +69,8 @@ def default_paths(env: dict[str, str] | None = None, platform: str | None = None
     if root:
         r = Path(root)
         return Paths(r / "config.toml", r / "state", r / "log", r / "run")
+    if this_process:
+        return _platformdirs_paths(env)
     if platform == "darwin":
         lib = home / "Library"
         return Paths(
@@ -84,6 +90,22 @@ def default_paths(env: dict[str, str] | None = None, platform: str | None = None
     run_dir = Path(runtime) / APP if runtime else state_home / APP / "run"
     return Paths(config_home / APP / "config.toml", state_home / APP,
                  state_home / APP / "log", run_dir)
+
+
+def _platformdirs_paths(env: dict[str, str]) -> Paths:
+    """This process's per-user folders from platformdirs (the same layout as below)."""
+    import platformdirs
+
+    dirs = platformdirs.PlatformDirs(APP, appauthor=False, roaming=True)
+    config = Path(dirs.user_config_dir)
+    if sys.platform == "darwin":
+        return Paths(config / "config.toml", config / "state", Path(dirs.user_log_dir), config / "run")
+    if sys.platform.startswith("win"):
+        local = Path(platformdirs.user_data_dir(APP, appauthor=False, roaming=False))
+        return Paths(config / "config.toml", local / "state", local / "logs", local / "run")
+    state = Path(dirs.user_state_dir)
+    runtime = env.get("XDG_RUNTIME_DIR")      # platformdirs falls back to /tmp/runtime-UID: keep ours
+    return Paths(config / "config.toml", state, state / "log", Path(runtime) / APP if runtime else state / "run")
 
 
 def short_socket_hint(platform: str | None = None) -> str:

@@ -123,7 +123,8 @@ def _revoke_one(target: RevokeTarget, secret: str, tokens: Any, deadline: float)
 
 def _lookup_end(client: Any, lease_id: str) -> float | None:
     try:
-        return client.lease_expires_at(lease_id)
+        end: float | None = client.lease_expires_at(lease_id)
+        return end
     except DbtunneldError as exc:
         log.info("looking up lease %s failed (%s); its end stays unknown", lease_id, short_error(exc))
         return None

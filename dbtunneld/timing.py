@@ -29,9 +29,14 @@ MIN_RETRY = 0.05               # no retry is scheduled closer than this: no busy
 
 
 class Clock(Protocol):
-    """Wall-clock time (epoch seconds) and an interruptible wait."""
+    """Wall-clock time (epoch seconds), a monotonic reading (intervals; it stops while the machine
+    sleeps, so wall minus monotonic reveals a sleep) and an interruptible wait. The engine's one
+    clock: keepers, the supervisor and the wake detector take it injected. (Bounds on a blocking
+    call, such as a thread join or an HTTP timeout, are real time and use ``time.monotonic``.)"""
 
     def time(self) -> float: ...
+
+    def monotonic(self) -> float: ...
 
     def wait(self, event: threading.Event, timeout: float) -> bool:
         """Block until ``event`` is set or ``timeout`` seconds passed; return ``event.is_set()``."""
@@ -43,6 +48,9 @@ class SystemClock:
 
     def time(self) -> float:
         return time.time()
+
+    def monotonic(self) -> float:
+        return time.monotonic()
 
     def wait(self, event: threading.Event, timeout: float) -> bool:
         if math.isinf(timeout):
@@ -65,6 +73,7 @@ class FakeClock:
 
     def __init__(self, start: float = 1_000_000.0, *, auto_advance: bool = False) -> None:
         self._now = float(start)
+        self._mono = 0.0
         self._auto = auto_advance
         self._cond = threading.Condition()
         self._waiters = 0
@@ -74,13 +83,25 @@ class FakeClock:
         with self._cond:
             return self._now
 
+    def monotonic(self) -> float:
+        with self._cond:
+            return self._mono
+
     def advance(self, seconds: float) -> None:
         with self._cond:
             self._now += max(0.0, seconds)
+            self._mono += max(0.0, seconds)
+            self._cond.notify_all()
+
+    def jump_wall(self, seconds: float) -> None:
+        """The wall clock alone moves (the machine slept, or the clock was set); monotonic does not."""
+        with self._cond:
+            self._now += seconds
             self._cond.notify_all()
 
     def set(self, now: float) -> None:
         with self._cond:
+            self._mono += max(0.0, now - self._now)
             self._now = max(self._now, now)
             self._cond.notify_all()
 
@@ -90,6 +111,7 @@ class FakeClock:
             deadline = self._now + max(0.0, timeout)
             if self._auto:
                 if not event.is_set() and not math.isinf(deadline):
+                    self._mono += max(0.0, deadline - self._now)
                     self._now = max(self._now, deadline)
                 return event.is_set()
             self._waiters += 1

@@ -101,7 +101,8 @@ class TokenKeeper(Keeper):
             return self._issued[accessor] + self._learned_lifetime
         return None
 
-    def _raise_if_blocked(self) -> None:
+    def raise_if_blocked(self) -> None:
+        """Raise what keeps a token from being had (sign-in needed, a failure the user must fix)."""
         st = self._status
         if st.state == S.NEEDS_SIGN_IN:
             raise SignInNeededError(st.last_error or "AWS SSO sign-in needed")

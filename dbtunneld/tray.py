@@ -685,6 +685,9 @@ def import_pystray(backend: str):
 
             GLib.set_prgname("dbtunneld")            # window class and notification app name
         import pystray
+    except ModuleNotFoundError as exc:               # a headless install (no `tray` extra)
+        raise DesktopUnavailable(f"the tray is not installed ({exc})",
+                                 "pip install 'dbtunneld[tray]' (pipx: pipx install 'dbtunneld[tray]')") from None
     except Exception as exc:                         # with no display Xlib raises its own errors
         raise DesktopUnavailable(f"the {backend} tray backend cannot start: {exc}") from None
     return pystray

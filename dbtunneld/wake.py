@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
-from typing import Callable, Protocol
+from typing import Protocol, runtime_checkable
+
+from .timing import SYSTEM_CLOCK, Clock
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +21,7 @@ TICK = 5.0          # seconds between comparisons
 THRESHOLD = 10.0    # a jump larger than this means the machine slept (or the clock was set)
 
 
+@runtime_checkable
 class Checkable(Protocol):
     def check_now(self) -> None: ...
 
@@ -27,25 +29,24 @@ class Checkable(Protocol):
 class WakeDetector:
     """Calls ``check_now()`` on every registered unit after a wall/monotonic clock jump."""
 
-    def __init__(self, *, wall: Callable[[], float] = time.time,
-                 monotonic: Callable[[], float] = time.monotonic,
-                 tick: float = TICK, threshold: float = THRESHOLD) -> None:
-        self._wall = wall
-        self._mono = monotonic
+    def __init__(self, *, clock: Clock = SYSTEM_CLOCK, tick: float = TICK, threshold: float = THRESHOLD) -> None:
+        self._clock = clock
+        self._wall = clock.time
+        self._mono = clock.monotonic
         self._tick = tick
         self._threshold = threshold
         self._units: dict[int, Checkable] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._last = (wall(), monotonic())
+        self._last = (self._wall(), self._mono())
         self.wakes = 0
 
     def register(self, unit: Checkable) -> None:
         with self._lock:
             self._units[id(unit)] = unit
 
-    def unregister(self, unit: Checkable) -> None:
+    def unregister(self, unit: object) -> None:
         with self._lock:
             self._units.pop(id(unit), None)
 
@@ -79,7 +80,7 @@ class WakeDetector:
             self._thread.start()
 
     def _run(self) -> None:
-        while not self._stop.wait(self._tick):
+        while not self._clock.wait(self._stop, self._tick):
             self.poll()
 
     def stop(self) -> None:

@@ -13,7 +13,7 @@ import logging
 import os
 import threading
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class WantedSet:
         """Forget clusters the config no longer has."""
         self._change(lambda s: s & set(names))
 
-    def _change(self, how) -> None:
+    def _change(self, how: Callable[[set[str]], set[str]]) -> None:
         with self._lock:
             new = how(self._names)
             if new != self._names:

@@ -56,6 +56,17 @@ from dbtunneld.sandbox.stack import Stack, install_signal_guard, start_stack  # 
 SHORT_TTLS = dict(token_ttl=6, token_max_ttl=20, lease_ttl=4, lease_max_ttl=12)
 
 
+STACK_FIXTURES = {"stack", "make_stack", "short_ttl_stack"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that use the sandbox stack (directly or through another fixture) get the ``stack``
+    marker, so ``./dev test --fast`` (``-m "not stack ..."``) leaves them out."""
+    for item in items:
+        if STACK_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.stack)
+
+
 @pytest.fixture(scope="session")
 def private_home() -> Path:
     """The run's private HOME (also in os.environ["HOME"])."""

@@ -271,6 +271,7 @@ def _free_pair() -> int:
     raise AssertionError("no two consecutive free ports")
 
 
+@pytest.mark.slow
 def test_sandbox_runs_the_daemon_and_ctrl_c_leaves_nothing():
     import re
     import signal

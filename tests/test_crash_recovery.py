@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from dbtunneld.lease import LeaseRecord, LeaseStore, orphans
+from dbtunneld.lease_store import LeaseRecord, LeaseStore
+from dbtunneld.orphans import orphans
 from dbtunneld.paths import ProcessIdentity, my_identity, parse_ps_line, pid_alive, process_identity
 from dbtunneld.sandbox.daemonproc import DaemonUnderTest
 

@@ -34,7 +34,9 @@ from dbtunneld.aws import classify as aws_classify
 from dbtunneld.config import parse_config
 from dbtunneld.errors import SignInNeededError
 from dbtunneld.keystore import Keystore
-from dbtunneld.lease import CredentialEngine, LeaseRecord, LeaseStore, Tuning
+from dbtunneld.credentials import CredentialEngine
+from dbtunneld.keeper import Tuning
+from dbtunneld.lease_store import LeaseRecord, LeaseStore
 from dbtunneld.model import CredentialState
 from dbtunneld.paths import Paths
 from dbtunneld.sandbox.stack import start_stack
@@ -292,7 +294,7 @@ def test_hard_killed_engine_leaves_an_orphan_that_the_next_start_revokes(stack, 
 
 
 def test_vault_unreachable_backs_off_with_logged_delays_and_recovers(stack, harness, caplog):
-    caplog.set_level(logging.WARNING, logger="dbtunneld.lease")
+    caplog.set_level(logging.WARNING, logger="dbtunneld")
     tuning = Tuning(backoff=Backoff(initial=0.5, maximum=2.0))
     holder = harness.engine("holder", tuning=tuning)
     holder.start()
@@ -496,7 +498,7 @@ def test_denied_orphan_is_dropped_after_one_try_with_its_end_from_lease_lookup(n
     no_revoke.engines.append(successor)
     successor.start()
     wait_for(lambda: LeaseStore(successor_paths.leases_file).records() == [], 20, what="the orphan to be dropped")
-    wait_for(lambda: successor._sweeper is not None and not successor._sweeper.is_alive(), 5, what="the sweep to end")
+    wait_for(lambda: successor.orphans.thread is not None and not successor.orphans.thread.is_alive(), 5, what="the sweep to end")
     said = revoke_warnings(caplog, rec.lease_id)
     assert len(said) == 1 and 'path "sys/leases/revoke"' in said[0], said
     assert "until its lease expires" not in said[0]      # the end came from sys/leases/lookup

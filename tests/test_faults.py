@@ -724,6 +724,7 @@ def _traffic_while_down(conn, port: int, creds: dict[str, Any], out: collections
 
 # ============================================================================ the soak (background)
 
+@pytest.mark.soak
 @pytest.mark.timeout(SOAK_SECONDS + 420)
 def test_short_ttl_soak_no_failed_query_no_leak(background, figures):
     """Token and lease TTL 10 s (max 60 s) for DBTUNNELD_SOAK_SECONDS (90 s in ``./dev test``;

@@ -13,8 +13,11 @@ PKG = Path(__file__).resolve().parent.parent / "dbtunneld"
 
 LAYERS = {
     0: {"__init__", "errors", "model", "timing", "config", "paths", "exitcodes"},
-    1: {"aws", "sso", "vault", "iam_login", "ssm", "ssh", "keystore", "log", "discovery", "ports", "wake", "transport", "tls", "inventory", "catalog", "forward", "mysqlwire", "local_tls"},
-    2: {"lease", "keeper", "token_keeper", "sso_keeper", "sso_signin", "tunnel", "supervisor", "aurora", "wanted", "revoke", "local_login"},
+    1: {"aws", "sso", "vault", "iam_login", "ssm", "ssh", "keystore", "log", "discovery", "ports", "wake", "transport", "tls",
+        "inventory", "catalog", "forward", "mysqlwire", "local_tls"},
+    2: {"credentials", "lease_keeper", "lease_store", "orphans", "units", "wiring", "login_probe",
+        "status_publisher", "keeper", "token_keeper", "sso_keeper", "sso_signin", "tunnel", "supervisor", "aurora", "wanted",
+        "revoke", "local_login"},
     3: {"protocol", "control", "client", "daemon", "doctor"},
     4: {"cli", "menu", "tray", "tray_darwin", "clipboard", "notify", "autostart", "__main__", "onboarding"},
 }
@@ -102,11 +105,11 @@ def test_the_checker_finds_planted_violations(tmp_path):
     (tmp_path / "ssm").mkdir()
     (tmp_path / "tunnel.py").write_text("from .tray import run\nfrom dbtunneld import model\n")
     (tmp_path / "ssm" / "client.py").write_text("from ..supervisor import Supervisor\nimport pystray\n")
-    (tmp_path / "lease.py").write_text("from dbtunneld.sandbox import stack\nfrom . import vault\n")
+    (tmp_path / "credentials.py").write_text("from dbtunneld.sandbox import stack\nfrom . import vault\n")
     up = upward_imports(tmp_path)
     assert any("tunnel.py:1: tunnel (layer 2) imports tray (layer 4)" in v for v in up), up
     assert any("ssm/client.py:1: ssm (layer 1) imports supervisor (layer 2)" in v for v in up), up
-    assert any("lease.py:1 imports the sandbox" in v for v in up), up
+    assert any("credentials.py:1 imports the sandbox" in v for v in up), up
     assert len(up) == 3, up
     assert ui_imports_below_front_ends(tmp_path) == ["ssm/client.py:2 imports pystray"]
 
@@ -151,5 +154,5 @@ def test_exit_codes_and_db_credentials_are_defined_once():
 def test_the_single_definition_check_finds_copies(tmp_path):
     (tmp_path / "cli.py").write_text("EXIT_OK, EXIT_FAIL = 0, 1\n")
     (tmp_path / "daemon.py").write_text("from .exitcodes import EXIT_OK\nEXIT_ALIAS = EXIT_OK\n")
-    (tmp_path / "lease.py").write_text("class DbCredentials:\n    pass\n")
-    assert shared_definitions(tmp_path) == (["cli.py"], ["lease.py"])
+    (tmp_path / "credentials.py").write_text("class DbCredentials:\n    pass\n")
+    assert shared_definitions(tmp_path) == (["cli.py"], ["credentials.py"])

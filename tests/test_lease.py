@@ -18,10 +18,15 @@ import pytest
 from dbtunneld.config import parse_config
 from dbtunneld.errors import PermissionDeniedError, SignInNeededError, TransientError
 from dbtunneld.keystore import Keystore
-from dbtunneld.lease import CredentialEngine, DbCredentials, LeaseRecord, LeaseStore, Tuning, orphans
+from dbtunneld.credentials import CredentialEngine
+from dbtunneld.keeper import Tuning
+from dbtunneld.lease_store import LeaseRecord, LeaseStore
+from dbtunneld.model import DbCredentials
+from dbtunneld.orphans import orphans
 from dbtunneld.model import CredentialState
 from dbtunneld.paths import Paths
 from dbtunneld.timing import Backoff, FakeClock, SYSTEM_CLOCK
+from dbtunneld.sandbox.procs import wait_until
 from helpers.fakevault import FakeAws, FakeVaultClient, FakeVaultServer, run_virtual
 from helpers.keyrings import BlockingMacKeychain, InMemoryKeyring
 
@@ -146,7 +151,7 @@ def test_a_revoked_stored_token_means_a_new_login(world):
 
 
 def test_vault_unreachable_backs_off_bounded_then_recovers(world, caplog):
-    caplog.set_level(logging.WARNING, logger="dbtunneld.lease")
+    caplog.set_level(logging.WARNING, logger="dbtunneld")
     world.server.token_ttl, world.server.token_max = 60, 3600
     engine = world.engine()
     engine.start()
@@ -173,7 +178,7 @@ def test_vault_unreachable_backs_off_bounded_then_recovers(world, caplog):
 
 
 def test_sign_in_needed_is_one_state_change_and_a_sign_in_resumes(world, caplog):
-    caplog.set_level(logging.WARNING, logger="dbtunneld.lease")
+    caplog.set_level(logging.WARNING, logger="dbtunneld")
     world.aws.signed_in = False
     engine = world.engine()
     engine.start()
@@ -315,7 +320,7 @@ def test_orphan_clean_up_retries_are_bounded_in_count_and_time(world, caplog):
     assert engine.tokens.current() is not None
     world.server.down = True
     t0 = clock.time()
-    sweep = threading.Thread(target=engine._sweep_orphans, daemon=True)
+    sweep = threading.Thread(target=engine.orphans.run, daemon=True)
     sweep.start()
     sweep.join(10)
     engine._stopping.set()                                        # ends an unbounded sweep (old code)
@@ -335,7 +340,7 @@ def test_orphan_clean_up_retries_are_bounded_in_count_and_time(world, caplog):
     world.server.down = True
     world.server.failed_calls.clear()
     start = short.clock.time()
-    short._sweep_orphans()                                        # the time bound ends it first
+    short.orphans.run()                                        # the time bound ends it first
     assert short.clock.time() - start <= 500
     assert 2 <= len([w for _, w in world.server.failed_calls if w == "revoke-lease"]) <= 3
 
@@ -490,12 +495,36 @@ def test_a_blocked_keychain_prompt_does_not_freeze_the_token_keeper(tmp_path):
     try:
         creds = engine.want("orders", timeout=5)     # resume asked the keychain: given up at 0.5 s
         assert server.can_log_in(creds.username, creds.password)
-        renewed = engine.tokens.renewals
-        time.sleep(2.5)                               # the token lives 1 s: kept alive meanwhile
-        assert engine.tokens.renewals >= renewed + 2
+        renewed = engine.tokens.renewals              # the token lives 1 s: kept alive meanwhile
+        assert wait_until(lambda: engine.tokens.renewals >= renewed + 2, 5.0), engine.tokens.renewals
         assert engine.tokens.current() is not None and engine.current("orders") is not None
         assert not keychain.answered.is_set() and keychain.calls == 1
         assert not engine.keystore.persistent
     finally:
         keychain.answer()
         engine.stop(timeout=1)
+
+
+def test_a_rotate_requested_during_a_renewal_is_not_lost(world, monkeypatch):
+    """Issue 16: a rotate request that arrives while the keeper renews (another thread calls
+    ``renew_now(rotate=True)`` during the Vault call) must rotate; its ticket is done only then."""
+    engine = world.engine()
+    engine.start()
+    keeper = engine.request("orders")
+    run_virtual(engine, world.clock, 2)
+    first = engine.current("orders")
+    tickets = []
+    real_renew = world.server.renew_lease
+
+    def renew_while_a_rotate_arrives(secret, lease_id, increment):
+        if not tickets:
+            tickets.append(keeper.request_renewal(rotate=True))   # as the control thread would
+        return real_renew(secret, lease_id, increment)
+
+    monkeypatch.setattr(world.server, "renew_lease", renew_while_a_rotate_arrives)
+    renew_ticket = keeper.request_renewal()
+    run_virtual(engine, world.clock, 0)
+    assert keeper.wait_renewal(renew_ticket, 0)
+    assert tickets and keeper.wait_renewal(tickets[0], 0), "the rotate's ticket must end once it is served"
+    assert engine.current("orders").username != first.username, "the rotate request was lost"
+    assert len(kinds(world.events, "db.rotated", "orders")) == 1

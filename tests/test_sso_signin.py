@@ -24,7 +24,8 @@ from dbtunneld.aws import AwsSession, format_utc, parse_utc
 from dbtunneld.config import AwsConfig, parse_config
 from dbtunneld.errors import SignInNeededError
 from dbtunneld.keystore import Keystore
-from dbtunneld.lease import CredentialEngine, Tuning
+from dbtunneld.credentials import CredentialEngine
+from dbtunneld.keeper import Tuning
 from dbtunneld.model import CredentialState
 from dbtunneld.paths import Paths
 from dbtunneld.sandbox.guard import install_signal_guard

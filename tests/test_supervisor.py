@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import pytest
 
@@ -13,7 +14,9 @@ from dbtunneld.config import parse_config
 from dbtunneld.model import TunnelState
 from dbtunneld.paths import default_paths
 from dbtunneld.daemon import Daemon, Factories
-from dbtunneld.supervisor import StatusPublisher, Supervisor, connection_strings
+from dbtunneld.status_publisher import StatusPublisher
+from dbtunneld.supervisor import Supervisor, connection_strings
+from dbtunneld.timing import FakeClock
 from dbtunneld.wake import WakeDetector
 
 
@@ -206,15 +209,15 @@ def test_engine_events_wake_the_waiting_tunnels(make):
 
 # ---- sleep/wake
 
-class Clocks:
-    """Wall and monotonic clocks the test moves; a sleep moves only the wall clock."""
+class Clocks(FakeClock):
+    """The engine's fake clock; a sleep moves only the wall clock."""
 
     def __init__(self):
-        self.wall, self.mono = 1_700_000_000.0, 100.0
+        super().__init__(1_700_000_000.0)
 
     def sleep(self, seconds: float):
-        self.mono += 5
-        self.wall += 5 + seconds
+        self.advance(5)
+        self.jump_wall(seconds)
 
 
 class CheckableEngine(F.FakeEngine):
@@ -237,7 +240,7 @@ def clocks():
 def woken(make, clocks):
     """A supervisor whose wake detector runs on fake clocks (its own thread would poll once an hour)."""
     def _woken(clusters):
-        wake = WakeDetector(wall=lambda: clocks.wall, monotonic=lambda: clocks.mono, tick=3600, threshold=10)
+        wake = WakeDetector(clock=clocks, tick=1e9, threshold=10)   # its thread never polls by itself
         return make(clusters, engine_factory=CheckableEngine, wake=wake), wake
     return _woken
 
@@ -307,3 +310,30 @@ def test_the_daemon_runs_one_detector_and_ends_it(tmp_path):
         serving.join(5)
         d.shutdown()
     assert not any(t.is_alive() for t in mine)
+
+
+# ---- threads do not outlive their owner (issue 16)
+
+class HangingTunnel(F.FakeTunnel):
+    """A tunnel whose stop hangs until released (a wedged transport)."""
+
+    release = threading.Event()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.release.wait(30)
+        super().stop(timeout)
+
+
+def test_a_hung_tunnel_stop_is_bounded_and_its_thread_cannot_keep_the_process_alive(tmp_path, events):
+    sup = Supervisor(cfg([("orders", 13306, True)]), default_paths({"DBTUNNELD_HOME": str(tmp_path)}),
+                     engine_factory=F.engine_factory, tunnel_factory=lambda *a: HangingTunnel(*a),
+                     on_event=lambda e, d: events.append((e, d)))
+    sup.start(autoconnect=True)
+    try:
+        started = time.monotonic()
+        sup.stop(timeout=0.5)
+        assert time.monotonic() - started < 3.0
+        stuck = [t for t in threading.enumerate() if t.name == "stop-orders"]
+        assert stuck and all(t.daemon for t in stuck), "a stop thread left behind must not block the exit"
+    finally:
+        HangingTunnel.release.set()

@@ -23,7 +23,8 @@ from dbtunneld import ssh
 from dbtunneld.config import Config, TunnelSettings, parse_config
 from dbtunneld.model import TunnelState
 from dbtunneld.ports import bind_listener
-from dbtunneld.supervisor import DbCredentials, login_probe
+from dbtunneld.login_probe import login_probe
+from dbtunneld.model import DbCredentials
 from dbtunneld.transport import SshTransport, Transport, build_transport
 from dbtunneld.tunnel import ProbeResult, Tunnel
 from tunnel_servers import GreetingEchoServer, Sshd, keygen

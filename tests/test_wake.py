@@ -3,31 +3,34 @@
 from __future__ import annotations
 
 import threading
-import time
 
+from dbtunneld.timing import FakeClock
 from dbtunneld.wake import WakeDetector
 
 
-class Clocks:
+class Clocks(FakeClock):
+    """The engine's fake clock; a sleep (or a clock set) moves only the wall clock."""
+
     def __init__(self):
-        self.wall = 1_700_000_000.0
-        self.mono = 100.0
+        super().__init__(1_700_000_000.0)
 
     def tick(self, seconds: float, slept: float = 0.0):
-        self.mono += seconds
-        self.wall += seconds + slept
+        self.advance(seconds)
+        self.jump_wall(slept)
 
 
 class Unit:
     def __init__(self):
         self.checks = 0
+        self.checked = threading.Event()
 
     def check_now(self):
         self.checks += 1
+        self.checked.set()
 
 
 def detector(clocks: Clocks, **kw) -> WakeDetector:
-    return WakeDetector(wall=lambda: clocks.wall, monotonic=lambda: clocks.mono, threshold=10, **kw)
+    return WakeDetector(clock=clocks, threshold=10, **kw)
 
 
 def test_normal_ticks_check_nothing():
@@ -81,9 +84,8 @@ def test_thread_polls_on_its_tick():
     d = detector(clocks, tick=0.01)
     d.register(a)
     with d:
+        assert clocks.wait_for_waiters(1)         # the detector's thread waits on the clock
         clocks.tick(0, slept=600)
-        deadline = time.monotonic() + 5
-        while a.checks == 0 and time.monotonic() < deadline:
-            time.sleep(0.005)
+        assert a.checked.wait(5)
     assert a.checks == 1
     assert not any(t.name == "wake-detector" for t in threading.enumerate())

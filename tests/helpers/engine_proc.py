@@ -22,7 +22,7 @@ import threading
 def main(argv: list[str]) -> int:
     from dbtunneld.config import load_config
     from dbtunneld.keystore import Keystore
-    from dbtunneld.lease import CredentialEngine
+    from dbtunneld.credentials import CredentialEngine
     from dbtunneld.log import setup_logging
     from dbtunneld.paths import default_paths
 
