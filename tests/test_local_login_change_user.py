@@ -80,3 +80,23 @@ def test_big_queries_around_a_change_user_pass_untouched(env, tunnels, leases): 
         cur.execute("SELECT LENGTH(%s)", (blob,))
         assert cur.fetchone()[0] == 70000
     conn.close()
+
+
+def test_change_user_upstream_on_caching_sha2_fast_path(env, tunnels, leases):  # noqa: F811
+    """The sandbox's MariaDB has no caching_sha2_password: the upstream of the outer tunnel is a
+    second local login that offers it (and checks the outer's COM_CHANGE_USER independently)."""
+    from dbtunneld.local_login import LocalLogin
+    from dbtunneld.model import DbCredentials
+    import time
+
+    inner, _ = local_tunnel(env, tunnels, leases, "ssh", w.CACHING_SHA2)
+    as_lease = DbCredentials(LOCAL_USER, LOCAL_PASSWORD, "lease/local", time.time() + 600)
+    outer_login = LocalLogin("outer", "outer-user", lambda: "outer-pw", lambda: as_lease)
+    outer = tunnels(env.transport("ssm-port-forward", "127.0.0.1", inner.local_port), ("127.0.0.1", inner.local_port),
+                    before_relay=outer_login)
+    conn = connect(outer.local_port, "outer-pw", "outer-user")
+    first = current_user(conn)
+    second = leases.rotate()
+    change_user(conn, "outer-user", "outer-pw", w.NATIVE)
+    assert current_user(conn) == second.username != first
+    conn.close()
