@@ -75,6 +75,8 @@ class CommandWatch:
 @dataclass(frozen=True)
 class Handoff:
     """What a tunnel's ``before_relay`` may return instead of a bare socket: the socket to
-    relay and the watch its upload goes through."""
+    relay, the watch its upload goes through, and what stands for the server when it is not
+    the channel itself (a TLS bridge)."""
     client: socket.socket
     commands: CommandWatch | None = None
+    server: socket.socket | None = None

@@ -10,8 +10,9 @@ user, hands the client the server's OK, and returns: from then on the tunnel rel
 untouched. New connections therefore use the newest lease; open ones keep theirs.
 
 With ``tls`` (``local_tls = true``) the client may switch to TLS (a self-signed per-machine
-certificate, ``local_tls``); the relay then gets a bridged plain socket. Not handled: TLS to the
-server (not asked: the SSH/SSM transport encrypts the path).
+certificate, ``local_tls``); the relay then gets a bridged plain socket. With ``upstream_tls``
+("auto": when the server offers it; "required": refuse servers that do not) the upstream login
+switches the channel to TLS first (``upstream_tls``) and the relay gets a bridged socket for it.
 
 COM_CHANGE_USER after the login: the relay watches the client's commands (``command_watch``) and
 hands that one to ``_Session.change_user``: the local user and password are verified again (the
@@ -32,7 +33,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from . import local_tls
+from . import local_tls, upstream_tls as utls
 from . import mysqlwire as w
 from .command_watch import CommandWatch, Handoff
 from .config import ClusterConfig
@@ -147,7 +148,7 @@ class LocalLogin:
     def __init__(self, name: str, user: str, password: Callable[[], str],
                  credentials: Callable[[], DbCredentials | None], *, limiter: WrongPasswordLimiter | None = None,
                  timeout: float = LOGIN_TIMEOUT, greeting_plugin: str = "",
-                 tls: ssl.SSLContext | None = None) -> None:
+                 tls: ssl.SSLContext | None = None, upstream_tls: str = "off") -> None:
         self.name = name
         self.user = user
         self._password = password
@@ -156,6 +157,9 @@ class LocalLogin:
         self.timeout = timeout
         self._greeting_plugin = greeting_plugin
         self._tls = tls
+        if upstream_tls not in utls.MODES:
+            raise ValueError(f"upstream_tls must be one of {', '.join(utls.MODES)}, not {upstream_tls!r}")
+        self.upstream_tls = upstream_tls
 
     def __call__(self, client: socket.socket, channel: Any) -> Handoff | None:
         down, up = _Exchange(client), _Exchange(channel)
@@ -164,9 +168,10 @@ class LocalLogin:
         try:
             session = self._login(down, up)
             watch = CommandWatch(w.COM_CHANGE_USER, session.change_user)
+            server = utls.bridge(up.stream, f"tunnel-{self.name}") if up.stream is not channel else None
             if down.stream is client:
-                return Handoff(client, watch)
-            return Handoff(local_tls.bridge(down.stream, f"tunnel-{self.name}"), watch)
+                return Handoff(client, watch, server)
+            return Handoff(local_tls.bridge(down.stream, f"tunnel-{self.name}"), watch, server)
         except LoginRefused as exc:
             _try_send(down, w.err_payload(exc.code, exc.text, exc.sqlstate))
         except w.ProtocolError as exc:
@@ -179,6 +184,8 @@ class LocalLogin:
             _set_timeout(channel, None)
         if down.stream is not client:
             _close_quietly(down.stream)
+        if up.stream is not channel:
+            _close_quietly(up.stream)
         return None
 
     def _login(self, down: _Exchange, up: _Exchange) -> "_Session":
@@ -263,9 +270,22 @@ class LocalLogin:
         password = cred.password.encode()
         plugin = upstream_plugin(server)
         upstream = self._upstream_login(server, login, cred.username, plugin, password)
+        if self._upstream_wants_tls(server):
+            upstream = upstream.with_(capabilities=upstream.capabilities | w.CLIENT_SSL)
+            up.send(upstream.build()[:32])             # its first 32 bytes: the SSLRequest
+            up.stream = utls.TlsStream(up.stream, utls.client_context())
+            up.stream.handshake()
         up.send(upstream.build())
         self.finish_upstream_auth(up, down, cred.username, plugin, password, server.scramble)
         return upstream.capabilities
+
+    def _upstream_wants_tls(self, server: w.Greeting) -> bool:
+        offered = bool(server.capabilities & w.CLIENT_SSL)
+        if self.upstream_tls == "required" and not offered:
+            raise LoginRefused(w.ER_UNKNOWN, f"dbtunneld: upstream_tls = \"required\" but the database does not "
+                                             f"offer TLS; set upstream_tls = \"auto\" for cluster {self.name!r}",
+                               "08004")
+        return offered and self.upstream_tls != "off"
 
     def finish_upstream_auth(self, up: _Exchange, down: _Exchange, username: str, plugin: str,
                              password: bytes, nonce: bytes) -> None:

@@ -668,7 +668,9 @@ class Tunnel:
                 return
             handoff = relay if isinstance(relay, Handoff) else Handoff(relay)
             client = handoff.client
-            forwarding = self._forward(client, *opened, f"[tunnel={self.name}] conn-{number}", handoff.commands)
+            chan = opened[0] if handoff.server is None else handoff.server
+            forwarding = self._forward(client, chan, opened[1], f"[tunnel={self.name}] conn-{number}",
+                                       handoff.commands)
         finally:
             if not forwarding:
                 _close(client)

@@ -148,7 +148,18 @@ class MariaDB:
         """Install (first time only) and start; returns when the server is seeded and ready."""
         if not self.datadir.exists():
             self.install(template)
+        self._make_tls_files()
         self.service.start()
+
+    def _make_tls_files(self) -> None:
+        """A self-signed certificate so the server offers TLS (clients opt in, as with Aurora)."""
+        cert, key = self.dir / "server-cert.pem", self.dir / "server-key.pem"
+        if cert.exists() and key.exists():
+            return
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                        "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "3650",
+                        "-subj", f"/CN=sandbox-mariadb-{self.name}"],
+                       check=True, capture_output=True, timeout=60)
 
     def seed(self) -> None:
         """Admin user, sample schema and data (idempotent; runs after every start)."""
@@ -184,7 +195,8 @@ class MariaDB:
                 f"--socket={self.socket}", f"--port={self.port}", "--bind-address=127.0.0.1",
                 f"--pid-file={self.dir / 'mariadbd.pid'}", f"--tmpdir={self.dir}",
                 "--skip-name-resolve", *FAST_INNODB, "--performance-schema=OFF",
-                "--skip-log-bin", "--max-connections=500", "--log-warnings=1"]
+                "--skip-log-bin", "--max-connections=500", "--log-warnings=1",
+                f"--ssl-cert={self.dir / 'server-cert.pem'}", f"--ssl-key={self.dir / 'server-key.pem'}"]
         if os.geteuid() == 0:
             argv.append("--user=root")
         return argv
