@@ -101,37 +101,3 @@ def test_change_user_upstream_on_caching_sha2_fast_path(env, tunnels, leases):  
     assert current_user(conn) == second.username != first
     conn.close()
 
-
-def tls_tunnel(env, tunnels, leases, kind: str, mode: str):  # noqa: F811
-    from dbtunneld.local_login import LocalLogin
-    orders = env.stack.clusters["orders"]
-    login = LocalLogin("orders", LOCAL_USER, lambda: LOCAL_PASSWORD, lambda: leases.current, upstream_tls=mode)
-    return tunnels(env.transport(kind, "127.0.0.1", orders.port), ("127.0.0.1", orders.port), before_relay=login)
-
-
-def ssl_cipher(conn) -> str:
-    with conn.cursor() as cur:
-        cur.execute("SHOW STATUS LIKE 'Ssl_cipher'")
-        return cur.fetchone()[1]
-
-
-@pytest.mark.parametrize("kind", TRANSPORTS)
-def test_upstream_tls_required_encrypts_the_session_the_server_sees(env, tunnels, leases, kind):  # noqa: F811
-    t = tls_tunnel(env, tunnels, leases, kind, "required")
-    conn = connect(t.local_port)
-    assert current_user(conn) == leases.current.username
-    assert ssl_cipher(conn) != ""                    # the server's view of this proxied session
-    blob = "y" * 300000
-    with conn.cursor() as cur:                       # bulk both ways through the TLS bridge
-        cur.execute("SELECT LENGTH(%s), REPEAT('z', 300000)", (blob,))
-        n, back = cur.fetchone()
-        assert (n, len(back)) == (300000, 300000)
-    change_user(conn, LOCAL_USER, LOCAL_PASSWORD, w.NATIVE)
-    assert ssl_cipher(conn) != ""
-    conn.close()
-
-
-def test_upstream_tls_off_keeps_the_session_plain(env, tunnels, leases):  # noqa: F811
-    conn = connect(tls_tunnel(env, tunnels, leases, "ssh", "off").local_port)
-    assert ssl_cipher(conn) == ""
-    conn.close()

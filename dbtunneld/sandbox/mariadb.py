@@ -105,6 +105,7 @@ class MariaDB:
     port: int
     admin_password: str
     service: Service | None = None
+    tls: bool = False                # offer TLS (a self-signed certificate made at the first start)
 
     @property
     def database(self) -> str:
@@ -127,9 +128,10 @@ class MariaDB:
         return self.dir / "data"
 
     @classmethod
-    def create(cls, name: str, base: Path, port: int) -> "MariaDB":
+    def create(cls, name: str, base: Path, port: int, tls: bool = False) -> "MariaDB":
         """Describe an instance under ``base/name`` (nothing runs until ``install``/``service``)."""
-        db = cls(name=name, dir=base / f"mariadb-{name}", port=port, admin_password=secrets.token_urlsafe(18))
+        db = cls(name=name, dir=base / f"mariadb-{name}", port=port, admin_password=secrets.token_urlsafe(18),
+                 tls=tls)
         db.service = Service(
             name=f"mariadb-{name}", argv=db._server_argv(), log_path=db.dir / "server.log",
             ready=banner_probe(port), port=port, start_timeout=30.0, stop_timeout=10.0,
@@ -148,7 +150,8 @@ class MariaDB:
         """Install (first time only) and start; returns when the server is seeded and ready."""
         if not self.datadir.exists():
             self.install(template)
-        self._make_tls_files()
+        if self.tls:
+            self._make_tls_files()
         self.service.start()
 
     def _make_tls_files(self) -> None:
@@ -195,8 +198,9 @@ class MariaDB:
                 f"--socket={self.socket}", f"--port={self.port}", "--bind-address=127.0.0.1",
                 f"--pid-file={self.dir / 'mariadbd.pid'}", f"--tmpdir={self.dir}",
                 "--skip-name-resolve", *FAST_INNODB, "--performance-schema=OFF",
-                "--skip-log-bin", "--max-connections=500", "--log-warnings=1",
-                f"--ssl-cert={self.dir / 'server-cert.pem'}", f"--ssl-key={self.dir / 'server-key.pem'}"]
+                "--skip-log-bin", "--max-connections=500", "--log-warnings=1"]
+        if self.tls:
+            argv += [f"--ssl-cert={self.dir / 'server-cert.pem'}", f"--ssl-key={self.dir / 'server-key.pem'}"]
         if os.geteuid() == 0:
             argv.append("--user=root")
         return argv
