@@ -44,8 +44,8 @@ def probe_mysql_login(transport: Any, host: str, port: int, timeout: float, cred
                                           connect_timeout=timeout, read_timeout=timeout,
                                           write_timeout=timeout, defer_connect=True,
                                           ssl_disabled=True)
-    # ssl_disabled: this PyMySQL (2.2) switches to TLS whenever the server offers it (Aurora does,
-    # so does the sandbox's MariaDB), and a channel cannot be wrapped; the tunnel encrypts the path
+    # ssl_disabled: this PyMySQL (2.2) switches to TLS whenever the server offers it (Aurora does, as
+    # does the sandbox with mariadb_tls), and a channel cannot be wrapped; the tunnel encrypts the path
     chan = ChannelSocket(transport.open_channel(host, port, timeout))
     try:
         conn.connect(chan)

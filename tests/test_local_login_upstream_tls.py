@@ -61,3 +61,14 @@ def test_upstream_tls_off_keeps_the_session_plain(tls_db, tunnels):  # noqa: F81
     conn = connect(tls_tunnel(tunnels, tls_db, "off").local_port)
     assert ssl_cipher(conn) == ""
     conn.close()
+
+
+def test_login_probe_works_against_a_server_that_offers_tls(tls_db):
+    """PyMySQL 2.2 switches to TLS whenever offered; the probe's channel is not a socket."""
+    from dbtunneld.login_probe import probe_mysql_login
+
+    transport = ScriptedTransport(tls_db.port)
+    transport.connect()
+    lease = DbCredentials(tls_db.admin_user, tls_db.admin_password, "lease/admin", time.time() + 600)
+    result = probe_mysql_login(transport, "127.0.0.1", tls_db.port, 20, lease)
+    assert result.ok
