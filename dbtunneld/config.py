@@ -135,6 +135,7 @@ class ClusterConfig:
     login: str = "local"             # "local": a stable local user/password on the port; "lease": pass-through
     local_user: str = ""             # the local user name (default: the cluster name)
     local_tls: bool = False          # login = "local": offer TLS on the port (self-signed, per machine)
+    upstream_tls: str = "off"        # login = "local": TLS to the server inside the tunnel: off | auto | required
 
     def effective_transport(self, bastion: BastionConfig) -> str:
         return self.transport or bastion.transport
@@ -421,6 +422,7 @@ def _parse_cluster(r: _Reader) -> ClusterConfig | None:
         login=_parse_login(r),
         local_user=_parse_local_user(r),
         local_tls=r.get("local_tls", bool, False),
+        upstream_tls=_parse_upstream_tls(r),
     )
     return cluster
 
@@ -433,6 +435,19 @@ def _parse_login(r: _Reader) -> str:
                   "(log in with the leased Vault user, which changes at each rotation)")
         return "local"
     return login
+
+
+UPSTREAM_TLS = ("off", "auto", "required")
+
+
+def _parse_upstream_tls(r: _Reader) -> str:
+    mode = r.text("upstream_tls", "off")
+    if mode not in UPSTREAM_TLS:
+        r.problem("upstream_tls", f"unknown mode {mode!r}",
+                  'use "off" (the tunnel already encrypts the path), "auto" (TLS when the server offers it) '
+                  'or "required" (refuse a server without TLS)')
+        return "off"
+    return mode
 
 
 def _parse_local_user(r: _Reader) -> str:

@@ -26,6 +26,8 @@ import socket
 import threading
 from typing import Any, Callable, Protocol
 
+from .command_watch import CommandWatch
+
 log = logging.getLogger(__name__)
 
 READ_SIZE = 256 * 1024
@@ -105,10 +107,10 @@ class Forwarder:
         self._thread.start()
 
     def add(self, client: socket.socket, upstream: Upstream, on_end: Callable[["Link"], None],
-            label: str = "", generation: int = -1) -> "Link":
+            label: str = "", generation: int = -1, commands: CommandWatch | None = None) -> "Link":
         """Forward between ``client`` and ``upstream`` until both are done; then ``on_end(link)``
-        (on the loop thread; both ends are closed by then)."""
-        link = Link(self, client, upstream, on_end, label)
+        (on the loop thread; both ends are closed by then). ``commands``: see ``Link``."""
+        link = Link(self, client, upstream, on_end, label, commands)
         link.generation = generation
         self.call(link.start)
         return link
@@ -230,10 +232,16 @@ class _Turn:
 
 class Link:
     """One client connection and its upstream; lives on the loop thread (``abort``, ``poke``
-    and ``received`` may be used from any thread)."""
+    and ``received`` may be used from any thread).
+
+    With ``commands`` (a ``CommandWatch``) the upload goes through it; when it stops at a watched
+    command the link is diverted: once what came before has gone up and the download is idle,
+    the client leaves the loop, the loop relays a socket pair's end instead, and the watch's
+    handler talks to the client and (through the pair's other end) to the upstream with blocking
+    sockets on its own thread; then the client comes back (``_undivert``)."""
 
     def __init__(self, loop: Forwarder, client: socket.socket, upstream: Upstream,
-                 on_end: Callable[["Link"], None], label: str) -> None:
+                 on_end: Callable[["Link"], None], label: str, commands: CommandWatch | None = None) -> None:
         self.loop = loop
         self.client = client
         self.upstream = upstream
@@ -247,6 +255,8 @@ class Link:
         self._down_shut = False           # the upstream's end was passed on to the client
         self._poked = False
         self._done = False
+        self._commands = commands
+        self._real_client: socket.socket | None = None   # while diverted: the client, off the loop
 
     # -- any thread --
 
@@ -309,8 +319,12 @@ class Link:
             _shutdown_write(self.client)
         if self._up_pending:
             self._send_up(turn)
-        if client_readable and not self._up_pending and not self._client_eof:
+        if client_readable and not self._up_pending and not self._client_eof and not self._holding():
             self._read_client(turn)
+        if self._holding():
+            if not self._up_pending and not self.upstream.down_blocked():
+                self._divert()
+            return
         if self._client_eof and not self._up_pending and not self._up_shut:
             self._up_shut = True
             self.upstream.shutdown_write()
@@ -319,11 +333,61 @@ class Link:
         data = self.loop.recv(self.client)
         if data is None:
             return
+        watch = self._commands
         if not data:
             self._client_eof = True
+            self._up_pending = watch.flush() if watch is not None and self._real_client is None else b""
+            if self._up_pending:
+                self._send_up(turn)
             return
+        if watch is not None and self._real_client is None:
+            data = watch.feed(data)
         self._up_pending = data
-        self._send_up(turn)
+        if data:
+            self._send_up(turn)
+
+    # -- diverting the client to the command watch's handler
+
+    def _holding(self) -> bool:
+        return self._commands is not None and self._commands.held is not None and self._real_client is None
+
+    def _divert(self) -> None:
+        assert self._commands is not None and self._commands.held is not None
+        held = self._commands.held
+        self.loop.unwatch(self.client)
+        ours, theirs = socket.socketpair()
+        ours.setblocking(False)
+        self._real_client, self.client = self.client, ours
+        self._real_client.setblocking(True)
+        threading.Thread(target=self._run_handler, args=(self._real_client, theirs, held),
+                         name=f"{self.loop.name}-command", daemon=True).start()
+
+    def _run_handler(self, client: socket.socket, upstream: socket.socket, held: bytes) -> None:
+        assert self._commands is not None
+        try:
+            rest = self._commands.handler(client, upstream, held)
+        except Exception as exc:
+            log.debug("%s: command handler ended the connection: %s: %s", self.label, type(exc).__name__, exc)
+            _close(upstream)
+            self.loop.call(self._finish, True)
+            return
+        self.loop.call(self._undivert, upstream, rest)
+
+    def _undivert(self, upstream_end: socket.socket, rest: bytes) -> None:
+        real = self._real_client
+        if self._done or real is None:
+            _close(upstream_end)
+            return
+        self.loop.unwatch(self.client)
+        _close(self.client)
+        _close(upstream_end)
+        self.client, self._real_client = real, None
+        real.setblocking(False)
+        assert self._commands is not None
+        self._commands.reset()
+        if rest:
+            self._up_pending = self._commands.feed(rest)
+        self._step(None)
 
     def _send_up(self, turn: "_Turn") -> None:
         turn.join(self.upstream)
@@ -332,7 +396,7 @@ class Link:
 
     def _rewatch(self) -> None:
         events = 0
-        if not self._client_eof and not self._up_pending:
+        if not self._client_eof and not self._up_pending and not self._holding():
             events |= R
         if self.upstream.down_blocked():
             events |= W
@@ -355,6 +419,10 @@ class Link:
                 self.client.shutdown(socket.SHUT_RDWR)
         _close(self.upstream)
         _close(self.client)
+        if self._real_client is not None:
+            with contextlib.suppress(OSError):
+                self._real_client.shutdown(socket.SHUT_RDWR)
+            _close(self._real_client)
         try:
             self._on_end(self)
         except Exception:

@@ -10,9 +10,15 @@ user, hands the client the server's OK, and returns: from then on the tunnel rel
 untouched. New connections therefore use the newest lease; open ones keep theirs.
 
 With ``tls`` (``local_tls = true``) the client may switch to TLS (a self-signed per-machine
-certificate, ``local_tls``); the relay then gets a bridged plain socket. Not handled: TLS to the
-server (not asked: the SSH/SSM transport encrypts the path) and COM_CHANGE_USER after the login
-(it is relayed, so the server refuses the local user; reconnect instead).
+certificate, ``local_tls``); the relay then gets a bridged plain socket. With ``upstream_tls``
+("auto": when the server offers it; "required": refuse servers that do not) the upstream login
+switches the channel to TLS first (``upstream_tls``) and the relay gets a bridged socket for it.
+
+COM_CHANGE_USER after the login: the relay watches the client's commands (``command_watch``) and
+hands that one to ``_Session.change_user``: the local user and password are verified again (the
+same plugins and nonce as the login), the server gets a COM_CHANGE_USER for the current leased
+user, and the client gets the server's answer; a wrong local password is an ERR 1045 and the
+session stays as it was.
 """
 
 from __future__ import annotations
@@ -27,8 +33,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from . import local_tls
+from . import local_tls, upstream_tls as utls
 from . import mysqlwire as w
+from .command_watch import CommandWatch, Handoff
 from .config import ClusterConfig
 from .model import DbCredentials
 
@@ -141,7 +148,7 @@ class LocalLogin:
     def __init__(self, name: str, user: str, password: Callable[[], str],
                  credentials: Callable[[], DbCredentials | None], *, limiter: WrongPasswordLimiter | None = None,
                  timeout: float = LOGIN_TIMEOUT, greeting_plugin: str = "",
-                 tls: ssl.SSLContext | None = None) -> None:
+                 tls: ssl.SSLContext | None = None, upstream_tls: str = "off") -> None:
         self.name = name
         self.user = user
         self._password = password
@@ -150,16 +157,21 @@ class LocalLogin:
         self.timeout = timeout
         self._greeting_plugin = greeting_plugin
         self._tls = tls
+        if upstream_tls not in utls.MODES:
+            raise ValueError(f"upstream_tls must be one of {', '.join(utls.MODES)}, not {upstream_tls!r}")
+        self.upstream_tls = upstream_tls
 
-    def __call__(self, client: socket.socket, channel: Any) -> socket.socket | None:
+    def __call__(self, client: socket.socket, channel: Any) -> Handoff | None:
         down, up = _Exchange(client), _Exchange(channel)
         _set_timeout(client, self.timeout)
         _set_timeout(channel, self.timeout)
         try:
-            self._login(down, up)
+            session = self._login(down, up)
+            watch = CommandWatch(w.COM_CHANGE_USER, session.change_user)
+            server = utls.bridge(up.stream, f"tunnel-{self.name}") if up.stream is not channel else None
             if down.stream is client:
-                return client
-            return local_tls.bridge(down.stream, f"tunnel-{self.name}")
+                return Handoff(client, watch, server)
+            return Handoff(local_tls.bridge(down.stream, f"tunnel-{self.name}"), watch, server)
         except LoginRefused as exc:
             _try_send(down, w.err_payload(exc.code, exc.text, exc.sqlstate))
         except w.ProtocolError as exc:
@@ -172,14 +184,17 @@ class LocalLogin:
             _set_timeout(channel, None)
         if down.stream is not client:
             _close_quietly(down.stream)
+        if up.stream is not channel:
+            _close_quietly(up.stream)
         return None
 
-    def _login(self, down: _Exchange, up: _Exchange) -> None:
+    def _login(self, down: _Exchange, up: _Exchange) -> "_Session":
         server = self._server_greeting(up)
         ours = self._client_greeting(server)
         down.send(ours.build())
         login = self._verify_client(down, ours)
-        self._log_in_upstream(up, server, login, down)
+        upstream_caps = self._log_in_upstream(up, server, login, down)
+        return _Session(self, server, ours, login.capabilities & ours.capabilities, upstream_caps)
 
     # ---- the client side
 
@@ -205,21 +220,26 @@ class LocalLogin:
             raise LoginRefused(w.ER_UNKNOWN, "dbtunneld: the local port does not offer TLS (the tunnel "
                                              "encrypts the path); turn off 'require SSL' for 127.0.0.1", "08004")
         login = w.parse_login(payload)
+        self.authenticate(down, login.user, login.plugin, login.auth_response, ours)
+        return login
+
+    def authenticate(self, down: _Exchange, user: bytes, plugin: str, answer: bytes, ours: w.Greeting) -> None:
+        """Check the client's answer to our nonce (switching it to our plugin when it used another);
+        LoginRefused when wrong or while the port is locked."""
         locked = self.limiter.locked_for()
         if locked > 0:
             raise LoginRefused(w.ER_ACCESS_DENIED, f"dbtunneld: too many wrong passwords on this port; "
                                                    f"try again in {locked:.0f} s", "28000")
-        plugin, answer, nonce = login.plugin, login.auth_response, ours.scramble
+        nonce = ours.scramble
         if plugin not in w.PLUGINS:
             plugin = ours.plugin
             down.send(w.auth_switch_payload(plugin, nonce))
             answer = down.read()
-        if not self._right(login.user, plugin, answer, nonce):
-            self._wrong(login.user)
+        if not self._right(user, plugin, answer, nonce):
+            self._wrong(user)
         self.limiter.succeeded()
         if plugin == w.CACHING_SHA2:
             down.send(bytes([1, w.FAST_AUTH_OK]))
-        return login
 
     def _right(self, user: bytes, plugin: str, answer: bytes, nonce: bytes) -> bool:
         expected = w.scramble_for(plugin, self._password().encode(), nonce)
@@ -237,15 +257,40 @@ class LocalLogin:
 
     # ---- the upstream side
 
-    def _log_in_upstream(self, up: _Exchange, server: w.Greeting, login: w.Login, down: _Exchange) -> None:
+    def current_lease(self) -> DbCredentials:
         cred = self._credentials()
         if cred is None:
             raise LoginRefused(w.ER_UNKNOWN, f"dbtunneld: cluster {self.name!r} has no database user yet; "
                                              "see `dbtunneld status`")
+        return cred
+
+    def _log_in_upstream(self, up: _Exchange, server: w.Greeting, login: w.Login, down: _Exchange) -> int:
+        """Log in as the lease; the capabilities it negotiated with the server."""
+        cred = self.current_lease()
         password = cred.password.encode()
-        plugin = server.plugin if server.plugin in w.PLUGINS else w.NATIVE
-        up.send(self._upstream_login(server, login, cred.username, plugin, password).build())
-        nonce = server.scramble
+        plugin = upstream_plugin(server)
+        upstream = self._upstream_login(server, login, cred.username, plugin, password)
+        if self._upstream_wants_tls(server):
+            upstream = upstream.with_(capabilities=upstream.capabilities | w.CLIENT_SSL)
+            up.send(upstream.build()[:32])             # its first 32 bytes: the SSLRequest
+            up.stream = utls.TlsStream(up.stream, utls.client_context())
+            up.stream.handshake()
+        up.send(upstream.build())
+        self.finish_upstream_auth(up, down, cred.username, plugin, password, server.scramble)
+        return upstream.capabilities
+
+    def _upstream_wants_tls(self, server: w.Greeting) -> bool:
+        offered = bool(server.capabilities & w.CLIENT_SSL)
+        if self.upstream_tls == "required" and not offered:
+            raise LoginRefused(w.ER_UNKNOWN, f"dbtunneld: upstream_tls = \"required\" but the database does not "
+                                             f"offer TLS; set upstream_tls = \"auto\" for cluster {self.name!r}",
+                               "08004")
+        return offered and self.upstream_tls != "off"
+
+    def finish_upstream_auth(self, up: _Exchange, down: _Exchange, username: str, plugin: str,
+                             password: bytes, nonce: bytes) -> None:
+        """The server's answers after a login or COM_CHANGE_USER as the lease (auth switch,
+        caching_sha2 rounds) up to its OK, which goes to the client (``down``)."""
         while True:
             payload = up.read()
             kind = payload[:1]
@@ -254,9 +299,9 @@ class LocalLogin:
                 return
             if kind == b"\xff":
                 code, text = w.parse_err(payload)
-                log.warning("[tunnel=%s] upstream login as %s refused: %d %s", self.name, cred.username, code, text)
+                log.warning("[tunnel=%s] upstream login as %s refused: %d %s", self.name, username, code, text)
                 raise LoginRefused(w.ER_UNKNOWN, f"dbtunneld: the database refused the leased user "
-                                                 f"{cred.username}: {code} {text}")
+                                                 f"{username}: {code} {text}")
             if kind == b"\xfe":
                 plugin, nonce = w.parse_auth_switch(payload)
                 up.send(w.scramble_for(plugin, password, nonce))
@@ -287,6 +332,72 @@ class LocalLogin:
         if key[:1] != b"\x01":
             raise w.ProtocolError("the server sent no RSA public key")
         up.send(w.rsa_encrypted_password(password, nonce, key[1:]))
+
+
+def upstream_plugin(server: w.Greeting) -> str:
+    return server.plugin if server.plugin in w.PLUGINS else w.NATIVE
+
+
+class _Session:
+    """What one logged-in connection keeps for a later COM_CHANGE_USER (``change_user``, the
+    ``CommandWatch`` handler: blocking sockets, on the relay's worker thread)."""
+
+    def __init__(self, login: LocalLogin, server: w.Greeting, ours: w.Greeting,
+                 client_caps: int, upstream_caps: int) -> None:
+        self.login, self.server, self.ours = login, server, ours
+        self.client_caps, self.upstream_caps = client_caps, upstream_caps
+
+    def change_user(self, client: socket.socket, upstream: socket.socket, held: bytes) -> bytes:
+        """Returns the bytes the client sent after the command; raises to end the connection."""
+        reader = _Prefixed(client, held)
+        down, up = _Exchange(reader), _Exchange(upstream)
+        _set_timeout(client, self.login.timeout)
+        _set_timeout(upstream, self.login.timeout)
+        try:
+            asked = w.parse_change_user(down.read(), self.client_caps)
+            try:
+                self.login.authenticate(down, asked.user, asked.plugin, asked.auth_response, self.ours)
+            except LoginRefused as exc:          # the session stays the lease's, as it was
+                down.send(w.err_payload(exc.code, exc.text, exc.sqlstate))
+                return reader.rest()
+            self._change_upstream(up, down, asked)
+        except LoginRefused as exc:
+            _try_send(down, w.err_payload(exc.code, exc.text, exc.sqlstate))
+            raise
+        finally:
+            _set_timeout(client, None)
+        log.info("[tunnel=%s] COM_CHANGE_USER: the session logged in again as the lease", self.login.name)
+        return reader.rest()
+
+    def _change_upstream(self, up: _Exchange, down: _Exchange, asked: w.ChangeUser) -> None:
+        cred = self.login.current_lease()
+        password = cred.password.encode()
+        plugin = upstream_plugin(self.server)
+        nonce = self.server.scramble
+        command = w.ChangeUser(cred.username.encode(), w.scramble_for(plugin, password, nonce),
+                               asked.database, asked.charset or self.server.charset, plugin, asked.attributes)
+        up.send(command.build(self.upstream_caps))
+        self.login.finish_upstream_auth(up, down, cred.username, plugin, password, nonce)
+
+
+class _Prefixed:
+    """A socket read first from bytes already taken off it."""
+
+    def __init__(self, sock: socket.socket, prefix: bytes) -> None:
+        self._sock, self._prefix = sock, prefix
+
+    def recv(self, n: int) -> bytes:
+        if self._prefix:
+            out, self._prefix = self._prefix[:n], self._prefix[n:]
+            return out
+        return self._sock.recv(n)
+
+    def sendall(self, data: bytes) -> None:
+        self._sock.sendall(data)
+
+    def rest(self) -> bytes:
+        rest, self._prefix = self._prefix, b""
+        return rest
 
 
 def _set_timeout(stream: Any, timeout: float | None) -> None:

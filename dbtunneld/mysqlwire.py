@@ -316,3 +316,58 @@ def rsa_encrypted_password(password: bytes, nonce: bytes, public_key_pem: bytes)
     key: Any = serialization.load_pem_public_key(public_key_pem)
     return key.encrypt(masked, padding.OAEP(mgf=padding.MGF1(algorithm=hashes.SHA1()),
                                             algorithm=hashes.SHA1(), label=None))
+
+
+# ---- COM_CHANGE_USER -------------------------------------------------------------------------
+# (MySQL "COM_CHANGE_USER" page_protocol_com_change_user.html; MariaDB KB "COM_CHANGE_USER")
+
+COM_CHANGE_USER = 0x11
+
+
+@dataclass(frozen=True)
+class ChangeUser:
+    user: bytes
+    auth_response: bytes
+    database: bytes = b""
+    charset: int = 0
+    plugin: str = ""
+    attributes: bytes = b""
+
+    def build(self, capabilities: int) -> bytes:
+        """The command as a client with ``capabilities`` (the negotiated ones) sends it."""
+        out = bytes([COM_CHANGE_USER]) + self.user + b"\0"
+        if capabilities & CLIENT_SECURE_CONNECTION:
+            out += bytes([len(self.auth_response)]) + self.auth_response
+        else:
+            out += self.auth_response + b"\0"
+        out += self.database + b"\0" + struct.pack("<H", self.charset)
+        if capabilities & CLIENT_PLUGIN_AUTH:
+            out += self.plugin.encode() + b"\0"
+        if capabilities & CLIENT_CONNECT_ATTRS:
+            out += lenenc_int(len(self.attributes)) + self.attributes
+        return out
+
+
+def parse_change_user(payload: bytes, capabilities: int) -> ChangeUser:
+    """A client's COM_CHANGE_USER; ``capabilities``: what the client negotiated at its login."""
+    if payload[:1] != bytes([COM_CHANGE_USER]):
+        raise ProtocolError("not a COM_CHANGE_USER packet")
+    user, pos = _nul_string(payload, 1)
+    if capabilities & CLIENT_SECURE_CONNECTION:
+        n = _byte(payload, pos)
+        auth, pos = payload[pos + 1:pos + 1 + n], pos + 1 + n
+    else:
+        auth, pos = _nul_string(payload, pos)
+    database, pos = _nul_string(payload, pos)
+    charset = 0
+    if pos + 2 <= len(payload):
+        charset, pos = struct.unpack_from("<H", payload, pos)[0], pos + 2
+    plugin = ""
+    if capabilities & CLIENT_PLUGIN_AUTH and pos < len(payload):
+        raw, pos = _nul_string(payload, pos)
+        plugin = raw.decode(errors="replace")
+    attributes = b""
+    if capabilities & CLIENT_CONNECT_ATTRS and pos < len(payload):
+        n, pos = read_lenenc_int(payload, pos)
+        attributes = payload[pos:pos + n]
+    return ChangeUser(user, auth, database, charset, plugin, attributes)

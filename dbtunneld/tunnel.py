@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from . import forward, ports
+from .command_watch import CommandWatch, Handoff
 from .config import TunnelSettings
 from .errors import (DbtunneldError, NeedsUserError, PortInUseError, SignInNeededError,
                      TransientError)
@@ -222,7 +223,7 @@ RETRY_CYCLE = {(S.BACKOFF, S.CONNECTING), (S.BACKOFF, S.RECONNECTING), (S.CONNEC
 # ---- the unit --------------------------------------------------------------------------------
 
 Probe = Callable[[Transport, str, int, float], ProbeResult]
-BeforeRelay = Callable[[socket.socket, Any], "socket.socket | None"]
+BeforeRelay = Callable[[socket.socket, Any], "socket.socket | Handoff | None"]
 CREDENTIALS_RECHECK = 2.0         # waiting_credentials re-asks the prerequisite this often
 
 
@@ -236,7 +237,8 @@ class Tunnel:
     ``local_port=0`` binds an ephemeral port (tests). ``before_relay(client, channel)`` (optional)
     runs once per connection on the fresh channel before any byte is relayed (the local login,
     ``local_login.LocalLogin``) and returns the socket to relay (the client, or one that stands for
-    it); None ends the connection (it has told the client why).
+    it), or a ``command_watch.Handoff`` (that socket and a watch on its upload); None ends the
+    connection (it has told the client why).
     """
 
     def __init__(self, name: str, local_port: int, remote_host: str, remote_port: int,
@@ -664,15 +666,18 @@ class Tunnel:
             relay = self._ready_to_relay(client, opened[0])
             if relay is None:
                 return
-            client = relay
-            forwarding = self._forward(client, *opened, f"[tunnel={self.name}] conn-{number}")
+            handoff = relay if isinstance(relay, Handoff) else Handoff(relay)
+            client = handoff.client
+            chan = opened[0] if handoff.server is None else handoff.server
+            forwarding = self._forward(client, chan, opened[1], f"[tunnel={self.name}] conn-{number}",
+                                       handoff.commands)
         finally:
             if not forwarding:
                 _close(client)
                 with self._cond:
                     self._counts["open"] -= 1
 
-    def _ready_to_relay(self, client: socket.socket, chan: Any) -> socket.socket | None:
+    def _ready_to_relay(self, client: socket.socket, chan: Any) -> socket.socket | Handoff | None:
         """The ``before_relay`` step (the one seam between accepting and relaying)."""
         if self._before_relay is None:
             return client
@@ -685,7 +690,8 @@ class Tunnel:
         _close(chan)
         return None
 
-    def _forward(self, client: socket.socket, chan: Any, generation: int, label: str) -> bool:
+    def _forward(self, client: socket.socket, chan: Any, generation: int, label: str,
+                 commands: CommandWatch | None = None) -> bool:
         """True when the forwarding loop took the connection (it ends it: ``_link_ended``)."""
         try:
             upstream = forward.upstream_for(chan)
@@ -698,7 +704,7 @@ class Tunnel:
             if forwarder is None:                # stopping
                 _close(chan)
                 return False
-            link = forwarder.add(client, upstream, self._link_ended, label, generation)
+            link = forwarder.add(client, upstream, self._link_ended, label, generation, commands)
             if not link.ended:                  # (a loop that has stopped ends it at once)
                 self._pipes.add(link)
             stale = generation != self._generation

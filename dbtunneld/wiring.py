@@ -163,4 +163,4 @@ def local_login_for(c: ClusterConfig, engine: EngineUnit) -> Any:
         from .local_tls import server_context
         tls = server_context(getattr(engine, "paths").state_dir)
     return LocalLogin(c.name, local_user(c), lambda: passwords.get(cred_name), lambda: engine.current(cred_name),
-                      tls=tls)
+                      tls=tls, upstream_tls=c.upstream_tls)

@@ -220,3 +220,11 @@ def test_login_defaults_to_local_and_lease_is_kept():
     assert (cfg.clusters[0].login, cfg.clusters[0].local_user) == ("local", "")
     cfg = parse_config(BASE_VAULT + BASE_BASTION + ONE_CLUSTER + 'login = "lease"\nlocal_user = "me"\n')
     assert (cfg.clusters[0].login, cfg.clusters[0].local_user) == ("lease", "me")
+
+
+def test_upstream_tls_defaults_to_off_and_names_its_modes():
+    assert parse_config(BASE_VAULT + BASE_BASTION + ONE_CLUSTER).clusters[0].upstream_tls == "off"
+    cfg = parse_config(BASE_VAULT + BASE_BASTION + ONE_CLUSTER + 'upstream_tls = "required"\n')
+    assert cfg.clusters[0].upstream_tls == "required"
+    with pytest.raises(ConfigError, match=r'clusters\[0\].upstream_tls: unknown mode .yes.*"auto"'):
+        parse_config(BASE_VAULT + BASE_BASTION + ONE_CLUSTER + 'upstream_tls = "yes"\n', "config.toml")

@@ -115,3 +115,30 @@ def test_upstream_auth_switch_then_caching_sha2_fast_path():
                            _Exchange(proxy_down, seq=2))
     assert w.read_packet(client_end)[0][:1] == b"\x00"
     assert seen == {"native": True, "switched": True}
+
+
+def test_upstream_tls_required_refuses_a_server_without_tls_with_a_readable_error():
+    import socket
+    import time
+
+    import pytest
+
+    from dbtunneld import mysqlwire as w
+    from dbtunneld.local_login import LocalLogin, LoginRefused, _Exchange
+    from dbtunneld.model import DbCredentials
+
+    server_end, proxy_up = socket.socketpair()
+    server = _Exchange(server_end)
+    server.send(w.Greeting(b"8.0.36", 5, w.new_scramble(), w.LOGIN_CAPS | w.CLIENT_MYSQL, 255, 2, w.NATIVE).build())
+    cred = DbCredentials("v-lease", "lease-pw", "lease/1", time.time() + 60)
+    outer = LocalLogin("c", "me", lambda: "local-pw", lambda: cred, upstream_tls="required")
+    up = _Exchange(proxy_up)
+    greeting = w.parse_greeting(up.read())
+    with pytest.raises(LoginRefused, match='upstream_tls = "auto"'):
+        outer._log_in_upstream(up, greeting, w.Login(w.LOGIN_CAPS | w.CLIENT_MYSQL, 1 << 24, 45, b"me", b""),
+                               _Exchange(socket.socketpair()[0], seq=2))
+    server_end.setblocking(False)
+    with pytest.raises(BlockingIOError):                   # nothing was sent in the clear
+        server_end.recv(1)
+    with pytest.raises(ValueError, match="upstream_tls"):
+        LocalLogin("c", "me", lambda: "", lambda: cred, upstream_tls="yes")

@@ -230,10 +230,11 @@ def test_upstream_caching_sha2_fast_path_against_a_second_local_login(env, tunne
     relayed: list = []
 
     def proxy():
-        relay = outer(proxy_end, upstream)
-        relayed.append(relay)
-        if relay is None:
+        handoff = outer(proxy_end, upstream)
+        relayed.append(handoff)
+        if handoff is None:
             return
+        relay = handoff.client
         for src, dst in ((relay, upstream), (upstream, relay)):
             threading.Thread(target=copy, args=(src, dst), daemon=True).start()
 
@@ -252,4 +253,4 @@ def test_upstream_caching_sha2_fast_path_against_a_second_local_login(env, tunne
     finally:
         conn.close()
         upstream.close()
-    assert relayed and relayed[0] is proxy_end
+    assert relayed and relayed[0].client is proxy_end

@@ -131,3 +131,12 @@ def test_upstream_login_mirrors_the_client_minus_compression():
     assert not up.capabilities & (w.CLIENT_COMPRESS | w.CLIENT_SSL)
     no_db = LocalLogin._upstream_login(server, client.with_(database=None), "u", w.NATIVE, b"pw")
     assert not w.parse_login(no_db.build()).capabilities & w.CLIENT_CONNECT_WITH_DB
+
+
+def test_change_user_round_trips_with_the_negotiated_capabilities():
+    caps = w.CLIENT_PROTOCOL_41 | w.CLIENT_SECURE_CONNECTION | w.CLIENT_PLUGIN_AUTH | w.CLIENT_CONNECT_ATTRS
+    asked = w.ChangeUser(b"orders", b"\x01" * 20, b"shop", 45, w.NATIVE, b"\x03k_1\x02v1")
+    assert w.parse_change_user(asked.build(caps), caps) == asked
+    bare = w.ChangeUser(b"orders", b"\x02" * 20, b"", 33)             # no plugin, no attributes
+    plain = w.CLIENT_PROTOCOL_41 | w.CLIENT_SECURE_CONNECTION
+    assert w.parse_change_user(bare.build(plain), plain) == bare

@@ -105,6 +105,7 @@ class MariaDB:
     port: int
     admin_password: str
     service: Service | None = None
+    tls: bool = False                # offer TLS (a self-signed certificate made at the first start)
 
     @property
     def database(self) -> str:
@@ -127,9 +128,10 @@ class MariaDB:
         return self.dir / "data"
 
     @classmethod
-    def create(cls, name: str, base: Path, port: int) -> "MariaDB":
+    def create(cls, name: str, base: Path, port: int, tls: bool = False) -> "MariaDB":
         """Describe an instance under ``base/name`` (nothing runs until ``install``/``service``)."""
-        db = cls(name=name, dir=base / f"mariadb-{name}", port=port, admin_password=secrets.token_urlsafe(18))
+        db = cls(name=name, dir=base / f"mariadb-{name}", port=port, admin_password=secrets.token_urlsafe(18),
+                 tls=tls)
         db.service = Service(
             name=f"mariadb-{name}", argv=db._server_argv(), log_path=db.dir / "server.log",
             ready=banner_probe(port), port=port, start_timeout=30.0, stop_timeout=10.0,
@@ -148,7 +150,19 @@ class MariaDB:
         """Install (first time only) and start; returns when the server is seeded and ready."""
         if not self.datadir.exists():
             self.install(template)
+        if self.tls:
+            self._make_tls_files()
         self.service.start()
+
+    def _make_tls_files(self) -> None:
+        """A self-signed certificate so the server offers TLS (clients opt in, as with Aurora)."""
+        cert, key = self.dir / "server-cert.pem", self.dir / "server-key.pem"
+        if cert.exists() and key.exists():
+            return
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                        "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "3650",
+                        "-subj", f"/CN=sandbox-mariadb-{self.name}"],
+                       check=True, capture_output=True, timeout=60)
 
     def seed(self) -> None:
         """Admin user, sample schema and data (idempotent; runs after every start)."""
@@ -185,6 +199,8 @@ class MariaDB:
                 f"--pid-file={self.dir / 'mariadbd.pid'}", f"--tmpdir={self.dir}",
                 "--skip-name-resolve", *FAST_INNODB, "--performance-schema=OFF",
                 "--skip-log-bin", "--max-connections=500", "--log-warnings=1"]
+        if self.tls:
+            argv += [f"--ssl-cert={self.dir / 'server-cert.pem'}", f"--ssl-key={self.dir / 'server-key.pem'}"]
         if os.geteuid() == 0:
             argv.append("--user=root")
         return argv

@@ -78,6 +78,7 @@ class StackOptions:
     sso: bool = True
     ssh: bool = True
     ssm: bool | None = None          # None: start the SSM stand-in if its module exists
+    mariadb_tls: bool = False        # the MariaDBs offer TLS (as Aurora does; PyMySQL then uses it)
     home: Path | None = None         # where .aws/config goes (default: <dir>/home)
     base_dir: Path | None = None     # parent of the private temp dir (default: $TMPDIR)
     sso_interval: int = 1
@@ -169,7 +170,7 @@ class Stack:
     def _build(self) -> None:
         o = self.options
         for name in o.clusters:
-            self.mariadb[name] = MariaDB.create(name, self.dir, self._port(f"mariadb-{name}"))
+            self.mariadb[name] = MariaDB.create(name, self.dir, self._port(f"mariadb-{name}"), tls=o.mariadb_tls)
             self._local_ports[name] = free_port()
         if o.vault:
             self.openbao_server = OpenBao.create(self.dir, self._port("openbao"), self._configure_openbao)
