@@ -148,7 +148,8 @@ def test_tray_without_config_offers_set_up_and_opens_the_window(tmp_path):
         try:
             model = wait_for(lambda: models and models[-1], 10, "a menu")
             assert model.items[1].text == "Set up…" and model.items[1].action == ("setup",)
-            assert launched and launched[0][-2:] == ["init", "--gui"] and str(paths.config_file) in launched[0]
+            wait_for(lambda: launched, 10, "the launch of the setup window (on the action's own thread)")
+            assert launched[0][-2:] == ["init", "--gui"] and str(paths.config_file) in launched[0]
             title = wait_for(lambda: window_title(d), 30, "the setup window")
             assert title == TITLE + "1. AWS profile: AWS profile", title
             d.screenshot(ARTIFACTS / "init-window-from-tray.png")
