@@ -222,6 +222,10 @@ def test_stale_stack_of_a_dead_owner_is_swept(tmp_path):
     live = tmp_path / "dbtunneld-sandbox-live"
     live.mkdir()
     (live / "owner.pid").write_text(str(os.getpid()))
+    cmdline = Path(f"/proc/{orphan.pid}/cmdline")          # until exec, it still shows pytest's command
+    deadline = time.monotonic() + 10
+    while str(stale).encode() not in cmdline.read_bytes() and time.monotonic() < deadline:
+        time.sleep(0.01)
     try:
         assert sweep_stale_stacks(tmp_path) == [str(stale)]
         assert orphan.wait(timeout=5) == -signal.SIGKILL
