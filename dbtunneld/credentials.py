@@ -46,6 +46,7 @@ Passwords live in memory only; the Vault token also in the keyring (``keystore``
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import random
 import threading
@@ -55,6 +56,7 @@ from typing import Any, Callable
 
 from .aws import AwsSession, parse_utc
 from .config import Config, VaultConfig
+from .engine_loop import EngineLoop
 from .errors import ClosedError, DbtunneldError
 from .keeper import CredentialEvent, Tuning, short_error
 from .keystore import Keystore
@@ -64,6 +66,7 @@ from .model import CredentialState, CredentialStatus, DbCredentials, LeaseOutcom
 from .orphans import OrphanSweeper
 from .paths import Paths
 from .revoke import revoke_leases, revoke_with_token
+from .scheduler import Scheduler
 from .sso import refresh_blocker
 from .sso_keeper import SsoKeeper
 from .sso_signin import SsoSignIn
@@ -82,7 +85,8 @@ class CredentialEngine:
     def __init__(self, config: Config, paths: Paths, keystore: Keystore, *, clock: Clock = SYSTEM_CLOCK,
                  on_event: Callable[[CredentialEvent], None] | None = None, tuning: Tuning = Tuning(),
                  aws: AwsSession | None = None, make_vault: Callable[[VaultConfig], VaultClient] | None = None,
-                 rng: random.Random | None = None, threaded: bool = True) -> None:
+                 rng: random.Random | None = None, threaded: bool = True, engine_loop: EngineLoop | None = None,
+                 scheduler: Scheduler | None = None) -> None:
         self.config = config
         self.paths = paths
         self.keystore = keystore
@@ -95,6 +99,10 @@ class CredentialEngine:
         self.aws = aws or AwsSession(config.aws, clock=clock)
         self.store = LeaseStore(paths.leases_file)
         self._lock = threading.RLock()
+        self._engine_loop, self._owns_loop = engine_loop, False
+        self.scheduler = scheduler or Scheduler(clock)
+        self._drives = scheduler is None     # our own schedule: we drive it (threaded) or the test does
+        self._driver: concurrent.futures.Future[None] | None = None
         self._aws_status = CredentialStatus(kind="aws", name=self.aws.profile, state=S.IDLE, since=clock.time())
         self.tokens = TokenKeeper(config.vault, self.aws, keystore, self._make_vault, clock=clock, emit=self._emit,
                                   tuning=tuning, mint_ahead=config.credentials.mint_ahead, rng=self._rng,
@@ -103,11 +111,11 @@ class CredentialEngine:
         self._stopping = threading.Event()
         self.orphans = OrphanSweeper(self.store, config.vault.address, self.tokens, clock=clock, tuning=tuning,
                                      rng=self._rng, revoke_timeout=config.credentials.revoke_timeout,
-                                     stopping=self._stopping)
+                                     stopping=self._stopping, engine=lambda: self.engine_loop)
         self.sso = SsoKeeper(self.aws, clock=clock, emit=self._emit, tuning=tuning, rng=self._rng,
                              on_result=self._sso_checked)
         self._sso_signin = SsoSignIn(self.aws, clock=clock, tuning=tuning, stopping=self._stopping,
-                                     on_done=self._sso_done)
+                                     on_done=self._sso_done, engine=lambda: self.engine_loop)
         self._started = False
         self._identity_tried = False
 
@@ -123,7 +131,7 @@ class CredentialEngine:
         for keeper in list(self.keepers.values()):
             keeper.wake()
         if self.threaded:
-            self.orphans.start_once()
+            self.orphans.start_once(self.scheduler)
 
     def _set_aws_status(self, state: CredentialState, error: str, identity: str) -> None:
         if state == S.VALID and not identity and not self._aws_status.identity and not self._identity_tried:
@@ -146,6 +154,22 @@ class CredentialEngine:
 
     # -- lifecycle
 
+    def attach(self, engine_loop: EngineLoop, scheduler: Scheduler) -> None:
+        """Run on a shared engine loop and schedule (the supervisor's, which drives it); before ``start``."""
+        if self._started:
+            raise RuntimeError("attach() after start()")
+        self._engine_loop, self._owns_loop = engine_loop, False
+        self.scheduler, self._drives = scheduler, False
+
+    @property
+    def engine_loop(self) -> EngineLoop:
+        """The loop whose worker pool runs blocking calls with deadlines (parallel revokes, the SSO
+        sign-in); an engine used on its own starts its own."""
+        with self._lock:
+            if self._engine_loop is None:
+                self._engine_loop, self._owns_loop = EngineLoop(name="dbtunneld-credentials").start(), True
+            return self._engine_loop
+
     def start(self) -> None:
         """Start keeping the Vault token (resume or log in); orphans are revoked once it is valid."""
         if self._started:
@@ -154,8 +178,11 @@ class CredentialEngine:
         if self.orphans.pending:
             log.info("found %d lease(s) left by an earlier run; revoking them once Vault is reachable",
                      len(self.orphans.pending))
-        self.sso.start(self.threaded)
-        self.tokens.start(self.threaded)
+        if self.threaded and self._drives:
+            loop = self.engine_loop
+            self._driver = loop.submit(self.scheduler.drive(loop))
+        self.sso.start(self.scheduler)
+        self.tokens.start(self.scheduler)
 
     def stop(self, revoke: bool = True, timeout: float | None = None) -> list[LeaseOutcome]:
         """Stop every keeper; with ``revoke`` revoke all leases, bounded by ``timeout``
@@ -169,13 +196,23 @@ class CredentialEngine:
                 return []
             self._stopping.set()
             keepers = list(self.keepers.values())
+        self.orphans.stop()
         self._stop_units(keepers, deadline)
         outcomes = self._revoke_everything(keepers, deadline, bound) if revoke else []
         self._sso_signin.join(max(0.0, deadline - time.monotonic()))
-        self.orphans.join(max(0.0, deadline - time.monotonic()))
         for unit in keepers + [self.tokens]:
             unit.vault.close()
+        self._stop_loop(deadline)
         return outcomes
+
+    def _stop_loop(self, deadline: float) -> None:
+        """End the driver of our own schedule and the loop we started (not a shared one)."""
+        if self._driver is not None:
+            self._driver.cancel()
+        with self._lock:
+            loop, owned = self._engine_loop, self._owns_loop
+        if loop is not None and owned:
+            loop.stop(timeout=max(0.1, min(1.0, deadline - time.monotonic())))
 
     def _stop_units(self, keepers: list[LeaseKeeper], deadline: float) -> None:
         units = keepers + [self.tokens, self.sso]
@@ -189,7 +226,7 @@ class CredentialEngine:
         go with the token when this token minted them (``revoke.revoke_with_token``)."""
         targets = {k: [k.target(lz) for lz in k.take_leases()] for k in keepers}
         flat = [t for ts in targets.values() for t in ts]
-        outcomes = revoke_leases(flat, self.tokens, self.store, deadline)
+        outcomes = revoke_leases(flat, self.tokens, self.store, deadline, self.engine_loop)
         outcomes = revoke_with_token(outcomes, {t.lease_id: t.token_accessor for t in flat}, self.tokens,
                                      self.store, deadline)
         by_id = {o.lease_id: o for o in outcomes}
@@ -214,9 +251,9 @@ class CredentialEngine:
             if keeper is None:
                 keeper = LeaseKeeper(cluster, self.tokens, self.store, self._make_vault, clock=self.clock,
                                      emit=self._emit, tuning=self.tuning, mint_ahead=self.config.credentials.mint_ahead,
-                                     rng=self._rng)
+                                     rng=self._rng, engine=lambda: self.engine_loop)
                 self.keepers[cluster_name] = keeper
-                keeper.start(self.threaded)
+                keeper.start(self.scheduler)
         return keeper
 
     def want(self, cluster_name: str, timeout: float = 30.0) -> DbCredentials:

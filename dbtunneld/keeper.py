@@ -1,8 +1,10 @@
 """What every credential keeper shares: a lifecycle with one loop, a status, and events.
 
-A ``Keeper`` owns one retry loop: ``step`` runs ``run_once``, which does whatever is due and
-returns the delay to its next step; the loop waits that long on the injected ``Clock`` (or until
-``wake``). Tests drive ``step`` in virtual time instead of starting the thread.
+A ``Keeper`` is a unit of the engine's ``scheduler.Scheduler``: ``step`` runs ``run_once``, which
+does whatever is due and returns the delay to its next step. ``start(scheduler)`` adds it to the
+schedule (production: driven on the engine loop, steps on its worker pool; tests: the same
+``Scheduler`` in virtual time, ``tests/helpers/fakevault.run_virtual``), ``wake`` makes it due
+now, ``stop`` removes it and waits (bounded) for a step in flight. A keeper owns no thread.
 
 A bug (``errors.is_bug``: AttributeError, TypeError, KeyError... raised in the keeper or let
 through by an adapter's classifier) is not a transient failure: ``step`` logs its traceback once
@@ -19,12 +21,15 @@ import logging
 import math
 import threading
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from . import log as dlog
 from .errors import DbtunneldError
 from .model import CredentialState, CredentialStatus
 from .timing import Backoff, Clock
+
+if TYPE_CHECKING:
+    from .scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +63,7 @@ class Tuning:
 
 
 class Keeper:
-    """A keeper with an explicit lifecycle: ``start`` spawns its loop, ``stop`` ends it."""
+    """A unit of the scheduler with an explicit lifecycle: ``start`` schedules it, ``stop`` ends it."""
 
     kind = "keeper"
     tuning = Tuning()     # subclasses set their own
@@ -67,10 +72,10 @@ class Keeper:
         self.name = name
         self.clock = clock
         self._emit_event = emit
-        self._wake = threading.Event()
+        self._scheduler: Scheduler | None = None
         self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
         self._cond = threading.Condition()
+        self._stepping_in: threading.Thread | None = None   # the worker running a step (under _cond)
         self._status = CredentialStatus(kind=self.kind, name=name, state=S.IDLE, since=clock.time())
         self.steps = 0
         self.internal_errors = 0
@@ -80,47 +85,47 @@ class Keeper:
         self._bugs_logged: set[tuple[str, str, int]] = set()
 
     # lifecycle
-    def start(self, threaded: bool = True) -> None:
-        if threaded and self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name=f"dbtunneld-{self.kind}-{self.name}", daemon=True)
-            self._thread.start()
+    def start(self, scheduler: "Scheduler") -> None:
+        """Schedule the first step now (idempotent; a stopped keeper stays stopped)."""
+        if self._scheduler is None and not self._stopping.is_set():
+            self._scheduler = scheduler
+            scheduler.add(self)
 
     def request_stop(self) -> None:
-        """Ask the loop to end after its current step (returns at once; ``stop`` also waits)."""
+        """No more steps after the current one (returns at once; ``stop`` also waits)."""
         self._stopping.set()
-        self._wake.set()
+        if self._scheduler is not None:
+            self._scheduler.remove(self)
 
     def stop(self, timeout: float = 5.0) -> None:
+        """``request_stop``, then wait up to ``timeout`` for a step in flight to end."""
         self.request_stop()
-        thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout)
+        with self._cond:
+            if self._stepping_in is not threading.current_thread():
+                self._cond.wait_for(lambda: self._stepping_in is None, max(0.0, timeout))
 
     @property
     def stopping(self) -> bool:
         return self._stopping.is_set()
 
     def wake(self) -> None:
-        self._wake.set()
-
-    def woken(self) -> bool:
-        """For a virtual-time driver: was this unit woken? (clears the flag)."""
-        if self._wake.is_set():
-            self._wake.clear()
-            return True
-        return False
-
-    def _loop(self) -> None:
-        while not self._stopping.is_set():
-            self._wake.clear()
-            delay = self.step()
-            if self._stopping.is_set():
-                break
-            self.clock.wait(self._wake, max(0.0, delay))
+        """Step now (right after the current step, if one runs); from any thread."""
+        if self._scheduler is not None:
+            self._scheduler.wake(self)
 
     def step(self) -> float:
         """``run_once``, with a bug turned into "internal error" and a slow retry (never a crash
         of the loop, never a fast spin); returns the delay to the next step."""
+        with self._cond:
+            self._stepping_in = threading.current_thread()
+        try:
+            return self._step()
+        finally:
+            with self._cond:
+                self._stepping_in = None
+                self._cond.notify_all()
+
+    def _step(self) -> float:
         now = self.clock.time()
         if now < self._paused_until:
             return self._paused_until - now

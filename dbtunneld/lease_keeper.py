@@ -10,7 +10,7 @@ import os
 import random
 import time
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from . import log as dlog
 from .config import ClusterConfig, VaultConfig
@@ -23,6 +23,9 @@ from .revoke import RevokeTarget, revoke_leases
 from .timing import Clock, Lifetime, jittered_grace, plan_next, renewal_capped, replace_time, retry_within
 from .token_keeper import TokenKeeper, TokenView
 from .vault import LeaseGrant, VaultClient, VaultRequestError
+
+if TYPE_CHECKING:
+    from .engine_loop import EngineLoop
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +61,10 @@ class LeaseKeeper(Keeper):
 
     def __init__(self, cluster: ClusterConfig, tokens: TokenKeeper, store: LeaseStore,
                  make_vault: Callable[[VaultConfig], VaultClient], *, clock: Clock,
-                 emit: Callable[[CredentialEvent], None], tuning: Tuning, mint_ahead: float, rng: random.Random) -> None:
+                 emit: Callable[[CredentialEvent], None], tuning: Tuning, mint_ahead: float, rng: random.Random,
+                 engine: Callable[[], "EngineLoop"]) -> None:
         super().__init__(cluster.name, clock, emit)
+        self._engine = engine          # the engine loop, for parallel revokes with a deadline
         self.cluster = cluster
         self.tokens = tokens
         self.store = store
@@ -323,7 +328,7 @@ class LeaseKeeper(Keeper):
         dlog.register_secret(grant.password)
         if self.stopping:  # released while minting: give it back at once
             revoke_leases([RevokeTarget(grant.lease_id, self.name, grant.username, grant.issued_at + grant.duration)],
-                          self.tokens, self.store, time.monotonic() + 5)
+                          self.tokens, self.store, time.monotonic() + 5, self._engine())
             return
         me = my_identity()
         self.store.add(LeaseRecord(grant.lease_id, self.name, grant.username, self.tokens.config.address,
@@ -438,7 +443,8 @@ class LeaseKeeper(Keeper):
 
     def revoke_all(self, deadline: float) -> list[LeaseOutcome]:
         """Revoke every lease this keeper holds (by ``deadline``, monotonic); an outcome per lease."""
-        outcomes = revoke_leases([self.target(lz) for lz in self.take_leases()], self.tokens, self.store, deadline)
+        outcomes = revoke_leases([self.target(lz) for lz in self.take_leases()], self.tokens, self.store, deadline,
+                                 self._engine())
         self.settle(outcomes)
         return outcomes
 

@@ -1,14 +1,16 @@
 """Leases a crashed run left behind: which records nobody owns (``orphans``) and the sweeper that
-revokes them once the Vault token is valid (``OrphanSweeper``: bounded tries within a window; a
+revokes them once the Vault token is valid (``OrphanSweeper``, a unit of the engine's scheduler: bounded tries within a window; a
 lease the policy does not let us revoke is not retried; what is left waits for the next start)."""
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import threading
 import time
+from typing import TYPE_CHECKING, Callable
 
 from .keeper import Tuning
 from .lease_store import LeaseRecord, LeaseStore
@@ -16,6 +18,10 @@ from .model import LeaseOutcome
 from .revoke import RevokeTarget, revoke_leases
 from .timing import Clock
 from .token_keeper import TokenKeeper
+
+if TYPE_CHECKING:
+    from .engine_loop import EngineLoop
+    from .scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +34,13 @@ def orphans(records: list[LeaseRecord], me: int | None = None) -> list[LeaseReco
 
 
 class OrphanSweeper:
-    """The orphans of this Vault found at start, and the one thread that revokes them."""
+    """The orphans of this Vault found at start, and the scheduler unit that revokes them."""
+
+    name = "orphans"
 
     def __init__(self, store: LeaseStore, vault_address: str, tokens: TokenKeeper, *, clock: Clock,
-                 tuning: Tuning, rng: random.Random, revoke_timeout: float, stopping: threading.Event) -> None:
+                 tuning: Tuning, rng: random.Random, revoke_timeout: float, stopping: threading.Event,
+                 engine: Callable[[], "EngineLoop"]) -> None:
         self.store = store
         self.tokens = tokens
         self.clock = clock
@@ -39,8 +48,11 @@ class OrphanSweeper:
         self.rng = rng
         self.revoke_timeout = revoke_timeout
         self.stopping = stopping
+        self._engine = engine
         self.pending = self._find(vault_address)
-        self.thread: threading.Thread | None = None
+        self._scheduler: Scheduler | None = None
+        self._started_at: float | None = None
+        self.attempts = 0
 
     def _find(self, vault_address: str) -> list[LeaseRecord]:
         """Leases an earlier run left behind in this Vault (others cannot be revoked from here)."""
@@ -54,38 +66,47 @@ class OrphanSweeper:
                 self.store.remove(record.lease_id)
         return found
 
-    def start_once(self) -> None:
-        """Start the sweep thread (once) when there is something to sweep."""
-        if self.pending and self.thread is None and not self.stopping.is_set():
-            self.thread = threading.Thread(target=self.run, name="dbtunneld-orphans", daemon=True)
-            self.thread.start()
+    def start_once(self, scheduler: Scheduler) -> None:
+        """Schedule the sweep (once) when there is something to sweep."""
+        if self.pending and self._scheduler is None and not self.stopping.is_set():
+            self._scheduler = scheduler
+            scheduler.add(self)
 
-    def join(self, timeout: float) -> None:
-        if self.thread is not None:
-            self.thread.join(timeout)
+    def stop(self) -> None:
+        if self._scheduler is not None:
+            self._scheduler.remove(self)
 
-    def run(self) -> None:
-        """Revoke the orphans: at most ``tuning.orphan_tries`` attempts within ``tuning.orphan_window`` s."""
-        started, attempt = self.clock.time(), 0
-        while self.pending and not self.stopping.is_set():
-            self.sweep_once()
-            attempt += 1
-            if not self.pending:
-                return
-            delay = self.tuning.backoff.delay(attempt - 1, self.rng.random())
-            if attempt >= self.tuning.orphan_tries or self.clock.time() + delay - started > self.tuning.orphan_window:
-                log.warning("giving up on %d orphaned lease(s) after %d tries in %.0f s; the next start tries again",
-                            len(self.pending), attempt, self.clock.time() - started)
-                return
-            log.warning("%d orphaned lease(s) not revoked yet; retry %d in %.1f s", len(self.pending), attempt, delay)
-            self.clock.wait(self.stopping, delay)
+    def step(self) -> float:
+        """One attempt; at most ``tuning.orphan_tries`` within ``tuning.orphan_window`` s, then the
+        unit leaves the schedule (what is left waits for the next start)."""
+        if not self.pending or self.stopping.is_set():
+            return self._done()
+        if self._started_at is None:
+            self._started_at = self.clock.time()
+        self.sweep_once()
+        self.attempts += 1
+        if not self.pending:
+            return self._done()
+        delay = self.tuning.backoff.delay(self.attempts - 1, self.rng.random())
+        spent = self.clock.time() - self._started_at
+        if self.attempts >= self.tuning.orphan_tries or spent + delay > self.tuning.orphan_window:
+            log.warning("giving up on %d orphaned lease(s) after %d tries in %.0f s; the next start tries again",
+                        len(self.pending), self.attempts, spent)
+            return self._done()
+        log.warning("%d orphaned lease(s) not revoked yet; retry %d in %.1f s", len(self.pending), self.attempts, delay)
+        return delay
+
+    def _done(self) -> float:
+        self.stop()
+        return math.inf
 
     def sweep_once(self) -> list[LeaseOutcome]:
-        """One attempt at the orphans (also for callers that run the engine without threads);
+        """One attempt at the orphans (also for callers that run the engine without a driver);
         returns the outcomes. Retried ones stay orphans; revoked and denied ones are done."""
         records = list(self.pending)
         targets = [RevokeTarget(r.lease_id, r.cluster, r.username) for r in records]
-        outcomes = revoke_leases(targets, self.tokens, self.store, time.monotonic() + self.revoke_timeout)
+        outcomes = revoke_leases(targets, self.tokens, self.store, time.monotonic() + self.revoke_timeout,
+                                 self._engine())
         retry = {o.lease_id for o in outcomes if o.retried}
         self.pending = [r for r in records if r.lease_id in retry]
         return outcomes

@@ -1,4 +1,5 @@
-"""Revoking DB leases: one request per lease in parallel, bounded by a deadline, and an outcome per
+"""Revoking DB leases: one request per lease in parallel (tasks on the engine loop, each request on
+its worker pool), bounded by a deadline, and an outcome per
 lease (``model.LeaseOutcome``: revoked, or not, why, and until when the DB user stays valid).
 
 A 403 on ``sys/leases/revoke`` (``vault.RevokeDeniedError``) is final for that lease: Vault's default
@@ -17,17 +18,22 @@ every lease of that token, so the engine uses it on quit only, never for one clu
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import logging
-import threading
 import time
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from .errors import DbtunneldError
 from .keeper import short_error
 from .model import LeaseOutcome
+from .engine_loop import LoopClosedError
 from .vault import REVOKE_POLICY_LINE, RevokeDeniedError
+
+if TYPE_CHECKING:
+    from .engine_loop import EngineLoop
 
 log = logging.getLogger(__name__)
 
@@ -43,20 +49,49 @@ class RevokeTarget:
     token_accessor: str = ""         # the token that minted it, when known
 
 
-def revoke_leases(targets: list[RevokeTarget], tokens: Any, store: Any, deadline: float) -> list[LeaseOutcome]:
+def revoke_leases(targets: list[RevokeTarget], tokens: Any, store: Any, deadline: float,
+                  engine: "EngineLoop") -> list[LeaseOutcome]:
     """Revoke ``targets`` in parallel with the current token of ``tokens`` (a ``TokenKeeper``), each
     request bounded by ``deadline`` (monotonic). Revoked and denied leases leave ``store``; the
-    others stay there for the next start. Returns one outcome per target, in order."""
+    others stay there for the next start. Returns one outcome per target, in order. From any thread
+    but the loop's own (there: ``await revoke_leases_async``)."""
+    if not targets:
+        return []
+    left = max(0.0, deadline - time.monotonic())
+    try:
+        return engine.run(revoke_leases_async(targets, tokens, store, deadline, engine), left + 1.0)
+    except (concurrent.futures.TimeoutError, LoopClosedError):
+        outcomes = [_kept(t, "Vault did not answer before the revoke deadline") for t in targets]
+        for outcome in outcomes:
+            _record(outcome, store)
+        return outcomes
+
+
+async def revoke_leases_async(targets: list[RevokeTarget], tokens: Any, store: Any, deadline: float,
+                              engine: "EngineLoop") -> list[LeaseOutcome]:
+    """``revoke_leases`` on the engine loop: one blocking request per lease on the worker pool,
+    each cut off at ``deadline`` (its worker ends its call in the background, bounded by the
+    client timeout the request was given)."""
     if not targets:
         return []
     view = tokens.current()
     if view is None:
         outcomes = [_kept(t, "no valid Vault token to revoke with") for t in targets]
     else:
-        outcomes = _in_parallel(targets, lambda t: _revoke_one(t, view.secret, tokens, deadline), deadline)
+        outcomes = list(await asyncio.gather(*(_revoke_before(t, view.secret, tokens, deadline, engine)
+                                               for t in targets)))
     for outcome in outcomes:
         _record(outcome, store)
     return outcomes
+
+
+async def _revoke_before(target: RevokeTarget, secret: str, tokens: Any, deadline: float,
+                         engine: "EngineLoop") -> LeaseOutcome:
+    try:
+        return await engine.run_blocking(_revoke_one, target, secret, tokens, deadline,
+                                         timeout=max(0.0, deadline - time.monotonic()))
+    except asyncio.TimeoutError:
+        return _kept(target, "Vault did not answer before the revoke deadline")
 
 
 def revoke_with_token(outcomes: list[LeaseOutcome], minted_by: dict[str, str], tokens: Any, store: Any,
@@ -75,27 +110,6 @@ def revoke_with_token(outcomes: list[LeaseOutcome], minted_by: dict[str, str], t
         store.remove(lease_id)
     return [replace(o, revoked=True, how="token", reason="", hint="", valid_until=None, retried=False)
             if o.lease_id in covered else o for o in outcomes]
-
-
-def _in_parallel(targets: list[RevokeTarget], call: Callable[[RevokeTarget], LeaseOutcome],
-                 deadline: float) -> list[LeaseOutcome]:
-    results: dict[int, LeaseOutcome] = {}
-    lock = threading.Lock()
-
-    def run(i: int, target: RevokeTarget) -> None:
-        outcome = call(target)
-        with lock:
-            results[i] = outcome
-
-    threads = [threading.Thread(target=run, args=(i, t), name="dbtunneld-revoke", daemon=True)
-               for i, t in enumerate(targets)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(max(0.0, deadline - time.monotonic()))
-    with lock:
-        return [results.get(i) or _kept(t, "Vault did not answer before the revoke deadline")
-                for i, t in enumerate(targets)]
 
 
 def _revoke_one(target: RevokeTarget, secret: str, tokens: Any, deadline: float) -> LeaseOutcome:

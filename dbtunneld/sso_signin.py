@@ -1,4 +1,5 @@
-"""The engine's SSO sign-in: one flow at a time, finished on a background thread.
+"""The engine's SSO sign-in: one flow at a time, finished by a task on the engine loop (its
+blocking wait for the browser or the device-code polls run on the loop's worker pool).
 
 The authorization-code flow with PKCE (the browser comes back to a loopback listener) is the
 default, as ``aws sso login`` since late 2024; the device flow serves ``use_device_code``
@@ -8,15 +9,19 @@ sso-session. Asking for the other flow while one runs cancels the running one.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import threading
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from .aws import AwsSession
 from .errors import DbtunneldError, TransientError
 from .keeper import Tuning, short_error
 from .sso import SsoAuthCodeLogin, SsoDeviceLogin
 from .timing import Clock
+
+if TYPE_CHECKING:
+    from .engine_loop import EngineLoop
 
 log = logging.getLogger(__name__)
 
@@ -25,14 +30,15 @@ class SsoSignIn:
     """Runs sign-ins for ``aws``; ``on_done(ok, detail)`` is called when one ends."""
 
     def __init__(self, aws: AwsSession, *, clock: Clock, tuning: Tuning, stopping: threading.Event,
-                 on_done: Callable[[bool, str], None]) -> None:
+                 on_done: Callable[[bool, str], None], engine: Callable[[], "EngineLoop"]) -> None:
         self.aws = aws
         self.clock = clock
         self.tuning = tuning
         self.stopping = stopping
         self.on_done = on_done
+        self._engine = engine
         self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
+        self._task: concurrent.futures.Future[None] | None = None
         self._cancel = threading.Event()
         self._info: dict[str, Any] | None = None
 
@@ -54,18 +60,19 @@ class SsoSignIn:
                 code_flow = SsoAuthCodeLogin(self.aws, clock=self.clock)
                 info, target, args = code_flow.start(), self._finish_auth_code, (code_flow, cancel)
             self._info = info
-            self._thread = threading.Thread(target=target, args=args, name="dbtunneld-sso", daemon=True)
-            self._thread.start()
+            engine = self._engine()
+            self._task = engine.submit(engine.run_blocking(target, *args))
         return dict(info), True
 
     def _running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._task is not None and not self._task.done()
 
     def join(self, timeout: float) -> None:
+        """End the running sign-in (its flow checks the cancel flag) and wait up to ``timeout``."""
         self._cancel.set()
-        thread = self._thread
-        if thread is not None:
-            thread.join(max(0.0, timeout))
+        task = self._task
+        if task is not None:
+            concurrent.futures.wait([task], max(0.0, timeout))
 
     def _finish_auth_code(self, flow: SsoAuthCodeLogin, cancel: threading.Event) -> None:
         stop = _either(self.stopping, cancel)

@@ -25,9 +25,10 @@ from dbtunneld.model import DbCredentials
 from dbtunneld.orphans import orphans
 from dbtunneld.model import CredentialState
 from dbtunneld.paths import Paths
+from dbtunneld.scheduler import Scheduler
 from dbtunneld.timing import Backoff, FakeClock, SYSTEM_CLOCK
 from dbtunneld.sandbox.procs import wait_until
-from helpers.fakevault import FakeAws, FakeVaultClient, FakeVaultServer, run_virtual
+from helpers.fakevault import FakeAws, FakeVaultClient, FakeVaultServer, run_schedule, run_virtual
 from helpers.keyrings import BlockingMacKeychain, InMemoryKeyring
 
 S = CredentialState
@@ -306,6 +307,17 @@ def test_orphans_of_a_dead_run_are_revoked_and_a_live_owner_is_left_alone(world)
     assert [r.lease_id for r in LeaseStore(world.paths.leases_file).records()] == ["database/creds/x/live"]
 
 
+def sweep_until_done(sweeper, clock, max_steps=100):
+    """Drive the orphan sweeper on a Scheduler in virtual time until it leaves the schedule."""
+    sched = Scheduler(clock)
+    sweeper.start_once(sched)
+    for _ in range(max_steps):
+        if sweeper not in sched:
+            return
+        run_schedule(sched, clock, max(0.0, sched.next_due() - clock.monotonic()))
+    raise AssertionError("the orphan sweep never gave up")
+
+
 def test_orphan_clean_up_retries_are_bounded_in_count_and_time(world, caplog):
     caplog.set_level(logging.INFO)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -320,11 +332,7 @@ def test_orphan_clean_up_retries_are_bounded_in_count_and_time(world, caplog):
     assert engine.tokens.current() is not None
     world.server.down = True
     t0 = clock.time()
-    sweep = threading.Thread(target=engine.orphans.run, daemon=True)
-    sweep.start()
-    sweep.join(10)
-    engine._stopping.set()                                        # ends an unbounded sweep (old code)
-    assert not sweep.is_alive(), "the orphan sweep never gave up"
+    sweep_until_done(engine.orphans, clock)
     tries = [w for _, w in world.server.failed_calls if w == "revoke-lease"]
     assert len(tries) == 4                                        # the count bound
     assert clock.time() - t0 <= 3600                              # the time bound
@@ -340,7 +348,7 @@ def test_orphan_clean_up_retries_are_bounded_in_count_and_time(world, caplog):
     world.server.down = True
     world.server.failed_calls.clear()
     start = short.clock.time()
-    short.orphans.run()                                        # the time bound ends it first
+    sweep_until_done(short.orphans, short.clock)               # the time bound ends it first
     assert short.clock.time() - start <= 500
     assert 2 <= len([w for _, w in world.server.failed_calls if w == "revoke-lease"]) <= 3
 

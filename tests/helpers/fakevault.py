@@ -5,7 +5,7 @@ capped at a max TTL, renewals that stop extending at the max, leases revoked whe
 minted them expires or is revoked, 403 for a dead token, 400 for an unknown lease. It can be
 taken "down" (every call raises TransientError and is counted) or made to hang.
 ``FakeVaultClient`` has the interface of ``dbtunneld.vault.VaultClient``. ``run_virtual`` drives
-an unthreaded engine through virtual time.
+an unthreaded engine through virtual time with the engine's own ``Scheduler``.
 """
 
 from __future__ import annotations
@@ -238,28 +238,33 @@ class FakeAws:
 
 
 def run_virtual(engine, clock, seconds: float, on_step=None, max_steps: int = 100000) -> int:
-    """Drive an engine built with ``threaded=False`` for ``seconds`` of virtual time.
+    """Drive an engine built with ``threaded=False`` for ``seconds`` of virtual time: its own
+    ``Scheduler`` (the class production drives on the engine loop), see ``run_schedule``."""
+    return run_schedule(engine.scheduler, clock, seconds, on_step, max_steps)
 
-    Each unit runs when its own delay is due or when it was woken; ``on_step(unit)`` is called
-    after every step (for invariants). Returns the number of steps (a busy loop shows here).
-    """
-    end = clock.time() + seconds
-    due: dict[object, float] = {}
+
+def run_schedule(scheduler, clock, seconds: float, on_step=None, max_steps: int = 100000) -> int:
+    """Drive ``scheduler`` (``dbtunneld.scheduler.Scheduler``) for ``seconds`` of virtual time on
+    ``clock`` (a FakeClock): step every due unit (``take_due`` / ``stepped``), then advance the
+    clock to ``next_due``. A unit runs when its own delay is due or when it was woken;
+    ``on_step(unit)`` is called after every step (for invariants). Returns the number of steps
+    (a busy loop shows here)."""
+    end = clock.monotonic() + seconds
     steps = 0
     while steps < max_steps:
-        units = [engine.tokens] + list(engine.keepers.values())
-        for unit in units:
-            if unit not in due or unit.woken():
-                due[unit] = clock.time()
-        unit = min(units, key=lambda u: due[u])
-        if due[unit] > end:
-            clock.set(end)
+        due = scheduler.take_due()
+        for unit in due:
+            delay = unit.step()
+            steps += 1
+            assert delay >= 0 and not math.isnan(delay), (unit, delay)
+            scheduler.stepped(unit, delay)
+            if on_step is not None:
+                on_step(unit)
+        if due:
+            continue
+        nxt = scheduler.next_due()
+        if nxt > end:
+            clock.advance(max(0.0, end - clock.monotonic()))
             return steps
-        clock.set(due[unit])
-        delay = unit.step()
-        steps += 1
-        assert delay >= 0 and not math.isnan(delay)
-        due[unit] = clock.time() + delay
-        if on_step is not None:
-            on_step(unit)
+        clock.advance(max(0.0, nxt - clock.monotonic()))
     raise AssertionError(f"no progress after {max_steps} steps: a busy loop")
