@@ -18,6 +18,8 @@ import logging
 import threading
 from typing import Any, Awaitable, Callable, Coroutine, TypeVar
 
+from .workers import DaemonThreadPool
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -35,7 +37,7 @@ class EngineLoop:
     def __init__(self, name: str = "dbtunneld-engine", workers: int = DEFAULT_WORKERS) -> None:
         self.name = name
         self._loop = asyncio.new_event_loop()
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"{name}-io")
+        self._pool = DaemonThreadPool(max_workers=workers, thread_name_prefix=f"{name}-io")   # never holds the exit
         self._loop.set_default_executor(self._pool)
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()

@@ -72,6 +72,11 @@ class OrphanSweeper:
             self._scheduler = scheduler
             scheduler.add(self)
 
+    @property
+    def finished(self) -> bool:
+        """The sweep ran and left the schedule (nothing left, or it gave up until the next start)."""
+        return self._scheduler is not None and self not in self._scheduler
+
     def stop(self) -> None:
         if self._scheduler is not None:
             self._scheduler.remove(self)

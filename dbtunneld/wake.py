@@ -3,17 +3,22 @@
 A laptop that slept for an hour comes back with TCP connections that are dead but do not know
 it yet. The detector compares how far the wall clock and the monotonic clock moved between two
 ticks (the monotonic clock stops during sleep on macOS and Linux' CLOCK_MONOTONIC); a gap
-beyond ``threshold`` calls ``check_now()`` on every registered unit at once, instead of waiting
-for keepalive timers. Clocks are injected so tests drive it with fake time.
+beyond ``threshold`` wakes every unit of the engine's scheduler and calls ``check_now()`` on every
+registered unit at once, instead of waiting for keepalive timers. The detector is itself a unit
+of that scheduler (``step`` compares the clocks every ``tick`` s); it owns no thread. Clocks are
+injected so tests drive it with fake time.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from .timing import SYSTEM_CLOCK, Clock
+
+if TYPE_CHECKING:
+    from .scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +32,9 @@ class Checkable(Protocol):
 
 
 class WakeDetector:
-    """Calls ``check_now()`` on every registered unit after a wall/monotonic clock jump."""
+    """After a wall/monotonic clock jump: wakes the scheduler's units, calls ``check_now()`` on the registered ones."""
+
+    name = "wake-detector"
 
     def __init__(self, *, clock: Clock = SYSTEM_CLOCK, tick: float = TICK, threshold: float = THRESHOLD) -> None:
         self._clock = clock
@@ -37,8 +44,7 @@ class WakeDetector:
         self._threshold = threshold
         self._units: dict[int, Checkable] = {}
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._scheduler: Scheduler | None = None
         self._last = (self._wall(), self._mono())
         self.wakes = 0
 
@@ -65,33 +71,35 @@ class WakeDetector:
 
     def _check_all(self) -> None:
         with self._lock:
-            units = list(self._units.values())
+            units, scheduler = list(self._units.values()), self._scheduler
+        if scheduler is not None:
+            scheduler.wake_all()
         for unit in units:
             try:
                 unit.check_now()
             except Exception:
                 log.exception("check_now failed after wake")
 
-    def start(self) -> None:
-        if self._thread is None:
-            self._stop.clear()
+    # a unit of the engine's scheduler
+    def start(self, scheduler: "Scheduler") -> None:
+        """Compare the clocks every ``tick`` s, starting one tick from now (idempotent)."""
+        with self._lock:
+            if self._scheduler is not None:
+                return
+            self._scheduler = scheduler
             self._last = (self._wall(), self._mono())
-            self._thread = threading.Thread(target=self._run, name="wake-detector", daemon=True)
-            self._thread.start()
+        scheduler.add(self, self._tick)
 
-    def _run(self) -> None:
-        while not self._clock.wait(self._stop, self._tick):
-            self.poll()
+    def step(self) -> float:
+        self.poll()
+        return self._tick
 
     def stop(self) -> None:
-        self._stop.set()
-        thread, self._thread = self._thread, None
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(5)
+        with self._lock:
+            scheduler, self._scheduler = self._scheduler, None
+        if scheduler is not None:
+            scheduler.remove(self)
 
-    def __enter__(self) -> "WakeDetector":
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    @property
+    def running(self) -> bool:
+        return self._scheduler is not None

@@ -42,6 +42,10 @@ class EngineAdapter:
         self._on_event("credentials", {"kind": ev.kind, "name": ev.name, "at": ev.at, "detail": ev.detail,
                                        "status": ev.status.to_dict() if ev.status else None})
 
+    def attach(self, engine_loop: Any, scheduler: Any) -> None:
+        """Run the keepers on the supervisor's engine loop and scheduler (before ``start``)."""
+        self.engine.attach(engine_loop, scheduler)
+
     def start(self) -> None:
         self.engine.start()
 

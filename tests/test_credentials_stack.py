@@ -498,7 +498,7 @@ def test_denied_orphan_is_dropped_after_one_try_with_its_end_from_lease_lookup(n
     no_revoke.engines.append(successor)
     successor.start()
     wait_for(lambda: LeaseStore(successor_paths.leases_file).records() == [], 20, what="the orphan to be dropped")
-    wait_for(lambda: successor.orphans.thread is not None and not successor.orphans.thread.is_alive(), 5, what="the sweep to end")
+    wait_for(lambda: successor.orphans.finished, 5, what="the sweep to end")
     said = revoke_warnings(caplog, rec.lease_id)
     assert len(said) == 1 and 'path "sys/leases/revoke"' in said[0], said
     assert "until its lease expires" not in said[0]      # the end came from sys/leases/lookup

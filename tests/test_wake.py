@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import threading
 
+from dbtunneld.scheduler import Scheduler
 from dbtunneld.timing import FakeClock
 from dbtunneld.wake import WakeDetector
+from helpers.fakevault import run_schedule
 
 
 class Clocks(FakeClock):
@@ -79,13 +82,31 @@ def test_unregistered_units_are_left_alone_and_failures_do_not_stop_others():
     assert a.checks == 1 and b.checks == 0
 
 
-def test_thread_polls_on_its_tick():
-    clocks, a = Clocks(), Unit()
-    d = detector(clocks, tick=0.01)
+class Sleeper:
+    """A scheduler unit that only steps when woken."""
+
+    name = "sleeper"
+
+    def __init__(self):
+        self.steps = 0
+
+    def step(self):
+        self.steps += 1
+        return math.inf
+
+
+def test_the_detector_is_a_unit_of_the_scheduler_and_a_jump_wakes_every_unit():
+    clocks, a, other = Clocks(), Unit(), Sleeper()
+    sched = Scheduler(clocks)
+    sched.add(other)
+    d = detector(clocks, tick=5)
     d.register(a)
-    with d:
-        assert clocks.wait_for_waiters(1)         # the detector's thread waits on the clock
-        clocks.tick(0, slept=600)
-        assert a.checked.wait(5)
-    assert a.checks == 1
+    d.start(sched)
+    run_schedule(sched, clocks, 60)                  # 12 ticks, no jump
+    assert a.checks == 0 and other.steps == 1 and d.running
+    clocks.jump_wall(600)                            # the machine slept
+    run_schedule(sched, clocks, 5)
+    assert a.checks == 1 and other.steps == 2        # woken at once, not at its own (never) due time
+    d.stop()
+    assert d not in sched and not d.running
     assert not any(t.name == "wake-detector" for t in threading.enumerate())
