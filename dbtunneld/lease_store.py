@@ -1,5 +1,6 @@
 """The leases file: ``LeaseRecord`` (what survives a crash: enough to revoke, nothing to log in
-with) and ``LeaseStore`` (``paths.leases_file``, 0600, replaced atomically). Passwords never."""
+with) and ``LeaseStore`` (``paths.leases_file``, 0600, replaced atomically; written outside the
+records' lock, newest snapshot last). Passwords never."""
 
 from __future__ import annotations
 
@@ -43,7 +44,10 @@ class LeaseStore:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()            # the records (never held across I/O)
+        self._file = threading.Lock()            # the file: one writer at a time
+        self._version = 0                        # snapshots taken (under ``_lock``)
+        self._written = 0                        # the newest snapshot on disk (under ``_file``)
         self._records: dict[str, LeaseRecord] = {r.lease_id: r for r in self._read()}
 
     def _read(self) -> list[LeaseRecord]:
@@ -66,20 +70,34 @@ class LeaseStore:
     def add(self, record: LeaseRecord) -> None:
         with self._lock:
             self._records[record.lease_id] = record
-            self._write()
+            snapshot = self._snapshot()
+        self._write(*snapshot)
 
     def remove(self, lease_id: str) -> None:
         with self._lock:
-            if self._records.pop(lease_id, None) is not None:
-                self._write()
+            if self._records.pop(lease_id, None) is None:
+                return
+            snapshot = self._snapshot()
+        self._write(*snapshot)
 
-    def _write(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump({"version": self.VERSION, "leases": [asdict(r) for r in self._records.values()]}, f, indent=1)
-        os.replace(tmp, self.path)
+    def _snapshot(self) -> tuple[int, list[dict[str, object]]]:
+        """Under ``_lock``: the records as written, numbered (a later change, a higher number)."""
+        self._version += 1
+        return self._version, [asdict(r) for r in self._records.values()]
+
+    def _write(self, version: int, rows: list[dict[str, object]]) -> None:
+        """Outside ``_lock`` (readers and other changes never wait for the disk): one writer at a
+        time, and a snapshot older than the one on disk is skipped, so the file ends with the newest."""
+        with self._file:
+            if version <= self._written:
+                return
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump({"version": self.VERSION, "leases": rows}, f, indent=1)
+            os.replace(tmp, self.path)
+            self._written = version
 
 
 

@@ -536,3 +536,57 @@ def test_a_rotate_requested_during_a_renewal_is_not_lost(world, monkeypatch):
     assert tickets and keeper.wait_renewal(tickets[0], 0), "the rotate's ticket must end once it is served"
     assert engine.current("orders").username != first.username, "the rotate request was lost"
     assert len(kinds(world.events, "db.rotated", "orders")) == 1
+
+
+# ------------------------------------------------------------------------------------------
+# The leases file is written outside the records' lock (issue 16)
+
+
+def _record(lease_id):
+    return LeaseRecord(lease_id, "orders", f"v-{lease_id}", "http://127.0.0.1:8200", os.getpid(), 1.0)
+
+
+def test_a_slow_leases_file_write_does_not_hold_readers_or_other_changes(tmp_path, monkeypatch):
+    import json
+    import dbtunneld.lease_store as lease_store
+
+    store = LeaseStore(tmp_path / "leases.json")
+    entered, gate = threading.Event(), threading.Event()
+    real_dump = json.dump
+
+    def slow_dump(obj, f, **kw):
+        if not entered.is_set():              # the first write stalls (a slow or hung disk)
+            entered.set()
+            gate.wait(10)
+        return real_dump(obj, f, **kw)
+
+    monkeypatch.setattr(lease_store.json, "dump", slow_dump)
+    threading.Timer(3.0, gate.set).start()    # old code: the reader below waits for this
+    first = threading.Thread(target=store.add, args=(_record("a"),))
+    first.start()
+    assert entered.wait(5)
+    started = time.monotonic()
+    assert [r.lease_id for r in store.records()] == ["a"]
+    second = threading.Thread(target=store.add, args=(_record("b"),))
+    second.start()
+    assert wait_until(lambda: len(store.records()) == 2, 2.0), "a change waited for the disk"
+    took = time.monotonic() - started
+    print(f"records() and a second change took {took * 1000:.0f} ms while a write hung")
+    assert took < 1.0, took
+    gate.set()
+    first.join(10)
+    second.join(10)
+    assert sorted(r.lease_id for r in LeaseStore(tmp_path / "leases.json").records()) == ["a", "b"]
+
+
+def test_an_older_snapshot_never_overwrites_a_newer_one(tmp_path):
+    store = LeaseStore(tmp_path / "leases.json")
+    store.add(_record("a"))
+    with store._lock:
+        store._records["b"] = _record("b")
+        older = store._snapshot()
+        store._records["c"] = _record("c")
+        newer = store._snapshot()
+    store._write(*newer)                       # the later change reached the disk first
+    store._write(*older)
+    assert sorted(r.lease_id for r in LeaseStore(tmp_path / "leases.json").records()) == ["a", "b", "c"]
