@@ -147,7 +147,7 @@ class Supervisor:
         self.stopping = False
         self._stopped = False
         self._reloading = False                  # the engine is being replaced (see ``reload``)
-        self._reconcile: asyncio.Lock | None = None   # connect and reload, one at a time (on the loop)
+        self._reconcile: asyncio.Lock | None = None   # reloads, one at a time (on the loop)
 
     @property
     def engine_loop(self) -> EngineLoop:
@@ -343,10 +343,11 @@ class Supervisor:
         return self._settle(chosen, wait)
 
     async def _connect(self, names: list[str] | None) -> list[str]:
-        async with self._reconciling():
-            with self._lock:
-                slots = [self._slot(n) for n in names] if names is not None else list(self._slots.values())
-            await self._connect_slots(slots)
+        """Not serialised with a reload (a connect during a reload that waits for Vault answers at
+        once): a slot a reload detaches meanwhile is stopped again by ``_start_slot``."""
+        with self._lock:
+            slots = [self._slot(n) for n in names] if names is not None else list(self._slots.values())
+        await self._connect_slots(slots)
         self._publisher.poke()
         return [s.name for s in slots]
 
