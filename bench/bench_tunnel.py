@@ -151,7 +151,8 @@ def _rewrite_stream_urls(rewrite: dict[str, str]) -> None:
 
 def _tunnel(spec: dict[str, Any], name: str):
     from dbtunneld.config import TunnelSettings
-    from dbtunneld.tunnel import Tunnel, probe_mysql
+    from dbtunneld.tunnel import Tunnel
+    from dbtunneld.tunnel_health import probe_mysql
 
     def probe(transport, host, port, timeout):       # MariaDB answers the greeting probe
         return probe_mysql(transport, "127.0.0.1", spec["mysql_port"], timeout)

@@ -51,7 +51,8 @@ def port_forward_path(lab: "bt.Lab", delayed: bool) -> Iterator[int]:
 def _tunnel(spec: dict[str, Any]):
     import boto3
 
-    from dbtunneld.tunnel import ProbeResult, Tunnel
+    from dbtunneld.mysqlwire import ProbeResult
+    from dbtunneld.tunnel import Tunnel
     from dbtunneld.transport import SsmPortForwardTransport
 
     session = boto3.Session(aws_access_key_id="AKIDBENCH", aws_secret_access_key="bench-secret",

@@ -17,12 +17,12 @@ def login_probe(credentials: Callable[[], DbCredentials | None],
                 on_read_only: Callable[[bool], None] | None = None) -> Callable[..., Any]:
     """A tunnel probe that logs in with the cluster's current DB user, then quits.
 
-    The greeting-only probe (``tunnel.probe_mysql``) aborts the handshake, which MySQL counts
+    The greeting-only probe (``tunnel_health.probe_mysql``) aborts the handshake, which MySQL counts
     against max_connect_errors for the bastion's address; a completed login resets that count.
     Until the cluster has credentials, the greeting-only probe. ``on_read_only`` gets the
     server's read-only flag after each login (``aurora.read_only_flags``).
     """
-    from .tunnel import probe_mysql
+    from .tunnel_health import probe_mysql
 
     def probe(transport: Any, host: str, port: int, timeout: float) -> Any:
         cred = credentials()
@@ -38,7 +38,7 @@ def probe_mysql_login(transport: Any, host: str, port: int, timeout: float, cred
     host blocked, ...) is a refusal (``ok=False``); no answer or not MySQL raises TransientError."""
     import pymysql
 
-    from .tunnel import ProbeResult
+    from .mysqlwire import ProbeResult
 
     conn = pymysql.connections.Connection(host=host, port=port, user=cred.username, password=cred.password,
                                           connect_timeout=timeout, read_timeout=timeout,
@@ -78,7 +78,7 @@ def _report_read_only(conn: Any, on_read_only: Callable[[bool], None], host: str
 
 def _login_refusal(exc: Exception, host: str, port: int) -> Any:
     """A server's error is a refusal; a client-side one (2xxx: lost, cannot connect) a dead path."""
-    from .tunnel import ProbeResult
+    from .mysqlwire import ProbeResult
 
     code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else 0
     message = str(exc.args[1]) if len(exc.args) > 1 else str(exc)

@@ -371,3 +371,49 @@ def parse_change_user(payload: bytes, capabilities: int) -> ChangeUser:
         n, pos = read_lenenc_int(payload, pos)
         attributes = payload[pos:pos + n]
     return ChangeUser(user, auth, database, charset, plugin, attributes)
+
+
+# ---- what a tunnel reads and sends in place of the server ---------------------------------------
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """What a greeting probe found: the server's first packet, read and understood."""
+
+    ok: bool                      # a MySQL greeting (protocol 10) came back
+    detail: str = ""              # server version, or the server's error
+    code: int = 0                 # the server's error code when it refused
+
+
+def parse_first_packet(payload: bytes) -> ProbeResult:
+    """The server's first packet: 0x0a a greeting (its version), 0xff a refusal (code, text).
+    ProtocolError for anything else."""
+    if payload[:1] == b"\x0a":
+        return ProbeResult(True, payload[1:].split(b"\0", 1)[0].decode(errors="replace"))
+    if payload[:1] == b"\xff" and len(payload) >= 3:
+        code = struct.unpack("<H", payload[1:3])[0]
+        text = payload[3:]
+        text = text[6:] if text[:1] == b"#" else text
+        return ProbeResult(False, text.decode(errors="replace"), code)
+    raise ProtocolError(f"not with a MySQL greeting (first byte {payload[:1].hex() or 'none'})")
+
+
+# What a client of a tunnel that cannot reach its database sees instead of the greeting: a
+# server-range ERR packet. 1105 ER_UNKNOWN_ERROR (SQLSTATE HY000) is the server's code for "the
+# text says what went wrong"; a specific one (1040 too many connections, 1129 host blocked, 1130
+# host not allowed) would send users and the retry rules of their tools down a wrong path, and a
+# client-range code (2003) is rejected by libmariadb as a malformed packet (the mariadb CLI then
+# prints "ERROR 2027 Received malformed packet" instead of the text).
+REFUSED_CODE = ER_UNKNOWN
+REFUSED_SQLSTATE = "HY000"
+
+
+def mysql_error_packet(message: str, code: int = REFUSED_CODE, sqlstate: str = REFUSED_SQLSTATE,
+                       sequence: int = 0) -> bytes:
+    """A MySQL ERR packet: 0xff, the error code, ``#`` + 5-byte SQLSTATE, the text. Sent instead of
+    the server greeting it has sequence id 0 (the greeting's)."""
+    if 2000 <= code < 3000 or not 1000 <= code < 65535:
+        raise ValueError(f"{code} is not a server error code (2000-2999 are client codes)")
+    if len(sqlstate) != 5 or not sqlstate.isascii():
+        raise ValueError(f"SQLSTATE must be 5 ASCII characters, not {sqlstate!r}")
+    payload = b"\xff" + struct.pack("<H", code) + b"#" + sqlstate.encode() + message.encode("utf-8", "replace")[:500]
+    return struct.pack("<I", len(payload))[:3] + bytes([sequence & 0xFF]) + payload

@@ -20,7 +20,8 @@ from dbtunneld.config import TunnelSettings
 from dbtunneld.model import TunnelState
 from dbtunneld.sandbox.ssm_testkit import DataServer, StandInProcess, pattern_digest, upload
 from dbtunneld.transport import SsmPortForwardTransport
-from dbtunneld.tunnel import ProbeResult, Tunnel
+from dbtunneld.mysqlwire import ProbeResult
+from dbtunneld.tunnel import Tunnel
 
 TARGET = "i-0123456789abcdef0"
 CREDENTIALS = {"AKIDSSMIDLETEST": "secret-ssm-idle-test"}

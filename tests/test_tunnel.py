@@ -11,15 +11,17 @@ import time
 
 import pytest
 
-from dbtunneld import tunnel as tunnel_mod
 from dbtunneld.config import TunnelSettings
 from dbtunneld.errors import HostKeyError, PortInUseError, SignInNeededError, TransientError
 from dbtunneld.model import TunnelState
 from dbtunneld.ports import bind_listener
 from dbtunneld.timing import FakeClock
 from dbtunneld.transport import Transport
-from dbtunneld.tunnel import (TRANSITIONS, IllegalMoveError, ProbeResult, RetrySchedule, StateMachine,
-                              Tunnel, mysql_error_packet, probe_mysql)
+from dbtunneld.mysqlwire import ProbeResult, mysql_error_packet
+from dbtunneld.tunnel import Tunnel
+from dbtunneld.tunnel_clients import data_path_cpu
+from dbtunneld.tunnel_health import probe_mysql
+from dbtunneld.tunnel_state import TRANSITIONS, IllegalMoveError, Moment, RetrySchedule, StateMachine
 from tunnel_servers import GreetingEchoServer, mysql_error, mysql_greeting
 
 S = TunnelState
@@ -44,7 +46,7 @@ ALL_MOVES = [(a, b) for a in S for b in S if a != b]
 def test_every_move_is_allowed_or_rejected_by_the_table(a, b):
     clock = FakeClock()
     machine = StateMachine(clock)
-    machine.now = tunnel_mod.Moment(a, since=1.0)
+    machine.now = Moment(a, since=1.0)
     if b in TRANSITIONS[a]:
         clock.advance(5)
         moment = machine.move(b, error="e", hint="h", next_retry_at=3.0)
@@ -666,7 +668,7 @@ def test_only_plain_ssh_pins_its_data_path(make, echo):
 
 def test_threads_are_not_pinned_when_turned_off(monkeypatch):
     monkeypatch.setenv("DBTUNNELD_PIN_THREADS", "0")
-    assert tunnel_mod.data_path_cpu() is None
+    assert data_path_cpu() is None
 
 
 def test_open_connections_hold_no_threads(make):

@@ -26,7 +26,8 @@ from dbtunneld.ports import bind_listener
 from dbtunneld.login_probe import login_probe
 from dbtunneld.model import DbCredentials
 from dbtunneld.transport import SshTransport, Transport, build_transport
-from dbtunneld.tunnel import ProbeResult, Tunnel
+from dbtunneld.mysqlwire import ProbeResult
+from dbtunneld.tunnel import Tunnel
 from tunnel_servers import GreetingEchoServer, Sshd, keygen
 
 pymysql = pytest.importorskip("pymysql")
