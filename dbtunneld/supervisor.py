@@ -257,7 +257,7 @@ class Supervisor:
             tunnel = UnavailableTunnel(spec.cluster.name, spec.cluster.local_port or 0, exc)
         attach = getattr(tunnel, "attach_scheduler", None)
         if callable(attach):
-            attach(self.scheduler)             # its keeper becomes a unit of the engine's schedule
+            attach(self.scheduler, self._loop)   # its keeper: a unit of the engine's schedule, clients on its loop
         return ClusterSlot(spec, tunnel)
 
     def _port_for(self, spec: UnitSpec, config: Config) -> int:
