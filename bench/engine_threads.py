@@ -51,7 +51,7 @@ def measure(tunnels: int) -> dict[str, object]:
             d.start()
             d.sign_in()
             names = [t["name"] for t in d.status()["tunnels"]]
-            d.client.request("connect", wait=120, timeout=180)
+            d.client.request("connect", all=True, wait=120, timeout=180)
             d.wait_up(names, timeout=180)
             pid = d.status()["pid"]
             threads = thread_names(pid)
