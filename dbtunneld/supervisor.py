@@ -25,23 +25,23 @@ import asyncio
 import concurrent.futures
 import logging
 import os
-import shlex
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, Callable, Coroutine, Iterable, TypeVar
-from urllib.parse import quote
 
 from . import __version__, model
 from .config import ClusterConfig, Config
 from .engine_loop import EngineLoop, LoopClosedError
-from .errors import DbtunneldError, NeedsUserError, SignInNeededError, UnknownNameError
-from .model import CredentialState, CredentialStatus, DaemonStatus, DbCredentials, TunnelState, TunnelStatus
+from .errors import DbtunneldError, NeedsUserError, UnknownNameError
+from .cluster_slots import (LOCALHOST, ClusterSlot, ReloadPlan, connection_strings, credential_problem,
+                            plan_reload)
+from .model import DaemonStatus, DbCredentials, TunnelState
 from .local_login import local_user
 from .paths import Paths
 from .scheduler import Scheduler
 from .status_publisher import StatusPublisher
-from .units import (EngineFactory, EngineUnit, TunnelFactory, TunnelUnit, UnavailableTunnel, UnitSpec, engine_spec,
+from .units import (EngineFactory, EngineUnit, TunnelFactory, UnavailableTunnel, UnitSpec, engine_spec,
                     unit_specs)
 from .timing import SYSTEM_CLOCK, Clock
 from .wake import Checkable, WakeDetector
@@ -49,7 +49,8 @@ from .wanted import WantedSet
 
 log = logging.getLogger(__name__)
 
-LOCALHOST = "127.0.0.1"
+__all__ = ["Supervisor", "ClusterSlot", "ReloadPlan", "connection_strings", "credential_problem", "LOCALHOST"]
+
 CREDS_WAIT = 20.0                 # creds() waits this long for a lease being minted
 SETTLED = {TunnelState.UP, TunnelState.FAILED, TunnelState.NEEDS_SIGN_IN, TunnelState.STOPPED}
 POOL_WORKERS = 32                 # blocking calls of the engine loop: tunnel steps, keeper steps, revokes
@@ -60,59 +61,6 @@ COMMAND_TIMEOUT = 60.0            # a command's wrapper waits this long plus its
 STOP_SLACK = 5.0                  # on top of a stop's own bound
 
 T = TypeVar("T")
-
-# ----------------------------------------------------------------------------- connection strings
-
-def connection_strings(port: int, username: str, database: str = "", host: str = LOCALHOST) -> dict[str, str]:
-    """How a client tool connects; never contains the password."""
-    db = f"/{quote(database)}" if database else "/"
-    mysql = ["mysql", "-h", host, "-P", str(port), "-u", username, "-p"] + ([database] if database else [])
-    return {
-        "mysql": " ".join(shlex.quote(a) for a in mysql),
-        "url": f"mysql://{quote(username, safe='')}@{host}:{port}{db}",
-        "jdbc": f"jdbc:mysql://{host}:{port}{db}?user={quote(username, safe='')}",
-    }
-
-
-# ----------------------------------------------------------------------------- one cluster
-
-@dataclass
-class ReloadPlan:
-    """What a reload stops (detached from the tables first) and what it starts after."""
-
-    stop: list["ClusterSlot"]
-    release: list[str]
-    start: list[str]
-    connect: set[str]
-    summary: dict[str, list[str]]
-    keep: set[str]
-    old_engine: Any = None
-
-
-class ClusterSlot:
-    """A cluster's running unit and whether the user wants it connected."""
-
-    def __init__(self, spec: UnitSpec, tunnel: TunnelUnit) -> None:
-        self.spec = spec
-        self.tunnel = tunnel
-        self.wanted = False
-
-    @property
-    def name(self) -> str:
-        return self.spec.cluster.name
-
-    @property
-    def cred_name(self) -> str:
-        """Whose DB user this tunnel uses: an Aurora reader port shares its cluster's."""
-        return self.spec.cluster.reader_of or self.spec.cluster.name
-
-    def status(self, cred: CredentialStatus | None) -> TunnelStatus:
-        st = self.tunnel.status()
-        username = cred.identity if cred and cred.state not in (CredentialState.IDLE, CredentialState.REVOKED) else ""
-        return replace(st, production=self.spec.cluster.production, autoconnect=self.spec.cluster.autoconnect,
-                       database=self.spec.cluster.database, credential=cred, username=st.username or username,
-                       login=self.spec.cluster.login)
-
 
 # ----------------------------------------------------------------------------- the supervisor
 
@@ -514,19 +462,8 @@ class Supervisor:
     def _plan_reload(self, new: Config) -> "ReloadPlan":
         """Under the lock: detach the units that must stop and note what starts after (no I/O)."""
         restart = engine_spec(new) != engine_spec(self.config)
-        desired, running = unit_specs(new), dict(self._slots)
-        kept = [] if restart else [n for n in running if n in desired and desired[n] == running[n].spec]
-        gone = [n for n in running if n not in kept]
-        wanted = {n for n, slot in running.items() if slot.wanted}
-        release = [] if restart else [n for n in gone if n in wanted and not running[n].spec.cluster.reader_of]
-        plan = ReloadPlan(stop=[running[n] for n in gone], release=release,
-                          start=[n for n in desired if n not in kept],
-                          connect={n for n in desired if n not in kept and (
-                              n in wanted or (n not in running and desired[n].cluster.autoconnect))},
-                          summary={"kept": kept, "stopped": [n for n in gone if n not in desired],
-                                   "restarted": [n for n in gone if n in desired],
-                                   "started": [n for n in desired if n not in running]},
-                          keep=set(desired))
+        plan = plan_reload(self._slots, new, restart)
+        gone = [s.name for s in plan.stop]
         for n in gone:
             del self._slots[n]
         if restart:
@@ -591,27 +528,3 @@ class Supervisor:
         """The snapshot as sent on the wire, with the overall health the tray icon shows."""
         st = self.status()
         return {**st.to_dict(), "health": model.overall_health(st).value}
-
-
-# ----------------------------------------------------------------------------- what blocks credentials
-
-def credential_problem(statuses: tuple[Any, Any, dict[str, CredentialStatus]], name: str) -> Exception | None:
-    """What blocks a cluster's credentials and needs the user (sign in, fix something); None otherwise."""
-    aws, vault, dbs = statuses
-    for st in (aws, vault, dbs.get(name)):
-        if st is None:
-            continue
-        error = _without_hint(st.last_error)
-        if st.state == CredentialState.NEEDS_SIGN_IN:
-            return SignInNeededError(error or f"{st.kind} {st.name}: sign-in needed")
-        if st.state == CredentialState.FAILED:
-            return NeedsUserError(f"{st.kind} {st.name}: {error or 'failed'}",
-                                  "run `dbtunneld doctor` to find the broken layer")
-    return None
-
-
-def _without_hint(text: str) -> str:
-    """An error line without its trailing "(hint: ...)" (the error we raise carries its own hint)."""
-    head, sep, _ = (text or "").partition(" (hint: ")
-    return head if sep else (text or "")
-

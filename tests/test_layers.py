@@ -16,7 +16,7 @@ LAYERS = {
     1: {"aws", "sso", "vault", "iam_login", "ssm", "ssh", "keystore", "log", "discovery", "ports", "transport", "tls",
         "inventory", "catalog", "forward", "mysqlwire", "local_tls", "command_watch", "upstream_tls"},
     2: {"credentials", "lease_keeper", "lease_store", "orphans", "units", "wiring", "login_probe",
-        "status_publisher", "engine_loop", "workers", "scheduler", "wake", "own_schedule", "tunnel_state", "tunnel_health", "tunnel_clients", "keeper", "token_keeper", "sso_keeper", "sso_signin", "tunnel", "supervisor", "aurora", "wanted",
+        "status_publisher", "engine_loop", "workers", "cluster_slots", "scheduler", "wake", "own_schedule", "tunnel_state", "tunnel_health", "tunnel_clients", "keeper", "token_keeper", "sso_keeper", "sso_signin", "tunnel", "supervisor", "aurora", "wanted",
         "revoke", "local_login"},
     3: {"protocol", "control", "client", "daemon", "doctor"},
     4: {"cli", "menu", "tray", "tray_darwin", "clipboard", "notify", "autostart", "__main__", "onboarding"},
