@@ -5,18 +5,13 @@ and one tunnel unit per cluster. ``connect`` = want the cluster's credentials + 
 tunnel; ``disconnect`` = stop the tunnel + revoke the lease. What the user connected is kept
 in ``wanted.json`` (``wanted.WantedSet``) and connected again at the next start (after a crash,
 a quit or a reboot). ``reload`` is a reconcile: units whose spec is unchanged keep running,
-removed or changed ones stop first (freeing their ports), then new ones start; the slow part
-runs outside the lock, so status answers meanwhile. A status snapshot (``model.DaemonStatus``) is published as an
-event whenever it changes. The engine and tunnels are built by factories (``engine_factory`` and
-``tunnel_factory`` in ``wiring`` build the real ones: ``credentials.CredentialEngine``,
-``tunnel.Tunnel``; the seams are in ``units``), so tests of the orchestration use fakes.
-
-A tunnel waits for its cluster's DB credentials before it connects (its prerequisite); when the
-engine announces new credentials or a sign-in, the waiting tunnels are checked at once. After a
-sleep (a jump between the wall and monotonic clocks, ``wake.WakeDetector``) every connected
-tunnel and the credential engine are checked at once. A real tunnel's health probe logs in with
-the cluster's current DB user (``login_probe``), so probes never count as aborted connects.
-Status events come from ``status_publisher.StatusPublisher``.
+removed or changed ones stop first (freeing their ports), then new ones start (``cluster_slots``).
+Commands are coroutines on the engine loop (``engine_loop``); the slow parts run on its pool,
+outside the lock, so status answers meanwhile. Keepers, tunnels and the wake detector are units
+of one ``scheduler.Scheduler`` driven on that loop. Status events come from ``status_publisher``.
+The engine and tunnels are built by factories (``wiring``; seams in ``units``), so tests of the
+orchestration use fakes. New credentials or a sign-in, and a sleep (``wake.WakeDetector``),
+check the waiting tunnels and the engine at once.
 """
 
 from __future__ import annotations
@@ -343,12 +338,17 @@ class Supervisor:
         """Rebuild the upstream of connected tunnels now (the listener stays bound)."""
         return self._run(self._reconnect(None if names is None else list(names)), COMMAND_TIMEOUT)
 
-    async def _reconnect(self, names: list[str] | None) -> list[str]:
+    def _connected(self, names: list[str] | None) -> list[ClusterSlot]:
+        """The named slots, each connected (else the error that says so); all connected ones for None."""
         with self._lock:
             slots = [self._slot(n) for n in names] if names is not None else [s for s in self._slots.values() if s.wanted]
-            for slot in slots:
-                if not slot.wanted:
-                    raise NeedsUserError(f'cluster "{slot.name}" is not connected', f"run `dbtunneld connect {slot.name}`")
+        for slot in slots:
+            if not slot.wanted:
+                raise NeedsUserError(f'cluster "{slot.name}" is not connected', f"run `dbtunneld connect {slot.name}`")
+        return slots
+
+    async def _reconnect(self, names: list[str] | None) -> list[str]:
+        slots = self._connected(names)
         for slot in slots:
             await self._blocking(slot.tunnel.reconnect)
         self._publisher.poke()
@@ -360,12 +360,8 @@ class Supervisor:
         return self._run(self._renew(name, rotate), COMMAND_TIMEOUT + RENEW_TIMEOUT)
 
     async def _renew(self, name: str | None, rotate: bool) -> list[str]:
-        with self._lock:
-            slots = [self._slot(name)] if name is not None else [s for s in self._slots.values() if s.wanted]
-            for slot in slots:
-                if not slot.wanted:
-                    raise NeedsUserError(f'cluster "{slot.name}" is not connected', f"run `dbtunneld connect {slot.name}`")
-            engine = self._require_engine()
+        slots = self._connected(None if name is None else [name])
+        engine = self._require_engine()
         await asyncio.gather(*(self._blocking(engine.renew_now, n, rotate, timeout=RENEW_TIMEOUT)
                                for n in sorted({s.cred_name for s in slots})))
         self._publisher.poke()
