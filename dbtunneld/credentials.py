@@ -18,15 +18,18 @@ Facade for the supervisor / daemon (everything else here is internal)::
     engine.aws.boto3()                  # the boto3 session (SSM, EC2, RDS) on the same identity
     engine.stop(revoke=True, timeout=10)  # stop the keepers, revoke leases within the bound
 
-Events: ``on_event(CredentialEvent)`` is called from keeper threads (keep it quick; exceptions
+Events: ``on_event(CredentialEvent)`` is called from the worker running a keeper's step (keep it quick; exceptions
 are logged, never raised into the engine). Kinds: ``status`` (a credential changed state: one
 event per change, so "sign-in needed" is announced once), ``vault.login``, ``db.minted``,
 ``db.rotated`` (new credentials replaced the current ones; the old user stays valid until it
 expires), ``db.revoked``, ``db.expired``, ``sso.started``, ``sso.signed_in``, ``sso.failed``.
 Events never carry secrets: read the password with ``current()``.
 
-Keepers, each with its one retry loop (``keeper.Keeper``; ``run_once`` returns the delay to its
-next step, so tests drive them in virtual time):
+Keepers, each a unit of one ``scheduler.Scheduler`` (``keeper.Keeper``; ``run_once`` returns the
+delay to its next step). The engine runs on an ``engine_loop.EngineLoop`` and a scheduler: the
+supervisor's (``attach``), or its own (``threaded=True``: it drives it on its own loop;
+``threaded=False``: nobody does, a test drives ``engine.scheduler`` in virtual time with
+``tests/helpers/fakevault.run_virtual``, and orphans are swept by ``sweep_orphans_once`` only):
 
 * ``sso_keeper.SsoKeeper`` refreshes the SSO token before it expires and decides "sign in needed"
   from the refresh outcome (not from the hourly access-token expiry).
