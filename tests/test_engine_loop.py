@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 
@@ -52,3 +53,22 @@ def test_stop_cancels_tasks_ends_the_thread_and_refuses_new_work():
     with pytest.raises(LoopClosedError):
         engine.submit(coro)
     engine.stop()            # idempotent
+
+
+def test_the_worker_pool_is_bounded_uses_daemon_threads_and_reuses_idle_ones():
+    from dbtunneld.workers import DaemonThreadPool
+
+    pool = DaemonThreadPool(max_workers=2, thread_name_prefix="t-pool")
+    gate = threading.Event()
+    blocked = [pool.submit(gate.wait, 10) for _ in range(3)]          # 2 run, 1 waits for a worker
+    names = lambda: [t for t in threading.enumerate() if t.name.startswith("t-pool")]   # noqa: E731
+    assert len(names()) == 2 and all(t.daemon for t in names())
+    assert not blocked[2].running()
+    gate.set()
+    assert all(f.result(5) for f in blocked)
+    assert pool.submit(lambda: 7).result(5) == 7 and pool.started == 2   # idle workers took it
+    pool.shutdown(wait=False)
+    deadline = time.monotonic() + 5
+    while names() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not names()
