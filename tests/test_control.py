@@ -265,7 +265,9 @@ def test_close_removes_socket_and_ends_threads(rundir):
     assert not srv.path.exists()
     assert idle.recv(10) == b""
     idle.close()
-    assert not srv._thread.is_alive() and not conn.thread.is_alive()
+    assert conn.task.done()
+    wait_for(lambda: not [t for t in threading.enumerate() if t.name.startswith(("control-", srv.engine.name))],
+             timeout=2)                              # the loop's thread, its pool and the snapshot thread
     with pytest.raises(DaemonNotRunning):
         Client(srv.path).request("status")
 
