@@ -171,7 +171,11 @@ class Daemon:
     def start(self) -> "Daemon":
         """Lock, load the config, start the units and the control socket (raises on failure)."""
         self.paths.ensure()
-        self.lock.acquire()
+        try:
+            self.lock.acquire()
+        except BaseException:
+            self.engine.stop()          # never started: closes the loop
+            raise
         try:
             self.engine.start()
             config = self._load_config()
