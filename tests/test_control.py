@@ -183,7 +183,8 @@ def test_slow_subscriber_is_dropped_not_the_daemon(server, monkeypatch):
             server.bus.publish("noise", payload)
             if server.bus.subscribers == 0:
                 break
-        assert server.bus.subscribers == 0
+        wait_for(lambda: server.bus.subscribers == 0)   # publish hands the event to the loop
+        wait_for(lambda: server.clients == 0)           # and the slow client's connection is dropped
     assert Client(server.path).request("status")
 
 
