@@ -55,6 +55,7 @@ IDLE_TIMEOUT = 10.0           # a client must send a complete request within thi
 MAX_BAD_LINES = 16            # consecutive bad lines before a client is dropped
 SEND_TIMEOUT = 5.0            # a reply or event not taken by the client within this drops it
 COMMAND_TIMEOUT = 120.0       # a command's own bound, plus its ``wait`` argument
+FLUSH_TIMEOUT = 0.5           # at close, past the answer grace: a client that does not take what is left is cut off
 QUICK_TIMEOUT = 10.0          # bound of a read-only snapshot (``status``)
 COMMAND_SLOTS = 4             # blocking commands at once on the engine's pool (it has 8 workers)
 QUICK_COMMANDS = frozenset({"status"})
@@ -141,7 +142,9 @@ class _Connection:
                  number: int) -> None:
         self.server, self.reader, self.writer = server, reader, writer
         self.ctx = f"[client={number}]"
-        self.task = asyncio.current_task()
+        task = asyncio.current_task()
+        assert task is not None
+        self.task: asyncio.Task[Any] = task
         self._events: asyncio.Queue[bytes | None] | None = None
         self._event_writer: asyncio.Task[None] | None = None
         self._bad = 0
@@ -253,11 +256,23 @@ class _Connection:
         return True
 
     async def _write_events(self, events: "asyncio.Queue[bytes | None]") -> None:
+        """Until ``None``: from the bus when it evicts (the connection is aborted already) or from
+        ``end_events`` at close (what was written still goes out)."""
         while True:
             line = await events.get()
             if line is None or not await self.send(line):
                 break
-        self.evict()
+        self.closed = True
+        self.writer.close()
+
+    def end_events(self) -> "asyncio.Task[None] | None":
+        """At close: the event writer sends what is queued, then ends; its task (None if not subscribed)."""
+        if self._events is not None:
+            try:
+                self._events.put_nowait(None)
+            except asyncio.QueueFull:
+                pass                    # the bus evicts it at the next event; the grace bounds the wait
+        return self._event_writer
 
     def _on_evicted(self) -> None:
         log.warning("%s dropped: it reads its event stream too slowly (%d events queued)", self.ctx, EVENT_QUEUE)
@@ -366,7 +381,10 @@ class ControlServer:
         conn = _Connection(self, reader, writer, next(self._numbers))
         self._make_room()
         self._clients.add(conn)
-        await conn.serve()
+        try:
+            await conn.serve()
+        except asyncio.CancelledError:
+            pass        # closing or the loop stopping: asyncio would log a cancelled client task as an error
 
     def _make_room(self) -> None:
         """Keep fewer than MAX_IDLE clients waiting without a request: drop the longest idle."""
@@ -431,9 +449,9 @@ class ControlServer:
     # ---- closing
 
     def close(self, timeout: float = 3.0, answer_grace: float = 2.0) -> None:
-        """Stop accepting, let replies being answered go out (up to ``answer_grace`` s, e.g. the
-        ``stop`` reply with the revocation report), drop every client, remove the socket file
-        (idempotent)."""
+        """Stop accepting, let replies being answered and events already published go out (up to
+        ``answer_grace`` s, e.g. the ``stop`` reply with the revocation report and the ``stopping``
+        event), drop every client, remove the socket file (idempotent)."""
         if self.closing:
             return
         self.closing = True
@@ -448,23 +466,36 @@ class ControlServer:
         log.info("control socket closed")
 
     async def _close_clients(self, timeout: float, answer_grace: float) -> None:
+        deadline = time.monotonic() + answer_grace
         if self._server is not None:
             self._server.close()                         # closes the listening socket
+        await asyncio.sleep(0)                           # clients accepted just now see ``closing``
         clients = list(self._clients)
         answering = [asyncio.create_task(c.answered.wait()) for c in clients if not c.answered.is_set()]
-        if answering:
-            await asyncio.wait(answering, timeout=answer_grace)
+        flushing = [t for t in (c.end_events() for c in clients) if t is not None]
+        if answering or flushing:
+            await asyncio.wait(answering + flushing, timeout=answer_grace)
             for waiter in answering:
                 waiter.cancel()
         for c in clients:
-            c.close()
-            if c.busy and c.task is not None:            # past the grace: its answer is dropped
+            c.close()                                    # what is written goes out, then EOF
+            if c.busy:                                   # past the grace: its answer is dropped
+                c.evict()
                 c.task.cancel()
-        tasks = [c.task for c in clients if c.task is not None]
-        if tasks:
-            _, late = await asyncio.wait(tasks, timeout=timeout)
-            for task in late:
-                task.cancel()
+        await self._end_tasks(clients, max(FLUSH_TIMEOUT, deadline - time.monotonic()), timeout)
+
+    async def _end_tasks(self, clients: list[_Connection], flush: float, timeout: float) -> None:
+        """Wait for the clients' tasks; a peer that does not take what is left within ``flush``
+        seconds is cut off."""
+        tasks = {c.task for c in clients}
+        if not tasks:
+            return
+        _, late = await asyncio.wait(tasks, timeout=flush)
+        for c in clients:
+            if c.task in late:
+                c.evict()
+        if late:
+            await asyncio.wait(late, timeout=timeout)
 
     def _stop_owned_engine(self) -> None:
         if self._owns_engine:

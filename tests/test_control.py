@@ -502,3 +502,43 @@ def test_threads_do_not_grow_with_clients(rundir):
         assert during - before <= 6
         for s in idle + subs:
             s.close()
+
+
+def test_close_sends_the_events_already_published(rundir):
+    srv = control.ControlServer(rundir / "control.sock", FakeDaemon()).start()
+    subs = [Client(srv.path).subscribe() for _ in range(3)]
+    got: list[list[str]] = [[] for _ in subs]
+    readers = [threading.Thread(target=lambda s=s, g=g: g.extend(e.event for e in s)) for s, g in zip(subs, got)]
+    try:
+        for t in readers:
+            t.start()
+        wait_for(lambda: srv.bus.subscribers == 3 and all(got))
+        for i in range(30):
+            srv.bus.publish("n", {"i": i, "pad": "x" * 20000})
+        srv.bus.publish("stopping", {"pid": os.getpid()})
+        srv.close()
+        for t in readers:
+            t.join(5)
+        assert got == [["status"] + ["n"] * 30 + ["stopping"]] * 3, "every event published before close arrives"
+    finally:
+        for s in subs:
+            s.close()
+
+
+def test_close_cuts_off_a_client_that_does_not_read(rundir):
+    srv = control.ControlServer(rundir / "control.sock", FakeDaemon()).start()
+    stuck = socket.socket(socket.AF_UNIX)
+    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stuck.connect(str(srv.path))
+    stuck.sendall(P.encode_request(1, "subscribe"))
+    wait_for(lambda: srv.bus.subscribers == 1)
+    for i in range(20):
+        srv.bus.publish("n", {"i": i, "pad": "x" * 60000})
+    started = time.monotonic()
+    srv.close(answer_grace=0.5)
+    took = time.monotonic() - started
+    stuck.settimeout(5)
+    while stuck.recv(1 << 20):                           # what was sent, then EOF: the socket is closed
+        pass
+    stuck.close()
+    assert took < 3, f"close took {took:.1f} s"
