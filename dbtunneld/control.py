@@ -471,8 +471,9 @@ class ControlServer:
             self._server.close()                         # closes the listening socket
         await asyncio.sleep(0)                           # clients accepted just now see ``closing``
         clients = list(self._clients)
-        answering = [asyncio.create_task(c.answered.wait()) for c in clients if not c.answered.is_set()]
-        flushing = [t for t in (c.end_events() for c in clients) if t is not None]
+        answering: list[asyncio.Task[Any]] = [asyncio.create_task(c.answered.wait())
+                                               for c in clients if not c.answered.is_set()]
+        flushing: list[asyncio.Task[Any]] = [t for t in (c.end_events() for c in clients) if t is not None]
         if answering or flushing:
             await asyncio.wait(answering + flushing, timeout=answer_grace)
             for waiter in answering:
