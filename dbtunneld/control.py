@@ -1,43 +1,47 @@
 """The daemon's control server: a Unix socket that serves the JSON-lines protocol.
 
-It owns the socket (mode 0600 in a 0700 runtime directory), checks every peer's uid
-(SO_PEERCRED on Linux, getpeereid on macOS/BSD) and runs one reader thread per client.
-Bad input (not JSON, too long, unknown command) gets an error reply; a client that keeps
-sending garbage, or reads its event stream too slowly, is dropped. The daemon never stops
-because of a client. Commands are served by a ``dispatch(Request) -> result`` callable given
-by the daemon; ``subscribe`` is served here: the reply carries a status snapshot and the
-connection then receives every event published on the ``EventBus``.
+It owns the socket (mode 0600 in a 0700 runtime directory, ``control_socket``) and checks every
+peer's uid (SO_PEERCRED on Linux, getpeereid on macOS/BSD). Everything runs on the engine's one asyncio loop
+(``engine_loop.EngineLoop``): one task per client, plus an event writer task per subscriber; no
+thread per client. Bad input (not JSON, too long, unknown command) gets an error reply; a client
+that keeps sending garbage, or reads its event stream too slowly, is dropped. The daemon never
+stops because of a client.
 
-Nobody can lock the owner out: a client must send a complete request within ``IDLE_TIMEOUT``
-of connecting (or of its last answer), or it is dropped; when ``MAX_IDLE`` clients wait
-without a request, the one idle longest is dropped to make room, so a new client that asks at
-once (the CLI, the tray) is always served. Subscribers (the tray's event stream) are counted
-apart (``MAX_SUBSCRIBERS``) and never dropped for idleness.
+Commands are served by a ``dispatch(Request) -> result`` callable given by the daemon. An
+``async def`` dispatch is awaited on the loop. A plain one runs off the loop: ``status`` (a
+read-only snapshot, ``QUICK_COMMANDS``) on the server's own snapshot thread, so it answers at once
+even while other commands hang or the engine's worker pool is full; every other command on the
+engine's pool (``EngineLoop.run_blocking``), at most ``COMMAND_SLOTS`` at a time so the keepers keep
+workers. ``subscribe`` is served here: the reply carries a status snapshot and the connection then
+receives every event published on the ``EventBus``.
+
+Nobody can lock the owner out: a client must send a complete request within ``IDLE_TIMEOUT`` of
+connecting (or of its last answer), or it is dropped; when ``MAX_IDLE`` clients wait without a
+request, the one idle longest is dropped to make room, so a new client that asks at once (the CLI,
+the tray) is always served. Subscribers (the tray's event stream) are counted apart
+(``MAX_SUBSCRIBERS``) and never dropped for idleness.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import errno
+import asyncio
+import concurrent.futures
+import inspect
 import itertools
 import logging
 import os
-import queue
-import selectors
 import socket
-import stat
-import struct
-import sys
-import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from . import protocol as P
-from .errors import DbtunneldError, PermissionDeniedError
-from .paths import short_socket_hint
+from .control_socket import (LISTEN_BACKLOG, SUN_PATH_MAX as SUN_PATH_MAX, PeerCred as PeerCred,
+                             bind_control_socket as bind_control_socket, peer_credentials as peer_credentials,
+                             prepare_runtime_dir as prepare_runtime_dir)
+from .engine_loop import EngineLoop, LoopClosedError
+from .errors import DbtunneldError, TransientError
+from .event_bus import EVENT_QUEUE as EVENT_QUEUE, EventBus as EventBus
 
 log = logging.getLogger(__name__)
 
@@ -45,173 +49,86 @@ MAX_IDLE = 64                 # clients without a request; past it the longest i
 MAX_SUBSCRIBERS = 32          # event streams (trays) at once
 IDLE_TIMEOUT = 10.0           # a client must send a complete request within this
 MAX_BAD_LINES = 16            # consecutive bad lines before a client is dropped
-EVENT_QUEUE = 512             # events buffered per subscriber before it is dropped as too slow
-SEND_TIMEOUT = 5.0
-SUN_PATH_MAX = 104 if sys.platform == "darwin" else 108
+SEND_TIMEOUT = 5.0            # a reply or event not taken by the client within this drops it
+COMMAND_TIMEOUT = 120.0       # a command's own bound, plus its ``wait`` argument
+FLUSH_TIMEOUT = 0.5           # at close, past the answer grace: a client that does not take what is left is cut off
+QUICK_TIMEOUT = 10.0          # bound of a read-only snapshot (``status``)
+COMMAND_SLOTS = 4             # blocking commands at once on the engine's pool (it has 8 workers)
+QUICK_COMMANDS = frozenset({"status"})
 
 Dispatch = Callable[[P.Request], Any]
-
-
-# ----------------------------------------------------------------------------- peer credentials
-
-@dataclass(frozen=True)
-class PeerCred:
-    pid: int | None
-    uid: int
-    gid: int
-
-
-def peer_credentials(sock: socket.socket) -> PeerCred | None:
-    """The connecting process's uid (and pid where the OS tells); None when unknown."""
-    if hasattr(socket, "SO_PEERCRED"):
-        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        pid, uid, gid = struct.unpack("3i", raw)
-        return PeerCred(pid or None, uid, gid)
-    return _getpeereid(sock)
-
-
-def _getpeereid(sock: socket.socket) -> PeerCred | None:
-    libc_name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(libc_name, use_errno=True) if libc_name else None
-    if libc is None or not hasattr(libc, "getpeereid"):
-        return None
-    uid, gid = ctypes.c_uint32(), ctypes.c_uint32()
-    if libc.getpeereid(sock.fileno(), ctypes.byref(uid), ctypes.byref(gid)) != 0:
-        return None
-    return PeerCred(None, uid.value, gid.value)
-
-
-# ----------------------------------------------------------------------------- socket setup
-
-def prepare_runtime_dir(path: Path) -> None:
-    """Create the runtime directory as 0700, or refuse one that another user owns."""
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    st = path.stat()
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
-        raise PermissionDeniedError(f"{path} is not a directory owned by you",
-                                    "remove it or point DBTUNNELD_HOME / XDG_RUNTIME_DIR elsewhere")
-    if stat.S_IMODE(st.st_mode) != 0o700:
-        log.warning("runtime directory %s had mode %o; setting 0700", path, stat.S_IMODE(st.st_mode))
-        os.chmod(path, 0o700)
-
-
-def bind_control_socket(path: Path) -> socket.socket:
-    """Bind and listen on ``path`` (mode 0600); the caller holds the daemon lock, so a leftover is stale."""
-    if len(os.fsencode(str(path))) >= SUN_PATH_MAX:
-        raise PermissionDeniedError(f"control socket path {path} is longer than {SUN_PATH_MAX - 1} bytes",
-                                    short_socket_hint())
-    prepare_runtime_dir(path.parent)
-    if path.exists() or path.is_symlink():
-        path.unlink()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(str(path))
-        os.chmod(path, 0o600)
-        sock.listen(32)
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
-# ----------------------------------------------------------------------------- events
-
-class EventBus:
-    """Fan-out of daemon events to subscribers, each with its own bounded queue."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._queues: list[queue.Queue] = []
-
-    def subscribe(self, maxsize: int | None = None) -> queue.Queue:
-        q: queue.Queue = queue.Queue(maxsize or EVENT_QUEUE)
-        with self._lock:
-            self._queues.append(q)
-        return q
-
-    def unsubscribe(self, q: queue.Queue) -> None:
-        with self._lock:
-            if q in self._queues:
-                self._queues.remove(q)
-
-    def publish(self, event: str, data: Any = None) -> None:
-        line = P.encode_event(event, data)
-        with self._lock:
-            queues = list(self._queues)
-        for q in queues:
-            try:
-                q.put_nowait(line)
-            except queue.Full:
-                self.unsubscribe(q)
-                q.queue.clear()
-                q.put_nowait(None)       # tells the writer to drop this slow client
-
-    @property
-    def subscribers(self) -> int:
-        with self._lock:
-            return len(self._queues)
 
 
 # ----------------------------------------------------------------------------- one client
 
 class _Connection:
-    """One client: a reader thread serving requests, plus an event writer once subscribed."""
+    """One client, served by one task on the loop (plus an event writer task once subscribed)."""
 
-    def __init__(self, server: "ControlServer", sock: socket.socket, number: int) -> None:
-        self.server, self.sock = server, sock
+    def __init__(self, server: "ControlServer", reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 number: int) -> None:
+        self.server, self.reader, self.writer = server, reader, writer
         self.ctx = f"[client={number}]"
-        self._send_lock = threading.Lock()
-        self._events: queue.Queue | None = None
+        task = asyncio.current_task()
+        assert task is not None
+        self.task: asyncio.Task[Any] = task
+        self._events: asyncio.Queue[bytes | None] | None = None
+        self._event_writer: asyncio.Task[None] | None = None
         self._bad = 0
         self.idle_since = time.monotonic()
         self.busy = False                  # a request is being served
         self.closed = False
-        self.answered = threading.Event()  # clear while a request is being answered
+        self.answered = asyncio.Event()    # clear while a request is being answered
         self.answered.set()
-        self.thread = threading.Thread(target=self.serve, name=f"control-client-{number}", daemon=True)
 
-    def serve(self) -> None:
+    async def serve(self) -> None:
         try:
-            if self.server._admit(self):
-                self._read_loop()
+            if await self.server._admit(self):
+                await self._read_loop()
         except OSError as exc:
             log.debug("%s connection error: %s", self.ctx, exc)
         finally:
             self.close()
             self.server._forget(self)
 
-    def _read_loop(self) -> None:
+    async def _read_loop(self) -> None:
         buf = P.LineBuffer(P.MAX_REQUEST_BYTES)
         while not self.server.closing:
-            try:
-                data = self.sock.recv(65536)
-            except TimeoutError:
-                if self.idle_too_long():
-                    log.info("%s dropped: no complete request within %g s", self.ctx, IDLE_TIMEOUT)
-                    return
-                continue
+            data = await self._read_some()
+            if data is None:
+                log.info("%s dropped: no complete request within %g s", self.ctx, IDLE_TIMEOUT)
+                return
             if not data:
                 if buf.pending:
                     log.info("%s closed in the middle of a line (%d bytes dropped)", self.ctx, buf.pending)
                 return
             for line in buf.feed(data):
-                if not self._serve_line(line):
+                if not await self._serve_line(line):
                     return
 
-    def _serve_line(self, line: bytes | P.Oversized) -> bool:
+    async def _read_some(self) -> bytes | None:
+        """The next bytes (b"" at the end); None when an idle client ran out of time."""
+        if not self.idle:
+            return await self.reader.read(65536)
+        left = IDLE_TIMEOUT - (time.monotonic() - self.idle_since)
+        try:
+            return await asyncio.wait_for(self.reader.read(65536), max(0.0, left))
+        except asyncio.TimeoutError:
+            return None
+
+    async def _serve_line(self, line: bytes | P.Oversized) -> bool:
         if isinstance(line, P.Oversized):
-            return self._reject(P.BadRequest("too_large", f"request of {line.size} bytes exceeds "
-                                             f"the limit of {P.MAX_REQUEST_BYTES}"))
+            return await self._reject(P.BadRequest("too_large", f"request of {line.size} bytes exceeds "
+                                                   f"the limit of {P.MAX_REQUEST_BYTES}"))
         try:
             request = P.parse_request(line)
         except P.BadRequest as exc:
-            return self._reject(exc)
+            return await self._reject(exc)
         self._bad = 0
         if request.cmd == "subscribe":
-            return self._subscribe(request)
+            return await self._subscribe(request)
         self.busy = True
         try:
-            self._answer(request)
+            await self._answer(request)
         finally:
             self.busy, self.idle_since = False, time.monotonic()
         return True
@@ -221,29 +138,25 @@ class _Connection:
         """Waiting for a request: may be dropped when it takes too long or room is needed."""
         return self._events is None and not self.busy and not self.closed
 
-    def idle_too_long(self) -> bool:
-        return self.idle and time.monotonic() - self.idle_since > IDLE_TIMEOUT
-
-    def _reject(self, exc: P.BadRequest) -> bool:
+    async def _reject(self, exc: P.BadRequest) -> bool:
         self._bad += 1
         log.info("%s bad request (%s): %s", self.ctx, exc.kind, exc.message)
-        self.send(P.encode_error(exc.id, exc.kind, exc.message, exc.hint))
+        await self.send(P.encode_error(exc.id, exc.kind, exc.message, exc.hint))
         if self._bad >= MAX_BAD_LINES:
             log.warning("%s dropped after %d bad requests in a row", self.ctx, self._bad)
             return False
         return True
 
-    def _answer(self, request: P.Request) -> None:
+    async def _answer(self, request: P.Request) -> None:
         log.debug("%s %s %s", self.ctx, request.cmd, sorted(request.args))
         self.answered.clear()
         try:
             try:
-                line = P.encode_result(request.id, self.server.dispatch(request))
+                line = P.encode_result(request.id, await self.server.run_command(request))
             except Exception as exc:  # every failure becomes a reply; the daemon keeps running
                 self._log_failure(request, exc)
-                payload = P.error_payload(exc)
-                line = P.encode_error(request.id, **payload)
-            self.send(line)
+                line = P.encode_error(request.id, **P.error_payload(exc))
+            await self.send(line)
         finally:
             self.answered.set()
 
@@ -253,169 +166,175 @@ class _Connection:
         else:
             log.exception("%s %s failed with an internal error", self.ctx, request.cmd)
 
-    def _subscribe(self, request: P.Request) -> bool:
+    async def _subscribe(self, request: P.Request) -> bool:
+        bus = self.server.bus
         if self._events is not None:
-            self.send(P.encode_error(request.id, "bad_args", "already subscribed"))
+            await self.send(P.encode_error(request.id, "bad_args", "already subscribed"))
             return True
-        if self.server.bus.subscribers >= MAX_SUBSCRIBERS:
-            self.send(P.encode_error(request.id, "busy", f"too many event subscribers ({MAX_SUBSCRIBERS})",
-                                     "close other dbtunneld trays; requests are still served"))
+        if bus.subscribers >= MAX_SUBSCRIBERS:
+            await self.send(P.encode_error(request.id, "busy", f"too many event subscribers ({MAX_SUBSCRIBERS})",
+                                           "close other dbtunneld trays; requests are still served"))
             return True
-        self._events = self.server.bus.subscribe()
-        self._answer(P.Request(request.id, "status", {}))
-        threading.Thread(target=self._write_events, name=self.thread.name + "-events", daemon=True).start()
+        self._events = bus.subscribe(EVENT_QUEUE, on_evict=self._on_evicted)
+        await self._answer(P.Request(request.id, "status", {}))     # events published meanwhile wait
+        self._event_writer = asyncio.create_task(self._write_events(self._events), name=f"{self.ctx} events")
         log.info("%s subscribed to events", self.ctx)
         return True
 
-    def _write_events(self) -> None:
-        q = self._events
-        while q is not None:
-            line = q.get()
-            if line is None or not self.send(line):
+    async def _write_events(self, events: "asyncio.Queue[bytes | None]") -> None:
+        """Until ``None``: from the bus when it evicts (the connection is aborted already) or from
+        ``end_events`` at close (what was written still goes out)."""
+        while True:
+            line = await events.get()
+            if line is None or not await self.send(line):
                 break
-        self.close()
+        self.closed = True
+        self.writer.close()
 
-    def send(self, line: bytes) -> bool:
-        with self._send_lock:
+    def end_events(self) -> "asyncio.Task[None] | None":
+        """At close: the event writer sends what is queued, then ends; its task (None if not subscribed)."""
+        if self._events is not None:
             try:
-                self.sock.sendall(line)
-                return True
-            except OSError as exc:
-                log.info("%s send failed (%s); dropping the client", self.ctx, exc)
-                return False
+                self._events.put_nowait(None)
+            except asyncio.QueueFull:
+                pass                    # the bus evicts it at the next event; the grace bounds the wait
+        return self._event_writer
+
+    def _on_evicted(self) -> None:
+        log.warning("%s dropped: it reads its event stream too slowly (%d events queued)", self.ctx, EVENT_QUEUE)
+        self.evict()
+
+    async def send(self, line: bytes) -> bool:
+        """Write ``line``; False (and the client dropped) when it cannot go out within SEND_TIMEOUT."""
+        if self.writer.is_closing():
+            return False
+        self.writer.write(line)
+        try:
+            await asyncio.wait_for(self.writer.drain(), SEND_TIMEOUT)
+            return True
+        except (OSError, asyncio.TimeoutError) as exc:
+            log.info("%s send failed (%s); dropping the client", self.ctx, exc or type(exc).__name__)
+            self.evict()
+            return False
 
     def evict(self) -> None:
-        """From another thread: end this client; its own thread closes the socket."""
+        """End this client now (what it did not read is dropped); its task then ends."""
         self.closed = True
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        self.writer.transport.abort()
 
     def close(self) -> None:
+        """Unsubscribe, flush what is written and close (idempotent)."""
         self.closed = True
-        q, self._events = self._events, None
-        if q is not None:
-            self.server.bus.unsubscribe(q)
-            q.put(None)
+        events, self._events = self._events, None
+        if events is not None:
+            self.server.bus.unsubscribe(events)
+        if self._event_writer is not None:
+            self._event_writer.cancel()
+        self.writer.close()
+
+    async def refuse(self, kind: str, message: str, hint: str) -> None:
+        """Reply why, half-close, then read what the peer already sent (bounded), so closing
+        sends no reset that would destroy our reply before the peer reads it."""
+        await self.send(P.encode_error(None, kind, message, hint))
         try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
+            self.writer.write_eof()
+            await asyncio.wait_for(self._discard_input(1 << 20), 1.0)
+        except (OSError, asyncio.TimeoutError):
             pass
-        self.sock.close()
 
-
-def _drain(sock: socket.socket, limit: int = 1 << 20, timeout: float = 1.0) -> None:
-    """Half-close, then read what the peer already sent (bounded), so closing sends no reset
-    that would destroy our reply before the peer reads it."""
-    try:
-        sock.shutdown(socket.SHUT_WR)
-        sock.settimeout(timeout)
+    async def _discard_input(self, limit: int) -> None:
         while limit > 0:
-            data = sock.recv(65536)
+            data = await self.reader.read(65536)
             if not data:
                 return
             limit -= len(data)
-    except OSError:
-        pass
 
 
 # ----------------------------------------------------------------------------- the server
 
 class ControlServer:
-    """Accepts clients on the control socket; ``start()`` returns once it is listening."""
+    """Serves clients on the control socket from an engine loop; ``start()`` returns once it listens.
+
+    Without ``engine`` it creates its own loop (started in ``start``, stopped in ``close``)."""
 
     def __init__(self, path: Path, dispatch: Dispatch, bus: EventBus | None = None,
-                 allowed_uid: int | None = None) -> None:
+                 allowed_uid: int | None = None, engine: EngineLoop | None = None) -> None:
         self.path = Path(path)
         self.dispatch = dispatch
+        self.engine = engine or EngineLoop(name="control-engine")
+        self._owns_engine = engine is None
         self.bus = bus or EventBus()
+        self.bus.attach(self.engine)
         self.allowed_uid = os.getuid() if allowed_uid is None else allowed_uid
         self.closing = False
-        self._listener: socket.socket | None = None
-        self._wake_r, self._wake_w = socket.socketpair()
+        self._async_dispatch = _is_coroutine_function(dispatch)
+        self._server: asyncio.AbstractServer | None = None
         self._clients: set[_Connection] = set()
-        self._lock = threading.Lock()
         self._numbers = itertools.count(1)
-        self._thread = threading.Thread(target=self._accept_loop, name="control-accept", daemon=True)
+        self._command_slots = asyncio.Semaphore(COMMAND_SLOTS)
+        self._snapshots = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="control-snapshot")
 
     def start(self) -> "ControlServer":
-        self._listener = bind_control_socket(self.path)
-        self._thread.start()
+        listener = bind_control_socket(self.path)
+        try:
+            self.engine.start()
+            self.engine.run(self._listen(listener), timeout=10.0)
+        except BaseException:
+            listener.close()
+            self._remove_socket_file()
+            self._stop_owned_engine()
+            raise
         log.info("control socket listening at %s", self.path)
         return self
+
+    async def _listen(self, listener: socket.socket) -> None:
+        self._server = await asyncio.start_unix_server(self._on_client, sock=listener, backlog=LISTEN_BACKLOG)
 
     def __enter__(self) -> "ControlServer":
         return self.start()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     @property
     def clients(self) -> int:
-        with self._lock:
-            return len(self._clients)
+        return len(self._clients)
 
-    def _accept_loop(self) -> None:
-        sel = selectors.DefaultSelector()
-        sel.register(self._listener, selectors.EVENT_READ)
-        sel.register(self._wake_r, selectors.EVENT_READ)
-        try:
-            while not self.closing:
-                for key, _ in sel.select():
-                    if key.fileobj is self._listener and not self.closing:
-                        self._accept_one()
-        finally:
-            sel.close()
-
-    def _accept_one(self) -> None:
-        try:
-            sock, _ = self._listener.accept()
-        except OSError as exc:
-            if exc.errno in (errno.EMFILE, errno.ENFILE):
-                dropped = self._drop_idlest("out of file descriptors")
-                if not dropped:
-                    time.sleep(0.1)          # nothing to free now: don't spin on the listener
-                return
-            log.warning("accept failed: %s", exc)
+    async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.closing:
+            writer.transport.abort()
             return
-        sock.settimeout(SEND_TIMEOUT)
-        conn = _Connection(self, sock, next(self._numbers))
+        conn = _Connection(self, reader, writer, next(self._numbers))
         self._make_room()
-        with self._lock:
-            self._clients.add(conn)
-        conn.thread.start()
+        self._clients.add(conn)
+        try:
+            await conn.serve()
+        except asyncio.CancelledError:
+            pass        # closing or the loop stopping: asyncio would log a cancelled client task as an error
 
     def _make_room(self) -> None:
         """Keep fewer than MAX_IDLE clients waiting without a request: drop the longest idle."""
-        with self._lock:
-            idle = sum(1 for c in self._clients if c.idle)
-        if idle >= MAX_IDLE:
-            self._drop_idlest(f"{idle} clients idle")
-
-    def _drop_idlest(self, why: str) -> bool:
-        with self._lock:
-            idle = [c for c in self._clients if c.idle]
-        if not idle:
-            return False
+        idle = [c for c in self._clients if c.idle]
+        if len(idle) < MAX_IDLE:
+            return
         victim = min(idle, key=lambda c: c.idle_since)
-        log.info("%s dropped to make room (%s; idle %.1f s)", victim.ctx, why, time.monotonic() - victim.idle_since)
+        log.info("%s dropped to make room (%d clients idle; idle %.1f s)", victim.ctx, len(idle),
+                 time.monotonic() - victim.idle_since)
         victim.evict()
-        return True
 
-    def _admit(self, conn: _Connection) -> bool:
-        """On the client's thread: True if the peer may talk to us, else reply why and drain it."""
+    async def _admit(self, conn: _Connection) -> bool:
+        """True if the peer may talk to us, else reply why and drain it."""
         try:
-            peer = peer_credentials(conn.sock)
+            peer = peer_credentials(conn.writer.get_extra_info("socket"))
         except OSError:
             peer = None
         reason = self._refusal(peer)
         if reason is None:
+            assert peer is not None
             conn.ctx = f"{conn.ctx[:-1]} pid={peer.pid}]"
             return True
         log.warning("%s refused: %s", conn.ctx, reason[1])
-        conn.send(P.encode_error(None, *reason))
-        _drain(conn.sock)
+        await conn.refuse(*reason)
         return False
 
     def _refusal(self, peer: PeerCred | None) -> tuple[str, str, str] | None:
@@ -427,37 +346,95 @@ class ControlServer:
         return None
 
     def _forget(self, conn: _Connection) -> None:
-        with self._lock:
-            self._clients.discard(conn)
+        self._clients.discard(conn)
+
+    # ---- running commands
+
+    async def run_command(self, request: P.Request) -> Any:
+        """The dispatch's result, without ever blocking the loop; TransientError past its bound."""
+        bound = self._bound(request)
+        try:
+            return await asyncio.wait_for(self._dispatch(request), bound)
+        except asyncio.TimeoutError:
+            raise TransientError(f"`{request.cmd}` did not finish within {bound:g} s; it goes on in the background",
+                                 "see `dbtunneld status` and the daemon log") from None
+
+    def _bound(self, request: P.Request) -> float:
+        if request.cmd in QUICK_COMMANDS and not self._async_dispatch:
+            return QUICK_TIMEOUT
+        return COMMAND_TIMEOUT + float(request.args.get("wait", 0.0))
+
+    async def _dispatch(self, request: P.Request) -> Any:
+        if self._async_dispatch:
+            return await self.dispatch(request)
+        if request.cmd in QUICK_COMMANDS:   # the snapshot thread: never queued behind hung commands
+            return await asyncio.get_running_loop().run_in_executor(self._snapshots, self.dispatch, request)
+        async with self._command_slots:
+            return await self.engine.run_blocking(self.dispatch, request)
+
+    # ---- closing
 
     def close(self, timeout: float = 3.0, answer_grace: float = 2.0) -> None:
-        """Stop accepting, let replies being answered go out (up to ``answer_grace`` s, e.g. the
-        ``stop`` reply with the revocation report), drop every client, remove the socket file
-        (idempotent)."""
+        """Stop accepting, let replies being answered and events already published go out (up to
+        ``answer_grace`` s, e.g. the ``stop`` reply with the revocation report and the ``stopping``
+        event), drop every client, remove the socket file (idempotent)."""
         if self.closing:
             return
         self.closing = True
-        self._wake_w.send(b"x")
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-        with self._lock:
-            clients = list(self._clients)
-        end = time.monotonic() + answer_grace
-        for c in clients:
-            c.answered.wait(max(0.0, end - time.monotonic()))
-        for c in clients:
-            c.close()
-        for c in clients:
-            c.thread.join(timeout)
-        self._release_socket()
-
-    def _release_socket(self) -> None:
-        if self._listener is not None:
-            self._listener.close()
+        if self._server is not None:
             try:
-                self.path.unlink()
-            except FileNotFoundError:
-                pass
-        self._wake_r.close()
-        self._wake_w.close()
+                self.engine.run(self._close_clients(timeout, answer_grace), timeout=timeout + answer_grace + 2.0)
+            except (LoopClosedError, concurrent.futures.TimeoutError) as exc:
+                log.warning("control server: clients not closed cleanly (%s)", type(exc).__name__)
+            self._remove_socket_file()
+        self._snapshots.shutdown(wait=False, cancel_futures=True)
+        self._stop_owned_engine()
         log.info("control socket closed")
+
+    async def _close_clients(self, timeout: float, answer_grace: float) -> None:
+        deadline = time.monotonic() + answer_grace
+        if self._server is not None:
+            self._server.close()                         # closes the listening socket
+        await asyncio.sleep(0)                           # clients accepted just now see ``closing``
+        clients = list(self._clients)
+        answering: list[asyncio.Task[Any]] = [asyncio.create_task(c.answered.wait())
+                                               for c in clients if not c.answered.is_set()]
+        flushing: list[asyncio.Task[Any]] = [t for t in (c.end_events() for c in clients) if t is not None]
+        if answering or flushing:
+            await asyncio.wait(answering + flushing, timeout=answer_grace)
+            for waiter in answering:
+                waiter.cancel()
+        for c in clients:
+            c.close()                                    # what is written goes out, then EOF
+            if c.busy:                                   # past the grace: its answer is dropped
+                c.evict()
+                c.task.cancel()
+        await self._end_tasks(clients, max(FLUSH_TIMEOUT, deadline - time.monotonic()), timeout)
+
+    async def _end_tasks(self, clients: list[_Connection], flush: float, timeout: float) -> None:
+        """Wait for the clients' tasks; a peer that does not take what is left within ``flush``
+        seconds is cut off."""
+        tasks = {c.task for c in clients}
+        if not tasks:
+            return
+        _, late = await asyncio.wait(tasks, timeout=flush)
+        for c in clients:
+            if c.task in late:
+                c.evict()
+        if late:
+            await asyncio.wait(late, timeout=timeout)
+
+    def _stop_owned_engine(self) -> None:
+        if self._owns_engine:
+            self.engine.stop()
+
+    def _remove_socket_file(self) -> None:
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _is_coroutine_function(fn: Callable[..., Any]) -> bool:
+    """An ``async def`` function, method or callable object (awaited on the loop, not in a thread)."""
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))

@@ -26,6 +26,7 @@ from . import protocol as P
 from .catalog import with_catalog
 from .config import Config, load_config
 from .control import ControlServer, EventBus
+from .engine_loop import EngineLoop
 from .errors import ConfigError, DbtunneldError, NeedsUserError
 from .exitcodes import EXIT_ALREADY_RUNNING, EXIT_CONFIG, EXIT_FAIL, EXIT_OK  # noqa: F401
 from .paths import Paths
@@ -149,7 +150,8 @@ class Daemon:
         self.config_path = Path(config_path)
         self.factories = factories
         self.stop_timeout = stop_timeout
-        self.bus = EventBus()
+        self.engine = EngineLoop(name="dbtunneld-engine")   # the control plane's one loop (issue 16)
+        self.bus = EventBus(self.engine)
         self.lock = InstanceLock(paths.lock_path)
         self.supervisor: Supervisor | None = None
         self.server: ControlServer | None = None
@@ -169,8 +171,13 @@ class Daemon:
     def start(self) -> "Daemon":
         """Lock, load the config, start the units and the control socket (raises on failure)."""
         self.paths.ensure()
-        self.lock.acquire()
         try:
+            self.lock.acquire()
+        except BaseException:
+            self.engine.stop()          # never started: closes the loop
+            raise
+        try:
+            self.engine.start()
             config = self._load_config()
             factories = self.factories or default_factories()
             self.supervisor = Supervisor(config, self.paths, engine_factory=factories.engine,
@@ -179,7 +186,7 @@ class Daemon:
             ssm_sessions = self._record_ssm_sessions()  # before any tunnel can start a session
             self.supervisor.start()
             self._end_leftover_ssm_sessions(ssm_sessions, config)
-            self.server = ControlServer(self.paths.socket_path, self.dispatch, self.bus).start()
+            self.server = ControlServer(self.paths.socket_path, self.dispatch, self.bus, engine=self.engine).start()
         except BaseException:
             self._abort_start()
             raise
@@ -203,6 +210,7 @@ class Daemon:
     def _abort_start(self) -> None:
         if self.supervisor is not None:
             self.supervisor.stop(self.stop_timeout)
+        self.engine.stop()
         self.lock.release()
 
     def serve_forever(self) -> None:
@@ -241,6 +249,7 @@ class Daemon:
         finished = self._stop_supervisor()
         if self.server is not None:
             self.server.close()
+        self.engine.stop()                      # last: the supervisor and the server ran on it
         self.lock.release()
         for fd in (self._wake_r, self._wake_w):
             os.close(fd)

@@ -229,7 +229,7 @@ class LineBuffer:
             start = len(data) if nl < 0 else nl + 1
         return out
 
-    def _take(self, chunk: bytes, complete: bool, out: list) -> None:
+    def _take(self, chunk: bytes, complete: bool, out: list[bytes | Oversized]) -> None:
         if self._skipping:
             self._skipping += len(chunk)
         elif len(self._buf) + len(chunk) > self.limit:
@@ -240,7 +240,7 @@ class LineBuffer:
         if complete:
             self._end_line(out)
 
-    def _end_line(self, out: list) -> None:
+    def _end_line(self, out: list[bytes | Oversized]) -> None:
         if self._skipping:
             out.append(Oversized(self._skipping))
             self._skipping = 0
@@ -261,7 +261,7 @@ def iter_lines(buffer: LineBuffer, chunks: Iterator[bytes]) -> Iterator[bytes | 
 
 # ----------------------------------------------------------------------------- errors
 
-KIND_OF: tuple[tuple[type, str], ...] = (   # most specific first
+KIND_OF: tuple[tuple[type[errors.DbtunneldError], str], ...] = (   # most specific first
     (errors.SignInNeededError, "sign_in_needed"),
     (errors.PortInUseError, "port_in_use"),
     (errors.HostKeyError, "host_key"),
@@ -287,6 +287,7 @@ def error_kind(exc: BaseException) -> str:
 
 def error_payload(exc: BaseException) -> dict[str, Any]:
     """The ``error`` object for an exception (no traceback: that goes to the daemon log)."""
+    payload: dict[str, Any]
     if isinstance(exc, errors.DbtunneldError):
         payload = {"kind": error_kind(exc), "message": exc.message, "hint": exc.hint}
     else:

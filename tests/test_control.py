@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from dbtunneld import control, errors, protocol as P
+from dbtunneld import control, engine_loop, errors, protocol as P
 from dbtunneld.client import Client, DaemonNotRunning
 
 NOBODY = 65534
@@ -182,7 +183,8 @@ def test_slow_subscriber_is_dropped_not_the_daemon(server, monkeypatch):
             server.bus.publish("noise", payload)
             if server.bus.subscribers == 0:
                 break
-        assert server.bus.subscribers == 0
+        wait_for(lambda: server.bus.subscribers == 0)   # publish hands the event to the loop
+        wait_for(lambda: server.clients == 0)           # and the slow client's connection is dropped
     assert Client(server.path).request("status")
 
 
@@ -265,7 +267,9 @@ def test_close_removes_socket_and_ends_threads(rundir):
     assert not srv.path.exists()
     assert idle.recv(10) == b""
     idle.close()
-    assert not srv._thread.is_alive() and not conn.thread.is_alive()
+    assert conn.task.done()
+    wait_for(lambda: not [t for t in threading.enumerate() if t.name.startswith(("control-", srv.engine.name))],
+             timeout=2)                              # the loop's thread, its pool and the snapshot thread
     with pytest.raises(DaemonNotRunning):
         Client(srv.path).request("status")
 
@@ -343,3 +347,198 @@ def test_subscribers_are_capped_apart_and_requests_still_served(server):
     finally:
         for s in subs:
             s.close()
+
+
+# ---- one asyncio loop (issue 16) -------------------------------------------------------------
+
+class HungReloadDaemon(FakeDaemon):
+    """``reload`` blocks until released, like a reload against a Vault that hangs."""
+
+    def __init__(self):
+        super().__init__()
+        self.release = threading.Event()
+        self.reloading = threading.Semaphore(0)
+
+    def __call__(self, req: P.Request):
+        if req.cmd == "reload":
+            self.reloading.release()
+            assert self.release.wait(30)
+        return super().__call__(req)
+
+
+def _send_without_waiting(path: Path, cmd: str) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(str(path))
+    s.sendall(P.encode_request(1, cmd))
+    return s
+
+
+def _timed_status(path: Path) -> float:
+    started = time.monotonic()
+    assert Client(path).request("status", timeout=5)["tunnels"] == []
+    return time.monotonic() - started
+
+
+def test_status_answers_at_once_while_reload_hangs(rundir):
+    daemon = HungReloadDaemon()
+    with control.ControlServer(rundir / "control.sock", daemon) as srv:
+        hung = _send_without_waiting(srv.path, "reload")
+        assert daemon.reloading.acquire(timeout=5)
+        took = max(_timed_status(srv.path) for _ in range(5))
+        print(f"status while reload hangs: slowest of 5 in {took * 1000:.1f} ms")
+        assert took < 0.5
+        daemon.release.set()
+        hung.settimeout(5)
+        assert read_replies(hung, 1)[0]["ok"] is True       # the reload still gets its answer
+        hung.close()
+
+
+def test_status_answers_while_commands_and_the_engine_pool_are_all_stuck(rundir):
+    """More hung commands than COMMAND_SLOTS, and every engine worker busy with a hung blocking
+    call (keepers against a hung Vault): status has its own thread, so it still answers."""
+    daemon = HungReloadDaemon()
+    with control.ControlServer(rundir / "control.sock", daemon) as srv:
+        hung = [_send_without_waiting(srv.path, "reload") for _ in range(control.COMMAND_SLOTS + 3)]
+        for _ in range(control.COMMAND_SLOTS):
+            assert daemon.reloading.acquire(timeout=5)
+        pool_stuck = [srv.engine.submit(srv.engine.run_blocking(daemon.release.wait, 30))
+                      for _ in range(engine_loop.DEFAULT_WORKERS)]
+        took = max(_timed_status(srv.path) for _ in range(5))
+        print(f"status with {len(hung)} hung reloads and a full engine pool: slowest of 5 in {took * 1000:.1f} ms")
+        assert took < 0.5
+        assert not daemon.reloading.acquire(timeout=0.2), "only COMMAND_SLOTS blocking commands run at once"
+        daemon.release.set()
+        for s in hung:
+            s.settimeout(10)
+            assert read_replies(s, 1)[0]["ok"] is True       # queued ones are served once slots free up
+            s.close()
+        for f in pool_stuck:
+            assert f.result(5) is True
+
+
+def test_an_async_dispatch_is_awaited_on_the_loop(rundir):
+    release = asyncio.Event()
+    seen_on = []
+
+    async def dispatch(req: P.Request):
+        seen_on.append(threading.current_thread().name)
+        if req.cmd == "reload":
+            await release.wait()
+        return {"cmd": req.cmd, "tunnels": []}
+
+    with control.ControlServer(rundir / "control.sock", dispatch) as srv:
+        hung = _send_without_waiting(srv.path, "reload")
+        wait_for(lambda: len(seen_on) == 1)
+        took = _timed_status(srv.path)
+        print(f"status while an async reload waits: {took * 1000:.1f} ms")
+        assert took < 0.5
+        srv.engine.call(release.set)
+        hung.settimeout(5)
+        assert read_replies(hung, 1)[0]["result"]["cmd"] == "reload"
+        hung.close()
+        assert set(seen_on) == {srv.engine.name}
+
+
+def test_a_command_past_its_bound_gets_a_transient_error(rundir, monkeypatch):
+    monkeypatch.setattr(control, "COMMAND_TIMEOUT", 0.3)
+    daemon = HungReloadDaemon()
+    with control.ControlServer(rundir / "control.sock", daemon) as srv:
+        with pytest.raises(errors.TransientError, match="`reload` did not finish within 0.3 s"):
+            Client(srv.path).request("reload", timeout=5)
+        assert Client(srv.path).request("status")["tunnels"] == []
+        daemon.release.set()
+
+
+def test_events_published_from_any_thread_arrive_in_order(server):
+    with Client(server.path).subscribe() as sub:
+        events = iter(sub)
+        assert next(events).event == "status"
+        wait_for(lambda: server.bus.subscribers == 1)
+        worker = threading.Thread(target=lambda: [server.bus.publish("n", i) for i in range(50)])
+        worker.start()
+        worker.join(5)
+
+        async def from_the_loop():
+            server.bus.publish("n", 50)
+        server.engine.run(from_the_loop(), timeout=5)
+        assert [next(events).data for _ in range(51)] == list(range(51))
+
+
+def test_a_given_engine_is_left_running(rundir):
+    with engine_loop.EngineLoop(name="t-shared") as engine:
+        bus = control.EventBus(engine)
+        with control.ControlServer(rundir / "control.sock", FakeDaemon(), bus, engine=engine) as srv:
+            assert srv.bus is bus
+            assert Client(srv.path).request("status")["tunnels"] == []
+
+        async def alive():
+            return True
+        assert engine.run(alive(), timeout=5)
+
+
+def test_threads_do_not_grow_with_clients(rundir):
+    """20 clients, 5 of them subscribed: the server's threads stay a handful (before issue 16:
+    an accept thread, one per client and one per subscriber: 26)."""
+    before = threading.active_count()
+    with control.ControlServer(rundir / "control.sock", FakeDaemon()) as srv:
+        started = threading.active_count()
+        subs = [Client(srv.path).subscribe() for _ in range(5)]
+        for s in subs:
+            assert next(iter(s)).event == "status"
+        idle = [_send_without_waiting(srv.path, cmd) for cmd in ("status", "renew") * 5]
+        idle += [socket.socket(socket.AF_UNIX) for _ in range(5)]
+        for s in idle[10:]:
+            s.connect(str(srv.path))
+        for s in idle[:10]:
+            s.settimeout(5)
+            assert read_replies(s, 1)[0]["ok"] is True       # on the snapshot thread and on the engine's pool
+        wait_for(lambda: srv.clients == 20)
+        srv.bus.publish("ping", {})
+        for s in subs:
+            assert next(iter(s)).event == "ping"
+        during = threading.active_count()
+        print(f"threads: {before} before the server, {started} listening, {during} with 20 clients "
+              f"(5 subscribed): the server uses {during - before}")
+        assert during - before <= 6
+        for s in idle + subs:
+            s.close()
+
+
+def test_close_sends_the_events_already_published(rundir):
+    srv = control.ControlServer(rundir / "control.sock", FakeDaemon()).start()
+    subs = [Client(srv.path).subscribe() for _ in range(3)]
+    got: list[list[str]] = [[] for _ in subs]
+    readers = [threading.Thread(target=lambda s=s, g=g: g.extend(e.event for e in s)) for s, g in zip(subs, got)]
+    try:
+        for t in readers:
+            t.start()
+        wait_for(lambda: srv.bus.subscribers == 3 and all(got))
+        for i in range(30):
+            srv.bus.publish("n", {"i": i, "pad": "x" * 20000})
+        srv.bus.publish("stopping", {"pid": os.getpid()})
+        srv.close()
+        for t in readers:
+            t.join(5)
+        assert got == [["status"] + ["n"] * 30 + ["stopping"]] * 3, "every event published before close arrives"
+    finally:
+        for s in subs:
+            s.close()
+
+
+def test_close_cuts_off_a_client_that_does_not_read(rundir):
+    srv = control.ControlServer(rundir / "control.sock", FakeDaemon()).start()
+    stuck = socket.socket(socket.AF_UNIX)
+    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stuck.connect(str(srv.path))
+    stuck.sendall(P.encode_request(1, "subscribe"))
+    wait_for(lambda: srv.bus.subscribers == 1)
+    for i in range(20):
+        srv.bus.publish("n", {"i": i, "pad": "x" * 60000})
+    started = time.monotonic()
+    srv.close(answer_grace=0.5)
+    took = time.monotonic() - started
+    stuck.settimeout(5)
+    while stuck.recv(1 << 20):                           # what was sent, then EOF: the socket is closed
+        pass
+    stuck.close()
+    assert took < 3, f"close took {took:.1f} s"

@@ -117,6 +117,11 @@ def test_stop_command_ends_the_daemon_and_cleans_up(home):
     assert not t.is_alive()
     assert d.shutdown() is True
     assert engine.revoked == ["orders"] and not paths.socket_path.exists()
+    assert d.server.engine is d.engine and d.bus.engine is d.engine
+    deadline = time.monotonic() + 2                   # the loop's thread and its pool end with shutdown
+    while [t for t in threading.enumerate() if t.name.startswith(d.engine.name)]:
+        assert time.monotonic() < deadline, "the engine loop's threads outlived the daemon"
+        time.sleep(0.01)
     with pytest.raises(DaemonNotRunning):
         Client(paths.socket_path).request("status")
     InstanceLock(paths.lock_path).acquire().release()       # the lock is free again

@@ -18,7 +18,7 @@ LAYERS = {
     2: {"credentials", "lease_keeper", "lease_store", "orphans", "units", "wiring", "login_probe",
         "status_publisher", "engine_loop", "workers", "cluster_slots", "scheduler", "wake", "own_schedule", "tunnel_state", "tunnel_health", "tunnel_clients", "keeper", "token_keeper", "sso_keeper", "sso_signin", "tunnel", "supervisor", "aurora", "wanted",
         "revoke", "local_login"},
-    3: {"protocol", "control", "client", "daemon", "doctor"},
+    3: {"protocol", "control", "control_socket", "event_bus", "client", "daemon", "doctor"},
     4: {"cli", "menu", "tray", "tray_darwin", "clipboard", "notify", "autostart", "__main__", "onboarding"},
 }
 RANK = {name: rank for rank, names in LAYERS.items() for name in names}
