@@ -314,8 +314,9 @@ def rsa_encrypted_password(password: bytes, nonce: bytes, public_key_pem: bytes)
     nonce = nonce[:SCRAMBLE_LEN]
     masked = bytes(c ^ nonce[i % len(nonce)] for i, c in enumerate(plain))
     key: Any = serialization.load_pem_public_key(public_key_pem)
-    return key.encrypt(masked, padding.OAEP(mgf=padding.MGF1(algorithm=hashes.SHA1()),
-                                            algorithm=hashes.SHA1(), label=None))
+    encrypted: bytes = key.encrypt(masked, padding.OAEP(mgf=padding.MGF1(algorithm=hashes.SHA1()),
+                                                        algorithm=hashes.SHA1(), label=None))
+    return encrypted
 
 
 # ---- COM_CHANGE_USER -------------------------------------------------------------------------

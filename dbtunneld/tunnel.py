@@ -1,31 +1,26 @@
 """A tunnel unit: one cluster's listener on 127.0.0.1:PORT and the upstream that heals itself.
 
-The unit owns its listener for its whole life: the port is bound once and stays bound while
-the upstream is rebuilt, so a client that connects during a rebuild waits (up to
-``tunnels.connect_wait``) and then flows. The client side (accepting, a channel per client,
-refusals) is ``tunnel_clients``; the bytes of all of a tunnel's connections move on one loop
-thread (``forward.Forwarder``); the state table and retry schedule are ``tunnel_state``; the checks
-while up are ``tunnel_health``.
+The port is bound once and stays bound while the upstream is rebuilt: a client that connects
+during a rebuild waits (up to ``tunnels.connect_wait``) and then flows. Client side:
+``tunnel_clients``; bytes: ``forward.Forwarder`` (one loop thread); state table and retries:
+``tunnel_state``; checks while up: ``tunnel_health``.
 
-The keeper is a steppable unit of the engine's ``scheduler.Scheduler``: ``Tunnel.step()`` does
-what the current state calls for (connect, check, leave backoff, re-ask for credentials) and
-returns the delay to its next step; it never waits inside a step. Wakes (``check_now``,
-``reconnect``, a waiting client, a dead upstream) make it due at once. It is the only place that
-retries: the first retry after losing a proven upstream is immediate, then backoff with jitter.
+The keeper is a unit of the engine's ``scheduler.Scheduler``: ``Tunnel.step()`` does what the
+state calls for (connect, check, leave backoff, re-ask for credentials) and returns the delay to
+its next step, never waiting inside it; wakes (``check_now``, ``reconnect``, a waiting client, a
+dead upstream) make it due at once. The first retry after losing a proven upstream is immediate.
 
-How to run it (the API the supervisor uses):
+The API the supervisor uses (``scheduler`` and ``engine`` go together: the scheduler that
+``Scheduler.drive(engine)`` runs; the loop accepts clients, its pool runs steps and channel opens):
 
-    tunnel = Tunnel(name, port, host, db_port, transport, settings, ...,
-                    scheduler=supervisor_scheduler, engine=engine_loop)
+    tunnel = Tunnel(name, port, host, db_port, transport, settings, ..., scheduler=s, engine=e)
+    # or Tunnel(...) then tunnel.attach_scheduler(s, e) while stopped
     tunnel.start()      # binds the port, adds the tunnel to the scheduler, accepts on the loop
     tunnel.stop()       # removes it from the scheduler, closes the port, every client, the upstream
 
-``scheduler`` and ``engine`` go together: the scheduler that ``Scheduler.drive(engine)`` runs,
-and the ``engine_loop.EngineLoop`` whose loop accepts clients and whose worker pool runs the
-blocking steps and channel opens. ``attach_scheduler(scheduler, engine)`` does the same after
-construction (while stopped). Without them (standalone use, tests) each ``start`` creates an
-``EngineLoop`` and a ``Scheduler`` driving just this tunnel, and ``stop`` ends both. Time comes from
-an injected ``timing.Clock`` (a ``FakeClock`` schedule is driven by waiting on that clock).
+Without them (standalone use, tests) each ``start`` creates an ``own_schedule.OwnSchedule`` (an
+``EngineLoop`` and a ``Scheduler`` for this tunnel alone) and ``stop`` ends it. Time comes from an
+injected ``timing.Clock``.
 """
 
 from __future__ import annotations
@@ -47,7 +42,7 @@ from .scheduler import Scheduler
 from .timing import SYSTEM_CLOCK, Clock
 from .transport import Transport
 from .tunnel_clients import BeforeRelay, ClientSide, data_path_cpu, on_cpu, pin_this_thread
-from .tunnel_health import Finding, Probe, UpstreamHealth, probe_mysql
+from .tunnel_health import Finding, Probe, UpstreamHealth, probe_mysql, watch_liveness
 from .tunnel_state import RETRY_CYCLE, RetrySchedule, StateMachine
 
 log = logging.getLogger(__name__)
@@ -60,9 +55,6 @@ S = TunnelState
 PROMPT_REFUSAL_AFTER = 5.0
 FAILURE_LOG_INTERVAL = 60.0       # a failure that repeats is logged at most this often
 CREDENTIALS_RECHECK = 2.0         # waiting_credentials re-asks the prerequisite this often
-# How often the engine loop looks whether the upstream died underneath (``Transport.is_alive``
-# reads a flag: no I/O, no thread); a death wakes the keeper at once.
-LIVENESS_POLL = 0.25
 
 
 class Tunnel:
@@ -238,10 +230,6 @@ class Tunnel:
             self._own = own
         return own.scheduler, own.engine
 
-    def _active_engine(self) -> EngineLoop | None:
-        own = self._own
-        return own.engine if own is not None else self._engine
-
     def kick(self, reason: str) -> None:
         """Wake the keeper: its next step runs now and sees ``reason``. Any thread."""
         with self._lock:
@@ -353,21 +341,11 @@ class Tunnel:
             self._log.info("up again (%d failed attempt%s not logged one by one)", held, "s" if held != 1 else "")
         self._retry.connected()
         self._health.reset()
-        engine = self._active_engine()
-        if engine is not None:
-            engine.call(self._watch_liveness, generation)
+        engine = self._own.engine if self._own is not None else self._engine
+        if engine is not None:             # a death wakes the keeper at once
+            watch_liveness(engine, self.transport, lambda: self._run is not None and generation == self._generation,
+                           lambda: self.kick("died"))
         self._move(S.UP)
-
-    def _watch_liveness(self, generation: int) -> None:
-        """On the engine loop, while this upstream is current: a death wakes the keeper."""
-        if self._run is None or generation != self._generation:
-            return
-        if not self.transport.is_alive():
-            self.kick("died")
-            return
-        engine = self._active_engine()
-        if engine is not None and engine.on_loop():
-            engine.loop.call_later(LIVENESS_POLL, self._watch_liveness, generation)
 
     def _fail(self, exc: BaseException) -> None:
         error = exc if isinstance(exc, DbtunneldError) else TransientError(f"{type(exc).__name__}: {exc}")

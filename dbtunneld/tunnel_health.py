@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
 from .config import TunnelSettings
+from .engine_loop import EngineLoop
 from .errors import DbtunneldError, NeedsUserError, TransientError
 from .mysqlwire import ProbeResult, ProtocolError, parse_first_packet
 from .timing import Clock
@@ -26,6 +27,9 @@ REFUSED_HINTS = {
           "and raise max_connect_errors in its parameter group",
     1040: "the cluster has too many connections; close idle sessions or raise max_connections",
 }
+# How often the engine loop looks whether an upstream died underneath (``Transport.is_alive`` reads
+# a flag: no I/O, no thread of its own); the transports have no close callback to hook instead.
+LIVENESS_POLL = 0.25
 # reasons (``Tunnel`` wakes) that make every check run now
 CHECK_NOW = frozenset({"check", "suspect"})
 
@@ -60,6 +64,20 @@ def _read_exact(chan: Any, n: int) -> bytes:
             raise EOFError("closed before the greeting")
         buf += chunk
     return buf
+
+
+def watch_liveness(engine: EngineLoop, transport: Transport, current: Callable[[], bool],
+                   on_death: Callable[[], None]) -> None:
+    """From any thread: while ``current()``, the engine loop looks every ``LIVENESS_POLL`` s whether
+    ``transport`` died; when it has, ``on_death()`` once."""
+    def look() -> None:
+        if not current():
+            return
+        if not transport.is_alive():
+            on_death()
+            return
+        engine.loop.call_later(LIVENESS_POLL, look)
+    engine.call(look)
 
 
 def close_quietly(stream: Any) -> None:

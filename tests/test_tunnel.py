@@ -694,3 +694,36 @@ def test_open_connections_hold_no_threads(make):
 
 def tunnel_threads() -> int:
     return sum(th.name.startswith("tunnel-orders") for th in threading.enumerate())
+
+
+def test_tunnels_on_a_shared_scheduler_keep_only_their_forwarding_thread(echo):
+    """The supervisor's API: Tunnel(..., scheduler=, engine=) steps on the shared schedule; a
+    tunnel then owns one thread (its forwarding loop): no keeper, acceptor, watcher or opener."""
+    from dbtunneld.engine_loop import EngineLoop
+    from dbtunneld.scheduler import Scheduler
+    from dbtunneld.timing import SYSTEM_CLOCK
+
+    with pytest.raises(ValueError, match="scheduler= and engine="):
+        Tunnel("x", 0, "db", 3306, ScriptedTransport(echo.port), FAST, scheduler=Scheduler(SYSTEM_CLOCK))
+    with EngineLoop(name="shared-engine") as engine:
+        sched = Scheduler(SYSTEM_CLOCK)
+        driver = engine.submit(sched.drive(engine))
+        tunnels = [Tunnel(f"shared{i}", 0, "db", 3306, ScriptedTransport(echo.port), FAST,
+                          scheduler=sched, engine=engine) for i in range(3)]
+        try:
+            for t in tunnels:
+                t.start()
+            eventually(lambda: all(t.state == S.UP for t in tunnels), what="all up")
+            socks = [connect_and_greet(t.local_port) for t in tunnels]
+            assert set(sched.units()) == set(tunnels)
+            own = sorted(th.name for th in threading.enumerate() if th.name.startswith("tunnel-shared"))
+            assert own == [f"tunnel-shared{i}-forward" for i in range(3)], own
+            tunnels[0].reconnect()
+            eventually(lambda: tunnels[0].status().reconnects == 1 and tunnels[0].state == S.UP, what="rebuilt")
+            for s in socks:
+                s.close()
+        finally:
+            for t in tunnels:
+                t.stop()
+        assert sched.units() == []
+        driver.cancel()
