@@ -7,7 +7,7 @@ forwarding-loop turn written in one socket write. The rest of dbtunneld uses par
 only (``tests/test_paramiko_internals.py`` scans for it). What this module relies on, and why:
 
 - ``Transport._channel_handler_table`` (class dict: message type -> ``Channel`` method): replaced
-  for ``MSG_CHANNEL_DATA`` (deliver into a sink, under ``sink_lock``) and
+  for ``MSG_CHANNEL_DATA`` (as ``Channel._feed``, but under ``sink_lock``) and
   ``MSG_CHANNEL_WINDOW_ADJUST`` (then wake a forwarding loop waiting for room).
 - ``Channel._window_adjust(m)``: paramiko's own window-adjust handling, called first.
 - ``Channel.in_buffer`` (a ``BufferedPipe``: ``feed``/``close``/``empty``/``read``/``read_ready``/
@@ -26,7 +26,7 @@ only (``tests/test_paramiko_internals.py`` scans for it). What this module relie
   first call does anything, so later ones are skipped (a lock and an Event.set each).
 - ``Transport._active_check_timeout``: how often the reader wakes while logging in (1 s, not 0.1 s).
 - ``Transport.stop_thread`` reads ``sock._closed`` of a socket-like carrier: carriers that are not
-  sockets define it (``dbtunneld.ssm.plugin.PluginStream._closed``).
+  sockets define it (``dbtunneld.ssm.plugin.PluginProxy._closed``).
 
 ``SUPPORTED`` is the range these were checked against (setup.cfg pins the same); outside it
 ``check_version`` logs a WARNING at the first connect, and the test fails on an upgrade.
