@@ -229,6 +229,7 @@ def test_the_docstring_lists_every_pinned_internal():
 # ---- (c) the patched paths against a real sshd -------------------------------------------------
 
 SMALL_WINDOW = 256 * 1024        # a few MiB then cross many windows, both ways
+real_sshd = pytest.mark.stack    # the sandbox's sshd harness: left out of the fast tier
 
 
 @pytest.fixture(scope="module")
@@ -296,6 +297,7 @@ def send_in_background(sock, payload: bytes) -> threading.Thread:
     return worker
 
 
+@real_sshd
 def test_a_plain_channel_carries_mibs_both_ways_byte_exact(conn, echo):
     """MSG_CHANNEL_DATA through our handler into paramiko's own buffer; windows of 256 KiB."""
     chan = conn.open_channel("127.0.0.1", echo.port, timeout=5)
@@ -308,6 +310,7 @@ def test_a_plain_channel_carries_mibs_both_ways_byte_exact(conn, echo):
     chan.close()
 
 
+@real_sshd
 def test_a_forwarded_channel_carries_mibs_both_ways_byte_exact(loop, conn, echo):
     """The sink path: data written by paramiko's reader into the client, windows acknowledged
     by hand and sent from the loop, uploads gathered per loop turn; 3 channels at once."""
@@ -331,6 +334,7 @@ def test_a_forwarded_channel_carries_mibs_both_ways_byte_exact(loop, conn, echo)
     assert conn.ping(5)
 
 
+@real_sshd
 def test_many_small_writes_leave_coalesced_and_exact(conn, echo):
     """2000 small writes on 4 channels inside one gathering: one socket write, every byte in order."""
     chans = [conn.open_channel("127.0.0.1", echo.port, timeout=5) for _ in range(4)]
@@ -351,6 +355,7 @@ def test_many_small_writes_leave_coalesced_and_exact(conn, echo):
         assert read_exact(chan, len(data)) == bytes(data)
 
 
+@real_sshd
 def test_many_small_client_writes_arrive_exact_through_the_loop(loop, conn, echo):
     ended: list = []
     ours, client = socket.socketpair()
@@ -366,6 +371,7 @@ def test_many_small_client_writes_arrive_exact_through_the_loop(loop, conn, echo
     sender.join(30)
 
 
+@real_sshd
 def test_a_paramiko_outside_the_range_warns_at_connect(sshd, monkeypatch, caplog):
     monkeypatch.setattr(paramiko, "__version__", "9.0.0")
     monkeypatch.setattr(paramiko_internals, "_warned", False)
