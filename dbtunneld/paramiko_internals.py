@@ -28,7 +28,9 @@ only (``tests/test_paramiko_internals.py`` scans for it). What this module relie
 - ``Transport.stop_thread`` reads ``sock._closed`` of a socket-like carrier: carriers that are not
   sockets define it (``dbtunneld.ssm.plugin.PluginProxy._closed``).
 
-``SUPPORTED`` is the range these were checked against (setup.cfg pins the same); outside it
+``SUPPORTED`` is the range these were checked against (``tests/test_paramiko_internals.py``,
+``test_ssh.py`` and ``test_forward.py`` pass on each release in it; 3.4 lacks aes-gcm). setup.cfg
+pins the same; outside it
 ``check_version`` logs a WARNING at the first connect, and the test fails on an upgrade.
 """
 
@@ -44,7 +46,7 @@ import paramiko.common
 
 log = logging.getLogger(__name__)
 
-SUPPORTED = (">=5.0", "<5.2")
+SUPPORTED = (">=4.0", "<5.2")     # every release in it checked: 4.0.0, 5.0.0, 5.0.1, 5.1.0
 _warned = False
 
 
