@@ -19,7 +19,7 @@ import time
 from abc import ABC, abstractmethod
 from typing import Any, Callable
 
-from . import ssh
+from . import ssh, ssh_auth
 from .config import BastionConfig, ClusterConfig, Config
 from .discovery import classify_aws_error, find_bastion
 from .errors import ClosedError, NeedsUserError, TransientError
@@ -427,7 +427,7 @@ def _eic(bastion: BastionConfig, session_factory: SessionFactory | None, region:
     def with_key(instance_id: str, options: ssh.SshOptions) -> ssh.SshOptions:
         client = session_factory().client("ec2-instance-connect", region_name=region,
                                           endpoint_url=urls.get("ec2-instance-connect"))
-        key = ssh.send_ephemeral_key(client, instance_id, options.user, classify_aws_error)
+        key = ssh_auth.send_ephemeral_key(client, instance_id, options.user, classify_aws_error)
         from dataclasses import replace
         return replace(options, pkey=key)
     return with_key

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from dbtunneld import forward, ssh
+from dbtunneld import forward, paramiko_internals, ssh
 from tunnel_servers import GreetingEchoServer, Sshd, mysql_greeting
 
 
@@ -219,14 +219,13 @@ def test_one_turns_packets_leave_in_one_write(conn, echo):
     greeting = mysql_greeting()
     for c in chans:
         assert read_exact(c, len(greeting)) == greeting
-    packetizer = conn._transport.packetizer
     before = conn.carrier.sends
-    with packetizer.gather():
+    with paramiko_internals.gathering(conn._transport):
         for i, c in enumerate(chans):
             c.sendall(b"turn %d" % i)
         assert conn.carrier.sends == before
     assert conn.carrier.sends == before + 1
-    with packetizer.gather():
+    with paramiko_internals.gathering(conn._transport):
         chans[0].sendall(b"first")
         assert conn.ping(5)                             # the keepalive goes out from another thread
         assert conn.carrier.sends == before + 3         # gathered bytes, then the keepalive
@@ -243,10 +242,9 @@ def test_a_gathering_inside_a_gathering_keeps_every_packet(conn, echo):
     greeting = mysql_greeting()
     for c in chans:
         assert read_exact(c, len(greeting)) == greeting
-    packetizer = conn._transport.packetizer
-    with packetizer.gather():
+    with paramiko_internals.gathering(conn._transport):
         chans[0].sendall(b"outer")
-        with packetizer.gather():
+        with paramiko_internals.gathering(conn._transport):
             chans[1].sendall(b"inner")
         chans[0].sendall(b"after")
     chans[0].settimeout(10)

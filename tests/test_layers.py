@@ -13,7 +13,11 @@ PKG = Path(__file__).resolve().parent.parent / "dbtunneld"
 
 LAYERS = {
     0: {"__init__", "errors", "model", "timing", "config", "paths", "exitcodes"},
+<<<<<<< HEAD
     1: {"aws", "sso", "vault", "iam_login", "ssm", "ssh", "keystore", "log", "discovery", "ports", "transport", "tls",
+=======
+    1: {"aws", "sso", "vault", "iam_login", "ssm", "ssh", "ssh_options", "ssh_hostkeys", "ssh_auth", "ssh_channel", "paramiko_internals", "keystore", "log", "discovery", "ports", "wake", "transport", "tls",
+>>>>>>> sshsplit
         "inventory", "catalog", "forward", "mysqlwire", "local_tls", "command_watch", "upstream_tls"},
     2: {"credentials", "lease_keeper", "lease_store", "orphans", "units", "wiring", "login_probe",
         "status_publisher", "engine_loop", "workers", "cluster_slots", "scheduler", "wake", "own_schedule", "tunnel_state", "tunnel_health", "tunnel_clients", "keeper", "token_keeper", "sso_keeper", "sso_signin", "tunnel", "supervisor", "aurora", "wanted",

@@ -11,7 +11,7 @@ import time
 import paramiko
 import pytest
 
-from dbtunneld import ssh
+from dbtunneld import ssh, ssh_auth, ssh_hostkeys
 from dbtunneld.errors import HostKeyError, NeedsUserError, PermissionDeniedError, TransientError
 from tunnel_servers import GreetingEchoServer, Sshd, free_port, keygen
 
@@ -188,7 +188,7 @@ def test_ephemeral_key_through_ec2_instance_connect(sshd, monkeypatch):
                 return answer
 
         eic = InstanceSide()
-        key = ssh.send_ephemeral_key(eic, "i-0123456789abcdef0", "root", classify=lambda e, d: e)
+        key = ssh_auth.send_ephemeral_key(eic, "i-0123456789abcdef0", "root", classify=lambda e, d: e)
     try:
         assert eic.sent["InstanceOSUser"] == "root" and eic.sent["SSHPublicKey"].startswith("ssh-ed25519 ")
         with dial(sshd, key_file="", pkey=key) as conn:
@@ -204,7 +204,7 @@ def test_ephemeral_key_failure_is_classified():
 
     err = PermissionDeniedError("no")
     with pytest.raises(PermissionDeniedError):
-        ssh.send_ephemeral_key(Refusing(), "i-0123456789abcdef0", "root", classify=lambda e, d: err)
+        ssh_auth.send_ephemeral_key(Refusing(), "i-0123456789abcdef0", "root", classify=lambda e, d: err)
 
 
 @pytest.fixture
@@ -268,9 +268,9 @@ def test_connects_over_any_socket_like(sshd):
 
 def test_parse_public_key_rejects_a_short_line():
     with pytest.raises(HostKeyError):
-        ssh.parse_public_key("ssh-ed25519")
+        ssh_hostkeys.parse_public_key("ssh-ed25519")
 
 
 def test_ephemeral_keys_are_fresh():
-    a, b = ssh.ephemeral_key(), ssh.ephemeral_key()
+    a, b = ssh_auth.ephemeral_key(), ssh_auth.ephemeral_key()
     assert isinstance(a, paramiko.Ed25519Key) and a.get_base64() != b.get_base64()
