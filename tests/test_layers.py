@@ -12,7 +12,8 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parent.parent / "dbtunneld"
 
 LAYERS = {
-    0: {"__init__", "errors", "model", "timing", "config", "paths", "exitcodes"},
+    0: {"__init__", "errors", "model", "timing", "config", "config_schema", "config_reader", "config_sections", "paths",
+        "exitcodes"},
     1: {"aws", "sso", "vault", "iam_login", "ssm", "ssh", "keystore", "log", "discovery", "ports", "wake", "transport", "tls",
         "inventory", "catalog", "forward", "mysqlwire", "local_tls", "command_watch", "upstream_tls"},
     2: {"credentials", "lease_keeper", "lease_store", "orphans", "units", "wiring", "login_probe",
