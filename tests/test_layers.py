@@ -20,7 +20,8 @@ LAYERS = {
         "status_publisher", "engine_loop", "scheduler", "keeper", "token_keeper", "sso_keeper", "sso_signin", "tunnel", "supervisor", "aurora", "wanted",
         "revoke", "local_login"},
     3: {"protocol", "control", "client", "daemon", "doctor"},
-    4: {"cli", "cli_commands", "cli_output", "menu", "tray", "tray_darwin", "clipboard", "notify", "autostart", "autostart_common",
+    4: {"cli", "cli_commands", "cli_output", "menu", "tray", "tray_desktop", "tray_funnel", "tray_app", "tray_actions",
+        "tray_pystray", "tray_darwin", "clipboard", "notify", "autostart", "autostart_common",
         "autostart_launchd", "autostart_xdg", "autostart_systemd", "autostart_windows", "__main__", "onboarding"},
 }
 RANK = {name: rank for rank, names in LAYERS.items() for name in names}
