@@ -247,8 +247,9 @@ class WindowsClipboard(_CounterClipboard):
         from ctypes import wintypes
 
         self._ct = ctypes
-        self.user32 = ctypes.WinDLL("user32", use_last_error=True)
-        self.kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+        windll = getattr(ctypes, "WinDLL")          # Windows only (not in the other platforms' stubs)
+        self.user32 = windll("user32", use_last_error=True)
+        self.kernel32 = windll("kernel32", use_last_error=True)
         self.kernel32.GlobalAlloc.restype = wintypes.HGLOBAL
         self.kernel32.GlobalLock.restype = ctypes.c_void_p
         self.kernel32.GlobalLock.argtypes = [wintypes.HGLOBAL]

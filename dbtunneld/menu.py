@@ -79,12 +79,15 @@ class MenuModel:
 
     def find(self, *texts: str) -> MenuItem:
         """The item reached by following texts (prefix match per level), for tests and the tray."""
-        items, found = self.items, None
+        items: tuple[MenuItem, ...] = self.items
+        found: MenuItem | None = None
         for text in texts:
             found = next((i for i in items if not i.separator and i.text.startswith(text)), None)
             if found is None:
                 raise KeyError(f"no menu item starting with {text!r} among {[i.text for i in items]}")
             items = found.submenu
+        if found is None:
+            raise KeyError("name at least one menu item")
         return found
 
 
@@ -117,7 +120,7 @@ def build_menu(status: DaemonStatus | None, *, autostart: bool | None, clock: Cl
 
 def _no_daemon_menu(autostart, problem, config_path, log_path, connecting) -> MenuModel:
     if connecting:
-        head = (info("Connecting to the dbtunneld daemon…"),)
+        head: tuple[MenuItem, ...] = (info("Connecting to the dbtunneld daemon…"),)
     else:
         head = (info("dbtunneld daemon is not running"),) + ((info(_clip(problem, 90)),) if problem else ())
         head += (MenuItem("Start daemon", ("start_daemon",)),)

@@ -52,9 +52,9 @@ def incidents(status: DaemonStatus, now: float) -> list[Notice]:
         found.append(Notice(("sign_in",), "dbtunneld: sign-in needed",
                             "Your AWS sign-in has ended. Choose 'Sign in…' in the tray menu "
                             "or run `dbtunneld login`."))
-    elif expiring_at(status, now) is not None:
-        left = int((status.aws.expires_at - now) // 60)
-        found.append(Notice(("sign_in_expiring", round(status.aws.expires_at)), "dbtunneld: sign-in expires soon",
+    elif (expires_at := expiring_at(status, now)) is not None:
+        left = int((expires_at - now) // 60)
+        found.append(Notice(("sign_in_expiring", round(expires_at)), "dbtunneld: sign-in expires soon",
                             f"Your AWS sign-in ends in {max(left, 1)} min. Choose 'Sign in…' "
                             "in the tray menu to stay connected."))
     found += [_failed_notice(t) for t in status.tunnels if tunnel_failed(t, now)]
@@ -172,6 +172,8 @@ class Notifier:
     def show(self, title: str, message: str) -> None:
         log.info("notification: %s: %s", title, message)
         try:
+            if self.send is None:
+                raise TypeError("no desktop notification sender")
             self.send(title, message)
         except Exception as exc:   # a notification must never take the tray down
             if not self._send_failed:

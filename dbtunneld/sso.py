@@ -121,7 +121,7 @@ class Registrations:
         dlog.register_secret(resp.get("clientSecret"))
         self.registered += 1
         reg = Registration(resp["clientId"], resp["clientSecret"], float(resp["clientSecretExpiresAt"]))
-        entry = {"clientId": reg.client_id, "clientSecret": reg.client_secret, "expiresAt": format_utc(reg.expires_at)}
+        entry: dict[str, Any] = {"clientId": reg.client_id, "clientSecret": reg.client_secret, "expiresAt": format_utc(reg.expires_at)}
         if auth_code or scopes:
             entry["scopes"] = kwargs["scopes"]
         if auth_code:

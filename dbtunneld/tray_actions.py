@@ -63,7 +63,7 @@ def read_autostart() -> bool | None:
         return None
 
 
-def spawn_detached(argv: list[str]) -> subprocess.Popen:
+def spawn_detached(argv: list[str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True)
 
 
@@ -106,12 +106,12 @@ class TrayActions:
     def stop(self) -> None:
         raise NotImplementedError
 
-    def dispatch(self, action: tuple) -> threading.Thread:
+    def dispatch(self, action: tuple[Any, ...]) -> threading.Thread:
         t = threading.Thread(target=self.run_action, args=(action,), name=f"tray-{action[0]}", daemon=True)
         t.start()
         return t
 
-    def run_action(self, action: tuple) -> None:
+    def run_action(self, action: tuple[Any, ...]) -> None:
         kind, args = action[0], action[1:]
         log.info("menu: %s %s", kind, " ".join(str(a) for a in args[:1]))
         try:

@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from .client import Client, DaemonNotRunning, Subscription, ensure_daemon
 from .clipboard import Clipboard, system_clipboard
@@ -20,6 +20,7 @@ from .menu import ClockReading, MenuModel, build_menu
 from .model import DaemonStatus
 from .notify import Notifier
 from .paths import Paths
+from .protocol import Event
 from .tray_actions import TrayActions, ask_confirmation, open_target, read_autostart, spawn_detached, write_autostart
 
 log = logging.getLogger(__name__)
@@ -40,11 +41,11 @@ class TrayApp(TrayActions):
                  opener: Callable[[str], None] = open_target,
                  autostart: Callable[[], bool | None] = read_autostart,
                  set_autostart: Callable[[bool], None] | None = None, config: Path | None = None,
-                 launch_setup: Callable[[list[str]], subprocess.Popen] | None = None) -> None:
+                 launch_setup: Callable[[list[str]], subprocess.Popen[Any]] | None = None) -> None:
         self.client, self.paths, self.ui = client, paths, ui
         self.config = Path(config or paths.config_file)
         self._launch_setup = launch_setup or spawn_detached
-        self._setup_proc: subprocess.Popen | None = None
+        self._setup_proc: subprocess.Popen[Any] | None = None
         self.first_run_setup = False                 # `dbtunneld tray`: open the setup window when unconfigured
         self.submit, self.notifier, self.clock, self.stop_ui = submit, notifier, clock, stop_ui
         self._clipboard_factory, self._board = clipboard, None
@@ -149,7 +150,7 @@ class TrayApp(TrayActions):
         if not self._stop.is_set():
             raise DaemonNotRunning("the daemon closed the event stream")
 
-    def _on_event(self, event) -> None:
+    def _on_event(self, event: Event) -> None:
         """Status snapshots drive everything; other events (db.minted, ...) are followed by one."""
         if event.event == "status" and isinstance(event.data, dict):
             self.on_status(DaemonStatus.from_dict(event.data))

@@ -81,7 +81,7 @@ def ui_scheduler(backend: str) -> Callable[[Callable[[], Any]], Any]:
         return tray_darwin.on_main_thread
     lock = threading.Lock()                          # win32 / xorg: pystray marshals internally
 
-    def run_now(fn):
+    def run_now(fn: Callable[[], Any]) -> None:
         with lock:
             fn()
     return run_now

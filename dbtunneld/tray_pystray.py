@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 READY_TIMEOUT = 20.0         # icon.run() must reach its setup callback within this
 
 
-def icon_image(health: Health, *, template: bool = False, size: int | None = None):
+def icon_image(health: Health, *, template: bool = False, size: int | None = None) -> Any:
     """The shipped PNG for a state (package data), as a PIL image."""
     from PIL import Image
 
@@ -41,11 +41,11 @@ def icon_image(health: Health, *, template: bool = False, size: int | None = Non
     return image
 
 
-def to_pystray_menu(pystray, items: tuple[MenuItem, ...], on_action: Callable[[tuple[Any, ...]], object]):
+def to_pystray_menu(pystray: Any, items: tuple[MenuItem, ...], on_action: Callable[[tuple[Any, ...]], object]) -> Any:
     return pystray.Menu(*(_to_pystray_item(pystray, i, on_action) for i in items))
 
 
-def _to_pystray_item(pystray, item: MenuItem, on_action):
+def _to_pystray_item(pystray: Any, item: MenuItem, on_action: Callable[[tuple[Any, ...]], object]) -> Any:
     if item.separator:
         return pystray.Menu.SEPARATOR
     if item.submenu:
@@ -56,7 +56,7 @@ def _to_pystray_item(pystray, item: MenuItem, on_action):
     return pystray.MenuItem(item.text, callback, checked=checked, radio=item.radio, enabled=item.enabled)
 
 
-def import_pystray(backend: str):
+def import_pystray(backend: str) -> Any:
     os.environ["PYSTRAY_BACKEND"] = backend          # must be set before the first import
     try:
         if backend in ("gtk", "appindicator"):
@@ -75,7 +75,7 @@ def import_pystray(backend: str):
 class TrayRunner:
     """Glue between pystray and TrayApp: the icon, the funnel, the guarded main loop."""
 
-    def __init__(self, pystray, backend: str, paths: Paths, config: Path, ui: UiSettings,
+    def __init__(self, pystray: Any, backend: str, paths: Paths, config: Path, ui: UiSettings,
                  ready_timeout: float = READY_TIMEOUT) -> None:
         self.pystray, self.backend, self.ready_timeout = pystray, backend, ready_timeout
         self.ready = threading.Event()
@@ -94,7 +94,7 @@ class TrayRunner:
     def _template(self) -> bool:
         return self._mac()
 
-    def _make_icon(self):
+    def _make_icon(self) -> Any:
         """pystray's icon; on macOS the template-image subclass, as a menu bar extra, menu watched."""
         image = icon_image(Health.IDLE, template=self._template())
         if not self._mac():
@@ -126,7 +126,7 @@ class TrayRunner:
         if status_icon is not None:
             status_icon.set_tooltip_text(text)
 
-    def _setup(self, icon) -> None:
+    def _setup(self, icon: Any) -> None:
         self.ready.set()
         self.on_ui(self._show)
         self.app.start()
