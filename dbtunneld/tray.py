@@ -22,6 +22,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .config import UiSettings, load_config
 from .errors import ConfigError, NeedsUserError
@@ -30,6 +31,9 @@ from .log import setup_logging
 from .paths import Paths, default_paths, pid_alive
 from .tray_desktop import DesktopUnavailable, check_desktop, choose_backend
 from .tray_pystray import READY_TIMEOUT, TrayRunner, import_pystray
+
+if TYPE_CHECKING:                  # imported where used: the daemon's module is not needed to draw the tray
+    from .daemon import InstanceLock
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +70,7 @@ def run_tray(paths: Paths | None = None, config_path: str | Path | None = None,
         lock.release()
 
 
-def hold_tray_lock(paths: Paths):
+def hold_tray_lock(paths: Paths) -> InstanceLock:
     """One tray per user: an OS lock on run/tray.lock, released when the process ends."""
     from .daemon import AlreadyRunningError, InstanceLock
 
