@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 from .errors import NeedsUserError
 
@@ -83,7 +83,7 @@ class Clipboard:
     def __enter__(self) -> "Clipboard":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
@@ -200,7 +200,7 @@ class MacClipboard(_CounterClipboard):
     def __init__(self) -> None:
         super().__init__()
         try:
-            from AppKit import NSPasteboard  # type: ignore[import-not-found]
+            from AppKit import NSPasteboard
             self._board = NSPasteboard.generalPasteboard()
         except ImportError:
             self._board = None
@@ -211,7 +211,7 @@ class MacClipboard(_CounterClipboard):
         if self._board is None:
             subprocess.run(["pbcopy"], input=text.encode(), check=True, timeout=10)
             return hash(text)
-        from AppKit import NSPasteboardTypeString  # type: ignore[import-not-found]
+        from AppKit import NSPasteboardTypeString
         self._board.clearContents()
         types = [NSPasteboardTypeString] + ([CONCEALED_TYPE] if secret else [])
         self._board.declareTypes_owner_(types, None)
@@ -247,8 +247,9 @@ class WindowsClipboard(_CounterClipboard):
         from ctypes import wintypes
 
         self._ct = ctypes
-        self.user32 = ctypes.WinDLL("user32", use_last_error=True)
-        self.kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+        windll = getattr(ctypes, "WinDLL")          # Windows only (not in the other platforms' stubs)
+        self.user32 = windll("user32", use_last_error=True)
+        self.kernel32 = windll("kernel32", use_last_error=True)
         self.kernel32.GlobalAlloc.restype = wintypes.HGLOBAL
         self.kernel32.GlobalLock.restype = ctypes.c_void_p
         self.kernel32.GlobalLock.argtypes = [wintypes.HGLOBAL]
@@ -265,7 +266,7 @@ class WindowsClipboard(_CounterClipboard):
             time.sleep(0.02)
         raise ClipboardUnavailable("the Windows clipboard is held by another program")
 
-    def _global(self, data: bytes):
+    def _global(self, data: bytes) -> Any:
         handle = self.kernel32.GlobalAlloc(self.GMEM_MOVEABLE, len(data))
         ptr = self.kernel32.GlobalLock(handle)
         self._ct.memmove(ptr, data, len(data))
@@ -326,7 +327,7 @@ class X11Clipboard(Clipboard):
         self._win = screen.root.create_window(-10, -10, 1, 1, 0, screen.root_depth, event_mask=X.PropertyChangeMask)
         self._atoms = {n: self._d.intern_atom(n) for n in
                        ("CLIPBOARD", "TARGETS", "TIMESTAMP", PASSWORD_HINT) + self.TEXT_TARGETS}
-        self._commands: queue.Queue = queue.Queue()
+        self._commands: queue.Queue[tuple[Any, ...]] = queue.Queue()
         self._wake_r, self._wake_w = os.pipe()
         self._held: _Held | None = None
         self._closed = False
@@ -352,7 +353,7 @@ class X11Clipboard(Clipboard):
         for fd in (self._wake_r, self._wake_w):
             os.close(fd)
 
-    def _command(self, cmd: tuple) -> None:
+    def _command(self, cmd: tuple[Any, ...]) -> None:
         if self._closed:
             raise ClipboardUnavailable("the clipboard was closed")
         self._commands.put(cmd)
@@ -391,7 +392,7 @@ class X11Clipboard(Clipboard):
             return None
         return max(0.0, held.deadline - self._clock())
 
-    def _run_command(self, cmd: tuple) -> bool:
+    def _run_command(self, cmd: tuple[Any, ...]) -> bool:
         if cmd[0] == "close":
             return False
         _, data, handle, done = cmd
@@ -436,7 +437,7 @@ class X11Clipboard(Clipboard):
             self._d.flush()
         return held, ours
 
-    def _handle_event(self, ev) -> None:
+    def _handle_event(self, ev: Any) -> None:
         X = self._X
         if ev.type == X.SelectionRequest:
             self._answer(ev)
@@ -445,7 +446,7 @@ class X11Clipboard(Clipboard):
             if held:
                 held.handle.finish(REPLACED)
 
-    def _answer(self, ev) -> None:
+    def _answer(self, ev: Any) -> None:
         from Xlib.protocol import event as xevent
 
         prop = ev.property if ev.property != self._X.NONE else ev.target
@@ -456,7 +457,7 @@ class X11Clipboard(Clipboard):
         ev.requestor.send_event(notify, event_mask=0)
         self._d.flush()
 
-    def _write_target(self, requestor, prop: int, target: int) -> bool:
+    def _write_target(self, requestor: Any, prop: int, target: int) -> bool:
         held, a = self._held, self._atoms
         if held is None:
             return False

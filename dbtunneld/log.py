@@ -12,6 +12,7 @@ with the unit they concern (``[db=orders] lease renewed ...``).
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import re
@@ -20,7 +21,7 @@ import threading
 from collections import OrderedDict
 from logging.handlers import RotatingFileHandler
 from pathlib import Path
-from typing import Any, MutableMapping
+from typing import Any, Mapping, MutableMapping, cast
 
 MASK = "***"
 MIN_SECRET_LENGTH = 6          # shorter values would mask ordinary words
@@ -61,7 +62,7 @@ class SecretRegistry:
 
     def forget(self, value: str | None) -> None:
         with self._lock:
-            if value in self._secrets:
+            if value is not None and value in self._secrets:
                 del self._secrets[value]
                 self._pattern = None
 
@@ -126,7 +127,7 @@ class MaskingFilter(logging.Filter):
 class PrivateRotatingFileHandler(RotatingFileHandler):
     """A rotating log file created with mode 0600 (the log names users and lease ids)."""
 
-    def _open(self):  # noqa: D401 - logging's hook
+    def _open(self) -> io.TextIOWrapper[Any]:  # noqa: D401 - logging's hook
         fd = os.open(self.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         os.chmod(self.baseFilename, 0o600)
         return os.fdopen(fd, "a", encoding=self.encoding or "utf-8", errors=self.errors)
@@ -178,11 +179,11 @@ def setup_logging(log_file: str | Path | None = None, *, level: int = logging.IN
     return list(_installed)
 
 
-class UnitLogger(logging.LoggerAdapter):
+class UnitLogger(logging.LoggerAdapter[logging.Logger]):
     """A logger whose lines start with the unit's context: ``[db=orders] ...``."""
 
     def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
-        return f"[{self.extra['context']}] {msg}", kwargs
+        return f"[{cast(Mapping[str, object], self.extra)['context']}] {msg}", kwargs
 
 
 def unit_logger(logger: logging.Logger | str, **context: Any) -> UnitLogger:

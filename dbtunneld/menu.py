@@ -13,11 +13,12 @@ import sys
 import textwrap
 from dataclasses import dataclass
 from datetime import datetime, tzinfo
+from typing import Any
 
 from .model import (CredentialState, CredentialStatus, DaemonStatus, Health, TunnelState,
                     TunnelStatus, overall_health)
 
-Action = tuple
+Action = tuple[Any, ...]
 SIGN_IN_WARNING = 600.0          # offer "Sign in…" this long before the AWS session ends
 TOOLTIP_MAX = 127                # Windows truncates tray tooltips at 127 characters
 
@@ -79,12 +80,15 @@ class MenuModel:
 
     def find(self, *texts: str) -> MenuItem:
         """The item reached by following texts (prefix match per level), for tests and the tray."""
-        items, found = self.items, None
+        items: tuple[MenuItem, ...] = self.items
+        found: MenuItem | None = None
         for text in texts:
             found = next((i for i in items if not i.separator and i.text.startswith(text)), None)
             if found is None:
                 raise KeyError(f"no menu item starting with {text!r} among {[i.text for i in items]}")
             items = found.submenu
+        if found is None:
+            raise KeyError("name at least one menu item")
         return found
 
 
@@ -115,9 +119,9 @@ def build_menu(status: DaemonStatus | None, *, autostart: bool | None, clock: Cl
     return MenuModel(items, overall_health(status), tooltip(status, clock))
 
 
-def _no_daemon_menu(autostart, problem, config_path, log_path, connecting) -> MenuModel:
+def _no_daemon_menu(autostart: bool | None, problem: str, config_path: str, log_path: str, connecting: bool) -> MenuModel:
     if connecting:
-        head = (info("Connecting to the dbtunneld daemon…"),)
+        head: tuple[MenuItem, ...] = (info("Connecting to the dbtunneld daemon…"),)
     else:
         head = (info("dbtunneld daemon is not running"),) + ((info(_clip(problem, 90)),) if problem else ())
         head += (MenuItem("Start daemon", ("start_daemon",)),)
@@ -127,7 +131,7 @@ def _no_daemon_menu(autostart, problem, config_path, log_path, connecting) -> Me
     return MenuModel(items, Health.IDLE if connecting else Health.NEEDS_ACTION, tip)
 
 
-def _setup_menu(autostart, config_path, log_path) -> MenuModel:
+def _setup_menu(autostart: bool | None, config_path: str, log_path: str) -> MenuModel:
     items = (info("dbtunneld is not set up yet (no config file)"), MenuItem("Set up…", ("setup",)), SEPARATOR,
              *_settings_items(autostart, "", log_path, setup=False), SEPARATOR, MenuItem("Quit (tray only)", ("quit",)))
     return MenuModel(items, Health.NEEDS_ACTION, "dbtunneld: not set up yet")
@@ -302,7 +306,7 @@ def _open_label(platform: str) -> str:
 
 # ---- global entries ------------------------------------------------------------------------
 
-def _global_items(status: DaemonStatus, autostart, config_path, log_path) -> tuple[MenuItem, ...]:
+def _global_items(status: DaemonStatus, autostart: bool | None, config_path: str, log_path: str) -> tuple[MenuItem, ...]:
     startable = any(t.state in (TunnelState.STOPPED, TunnelState.FAILED) for t in status.tunnels)
     return ((MenuItem("Connect all", ("connect_all",), enabled=startable),)
             + _settings_items(autostart, config_path, log_path)

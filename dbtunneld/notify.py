@@ -22,9 +22,9 @@ import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
-from .model import CredentialState, DaemonStatus, TunnelState
+from .model import CredentialState, DaemonStatus, TunnelState, TunnelStatus
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ Sender = Callable[[str, str], None]          # (title, message)
 
 @dataclass(frozen=True)
 class Notice:
-    key: tuple
+    key: tuple[Any, ...]
     title: str
     message: str
 
@@ -52,9 +52,9 @@ def incidents(status: DaemonStatus, now: float) -> list[Notice]:
         found.append(Notice(("sign_in",), "dbtunneld: sign-in needed",
                             "Your AWS sign-in has ended. Choose 'Sign in…' in the tray menu "
                             "or run `dbtunneld login`."))
-    elif expiring_at(status, now) is not None:
-        left = int((status.aws.expires_at - now) // 60)
-        found.append(Notice(("sign_in_expiring", round(status.aws.expires_at)), "dbtunneld: sign-in expires soon",
+    elif (expires_at := expiring_at(status, now)) is not None:
+        left = int((expires_at - now) // 60)
+        found.append(Notice(("sign_in_expiring", round(expires_at)), "dbtunneld: sign-in expires soon",
                             f"Your AWS sign-in ends in {max(left, 1)} min. Choose 'Sign in…' "
                             "in the tray menu to stay connected."))
     found += [_failed_notice(t) for t in status.tunnels if tunnel_failed(t, now)]
@@ -62,12 +62,12 @@ def incidents(status: DaemonStatus, now: float) -> list[Notice]:
     return found
 
 
-def writer_read_only(t) -> bool:
+def writer_read_only(t: TunnelStatus) -> bool:
     """A writer port whose server says it is read-only (an Aurora failover, seen by the probe)."""
     return t.expected_role == "writer" and t.role == "reader" and t.state == TunnelState.UP
 
 
-def _failover_notice(t) -> Notice:
+def _failover_notice(t: TunnelStatus) -> Notice:
     return Notice(("failover", t.name), f"dbtunneld: {t.name} writer is read-only",
                   f"The writer endpoint of {t.name} answered read-only (an Aurora failover?). dbtunneld "
                   f"rebuilt the tunnel on 127.0.0.1:{t.local_port}; writes fail until the new writer answers.")
@@ -86,19 +86,19 @@ def expiring_at(status: DaemonStatus, now: float) -> float | None:
     return aws.expires_at if 0 < aws.expires_at - now <= EXPIRY_WARNING else None
 
 
-def tunnel_failed(t, now: float) -> bool:
+def tunnel_failed(t: TunnelStatus, now: float) -> bool:
     if t.state == TunnelState.FAILED:
         return True
     return t.state == TunnelState.BACKOFF and t.since is not None and now - t.since >= FAILED_AFTER
 
 
-def _failed_notice(t) -> Notice:
+def _failed_notice(t: TunnelStatus) -> Notice:
     detail = t.last_error or "the tunnel is down"
     fix = f" {t.hint}" if t.hint else ""
     return Notice(("tunnel_failed", t.name), f"dbtunneld: {t.name} is down", f"{detail}.{fix}".replace("..", "."))
 
 
-def resolved(key: tuple, status: DaemonStatus, now: float) -> bool:
+def resolved(key: tuple[Any, ...], status: DaemonStatus, now: float) -> bool:
     """Whether an announced incident is over (so that a new occurrence is announced again)."""
     kind = key[0]
     if kind == "tunnel_failed":
@@ -117,7 +117,7 @@ class IncidentTracker:
     """Which notices to show for each new snapshot: new incidents and minted credentials."""
 
     def __init__(self) -> None:
-        self._open: set[tuple] = set()
+        self._open: set[tuple[Any, ...]] = set()
         self._users: dict[str, str] = {}
 
     def observe(self, status: DaemonStatus, now: float) -> list[Notice]:
@@ -139,7 +139,7 @@ class IncidentTracker:
         return notices
 
     @property
-    def open(self) -> frozenset:
+    def open(self) -> frozenset[tuple[Any, ...]]:
         return frozenset(self._open)
 
 
@@ -172,6 +172,8 @@ class Notifier:
     def show(self, title: str, message: str) -> None:
         log.info("notification: %s: %s", title, message)
         try:
+            if self.send is None:
+                raise TypeError("no desktop notification sender")
             self.send(title, message)
         except Exception as exc:   # a notification must never take the tray down
             if not self._send_failed:
@@ -179,7 +181,7 @@ class Notifier:
             self._send_failed = True
 
 
-def pystray_sender(icon) -> Sender | None:
+def pystray_sender(icon: Any) -> Sender | None:
     """pystray's own notifications, when its backend has them."""
     if not getattr(icon, "HAS_NOTIFICATION", False):
         return None
@@ -232,7 +234,7 @@ def first_sender(candidates: Iterable[Callable[[], Sender | None]]) -> Sender | 
     return None
 
 
-def desktop_sender(icon=None, platform: str = sys.platform) -> Sender | None:
+def desktop_sender(icon: Any = None, platform: str = sys.platform) -> Sender | None:
     """The best way to notify here: pystray's (not on macOS), then D-Bus (Linux), then a command."""
     candidates = [lambda: pystray_sender(icon) if icon is not None and platform != "darwin" else None]
     if platform.startswith("linux"):

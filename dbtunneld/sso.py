@@ -68,7 +68,7 @@ def _settings(session: AwsSession) -> SsoSettings:
     return sso
 
 
-def oidc_client(session: AwsSession, sso: SsoSettings):
+def oidc_client(session: AwsSession, sso: SsoSettings) -> Any:
     """The sso-oidc client of the profile's Identity Center region (unsigned, as botocore's)."""
     return session.client("sso-oidc", region=sso.region,
                           config=BotoConfig(signature_version=UNSIGNED, region_name=sso.region,
@@ -101,13 +101,13 @@ class Registrations:
         self.path = session.cache_dir / f"{registration_cache_key(sso)}.json"
         self.registered = 0
 
-    def get(self, oidc, auth_code: bool) -> Registration:
+    def get(self, oidc: Any, auth_code: bool) -> Registration:
         cached = self._cached(auth_code)
         if cached is not None:
             return cached
         return self.register(oidc, auth_code)
 
-    def register(self, oidc, auth_code: bool) -> Registration:
+    def register(self, oidc: Any, auth_code: bool) -> Registration:
         """Register a new client and write it to the AWS CLI's cache file."""
         kwargs: dict[str, Any] = {"clientName": f"dbtunneld-{self.sso.session_name or int(self.clock.time())}",
                                   "clientType": "public"}
@@ -121,7 +121,7 @@ class Registrations:
         dlog.register_secret(resp.get("clientSecret"))
         self.registered += 1
         reg = Registration(resp["clientId"], resp["clientSecret"], float(resp["clientSecretExpiresAt"]))
-        entry = {"clientId": reg.client_id, "clientSecret": reg.client_secret, "expiresAt": format_utc(reg.expires_at)}
+        entry: dict[str, Any] = {"clientId": reg.client_id, "clientSecret": reg.client_secret, "expiresAt": format_utc(reg.expires_at)}
         if auth_code or scopes:
             entry["scopes"] = kwargs["scopes"]
         if auth_code:
@@ -149,7 +149,8 @@ class Registrations:
 
 
 def _is_invalid_client(exc: bexc.ClientError) -> bool:
-    return exc.response.get("Error", {}).get("Code", "") == "InvalidClientException"
+    code: str = exc.response.get("Error", {}).get("Code", "")
+    return code == "InvalidClientException"
 
 
 def _token_entry(sso: SsoSettings, reg: Registration, resp: dict[str, Any], now: float) -> dict[str, Any]:
@@ -319,9 +320,10 @@ class SsoDeviceLogin:
         reg = self.registrations.register(oidc, auth_code=False)
         return self._start_with(oidc, reg), reg
 
-    def _start_with(self, oidc, reg: Registration) -> dict[str, Any]:
-        return oidc.start_device_authorization(clientId=reg.client_id, clientSecret=reg.client_secret,
+    def _start_with(self, oidc: Any, reg: Registration) -> dict[str, Any]:
+        started: dict[str, Any] = oidc.start_device_authorization(clientId=reg.client_id, clientSecret=reg.client_secret,
                                                startUrl=self.sso.start_url)
+        return started
 
     def _authorization(self, resp: dict[str, Any], reg: Registration) -> DeviceAuthorization:
         return DeviceAuthorization(

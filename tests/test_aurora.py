@@ -13,7 +13,8 @@ import pytest
 
 from dbtunneld import notify
 from dbtunneld.aurora import RoleCheckedTunnel, reader_unit
-from dbtunneld.config import aurora_reader_endpoint, parse_config
+from dbtunneld.config import parse_config
+from dbtunneld.config_schema import aurora_reader_endpoint
 from dbtunneld.errors import ConfigError
 from dbtunneld.model import DaemonStatus, TunnelState, TunnelStatus
 from dbtunneld.sandbox.daemonproc import DaemonOptions, DaemonUnderTest

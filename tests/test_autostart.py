@@ -16,11 +16,13 @@ from pathlib import Path
 import pytest
 from hypothesis import given, strategies as st
 
-from dbtunneld import autostart
-from dbtunneld.autostart import (APPROVED_KEY, LAUNCHD_LABEL, RUN_KEY, RUN_VALUE, UNIT_NAME,
-                                 Autostart, AutostartError, Ran, desktop_exec_quote,
-                                 desktop_exec_split, program_command, systemd_quote, systemd_split,
-                                 windows_command_line, windows_split)
+from dbtunneld import autostart, autostart_launchd, autostart_systemd, autostart_xdg
+from dbtunneld.autostart import Autostart
+from dbtunneld.autostart_common import AutostartError, Ran, program_command
+from dbtunneld.autostart_launchd import LAUNCHD_LABEL
+from dbtunneld.autostart_systemd import UNIT_NAME, systemd_quote, systemd_split
+from dbtunneld.autostart_windows import APPROVED_KEY, RUN_KEY, RUN_VALUE, windows_command_line, windows_split
+from dbtunneld.autostart_xdg import desktop_exec_quote, desktop_exec_split
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIRD = "in st$all 100%"  # a folder name that needs quoting in every format
@@ -149,7 +151,7 @@ def test_tray_mode_writes_an_xdg_entry_that_validates(linux: Autostart, env: dic
     assert change.status.enabled and change.status.command == (program, "tray")
     assert (change.status.mechanism, change.status.mode) == ("xdg", "tray")
     icon = next(line for line in path.read_text().splitlines() if line.startswith("Icon="))[5:]
-    assert icon == autostart.FALLBACK_ICON or Path(icon).is_file()
+    assert icon == autostart_xdg.FALLBACK_ICON or Path(icon).is_file()
     assert linux.disable().status.location is None and not path.exists()
 
 
@@ -185,7 +187,7 @@ def test_never_both_enabling_one_mode_removes_the_other(linux: Autostart, env: d
 def test_both_present_by_hand_is_reported_not_enabled(linux: Autostart, env: dict[str, str]) -> None:
     linux.enable("daemon")
     desktop_path(env).parent.mkdir(parents=True)
-    desktop_path(env).write_text(autostart.render_desktop(["/bin/true", "tray"], "x"))
+    desktop_path(env).write_text(autostart_xdg.render_desktop(["/bin/true", "tray"], "x"))
     st_ = linux.status()
     assert not st_.enabled and any("start twice" in p for p in st_.problems)
 
@@ -202,7 +204,7 @@ def test_status_reads_the_truth_not_a_flag(linux: Autostart, env: dict[str, str]
 
     desktop_path(env).unlink()
     unit_path(env).parent.mkdir(parents=True)
-    unit_path(env).write_text(autostart.render_unit(["/bin/true", "daemon"]))  # written, not enabled
+    unit_path(env).write_text(autostart_systemd.render_unit(["/bin/true", "daemon"]))  # written, not enabled
     st_ = linux.status()
     assert (st_.mechanism, st_.enabled) == ("systemd", False)
     assert "is-enabled" in st_.problems[0]
@@ -216,7 +218,7 @@ def test_a_program_path_systemd_would_refuse_is_an_error(env: dict[str, str],
     assert "systemd refuses" in err.value.message and "--mode tray" in err.value.hint
     assert not unit_path(env).exists()
     unit_path(env).parent.mkdir(parents=True)  # and systemd really does refuse it:
-    unit_path(env).write_text(autostart.render_unit([str(tmp_path / "it's" / "bin" / "dbtunneld")]))
+    unit_path(env).write_text(autostart_systemd.render_unit([str(tmp_path / "it's" / "bin" / "dbtunneld")]))
     assert "special characters" in unit_problems(unit_path(env), env)
 
 
@@ -486,7 +488,7 @@ def test_macos_enable_on_a_loaded_agent_waits_for_launchd_to_free_the_label(
     started = clock.now
     change = auto.enable("daemon", start_now=True)         # already loaded: bootout, wait, bootstrap
     assert change.status.loaded is True and LAUNCHD_LABEL in fake.loaded
-    assert 4.0 <= clock.now - started <= 4.0 + autostart.LAUNCHD_POLL
+    assert 4.0 <= clock.now - started <= 4.0 + autostart_launchd.LAUNCHD_POLL
     assert [c[1] for c in fake.calls].count("bootstrap") == 2   # no failed attempt: it waited
 
 
@@ -517,7 +519,7 @@ def test_macos_label_never_freed_is_a_bounded_error(env: dict[str, str], tmp_pat
     with pytest.raises(AutostartError) as err:
         auto.enable("tray", start_now=True)
     assert "Input/output error" in err.value.message and "launchctl print" in err.value.hint
-    assert clock.now - started <= autostart.LAUNCHD_FREE_WAIT + autostart.LAUNCHD_POLL
+    assert clock.now - started <= autostart_launchd.LAUNCHD_FREE_WAIT + autostart_launchd.LAUNCHD_POLL
 
 
 def test_macos_plist_runs_unthrottled_with_homebrew_on_path(mac, env: dict[str, str], tmp_path: Path) -> None:  # noqa: ANN001
@@ -541,7 +543,7 @@ def test_macos_login_item_keeps_a_short_dbtunneld_home(env: dict[str, str], tmp_
 
 def test_plist_escapes_xml_in_paths() -> None:
     odd = ["/Users/a&b/<bin>/dbtunneld", "tray"]
-    data = plistlib.loads(autostart.render_plist(odd, "tray", Path("/tmp/l&gs")).encode())
+    data = plistlib.loads(autostart_launchd.render_plist(odd, "tray", Path("/tmp/l&gs")).encode())
     assert data["ProgramArguments"] == odd and data["StandardOutPath"].startswith("/tmp/l&gs/")
 
 
@@ -658,5 +660,6 @@ def test_autostart_imports_no_engine_or_adapter() -> None:
             "print(sorted(m for m in sys.modules if m.startswith('dbtunneld')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30,
                          check=True, cwd=ROOT).stdout
-    assert set(json.loads(out.replace("'", '"'))) <= {
-        "dbtunneld", "dbtunneld.autostart", "dbtunneld.errors", "dbtunneld.paths"}
+    loaded = set(json.loads(out.replace("'", '"')))
+    assert {m for m in loaded if not m.startswith("dbtunneld.autostart")} <= {"dbtunneld", "dbtunneld.errors", "dbtunneld.paths"}
+    assert "dbtunneld.autostart_launchd" in loaded       # the back-ends are loaded, and nothing below them

@@ -15,7 +15,7 @@ import pymysql
 import pytest
 
 import fake_units as F
-from dbtunneld import cli
+from dbtunneld import cli, cli_commands, cli_output
 from dbtunneld.daemon import Daemon, Factories
 from dbtunneld.paths import default_paths
 
@@ -40,7 +40,7 @@ STATUS = {
 
 
 def test_render_status_table():
-    text = cli.render_status(STATUS, NOW)
+    text = cli_output.render_status(STATUS, NOW)
     lines = text.splitlines()
     assert lines[0].startswith("AWS    dev  valid  expires in 3h02m  arn:aws:sts::1:assumed-role/dev/me")
     assert "Vault  https://vault  backoff  timeout" == lines[1]
@@ -58,14 +58,14 @@ def test_render_status_table():
     ({"aws": {"state": "needs_sign_in"}}, 4),
 ])
 def test_status_exit_code(change, code):
-    assert cli.status_exit_code({**STATUS, **change}) == code
+    assert cli_output.status_exit_code({**STATUS, **change}) == code
 
 
 def test_render_creds_never_shows_the_password():
     c = {"name": "orders", "port": 13306, "database": "app", "username": "v-1", "password": "hunter22",
          "mysql": "mysql -h 127.0.0.1 -P 13306 -u v-1 -p app", "url": "mysql://v-1@127.0.0.1:13306/app",
          "jdbc": "jdbc:mysql://127.0.0.1:13306/app?user=v-1", "expires_at": NOW + 600, "production": True}
-    text = cli.render_creds(c, NOW)
+    text = cli_output.render_creds(c, NOW)
     assert "hunter22" not in text
     assert "--field password" in text and "PRODUCTION" in text and "expires   in 10m" in text
 
@@ -144,7 +144,7 @@ def test_no_daemon_exits_3(monkeypatch, capsys, tmp_path):
 
 def test_internal_error_prints_one_line_and_logs_the_traceback(monkeypatch, capsys, tmp_path):
     monkeypatch.setenv("DBTUNNELD_HOME", str(tmp_path))
-    monkeypatch.setattr(cli, "_cmd_status", lambda args: 1 / 0)
+    monkeypatch.setattr(cli_commands, "cmd_status", lambda args: 1 / 0)
     code, _, err = run(capsys, "status")
     assert code == 1 and err.count("\n") == 1
     assert "internal error: ZeroDivisionError" in err and "Traceback" not in err
@@ -370,7 +370,7 @@ def test_status_labels_the_vault_accessor_and_shows_the_aurora_role():
           "tunnels": [{"name": "orders", "local_port": 13306, "state": "up", "role": "writer", "expected_role": "writer"},
                       {"name": "orders-reader", "local_port": 13307, "state": "up", "role": "writer",
                        "expected_role": "reader"}]}
-    lines = cli.render_status(st, NOW).splitlines()
+    lines = cli_output.render_status(st, NOW).splitlines()
     assert lines[1] == "Vault  https://vault  valid  accessor hmac-acc-1"
     assert lines[4].split()[-1] == "writer"
     assert lines[5].endswith("reader port answers as a writer (failover?)")

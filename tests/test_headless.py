@@ -60,7 +60,8 @@ def test_cli_and_engine_run_without_the_gui_stack(tmp_path):
 import importlib
 from test_layers import LAYERS
 from dbtunneld.cli import main
-from dbtunneld.tray import DesktopUnavailable, import_pystray
+from dbtunneld.tray_desktop import DesktopUnavailable
+from dbtunneld.tray_pystray import import_pystray
 for m in sorted(n for rank, names in LAYERS.items() if rank < 4 for n in names if n != "__init__"):
     importlib.import_module("dbtunneld." + m)
 for argv in (["--help"], ["config", "check"]):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from dbtunneld import tray
+from dbtunneld import tray_app
 from dbtunneld.client import Client
 from dbtunneld.config import UiSettings
 from dbtunneld.notify import Notifier
@@ -140,7 +140,7 @@ def test_tray_without_config_offers_set_up_and_opens_the_window(tmp_path):
             launched.append(argv)
             return d.spawn("setup-window", argv, env=env)
 
-        app = tray.TrayApp(Client(paths.socket_path), paths=paths, ui=UiSettings(), submit=models.append,
+        app = tray_app.TrayApp(Client(paths.socket_path), paths=paths, ui=UiSettings(), submit=models.append,
                            notifier=Notifier(None), start_daemon=lambda: Client(paths.socket_path),
                            autostart=lambda: None, launch_setup=launch)
         app.first_run_setup = True

@@ -12,18 +12,19 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parent.parent / "dbtunneld"
 
 LAYERS = {
-    0: {"__init__", "errors", "model", "timing", "config", "paths", "exitcodes"},
-<<<<<<< HEAD
-    1: {"aws", "sso", "vault", "iam_login", "ssm", "ssh", "keystore", "log", "discovery", "ports", "transport", "tls",
-=======
-    1: {"aws", "sso", "vault", "iam_login", "ssm", "ssh", "ssh_options", "ssh_hostkeys", "ssh_auth", "ssh_channel", "paramiko_internals", "keystore", "log", "discovery", "ports", "wake", "transport", "tls",
->>>>>>> sshsplit
+    0: {"__init__", "errors", "model", "timing", "config", "config_schema", "config_reader", "config_sections", "paths",
+        "exitcodes"},
+    1: {"aws", "sso", "vault", "iam_login", "ssm", "ssh", "ssh_options", "ssh_hostkeys", "ssh_auth", "ssh_channel",
+        "paramiko_internals", "keystore", "log", "discovery", "ports", "transport", "tls",
         "inventory", "catalog", "forward", "mysqlwire", "local_tls", "command_watch", "upstream_tls"},
     2: {"credentials", "lease_keeper", "lease_store", "orphans", "units", "wiring", "login_probe",
-        "status_publisher", "engine_loop", "workers", "cluster_slots", "scheduler", "wake", "own_schedule", "tunnel_state", "tunnel_health", "tunnel_clients", "keeper", "token_keeper", "sso_keeper", "sso_signin", "tunnel", "supervisor", "aurora", "wanted",
-        "revoke", "local_login"},
+        "status_publisher", "engine_loop", "workers", "cluster_slots", "scheduler", "wake", "own_schedule", "tunnel_state",
+        "tunnel_health", "tunnel_clients", "keeper", "token_keeper", "sso_keeper", "sso_signin", "tunnel", "supervisor",
+        "aurora", "wanted", "revoke", "local_login"},
     3: {"protocol", "control", "control_socket", "event_bus", "client", "daemon", "doctor"},
-    4: {"cli", "menu", "tray", "tray_darwin", "clipboard", "notify", "autostart", "__main__", "onboarding"},
+    4: {"cli", "cli_commands", "cli_output", "menu", "tray", "tray_desktop", "tray_funnel", "tray_app", "tray_actions",
+        "tray_pystray", "tray_darwin", "clipboard", "notify", "autostart", "autostart_common",
+        "autostart_launchd", "autostart_xdg", "autostart_systemd", "autostart_windows", "__main__", "onboarding"},
 }
 RANK = {name: rank for rank, names in LAYERS.items() for name in names}
 UI_PACKAGES = {"pystray", "PIL", "gi", "Xlib", "tkinter", "AppKit", "objc"}

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from dbtunneld import control, tray
+from dbtunneld import control, tray, tray_app, tray_desktop, tray_funnel, tray_pystray
 from dbtunneld.client import Client
 from dbtunneld.clipboard import Copied
 from dbtunneld.config import UiSettings
@@ -107,16 +107,16 @@ def daemon(home):
 # ----------------------------------------------------------------------------- desktop checks
 
 def test_no_display_is_a_clear_error():
-    with pytest.raises(tray.DesktopUnavailable, match="DISPLAY is not set"):
-        tray.check_desktop({}, "appindicator", platform="linux")
+    with pytest.raises(tray_desktop.DesktopUnavailable, match="DISPLAY is not set"):
+        tray_desktop.check_desktop({}, "appindicator", platform="linux")
 
 
 def test_unreachable_session_bus_is_a_clear_error(tmp_path):
-    with pytest.raises(tray.DesktopUnavailable, match="does not answer") as info:
-        tray._check_session_bus({"DBUS_SESSION_BUS_ADDRESS": f"unix:path={tmp_path}/nothing,guid=1"})
+    with pytest.raises(tray_desktop.DesktopUnavailable, match="does not answer") as info:
+        tray_desktop._check_session_bus({"DBUS_SESSION_BUS_ADDRESS": f"unix:path={tmp_path}/nothing,guid=1"})
     assert "dbus-run-session" in info.value.hint
-    with pytest.raises(tray.DesktopUnavailable, match="no D-Bus session bus"):
-        tray._check_session_bus({"XDG_RUNTIME_DIR": str(tmp_path)})
+    with pytest.raises(tray_desktop.DesktopUnavailable, match="no D-Bus session bus"):
+        tray_desktop._check_session_bus({"XDG_RUNTIME_DIR": str(tmp_path)})
 
 
 def test_session_bus_addresses_are_probed(tmp_path):
@@ -124,19 +124,19 @@ def test_session_bus_addresses_are_probed(tmp_path):
     with socket.socket(socket.AF_UNIX) as listener:
         listener.bind(str(path))
         listener.listen(1)
-        tray._check_session_bus({"XDG_RUNTIME_DIR": str(tmp_path)})             # the default path
-        tray._check_session_bus({"DBUS_SESSION_BUS_ADDRESS": f"unix:path=/nope;unix:path={path}"})
-    assert tray.session_bus_candidates({"DBUS_SESSION_BUS_ADDRESS": "unix:abstract=/tmp/x,guid=2"}) == [
+        tray_desktop._check_session_bus({"XDG_RUNTIME_DIR": str(tmp_path)})             # the default path
+        tray_desktop._check_session_bus({"DBUS_SESSION_BUS_ADDRESS": f"unix:path=/nope;unix:path={path}"})
+    assert tray_desktop.session_bus_candidates({"DBUS_SESSION_BUS_ADDRESS": "unix:abstract=/tmp/x,guid=2"}) == [
         "unix:abstract=/tmp/x,guid=2"]
-    assert tray._probe_bus("autolaunch:") is None
+    assert tray_desktop._probe_bus("autolaunch:") is None
 
 
 def test_backend_choice():
-    assert tray.choose_backend({"PYSTRAY_BACKEND": "xorg"}, "linux") == "xorg"
-    assert tray.choose_backend({}, "darwin") == "darwin"
-    assert tray.choose_backend({}, "win32") == "win32"
-    assert tray.choose_backend({}, "linux") in ("appindicator", "gtk")
-    tray.check_desktop({}, "darwin", platform="darwin")                        # nothing to check there
+    assert tray_desktop.choose_backend({"PYSTRAY_BACKEND": "xorg"}, "linux") == "xorg"
+    assert tray_desktop.choose_backend({}, "darwin") == "darwin"
+    assert tray_desktop.choose_backend({}, "win32") == "win32"
+    assert tray_desktop.choose_backend({}, "linux") in ("appindicator", "gtk")
+    tray_desktop.check_desktop({}, "darwin", platform="darwin")                        # nothing to check there
 
 
 # ----------------------------------------------------------------------------- the funnel
@@ -147,19 +147,19 @@ def test_appindicator_only_when_a_status_notifier_watcher_is_on_the_bus(home):
     gi = pytest.importorskip("gi")
     from gi.repository import Gio
 
-    if not tray._has_typelib("AyatanaAppIndicator3", "AppIndicator3"):
+    if not tray_desktop._has_typelib("AyatanaAppIndicator3", "AppIndicator3"):
         pytest.skip("no AppIndicator typelib")
     d = Desktop(home)
     try:
         d.start_bus()
         env = {"DBUS_SESSION_BUS_ADDRESS": d.bus_address}
-        assert tray.choose_backend(env, "linux") == "gtk"
+        assert tray_desktop.choose_backend(env, "linux") == "gtk"
         flags = Gio.DBusConnectionFlags.AUTHENTICATION_CLIENT | Gio.DBusConnectionFlags.MESSAGE_BUS_CONNECTION
         conn = Gio.DBusConnection.new_for_address_sync(d.bus_address, flags, None, None)
-        owner = Gio.bus_own_name_on_connection(conn, tray.STATUS_NOTIFIER_WATCHER, Gio.BusNameOwnerFlags.NONE,
+        owner = Gio.bus_own_name_on_connection(conn, tray_desktop.STATUS_NOTIFIER_WATCHER, Gio.BusNameOwnerFlags.NONE,
                                                None, None)
-        wait_for(lambda: tray.status_notifier_watcher_present(env), 5, "the watcher name to be owned")
-        assert tray.choose_backend(env, "linux") == "appindicator"
+        wait_for(lambda: tray_desktop.status_notifier_watcher_present(env), 5, "the watcher name to be owned")
+        assert tray_desktop.choose_backend(env, "linux") == "appindicator"
         Gio.bus_unown_name(owner)
         conn.close_sync(None)
     finally:
@@ -172,7 +172,7 @@ def test_funnel_coalesces_and_applies_on_the_ui_thread():
     def apply(model):
         applied.append((model, threading.get_ident()))
 
-    funnel = tray.UiFunnel(queue.append, apply)
+    funnel = tray_funnel.UiFunnel(queue.append, apply)
     ui_thread = threading.Thread(target=lambda: None)
     models = [MenuModel((), Health.OK, f"tip {i}") for i in range(3)]
     workers = [threading.Thread(target=funnel.submit, args=(m,)) for m in models]
@@ -214,7 +214,7 @@ def make_app(daemon, **kw):
     board = FakeBoard()
     models, shown, opened = [], [], []
     notifier = Notifier(lambda title, message: shown.append((title, message)))
-    app = tray.TrayApp(Client(daemon.paths.socket_path), paths=daemon.paths, ui=UiSettings(clipboard_clear_seconds=7),
+    app = tray_app.TrayApp(Client(daemon.paths.socket_path), paths=daemon.paths, ui=UiSettings(clipboard_clear_seconds=7),
                        submit=models.append, notifier=notifier, clipboard=lambda: board,
                        start_daemon=lambda: Client(daemon.paths.socket_path), platform="linux",
                        opener=opened.append, autostart=lambda: False, **kw)
@@ -306,7 +306,7 @@ def configured_paths(home: Path):
 def test_daemon_loss_shows_start_daemon(home):
     paths = configured_paths(home)
     models = []
-    app = tray.TrayApp(Client(paths.socket_path), paths=paths, ui=UiSettings(), submit=models.append,
+    app = tray_app.TrayApp(Client(paths.socket_path), paths=paths, ui=UiSettings(), submit=models.append,
                        notifier=Notifier(None), start_daemon=lambda: Client(paths.socket_path),
                        autostart=lambda: None)
     app.start()
@@ -527,7 +527,7 @@ def test_start_daemon_from_the_menu_reconnects_at_once(home):
         servers.append(control.ControlServer(paths.socket_path, ScriptedDaemon()).start())
         return Client(paths.socket_path)
 
-    app = tray.TrayApp(Client(paths.socket_path), paths=paths, ui=UiSettings(), submit=models.append,
+    app = tray_app.TrayApp(Client(paths.socket_path), paths=paths, ui=UiSettings(), submit=models.append,
                        notifier=Notifier(None), start_daemon=start_daemon, autostart=lambda: None)
     app.start()
     try:
@@ -641,7 +641,7 @@ def test_real_tray_on_the_daemon_and_the_sandbox(stack):
         icon = wait_for(lambda: proc.poll() is None and icon_geometry(d), 30, "the tray icon")
         wait_for(lambda: d.run(["xdotool", "search", "--onlyvisible", "--name", "^dbtunneld: 0/2 up"]).stdout, 30,
                  "the tooltip to show the daemon's status")
-        button = "1" if tray.choose_backend({}) == "appindicator" else "3"
+        button = "1" if tray_desktop.choose_backend({}) == "appindicator" else "3"
 
         choose(d, icon, button, daemon_status(client), ("○ orders", "Connect"))
         up = wait_for(lambda: (s := daemon_status(client)) and any(
@@ -684,7 +684,7 @@ def test_menu_model_maps_onto_pystray_items(monkeypatch):
 
     model = build_menu(scripted_status(), autostart=True, clock=ClockReading(time.time()))
     clicked = []
-    menu = tray.to_pystray_menu(pystray, model.items, clicked.append)
+    menu = tray_pystray.to_pystray_menu(pystray, model.items, clicked.append)
     items = list(menu.items)
     assert [i.text for i in items if i is not pystray.Menu.SEPARATOR] == [
         i.text for i in model.items if not i.separator]
@@ -729,7 +729,7 @@ def run_mac_tray(daemon, driver) -> object:
 
         from dbtunneld.clipboard import MacClipboard
 
-        runner = tray.TrayRunner(macos.darwin_pystray(), "darwin", daemon.paths, daemon.paths.config_file,
+        runner = tray_pystray.TrayRunner(macos.darwin_pystray(), "darwin", daemon.paths, daemon.paths.config_file,
                                  UiSettings(clipboard_clear_seconds=60), ready_timeout=30)
         runner.app._clipboard_factory = MacClipboard
         nsapp = AppKit.NSApplication.sharedApplication()

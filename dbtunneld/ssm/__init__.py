@@ -46,7 +46,8 @@ from __future__ import annotations
 from typing import Any
 
 from .api import DOC_PORT_FORWARD_REMOTE, DOC_SSH, SsmApi, port_forward_parameters, ssh_parameters
-from .channel import CLIENT_VERSION, ChannelOptions
+from .channel_handshake import CLIENT_VERSION
+from .channel_options import ChannelOptions
 from .plugin import PluginProxy, find_plugin
 from .session import PortForwardSession, SsmSession, open_session
 
@@ -78,7 +79,8 @@ def start_ssh_session(
     """Start ``AWS-StartSSHSession`` on ``target`` and return once the agent's handshake is done."""
     api = SsmApi(boto3_session, region=region, endpoint_url=endpoint_url, kms_endpoint_url=kms_endpoint_url)
     grant = api.start_session(target, DOC_SSH, ssh_parameters(port))
-    return open_session(SsmSession, api, grant, target, options, timeout)
+    session: SsmSession = open_session(SsmSession, api, grant, target, options, timeout)
+    return session
 
 
 def start_port_forward(
@@ -96,4 +98,5 @@ def start_port_forward(
     """Start ``AWS-StartPortForwardingSessionToRemoteHost`` (``host:port`` as seen from ``target``)."""
     api = SsmApi(boto3_session, region=region, endpoint_url=endpoint_url, kms_endpoint_url=kms_endpoint_url)
     grant = api.start_session(target, DOC_PORT_FORWARD_REMOTE, port_forward_parameters(host, port))
-    return open_session(PortForwardSession, api, grant, target, options, timeout)
+    session: PortForwardSession = open_session(PortForwardSession, api, grant, target, options, timeout)
+    return session

@@ -58,8 +58,11 @@ def go_query_encode(query: str) -> str:
     escaped), then ``+`` -> ``%20`` (aws/signer/v4/v4.go ``buildCanonicalString``)."""
     pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
     ordered = sorted(range(len(pairs)), key=lambda i: pairs[i][0])  # stable: a key's values keep their order
-    escape = lambda text: urllib.parse.quote(text, safe="-_.~")  # noqa: E731
-    return "&".join(f"{escape(pairs[i][0])}={escape(pairs[i][1])}" for i in ordered)
+    return "&".join(f"{_go_escape(pairs[i][0])}={_go_escape(pairs[i][1])}" for i in ordered)
+
+
+def _go_escape(text: str) -> str:
+    return urllib.parse.quote(text, safe="-_.~")
 
 
 def is_presigned(query: str) -> bool:
@@ -175,7 +178,8 @@ class SsmApi:
     def _call(self, operation: str, what: str, **kwargs: Any) -> dict[str, Any]:
         method = getattr(self.client, _snake(operation))
         try:
-            return method(**kwargs)
+            result: dict[str, Any] = method(**kwargs)
+            return result
         except Exception as exc:  # botocore raises many unrelated types; classify them in one place
             raise classify_error(exc, operation, what) from exc
 

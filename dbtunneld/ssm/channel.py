@@ -1,5 +1,8 @@
 """One SSM data channel: the websocket to the stream URL, spoken like the session-manager-plugin.
 
+Owns the public stream (start, send, close) and the websocket's lifecycle (connect, resume,
+terminate); the handshake is ``channel_handshake``'s, sequencing and retransmission ``channel_flow``'s.
+
 Lifecycle (all on one asyncio loop):
 
 1. connect the websocket (upgrade signed with SigV4 for ``ssmmessages``) and send the
@@ -29,70 +32,25 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, cast
 
-from ..errors import ClosedError, DbtunneldError, NeedsUserError, ProtocolError, TransientError
+from ..errors import ClosedError, DbtunneldError, ProtocolError, TransientError
 from . import message as m
 from . import netpath
 from .api import Grant, redact_url
-from .encryption import ENCRYPTED_INCOMING, ENCRYPTED_OUTGOING, SessionCipher, encryption_context, kms_request
-from .reliability import GIVE_UP_AFTER, OutgoingWindow, ReorderBuffer, Verdict
+from .channel_flow import SequencedFlow
+from .channel_handshake import AgentHandshake, Handshake
+from .channel_options import ChannelOptions, SessionService
+from .encryption import ENCRYPTED_INCOMING
+from .reliability import OutgoingWindow, ReorderBuffer
 from .wsclient import WsClient
 
 log = logging.getLogger(__name__)
 
-# Reported in the handshake. The agent compares it: above 1.2.331.0 it disables smux keepalive
-# and keeps idle port sessions open; at or above 1.1.70 it multiplexes port-forward sessions.
-CLIENT_VERSION = "1.2.650.0"
-IDLE_RESEND_WAIT = 3600.0
-
-
-class SessionService(Protocol):
-    """The SSM API calls the channel makes (blocking; run in a worker thread)."""
-
-    def resume_session(self, session_id: str) -> Grant | None: ...
-
-    def terminate_session(self, session_id: str) -> None: ...
-
-    def websocket_headers(self, stream_url: str) -> dict[str, str]: ...
-
-    def generate_data_key(self, key_id: str, context: dict[str, str]) -> tuple[bytes, bytes]: ...
-
-
-@dataclass(frozen=True)
-class ChannelOptions:
-    client_version: str = CLIENT_VERSION
-    max_payload: int = 1024  # bytes per message we send; AWS's own clients use 1024
-    window: int = 1024  # messages we may run ahead of the oldest unacknowledged one
-    reorder_capacity: int = 10_000
-    handshake_timeout: float = 30.0
-    open_timeout: float = 15.0
-    resume_delays: tuple[float, ...] = (0.0, 0.2, 0.5, 1.0, 2.0, 4.0, 8.0)
-    give_up_after: float = GIVE_UP_AFTER
-    pause_cap: float = 3.0  # longest we honour a pause_publication nothing else cleared
-    stall_after: float = 10.0  # unacknowledged data waiting this long with no acknowledgement: stalled
-    terminate_timeout: float = 10.0
-    ping_interval: float | None = 30.0
-    max_message: int = 4 << 20
-    ca_bundle: str | None = None  # trusted CAs for wss:// (AWS_CA_BUNDLE / the profile's ca_bundle)
-
-
-@dataclass
-class Handshake:
-    agent_version: str = ""
-    session_type: str = ""
-    properties: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def multiplexed(self) -> bool:
-        return self.session_type == "Port" and self.properties.get("type") == "LocalPortForwarding"
-
-
 Sink = Callable[[bytes], Awaitable[None]]
 
 
-class DataChannel:
+class DataChannel(SequencedFlow):
     """The client side of one session's data channel. Create, ``await start()``, use, ``await close()``."""
 
     def __init__(
@@ -107,7 +65,6 @@ class DataChannel:
     ) -> None:
         self.session_id = grant.session_id
         self.target = target
-        self._cipher: SessionCipher | None = None  # set when the agent asks for KMS encryption
         self.on_connect_error: Callable[[], None] | None = None  # called on the loop at ConnectToPortError
         self.options = opts = options or ChannelOptions()
         self._grant = grant
@@ -127,9 +84,9 @@ class DataChannel:
         self._in_sink = False
         self._changed = asyncio.Event()
         self._resend_wakeup = asyncio.Event()
-        self._handshake: asyncio.Future[Handshake] = asyncio.get_running_loop().create_future()
-        self._info = Handshake()
-        self._tasks: list[asyncio.Task] = []
+        self._agent = AgentHandshake(grant.session_id, target, opts.client_version, service.generate_data_key,
+                                     self._send_stream, self._finish, self._label)
+        self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
         self._ended_by_service = ""
         self._terminated = False
@@ -137,8 +94,6 @@ class DataChannel:
         self.closed = asyncio.Event()
         self.error: DbtunneldError | None = None
         self.stats = {"sent": 0, "received": 0, "resent": 0, "resumes": 0, "buffered": 0, "duplicate": 0, "overflow": 0}
-
-    # --- public ----------------------------------------------------------------------------
 
     def set_sink(self, sink: Sink) -> None:
         """Where output payloads go, in order (awaited: a slow sink slows the channel down)."""
@@ -149,7 +104,7 @@ class DataChannel:
 
     @property
     def handshake(self) -> Handshake:
-        return self._info
+        return self._agent.info
 
     @property
     def is_open(self) -> bool:
@@ -161,7 +116,7 @@ class DataChannel:
             await self._connect(self._grant)
             self._tasks.append(asyncio.ensure_future(self._run()))
             self._tasks.append(asyncio.ensure_future(self._resend_loop()))
-            return await asyncio.wait_for(asyncio.shield(self._handshake), self.options.handshake_timeout)
+            return await asyncio.wait_for(asyncio.shield(self._agent.completed), self.options.handshake_timeout)
         except asyncio.TimeoutError:
             error = TransientError(f"SSM session {self.session_id}: no handshake from the agent within {self.options.handshake_timeout:.0f} s")
             await self._finish(error)
@@ -190,7 +145,7 @@ class DataChannel:
             return
         self._closing = True
         self._wake()
-        if self._ws is not None and self._handshake.done() and not self._ended_by_service:
+        if self._ws is not None and self._agent.completed.done() and not self._ended_by_service:
             await self._send_terminate_flag()
         await self._finish(self.error)
 
@@ -215,10 +170,10 @@ class DataChannel:
         """Read until the channel ends; resume when the websocket drops underneath."""
         try:
             while True:
-                await self._read_all(self._ws)
+                await self._read_all(cast(WsClient, self._ws))  # None only after close() during a resume: the TypeError ends the run
                 if self._closing or self._ended_by_service:
                     break
-                if not self._handshake.done():
+                if not self._agent.completed.done():
                     raise TransientError(f"{self._label} data channel closed before the handshake{_close_reason(self._ws)}")
                 log.info("%s websocket closed%s; resuming the session", self._label, _close_reason(self._ws))
                 await self._resume()
@@ -277,9 +232,9 @@ class DataChannel:
         if error is not None and self.error is None:
             self.error = error
             log.warning("%s data channel ended: %s", self._label, error.message)
-        if not self._handshake.done():
-            self._handshake.set_exception(self.error or ClosedError(f"SSM session {self.session_id} closed"))
-            self._handshake.exception()  # mark retrieved
+        if not self._agent.completed.done():
+            self._agent.completed.set_exception(self.error or ClosedError(f"SSM session {self.session_id} closed"))
+            self._agent.completed.exception()  # mark retrieved
         await self._terminate()
         ws, self._ws = self._ws, None
         if ws is not None:
@@ -317,101 +272,6 @@ class DataChannel:
         except (asyncio.TimeoutError, DbtunneldError):
             pass
 
-    # --- sending ---------------------------------------------------------------------------
-
-    async def _send_stream(self, payload_type: int, payload: bytes, *, force: bool = False) -> None:
-        await self._wait_sendable(force)
-        if self._cipher is not None and payload_type in ENCRYPTED_OUTGOING:
-            payload = self._cipher.encrypt(payload)
-        seq = self._next_seq
-        self._next_seq += 1
-        raw = m.encode(m.stream_message(m.INPUT_STREAM, seq, payload_type, payload))
-        idle = not len(self._out)
-        self._out.add(seq, raw, self._clock())
-        if idle:
-            self._resend_wakeup.set()
-        self.stats["sent"] += 1
-        await self._send_raw(raw)
-
-    async def _wait_sendable(self, force: bool = False) -> None:
-        while True:
-            if self.closed.is_set() or (self._closing and not force):
-                raise ClosedError(f"SSM session {self.session_id} is closed")
-            if self._ws is not None and not self._paused and self._out.has_room(self._next_seq):
-                return
-            self._changed.clear()
-            await self._changed.wait()
-
-    async def _send_raw(self, raw: bytes) -> bool:
-        ws = self._ws
-        return ws is not None and await ws.send(raw)
-
-    def _send_now(self, raw: bytes) -> bool:
-        """Queue without waiting for buffer room (acknowledgements: small, and must not stall reads)."""
-        ws = self._ws
-        return ws is not None and ws.send_nowait(raw)
-
-    async def _resend(self, messages: list[tuple[int, bytes]]) -> None:
-        self.stats["resent"] += len(messages)
-        for _seq, raw in messages:
-            if not await self._send_raw(raw):
-                return
-
-    async def _resend_loop(self) -> None:
-        while not self.closed.is_set():
-            now = self._clock()
-            if self._paused and now - self._paused_at > self.options.pause_cap:
-                log.warning("%s pause_publication not lifted after %.0f s; sending again", self._label, self.options.pause_cap)
-                self._set_paused(False)
-            if self._ws is not None and not self._paused:
-                await self._resend(self._out.due(now))
-            if self._ws is not None:
-                stall = self.stall_reason(now)
-                if stall:
-                    await self._finish(TransientError(f"SSM session {self.session_id} stalled: {stall}", hint="a new session is started"))
-                    return
-                if len(self._out) and self._out.stalled_for(now) > self.options.give_up_after:
-                    await self._finish(TransientError(f"SSM session {self.session_id}: the agent acknowledged nothing for {self.options.give_up_after:.0f} s"))
-                    return
-            await self._sleep_until_due()
-
-    async def _sleep_until_due(self) -> None:
-        """Until the retransmission timer may fire (or something is sent when nothing was pending)."""
-        deadline = self._out.next_deadline()
-        wait = IDLE_RESEND_WAIT if deadline is None else max(0.002, deadline - self._clock())
-        if deadline is not None and (self._ws is None or self._paused):
-            wait = max(wait, 0.05)
-        if self._paused:
-            wait = min(wait, max(0.01, self._paused_at + self.options.pause_cap - self._clock()))
-        self._resend_wakeup.clear()
-        if deadline is not None or self._paused:
-            await asyncio.sleep(wait)
-            return
-        try:
-            await asyncio.wait_for(self._resend_wakeup.wait(), wait)
-        except asyncio.TimeoutError:
-            pass
-
-    def stall_reason(self, now: float) -> str:
-        """Why the channel looks stalled ('' when it does not): data waits for an acknowledgement
-        and neither an acknowledgement nor any other message came for ``stall_after`` s. Time spent with our own reader back-pressured (a slow
-        local client: acknowledgements cannot be read then) does not count."""
-        if self._ws is None or not len(self._out) or self._reader_blocked():
-            self._last_progress = now
-            return ""
-        waiting = min(self._out.stalled_for(now), now - self._last_progress, now - self._last_received)
-        if waiting <= self.options.stall_after:
-            return ""
-        return f"no acknowledgement and no message from the service for {waiting:.0f} s ({len(self._out)} messages waiting)"
-
-    def _reader_blocked(self) -> bool:
-        ws = self._ws
-        return self._in_sink or (ws is not None and (ws.reading_paused or ws.backlog > 0))
-
-    def _wake(self) -> None:
-        self._changed.set()
-        self._resend_wakeup.set()
-
     # --- receiving -------------------------------------------------------------------------
 
     async def _on_message(self, raw: bytes) -> None:
@@ -437,31 +297,6 @@ class DataChannel:
         else:
             log.debug("%s ignored message type %s", self._label, kind)
 
-    async def _on_stream(self, msg: m.AgentMessage) -> None:
-        verdict, ready = self._in.offer(msg.sequence_number, msg)
-        if verdict is not Verdict.DELIVER:
-            self.stats[verdict.value] += 1
-        if verdict is not Verdict.OVERFLOW:
-            self._send_now(m.encode(m.acknowledgement(msg)))
-        for item in ready:
-            self.stats["received"] += 1
-            await self._dispatch(item)
-
-    async def _on_ack(self, msg: m.AgentMessage) -> None:
-        try:
-            seq = m.acknowledged_sequence(msg)
-        except ProtocolError as exc:
-            log.warning("%s %s", self._label, exc.message)
-            return
-        now = self._clock()
-        if self._out.ack(seq, now):
-            self._last_progress = now
-            self._changed.set()
-            if not self._paused:
-                lost = self._out.lost(now)
-                if lost:
-                    await self._resend(lost)
-
     def _on_channel_closed(self, msg: m.AgentMessage) -> None:
         try:
             output = str(m.json_payload(msg).get("Output") or "")
@@ -470,22 +305,12 @@ class DataChannel:
         self._ended_by_service = output or "channel closed"
         log.info("%s the service closed the channel: %s", self._label, self._ended_by_service)
 
-    def _set_paused(self, paused: bool) -> None:
-        if paused == self._paused:
-            return
-        self._paused = paused
-        self._paused_at = self._clock()
-        log.info("%s agent %s publication", self._label, "paused" if paused else "resumed")
-        if not paused:
-            asyncio.ensure_future(self._resend(self._out.resend_all(self._clock())))
-        self._wake()
-
     async def _dispatch(self, msg: m.AgentMessage) -> None:
         ptype = msg.payload_type
         payload = msg.payload
-        if self._cipher is not None and ptype in ENCRYPTED_INCOMING:
+        if self._agent.cipher is not None and ptype in ENCRYPTED_INCOMING:
             try:
-                payload = self._cipher.decrypt(payload)
+                payload = self._agent.cipher.decrypt(payload)
             except ProtocolError as exc:
                 await self._finish(ProtocolError(f"SSM session {self.session_id}: {exc.message}"))
                 return
@@ -497,79 +322,15 @@ class DataChannel:
                 finally:
                     self._in_sink = False
         elif ptype == m.HANDSHAKE_REQUEST:
-            await self._on_handshake_request(msg)
+            await self._agent.on_request(msg)
         elif ptype == m.HANDSHAKE_COMPLETE:
-            self._on_handshake_complete(msg)
+            self._agent.on_complete(msg)
         elif ptype == m.FLAG:
             self._on_flag(msg)
         elif ptype == m.ENC_CHALLENGE_REQUEST:
-            await self._on_encryption_challenge(msg)
+            await self._agent.on_encryption_challenge(msg)
         else:
             log.debug("%s ignored payload type %d", self._label, ptype)
-
-    async def _on_handshake_request(self, msg: m.AgentMessage) -> None:
-        request = m.json_payload(msg)
-        self._info.agent_version = str(request.get("AgentVersion") or "")
-        processed, errors, failure = [], [], None
-        for action in request.get("RequestedClientActions") or []:
-            try:
-                result = await self._process_action(action)
-            except DbtunneldError as exc:  # KMS refused: tell the agent, then end with this error
-                failure = failure or exc
-                result = {"ActionType": action.get("ActionType"), "ActionStatus": 2, "ActionResult": None, "Error": f"Failed to process action {action.get('ActionType')}: {exc.message}"}
-            processed.append(result)
-            if result["ActionStatus"] != 1:
-                errors.append(result["Error"])
-        payload = m.handshake_response(self.options.client_version, processed, errors)
-        await self._send_stream(m.HANDSHAKE_RESPONSE, payload)
-        if errors:
-            await self._finish(failure or NeedsUserError(f"SSM session {self.session_id}: {'; '.join(errors)}", hint="update dbtunneld, or use the session-manager-plugin fallback"))
-
-    async def _process_action(self, action: dict[str, Any]) -> dict[str, Any]:
-        kind = action.get("ActionType")
-        params = action.get("ActionParameters") or {}
-        if kind == "KMSEncryption":
-            return await self._kms_encryption(params)
-        if kind == "SessionType" and params.get("SessionType") == "Port":
-            self._info.session_type = "Port"
-            self._info.properties = dict(params.get("Properties") or {})
-            return {"ActionType": kind, "ActionStatus": 1, "ActionResult": None, "Error": ""}
-        if kind == "SessionType":
-            error = f"session type {params.get('SessionType')!r} is not supported (only port sessions)"
-        else:
-            error = f"unsupported action {kind}"
-        return {"ActionType": kind, "ActionStatus": 3 if kind != "SessionType" else 2, "ActionResult": None, "Error": error}
-
-    async def _kms_encryption(self, params: dict[str, Any]) -> dict[str, Any]:
-        """GenerateDataKey for the session (see ``encryption``); the keys apply from now on."""
-        key_id, challenge = kms_request(params)
-        context = encryption_context(self.session_id, self.target, challenge)
-        loop = asyncio.get_running_loop()
-        plaintext, blob = await loop.run_in_executor(None, self._service.generate_data_key, key_id, context)
-        self._cipher = SessionCipher(plaintext, blob)
-        log.info("%s session encrypted with KMS key %s", self._label, key_id)
-        return {"ActionType": "KMSEncryption", "ActionStatus": 1, "ActionResult": self._cipher.action_result(bool(challenge)), "Error": ""}
-
-    async def _on_encryption_challenge(self, msg: m.AgentMessage) -> None:
-        if self._cipher is None:
-            await self._finish(ProtocolError(f"SSM session {self.session_id}: encryption challenge without a KMSEncryption handshake"))
-            return
-        try:
-            answer = self._cipher.answer_challenge(msg.payload)
-        except ProtocolError as exc:
-            await self._finish(ProtocolError(f"SSM session {self.session_id}: {exc.message}"))
-            return
-        await self._send_stream(m.ENC_CHALLENGE_RESPONSE, answer)
-
-    def _on_handshake_complete(self, msg: m.AgentMessage) -> None:
-        if self._handshake.done():
-            return
-        if not self._info.session_type:
-            error = ProtocolError(f"SSM session {self.session_id}: handshake completed without a session type")
-            self._handshake.set_exception(error)
-            return
-        log.info("%s handshake complete (agent %s, %s)", self._label, self._info.agent_version, "multiplexed" if self._info.multiplexed else "stream")
-        self._handshake.set_result(self._info)
 
     def _on_flag(self, msg: m.AgentMessage) -> None:
         try:

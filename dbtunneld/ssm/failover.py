@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 log = logging.getLogger(__name__)
 
-Resolver = Callable[[str], frozenset]
+Resolver = Callable[[str], frozenset[str]]
 DNS_INTERVAL = 5.0
 READ_ONLY_CODES = (1290, 1836)
 # An ERR packet's payload starts 0xff, the code (little-endian), '#', the SQLSTATE (HY000 for both).
@@ -35,10 +35,10 @@ _READ_ONLY_MARKERS = tuple(b"\xff" + struct.pack("<H", code) + b"#HY000" for cod
 _TAIL = max(len(m) for m in _READ_ONLY_MARKERS) + 4
 
 
-def system_resolver(host: str) -> frozenset:
+def system_resolver(host: str) -> frozenset[str]:
     """The addresses ``host`` resolves to here (empty when it does not resolve)."""
     try:
-        return frozenset(info[4][0] for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM))
+        return frozenset(str(info[4][0]) for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM))
     except OSError:
         return frozenset()
 
@@ -102,7 +102,7 @@ class ReadOnlyWatch:
         self._seen = False
 
     def recv(self, size: int) -> bytes:
-        data = self._stream.recv(size)
+        data: bytes = self._stream.recv(size)
         self.inspect(data)
         return data
 

@@ -232,7 +232,8 @@ def flag_payload(flag: int) -> bytes:
 def parse_flag(payload: bytes) -> int:
     if len(payload) < 4:
         raise ProtocolError(f"flag payload of {len(payload)} bytes")
-    return struct.unpack_from(">I", payload)[0]
+    flag: int = struct.unpack_from(">I", payload)[0]
+    return flag
 
 
 def json_payload(msg: AgentMessage) -> dict[str, Any]:

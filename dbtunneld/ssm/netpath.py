@@ -27,6 +27,7 @@ import socket
 import ssl
 import urllib.parse
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -82,7 +83,7 @@ def parse_proxy(text: str) -> Proxy:
     return Proxy(parsed.hostname, parsed.port or 80, auth)
 
 
-def _environment_proxies(environ: dict[str, str]) -> dict[str, str]:
+def _environment_proxies(environ: Mapping[str, str]) -> dict[str, str]:
     """Like urllib's ``getproxies_environment``, on a given mapping (lowercase names win)."""
     found: dict[str, str] = {}
     for name, value in environ.items():
@@ -96,7 +97,7 @@ def _bypassed(host: str, port: int | None, proxies: dict[str, str]) -> bool:
     if "no" not in proxies:
         return False
     target = f"{host}:{port}" if port else host
-    return bool(urllib.request.proxy_bypass_environment(target, proxies))
+    return bool(urllib.request.proxy_bypass_environment(target, proxies))  # type: ignore[attr-defined]  # not in typeshed
 
 
 def _is_loopback(host: str) -> bool:

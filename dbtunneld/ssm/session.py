@@ -22,11 +22,13 @@ import socket
 import threading
 import weakref
 from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 from ..errors import ClosedError, DbtunneldError, NeedsUserError, TransientError
 from .api import Grant, SsmApi
-from .channel import ChannelOptions, DataChannel, Handshake
+from .channel import DataChannel
+from .channel_handshake import Handshake
+from .channel_options import ChannelOptions
 from .smux import KEEPALIVE_INTERVAL, MuxClient, stream_socket_pair
 
 log = logging.getLogger(__name__)
@@ -177,7 +179,7 @@ class _BaseSession:
         else:  # never got as far as a channel: still never leave the session open
             await asyncio.get_running_loop().run_in_executor(None, self._api.terminate_session, self.session_id)
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -200,7 +202,7 @@ class SsmSession(_BaseSession):
         ours, self.sock = stream_socket_pair()
         self._ours = ours
         self._writer: asyncio.StreamWriter | None = None
-        self._pump: asyncio.Task | None = None
+        self._pump: asyncio.Task[None] | None = None
 
     async def _attach(self, handshake: Handshake) -> None:
         if handshake.multiplexed:

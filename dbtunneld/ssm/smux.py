@@ -105,7 +105,7 @@ class _Stream:
         self.writer = writer
         self.local_done = False  # we sent FIN
         self.remote_done = False  # peer sent FIN
-        self.pump: asyncio.Task | None = None
+        self.pump: asyncio.Task[None] | None = None
 
     def deliver(self, data: bytes) -> bool:
         """Queue data towards the local socket; False when the local side is gone."""
@@ -142,7 +142,7 @@ class MuxClient:
         self._outbox_room = asyncio.Event()
         self._outbox_room.set()
         self._closed = False
-        self._tasks: list[asyncio.Task] = []
+        self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
         self._tasks.append(asyncio.ensure_future(self._writer_loop()))

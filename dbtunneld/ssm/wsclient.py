@@ -64,7 +64,7 @@ class WsClient(asyncio.Protocol):
         self._fragments: list[bytes] = []
         self._fragment_text = False
         self._pongs: dict[bytes, asyncio.Future[None]] = {}
-        self._pinger: asyncio.Task | None = None
+        self._pinger: asyncio.Task[None] | None = None
         self.closed = False
         self.close_code: int | None = None
         self.close_reason = ""
