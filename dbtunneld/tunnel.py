@@ -484,7 +484,7 @@ class Tunnel:
             self._log.info("up again (%d failed attempt%s not logged one by one)", held, "s" if held != 1 else "")
         self._retry.connected()
         now = self._clock.time()
-        self._next_ping = now + self.settings.keepalive_interval
+        self._next_ping = now + self.transport.ping_interval(self.settings.keepalive_interval)
         self._next_probe = now                   # prove the path to the database at once
         self._probed = False
         threading.Thread(target=self._watch_death, args=(generation,), daemon=True,
@@ -547,7 +547,7 @@ class Tunnel:
         if "died" in reasons or not self.transport.is_alive():
             return self._lost(self.transport.why_closed() or "the connection to the bastion closed")
         if reasons & {"check", "suspect"} or now >= self._next_ping:
-            self._next_ping = now + s.keepalive_interval
+            self._next_ping = now + self.transport.ping_interval(s.keepalive_interval)
             flowed = self._traffic()
             if not self.transport.ping(s.health_timeout):
                 if self._traffic() != flowed:   # late, but bytes are arriving: busy, not dead
@@ -659,6 +659,9 @@ class Tunnel:
         """On a pooled thread: open the client's channel, then hand both to the forwarding loop."""
         forwarding = False
         try:
+            if self._before_relay is None and self.transport.adopts_clients:
+                forwarding = self._adopt(client)
+                return
             opened = self._open_for_client(time.monotonic() + self.settings.connect_wait)
             if isinstance(opened, str):
                 self._refuse(client, opened)
@@ -676,6 +679,22 @@ class Tunnel:
                 _close(client)
                 with self._cond:
                     self._counts["open"] -= 1
+
+    def _adopt(self, client: socket.socket) -> bool:
+        """The transport forwards ``client`` itself (``Transport.adopts_clients``); True once it does."""
+        opened = self._open_for_client(time.monotonic() + self.settings.connect_wait, client)
+        if isinstance(opened, str):
+            self._refuse(client, opened)
+            return False
+        handle, handle.generation = opened[0], opened[1]
+        _close(client)                              # the transport holds its own copy
+        with self._cond:
+            self._pipes.add(handle)
+            stale = handle.generation != self._generation or self._run is None
+        handle.on_end(self._link_ended)
+        if stale:
+            handle.abort()
+        return True
 
     def _ready_to_relay(self, client: socket.socket, chan: Any) -> socket.socket | Handoff | None:
         """The ``before_relay`` step (the one seam between accepting and relaying)."""
@@ -718,8 +737,9 @@ class Tunnel:
             self._bytes_down += link.received
             self._counts["open"] -= 1
 
-    def _open_for_client(self, deadline: float) -> tuple[Any, int] | str:
-        """A channel for one client, waiting through rebuilds; or why there is none."""
+    def _open_for_client(self, deadline: float, adopt: socket.socket | None = None) -> tuple[Any, int] | str:
+        """A channel for one client (or the transport's handle on ``adopt``), waiting through
+        rebuilds; or why there is none."""
         seen, checks = -1, -1
         while True:
             got = self._await_up(deadline, seen, checks)
@@ -727,6 +747,8 @@ class Tunnel:
                 return got
             generation, checks = got
             try:
+                if adopt is not None:
+                    return self.transport.adopt(adopt, *self.remote, self._channel_timeout(deadline)), generation
                 return self.transport.open_channel(*self.remote, timeout=self._channel_timeout(deadline)), generation
             except (DbtunneldError, OSError) as exc:
                 if isinstance(exc, NeedsUserError) or _remote_refused(exc):
