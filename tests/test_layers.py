@@ -13,7 +13,7 @@ PKG = Path(__file__).resolve().parent.parent / "dbtunneld"
 
 LAYERS = {
     0: {"__init__", "errors", "model", "timing", "config", "paths", "exitcodes"},
-    1: {"aws", "sso", "vault", "iam_login", "ssm", "ssh", "keystore", "log", "discovery", "ports", "wake", "transport", "tls",
+    1: {"aws", "sso", "vault", "iam_login", "ssm", "ssh", "keystore", "log", "discovery", "ports", "wake", "transport", "openssh_mux", "openssh_transport", "tls",
         "inventory", "catalog", "forward", "mysqlwire", "local_tls", "command_watch", "upstream_tls"},
     2: {"credentials", "lease_keeper", "lease_store", "orphans", "units", "wiring", "login_probe",
         "status_publisher", "engine_loop", "scheduler", "keeper", "token_keeper", "sso_keeper", "sso_signin", "tunnel", "supervisor", "aurora", "wanted",
