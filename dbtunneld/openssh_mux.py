@@ -118,13 +118,20 @@ class MuxConnection:
         self._next_id = 1
 
     @classmethod
-    def open(cls, control_path: str, timeout: float) -> "MuxConnection":
+    def open(cls, control_path: str, timeout: float, first: bytes = b"",
+             fds: tuple[int, ...] = ()) -> "MuxConnection":
+        """Connect and exchange hellos. ``first`` (a request) and its ``fds`` are sent right after
+        our hello, before the master's is read: the master reads one whole message at a time
+        (channels.c ``read_mux``), so this saves a round trip per client connection."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(timeout)
         try:
             sock.connect(control_path)
             conn = cls(sock)
-            conn._hello()
+            sock.sendall(_message(MUX_MSG_HELLO, _u32(MUX_VERSION)) + first)
+            for fd in fds:
+                socket.send_fds(sock, [b"\0"], [fd])
+            conn._read_hello()
         except socket.timeout:
             sock.close()
             raise TransientError("the ssh master did not answer on its control socket in time") from None
@@ -136,8 +143,7 @@ class MuxConnection:
             raise
         return conn
 
-    def _hello(self) -> None:
-        self.sock.sendall(_message(MUX_MSG_HELLO, _u32(MUX_VERSION)))
+    def _read_hello(self) -> None:
         kind, body = read_message(self.sock)
         if kind != MUX_MSG_HELLO:
             raise ProtocolError(f"mux: expected the master's hello, got 0x{kind:08x}")
@@ -167,13 +173,13 @@ class MuxConnection:
         self.sock.sendall(_message(MUX_C_ALIVE_CHECK, _u32(rid)))
         return self._reply(rid, MUX_S_ALIVE).u32()
 
-    def stdio_forward(self, stream: socket.socket, host: str, port: int) -> int:
-        """Ask the master to forward ``stream`` to host:port; the session id once the bastion opened
-        the channel. The master holds its own copies of ``stream`` from here on."""
-        rid = self._request_id()
-        self.sock.sendall(_message(MUX_C_NEW_STDIO_FWD, _u32(rid), _string(""), _string(host), _u32(port)))
-        for _ in ("stdin", "stdout"):
-            socket.send_fds(self.sock, [b"\0"], [stream.fileno()])
+    @staticmethod
+    def stdio_forward_request(rid: int, host: str, port: int) -> bytes:
+        """MUX_C_NEW_STDIO_FWD; the stream's fd follows twice (stdin, stdout), one SCM_RIGHTS each."""
+        return _message(MUX_C_NEW_STDIO_FWD, _u32(rid), _string(""), _string(host), _u32(port))
+
+    def stdio_forward_reply(self, rid: int) -> int:
+        """The session id once the bastion opened the channel (MUX_S_SESSION_OPENED)."""
         return self._reply(rid, MUX_S_SESSION_OPENED).u32()
 
     def close(self) -> None:
@@ -210,6 +216,7 @@ class MuxForward:
         self.label = label
         self.generation = 0
         self.done = threading.Event()
+        self.watcher: "EndWatcher | None" = None
         self._on_end: list[Callable[["MuxForward"], None]] = []
         self._lock = threading.Lock()
 
@@ -217,8 +224,9 @@ class MuxForward:
     def ended(self) -> bool:
         return self.done.is_set()
 
-    def fileno(self) -> int:
-        return self._conn.sock.fileno()
+    @property
+    def sock(self) -> socket.socket:
+        return self._conn.sock
 
     def on_end(self, callback: Callable[["MuxForward"], None]) -> None:
         """Call ``callback(self)`` once it ends (at once if it has ended already)."""
@@ -242,6 +250,9 @@ class MuxForward:
                 return
             self.done.set()
             callbacks, self._on_end = self._on_end, []
+        watcher = self.watcher
+        if watcher is not None:
+            watcher.forget(self)
         self._conn.close()          # the master sees EOF and ends the channel (control cleanup)
         for callback in callbacks:
             try:
@@ -252,76 +263,52 @@ class MuxForward:
 
 class EndWatcher:
     """One thread per master, asleep in a selector over the control connections of its forwards;
-    an EOF (or anything readable: the protocol sends nothing more) means the forward ended."""
+    anything readable (EOF: the protocol sends nothing more) means the forward ended. Forwards
+    are registered from the caller's thread (epoll/kqueue allow it while another thread waits)."""
 
     def __init__(self, name: str) -> None:
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
-        self._pending: list[MuxForward] = []
         self._lock = threading.Lock()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def watch(self, forward: MuxForward) -> None:
+    def watch(self, forward: "MuxForward") -> None:
         with self._lock:
-            if self._closed:
-                forward.close()
+            if not self._closed:
+                self._selector.register(forward.sock, selectors.EVENT_READ, forward)
+                forward.watcher = self
                 return
-            self._pending.append(forward)
-        self._wake()
+        forward.close()
 
-    def _wake(self) -> None:
-        try:
-            self._wake_w.send(b"x")
-        except OSError:
-            pass
+    def forget(self, forward: "MuxForward") -> None:
+        """Before its socket is closed (a reused fd number must not meet a stale registration)."""
+        with self._lock:
+            if not self._closed:
+                try:
+                    self._selector.unregister(forward.sock)
+                except (KeyError, ValueError):
+                    pass
 
     def _run(self) -> None:
-        while not self._closed:
-            for key, _ in self._selector.select():
-                if key.data is None:
-                    self._drain_wake()
-                else:
-                    self._forget(key.data)
+        while True:
+            events = self._selector.select()
+            if self._closed:
+                break
+            for key, _ in events:
+                if key.data is not None:
                     key.data.ended_by_master()
-            self._adopt_pending()
         self._end_all()
 
-    def _drain_wake(self) -> None:
-        try:
-            while self._wake_r.recv(4096):
-                pass
-        except (BlockingIOError, InterruptedError):
-            pass
-
-    def _adopt_pending(self) -> None:
-        with self._lock:
-            pending, self._pending = self._pending, []
-        for forward in pending:
-            if forward.ended:
-                continue
-            try:
-                self._selector.register(forward.fileno(), selectors.EVENT_READ, forward)
-            except (ValueError, OSError, KeyError):      # closed meanwhile
-                forward.ended_by_master()
-
-    def _forget(self, forward: MuxForward) -> None:
-        try:
-            self._selector.unregister(forward.fileno())
-        except (ValueError, OSError, KeyError):
-            pass
-
     def _end_all(self) -> None:
-        forwards = [key.data for key in self._selector.get_map().values() if key.data is not None]
         with self._lock:
-            forwards += self._pending
-            self._pending = []
+            forwards = [key.data for key in self._selector.get_map().values() if key.data is not None]
+            self._selector.close()
         for forward in forwards:
+            forward.watcher = None
             forward.close()
-        self._selector.close()
         self._wake_r.close()
         self._wake_w.close()
 
@@ -331,18 +318,24 @@ class EndWatcher:
             if self._closed:
                 return
             self._closed = True
-        self._wake()
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
         if self._thread is not threading.current_thread():
             self._thread.join(timeout)
 
 
 def forward_client(control_path: str, client: socket.socket, host: str, port: int, timeout: float,
                    label: str) -> MuxForward:
-    """Hand ``client`` to the master for host:port; the caller may close its own copy afterwards."""
-    conn = MuxConnection.open(control_path, timeout)
+    """Hand ``client`` to the master for host:port; the caller may close its own copy afterwards
+    (the master holds its own copies from here on)."""
+    rid = 1
+    request = MuxConnection.stdio_forward_request(rid, host, port)
+    conn = MuxConnection.open(control_path, timeout, request, (client.fileno(), client.fileno()))
     started = time.monotonic()
     try:
-        session = conn.stdio_forward(client, host, port)
+        session = conn.stdio_forward_reply(rid)
     except socket.timeout:
         conn.close()
         raise TransientError(f"the bastion did not open a channel to {host}:{port} within "
