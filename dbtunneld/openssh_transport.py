@@ -127,7 +127,7 @@ def _fingerprint(text: str) -> str:
 
 
 def _last_line(text: str) -> str:
-    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("@")]
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("@@@")]
     return lines[-1] if lines else ""
 
 

@@ -41,9 +41,15 @@ SETTINGS = TunnelSettings(connect_wait=20, health_interval=30, health_timeout=2,
 USER = [""]
 
 
+@pytest.fixture(autouse=True)
+def _stack_user(request):
+    """The sandbox bastion's login (tests that use the stack)."""
+    if "stack" in request.fixturenames:
+        USER[0] = request.getfixturevalue("stack").ssh_user
+
+
 @pytest.fixture(scope="module")
 def bastion(stack, tmp_path_factory):
-    USER[0] = stack.ssh_user
     echo = GreetingEchoServer()
     sshd = Sshd(tmp_path_factory.mktemp("openssh") / "bastion",
                 permit_open=[stack.clusters["orders"].port, echo.port]).start()
@@ -175,6 +181,39 @@ def test_killed_master_reconnects_and_the_port_keeps_accepting(stack, bastion, t
         eventually(lambda: watcher.attempts > 5, what="the watcher's connects")
     assert watcher.attempts > 5 and watcher.refusals == []
     assert t.status().reconnects >= 2
+
+
+@pytest.mark.fault
+def test_frozen_bastion_ends_the_master_within_keepalive_and_the_tunnel_heals(stack, tunnels, pool, tmp_path):
+    """ServerAliveInterval 2 s, CountMax 1: the master gives up about 4 s after the bastion froze."""
+    orders = stack.clusters["orders"]
+    own = Sshd(tmp_path / "frozen", permit_open=[orders.port]).start()
+    try:
+        t = tunnels(OpenSshTransport(settings_for(own), pool), ("127.0.0.1", orders.port))
+        assert query(t.local_port, orders) > 0
+        [pid] = master_pids(pool)
+        own.freeze()
+        frozen_at = time.monotonic()
+        eventually(lambda: not pid_alive(pid), timeout=15, what="the master gave up")
+        assert time.monotonic() - frozen_at < 2 + 2 + 3
+        eventually(lambda: t.state != S.UP, timeout=5, what="loss noticed")
+        own.thaw()
+        assert query(t.local_port, orders) > 0
+        assert t.state == S.UP and t.status().reconnects >= 1
+    finally:
+        own.stop()
+
+
+def test_forward_the_bastion_refuses_reaches_the_client_as_a_mysql_error(stack, bastion, tunnels, pool):
+    sshd, _ = bastion
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()                                    # outside PermitOpen and nothing listening
+    t = tunnels(OpenSshTransport(settings_for(sshd), pool), ("127.0.0.1", port))
+    with pytest.raises(pymysql.err.OperationalError) as info:
+        pymysql.connect(host="127.0.0.1", port=t.local_port, user="x", password="y", connect_timeout=30)
+    assert "could not open a channel" in str(info.value), info.value
 
 
 def test_stop_closes_forwarded_connections_and_every_ssh_process(bastion, tunnels, pool):
