@@ -6,7 +6,8 @@ sysbench ``oltp_read_only`` with 4 and 16 threads (tps, p95); the forwarder's CP
 (utime + stime of the dbtunneld process vs of the ``ssh`` client, ``/proc/PID/stat``). RSS and
 thread count of each forwarder before the first and after the last round; then idle wake-ups
 per second of 10 tunnels in one dbtunneld process vs 10 ``ssh -L`` (voluntary + involuntary
-context switches of every thread, ``/proc/PID/task/*/status``).
+context switches of every thread, ``/proc/PID/task/*/status``). A third column is dbtunneld with
+``bastion.client = "openssh"``: its CPU, RSS and wake-ups count the daemon plus its ``ssh -M`` master.
 
     python -m bench.data_path [--quick] [--ref DIR]
 
