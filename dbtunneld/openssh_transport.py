@@ -35,7 +35,8 @@ from .transport import Transport
 
 log = logging.getLogger(__name__)
 
-CONTROL_PATH_MAX = 100            # sun_path is 104-108 bytes; ssh also appends a temporary suffix
+CONTROL_PATH_MAX = 103            # sun_path is 104-108 bytes with its NUL (104 on macOS)
+CONTROL_PATH_EXTRA = 15 + 17      # "/ssh-XXXXXXXX/c", then ssh's temporary ".XXXXXXXXXXXXXXXX" while it binds
 STOP_WAIT = 3.0
 
 
@@ -83,20 +84,27 @@ def master_settings(bastion: Any, tunnels: Any) -> MasterSettings:
 
 
 def master_argv(ssh: str, s: MasterSettings, control_path: str, known_hosts: str) -> list[str]:
-    identity = ["-i", os.path.expanduser(s.key_file)] if s.key_file else ["-o", "IdentityFile=none"]
+    key = _path_option(os.path.expanduser(s.key_file)) if s.key_file else "none"
     options = {
-        "ControlMaster": "yes", "ControlPath": control_path, "ControlPersist": "no",
-        "BatchMode": "yes", "StrictHostKeyChecking": "yes", "UserKnownHostsFile": known_hosts,
+        "ControlMaster": "yes", "ControlPath": _path_option(control_path), "ControlPersist": "no",
+        "IdentityFile": key, "BatchMode": "yes", "StrictHostKeyChecking": "yes",
+        "UserKnownHostsFile": _path_option(known_hosts),
         "GlobalKnownHostsFile": "/dev/null", "UpdateHostKeys": "no", "CheckHostIP": "no",
         "ServerAliveInterval": str(max(1, round(s.keepalive_interval))),
         "ServerAliveCountMax": str(s.alive_count_max), "ConnectTimeout": str(max(1, round(s.connect_timeout))),
         "ExitOnForwardFailure": "yes", "Ciphers": "^aes128-gcm@openssh.com,aes256-gcm@openssh.com",
         "LogLevel": "ERROR", "PasswordAuthentication": "no", "KbdInteractiveAuthentication": "no",
     }
-    argv = [ssh, "-F", "/dev/null", "-M", "-N", "-T", "-p", str(s.port), "-l", s.user, *identity]
+    argv = [ssh, "-F", "/dev/null", "-M", "-N", "-T", "-p", str(s.port), "-l", s.user]
     for name, value in options.items():
         argv += ["-o", f"{name}={value}"]
     return argv + ["--", s.host]
+
+
+def _path_option(path: str) -> str:
+    """A path as an ssh -o value: "%" would start a token (ssh_config TOKENS), a space would
+    split UserKnownHostsFile into two files; quoted, it is one path."""
+    return '"' + path.replace("%", "%%") + '"'
 
 
 def classify_exit(text: str, s: MasterSettings) -> Exception:
@@ -270,7 +278,7 @@ class OpenSshMaster:
 def _private_dir(runtime_dir: Path) -> Path:
     """A 0700 folder for one master; under the runtime dir unless its socket path would be too long."""
     base = runtime_dir
-    if len(str(base)) + 20 > CONTROL_PATH_MAX:
+    if len(os.fsencode(str(base))) + CONTROL_PATH_EXTRA > CONTROL_PATH_MAX:
         base = Path(tempfile.gettempdir())
     base.mkdir(parents=True, exist_ok=True, mode=0o700)
     return Path(tempfile.mkdtemp(prefix="ssh-", dir=base))

@@ -277,6 +277,25 @@ def test_mux_alive_check_answers_with_the_master_pid(bastion, pool):
     assert not master.ping(1) and not pid_alive(master.pid)
 
 
+def test_paths_with_spaces_and_percent_reach_ssh_as_one_path(bastion, tmp_path):
+    """A key and known_hosts in a folder named "my keys %h": ssh must not split or expand them."""
+    sshd, _ = bastion
+    odd = tmp_path / "my keys %h"
+    odd.mkdir()
+    key = odd / "id"
+    shutil.copy(sshd.client_key, key)
+    key.chmod(0o600)
+    known = odd / "known hosts"
+    known.write_text(sshd.known_hosts_line())
+    pool = MasterPool(odd / "run")
+    master = pool.acquire(settings_for(sshd, key_file=str(key), host_key="", known_hosts=str(known)))
+    try:
+        assert master.ping(5)
+    finally:
+        pool.release(master)
+    assert not pid_alive(master.pid)
+
+
 # ---- config --------------------------------------------------------------------------------------
 
 BASE = """
