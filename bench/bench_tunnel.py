@@ -131,6 +131,11 @@ def _transport(spec: dict[str, Any]):
                                 region_name="us-east-1")
         return SsmSshTransport(lambda: session, lambda: TARGET, opts, endpoint_url=spec["ssm_url"],
                                region="us-east-1")
+    if spec.get("client") == "openssh":                # an OpenSSH master moves the bytes
+        from dbtunneld.openssh_transport import MasterSettings, OpenSshTransport
+        return OpenSshTransport(MasterSettings("127.0.0.1", spec["ssh_port"], spec["user"], key_file=spec["key"],
+                                               host_key=spec["host_key"],
+                                               keepalive_interval=spec.get("keepalive_interval", 5.0)))
     return SshTransport("127.0.0.1", spec["ssh_port"], opts)
 
 

@@ -6,7 +6,8 @@ sysbench ``oltp_read_only`` with 4 and 16 threads (tps, p95); the forwarder's CP
 (utime + stime of the dbtunneld process vs of the ``ssh`` client, ``/proc/PID/stat``). RSS and
 thread count of each forwarder before the first and after the last round; then idle wake-ups
 per second of 10 tunnels in one dbtunneld process vs 10 ``ssh -L`` (voluntary + involuntary
-context switches of every thread, ``/proc/PID/task/*/status``).
+context switches of every thread, ``/proc/PID/task/*/status``). A third column is dbtunneld with
+``bastion.client = "openssh"``: its CPU, RSS and wake-ups count the daemon plus its ``ssh -M`` master.
 
     python -m bench.data_path [--quick] [--ref DIR]
 
@@ -32,6 +33,7 @@ from bench.report import Figure
 SECTION = "Data path under load (sandbox bastion, MariaDB)"
 REFERENCE = "OpenSSH ssh -L"
 OURS = "dbtunneld ssh"
+OURS_OPENSSH = "dbtunneld ssh, client openssh"    # bastion.client = "openssh": an ssh -M master moves the bytes
 
 
 @dataclass(frozen=True)
@@ -56,19 +58,44 @@ class Forwarding:
     port: int
     pid: int
     stop: Callable[[], None]
+    helpers: tuple[int, ...] = ()     # processes it started that forward too (the ssh master)
+
+    @property
+    def pids(self) -> list[int]:
+        return [self.pid, *self.helpers]
 
 
 # ---- /proc ----------------------------------------------------------------------------------
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def cpu_seconds(pids: int | list[int]) -> float:
+    """utime + stime of the processes (each one's own threads)."""
+    total = 0
+    for pid in [pids] if isinstance(pids, int) else pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
-def rss_mib_and_threads(pid: int) -> tuple[float, int]:
-    status = Path(f"/proc/{pid}/status").read_text()
-    rss = int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024
-    return rss, int(re.search(r"Threads:\s+(\d+)", status).group(1))
+def rss_mib_and_threads(pids: int | list[int]) -> tuple[float, int]:
+    rss, threads = 0.0, 0
+    for pid in [pids] if isinstance(pids, int) else pids:
+        status = Path(f"/proc/{pid}/status").read_text()
+        rss += int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024
+        threads += int(re.search(r"Threads:\s+(\d+)", status).group(1))
+    return rss, threads
+
+
+def ssh_children(pid: int) -> tuple[int, ...]:
+    """The ``ssh`` processes ``pid`` started (the OpenSSH masters of client openssh)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                comm, rest = stat[stat.index("(") + 1:stat.rindex(")")], stat.rsplit(")", 1)[1].split()
+                if comm == "ssh" and int(rest[1]) == pid:
+                    found.append(int(entry))
+    return tuple(found)
 
 
 def context_switches(pids: list[int]) -> int:
@@ -102,10 +129,10 @@ def _target(port: int, cluster: Any) -> Any:
     return workload.Target("127.0.0.1", port, cluster.admin_user, cluster.admin_password, cluster.database)
 
 
-def with_cpu(pid: int, fn: Callable[[], Any]) -> tuple[Any, float]:
-    before = cpu_seconds(pid)
+def with_cpu(pids: list[int], fn: Callable[[], Any]) -> tuple[Any, float]:
+    before = cpu_seconds(pids)
     result = fn()
-    return result, cpu_seconds(pid) - before
+    return result, cpu_seconds(pids) - before
 
 
 # ---- the paths ------------------------------------------------------------------------------
@@ -138,7 +165,17 @@ def _dbtunneld(info: Any, remote_port: int, name: str, count: int = 1, source: s
         if source:
             os.environ.pop("PYTHONPATH") if saved is None else os.environ.__setitem__("PYTHONPATH", saved)
     ports = [int(p) for p in child.expect("READY")]
-    return Forwarding(name, ports[0], child.proc.pid, child.stop), ports
+    masters = ssh_children(child.proc.pid)
+    return Forwarding(name, ports[0], child.proc.pid, lambda: _stop_all(child.stop, masters), masters), ports
+
+
+def _stop_all(stop: Callable[[], None], pids: tuple[int, ...]) -> None:
+    """The child stops its masters itself; any left over (a child killed) are stopped by pid."""
+    stop()
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z":
+                os.kill(pid, 9)
 
 
 def _can_connect(port: int) -> bool:
@@ -156,13 +193,13 @@ def load_round(paths: list[Forwarding], cluster: Any, plan: LoadPlan, rows: dict
     from bench import workload
 
     for p in paths:
-        qps, cpu = with_cpu(p.pid, lambda: slap_qps(p.port, cluster, plan.slap_queries, plan.slap_clients))
+        qps, cpu = with_cpu(p.pids, lambda: slap_qps(p.port, cluster, plan.slap_queries, plan.slap_clients))
         _add(rows, p.name, "slap qps", qps)
         _add(rows, p.name, "slap cpu us/query", cpu * 1e6 / plan.slap_queries)
     for threads in plan.sysbench_threads:
         for p in paths:
             t0 = time.monotonic()
-            r, cpu = with_cpu(p.pid, lambda: workload.run(_target(p.port, cluster), seconds=plan.sysbench_seconds,
+            r, cpu = with_cpu(p.pids, lambda: workload.run(_target(p.port, cluster), seconds=plan.sysbench_seconds,
                                                           threads=threads, tables=1, table_size=plan.sysbench_rows))
             queries = max(r.qps * (time.monotonic() - t0), 1.0)
             _add(rows, p.name, f"sysbench {threads} tps", r.tps)
@@ -189,6 +226,9 @@ def idle_wakeups(info: Any, remote_port: int, plan: LoadPlan, ref: str | None) -
             ours, _ = _dbtunneld(info, remote_port, name, plan.idle_tunnels, **extra)
             stops.append(ours.stop)
             groups[name] = [ours.pid]
+        mine, _ = _dbtunneld(info, remote_port, OURS_OPENSSH, plan.idle_tunnels, client="openssh")
+        stops.append(mine.stop)
+        groups[OURS_OPENSSH] = mine.pids
         if ref:
             old, _ = _dbtunneld(info, remote_port, f"{OURS} (ref)", plan.idle_tunnels, ref)
             stops.append(old.stop)
@@ -214,19 +254,20 @@ def run(plan: LoadPlan, ref: str | None = None, progress: Callable[[str], None] 
     with start_stack(vault=False, aws=False, sso=False, ssm=False, clusters=("orders",)) as stack:
         info, cluster = stack.info, stack.info.clusters["orders"]
         workload.prepare(_target(cluster.port, cluster), tables=1, table_size=plan.sysbench_rows)
-        paths = [_dbtunneld(info, cluster.port, OURS)[0], _openssh(info, cluster.port)]
+        paths = [_dbtunneld(info, cluster.port, OURS)[0], _openssh(info, cluster.port),
+                 _dbtunneld(info, cluster.port, OURS_OPENSSH, client="openssh")[0]]
         if ref:
             paths.append(_dbtunneld(info, cluster.port, f"{OURS} (ref)", source=ref)[0])
         rows: dict[str, dict[str, list[float]]] = {}
         try:
             for p in paths:                              # warm up (the first run is always slower)
                 slap_qps(p.port, cluster, 200, 10)
-            memory_before = {p.name: rss_mib_and_threads(p.pid) for p in paths}
+            memory_before = {p.name: rss_mib_and_threads(p.pids) for p in paths}
             for n in range(plan.rounds):
                 load_round(paths, cluster, plan, rows)
                 progress(f"  load round {n + 1}/{plan.rounds}")
             time.sleep(SETTLE)                           # opener threads idle out after 5 s
-            memory_after = {p.name: rss_mib_and_threads(p.pid) for p in paths}
+            memory_after = {p.name: rss_mib_and_threads(p.pids) for p in paths}
         finally:
             for p in paths:
                 with contextlib.suppress(Exception):
@@ -261,12 +302,12 @@ def figures(out: dict[str, Any]) -> list[Figure]:
         for name in rows:
             if name != REFERENCE:
                 result.append(Figure(SECTION, label, name, rows[name].get(key), unit, REFERENCE, ref.get(key),
-                                     higher_is_better=higher, target=target if name == OURS else ""))
+                                     higher_is_better=higher, target=target if name in (OURS, OURS_OPENSSH) else ""))
     for name, (rss, threads) in out["memory_after"].items():
         rss0, threads0 = out["memory_before"][name]
         result.append(Figure(SECTION, f"RSS after {out['plan']['rounds']} load rounds (+{SETTLE:g} s)", name, rss, "MiB",
                              "before the rounds", rss0, higher_is_better=False,
-                             target="+5 MiB at most" if name == OURS else ""))
+                             target="+5 MiB at most" if name in (OURS, OURS_OPENSSH) else ""))
         result.append(Figure(SECTION, f"threads after {out['plan']['rounds']} load rounds (+{SETTLE:g} s)", name, threads, "",
                              "before the rounds", threads0, higher_is_better=False))
     idle = out["idle_wakeups_per_s"]
@@ -274,13 +315,19 @@ def figures(out: dict[str, Any]) -> list[Figure]:
         if name != REFERENCE:
             result.append(Figure(SECTION, f"idle wake-ups/s, {out['plan']['idle_tunnels']} tunnels", name, value,
                                  "/s", REFERENCE, idle.get(REFERENCE), higher_is_better=False,
-                                 target="<= 1/s" if name == OURS else ""))
+                                 target="<= 1/s" if name in (OURS, OURS_OPENSSH) else ""))
     return result
 
 
 def headline(out: dict[str, Any]) -> dict[str, float | None]:
-    """The top-level numbers of bench.json."""
-    ours, ref = out["rows"].get(OURS, {}), out["rows"].get(REFERENCE, {})
+    """The top-level numbers of bench.json; the same for client openssh with the prefix ``openssh_client_``."""
+    both = _headline(out, OURS)
+    both.update({f"openssh_client_{k}": v for k, v in _headline(out, OURS_OPENSSH).items()})
+    return both
+
+
+def _headline(out: dict[str, Any], name: str) -> dict[str, float | None]:
+    ours, ref = out["rows"].get(name, {}), out["rows"].get(REFERENCE, {})
 
     def ratio(*keys: str) -> float | None:
         pairs = [(ours.get(k), ref.get(k)) for k in keys]
@@ -292,7 +339,7 @@ def headline(out: dict[str, Any]) -> dict[str, float | None]:
             "sysbench_tps_ratio_vs_openssh": ratio("sysbench 4 tps", "sysbench 16 tps"),
             "cpu_per_query_ratio_vs_ssh": ratio("slap cpu us/query", "sysbench 4 cpu us/query",
                                                 "sysbench 16 cpu us/query"),
-            "idle_wakeups_per_s_10_tunnels": _rounded(out["idle_wakeups_per_s"].get(OURS))}
+            "idle_wakeups_per_s_10_tunnels": _rounded(out["idle_wakeups_per_s"].get(name))}
 
 
 def _rounded(value: float | None) -> float | None:

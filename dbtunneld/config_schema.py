@@ -43,6 +43,7 @@ class BastionConfig:
     known_hosts: str = ""
     ec2_instance_connect: bool = False
     plugin_path: str = ""
+    client: str = "paramiko"         # transport "ssh": "paramiko" or "openssh" (an ssh -M master moves the bytes)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import shutil
+import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -16,6 +18,7 @@ from .config_schema import (AwsConfig, BastionConfig, CatalogSettings, ClusterCo
                             aurora_reader_endpoint)
 
 TRANSPORTS = ("ssm-ssh", "ssm-port-forward", "ssh", "plugin")
+SSH_CLIENTS = ("paramiko", "openssh")     # bastion.client: who speaks SSH for transport "ssh"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 INSTANCE_RE = re.compile(r"^(i-[0-9a-f]{8,17}|mi-[0-9a-f]{8,17}|ecs:[A-Za-z0-9_-]+_[A-Za-z0-9]+_[A-Za-z0-9-]+)$")
 REGION_RE = re.compile(r"[a-z]{2}(-[a-z]+)+-\d")
@@ -68,6 +71,20 @@ def parse_vault(r: TableReader) -> VaultConfig:
         sts_region=_sts_region(r), sts_endpoint=_sts_endpoint(r), namespace=_namespace(r),
     )
     return cfg
+
+
+def _ssh_client(r: TableReader, ec2_instance_connect: bool) -> str:
+    client = r.text("client", "paramiko")
+    if client not in SSH_CLIENTS:
+        r.problem("client", f"unknown SSH client {client!r}", f"use one of {', '.join(SSH_CLIENTS)}")
+        return "paramiko"
+    if client == "openssh" and ec2_instance_connect:
+        r.problem("client", '"openssh" cannot log in with the EC2 Instance Connect key (it exists only in memory)',
+                  'set client = "paramiko", or turn ec2_instance_connect off and use your own key')
+    elif client == "openssh" and (sys.platform.startswith("win") or not shutil.which("ssh")):
+        r.problem("client", '"openssh" needs OpenSSH\'s ssh on PATH with connection sharing (ControlMaster; '
+                  'not OpenSSH for Windows)', 'install the OpenSSH client, or set client = "paramiko"')
+    return client
 
 
 def _sts_region(r: TableReader) -> str:
@@ -125,8 +142,9 @@ def parse_bastion(r: TableReader) -> BastionConfig:
     host_key = r.text("host_key")
     if host_key and len(host_key.split()) < 2:
         r.problem("host_key", "is not an OpenSSH public key line", 'write "ssh-ed25519 AAAA..." as in known_hosts')
+    client = _ssh_client(r, r.get("ec2_instance_connect", bool, False))
     cfg = BastionConfig(
-        transport=transport, instance_id=instance_id, tags=tags, host=host,
+        client=client, transport=transport, instance_id=instance_id, tags=tags, host=host,
         port=r.port("port", 22) or 22, user=r.text("user", "ec2-user"), key_file=key_file,
         host_key=host_key, known_hosts=r.text("known_hosts"),
         ec2_instance_connect=r.get("ec2_instance_connect", bool, False),

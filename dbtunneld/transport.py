@@ -37,6 +37,9 @@ class Transport(ABC):
     # was measured to help: plain SSH. Over SSM, pinned threads cut 50-connection transfers short
     # (the SSH socket's writes failed), so those paths stay unpinned until that is understood.
     pin_data_path = False
+    # True: the tunnel hands accepted client sockets to ``adopt(client, host, port, timeout)``
+    # (a handle with close() / done / on_end) and never moves their bytes (``openssh_transport``).
+    adopts_clients = False
 
     @abstractmethod
     def connect(self) -> None:
@@ -53,6 +56,15 @@ class Transport(ABC):
     def ping(self, timeout: float) -> bool:
         """Does the far side answer within ``timeout``? (SSH keepalive; liveness otherwise.)"""
         return self.is_alive()
+
+    def adopt(self, client: socket.socket, host: str, port: int, timeout: float) -> Any:
+        """Forward ``client`` to host:port itself (only when ``adopts_clients``); a handle with
+        ``on_end`` / ``abort`` / ``received``, like a ``forward.Link``."""
+        raise NotImplementedError(f"transport {self.kind!r} does not adopt client sockets")
+
+    def ping_interval(self, keepalive_interval: float) -> float:
+        """How often the tunnel pings while up (an upstream that keeps itself alive: never)."""
+        return keepalive_interval
 
     def wait_closed(self, timeout: float | None = None) -> bool:
         """Block until the current upstream dies (or ``timeout``); True when it is gone."""
@@ -383,6 +395,9 @@ def build_transport(config: Config, cluster: ClusterConfig,
     target = _target_resolver(bastion, session_factory, aws.region, aws.endpoint_urls.get("ec2"))
     options_for = _options_factory(bastion)
     ssm_url = aws.endpoint_urls.get("ssm")
+    if kind == "ssh" and bastion.client == "openssh":
+        from .openssh_transport import OpenSshTransport, master_settings
+        return OpenSshTransport(master_settings(bastion, config.tunnels))
     if kind == "ssh":
         eic = _eic_for_ssh(bastion, session_factory, target, aws.region, aws.endpoint_urls)
         return SshTransport(bastion.host, bastion.port, options_for, ephemeral=eic)

@@ -188,6 +188,9 @@ class ClientSide:
         """Open the client's channel, then hand both to the forwarding loop."""
         forwarding = False
         try:
+            if self._before_relay is None and self._gate.transport.adopts_clients:
+                forwarding = await self._adopt(client)
+                return
             opened = await self._open_for_client(time.monotonic() + self._gate.settings.connect_wait)
             if isinstance(opened, str):
                 self._refuse(client, opened)
@@ -207,8 +210,27 @@ class ClientSide:
                 with self._lock:
                     self._open -= 1
 
-    async def _open_for_client(self, deadline: float) -> tuple[Any, int] | str:
-        """A channel for one client, waiting through rebuilds; or why there is none."""
+    async def _adopt(self, client: socket.socket) -> bool:
+        """The transport forwards ``client`` itself (``Transport.adopts_clients``: the OpenSSH
+        master); True once it does (the handle ends it: ``_link_ended``)."""
+        opened = await self._open_for_client(time.monotonic() + self._gate.settings.connect_wait, client)
+        if isinstance(opened, str):
+            self._refuse(client, opened)
+            return False
+        handle, generation = opened
+        handle.generation = generation
+        close_quietly(client)                       # the transport holds its own copy
+        with self._lock:
+            self._pipes.add(handle)
+            stale = generation != self._gate.current_generation() or self._forwarder is None
+        handle.on_end(self._link_ended)
+        if stale:
+            handle.abort()
+        return True
+
+    async def _open_for_client(self, deadline: float, adopt: socket.socket | None = None) -> tuple[Any, int] | str:
+        """A channel for one client (or the transport's handle on ``adopt``), waiting through
+        rebuilds; or why there is none."""
         seen, checks = -1, -1
         while True:
             got = await self._await_up(deadline, seen, checks)
@@ -216,7 +238,7 @@ class ClientSide:
                 return got
             generation, checks = got
             try:
-                return await self._blocking(self._open_channel, deadline), generation
+                return await self._blocking(self._open_channel, deadline, adopt), generation
             except (DbtunneldError, OSError) as exc:
                 if isinstance(exc, NeedsUserError) or _remote_refused(exc):
                     self._gate.kick("check")
@@ -225,10 +247,13 @@ class ClientSide:
                 self._gate.kick("suspect")
                 seen = generation
 
-    def _open_channel(self, deadline: float) -> Any:
-        """On the worker pool: one channel (closed at once if the tunnel stopped meanwhile)."""
+    def _open_channel(self, deadline: float, adopt: socket.socket | None = None) -> Any:
+        """On the worker pool: one channel, or the transport's handle on the adopted client (closed
+        at once if the tunnel stopped meanwhile)."""
         timeout = max(0.5, min(self._gate.settings.health_timeout, deadline - time.monotonic()))
-        chan = self._gate.transport.open_channel(*self._gate.remote, timeout=timeout)
+        transport = self._gate.transport
+        chan = (transport.adopt(adopt, *self._gate.remote, timeout) if adopt is not None
+                else transport.open_channel(*self._gate.remote, timeout=timeout))
         if self._forwarder is None:
             close_quietly(chan)
             raise OSError("the tunnel is stopping")

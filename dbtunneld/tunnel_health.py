@@ -122,7 +122,7 @@ class UpstreamHealth:
     def reset(self) -> None:
         """A fresh upstream: keepalives from now on, and a probe at once (prove the path)."""
         now = self._clock.time()
-        self._next_ping = now + self._settings.keepalive_interval
+        self._next_ping = now + self._transport.ping_interval(self._settings.keepalive_interval)
         self._next_probe = now
         self._probed = False
 
@@ -141,7 +141,7 @@ class UpstreamHealth:
             return Finding("lost", self._transport.why_closed() or "the connection to the bastion closed")
         asked = bool(reasons & CHECK_NOW)
         if asked or now >= self._next_ping:
-            self._next_ping = now + s.keepalive_interval
+            self._next_ping = now + self._transport.ping_interval(s.keepalive_interval)
             if not self._keepalive_answered():
                 return Finding("lost", f"the bastion did not answer a keepalive within {s.health_timeout:g} s")
         if asked or now >= self._next_probe:

@@ -15,7 +15,7 @@ LAYERS = {
     0: {"__init__", "errors", "model", "timing", "config", "config_schema", "config_reader", "config_sections", "paths",
         "exitcodes"},
     1: {"aws", "sso", "vault", "iam_login", "ssm", "ssh", "ssh_options", "ssh_hostkeys", "ssh_auth", "ssh_channel",
-        "paramiko_internals", "keystore", "log", "discovery", "ports", "transport", "tls",
+        "paramiko_internals", "openssh_mux", "openssh_transport", "keystore", "log", "discovery", "ports", "transport", "tls",
         "inventory", "catalog", "forward", "mysqlwire", "local_tls", "command_watch", "upstream_tls"},
     2: {"credentials", "lease_keeper", "lease_store", "orphans", "units", "wiring", "login_probe",
         "status_publisher", "engine_loop", "workers", "cluster_slots", "scheduler", "wake", "own_schedule", "tunnel_state",
