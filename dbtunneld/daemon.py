@@ -30,7 +30,7 @@ from .engine_loop import EngineLoop
 from .errors import ConfigError, DbtunneldError, NeedsUserError
 from .exitcodes import EXIT_ALREADY_RUNNING, EXIT_CONFIG, EXIT_FAIL, EXIT_OK  # noqa: F401
 from .paths import Paths
-from .supervisor import Supervisor
+from .supervisor import POOL_WORKERS, Supervisor
 from .units import EngineFactory, TunnelFactory
 
 log = logging.getLogger(__name__)
@@ -150,7 +150,7 @@ class Daemon:
         self.config_path = Path(config_path)
         self.factories = factories
         self.stop_timeout = stop_timeout
-        self.engine = EngineLoop(name="dbtunneld-engine")   # the control plane's one loop (issue 16)
+        self.engine = EngineLoop(name="dbtunneld-engine", workers=POOL_WORKERS)   # the control plane's one loop (issue 16)
         self.bus = EventBus(self.engine)
         self.lock = InstanceLock(paths.lock_path)
         self.supervisor: Supervisor | None = None
@@ -182,7 +182,7 @@ class Daemon:
             factories = self.factories or default_factories()
             self.supervisor = Supervisor(config, self.paths, engine_factory=factories.engine,
                                          tunnel_factory=factories.tunnel, on_event=self.bus.publish,
-                                         config_path=str(self.config_path))
+                                         config_path=str(self.config_path), engine_loop=self.engine)
             ssm_sessions = self._record_ssm_sessions()  # before any tunnel can start a session
             self.supervisor.start()
             self._end_leftover_ssm_sessions(ssm_sessions, config)
