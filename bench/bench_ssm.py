@@ -36,9 +36,9 @@ from typing import Any
 
 import boto3
 
-from dbtunneld.errors import NeedsUserError
+from dbtunneld.adapters.ssm import PluginProxy, find_plugin, start_port_forward, start_ssh_session
+from dbtunneld.core.errors import NeedsUserError
 from dbtunneld.sandbox.ssm_testkit import DataServer, StandInProcess, download, pattern, pattern_digest
-from dbtunneld.ssm import PluginProxy, find_plugin, start_port_forward, start_ssh_session
 
 TARGET = "i-0123456789abcdef0"
 MB = 1_000_000

@@ -117,8 +117,8 @@ def serve_child(spec: dict[str, Any]) -> None:
 
 
 def _transport(spec: dict[str, Any]):
-    from dbtunneld import ssh
-    from dbtunneld.transport import SshTransport, SsmSshTransport
+    from dbtunneld.adapters import ssh
+    from dbtunneld.adapters.transport import SshTransport, SsmSshTransport
 
     def opts(label: str) -> ssh.SshOptions:
         return ssh.SshOptions(user=spec["user"], host_label=label, key_file=spec["key"], use_agent=False,
@@ -132,7 +132,7 @@ def _transport(spec: dict[str, Any]):
         return SsmSshTransport(lambda: session, lambda: TARGET, opts, endpoint_url=spec["ssm_url"],
                                region="us-east-1")
     if spec.get("client") == "openssh":                # an OpenSSH master moves the bytes
-        from dbtunneld.openssh_transport import MasterSettings, OpenSshTransport
+        from dbtunneld.adapters.openssh_transport import MasterSettings, OpenSshTransport
         return OpenSshTransport(MasterSettings("127.0.0.1", spec["ssh_port"], spec["user"], key_file=spec["key"],
                                                host_key=spec["host_key"],
                                                keepalive_interval=spec.get("keepalive_interval", 5.0)))
@@ -141,7 +141,7 @@ def _transport(spec: dict[str, Any]):
 
 def _rewrite_stream_urls(rewrite: dict[str, str]) -> None:
     """Send the SSM websocket (the stream URL StartSession returns) through the delay line."""
-    from dbtunneld.ssm import api
+    from dbtunneld.adapters.ssm import api
 
     original = api._grant
 
@@ -155,9 +155,9 @@ def _rewrite_stream_urls(rewrite: dict[str, str]) -> None:
 
 
 def _tunnel(spec: dict[str, Any], name: str):
-    from dbtunneld.config import TunnelSettings
-    from dbtunneld.tunnel import Tunnel
-    from dbtunneld.tunnel_health import probe_mysql
+    from dbtunneld.core.config import TunnelSettings
+    from dbtunneld.engine.tunnel import Tunnel
+    from dbtunneld.engine.tunnel_health import probe_mysql
 
     def probe(transport, host, port, timeout):       # MariaDB answers the greeting probe
         return probe_mysql(transport, "127.0.0.1", spec["mysql_port"], timeout)

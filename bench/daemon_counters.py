@@ -15,7 +15,7 @@ from pathlib import Path
 
 
 def _report(path: Path, stop: threading.Event) -> None:
-    from dbtunneld import vault
+    from dbtunneld.adapters import vault
 
     tmp = path.with_name(path.name + ".tmp")
     while True:
@@ -26,7 +26,7 @@ def _report(path: Path, stop: threading.Event) -> None:
 
 
 def main(argv: list[str]) -> int:
-    from dbtunneld.cli import main as cli_main
+    from dbtunneld.ui.cli import main as cli_main
 
     stop = threading.Event()
     threading.Thread(target=_report, args=(Path(argv[0]), stop), name="bench-counters", daemon=True).start()

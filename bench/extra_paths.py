@@ -51,9 +51,9 @@ def port_forward_path(lab: "bt.Lab", delayed: bool) -> Iterator[int]:
 def _tunnel(spec: dict[str, Any]):
     import boto3
 
-    from dbtunneld.mysqlwire import ProbeResult
-    from dbtunneld.tunnel import Tunnel
-    from dbtunneld.transport import SsmPortForwardTransport
+    from dbtunneld.adapters.mysqlwire import ProbeResult
+    from dbtunneld.adapters.transport import SsmPortForwardTransport
+    from dbtunneld.engine.tunnel import Tunnel
 
     session = boto3.Session(aws_access_key_id="AKIDBENCH", aws_secret_access_key="bench-secret",
                             region_name="us-east-1")

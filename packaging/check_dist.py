@@ -25,8 +25,8 @@ def wheel_problems(wheel: Path, expected: list[str]) -> list[str]:
         entry_points = next((z.read(n).decode() for n in names if n.endswith("entry_points.txt")), "")
     problems = [f"{wheel.name}: missing {n}" for n in expected + ["dbtunneld/__main__.py"]
                 if n not in names]
-    if "dbtunneld = dbtunneld.cli:main" not in entry_points:
-        problems.append(f"{wheel.name}: no console script `dbtunneld = dbtunneld.cli:main`")
+    if "dbtunneld = dbtunneld.ui.cli:main" not in entry_points:
+        problems.append(f"{wheel.name}: no console script `dbtunneld = dbtunneld.ui.cli:main`")
     return problems
 
 

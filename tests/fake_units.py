@@ -14,11 +14,11 @@ import time
 from dataclasses import replace
 from typing import Any, Callable
 
-from dbtunneld.model import CredentialState, CredentialStatus, LeaseOutcome, TunnelState, TunnelStatus
-from dbtunneld.config import ClusterConfig, Config
-from dbtunneld.model import DbCredentials
-from dbtunneld.paths import Paths
-from dbtunneld.units import EngineFactory, EngineUnit, TunnelFactory, TunnelUnit, UnitSpec
+from dbtunneld.core.config import ClusterConfig, Config
+from dbtunneld.core.model import CredentialState, CredentialStatus, LeaseOutcome, TunnelState, TunnelStatus
+from dbtunneld.core.model import DbCredentials
+from dbtunneld.core.paths import Paths
+from dbtunneld.engine.units import EngineFactory, EngineUnit, TunnelFactory, TunnelUnit, UnitSpec
 
 _serial = itertools.count(1)
 

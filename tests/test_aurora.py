@@ -11,14 +11,14 @@ import time
 
 import pytest
 
-from dbtunneld import notify
-from dbtunneld.aurora import RoleCheckedTunnel, reader_unit
-from dbtunneld.config import parse_config
-from dbtunneld.config_schema import aurora_reader_endpoint
-from dbtunneld.errors import ConfigError
-from dbtunneld.model import DaemonStatus, TunnelState, TunnelStatus
+from dbtunneld.core.config import parse_config
+from dbtunneld.core.config_schema import aurora_reader_endpoint
+from dbtunneld.core.errors import ConfigError
+from dbtunneld.core.model import DaemonStatus, TunnelState, TunnelStatus
+from dbtunneld.engine.aurora import RoleCheckedTunnel, reader_unit
 from dbtunneld.sandbox.daemonproc import DaemonOptions, DaemonUnderTest
 from dbtunneld.sandbox.procs import free_port
+from dbtunneld.ui import notify
 
 from helpers.faultkit import query
 

@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 from hypothesis import given, strategies as st
 
-from dbtunneld import autostart, autostart_launchd, autostart_systemd, autostart_xdg
-from dbtunneld.autostart import Autostart
-from dbtunneld.autostart_common import AutostartError, Ran, program_command
-from dbtunneld.autostart_launchd import LAUNCHD_LABEL
-from dbtunneld.autostart_systemd import UNIT_NAME, systemd_quote, systemd_split
-from dbtunneld.autostart_windows import APPROVED_KEY, RUN_KEY, RUN_VALUE, windows_command_line, windows_split
-from dbtunneld.autostart_xdg import desktop_exec_quote, desktop_exec_split
+from dbtunneld.ui import autostart, autostart_launchd, autostart_systemd, autostart_xdg
+from dbtunneld.ui.autostart import Autostart
+from dbtunneld.ui.autostart_common import AutostartError, Ran, program_command
+from dbtunneld.ui.autostart_launchd import LAUNCHD_LABEL
+from dbtunneld.ui.autostart_systemd import UNIT_NAME, systemd_quote, systemd_split
+from dbtunneld.ui.autostart_windows import APPROVED_KEY, RUN_KEY, RUN_VALUE, windows_command_line, windows_split
+from dbtunneld.ui.autostart_xdg import desktop_exec_quote, desktop_exec_split
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIRD = "in st$all 100%"  # a folder name that needs quoting in every format
@@ -123,7 +123,7 @@ def test_daemon_mode_writes_a_systemd_unit_that_verifies_and_systemctl_enables(
     assert unit_problems(unit_path(env), env) == ""  # also proves ExecStart's quoting: it exists
     text = unit_path(env).read_text()
     # neither a bad config (the user fixes it) nor "another daemon runs" is retried
-    from dbtunneld.daemon import EXIT_ALREADY_RUNNING, EXIT_CONFIG
+    from dbtunneld.process.daemon import EXIT_ALREADY_RUNNING, EXIT_CONFIG
 
     for line in ("Type=notify", "Restart=on-failure", "WantedBy=default.target",
                  f"RestartPreventExitStatus={EXIT_CONFIG} {EXIT_ALREADY_RUNNING}"):
@@ -656,10 +656,11 @@ def test_windows_command_line_round_trips(argv: list[str]) -> None:
 
 
 def test_autostart_imports_no_engine_or_adapter() -> None:
-    code = ("import sys, dbtunneld.autostart; "
+    code = ("import sys, dbtunneld.ui.autostart; "
             "print(sorted(m for m in sys.modules if m.startswith('dbtunneld')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30,
                          check=True, cwd=ROOT).stdout
     loaded = set(json.loads(out.replace("'", '"')))
-    assert {m for m in loaded if not m.startswith("dbtunneld.autostart")} <= {"dbtunneld", "dbtunneld.errors", "dbtunneld.paths"}
-    assert "dbtunneld.autostart_launchd" in loaded       # the back-ends are loaded, and nothing below them
+    assert {m for m in loaded if not m.startswith("dbtunneld.ui.autostart")} <= {"dbtunneld", "dbtunneld.ui", "dbtunneld.core",
+                                                                         "dbtunneld.core.errors", "dbtunneld.core.paths"}
+    assert "dbtunneld.ui.autostart_launchd" in loaded       # the back-ends are loaded, and nothing below them

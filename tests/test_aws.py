@@ -15,9 +15,9 @@ from pathlib import Path
 import botocore.exceptions as bexc
 import pytest
 
-from dbtunneld import aws, sso
-from dbtunneld.config import AwsConfig
-from dbtunneld.errors import NeedsUserError, PermissionDeniedError, SignInNeededError, TransientError
+from dbtunneld.adapters import aws, sso
+from dbtunneld.core.config import AwsConfig
+from dbtunneld.core.errors import NeedsUserError, PermissionDeniedError, SignInNeededError, TransientError
 from dbtunneld.sandbox.procs import Service, file_probe, free_port
 
 

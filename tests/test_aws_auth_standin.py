@@ -151,7 +151,7 @@ def test_missing_fields_are_named(stack):
 # ------------------------------------------------------------------ the STS endpoint (Vault's sts_endpoint)
 
 def dbtunneld_payload(creds: dict, server_id: str, region: str, endpoint: str = "") -> dict:
-    from dbtunneld.iam_login import login_payload as signed_login
+    from dbtunneld.adapters.iam_login import login_payload as signed_login
 
     return signed_login(creds["aws_access_key_id"], creds["aws_secret_access_key"], creds["aws_session_token"],
                         region=region, endpoint=endpoint, server_id=server_id, role="db-developer")

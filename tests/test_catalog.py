@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from dbtunneld import catalog
-from dbtunneld.config import ClusterConfig, parse_config
-from dbtunneld.errors import ConfigError
-from dbtunneld.ports import PortBook
+from dbtunneld.adapters import catalog
+from dbtunneld.adapters.ports import PortBook
+from dbtunneld.core.config import ClusterConfig, parse_config
+from dbtunneld.core.errors import ConfigError
 from dbtunneld.sandbox.daemonproc import DaemonOptions, DaemonUnderTest
 from dbtunneld.sandbox.procs import free_port
 
@@ -92,7 +92,7 @@ def _cluster(name: str, port: int | None) -> ClusterConfig:
 def test_merge_keeps_the_users_entry_and_the_first_port(tmp_path, caplog):
     cfg = _config('[[clusters]]\nname = "orders"\nendpoint = "mine"\ndb_role = "r"\nlocal_port = 14000\n')
     book = PortBook(tmp_path / "ports.json", (13306, 13399))
-    with caplog.at_level(logging.INFO, "dbtunneld.catalog"):
+    with caplog.at_level(logging.INFO, "dbtunneld.adapters.catalog"):
         merged = catalog.merge_catalog(cfg, [_cluster("orders", 15000), _cluster("billing", 15001)], book, "team.toml")
         again = catalog.merge_catalog(cfg, [_cluster("billing", 15999)], book, "team.toml")
     assert [(c.name, c.endpoint, c.local_port) for c in merged.clusters] == [

@@ -15,9 +15,9 @@ import pymysql
 import pytest
 
 import fake_units as F
-from dbtunneld import cli, cli_commands, cli_output
-from dbtunneld.daemon import Daemon, Factories
-from dbtunneld.paths import default_paths
+from dbtunneld.core.paths import default_paths
+from dbtunneld.process.daemon import Daemon, Factories
+from dbtunneld.ui import cli, cli_commands, cli_output
 
 NOW = 1_800_000_000.0
 
@@ -260,7 +260,7 @@ def test_end_to_end_without_revoke_rights_disconnect_and_stop_say_what_was_revok
 # ------------------------------------------------------------------ `dbtunneld sandbox` runs the daemon
 
 def _free_pair() -> int:
-    from dbtunneld.ports import port_is_free
+    from dbtunneld.adapters.ports import port_is_free
 
     import random
     rng = random.Random()
@@ -284,7 +284,7 @@ def test_sandbox_runs_the_daemon_and_ctrl_c_leaves_nothing():
     holder.bind(("127.0.0.1", base))                 # the first wanted port is busy: it must say so
     holder.listen()
     env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
-    proc = subprocess.Popen([sys.executable, "-m", "dbtunneld.cli", "sandbox", "--base-port", str(base)], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "dbtunneld.ui.cli", "sandbox", "--base-port", str(base)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     daemon_pid = None
     try:
@@ -303,7 +303,7 @@ def test_sandbox_runs_the_daemon_and_ctrl_c_leaves_nothing():
         assert "-p orders" in mysql_cmd.group(1) and "password" not in mysql_cmd.group(1)
 
         other = dict(os.environ, DBTUNNELD_HOME=home)           # "in another terminal"
-        pw = subprocess.run([sys.executable, "-m", "dbtunneld.cli", "creds", "orders", "--field", "password"],
+        pw = subprocess.run([sys.executable, "-m", "dbtunneld.ui.cli", "creds", "orders", "--field", "password"],
                             env=other, capture_output=True, text=True, timeout=60).stdout.strip()
         conn = pymysql.connect(host="127.0.0.1", port=int(mysql_cmd.group(2)), user=mysql_cmd.group(3),
                                password=pw, database="orders")

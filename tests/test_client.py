@@ -14,16 +14,17 @@ from pathlib import Path
 import pytest
 
 import fake_units as F
-from dbtunneld import client as C, control, errors, protocol as P
-from dbtunneld.paths import default_paths
+from dbtunneld.core import errors
+from dbtunneld.core.paths import default_paths
+from dbtunneld.process import client as C, control, protocol as P
 
 TESTS = Path(__file__).resolve().parent
 RUNNER = """
 import sys
 sys.path.insert(0, {tests!r})
 import fake_units as F
-from dbtunneld.daemon import Factories, run_daemon
-from dbtunneld.paths import default_paths
+from dbtunneld.core.paths import default_paths
+from dbtunneld.process.daemon import Factories, run_daemon
 sys.exit(run_daemon(default_paths(), sys.argv[1], foreground=False,
                     factories=Factories(F.engine_factory, F.tunnel_factory), stop_timeout=5))
 """
@@ -125,7 +126,7 @@ def test_ensure_daemon_refuses_a_bad_config_before_starting(home):
 def test_ensure_daemon_reports_why_the_daemon_died(home, monkeypatch):
     (home / "config.toml").write_text(F.config_text([("orders", 13306, False)]))
     monkeypatch.setattr(C, "daemon_command", lambda config_path=None: [
-        sys.executable, "-c", "import logging, sys; from dbtunneld import log; log.setup_logging(sys.argv[1]); "
+        sys.executable, "-c", "import logging, sys; from dbtunneld.adapters import log; log.setup_logging(sys.argv[1]); "
         "logging.getLogger('x').error('vault is on fire'); sys.exit(7)", str(default_paths().log_file)])
     with pytest.raises(C.DaemonStartError) as info:
         C.ensure_daemon(default_paths(), timeout=20)

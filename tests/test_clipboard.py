@@ -11,8 +11,8 @@ import threading
 
 import pytest
 
-from dbtunneld import clipboard
-from dbtunneld.clipboard import (CLEARED, KEPT, PASSWORD_HINT, REPLACED, ClipboardUnavailable,
+from dbtunneld.ui import clipboard
+from dbtunneld.ui.clipboard import (CLEARED, KEPT, PASSWORD_HINT, REPLACED, ClipboardUnavailable,
                                  X11Clipboard, system_clipboard)
 
 from helpers.xsession import children_of, desktop, missing_tools, stop_pid, wait_for
@@ -180,7 +180,7 @@ def test_copy_secret_for_the_command_line_waits_until_cleared(x):
 @needs_x
 def test_ctrl_c_on_the_command_line_clears_the_real_x_clipboard(x):
     """`dbtunneld creds NAME --copy` interrupted: the value is gone and the note says what happened."""
-    script = ("import sys; from dbtunneld import clipboard; "
+    script = ("import sys; from dbtunneld.ui import clipboard; "
               "print(clipboard.copy_secret('ctrl-c-secret', clear_after=60), flush=True)")
     env = dict(x.env, PYTHONPATH=os.pathsep.join(sys.path))
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import random
 
-from dbtunneld import mysqlwire as w
-from dbtunneld.command_watch import CommandWatch
+from dbtunneld.adapters import mysqlwire as w
+from dbtunneld.adapters.command_watch import CommandWatch
 
 
 def _never(*_args):

@@ -7,8 +7,8 @@ import textwrap
 
 import pytest
 
-from dbtunneld.config import load_config, parse_config
-from dbtunneld.errors import ConfigError
+from dbtunneld.core.config import load_config, parse_config
+from dbtunneld.core.errors import ConfigError
 
 GOOD = """
 [aws]
@@ -192,7 +192,7 @@ def test_key_file_must_exist(tmp_path):
 
 
 def test_cli_config_check_exit_codes(tmp_path, capsys):
-    from dbtunneld.cli import main
+    from dbtunneld.ui.cli import main
 
     good = tmp_path / "good.toml"
     good.write_text(GOOD)

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from dbtunneld import control, engine_loop, errors, protocol as P
-from dbtunneld.client import Client, DaemonNotRunning
+from dbtunneld.core import errors
+from dbtunneld.engine import engine_loop
+from dbtunneld.process import control, protocol as P
+from dbtunneld.process.client import Client, DaemonNotRunning
 
 NOBODY = 65534
 

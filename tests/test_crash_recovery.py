@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from dbtunneld.lease_store import LeaseRecord, LeaseStore
-from dbtunneld.orphans import orphans
-from dbtunneld.paths import ProcessIdentity, my_identity, parse_ps_line, pid_alive, process_identity
+from dbtunneld.core.paths import ProcessIdentity, my_identity, parse_ps_line, pid_alive, process_identity
+from dbtunneld.engine.lease_store import LeaseRecord, LeaseStore
+from dbtunneld.engine.orphans import orphans
 from dbtunneld.sandbox.daemonproc import DaemonUnderTest
 
 pytest.importorskip("pymysql")
@@ -30,7 +30,7 @@ pytest.importorskip("pymysql")
 # A parent that starts the daemon and never waits for it: a SIGKILLed daemon stays a zombie.
 NON_REAPING_PARENT = [sys.executable, "-c",
                       "import subprocess, sys, time; subprocess.Popen(sys.argv[1:]); time.sleep(3600)",
-                      sys.executable, "-m", "dbtunneld.cli"]
+                      sys.executable, "-m", "dbtunneld.ui.cli"]
 
 
 def _state(pid: int) -> str:
@@ -136,9 +136,9 @@ def test_old_lease_files_without_an_identity_still_load(tmp_path):
 
 
 def test_ps_identity_parses_the_macos_line_and_sees_zombies():
-    line = "Ss   Fri Dec  4 15:41:38 2026     /usr/bin/python3 -m dbtunneld.cli daemon --background\n"
+    line = "Ss   Fri Dec  4 15:41:38 2026     /usr/bin/python3 -m dbtunneld.ui.cli daemon --background\n"
     assert parse_ps_line(line) == ProcessIdentity("Fri Dec 4 15:41:38 2026",
-                                                  "/usr/bin/python3 -m dbtunneld.cli daemon --background")
+                                                  "/usr/bin/python3 -m dbtunneld.ui.cli daemon --background")
     assert parse_ps_line("Z+   Fri Dec  4 15:41:38 2026     (python3)\n") is None
     assert parse_ps_line("") is None
     assert process_identity(os.getpid()) == my_identity() and my_identity().command

@@ -27,22 +27,22 @@ from pathlib import Path
 import pymysql
 import pytest
 
-from dbtunneld import log as dlog
-from dbtunneld.aws import AwsSession, format_utc
-from dbtunneld.sso import SsoDeviceLogin
-from dbtunneld.aws import classify as aws_classify
-from dbtunneld.config import parse_config
-from dbtunneld.errors import SignInNeededError
-from dbtunneld.keystore import Keystore
-from dbtunneld.credentials import CredentialEngine
-from dbtunneld.keeper import Tuning
-from dbtunneld.lease_store import LeaseRecord, LeaseStore
-from dbtunneld.model import CredentialState
-from dbtunneld.paths import Paths
+from dbtunneld.adapters import log as dlog
+from dbtunneld.adapters.aws import AwsSession, format_utc
+from dbtunneld.adapters.aws import classify as aws_classify
+from dbtunneld.adapters.keystore import Keystore
+from dbtunneld.adapters.sso import SsoDeviceLogin
+from dbtunneld.adapters.vault import VaultClient
+from dbtunneld.adapters.vault import classify as vault_classify
+from dbtunneld.core.config import parse_config
+from dbtunneld.core.errors import SignInNeededError
+from dbtunneld.core.model import CredentialState
+from dbtunneld.core.paths import Paths
+from dbtunneld.core.timing import Backoff
+from dbtunneld.engine.credentials import CredentialEngine
+from dbtunneld.engine.keeper import Tuning
+from dbtunneld.engine.lease_store import LeaseRecord, LeaseStore
 from dbtunneld.sandbox.stack import start_stack
-from dbtunneld.timing import Backoff
-from dbtunneld.vault import VaultClient
-from dbtunneld.vault import classify as vault_classify
 from helpers.keyrings import InMemoryKeyring
 
 S = CredentialState
@@ -430,7 +430,7 @@ def test_a_bug_in_an_adapter_is_an_internal_error_logged_once_with_its_traceback
     assert st.last_error.startswith("internal error: TypeError:") and "see the log" in st.last_error
     time.sleep(3)                                        # retried slowly, never a busy loop
     assert 3 <= keeper.internal_errors <= 6, keeper.internal_errors
-    mine = [r for r in caplog.records if r.name == "dbtunneld.keeper" and "db orders" in r.getMessage()]
+    mine = [r for r in caplog.records if r.name == "dbtunneld.engine.keeper" and "db orders" in r.getMessage()]
     with_traceback = [r for r in mine if r.exc_info]
     assert len(with_traceback) == 1 and with_traceback[0].levelno == logging.ERROR
     assert "increment_seconds" in str(with_traceback[0].exc_info[1])

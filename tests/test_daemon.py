@@ -23,10 +23,10 @@ from pathlib import Path
 import pytest
 
 import fake_units as F
-from dbtunneld import errors
-from dbtunneld.client import Client, DaemonNotRunning
-from dbtunneld.daemon import AlreadyRunningError, Daemon, Factories, InstanceLock, sd_notify
-from dbtunneld.paths import default_paths
+from dbtunneld.core import errors
+from dbtunneld.core.paths import default_paths
+from dbtunneld.process.client import Client, DaemonNotRunning
+from dbtunneld.process.daemon import AlreadyRunningError, Daemon, Factories, InstanceLock, sd_notify
 
 TESTS = Path(__file__).resolve().parent
 FAKES = Factories(F.engine_factory, F.tunnel_factory)
@@ -150,8 +150,8 @@ RUNNER = """
 import sys
 sys.path.insert(0, {tests!r})
 import fake_units as F
-from dbtunneld.daemon import Factories, run_daemon
-from dbtunneld.paths import default_paths
+from dbtunneld.core.paths import default_paths
+from dbtunneld.process.daemon import Factories, run_daemon
 sys.exit(run_daemon(default_paths(), {config!r}, factories=Factories(F.engine_factory, F.tunnel_factory), stop_timeout=5))
 """
 
@@ -239,7 +239,7 @@ def test_second_daemon_process_exits_with_a_clear_message(proc):
 def test_invalid_config_at_start_exits_2(home):
     (home / "config.toml").write_text("[vault]\naddress = 'ftp://x'\n")
     env = dict(os.environ, DBTUNNELD_HOME=str(home), HOME=str(home))
-    r = subprocess.run([sys.executable, "-m", "dbtunneld.cli", "daemon"], env=env, capture_output=True, text=True, timeout=30)
+    r = subprocess.run([sys.executable, "-m", "dbtunneld.ui.cli", "daemon"], env=env, capture_output=True, text=True, timeout=30)
     assert r.returncode == 2
     assert "vault.address" in r.stderr and "Traceback" not in r.stderr
     assert not default_paths({"DBTUNNELD_HOME": str(home)}).socket_path.exists()
@@ -374,7 +374,7 @@ def test_another_uid_is_refused_by_the_real_daemon(live):
 def test_protocol_fuzz_leaves_the_daemon_and_its_tunnels_up(live):
     import random
 
-    from dbtunneld import protocol as P
+    from dbtunneld.process import protocol as P
 
     d = live
     rng = random.Random(6)

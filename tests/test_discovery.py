@@ -8,9 +8,9 @@ boto3 = pytest.importorskip("boto3")
 moto = pytest.importorskip("moto")
 from botocore.exceptions import ClientError, NoCredentialsError  # noqa: E402
 
-from dbtunneld.discovery import (BastionNotFoundError, classify_aws_error,  # noqa: E402
+from dbtunneld.adapters.discovery import (BastionNotFoundError, classify_aws_error,  # noqa: E402
                                  find_bastion)
-from dbtunneld.errors import (NeedsUserError, PermissionDeniedError, SignInNeededError,  # noqa: E402
+from dbtunneld.core.errors import (NeedsUserError, PermissionDeniedError, SignInNeededError,  # noqa: E402
                               TransientError)
 
 
@@ -55,7 +55,7 @@ def test_choice_among_several_is_deterministic(ec2):
 def test_longest_running_wins_then_lowest_id():
     from datetime import datetime, timezone
 
-    from dbtunneld.discovery import _seniority
+    from dbtunneld.adapters.discovery import _seniority
 
     old = {"InstanceId": "i-0000000000000000f", "LaunchTime": datetime(2020, 1, 1, tzinfo=timezone.utc)}
     new_low = {"InstanceId": "i-00000000000000001", "LaunchTime": datetime(2021, 1, 1, tzinfo=timezone.utc)}

@@ -16,14 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from dbtunneld import doctor
-from dbtunneld.doctor import CheckResult
+from dbtunneld.process import doctor
+from dbtunneld.process.doctor import CheckResult
 
 SIGN_IN = """
 import sys, time
-from dbtunneld.aws import AwsSession
-from dbtunneld.sso import SsoDeviceLogin
-from dbtunneld.config import load_config
+from dbtunneld.adapters.aws import AwsSession
+from dbtunneld.adapters.sso import SsoDeviceLogin
+from dbtunneld.core.config import load_config
 login = SsoDeviceLogin(AwsSession(load_config(sys.argv[1]).aws))
 auth = login.start()
 deadline = time.monotonic() + 30
@@ -58,7 +58,7 @@ class Home:
 
 
 def run(home: Home, config: str, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dbtunneld.cli", "--config", config, "doctor", *extra],
+    return subprocess.run([sys.executable, "-m", "dbtunneld.ui.cli", "--config", config, "doctor", *extra],
                           env=home.env, capture_output=True, text=True, timeout=120)
 
 

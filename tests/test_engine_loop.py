@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from dbtunneld.engine_loop import EngineLoop, LoopClosedError
+from dbtunneld.engine.engine_loop import EngineLoop, LoopClosedError
 
 
 def test_run_submit_and_call_reach_the_loop_thread():
@@ -56,7 +56,7 @@ def test_stop_cancels_tasks_ends_the_thread_and_refuses_new_work():
 
 
 def test_the_worker_pool_is_bounded_uses_daemon_threads_and_reuses_idle_ones():
-    from dbtunneld.workers import DaemonThreadPool
+    from dbtunneld.engine.workers import DaemonThreadPool
 
     pool = DaemonThreadPool(max_workers=2, thread_name_prefix="t-pool")
     gate = threading.Event()

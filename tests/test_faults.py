@@ -41,12 +41,12 @@ from typing import Any, Callable
 
 import pytest
 
-from dbtunneld import protocol as P
-from dbtunneld.cli import main as cli_main
-from dbtunneld.config import load_config
-from dbtunneld.errors import ConfigError
+from dbtunneld.core.config import load_config
+from dbtunneld.core.errors import ConfigError
+from dbtunneld.process import protocol as P
 from dbtunneld.sandbox.daemonproc import DaemonOptions, DaemonUnderTest
 from dbtunneld.sandbox.stack import install_signal_guard, start_stack
+from dbtunneld.ui.cli import main as cli_main
 from helpers import badconfigs
 from dbtunneld.sandbox.vaulttap import VaultTap
 from helpers.faultkit import LOG_TRACEBACK, FigureLog, PortWatcher, SecretScan, percentile, query
@@ -258,7 +258,7 @@ def _check_subprocesses(tmp_path: Path, configs: list) -> None:
     for i in (0, 500, 999):
         path = tmp_path / f"bad-{i:04d}.toml"
         for args in (["config", "check", str(path)], ["--config", str(path), "daemon"]):
-            r = subprocess.run([sys.executable, "-m", "dbtunneld.cli", *args], env=env, capture_output=True,
+            r = subprocess.run([sys.executable, "-m", "dbtunneld.ui.cli", *args], env=env, capture_output=True,
                                text=True, timeout=60)
             assert r.returncode == 2 and "Traceback" not in r.stderr and str(path) in r.stderr, (args, r.stderr[-800:])
 
@@ -323,8 +323,8 @@ def _tunnel(status: dict[str, Any], name: str) -> dict[str, Any]:
 # ============================================================================ SSO expired
 
 def test_sso_expired_one_notification_sign_in_state_no_crash(stack, daemons, figures, scan):
-    from dbtunneld.model import DaemonStatus
-    from dbtunneld.notify import Notifier
+    from dbtunneld.core.model import DaemonStatus
+    from dbtunneld.ui.notify import Notifier
 
     d = daemons(stack)
     creds = _remember(scan, _connect(d, "orders")["orders"])

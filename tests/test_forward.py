@@ -1,4 +1,4 @@
-"""The forwarding loop (dbtunneld.forward) over real sockets and a real OpenSSH sshd."""
+"""The forwarding loop (dbtunneld.adapters.forward) over real sockets and a real OpenSSH sshd."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from dbtunneld import forward, paramiko_internals, ssh
+from dbtunneld.adapters import forward, paramiko_internals, ssh
 from tunnel_servers import GreetingEchoServer, Sshd, mysql_greeting
 
 

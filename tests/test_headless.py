@@ -58,12 +58,12 @@ def test_cli_and_engine_run_without_the_gui_stack(tmp_path):
         '[[clusters]]\nname = "orders"\nendpoint = "orders.example"\ndb_role = "orders-ro"\n')
     code = """
 import importlib
-from test_layers import LAYERS
-from dbtunneld.cli import main
-from dbtunneld.tray_desktop import DesktopUnavailable
-from dbtunneld.tray_pystray import import_pystray
-for m in sorted(n for rank, names in LAYERS.items() if rank < 4 for n in names if n != "__init__"):
-    importlib.import_module("dbtunneld." + m)
+from test_layers import modules_below
+from dbtunneld.ui.cli import main
+from dbtunneld.ui.tray_desktop import DesktopUnavailable
+from dbtunneld.ui.tray_pystray import import_pystray
+for m in modules_below(4):
+    importlib.import_module(m)
 for argv in (["--help"], ["config", "check"]):
     try:
         rc = main(argv)

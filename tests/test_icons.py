@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageChops, ImageStat
 
-from dbtunneld.model import Health
+from dbtunneld.core.model import Health
 
 ROOT = Path(__file__).resolve().parent.parent
 

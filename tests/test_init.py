@@ -17,19 +17,19 @@ from pathlib import Path
 
 import pytest
 
-from dbtunneld.config import parse_config
-from dbtunneld.onboarding.plan import ClusterPlan, InitPlan, PortProposer, VaultPlan, BastionPlan
-from dbtunneld.onboarding.prompt import Prompter
-from dbtunneld.onboarding.render import merge_into, render_new
-from dbtunneld.errors import NeedsUserError
+from dbtunneld.core.config import parse_config
+from dbtunneld.core.errors import NeedsUserError
 from dbtunneld.sandbox.daemonproc import DaemonUnderTest
+from dbtunneld.ui.onboarding.plan import ClusterPlan, InitPlan, PortProposer, VaultPlan, BastionPlan
+from dbtunneld.ui.onboarding.prompt import Prompter
+from dbtunneld.ui.onboarding.render import merge_into, render_new
 
 
 def _init(d: DaemonUnderTest, answers: list[str], timeout: float = 120.0) -> subprocess.CompletedProcess:
     """`dbtunneld init --no-browser` with ``answers`` on stdin, the SSO stand-in approving."""
     d.stack.sso.auto_approve(True)
     try:
-        return subprocess.run([sys.executable, "-m", "dbtunneld.cli", "init", "--no-browser"], env=d.env,
+        return subprocess.run([sys.executable, "-m", "dbtunneld.ui.cli", "init", "--no-browser"], env=d.env,
                               input="\n".join(answers) + "\n", capture_output=True, text=True, timeout=timeout)
     finally:
         d.stack.sso.auto_approve(False)

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from dbtunneld import tray_app
-from dbtunneld.client import Client
-from dbtunneld.config import UiSettings
-from dbtunneld.notify import Notifier
-from dbtunneld.paths import default_paths
+from dbtunneld.core.config import UiSettings
+from dbtunneld.core.paths import default_paths
+from dbtunneld.process.client import Client
 from dbtunneld.sandbox.daemonproc import DaemonUnderTest
+from dbtunneld.ui import tray_app
+from dbtunneld.ui.notify import Notifier
 
 from helpers.xsession import desktop, missing_tools, stop_pid, wait_for
 
@@ -164,7 +164,7 @@ def test_tray_without_config_offers_set_up_and_opens_the_window(tmp_path):
 
 def test_without_tkinter_init_gui_says_how_to_install_it(tmp_path):
     """No tkinter and no terminal emulator to fall back to: a message naming the packages and `dbtunneld init`."""
-    code = ("import sys; sys.modules['tkinter'] = None; from dbtunneld.cli import main; "
+    code = ("import sys; sys.modules['tkinter'] = None; from dbtunneld.ui.cli import main; "
             "sys.exit(main(['--config', sys.argv[1], 'init', '--gui']))")
     env = dict(os.environ, PATH=str(tmp_path), HOME=str(tmp_path), DBTUNNELD_HOME=str(tmp_path / "dbt"))
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "config.toml")], env=env,
@@ -176,7 +176,7 @@ def test_without_tkinter_init_gui_says_how_to_install_it(tmp_path):
 
 
 def test_pages_are_headed_by_the_wizard_step():
-    from dbtunneld.onboarding.window import step_of
+    from dbtunneld.ui.onboarding.window import step_of
 
     assert [step_of(q) for q in ("AWS profile", "Vault address", "Vault database role for orders", "Transport",
                                  "SSH user on the bastion", "Clusters to add", "Local port for orders")] == [

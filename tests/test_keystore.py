@@ -14,8 +14,8 @@ import time
 import pytest
 from keyring.backends import fail, null
 
-from dbtunneld import keystore as ks
-from dbtunneld.errors import NeedsUserError
+from dbtunneld.adapters import keystore as ks
+from dbtunneld.core.errors import NeedsUserError
 from helpers.keyrings import (BlockingKeyring, BlockingMacKeychain, InMemoryKeyring, LockedKeyring, PlaintextKeyring,
                               chainer_of)
 
@@ -61,7 +61,7 @@ def test_chainer_of_only_plaintext_is_refused():
 
 @pytest.mark.parametrize("backend", [fail.Keyring(), null.Keyring(), chainer_of()], ids=["fail", "null", "empty-chainer"])
 def test_no_secure_backend_means_memory_only_said_once(backend, caplog):
-    caplog.set_level(logging.WARNING, logger="dbtunneld.keystore")
+    caplog.set_level(logging.WARNING, logger="dbtunneld.adapters.keystore")
     store = ks.Keystore.open("auto", backend=backend)
     store.set("vault-token", "x", "secret-value")
     store.set("vault-token", "y", "secret-value-2")
@@ -86,7 +86,7 @@ def test_memory_mode_and_mode_from_environment(monkeypatch, caplog):
 
 
 def test_broken_backend_degrades_to_memory_once(caplog):
-    caplog.set_level(logging.WARNING, logger="dbtunneld.keystore")
+    caplog.set_level(logging.WARNING, logger="dbtunneld.adapters.keystore")
     store = ks.Keystore.open("auto", backend=LockedKeyring())
     assert store.persistent
     store.set("vault-token", "x", "secret-value")
@@ -101,7 +101,7 @@ def test_broken_backend_degrades_to_memory_once(caplog):
 
 @pytest.mark.parametrize("backend,says", [(BlockingMacKeychain, '"Always Allow"'), (BlockingKeyring, "unlock it")])
 def test_a_keychain_call_that_blocks_is_abandoned_at_its_deadline_then_memory_only(backend, says, caplog):
-    caplog.set_level(logging.INFO, logger="dbtunneld.keystore")
+    caplog.set_level(logging.INFO, logger="dbtunneld.adapters.keystore")
     keychain = backend()
     store = ks.Keystore.open("auto", backend=keychain)
     store.timeout = 0.3

@@ -1,127 +1,104 @@
-"""The layers of DESIGN.md, enforced: imports point down only, and no UI toolkit below the front-ends.
+"""The layers of DESIGN.md, as sub-packages of dbtunneld, enforced by import-linter (contracts in setup.cfg).
 
-vocabulary -> adapters -> engine -> process -> front-ends. A module may import its own layer and
-the ones below. Every module must be classified here, so a new one is placed on purpose.
+core (vocabulary) -> adapters -> engine -> process -> ui (front-ends). A module's layer is its
+sub-package; it may import its own layer and the ones below. Every module lives in a layer package
+(only ``__main__`` and ``sandbox/`` stay at the top), no UI toolkit is imported below the
+front-ends, and only ``ui.cli`` starts the sandbox.
 """
 
 from __future__ import annotations
 
 import ast
+import configparser
+import os
+import subprocess
+import sys
 from pathlib import Path
 
-PKG = Path(__file__).resolve().parent.parent / "dbtunneld"
-
-LAYERS = {
-    0: {"__init__", "errors", "model", "timing", "config", "config_schema", "config_reader", "config_sections", "paths",
-        "exitcodes"},
-    1: {"aws", "sso", "vault", "iam_login", "ssm", "ssh", "ssh_options", "ssh_hostkeys", "ssh_auth", "ssh_channel",
-        "paramiko_internals", "openssh_mux", "openssh_transport", "keystore", "log", "discovery", "ports", "transport", "tls",
-        "inventory", "catalog", "forward", "mysqlwire", "local_tls", "command_watch", "upstream_tls"},
-    2: {"credentials", "lease_keeper", "lease_store", "orphans", "units", "wiring", "login_probe",
-        "status_publisher", "engine_loop", "workers", "cluster_slots", "scheduler", "wake", "own_schedule", "tunnel_state",
-        "tunnel_health", "tunnel_clients", "keeper", "token_keeper", "sso_keeper", "sso_signin", "tunnel", "supervisor",
-        "aurora", "wanted", "revoke", "local_login"},
-    3: {"protocol", "control", "control_socket", "event_bus", "client", "daemon", "doctor"},
-    4: {"cli", "cli_commands", "cli_output", "menu", "tray", "tray_desktop", "tray_funnel", "tray_app", "tray_actions",
-        "tray_pystray", "tray_darwin", "clipboard", "notify", "autostart", "autostart_common",
-        "autostart_launchd", "autostart_xdg", "autostart_systemd", "autostart_windows", "__main__", "onboarding"},
-}
-RANK = {name: rank for rank, names in LAYERS.items() for name in names}
-UI_PACKAGES = {"pystray", "PIL", "gi", "Xlib", "tkinter", "AppKit", "objc"}
-SANDBOX = "sandbox"
+ROOT = Path(__file__).resolve().parent.parent
+PKG = ROOT / "dbtunneld"
+LAYERS = {0: "core", 1: "adapters", 2: "engine", 3: "process", 4: "ui"}
+TOP_LEVEL = {"__init__", "__main__", "sandbox"}
 
 
-def _top(module_path: Path, root: Path = PKG) -> str:
-    rel = module_path.relative_to(root)
-    return rel.parts[0].removesuffix(".py")
+def modules_below(rank: int, root: Path = PKG) -> list[str]:
+    """Dotted names of every module in the layers under ``rank`` (the headless test imports them)."""
+    names = []
+    for r in range(rank):
+        for path in sorted((root / LAYERS[r]).rglob("*.py")):
+            parts = path.relative_to(root.parent).with_suffix("").parts
+            names.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+    return names
 
 
-def _imports(path: Path, root: Path = PKG) -> list[tuple[str, int]]:
-    """(dotted module name, line) for every import in ``path``, relative ones resolved."""
-    tree = ast.parse(path.read_text(), str(path))
-    package_parts = ("dbtunneld",) + path.relative_to(root).with_suffix("").parts[:-1]
-    found = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            found += [(alias.name, node.lineno) for alias in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            mod = node.module or ""
-            if node.level:
-                base = list(package_parts[: len(package_parts) - node.level + 1])
-                if not node.module:
-                    found += [(".".join(base + [a.name]), node.lineno) for a in node.names]
-                    continue
-                mod = ".".join(base + [node.module])
-            found.append((mod, node.lineno))
-    return found
+def lint_imports(cfg: Path, cwd: Path, pythonpath: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(pythonpath), os.environ.get("PYTHONPATH", "")])}
+    code = "import sys; from importlinter.cli import lint_imports; sys.exit(lint_imports(config_filename=sys.argv[1], no_cache=True, no_logo=True))"
+    return subprocess.run([sys.executable, "-c", code, str(cfg)], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=120)
 
 
-def _files(root: Path):
-    for path in sorted(root.rglob("*.py")):
-        if _top(path, root) != SANDBOX:
-            yield path
+def test_the_layers_are_sub_packages():
+    stray = sorted(p.name for p in PKG.iterdir() if p.suffix == ".py" and p.stem not in TOP_LEVEL)
+    assert not stray, f"move these modules into a layer package ({', '.join(LAYERS.values())}): {stray}"
+    for rank, name in LAYERS.items():
+        doc = ast.get_docstring(ast.parse((PKG / name / "__init__.py").read_text())) or ""
+        assert doc.startswith(f"Layer {rank}, "), f"dbtunneld/{name}/__init__.py: the docstring names its layer"
 
 
-def upward_imports(root: Path = PKG) -> list[str]:
-    violations = []
-    for path in _files(root):
-        me = _top(path, root)
-        for name, line in _imports(path, root):
-            parts = name.split(".")
-            if parts[0] != "dbtunneld" or len(parts) < 2:
-                continue
-            target = parts[1]
-            if target == SANDBOX:
-                if me != "cli":
-                    violations.append(f"{path.name}:{line} imports the sandbox (only `dbtunneld sandbox` in cli may)")
-            elif target in RANK and RANK[target] > RANK.get(me, 0):
-                violations.append(f"{path.relative_to(root)}:{line}: {me} (layer {RANK[me]}) imports {target} (layer {RANK[target]})")
-    return violations
+def test_import_contracts_hold():
+    """Every module is in a layer, imports point down only, no UI toolkit below the front-ends."""
+    proc = lint_imports(ROOT / "setup.cfg", ROOT, ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Contracts: 3 kept, 0 broken." in proc.stdout, proc.stdout
 
 
-def ui_imports_below_front_ends(root: Path = PKG) -> list[str]:
-    violations = []
-    for path in _files(root):
-        if RANK.get(_top(path, root), 0) >= 4:
-            continue
-        for name, line in _imports(path, root):
-            if name.split(".")[0] in UI_PACKAGES:
-                violations.append(f"{path.relative_to(root)}:{line} imports {name}")
-    return violations
+def _plant(root: Path, files: dict[str, str]) -> None:
+    for rel, text in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for parent in path.relative_to(root).parents:
+            if str(parent) != ".":
+                (root / parent / "__init__.py").touch()
+        path.write_text(text)
 
 
-def test_every_module_is_placed_in_a_layer():
-    unplaced = {_top(p) for p in _files(PKG)} - set(RANK)
-    assert not unplaced, f"classify these modules in tests/test_layers.py LAYERS: {sorted(unplaced)}"
-
-
-def test_imports_point_down_only():
-    violations = upward_imports()
-    assert not violations, "\n".join(violations)
-
-
-def test_no_ui_toolkit_below_front_ends():
-    violations = ui_imports_below_front_ends()
-    assert not violations, "\n".join(violations)
-
-
-def test_the_checker_finds_planted_violations(tmp_path):
-    """The checks must be able to fail: plant an upward import, a UI import and a sandbox import."""
-    (tmp_path / "ssm").mkdir()
-    (tmp_path / "tunnel.py").write_text("from .tray import run\nfrom dbtunneld import model\n")
-    (tmp_path / "ssm" / "client.py").write_text("from ..supervisor import Supervisor\nimport pystray\n")
-    (tmp_path / "credentials.py").write_text("from dbtunneld.sandbox import stack\nfrom . import vault\n")
-    up = upward_imports(tmp_path)
-    assert any("tunnel.py:1: tunnel (layer 2) imports tray (layer 4)" in v for v in up), up
-    assert any("ssm/client.py:1: ssm (layer 1) imports supervisor (layer 2)" in v for v in up), up
-    assert any("credentials.py:1 imports the sandbox" in v for v in up), up
-    assert len(up) == 3, up
-    assert ui_imports_below_front_ends(tmp_path) == ["ssm/client.py:2 imports pystray"]
+def test_the_contracts_find_planted_violations(tmp_path):
+    """The same contracts on a planted package: an upward import, a UI import, a sandbox import and
+    a module outside the layers must each break a contract."""
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    planted = configparser.ConfigParser()
+    for section in (s for s in cfg.sections() if s.startswith("importlinter")):
+        planted[section] = {k: v.replace("dbtunneld", "planted") for k, v in cfg[section].items()}
+    with open(tmp_path / ".importlinter", "w") as f:
+        planted.write(f)
+    _plant(tmp_path, {
+        "planted/__main__.py": "from .ui import cli\n",
+        "planted/core/model.py": "",
+        "planted/adapters/ssm/client.py": "from ...engine.supervisor import Supervisor\nimport pystray\n",
+        "planted/engine/supervisor.py": "from ..core import model\n",
+        "planted/engine/tunnel.py": "from ..ui.tray import run\n",
+        "planted/engine/credentials.py": "from planted.sandbox import stack\n",
+        "planted/process/daemon.py": "",
+        "planted/ui/tray.py": "from ..process import daemon\n",
+        "planted/ui/cli.py": "from ..sandbox.cli import run_sandbox\n",
+        "planted/sandbox/cli.py": "from ..process import daemon\n",
+        "planted/sandbox/stack.py": "",
+        "planted/stray.py": "",
+    })
+    out = lint_imports(tmp_path / ".importlinter", tmp_path, tmp_path).stdout
+    assert "Contracts: 0 kept, 3 broken." in out, out
+    for expected in ("planted.engine.tunnel -> planted.ui.tray", "planted.adapters.ssm.client -> planted.engine.supervisor",
+                     "planted.stray", "planted.adapters.ssm.client -> pystray",
+                     "planted.engine.credentials -> planted.sandbox"):
+        assert expected in out, (expected, out)
+    assert "planted.ui.cli -> planted.sandbox" not in out, out
 
 
 # ---- one definition of shared vocabulary (issue 15, point 8) ---------------------------------
 
-WIRE_PROTOCOL_PACKAGES = {"ssm"}      # ssm/message.py's EXIT_CODE is an SSM payload type, not an exit code
+WIRE_PROTOCOL_PACKAGES = {"adapters/ssm"}   # ssm/message.py's EXIT_CODE is an SSM payload type, not an exit code
 
 
 def _assigned_names(node: ast.AST) -> list[str]:
@@ -132,13 +109,17 @@ def _assigned_names(node: ast.AST) -> list[str]:
     return names
 
 
+def _product_files(root: Path):
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root).as_posix()
+        if not rel.startswith("sandbox/") and not any(rel.startswith(p + "/") for p in WIRE_PROTOCOL_PACKAGES):
+            yield rel, path
+
+
 def shared_definitions(root: Path = PKG) -> tuple[list[str], list[str]]:
     """(modules that give an EXIT_* name an int literal, modules that define class DbCredentials)."""
     exits, creds = [], []
-    for path in _files(root):
-        if _top(path, root) in WIRE_PROTOCOL_PACKAGES:
-            continue
-        rel = str(path.relative_to(root))
+    for rel, path in _product_files(root):
         for node in ast.parse(path.read_text(), rel).body:
             if isinstance(node, ast.ClassDef) and node.name == "DbCredentials":
                 creds.append(rel)
@@ -152,12 +133,13 @@ def shared_definitions(root: Path = PKG) -> tuple[list[str], list[str]]:
 
 def test_exit_codes_and_db_credentials_are_defined_once():
     exits, creds = shared_definitions()
-    assert exits == ["exitcodes.py"], f"exit codes defined outside dbtunneld/exitcodes.py: {exits}"
-    assert creds == ["model.py"], f"DbCredentials defined in {creds}; import it from dbtunneld.model"
+    assert exits == ["core/exitcodes.py"], f"exit codes defined outside dbtunneld/core/exitcodes.py: {exits}"
+    assert creds == ["core/model.py"], f"DbCredentials defined in {creds}; import it from dbtunneld.core.model"
 
 
 def test_the_single_definition_check_finds_copies(tmp_path):
-    (tmp_path / "cli.py").write_text("EXIT_OK, EXIT_FAIL = 0, 1\n")
-    (tmp_path / "daemon.py").write_text("from .exitcodes import EXIT_OK\nEXIT_ALIAS = EXIT_OK\n")
-    (tmp_path / "credentials.py").write_text("class DbCredentials:\n    pass\n")
-    assert shared_definitions(tmp_path) == (["cli.py"], ["credentials.py"])
+    _plant(tmp_path, {"ui/cli.py": "EXIT_OK, EXIT_FAIL = 0, 1\n",
+                      "process/daemon.py": "from ..core.exitcodes import EXIT_OK\nEXIT_ALIAS = EXIT_OK\n",
+                      "engine/credentials.py": "class DbCredentials:\n    pass\n",
+                      "adapters/ssm/message.py": "EXIT_CODE = 12\n"})
+    assert shared_definitions(tmp_path) == (["ui/cli.py"], ["engine/credentials.py"])

@@ -15,18 +15,18 @@ import time
 
 import pytest
 
-from dbtunneld.config import parse_config
-from dbtunneld.errors import PermissionDeniedError, SignInNeededError, TransientError
-from dbtunneld.keystore import Keystore
-from dbtunneld.credentials import CredentialEngine
-from dbtunneld.keeper import Tuning
-from dbtunneld.lease_store import LeaseRecord, LeaseStore
-from dbtunneld.model import DbCredentials
-from dbtunneld.orphans import orphans
-from dbtunneld.model import CredentialState
-from dbtunneld.paths import Paths
-from dbtunneld.scheduler import Scheduler
-from dbtunneld.timing import Backoff, FakeClock, SYSTEM_CLOCK
+from dbtunneld.adapters.keystore import Keystore
+from dbtunneld.core.config import parse_config
+from dbtunneld.core.errors import PermissionDeniedError, SignInNeededError, TransientError
+from dbtunneld.core.model import DbCredentials
+from dbtunneld.core.model import CredentialState
+from dbtunneld.core.paths import Paths
+from dbtunneld.core.timing import Backoff, FakeClock, SYSTEM_CLOCK
+from dbtunneld.engine.credentials import CredentialEngine
+from dbtunneld.engine.keeper import Tuning
+from dbtunneld.engine.lease_store import LeaseRecord, LeaseStore
+from dbtunneld.engine.orphans import orphans
+from dbtunneld.engine.scheduler import Scheduler
 from dbtunneld.sandbox.procs import wait_until
 from helpers.fakevault import FakeAws, FakeVaultClient, FakeVaultServer, run_schedule, run_virtual
 from helpers.keyrings import BlockingMacKeychain, InMemoryKeyring
@@ -385,7 +385,7 @@ def test_permission_denied_and_unknown_role_are_failures_the_caller_sees(world):
     run_virtual(engine, world.clock, 1)
     with pytest.raises(PermissionDeniedError):
         engine.want("secret", timeout=0)
-    from dbtunneld.vault import VaultRequestError
+    from dbtunneld.adapters.vault import VaultRequestError
     with pytest.raises(VaultRequestError, match="unknown role"):
         engine.want("nope", timeout=0)
     st = engine.status()[2]
@@ -548,7 +548,7 @@ def _record(lease_id):
 
 def test_a_slow_leases_file_write_does_not_hold_readers_or_other_changes(tmp_path, monkeypatch):
     import json
-    import dbtunneld.lease_store as lease_store
+    import dbtunneld.engine.lease_store as lease_store
 
     store = LeaseStore(tmp_path / "leases.json")
     entered, gate = threading.Event(), threading.Event()

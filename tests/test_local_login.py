@@ -3,8 +3,8 @@ mode, reset on request, kept under the versioned key ``v1:local-password:NAME``.
 
 from __future__ import annotations
 
-from dbtunneld import keystore as ks
-from dbtunneld.local_login import PASSWORD_KIND, LocalPasswords
+from dbtunneld.adapters import keystore as ks
+from dbtunneld.engine.local_login import PASSWORD_KIND, LocalPasswords
 from helpers.keyrings import InMemoryKeyring
 
 
@@ -41,9 +41,9 @@ def test_upstream_caching_sha2_full_auth_with_the_servers_rsa_key():
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-    from dbtunneld import mysqlwire as w
-    from dbtunneld.local_login import LocalLogin, _Exchange
-    from dbtunneld.model import DbCredentials
+    from dbtunneld.adapters import mysqlwire as w
+    from dbtunneld.core.model import DbCredentials
+    from dbtunneld.engine.local_login import LocalLogin, _Exchange
 
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     pem = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
@@ -88,9 +88,9 @@ def test_upstream_auth_switch_then_caching_sha2_fast_path():
     import threading
     import time
 
-    from dbtunneld import mysqlwire as w
-    from dbtunneld.local_login import LocalLogin, _Exchange
-    from dbtunneld.model import DbCredentials
+    from dbtunneld.adapters import mysqlwire as w
+    from dbtunneld.core.model import DbCredentials
+    from dbtunneld.engine.local_login import LocalLogin, _Exchange
 
     server_end, proxy_up = socket.socketpair()
     first, second = w.new_scramble(), w.new_scramble()
@@ -123,9 +123,9 @@ def test_upstream_tls_required_refuses_a_server_without_tls_with_a_readable_erro
 
     import pytest
 
-    from dbtunneld import mysqlwire as w
-    from dbtunneld.local_login import LocalLogin, LoginRefused, _Exchange
-    from dbtunneld.model import DbCredentials
+    from dbtunneld.adapters import mysqlwire as w
+    from dbtunneld.core.model import DbCredentials
+    from dbtunneld.engine.local_login import LocalLogin, LoginRefused, _Exchange
 
     server_end, proxy_up = socket.socketpair()
     server = _Exchange(server_end)

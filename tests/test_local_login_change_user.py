@@ -11,7 +11,7 @@ import struct
 
 import pytest
 
-from dbtunneld import mysqlwire as w
+from dbtunneld.adapters import mysqlwire as w
 from test_local_login_stack import LOCAL_PASSWORD, LOCAL_USER, connect, current_user, leases, local_tunnel  # noqa: F401
 from test_tunnel_stack import TRANSPORTS, env, tunnels  # noqa: F401 (fixtures)
 
@@ -85,8 +85,8 @@ def test_big_queries_around_a_change_user_pass_untouched(env, tunnels, leases): 
 def test_change_user_upstream_on_caching_sha2_fast_path(env, tunnels, leases):  # noqa: F811
     """The sandbox's MariaDB has no caching_sha2_password: the upstream of the outer tunnel is a
     second local login that offers it (and checks the outer's COM_CHANGE_USER independently)."""
-    from dbtunneld.local_login import LocalLogin
-    from dbtunneld.model import DbCredentials
+    from dbtunneld.core.model import DbCredentials
+    from dbtunneld.engine.local_login import LocalLogin
     import time
 
     inner, _ = local_tunnel(env, tunnels, leases, "ssh", w.CACHING_SHA2)

@@ -14,9 +14,9 @@ import time
 
 import pytest
 
-from dbtunneld import mysqlwire as w
-from dbtunneld.local_login import FREE_WRONG, LocalLogin
-from dbtunneld.model import DbCredentials
+from dbtunneld.adapters import mysqlwire as w
+from dbtunneld.core.model import DbCredentials
+from dbtunneld.engine.local_login import FREE_WRONG, LocalLogin
 from dbtunneld.sandbox.cli import lease_users
 from test_tunnel_stack import TRANSPORTS, env, eventually, tunnels  # noqa: F401 (fixtures)
 
@@ -164,7 +164,7 @@ def test_no_lease_yet_is_a_readable_server_error(env, tunnels):  # noqa: F811
 def test_tls_clients_log_in_over_a_verified_local_certificate(env, tunnels, leases, plugin, tmp_path):  # noqa: F811
     import ssl
 
-    from dbtunneld.local_tls import CERT_NAME, KEY_NAME, server_context
+    from dbtunneld.adapters.local_tls import CERT_NAME, KEY_NAME, server_context
     orders = env.stack.clusters["orders"]
     login = LocalLogin("orders", LOCAL_USER, lambda: LOCAL_PASSWORD, lambda: leases.current,
                        greeting_plugin=plugin, tls=server_context(tmp_path))

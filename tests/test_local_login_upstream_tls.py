@@ -11,9 +11,9 @@ import time
 
 import pytest
 
-from dbtunneld import mysqlwire as w
-from dbtunneld.local_login import LocalLogin
-from dbtunneld.model import DbCredentials
+from dbtunneld.adapters import mysqlwire as w
+from dbtunneld.core.model import DbCredentials
+from dbtunneld.engine.local_login import LocalLogin
 from test_local_login_change_user import change_user
 from test_local_login_stack import LOCAL_PASSWORD, LOCAL_USER, connect, current_user
 from test_tunnel import ScriptedTransport
@@ -65,7 +65,7 @@ def test_upstream_tls_off_keeps_the_session_plain(tls_db, tunnels):  # noqa: F81
 
 def test_login_probe_works_against_a_server_that_offers_tls(tls_db):
     """PyMySQL 2.2 switches to TLS whenever offered; the probe's channel is not a socket."""
-    from dbtunneld.login_probe import probe_mysql_login
+    from dbtunneld.engine.login_probe import probe_mysql_login
 
     transport = ScriptedTransport(tls_db.port)
     transport.connect()

@@ -8,7 +8,7 @@ import stat
 
 import pytest
 
-from dbtunneld import log as dlog
+from dbtunneld.adapters import log as dlog
 
 
 @pytest.fixture
@@ -112,7 +112,7 @@ def test_setup_replaces_only_its_own_handlers(tmp_path):
 
 def test_unit_logger_prefixes_context(caplog):
     caplog.set_level(logging.INFO)
-    dlog.unit_logger("dbtunneld.lease_keeper", db="orders", role="orders-ro").info("renewed in %.1f s", 3.25)
+    dlog.unit_logger("dbtunneld.engine.lease_keeper", db="orders", role="orders-ro").info("renewed in %.1f s", 3.25)
     assert caplog.records[-1].getMessage() == "[db=orders, role=orders-ro] renewed in 3.2 s"
 
 
@@ -146,7 +146,7 @@ def test_setup_keeps_wire_loggers_at_info_even_in_debug(tmp_path):
     try:
         assert logging.getLogger("botocore").getEffectiveLevel() == logging.INFO
         assert logging.getLogger("urllib3").getEffectiveLevel() == logging.INFO
-        assert logging.getLogger("dbtunneld.lease_keeper").getEffectiveLevel() == logging.DEBUG
+        assert logging.getLogger("dbtunneld.engine.lease_keeper").getEffectiveLevel() == logging.DEBUG
     finally:
         root = logging.getLogger()
         for h in handlers:
@@ -160,7 +160,7 @@ def test_setup_keeps_wire_loggers_at_info_even_in_debug(tmp_path):
 def test_botocore_token_refresh_warnings_are_quieted(tmp_path):
     import logging
 
-    from dbtunneld.log import setup_logging
+    from dbtunneld.adapters.log import setup_logging
 
     setup_logging(tmp_path / "q.log", stderr=False, level=logging.DEBUG)
     try:

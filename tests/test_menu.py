@@ -8,9 +8,9 @@ from datetime import datetime, timezone
 
 import pytest
 
-from dbtunneld import menu as menu_mod
-from dbtunneld.menu import (SEPARATOR, ClockReading, MenuItem, build_menu, cluster_submenu, duration, short_identity)
-from dbtunneld.model import (CredentialState as C, CredentialStatus, DaemonStatus, Health, TunnelState as T,
+from dbtunneld.ui import menu as menu_mod
+from dbtunneld.ui.menu import (SEPARATOR, ClockReading, MenuItem, build_menu, cluster_submenu, duration, short_identity)
+from dbtunneld.core.model import (CredentialState as C, CredentialStatus, DaemonStatus, Health, TunnelState as T,
                              TunnelStatus)
 
 NOW = datetime(2026, 3, 2, 14, 30, 0, tzinfo=timezone.utc).timestamp()

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from dbtunneld.model import (CredentialState, CredentialStatus, DaemonStatus, Health, TunnelState,
+from dbtunneld.core.model import (CredentialState, CredentialStatus, DaemonStatus, Health, TunnelState,
                              TunnelStatus, overall_health)
 
 

@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from dbtunneld import mysqlwire as w
-from dbtunneld.local_login import FREE_WRONG, MAX_LOCK, WrongPasswordLimiter
+from dbtunneld.adapters import mysqlwire as w
+from dbtunneld.engine.local_login import FREE_WRONG, MAX_LOCK, WrongPasswordLimiter
 
 pymysql_auth = pytest.importorskip("pymysql._auth")
 
@@ -118,7 +118,7 @@ def test_wrong_password_limiter_locks_with_backoff_and_resets():
 
 def test_upstream_login_mirrors_the_client_minus_compression():
     """The sandbox's MariaDB runs without performance_schema, so the attributes are checked here."""
-    from dbtunneld.local_login import LocalLogin
+    from dbtunneld.engine.local_login import LocalLogin
     server = w.Greeting(b"8.0.36", 9, w.new_scramble(), 0xFFFFFFFF & ~w.CLIENT_MYSQL, 255, 2, w.CACHING_SHA2)
     attrs = b"\x0c_client_name\x07libmysql"
     client = w.Login(0x01FFFFFF & ~w.CLIENT_MYSQL, 1 << 24, 8, b"orders", b"x" * 20, b"appdb", w.NATIVE, attrs,

@@ -13,8 +13,8 @@ import textwrap
 
 import pytest
 
-from dbtunneld.model import CredentialState as C, CredentialStatus, DaemonStatus, TunnelState as T, TunnelStatus
-from dbtunneld.notify import (EXPIRY_WARNING, FAILED_AFTER, MAX_AT_ONCE, IncidentTracker, Notifier, command_sender,
+from dbtunneld.core.model import CredentialState as C, CredentialStatus, DaemonStatus, TunnelState as T, TunnelStatus
+from dbtunneld.ui.notify import (EXPIRY_WARNING, FAILED_AFTER, MAX_AT_ONCE, IncidentTracker, Notifier, command_sender,
                               coalesce, dbus_sender, desktop_sender, incidents, pystray_sender)
 
 from helpers.xsession import Desktop, missing_tools

@@ -20,13 +20,13 @@ from typing import Any
 
 import pytest
 
-from dbtunneld import openssh_mux
-from dbtunneld.config import TunnelSettings, parse_config
-from dbtunneld.errors import ConfigError
-from dbtunneld.model import TunnelState
-from dbtunneld.openssh_transport import MasterPool, MasterSettings, OpenSshTransport
-from dbtunneld.transport import build_transport
-from dbtunneld.tunnel import Tunnel
+from dbtunneld.adapters import openssh_mux
+from dbtunneld.adapters.openssh_transport import MasterPool, MasterSettings, OpenSshTransport
+from dbtunneld.adapters.transport import build_transport
+from dbtunneld.core.config import TunnelSettings, parse_config
+from dbtunneld.core.errors import ConfigError
+from dbtunneld.core.model import TunnelState
+from dbtunneld.engine.tunnel import Tunnel
 from test_tunnel_stack import Watcher, echo_round_trip, eventually, query, recv_exact
 from tunnel_servers import GreetingEchoServer, Sshd, keygen
 

@@ -72,7 +72,7 @@ def test_wheel_carries_icons_templates_and_the_entry_points(dist: Path) -> None:
         assert f"dbtunneld/icons/{png}" in names
     for tpl in ("launchd.plist", "autostart.desktop", "dbtunneld.service"):
         assert f"dbtunneld/templates/{tpl}" in names
-    assert "dbtunneld/__main__.py" in names and "dbtunneld = dbtunneld.cli:main" in entry_points
+    assert "dbtunneld/__main__.py" in names and "dbtunneld = dbtunneld.ui.cli:main" in entry_points
 
 
 def test_sdist_carries_what_a_rebuild_needs(dist: Path) -> None:

@@ -1,5 +1,5 @@
 """paramiko's non-public API, pinned: the installed version is the tested one, every internal
-``dbtunneld.paramiko_internals`` relies on is still there with the shape it expects, the patched
+``dbtunneld.adapters.paramiko_internals`` relies on is still there with the shape it expects, the patched
 paths move bytes exactly through a real OpenSSH sshd, and no other module touches paramiko's
 internals. A paramiko upgrade fails here, loudly, instead of corrupting a tunnel at run time."""
 
@@ -19,8 +19,8 @@ import paramiko.buffered_pipe
 import paramiko.common
 import pytest
 
-from dbtunneld import forward, paramiko_internals, ssh
-from dbtunneld.ssm.plugin import PluginProxy
+from dbtunneld.adapters import forward, paramiko_internals, ssh
+from dbtunneld.adapters.ssm.plugin import PluginProxy
 from tunnel_servers import GreetingEchoServer, Sshd, mysql_greeting
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,7 +41,7 @@ def setup_cfg_pin() -> str:
 def test_the_installed_paramiko_is_the_tested_one():
     assert paramiko_internals.version_supported(paramiko.__version__), (
         f"paramiko {paramiko.__version__} is outside {paramiko_internals.SUPPORTED}: re-check every "
-        "internal listed in dbtunneld/paramiko_internals.py, then widen SUPPORTED and setup.cfg")
+        "internal listed in dbtunneld/adapters/paramiko_internals.py, then widen SUPPORTED and setup.cfg")
     assert paramiko_internals.check_version() is True
 
 
@@ -378,7 +378,7 @@ def test_a_paramiko_outside_the_range_warns_at_connect(sshd, monkeypatch, caplog
     options = ssh.SshOptions(user="root", host_label=ssh.known_hosts_name("127.0.0.1", sshd.port),
                              key_file=str(sshd.client_key), use_agent=False, host_key=sshd.host_key_line,
                              timeout=5)
-    with caplog.at_level(logging.WARNING, logger="dbtunneld.paramiko_internals"):
+    with caplog.at_level(logging.WARNING, logger="dbtunneld.adapters.paramiko_internals"):
         with ssh.connect(ssh.tcp_connect("127.0.0.1", sshd.port), options) as c:
             assert c.is_alive()
         ssh.connect(ssh.tcp_connect("127.0.0.1", sshd.port), options).close()
@@ -460,7 +460,7 @@ def scan(root: Path = PKG) -> list[str]:
 
 def test_no_other_module_touches_paramiko_internals():
     found = scan()
-    assert not found, "move these into dbtunneld/paramiko_internals.py:\n" + "\n".join(found)
+    assert not found, "move these into dbtunneld/adapters/paramiko_internals.py:\n" + "\n".join(found)
 
 
 def test_the_scan_finds_planted_uses(tmp_path):

@@ -8,8 +8,9 @@ import sys
 
 import pytest
 
-from dbtunneld import control, paths
-from dbtunneld.errors import PermissionDeniedError
+from dbtunneld.core import paths
+from dbtunneld.core.errors import PermissionDeniedError
+from dbtunneld.process import control
 
 
 def test_long_socket_path_on_macos_names_dbtunneld_home_not_xdg(tmp_path, monkeypatch):

@@ -11,9 +11,9 @@ import time
 
 import pytest
 
-from dbtunneld import ports
-from dbtunneld.errors import PortInUseError
-from dbtunneld.ports import PortBook, PortRangeExhaustedError, bind_listener, find_holder
+from dbtunneld.adapters import ports
+from dbtunneld.adapters.ports import PortBook, PortRangeExhaustedError, bind_listener, find_holder
+from dbtunneld.core.errors import PortInUseError
 
 
 def free_range(width: int = 8) -> tuple[int, int]:

@@ -7,7 +7,8 @@ import json
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from dbtunneld import errors, protocol as P
+from dbtunneld.core import errors
+from dbtunneld.process import protocol as P
 
 
 def req(**obj) -> bytes:

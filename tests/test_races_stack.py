@@ -152,6 +152,6 @@ def test_a_reload_that_restarts_the_engine_while_vault_hangs(stack, tmp_path):
 
 
 def _pid_running(pid: int) -> bool:
-    from dbtunneld.paths import pid_alive
+    from dbtunneld.core.paths import pid_alive
 
     return pid_alive(pid)

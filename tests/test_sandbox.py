@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dbtunneld.config import load_config
+from dbtunneld.core.config import load_config
 from dbtunneld.sandbox.procs import Service, StartError, banner_probe, free_port, pid_alive, tcp_probe, wait_until
 from dbtunneld.sandbox.stack import Stack, StackOptions
 
@@ -308,7 +308,7 @@ def test_sandbox_command_prints_a_working_login_and_cleans_up(options):
 
     import pymysql
 
-    proc = subprocess.Popen([sys.executable, "-m", "dbtunneld.cli", "sandbox", "--no-daemon", *options],
+    proc = subprocess.Popen([sys.executable, "-m", "dbtunneld.ui.cli", "sandbox", "--no-daemon", *options],
                             stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=dict(os.environ), start_new_session=True)
     lines: list[str] = []
@@ -371,7 +371,7 @@ def test_sandbox_piped_through_tee_as_a_newcomer_uses_it(tmp_path):
     import shutil
     import subprocess
 
-    from dbtunneld.paths import process_identity
+    from dbtunneld.core.paths import process_identity
 
     real_home = tmp_path / "real-home"                 # stands for the user's own home
     real_home.mkdir()
@@ -379,7 +379,7 @@ def test_sandbox_piped_through_tee_as_a_newcomer_uses_it(tmp_path):
            if not k.startswith(("AWS_", "DBTUNNELD_", "XDG_CONFIG", "XDG_STATE", "XDG_DATA", "XDG_CACHE"))}
     env["HOME"] = str(real_home)
     out, err = tmp_path / "tee.out", tmp_path / "sandbox.stderr"
-    line = (f"{shlex.quote(sys.executable)} -m dbtunneld.cli sandbox --no-tray --base-port {free_port()} "
+    line = (f"{shlex.quote(sys.executable)} -m dbtunneld.ui.cli sandbox --no-tray --base-port {free_port()} "
             f"2>{shlex.quote(str(err))} | tee {shlex.quote(str(out))} >/dev/null")
     proc = subprocess.Popen(["sh", "-c", line], env=env, cwd=tmp_path, start_new_session=True)
     by_hand = None

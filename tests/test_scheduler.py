@@ -6,9 +6,9 @@ import math
 import threading
 import time
 
-from dbtunneld.engine_loop import EngineLoop
-from dbtunneld.scheduler import Scheduler
-from dbtunneld.timing import FakeClock, SystemClock
+from dbtunneld.core.timing import FakeClock, SystemClock
+from dbtunneld.engine.engine_loop import EngineLoop
+from dbtunneld.engine.scheduler import Scheduler
 
 
 class Unit:

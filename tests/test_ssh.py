@@ -11,8 +11,8 @@ import time
 import paramiko
 import pytest
 
-from dbtunneld import ssh, ssh_auth, ssh_hostkeys
-from dbtunneld.errors import HostKeyError, NeedsUserError, PermissionDeniedError, TransientError
+from dbtunneld.adapters import ssh, ssh_auth, ssh_hostkeys
+from dbtunneld.core.errors import HostKeyError, NeedsUserError, PermissionDeniedError, TransientError
 from tunnel_servers import GreetingEchoServer, Sshd, free_port, keygen
 
 

@@ -1,4 +1,4 @@
-"""SSM API glue (dbtunneld.ssm.api) and the session-manager-plugin fallback (dbtunneld.ssm.plugin).
+"""SSM API glue (dbtunneld.adapters.ssm.api) and the session-manager-plugin fallback (dbtunneld.adapters.ssm.plugin).
 
 The plugin itself cannot be installed here: its argument contract and SIGINT handling are
 checked with a FAKE plugin script (``fake-session-manager-plugin``) that records what it got.
@@ -18,15 +18,15 @@ import boto3
 import pytest
 from botocore import exceptions as bexc
 
-from dbtunneld.errors import (
+from dbtunneld.core.errors import (
     ConfigError,
     NeedsUserError,
     PermissionDeniedError,
     SignInNeededError,
     TransientError,
 )
+from dbtunneld.adapters.ssm import api, plugin
 from dbtunneld.sandbox.ssm_standin import SsmStandIn
-from dbtunneld.ssm import api, plugin
 
 TARGET = "i-0123456789abcdef0"
 

@@ -22,12 +22,12 @@ import boto3
 import pymysql
 import pytest
 
-from dbtunneld.config import TunnelSettings
+from dbtunneld.adapters.mysqlwire import mysql_error_packet
+from dbtunneld.adapters.ssm.failover import ReadOnlyWatch, contains_read_only_error, is_writer_endpoint
+from dbtunneld.adapters.transport import SsmPortForwardTransport
+from dbtunneld.core.config import TunnelSettings
+from dbtunneld.engine.tunnel import Tunnel
 from dbtunneld.sandbox.ssm_testkit import StandInProcess
-from dbtunneld.ssm.failover import ReadOnlyWatch, contains_read_only_error, is_writer_endpoint
-from dbtunneld.transport import SsmPortForwardTransport
-from dbtunneld.mysqlwire import mysql_error_packet
-from dbtunneld.tunnel import Tunnel
 
 TARGET = "i-0123456789abcdef0"
 ENDPOINT = "orders.cluster-cfailover0123.us-east-1.rds.amazonaws.com"

@@ -16,12 +16,12 @@ import time
 import boto3
 import pytest
 
-from dbtunneld.config import TunnelSettings
-from dbtunneld.model import TunnelState
+from dbtunneld.adapters.mysqlwire import ProbeResult
+from dbtunneld.adapters.transport import SsmPortForwardTransport
+from dbtunneld.core.config import TunnelSettings
+from dbtunneld.core.model import TunnelState
+from dbtunneld.engine.tunnel import Tunnel
 from dbtunneld.sandbox.ssm_testkit import DataServer, StandInProcess, pattern_digest, upload
-from dbtunneld.transport import SsmPortForwardTransport
-from dbtunneld.mysqlwire import ProbeResult
-from dbtunneld.tunnel import Tunnel
 
 TARGET = "i-0123456789abcdef0"
 CREDENTIALS = {"AKIDSSMIDLETEST": "secret-ssm-idle-test"}

@@ -18,10 +18,10 @@ import boto3
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from dbtunneld.errors import PermissionDeniedError
+from dbtunneld.adapters.ssm import start_port_forward
+from dbtunneld.adapters.ssm.encryption import SessionCipher, encryption_context
+from dbtunneld.core.errors import PermissionDeniedError
 from dbtunneld.sandbox.ssm_testkit import DataServer, StandInProcess, download, pattern_digest, upload
-from dbtunneld.ssm import start_port_forward
-from dbtunneld.ssm.encryption import SessionCipher, encryption_context
 
 TARGET = "i-0123456789abcdef0"
 

@@ -1,4 +1,4 @@
-"""The SSM data channel's binary message framing (dbtunneld.ssm.message)."""
+"""The SSM data channel's binary message framing (dbtunneld.adapters.ssm.message)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import uuid
 
 import pytest
 
-from dbtunneld.errors import ProtocolError
-from dbtunneld.ssm import message as m
+from dbtunneld.adapters.ssm import message as m
+from dbtunneld.core.errors import ProtocolError
 
 
 def sample(seq: int = 7, payload: bytes = b"hello agent") -> m.AgentMessage:

@@ -16,11 +16,11 @@ import ssl
 import boto3
 import pytest
 
-from dbtunneld.errors import NeedsUserError
+from dbtunneld.adapters.ssm import start_port_forward
+from dbtunneld.adapters.ssm.netpath import parse_proxy, proxy_for
+from dbtunneld.core.errors import NeedsUserError
 from dbtunneld.sandbox.procs import free_port
 from dbtunneld.sandbox.ssm_testkit import DataServer, StandInProcess, download, pattern_digest
-from dbtunneld.ssm import start_port_forward
-from dbtunneld.ssm.netpath import parse_proxy, proxy_for
 from helpers.connect_proxy import ConnectProxy, make_ca_and_cert
 
 TARGET = "i-0123456789abcdef0"

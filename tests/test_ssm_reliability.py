@@ -1,4 +1,4 @@
-"""Acknowledgement bookkeeping, resend timing and reordering (dbtunneld.ssm.reliability).
+"""Acknowledgement bookkeeping, resend timing and reordering (dbtunneld.adapters.ssm.reliability).
 
 Time is a plain number passed in: no sleeps, no timing assertions on the real clock.
 """
@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dbtunneld.ssm.reliability import (
+from dbtunneld.adapters.ssm.reliability import (
     INITIAL_RTO,
     MAX_RTO,
     OutgoingWindow,

@@ -21,10 +21,10 @@ import paramiko
 import pymysql
 import pytest
 
-from dbtunneld.errors import ClosedError, NeedsUserError, TransientError
+from dbtunneld.adapters.ssm import ChannelOptions, api, start_port_forward, start_ssh_session
+from dbtunneld.core.errors import ClosedError, NeedsUserError, TransientError
 from dbtunneld.sandbox.ssm_standin import SsmStandIn
 from dbtunneld.sandbox.ssm_testkit import DataServer, StandInProcess, download, pattern, pattern_digest, upload
-from dbtunneld.ssm import ChannelOptions, api, start_port_forward, start_ssh_session
 
 TARGET = "i-0123456789abcdef0"
 ECS_TARGET = "ecs:orders_0123456789abcdef0123456789abcdef_0123456789abcdef0123456789abcdef-1234567890"

@@ -16,8 +16,8 @@ import time
 
 import pytest
 
-from dbtunneld.errors import NeedsUserError, TransientError
-from dbtunneld.ssm import session_registry as R
+from dbtunneld.adapters.ssm import session_registry as R
+from dbtunneld.core.errors import NeedsUserError, TransientError
 from dbtunneld.sandbox.daemonproc import DaemonOptions, DaemonUnderTest
 
 

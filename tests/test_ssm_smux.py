@@ -1,4 +1,4 @@
-"""smux v1 frames and the client multiplexer (dbtunneld.ssm.smux)."""
+"""smux v1 frames and the client multiplexer (dbtunneld.adapters.ssm.smux)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import struct
 
 import pytest
 
-from dbtunneld.errors import ClosedError, ProtocolError
-from dbtunneld.ssm import smux
+from dbtunneld.adapters.ssm import smux
+from dbtunneld.core.errors import ClosedError, ProtocolError
 
 
 def test_frame_layout_is_smux_v1_little_endian():

@@ -15,12 +15,12 @@ import urllib.request
 import boto3
 import pytest
 
-from dbtunneld.errors import ProtocolError
+from dbtunneld.adapters.ssm import api
+from dbtunneld.adapters.ssm import message as m
+from dbtunneld.adapters.ssm.wsclient import HandshakeError, WsClient
+from dbtunneld.core.errors import ProtocolError
 from dbtunneld.sandbox.ssm_standin import SsmStandIn
 from dbtunneld.sandbox.ssm_standin_cli import build_parser, parse_target, standin_from_args
-from dbtunneld.ssm import api
-from dbtunneld.ssm import message as m
-from dbtunneld.ssm.wsclient import HandshakeError, WsClient
 
 TARGET = "i-0123456789abcdef0"
 ECS = "ecs:orders_0123abcd_0123abcd-456"
@@ -240,8 +240,8 @@ def test_a_failed_handshake_action_cancels_the_session_like_the_agent(standin):
 def test_remote_hosts_are_resolved_once_per_session(data_server_port):
     """port.go validateParameters: the host is looked up when the session starts; every stream
     dials those addresses, so a DNS change is seen only by a new session."""
+    from dbtunneld.adapters.ssm import start_port_forward
     from dbtunneld.sandbox.ssm_testkit import pattern_digest, upload
-    from dbtunneld.ssm import start_port_forward
 
     lookups: list[str] = []
     answers = {"db.internal": ["127.0.0.1"]}
@@ -278,8 +278,8 @@ def test_max_session_duration_ends_even_a_busy_session(standin, data_server_port
     timeout, which data resets, is covered with a tunnel in test_ssm_idle.py)."""
     import time
 
-    from dbtunneld.errors import ClosedError
-    from dbtunneld.ssm import start_port_forward
+    from dbtunneld.adapters.ssm import start_port_forward
+    from dbtunneld.core.errors import ClosedError
 
     standin.allow_remote.append(f"127.0.0.1:{data_server_port}")
     standin.faults.update({"max_session_duration": 1.5})

@@ -1,12 +1,12 @@
-"""The data channel's websocket client (dbtunneld.ssm.wsclient) against a real websocket server
+"""The data channel's websocket client (dbtunneld.adapters.ssm.wsclient) against a real websocket server
 on loopback (the stand-in's HTTP/websocket server, dbtunneld.sandbox.ssm_http)."""
 
 from __future__ import annotations
 
 import asyncio
 
+from dbtunneld.adapters.ssm.wsclient import WsClient
 from dbtunneld.sandbox.ssm_http import HttpResponse, HttpServer
-from dbtunneld.ssm.wsclient import WsClient
 
 MESSAGES = 2000  # far more than the client queues before it pauses reading (MAX_QUEUE)
 

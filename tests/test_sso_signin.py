@@ -20,18 +20,18 @@ from pathlib import Path
 import boto3
 import pytest
 
-from dbtunneld.aws import AwsSession, format_utc, parse_utc
-from dbtunneld.config import AwsConfig, parse_config
-from dbtunneld.errors import SignInNeededError
-from dbtunneld.keystore import Keystore
-from dbtunneld.credentials import CredentialEngine
-from dbtunneld.keeper import Tuning
-from dbtunneld.model import CredentialState
-from dbtunneld.paths import Paths
+from dbtunneld.adapters.aws import AwsSession, format_utc, parse_utc
+from dbtunneld.adapters.keystore import Keystore
+from dbtunneld.adapters.sso import SsoDeviceLogin, refresh_sso_token, registration_cache_key
+from dbtunneld.core.config import AwsConfig, parse_config
+from dbtunneld.core.errors import SignInNeededError
+from dbtunneld.core.model import CredentialState
+from dbtunneld.core.paths import Paths
+from dbtunneld.core.timing import Backoff
+from dbtunneld.engine.credentials import CredentialEngine
+from dbtunneld.engine.keeper import Tuning
 from dbtunneld.sandbox.guard import install_signal_guard
 from dbtunneld.sandbox.stack import start_stack
-from dbtunneld.sso import SsoDeviceLogin, refresh_sso_token, registration_cache_key
-from dbtunneld.timing import Backoff
 
 S = CredentialState
 ACCESS_TTL = 6
@@ -201,7 +201,7 @@ def follow_browser(stack, url: str, allow: bool = True) -> int:
 
 
 def browser_sign_in(stack, session: AwsSession) -> None:
-    from dbtunneld.sso import SsoAuthCodeLogin
+    from dbtunneld.adapters.sso import SsoAuthCodeLogin
     import threading
 
     flow = SsoAuthCodeLogin(session, timeout=20)
@@ -267,7 +267,7 @@ def test_device_code_on_request_and_a_denied_browser_sign_in_fails_cleanly(sso_s
 
 @pytest.mark.parametrize("left", [3600.0, 901.0, 900.0, 300.0, 6.0, 1.0, 0.0])
 def test_next_check_opens_the_refresh_window_or_halves_what_is_left(left):
-    from dbtunneld.sso_keeper import MIN_CHECK, next_check
+    from dbtunneld.engine.sso_keeper import MIN_CHECK, next_check
 
     now = 1000.0
     at = next_check(now + left, now)

@@ -9,16 +9,16 @@ import time
 import pytest
 
 import fake_units as F
-from dbtunneld import errors
-from dbtunneld.config import parse_config
-from dbtunneld.model import TunnelState
-from dbtunneld.paths import default_paths
-from dbtunneld.daemon import Daemon, Factories
-from dbtunneld.engine_loop import EngineLoop
-from dbtunneld.status_publisher import StatusPublisher
-from dbtunneld.supervisor import Supervisor, connection_strings
-from dbtunneld.timing import FakeClock
-from dbtunneld.wake import WakeDetector
+from dbtunneld.core import errors
+from dbtunneld.core.config import parse_config
+from dbtunneld.core.model import TunnelState
+from dbtunneld.core.paths import default_paths
+from dbtunneld.core.timing import FakeClock
+from dbtunneld.engine.engine_loop import EngineLoop
+from dbtunneld.engine.status_publisher import StatusPublisher
+from dbtunneld.engine.supervisor import Supervisor, connection_strings
+from dbtunneld.engine.wake import WakeDetector
+from dbtunneld.process.daemon import Daemon, Factories
 
 
 def cfg(clusters, vault="http://127.0.0.1:8200"):
@@ -262,7 +262,7 @@ def test_a_wake_checks_every_connected_tunnel_and_the_engine(woken, clocks, capl
     clocks.sleep(0)
     assert wake.poll() is None and checks(sup) == {"a": 0, "b": 0, "c": 0}
     clocks.sleep(3600)
-    with caplog.at_level(logging.INFO, logger="dbtunneld.wake"):
+    with caplog.at_level(logging.INFO, logger="dbtunneld.engine.wake"):
         assert wake.poll() == 3600
     assert checks(sup) == {"a": 1, "b": 1, "c": 0} and sup._engine.checks == 1
     assert [r.getMessage() for r in caplog.records if "clock jumped" in r.getMessage()] == [
@@ -347,9 +347,9 @@ def test_a_hung_tunnel_stop_is_bounded_and_its_thread_cannot_keep_the_process_al
 HUNG_STOP_SCRIPT = """
 import sys, threading, time
 import fake_units as F
-from dbtunneld.config import parse_config
-from dbtunneld.paths import default_paths
-from dbtunneld.supervisor import Supervisor
+from dbtunneld.core.config import parse_config
+from dbtunneld.core.paths import default_paths
+from dbtunneld.engine.supervisor import Supervisor
 
 class Hanging(F.FakeTunnel):
     def stop(self, timeout=5.0):

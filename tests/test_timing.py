@@ -9,7 +9,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from dbtunneld.timing import (
+from dbtunneld.core.timing import (
     MIN_RETRY,
     Backoff,
     FakeClock,

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from dbtunneld import tls
-from dbtunneld.ssm.wsclient import WsClient
+from dbtunneld.adapters import tls
+from dbtunneld.adapters.ssm.wsclient import WsClient
 
 NO_PATHS = ssl.DefaultVerifyPaths(None, None, "SSL_CERT_FILE", "/nonexistent/cert.pem", "SSL_CERT_DIR",
                                   "/nonexistent/certs")

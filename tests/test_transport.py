@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from dbtunneld import ssh, transport
-from dbtunneld.config import parse_config
-from dbtunneld.errors import ClosedError, HostKeyError, NeedsUserError, TransientError
+from dbtunneld.adapters import ssh, transport
+from dbtunneld.core.config import parse_config
+from dbtunneld.core.errors import ClosedError, HostKeyError, NeedsUserError, TransientError
 from tunnel_servers import GreetingEchoServer, Sshd, free_port, keygen
 
 

@@ -24,15 +24,16 @@ from pathlib import Path
 
 import pytest
 
-from dbtunneld import control, tray, tray_app, tray_desktop, tray_funnel, tray_pystray
-from dbtunneld.client import Client
-from dbtunneld.clipboard import Copied
-from dbtunneld.config import UiSettings
-from dbtunneld.menu import MenuModel
-from dbtunneld.model import (CredentialState as C, CredentialStatus, DaemonStatus, Health, TunnelState as T,
+from dbtunneld.core.config import UiSettings
+from dbtunneld.process import control
+from dbtunneld.process.client import Client
+from dbtunneld.ui import tray, tray_app, tray_desktop, tray_funnel, tray_pystray
+from dbtunneld.ui.clipboard import Copied
+from dbtunneld.ui.menu import MenuModel
+from dbtunneld.core.model import (CredentialState as C, CredentialStatus, DaemonStatus, Health, TunnelState as T,
                              TunnelStatus)
-from dbtunneld.notify import Notifier
-from dbtunneld.paths import default_paths
+from dbtunneld.core.paths import default_paths
+from dbtunneld.ui.notify import Notifier
 
 from helpers.xsession import Desktop, missing_tools, stop_pid, wait_for
 
@@ -439,7 +440,7 @@ def choose(d: Desktop, icon, button: str, status: DaemonStatus, path: tuple[str,
     """Open the tray menu, walk to path = (cluster entry, submenu item) with the keyboard, click it."""
     from PIL import Image
 
-    from dbtunneld.menu import ClockReading, build_menu
+    from dbtunneld.ui.menu import ClockReading, build_menu
 
     before = set(popup_menus(d))
     x, y, w, h = icon
@@ -515,7 +516,7 @@ def test_real_tray_copy_password_then_cleared(home, daemon, backend, button):
 
 
 def test_start_daemon_from_the_menu_reconnects_at_once(home):
-    from dbtunneld.client import DaemonStartError
+    from dbtunneld.process.client import DaemonStartError
 
     paths = configured_paths(home)
     servers, models = [], []
@@ -546,9 +547,9 @@ def test_start_daemon_from_the_menu_reconnects_at_once(home):
 
 SIGN_IN = """
 import sys, time
-from dbtunneld.aws import AwsSession
-from dbtunneld.sso import SsoDeviceLogin
-from dbtunneld.config import load_config
+from dbtunneld.adapters.aws import AwsSession
+from dbtunneld.adapters.sso import SsoDeviceLogin
+from dbtunneld.core.config import load_config
 login = SsoDeviceLogin(AwsSession(load_config(sys.argv[1]).aws))
 auth = login.start()
 deadline = time.monotonic() + 30
@@ -680,7 +681,7 @@ def test_menu_model_maps_onto_pystray_items(monkeypatch):
     monkeypatch.setenv("PYSTRAY_BACKEND", "dummy")             # pystray's Menu/MenuItem need no display
     import pystray
 
-    from dbtunneld.menu import ClockReading, build_menu
+    from dbtunneld.ui.menu import ClockReading, build_menu
 
     model = build_menu(scripted_status(), autostart=True, clock=ClockReading(time.time()))
     clicked = []
@@ -701,7 +702,7 @@ def test_menu_model_maps_onto_pystray_items(monkeypatch):
 
 
 def test_private_icon_dir_sweeps_dead_trays_only(tmp_path):
-    from dbtunneld.tray import private_icon_dir
+    from dbtunneld.ui.tray import private_icon_dir
 
     dead = subprocess.Popen(["true"])
     dead.wait()
@@ -727,7 +728,7 @@ def run_mac_tray(daemon, driver) -> object:
     with macos.installed() as cocoa:
         import AppKit
 
-        from dbtunneld.clipboard import MacClipboard
+        from dbtunneld.ui.clipboard import MacClipboard
 
         runner = tray_pystray.TrayRunner(macos.darwin_pystray(), "darwin", daemon.paths, daemon.paths.config_file,
                                  UiSettings(clipboard_clear_seconds=60), ready_timeout=30)
@@ -908,7 +909,7 @@ def test_screenshots_of_each_state(home, daemon):
     A long error keeps the submenu narrow (wrapped, with "Show details…")."""
     import re
 
-    from dbtunneld.menu import ClockReading, build_menu
+    from dbtunneld.ui.menu import ClockReading, build_menu
 
     pytest.importorskip("gi", reason="needs PyGObject (the tray extra)")
     write_config(home, clear_seconds=30)

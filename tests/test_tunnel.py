@@ -11,17 +11,17 @@ import time
 
 import pytest
 
-from dbtunneld.config import TunnelSettings
-from dbtunneld.errors import HostKeyError, PortInUseError, SignInNeededError, TransientError
-from dbtunneld.model import TunnelState
-from dbtunneld.ports import bind_listener
-from dbtunneld.timing import FakeClock
-from dbtunneld.transport import Transport
-from dbtunneld.mysqlwire import ProbeResult, mysql_error_packet
-from dbtunneld.tunnel import Tunnel
-from dbtunneld.tunnel_clients import data_path_cpu
-from dbtunneld.tunnel_health import probe_mysql
-from dbtunneld.tunnel_state import TRANSITIONS, IllegalMoveError, Moment, RetrySchedule, StateMachine
+from dbtunneld.adapters.mysqlwire import ProbeResult, mysql_error_packet
+from dbtunneld.adapters.ports import bind_listener
+from dbtunneld.adapters.transport import Transport
+from dbtunneld.core.config import TunnelSettings
+from dbtunneld.core.errors import HostKeyError, PortInUseError, SignInNeededError, TransientError
+from dbtunneld.core.model import TunnelState
+from dbtunneld.core.timing import FakeClock
+from dbtunneld.engine.tunnel import Tunnel
+from dbtunneld.engine.tunnel_clients import data_path_cpu
+from dbtunneld.engine.tunnel_health import probe_mysql
+from dbtunneld.engine.tunnel_state import TRANSITIONS, IllegalMoveError, Moment, RetrySchedule, StateMachine
 from tunnel_servers import GreetingEchoServer, mysql_error, mysql_greeting
 
 S = TunnelState
@@ -658,7 +658,7 @@ def test_a_tunnels_threads_share_one_cpu_and_tunnels_take_turns(make, echo):
 
 
 def test_only_plain_ssh_pins_its_data_path(make, echo):
-    from dbtunneld.transport import SshTransport, SsmPortForwardTransport, SsmSshTransport
+    from dbtunneld.adapters.transport import SshTransport, SsmPortForwardTransport, SsmSshTransport
 
     assert SshTransport.pin_data_path
     assert not SsmSshTransport.pin_data_path and not SsmPortForwardTransport.pin_data_path
@@ -699,9 +699,9 @@ def tunnel_threads() -> int:
 def test_tunnels_on_a_shared_scheduler_keep_only_their_forwarding_thread(echo):
     """The supervisor's API: Tunnel(..., scheduler=, engine=) steps on the shared schedule; a
     tunnel then owns one thread (its forwarding loop): no keeper, acceptor, watcher or opener."""
-    from dbtunneld.engine_loop import EngineLoop
-    from dbtunneld.scheduler import Scheduler
-    from dbtunneld.timing import SYSTEM_CLOCK
+    from dbtunneld.core.timing import SYSTEM_CLOCK
+    from dbtunneld.engine.engine_loop import EngineLoop
+    from dbtunneld.engine.scheduler import Scheduler
 
     with pytest.raises(ValueError, match="scheduler= and engine="):
         Tunnel("x", 0, "db", 3306, ScriptedTransport(echo.port), FAST, scheduler=Scheduler(SYSTEM_CLOCK))

@@ -19,15 +19,15 @@ from typing import Any, Callable
 
 import pytest
 
-from dbtunneld import ssh
-from dbtunneld.config import Config, TunnelSettings, parse_config
-from dbtunneld.model import TunnelState
-from dbtunneld.ports import bind_listener
-from dbtunneld.login_probe import login_probe
-from dbtunneld.model import DbCredentials
-from dbtunneld.transport import SshTransport, Transport, build_transport
-from dbtunneld.mysqlwire import ProbeResult
-from dbtunneld.tunnel import Tunnel
+from dbtunneld.adapters import ssh
+from dbtunneld.adapters.mysqlwire import ProbeResult
+from dbtunneld.adapters.ports import bind_listener
+from dbtunneld.adapters.transport import SshTransport, Transport, build_transport
+from dbtunneld.core.config import Config, TunnelSettings, parse_config
+from dbtunneld.core.model import TunnelState
+from dbtunneld.core.model import DbCredentials
+from dbtunneld.engine.login_probe import login_probe
+from dbtunneld.engine.tunnel import Tunnel
 from tunnel_servers import GreetingEchoServer, Sshd, keygen
 
 pymysql = pytest.importorskip("pymysql")
@@ -482,7 +482,7 @@ def test_backoff_log_tells_what_happens_and_is_rate_limited(stack, tunnels, capl
     in one WARNING per new error (not one per attempt), and the state moves of each retry stay at DEBUG."""
     import logging
 
-    caplog.set_level(logging.INFO, logger="dbtunneld.tunnel")
+    caplog.set_level(logging.INFO, logger="dbtunneld.engine.tunnel")
     t, attempts = _tunnel_to_a_dead_bastion(stack, tunnels)
     first = len(attempts)
     deadline = time.monotonic() + 6
@@ -492,8 +492,8 @@ def test_backoff_log_tells_what_happens_and_is_rate_limited(stack, tunnels, capl
         except OSError:
             pass
         time.sleep(0.1)
-    lines = [r.getMessage() for r in caplog.records if r.name == "dbtunneld.tunnel"]
-    warnings = [r.getMessage() for r in caplog.records if r.name == "dbtunneld.tunnel" and r.levelno >= logging.WARNING]
+    lines = [r.getMessage() for r in caplog.records if r.name == "dbtunneld.engine.tunnel"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "dbtunneld.engine.tunnel" and r.levelno >= logging.WARNING]
     attempts = len(attempts) - first
     print(f"{attempts} failed attempts in 6 s -> {len(lines)} log lines, {len(warnings)} warnings: {warnings}")
     assert attempts >= 8, "clients waiting should make the keeper retry often"

@@ -12,10 +12,10 @@ import hvac.exceptions as hexc
 import pytest
 import requests
 
-from dbtunneld.config import parse_config
-from dbtunneld.errors import NeedsUserError, PermissionDeniedError, TransientError
+from dbtunneld.adapters.vault import VaultClient, VaultRequestError, classify, parse_time
+from dbtunneld.core.config import parse_config
+from dbtunneld.core.errors import NeedsUserError, PermissionDeniedError, TransientError
 from dbtunneld.sandbox.procs import free_port
-from dbtunneld.vault import VaultClient, VaultRequestError, classify, parse_time
 
 
 @pytest.fixture
@@ -170,7 +170,7 @@ def test_parse_time_handles_nanoseconds_and_zones():
 
 
 def test_request_counter_counts_every_answer(login):
-    from dbtunneld.vault import REQUESTS
+    from dbtunneld.adapters.vault import REQUESTS
 
     client, _token = login
     before = REQUESTS.total

@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 import requests
 
-from dbtunneld.aws import AwsSession
-from dbtunneld.config import AwsConfig, VaultConfig, parse_config
-from dbtunneld.errors import NeedsUserError, PermissionDeniedError
-from dbtunneld.iam_login import login_payload
+from dbtunneld.adapters.aws import AwsSession
+from dbtunneld.adapters.iam_login import login_payload
+from dbtunneld.adapters.vault import VaultClient
+from dbtunneld.core.config import AwsConfig, VaultConfig, parse_config
+from dbtunneld.core.errors import NeedsUserError, PermissionDeniedError
 from dbtunneld.sandbox.openbao import bao_binary
 from dbtunneld.sandbox.procs import free_port
-from dbtunneld.vault import VaultClient
 
 REGION = "eu-west-1"
 VPC_ENDPOINT = "https://vpce-0a1b2c3d4e5f67890-abcdefgh.sts.eu-west-1.vpce.amazonaws.com"

@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 import threading
 
-from dbtunneld.scheduler import Scheduler
-from dbtunneld.timing import FakeClock
-from dbtunneld.wake import WakeDetector
+from dbtunneld.core.timing import FakeClock
+from dbtunneld.engine.scheduler import Scheduler
+from dbtunneld.engine.wake import WakeDetector
 from helpers.fakevault import run_schedule
 
 

@@ -46,8 +46,8 @@ SHORT_TTLS = dict(token_ttl=30, token_max_ttl=120, lease_ttl=20, lease_max_ttl=9
 def lease_users(stack: Stack) -> dict[str, dict[str, Any]]:
     """One fresh leased user per cluster: {cluster: {"username", "password", "lease_id", "ttl"}},
     through dbtunneld's own Vault client and the stack's daemon config (STS region, namespace)."""
-    from ..config import parse_config
-    from ..vault import VaultClient
+    from ..adapters.vault import VaultClient
+    from ..core.config import parse_config
 
     creds = stack.role_credentials()
     vault = VaultClient(parse_config(stack.daemon_config()).vault)  # its token dies with the stack
@@ -193,7 +193,7 @@ FIRST_PORT = 13306
 
 def choose_local_ports(names: list[str], first: int = FIRST_PORT) -> tuple[dict[str, int], list[str]]:
     """``first``, ``first + 1``... when free; else a free port, with a note naming who holds the wanted one."""
-    from ..ports import find_holder, port_is_free
+    from ..adapters.ports import find_holder, port_is_free
     from .procs import free_port
 
     chosen: dict[str, int] = {}
@@ -269,7 +269,7 @@ class DemoDaemon:
         if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY") or sys.platform == "darwin"):
             return "no display: no tray (the commands above do everything the tray does)"
         with open(self.d.root / "tray.stderr", "ab") as err:
-            self.tray = subprocess.Popen([sys.executable, "-m", "dbtunneld.cli", "--config", str(self.d.config_path),
+            self.tray = subprocess.Popen([sys.executable, "-m", "dbtunneld.ui.cli", "--config", str(self.d.config_path),
                                           "tray"], env=self._tray_env(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                          stderr=err, start_new_session=True)
         return f"tray started (pid {self.tray.pid}); its log: {self.d.paths.log_dir / 'tray.log'}"

@@ -2,7 +2,7 @@
 
 - ``aws_config_text``: ``~/.aws/config`` with the SSO profile (``sso_session`` form) and a
   ``services`` section pointing every AWS service at the stack;
-- ``daemon_config_text``: a ready dbtunneld config (TOML, ``dbtunneld.config`` schema),
+- ``daemon_config_text``: a ready dbtunneld config (TOML, ``dbtunneld.core.config`` schema),
   transport ``ssh`` to the sandbox sshd, one cluster per MariaDB on a pinned local port;
 - ``client_env``: HOME, AWS_CONFIG_FILE, AWS_ENDPOINT_URL_*, AWS_PROFILE, DBTUNNELD_HOME.
 """

@@ -7,7 +7,7 @@ end to end, not its parts in-process.
 copy of the stack's AWS config (so its SSO sign-in and token cache are its own) and a private
 DBTUNNELD_HOME with a config written from the stack (``config_text``: fresh free local ports,
 optional extra clusters, transport and ``[tunnels]``/``[credentials]`` settings). Secrets stay in
-memory (``DBTUNNELD_KEYRING=memory``). ``cli(...)`` runs ``python -m dbtunneld.cli``;
+memory (``DBTUNNELD_KEYRING=memory``). ``cli(...)`` runs ``python -m dbtunneld.ui.cli``;
 ``start()`` spawns ``dbtunneld daemon`` and waits (bounded) until its control socket answers;
 ``sign_in()`` runs ``dbtunneld login`` with the SSO stand-in approving; ``client`` talks to the
 control socket; ``stop()`` asks it to stop and waits by pid (SIGKILL at the end of the bound);
@@ -163,7 +163,7 @@ class DaemonUnderTest:
 
     def __init__(self, stack: Any, root: Path, options: DaemonOptions = DaemonOptions(),
                  env: dict[str, str] | None = None) -> None:
-        from ..paths import default_paths
+        from ..core.paths import default_paths
 
         self.stack = stack
         self.root = Path(root)
@@ -217,7 +217,7 @@ class DaemonUnderTest:
 
     def cli(self, *args: str, timeout: float = 90.0, check: bool = True) -> subprocess.CompletedProcess:
         """``dbtunneld ARGS`` as the user would run it (text output captured)."""
-        argv = [sys.executable, "-m", "dbtunneld.cli", *args]
+        argv = [sys.executable, "-m", "dbtunneld.ui.cli", *args]
         self.commands.append(" ".join(argv))
         proc = subprocess.run(argv, env=self.env, capture_output=True, text=True, timeout=timeout,
                               stdin=subprocess.DEVNULL)
@@ -230,7 +230,7 @@ class DaemonUnderTest:
 
     @property
     def client(self):
-        from ..client import Client
+        from ..process.client import Client
 
         return Client(self.paths.socket_path, timeout=30.0)
 
@@ -257,8 +257,8 @@ class DaemonUnderTest:
 
     def start(self, timeout: float = 40.0, launcher: list[str] | None = None) -> "DaemonUnderTest":
         """Spawn ``dbtunneld daemon`` and wait until its control socket answers. ``launcher``
-        replaces ``python -m dbtunneld.cli`` (e.g. a wrapper that also reports counters)."""
-        argv = (launcher or [sys.executable, "-m", "dbtunneld.cli"]) + [
+        replaces ``python -m dbtunneld.ui.cli`` (e.g. a wrapper that also reports counters)."""
+        argv = (launcher or [sys.executable, "-m", "dbtunneld.ui.cli"]) + [
             "--config", str(self.config_path), "daemon", "--background"]
         self.commands.append(" ".join(argv))
         with open(self.root / "daemon.stderr", "ab") as err:

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Iterable
 
-from ..paths import Paths, default_paths, process_identity
+from ..core.paths import Paths, default_paths, process_identity
 
 STOP_WAIT = 20.0
 
@@ -80,7 +80,7 @@ def sandbox_daemons(roots: list[Path], candidates: list[Paths]) -> dict[int, Pat
 
 def stop_daemon(pid: int, paths: Paths, wait: float = STOP_WAIT) -> bool:
     """Ask it to stop (it revokes its leases), then SIGTERM, then SIGKILL. True: it stopped cleanly."""
-    from ..client import Client
+    from ..process.client import Client
 
     identity = process_identity(pid)
     gone = lambda: process_identity(pid) != identity or identity is None  # noqa: E731

@@ -21,7 +21,7 @@ boto/botocore ``botocore/data/ssm/2014-11-06/service-2.json`` (operation
 * "If you specify a node ID that isn't valid or a node that you don't own, you receive an
   error": an ``InstanceIds`` value that is no registered node is ``InvalidInstanceId``, a
   malformed one ``InvalidInstanceInformationFilterValue``. A client asking about an instance
-  without an agent must be ready for that error (``dbtunneld.inventory`` asks per instance).
+  without an agent must be ready for that error (``dbtunneld.adapters.inventory`` asks per instance).
 
 Who is registered: the sandbox's seeded bastion (moto seed file: ``bastion_instance_id``,
 ``bastion_tags``), Online. Tests change it with ``POST /_standin/instances``

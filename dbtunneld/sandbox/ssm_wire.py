@@ -1,7 +1,7 @@
 """The stand-in's own wire code: the agent message, its JSON payloads, and smux v1 frames.
 
 Written from the agent's and smux's Go sources, deliberately *not* sharing a line with the
-client's ``dbtunneld.ssm.message`` / ``dbtunneld.ssm.smux``, so that a mistake in the client's
+client's ``dbtunneld.adapters.ssm.message`` / ``dbtunneld.adapters.ssm.smux``, so that a mistake in the client's
 framing shows up as a failure against the stand-in instead of being mirrored by it.
 
 Agent message (aws/amazon-ssm-agent ``agent/session/contracts/agentmessage.go``,

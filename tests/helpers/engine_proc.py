@@ -20,11 +20,11 @@ import threading
 
 
 def main(argv: list[str]) -> int:
-    from dbtunneld.config import load_config
-    from dbtunneld.keystore import Keystore
-    from dbtunneld.credentials import CredentialEngine
-    from dbtunneld.log import setup_logging
-    from dbtunneld.paths import default_paths
+    from dbtunneld.adapters.keystore import Keystore
+    from dbtunneld.adapters.log import setup_logging
+    from dbtunneld.core.config import load_config
+    from dbtunneld.core.paths import default_paths
+    from dbtunneld.engine.credentials import CredentialEngine
 
     config_path, cluster = argv
     paths = default_paths().ensure()

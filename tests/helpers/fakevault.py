@@ -4,7 +4,7 @@
 capped at a max TTL, renewals that stop extending at the max, leases revoked when the token that
 minted them expires or is revoked, 403 for a dead token, 400 for an unknown lease. It can be
 taken "down" (every call raises TransientError and is counted) or made to hang.
-``FakeVaultClient`` has the interface of ``dbtunneld.vault.VaultClient``. ``run_virtual`` drives
+``FakeVaultClient`` has the interface of ``dbtunneld.adapters.vault.VaultClient``. ``run_virtual`` drives
 an unthreaded engine through virtual time with the engine's own ``Scheduler``.
 """
 
@@ -16,9 +16,9 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
-from dbtunneld.aws import AwsCredentials
-from dbtunneld.errors import PermissionDeniedError, SignInNeededError, TransientError
-from dbtunneld.vault import LeaseGrant, LeaseRenewal, Token, TokenInfo, VaultRequestError
+from dbtunneld.adapters.aws import AwsCredentials
+from dbtunneld.adapters.vault import LeaseGrant, LeaseRenewal, Token, TokenInfo, VaultRequestError
+from dbtunneld.core.errors import PermissionDeniedError, SignInNeededError, TransientError
 
 
 @dataclass
@@ -244,7 +244,7 @@ def run_virtual(engine, clock, seconds: float, on_step=None, max_steps: int = 10
 
 
 def run_schedule(scheduler, clock, seconds: float, on_step=None, max_steps: int = 100000) -> int:
-    """Drive ``scheduler`` (``dbtunneld.scheduler.Scheduler``) for ``seconds`` of virtual time on
+    """Drive ``scheduler`` (``dbtunneld.engine.scheduler.Scheduler``) for ``seconds`` of virtual time on
     ``clock`` (a FakeClock): step every due unit (``take_due`` / ``stepped``), then advance the
     clock to ``next_due``. A unit runs when its own delay is due or when it was woken;
     ``on_step(unit)`` is called after every step (for invariants). Returns the number of steps

@@ -1,0 +1,220 @@
+"""SSH to the bastion with paramiko, tuned for forwarding: the adapter under the ssh transports.
+
+Owns: connecting over a socket-like (TCP with TCP_NODELAY, an SSM stream, a ProxyCommand), the
+keepalive ping that notices a frozen bastion, opening ``direct-tcpip`` channels, and classifying
+paramiko's failures into the errors of ``dbtunneld.core.errors``; this module never retries (the
+tunnel owns retries). Its parts: ``ssh_options`` (what to connect with), ``ssh_hostkeys``
+(known_hosts / pinned key; never auto-accepted), ``ssh_auth`` (key file, ssh-agent, ephemeral EC2
+Instance Connect key), ``ssh_channel`` (channels as forwarding upstreams) and
+``paramiko_internals`` (the only user of paramiko's non-public API).
+
+Tuning (see STACK-NOTES, "SSH forwarding speed"): 16 MiB channel windows, 256 KiB packets,
+aes128-gcm first, TCP_NODELAY, a reader thread that blocks without a timeout once logged in
+(no poll() per read, no idle wake-ups), channel data written straight into the client's socket
+by that thread, and the packets of one forwarding-loop turn written together.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from typing import Any
+
+import paramiko
+
+from ..core.errors import PermissionDeniedError, TransientError
+from . import paramiko_internals
+from .ssh_auth import authenticate
+from .ssh_channel import ChannelUpstream, ForwardChannel
+from .ssh_hostkeys import prefer_known_key_types, verify_host_key
+from .ssh_options import MAX_PACKET, SSH_PORT, WINDOW_SIZE, SshOptions, known_hosts_name
+
+__all__ = ["ChannelOpenError", "ChannelUpstream", "ForwardChannel", "ForwardingRefusedError",
+           "MAX_PACKET", "PARAMIKO_LOG", "SSH_PORT", "SshConnection", "SshOptions", "WINDOW_SIZE",
+           "connect", "known_hosts_name", "tcp_connect", "tune_socket"]
+
+log = logging.getLogger(__name__)
+# paramiko logs every failed handshake with a traceback at ERROR; this module classifies and
+# reports those failures itself. Set this logger to DEBUG to see paramiko's own lines.
+PARAMIKO_LOG = f"{__name__}.paramiko"
+logging.getLogger(PARAMIKO_LOG).setLevel(logging.CRITICAL)
+
+PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
+_BROKEN = (paramiko.SSHException, EOFError, OSError)
+
+
+class ChannelOpenError(TransientError):
+    """The bastion could not open a channel to host:port (the tunnel may retry)."""
+
+
+class ForwardingRefusedError(PermissionDeniedError):
+    """The bastion refuses to forward to host:port (PermitOpen / AllowTcpForwarding)."""
+
+
+def tcp_connect(host: str, port: int, timeout: float = 10.0) -> socket.socket:
+    """A TCP socket to the bastion with TCP_NODELAY (no 40 ms Nagle stalls) and keepalives."""
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except OSError as exc:
+        raise TransientError(f"cannot reach the bastion {host}:{port}: {_reason(exc)}",
+                             hint="check the bastion address and that it is running") from None
+    tune_socket(sock)
+    return sock
+
+
+def tune_socket(sock: socket.socket) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+
+
+def connect(sock: Any, options: SshOptions) -> "SshConnection":
+    """Handshake, verify the host key, authenticate; return a ready connection.
+
+    ``sock`` is closed when this fails.
+    """
+    transport = paramiko_internals.new_transport(sock, options.window_size, options.max_packet,
+                                                 PARAMIKO_LOG)
+    try:
+        prefer_known_key_types(transport, options)
+        _prefer_fast_ciphers(transport)
+        _start(transport, options)
+        verify_host_key(transport.get_remote_server_key(), options)
+        _log_in(transport, options)
+        _block_without_timeout(sock)
+    except BaseException:
+        _close_quietly(transport, sock)
+        raise
+    conn = SshConnection(transport, sock, options)
+    log.info("ssh: connected to %s as %s (cipher %s)", options.host_label, options.user,
+             transport.remote_cipher)
+    return conn
+
+
+def _start(transport: paramiko.Transport, options: SshOptions) -> None:
+    transport.banner_timeout = options.timeout
+    transport.handshake_timeout = options.timeout
+    transport.auth_timeout = options.timeout
+    try:
+        transport.start_client(timeout=options.timeout)
+    except _BROKEN as exc:
+        raise TransientError(f"ssh handshake with {options.host_label} failed: {_reason(exc)}",
+                             hint="the bastion may be restarting; dbtunneld retries") from None
+
+
+def _log_in(transport: paramiko.Transport, options: SshOptions) -> None:
+    try:
+        authenticate(transport, options)
+    except _BROKEN as exc:
+        raise TransientError(f"ssh auth with {options.host_label} broke off: {_reason(exc)}") from None
+
+
+def _block_without_timeout(sock: Any) -> None:
+    """Once logged in, the reader thread blocks in recv() with no timeout: no poll() before
+    every read and write, and no idle wake-ups. paramiko starts re-keying between messages
+    by itself; ``SshConnection.close`` wakes a blocked reader with shutdown(); a frozen bastion
+    is noticed by ``ping``. (The handshake keeps paramiko's timeouts.)"""
+    sock.settimeout(None)
+
+
+def _prefer_fast_ciphers(transport: paramiko.Transport) -> None:
+    opts = transport.get_security_options()
+    offered = tuple(opts.ciphers)
+    first = tuple(c for c in PREFERRED_CIPHERS if c in offered)
+    opts.ciphers = first + tuple(c for c in offered if c not in first)
+
+
+class SshConnection:
+    """A live SSH connection that hands out ``direct-tcpip`` channels."""
+
+    def __init__(self, transport: paramiko.Transport, sock: Any, options: SshOptions) -> None:
+        self._transport = transport
+        self._sock = sock
+        self._options = options
+        self._ping_lock = threading.Lock()
+
+    @property
+    def label(self) -> str:
+        return self._options.host_label
+
+    def open_channel(self, host: str, port: int, timeout: float = 10.0,
+                     src: tuple[str, int] = ("127.0.0.1", 0)) -> ForwardChannel:
+        """A ``direct-tcpip`` channel to host:port through the bastion."""
+        try:
+            chan = self._transport.open_channel(
+                "direct-tcpip", (host, port), src, window_size=self._options.window_size,
+                max_packet_size=self._options.max_packet, timeout=timeout)
+        except paramiko.ChannelException as exc:
+            raise _channel_error(exc, host, port, self.label) from None
+        except _BROKEN as exc:
+            raise TransientError(f"ssh to {self.label}: cannot open a channel to {host}:{port}: "
+                                 f"{_reason(exc)}") from None
+        return ForwardChannel(chan)
+
+    def ping(self, timeout: float) -> bool:
+        """True when the server answers a keepalive request within ``timeout`` seconds."""
+        if not self.is_alive():
+            return False
+        with self._ping_lock:
+            answered = threading.Event()
+            worker = threading.Thread(target=self._ping_once, args=(answered,),
+                                      name=f"ssh-ping {self.label}", daemon=True)
+            worker.start()
+            return answered.wait(timeout)
+
+    def _ping_once(self, answered: threading.Event) -> None:
+        try:
+            self._transport.global_request("keepalive@openssh.com", wait=True)
+        except Exception:  # a dying transport raises assorted errors: not an answer
+            return
+        if self._transport.is_active():
+            answered.set()   # success or failure reply: either proves the server is alive
+
+    def is_alive(self) -> bool:
+        return bool(self._transport.is_active())
+
+    def wait_closed(self, timeout: float | None = None) -> bool:
+        """Block until the connection has died (or ``timeout``); True when it is gone."""
+        self._transport.join(timeout)
+        return not self._transport.is_alive()
+
+    def close(self) -> None:
+        _close_quietly(self._transport, self._sock)
+
+    def __enter__(self) -> "SshConnection":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _channel_error(exc: paramiko.ChannelException, host: str, port: int, label: str) -> Exception:
+    if exc.code == paramiko.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED:
+        return ForwardingRefusedError(
+            f"the bastion {label} refuses to forward to {host}:{port}",
+            hint="the bastion's sshd must allow it (AllowTcpForwarding, PermitOpen)")
+    return ChannelOpenError(f"the bastion {label} could not reach {host}:{port}: {exc.text}",
+                            hint="check the cluster endpoint and the security group between bastion and cluster")
+
+
+def _close_quietly(transport: paramiko.Transport, sock: Any) -> None:
+    if isinstance(sock, socket.socket):
+        try:
+            sock.shutdown(socket.SHUT_RDWR)   # wakes paramiko's reader at once
+        except OSError:
+            pass
+    try:
+        transport.close()
+    except Exception as exc:  # closing must never raise
+        log.debug("ssh: close: %s", exc)
+    try:
+        sock.close()
+    except Exception:
+        pass
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc)
+    if isinstance(exc, (paramiko.SSHException, OSError)) and text:
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
