@@ -25,7 +25,7 @@ from tunnel_servers import GreetingEchoServer, Sshd, mysql_greeting
 
 ROOT = Path(__file__).resolve().parent.parent
 PKG = ROOT / "dbtunneld"
-INTERNALS = PKG / "paramiko_internals.py"
+INTERNALS = PKG / "adapters" / "paramiko_internals.py"
 
 
 # ---- (a) the version pin ----------------------------------------------------------------------
@@ -117,7 +117,7 @@ def check_transport_init():
 
 
 def check_sock_closed():
-    """paramiko reads ``sock._closed`` of its carrier (ssm/plugin.py's PluginProxy defines it)."""
+    """paramiko reads ``sock._closed`` of its carrier (adapters/ssm/plugin.py's PluginProxy defines it)."""
     assert "self.sock._closed" in source(paramiko.Transport.stop_thread)
     assert isinstance(inspect.getattr_static(PluginProxy, "_closed"), property)
 
@@ -401,11 +401,11 @@ PARAMIKO_CLASSES_TO_SUBCLASS = {"Transport", "Packetizer", "Channel", "BufferedP
 # them: paramiko's Transport.stop_thread reads ``sock._closed``; the plugin's stream defines it
 # (pinned by check_sock_closed above).
 READ_ON_CARRIERS = {"_closed"}
-ALLOWED_DEFINITIONS = {("ssm/plugin.py", "_closed")}
+ALLOWED_DEFINITIONS = {("adapters/ssm/plugin.py", "_closed")}
 # The scan cannot see types: own private names that paramiko also uses, on objects that are not
 # paramiko's, each with what the object is.
 ALLOWED_ACCESS = {
-    ("forward.py", "self.loop._closed"): "the link's Forwarder",
+    ("adapters/forward.py", "self.loop._closed"): "the link's Forwarder",
 }
 
 
@@ -452,7 +452,7 @@ def scan(root: Path = PKG) -> list[str]:
     private = paramiko_private_names()
     found = []
     for path in sorted(root.rglob("*.py")):
-        if path.name == "paramiko_internals.py" and path.parent == root:
+        if path.relative_to(root) == Path("adapters", "paramiko_internals.py"):
             continue
         found += violations(path, private, root)
     return found
@@ -464,8 +464,8 @@ def test_no_other_module_touches_paramiko_internals():
 
 
 def test_the_scan_finds_planted_uses(tmp_path):
-    (tmp_path / "ssm").mkdir()
-    (tmp_path / "ssm" / "plugin.py").write_text("class S:\n    @property\n    def _closed(self): return 1\n")
+    (tmp_path / "adapters" / "ssm").mkdir(parents=True)
+    (tmp_path / "adapters" / "ssm" / "plugin.py").write_text("class S:\n    @property\n    def _closed(self): return 1\n")
     (tmp_path / "bad.py").write_text(
         "import paramiko\nimport paramiko.common\nfrom paramiko.channel import Channel\n"
         "def f(chan, t):\n"
