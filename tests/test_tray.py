@@ -781,7 +781,10 @@ def test_mac_appkit_runs_on_the_main_thread_as_a_menu_bar_extra_with_a_template_
     cocoa = run_mac_tray(daemon, user)
     assert cocoa.violations == [], [f"{c.name} on {c.thread}" for c in cocoa.violations]
     assert cocoa.named("NSApplication.run")[0].args == (1,), "activation policy Accessory before run()"
-    assert [c.args for c in cocoa.named("NSStatusBarButton.setHidden")] == [(False,)]
+    # shown once; hidden once, on the main thread, when the loop ended (not later by Icon.__del__
+    # from whichever thread collects it)
+    assert [(c.args, c.main) for c in cocoa.named("NSStatusBarButton.setHidden")] == [((False,), True),
+                                                                                      ((True,), True)]
     ui_calls = [c for c in cocoa.calls if c.name.startswith(("NSStatus", "NSMenu", "NSApplication.stop"))]
     assert ui_calls and all(c.main for c in ui_calls)
     assert cocoa.named("NSApplication.stop")[0].main, "Quit stopped the run loop from the main thread"

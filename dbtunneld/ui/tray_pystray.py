@@ -140,6 +140,16 @@ class TrayRunner:
                   f"(no working display or D-Bus session?)\nhint: {DesktopUnavailable.hint}", file=sys.stderr)
             os._exit(EXIT_NO_DESKTOP)
 
+    def _hide_icon(self) -> None:
+        """Hide the icon here, on the UI thread, once its loop has ended: otherwise pystray's
+        ``Icon.__del__`` hides it from whichever thread collects it (on macOS an NSStatusItem call
+        off the main thread, which AppKit forbids)."""
+        try:
+            if self.icon.visible:
+                self.icon.visible = False
+        except Exception as exc:                        # the backend may already be torn down
+            log.debug("hiding the tray icon after its loop ended: %s", exc)
+
     def run(self) -> int:
         self.funnel.ui_thread = threading.get_ident()
         threading.Thread(target=self._watchdog, name="tray-watchdog", daemon=True).start()
@@ -150,6 +160,7 @@ class TrayRunner:
             print(f"dbtunneld tray: the tray stopped: {exc}\nhint: {DesktopUnavailable.hint}", file=sys.stderr)
             return EXIT_NO_DESKTOP
         finally:
+            self._hide_icon()
             self.app.stop()
         log.info("tray stopped")
         return 0
