@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from dbtunneld.adapters import forward, paramiko_internals, ssh
+from dbtunneld.adapters import forward, forward_upstream, paramiko_internals, ssh
 from tunnel_servers import GreetingEchoServer, Sshd, mysql_greeting
 
 
@@ -48,10 +48,10 @@ def linked(loop: forward.Forwarder, upstream_of, ended: list) -> socket.socket:
     return client
 
 
-def socket_pair_upstream() -> tuple[forward.SocketUpstream, socket.socket]:
+def socket_pair_upstream() -> tuple[forward_upstream.SocketUpstream, socket.socket]:
     near, far = socket.socketpair()
     far.settimeout(30)
-    return forward.SocketUpstream(near), far
+    return forward_upstream.SocketUpstream(near), far
 
 
 # ---- socket upstreams (the smux streams' shape) ---------------------------------------------
@@ -177,8 +177,8 @@ def conn(sshd):
     c.close()
 
 
-def channel(conn, echo) -> forward.Upstream:
-    return forward.upstream_for(conn.open_channel("127.0.0.1", echo.port, timeout=5))
+def channel(conn, echo) -> forward_upstream.Upstream:
+    return forward_upstream.upstream_for(conn.open_channel("127.0.0.1", echo.port, timeout=5))
 
 
 def test_fifty_channels_at_once_each_byte_exact(loop, conn, echo):

@@ -1,4 +1,4 @@
-"""Command boundaries in a client's upload, for the forwarding loop (``forward.Link``).
+"""Command boundaries in a client's upload, for the forwarding loop (``forward_link.Link``).
 
 In the MySQL command phase every client command is a packet with sequence id 0 whose first
 payload byte is the command. ``CommandWatch`` follows the client -> server byte stream reading

@@ -13,7 +13,7 @@ import paramiko
 from . import paramiko_internals as internals
 
 if TYPE_CHECKING:
-    from .forward import Link
+    from .forward_link import Link
 
 
 class ForwardChannel:
@@ -45,7 +45,7 @@ class ForwardChannel:
 
 
 class ChannelUpstream:
-    """A ``direct-tcpip`` channel driven by a forwarding loop (``dbtunneld.adapters.forward.Link``).
+    """A ``direct-tcpip`` channel driven by a forwarding loop (``dbtunneld.adapters.forward_link.Link``).
 
     Download: paramiko's reader thread writes channel data straight into the client's socket
     (non-blocking; no thread hand-off per packet). What the socket does not take, or anything

@@ -59,7 +59,7 @@ class Transport(ABC):
 
     def adopt(self, client: socket.socket, host: str, port: int, timeout: float) -> Any:
         """Forward ``client`` to host:port itself (only when ``adopts_clients``); a handle with
-        ``on_end`` / ``abort`` / ``received``, like a ``forward.Link``."""
+        ``on_end`` / ``abort`` / ``received``, like a ``forward_link.Link``."""
         raise NotImplementedError(f"transport {self.kind!r} does not adopt client sockets")
 
     def ping_interval(self, keepalive_interval: float) -> float:

@@ -22,6 +22,8 @@ import time
 from typing import Any, Callable, Protocol, TypeVar
 
 from ..adapters import forward
+from ..adapters.forward_link import Link
+from ..adapters.forward_upstream import upstream_for
 from ..adapters.command_watch import CommandWatch, Handoff
 from ..adapters.log import RepeatLimiter
 from ..adapters.mysqlwire import mysql_error_packet
@@ -81,7 +83,7 @@ class ClientSide:
         self._refuse_as_mysql = refuse_as_mysql
         self._before_relay = before_relay
         self._lock = threading.Lock()
-        self._pipes: set[forward.Link] = set()
+        self._pipes: set[Link] = set()
         self._bytes_down = 0              # received by pipes that have ended
         self._open = self._total = self._waiting = 0
         self._serial = itertools.count(1)
@@ -132,7 +134,7 @@ class ClientSide:
         with self._lock:
             return self._bytes_down + sum(p.received for p in self._pipes)
 
-    def abort(self, which: Callable[[forward.Link], bool]) -> None:
+    def abort(self, which: Callable[[Link], bool]) -> None:
         with self._lock:
             doomed = [p for p in self._pipes if which(p)]
         for pipe in doomed:
@@ -309,7 +311,7 @@ class ClientSide:
                  commands: CommandWatch | None = None) -> bool:
         """True when the forwarding loop took the connection (it ends it: ``_link_ended``)."""
         try:
-            upstream = forward.upstream_for(chan)
+            upstream = upstream_for(chan)
         except TypeError as exc:
             self._log.error("%s: %s", label, exc)
             close_quietly(chan)
@@ -326,7 +328,7 @@ class ClientSide:
             link.abort()                        # the upstream was dropped while we opened
         return True
 
-    def _link_ended(self, link: forward.Link) -> None:
+    def _link_ended(self, link: Link) -> None:
         with self._lock:
             self._pipes.discard(link)
             self._bytes_down += link.received

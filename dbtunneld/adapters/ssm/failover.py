@@ -117,8 +117,8 @@ class ReadOnlyWatch:
                 self._on_read_only(code)
 
     def forward_upstream(self) -> Any:
-        """The forwarding loop's view (``forward.upstream_for``): the stream's socket, inspected."""
-        from ..forward import SocketUpstream
+        """The forwarding loop's view (``forward_upstream.upstream_for``): the stream's socket, inspected."""
+        from ..forward_upstream import SocketUpstream
 
         return SocketUpstream(self._stream, inspect=self.inspect)
 
