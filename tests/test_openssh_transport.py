@@ -8,6 +8,7 @@ secrets in the master's argv, and every ssh process gone by pid afterwards.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -121,6 +122,61 @@ def test_50_concurrent_transfers_byte_exact_three_rounds(bastion, tunnels, pool)
         assert not failed, f"round {rnd}: connections {failed} not byte-exact"
     assert t.status().connections_total >= 150
     eventually(lambda: t.status().connections_open == 0, what="every connection closed")
+
+
+def test_adopt_hands_over_on_the_running_loop_without_a_thread(bastion, pool, monkeypatch):
+    """``await adopt`` runs the mux hand-over on the caller's asyncio loop: 20 at once, no thread
+    started and the blocking path never used; each adopted socket is forwarded byte-exact."""
+    sshd, echo = bastion
+    t = OpenSshTransport(settings_for(sshd), pool)
+    t.connect()
+
+    def no_blocking(*a, **kw):
+        raise AssertionError("adopt_blocking used on the loop")
+    monkeypatch.setattr(openssh_mux, "forward_client", no_blocking)
+
+    def ours() -> set[int]:                               # the echo server's threads aside
+        return {th.ident or 0 for th in threading.enumerate() if "(_echo)" not in th.name}
+
+    async def hand_over() -> tuple[list, list, int]:
+        pairs = [socket.socketpair() for _ in range(20)]
+        before = ours()
+        handles = await asyncio.gather(*(t.adopt(theirs, "127.0.0.1", echo.port, 10) for _, theirs in pairs))
+        return pairs, handles, len(ours() - before)
+
+    try:
+        pairs, handles, new_threads = asyncio.run(hand_over())
+        assert new_threads == 0
+        for i, (ours, theirs) in enumerate(pairs):
+            theirs.close()                                # the master holds its own copy
+            ours.settimeout(10)
+            header = recv_exact(ours, 4)
+            recv_exact(ours, int.from_bytes(header[:3], "little"))
+            ours.sendall(b"x%d" % i * 1000)
+            assert recv_exact(ours, len(b"x%d" % i) * 1000) == b"x%d" % i * 1000
+        for h in handles:
+            h.close()
+        for ours, _ in pairs:
+            assert ours.recv(10) == b""                   # closing the handle ended the forward
+            ours.close()
+    finally:
+        t.close()
+
+
+def test_adopt_blocking_and_open_channel_still_work_off_the_loop(bastion, pool):
+    sshd, echo = bastion
+    t = OpenSshTransport(settings_for(sshd), pool)
+    t.connect()
+    try:
+        chan = t.open_channel("127.0.0.1", echo.port, 10)   # adopt_blocking on a socketpair
+        chan.settimeout(10)
+        header = recv_exact(chan, 4)
+        recv_exact(chan, int.from_bytes(header[:3], "little"))
+        chan.sendall(b"ping")
+        assert recv_exact(chan, 4) == b"ping"
+        chan.close()
+    finally:
+        t.close()
 
 
 def test_mariadb_cli_and_pymysql_through_the_master(stack, bastion, tunnels, pool, tmp_path):
@@ -338,3 +394,4 @@ def test_config_without_ssh_on_path_says_how_to_fix(monkeypatch):
         parse_config(BASE.format(extra='client = "openssh"'))
     text = str(info.value)
     assert "bastion.client" in text and "install the OpenSSH client" in text
+

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..core.errors import DbtunneldError, ClosedError, HostKeyError, NeedsUserError, PermissionDeniedError, TransientError
+from ..core.errors import (ClosedError, DbtunneldError, HostKeyError, NeedsUserError, PermissionDeniedError,
+                           ProtocolError, TransientError)
 from . import openssh_mux
 from .transport import Transport
 
@@ -148,7 +149,7 @@ class OpenSshMaster:
         self.control_path = str(self.dir / "c")
         self.exited = threading.Event()
         self._on_exit: list[Any] = []
-        self._proc: subprocess.Popen | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
         self._watcher: openssh_mux.EndWatcher | None = None
         self._lock = threading.Lock()
 
@@ -250,14 +251,28 @@ class OpenSshMaster:
             return False
         try:
             return openssh_mux.alive_check(self.control_path, timeout) == self.pid
-        except (TransientError, ClosedError, openssh_mux.ProtocolError):
+        except (TransientError, ClosedError, ProtocolError):
             return False
 
     def forward(self, client: socket.socket, host: str, port: int, timeout: float, label: str) -> openssh_mux.MuxForward:
+        self._check_alive()
+        return self._watched(openssh_mux.forward_client(self.control_path, client, host, port, timeout, label))
+
+    async def forward_async(self, client: socket.socket, host: str, port: int, timeout: float,
+                            label: str) -> openssh_mux.MuxForward:
+        """``forward`` on the running asyncio loop (the engine's): no thread waits meanwhile."""
+        self._check_alive()
+        fwd = await openssh_mux.forward_client_async(self.control_path, client, host, port, timeout, label)
+        return self._watched(fwd)
+
+    def _check_alive(self) -> None:
         if not self.is_alive() or self._watcher is None:
             raise TransientError(f"the ssh master for {self.settings.label} is gone")
-        fwd = openssh_mux.forward_client(self.control_path, client, host, port, timeout, label)
-        self._watcher.watch(fwd)
+
+    def _watched(self, fwd: openssh_mux.MuxForward) -> openssh_mux.MuxForward:
+        watcher = self._watcher
+        assert watcher is not None
+        watcher.watch(fwd)
         return fwd
 
     def stop(self) -> None:
@@ -273,6 +288,11 @@ class OpenSshMaster:
                 proc.wait(STOP_WAIT)
             log.info("ssh master for %s stopped (pid %d)", self.settings.label, proc.pid)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _channel_refused(s: MasterSettings, exc: openssh_mux.MuxRefusedError) -> DbtunneldError:
+    from .ssh import ChannelOpenError
+    return ChannelOpenError(f"the bastion {s.label} could not open a channel: {exc.message}", hint=exc.hint)
 
 
 def _private_dir(runtime_dir: Path) -> Path:
@@ -336,7 +356,8 @@ MASTERS = MasterPool()
 
 
 class OpenSshTransport(Transport):
-    """``ssh`` through a shared OpenSSH master: ``adopt`` hands a client socket over;
+    """``ssh`` through a shared OpenSSH master: ``adopt`` hands a client socket over (on the
+    engine's asyncio loop; ``adopt_blocking`` elsewhere);
     ``open_channel`` (probes, relays that must see the bytes) gives one end of a socketpair."""
 
     kind = "ssh"
@@ -365,15 +386,26 @@ class OpenSshTransport(Transport):
             raise TransientError("ssh: not connected")
         return master
 
-    def adopt(self, client: socket.socket, host: str, port: int, timeout: float,
-              label: str = "") -> openssh_mux.MuxForward:
-        """Hand ``client`` to the master (the caller closes its copy); a handle with close()/done."""
+    async def adopt(self, client: socket.socket, host: str, port: int, timeout: float,
+                    label: str = "") -> openssh_mux.MuxForward:
+        """Hand ``client`` to the master on the running asyncio loop (the caller closes its copy);
+        a handle with close()/done."""
+        try:
+            fwd = await self._current().forward_async(client, host, port, timeout, label or f"{host}:{port}")
+        except openssh_mux.MuxRefusedError as exc:
+            raise _channel_refused(self.settings, exc) from None
+        return self._track(fwd)
+
+    def adopt_blocking(self, client: socket.socket, host: str, port: int, timeout: float,
+                       label: str = "") -> openssh_mux.MuxForward:
+        """``adopt`` for callers off any loop (``open_channel``): blocks the calling thread."""
         try:
             fwd = self._current().forward(client, host, port, timeout, label or f"{host}:{port}")
         except openssh_mux.MuxRefusedError as exc:
-            from .ssh import ChannelOpenError
-            raise ChannelOpenError(f"the bastion {self.settings.label} could not open a channel: {exc.message}",
-                                   hint=exc.hint) from None
+            raise _channel_refused(self.settings, exc) from None
+        return self._track(fwd)
+
+    def _track(self, fwd: openssh_mux.MuxForward) -> openssh_mux.MuxForward:
         with self._lock:
             self._forwards.add(fwd)
         fwd.on_end(self._forgotten)
@@ -386,7 +418,7 @@ class OpenSshTransport(Transport):
     def open_channel(self, host: str, port: int, timeout: float) -> Any:
         ours, theirs = socket.socketpair()
         try:
-            self.adopt(theirs, host, port, timeout)
+            self.adopt_blocking(theirs, host, port, timeout)
         except BaseException:
             ours.close()
             raise
