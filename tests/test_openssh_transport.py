@@ -333,6 +333,99 @@ def test_mux_alive_check_answers_with_the_master_pid(bastion, pool):
     assert not master.ping(1) and not pid_alive(master.pid)
 
 
+class _RegisterThenPause:
+    """The watcher's selector, with a pause after each register until the forward has ended
+    (at most 0.5 s): lets the select thread end a forward the master already ended before
+    ``watch`` returns, the interleaving that once left a stale registration."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+    def register(self, fileobj: Any, events: int, data: Any = None) -> Any:
+        key = self.real.register(fileobj, events, data)
+        if data is not None:
+            data.done.wait(0.5)
+        return key
+
+
+def test_end_watcher_leaves_no_stale_registration_when_the_master_ends_a_forward_at_once():
+    watcher = openssh_mux.EndWatcher("test-ends")
+    real = watcher._selector
+    try:
+        watcher._selector = _RegisterThenPause(real)
+        for _ in range(3):
+            ours, master_side = socket.socketpair()
+            master_side.close()                            # the master ended it: EOF at once
+            fwd = openssh_mux.MuxForward(openssh_mux.MuxConnection(ours), 1, "ended-at-once")
+            watcher.watch(fwd)
+            assert fwd.done.wait(5)
+            eventually(lambda: len(real.get_map()) == 1, timeout=5, what="only the wake socket left")
+        watcher._selector = real
+        ours, master_side = socket.socketpair()            # likely the same fd number again
+        fwd = openssh_mux.MuxForward(openssh_mux.MuxConnection(ours), 2, "next")
+        watcher.watch(fwd)                                 # once: KeyError, and the forward leaked
+        assert not fwd.ended and real.get_key(ours).data is fwd
+        master_side.close()
+        assert fwd.done.wait(5)
+    finally:
+        watcher.close()
+
+
+def test_forget_never_drops_another_forwards_registration():
+    watcher = openssh_mux.EndWatcher("test-forget")
+    try:
+        a, a_peer = socket.socketpair()
+        first = openssh_mux.MuxForward(openssh_mux.MuxConnection(a), 1, "first")
+        watcher.watch(first)
+        second = openssh_mux.MuxForward(openssh_mux.MuxConnection(a), 2, "same fd, not registered")
+        watcher.forget(second)
+        assert watcher._selector.get_key(a).data is first
+        first.close()
+        assert len(watcher._selector.get_map()) == 1
+        a_peer.close()
+    finally:
+        watcher.close()
+
+
+@pytest.mark.fault
+def test_master_killed_while_clients_arrive_leaks_no_forward(bastion, tunnels, pool, caplog):
+    """Clients keep connecting while the master is killed twice and the tunnel reconnects:
+    every connection ends, no callback fails, no KeyError."""
+    sshd, echo = bastion
+    t = tunnels(OpenSshTransport(settings_for(sshd), pool), ("127.0.0.1", echo.port))
+    eventually(lambda: t.state == S.UP, what="up")
+    stop = threading.Event()
+    held: list[socket.socket] = []
+
+    def arrive() -> None:
+        while not stop.is_set():
+            try:
+                held.append(socket.create_connection(("127.0.0.1", t.local_port), timeout=5))
+            except OSError:
+                pass
+    arrivals = [threading.Thread(target=arrive) for _ in range(4)]
+    for th in arrivals:
+        th.start()
+    try:
+        for _ in range(2):
+            eventually(lambda: t.status().connections_open >= 5, timeout=20, what="clients forwarded")
+            [old] = master_pids(pool)
+            os.kill(old, signal.SIGKILL)
+            eventually(lambda: master_pids(pool) not in ([], [old]) and t.state == S.UP, timeout=20,
+                       what="a new master")
+    finally:
+        stop.set()
+        for th in arrivals:
+            th.join(10)
+        for c in held:
+            c.close()
+    eventually(lambda: t.status().connections_open == 0, timeout=20, what="every connection ended")
+    assert "KeyError" not in caplog.text and "end callback failed" not in caplog.text
+
+
 def test_paths_with_spaces_and_percent_reach_ssh_as_one_path(bastion, tmp_path):
     """A key and known_hosts in a folder named "my keys %h": ssh must not split or expand them."""
     sshd, _ = bastion

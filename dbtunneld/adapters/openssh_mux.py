@@ -257,12 +257,12 @@ class MuxForward:
     abort = close
 
     def _finish(self) -> None:
-        with self._lock:
+        with self._lock:               # ordered with EndWatcher.watch: see there
             if self.done.is_set():
                 return
             self.done.set()
             callbacks, self._on_end = self._on_end, []
-        watcher = self.watcher
+            watcher = self.watcher
         if watcher is not None:
             watcher.forget(self)
         self._conn.close()          # the master sees EOF and ends the channel (control cleanup)
@@ -288,21 +288,34 @@ class EndWatcher:
         self._thread.start()
 
     def watch(self, forward: "MuxForward") -> None:
+        """Watch ``forward`` until it ends (ended at once when the watcher has closed).
+
+        Registered and given its ``watcher`` under the forward's own lock, which ``_finish`` holds
+        while it marks the end and reads ``watcher``: a forward this thread's select reports at
+        once (its master ended it already) is unregistered before its socket closes. Once the
+        other way round (registered, ended by the select thread, ``watcher`` set afterwards), its
+        fd number stayed registered after the close; the next forward given that number raised
+        KeyError ("already registered") and was never closed."""
         with self._lock:
-            if not self._closed:
-                self._selector.register(forward.sock, selectors.EVENT_READ, forward)
-                forward.watcher = self
-                return
-        forward.close()
+            with forward._lock:
+                registered = not self._closed and not forward.done.is_set()
+                if registered:
+                    forward.watcher = self
+                    self._selector.register(forward.sock, selectors.EVENT_READ, forward)
+        if not registered:
+            forward.close()
 
     def forget(self, forward: "MuxForward") -> None:
-        """Before its socket is closed (a reused fd number must not meet a stale registration)."""
+        """Before its socket is closed (a reused fd number must not meet a stale registration);
+        only its own registration (never another forward's on a reused fd number)."""
         with self._lock:
-            if not self._closed:
-                try:
+            if self._closed:
+                return
+            try:
+                if self._selector.get_key(forward.sock).data is forward:
                     self._selector.unregister(forward.sock)
-                except (KeyError, ValueError):
-                    pass
+            except (KeyError, ValueError):
+                pass
 
     def _run(self) -> None:
         while True:

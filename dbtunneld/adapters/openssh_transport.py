@@ -272,7 +272,11 @@ class OpenSshMaster:
     def _watched(self, fwd: openssh_mux.MuxForward) -> openssh_mux.MuxForward:
         watcher = self._watcher
         assert watcher is not None
-        watcher.watch(fwd)
+        try:
+            watcher.watch(fwd)
+        except BaseException:
+            fwd.close()                  # never a forward nobody watches or holds
+            raise
         return fwd
 
     def stop(self) -> None:
