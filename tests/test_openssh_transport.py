@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from dbtunneld.adapters import openssh_mux
+from dbtunneld.adapters import openssh_leftovers, openssh_mux
 from dbtunneld.adapters.openssh_transport import MasterPool, MasterSettings, OpenSshTransport
 from dbtunneld.adapters.transport import build_transport
 from dbtunneld.core.config import TunnelSettings, parse_config
@@ -488,3 +489,119 @@ def test_config_without_ssh_on_path_says_how_to_fix(monkeypatch):
     text = str(info.value)
     assert "bastion.client" in text and "install the OpenSSH client" in text
 
+
+# ---- masters a killed daemon left ----------------------------------------------------------------
+
+def _fake_master(tmp_path: Path) -> tuple[subprocess.Popen, Path]:
+    """A process whose command line reads like a master's (``-o ControlMaster=yes``) and its folder."""
+    folder = tmp_path / "run" / "ssh-fake"
+    folder.mkdir(parents=True)
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "-o", "ControlMaster=yes"])
+    eventually(lambda: "ControlMaster=yes" in Path(f"/proc/{proc.pid}/cmdline").read_bytes().decode(errors="replace"),
+               what="the fake master's command line")
+    return proc, folder
+
+
+def _dead_owner() -> tuple[int, Any]:
+    """The pid and identity of a process that has ended (a daemon killed earlier)."""
+    from dbtunneld.core.paths import process_identity
+    owner = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    identity = process_identity(owner.pid)
+    owner.stdin.close()
+    owner.wait(10)
+    return owner.pid, identity
+
+
+def _rewrite(path: Path, **changes: Any) -> None:
+    import json
+    doc = json.loads(path.read_text())
+    doc.update(changes)
+    path.write_text(json.dumps(doc))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads /proc")
+def test_leftover_master_of_a_dead_daemon_is_stopped_by_pid(tmp_path):
+    proc, folder = _fake_master(tmp_path)
+    try:
+        record = openssh_leftovers.record_master(tmp_path / "run", proc.pid, folder)
+        owner_pid, owner = _dead_owner()
+        _rewrite(record, owner_pid=owner_pid, owner_started=owner.started, owner_command=owner.command)
+        assert openssh_leftovers.end_leftover_masters(tmp_path / "run") == [proc.pid]
+        assert proc.wait(5) == -signal.SIGTERM
+        assert not record.exists() and not folder.exists()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads /proc")
+def test_masters_of_a_live_daemon_and_reused_pids_are_left_alone(tmp_path):
+    proc, folder = _fake_master(tmp_path)
+    try:
+        record = openssh_leftovers.record_master(tmp_path / "run", proc.pid, folder)
+        # recorded by this (live) process: another daemon's master, even when asked from another pid
+        assert openssh_leftovers.end_leftover_masters(tmp_path / "run", me=1) == []
+        assert proc.poll() is None and record.exists()
+        # the owner is dead but the pid is now another process (another start time): not ours
+        owner_pid, owner = _dead_owner()
+        _rewrite(record, owner_pid=owner_pid, owner_started=owner.started, owner_command=owner.command,
+                 started=owner.started.rsplit(":", 1)[0] + ":1")
+        assert openssh_leftovers.end_leftover_masters(tmp_path / "run") == []
+        assert proc.poll() is None
+        assert not record.exists()                     # a record that names nothing of ours is dropped
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.fault
+def test_daemon_killed_with_an_openssh_tunnel_up_ends_the_old_master_at_restart(stack):
+    import json
+    import tempfile
+    from dbtunneld.sandbox.daemonproc import DaemonUnderTest
+    from dbtunneld.core.paths import process_identity
+
+    root = Path(tempfile.mkdtemp(prefix="dbt-ossh-", dir="/tmp"))    # short: the control path fits
+    old: dict[str, Any] = {}
+    old_identity = None
+    try:
+        with DaemonUnderTest(stack, root) as d:
+            d.write_config(d.config.replace('transport = "ssh"\n', 'transport = "ssh"\nclient = "openssh"\n', 1))
+            d.start()
+            d.sign_in()
+            d.cli("connect", "orders", "--wait", "45")
+            d.wait_up(["orders"])
+            assert _daemon_query(d, "orders")
+            records = openssh_leftovers.records_dir(d.paths.runtime_dir)
+            [found] = [json.loads(p.read_text()) for p in records.glob("*.json")]
+            old.update(found)
+            assert old["owner_pid"] == d.pid and pid_alive(old["pid"])
+            old_identity = process_identity(old["pid"])
+            d.kill()                                    # SIGKILL: the master outlives it
+            assert process_identity(old["pid"]) == old_identity
+            d.start()
+            assert process_identity(old["pid"]) != old_identity, "the old master still runs"
+            d.cli("connect", "orders", "--wait", "45")
+            d.wait_up(["orders"])
+            assert _daemon_query(d, "orders")
+            [new] = [json.loads(p.read_text()) for p in records.glob("*.json")]
+            assert new["pid"] != old["pid"] and new["owner_pid"] == d.pid and pid_alive(new["pid"])
+            d.stop()
+            eventually(lambda: not pid_alive(new["pid"]), timeout=10, what="the new master stopped with the daemon")
+            assert list(records.glob("*.json")) == []
+    finally:
+        if old and process_identity(old["pid"]) == old_identity:
+            os.kill(old["pid"], signal.SIGKILL)         # this test's own leftover, by pid
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _daemon_query(d: Any, name: str) -> bool:
+    c = d.creds(name)
+    conn = pymysql.connect(host="127.0.0.1", port=c["port"], user=c["username"], password=c["password"],
+                           database=c["database"] or None, connect_timeout=20, read_timeout=20)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1")
+            return cur.fetchone() == (1,)
+    finally:
+        conn.close()

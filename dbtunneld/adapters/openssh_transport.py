@@ -31,7 +31,7 @@ from typing import Any
 
 from ..core.errors import (ClosedError, DbtunneldError, HostKeyError, NeedsUserError, PermissionDeniedError,
                            ProtocolError, TransientError)
-from . import openssh_mux
+from . import openssh_leftovers, openssh_mux
 from .transport import Transport
 
 log = logging.getLogger(__name__)
@@ -145,6 +145,8 @@ class OpenSshMaster:
 
     def __init__(self, settings: MasterSettings, runtime_dir: Path) -> None:
         self.settings = settings
+        self._runtime_dir = runtime_dir
+        self._record: Path | None = None
         self.dir = _private_dir(runtime_dir)
         self.control_path = str(self.dir / "c")
         self.exited = threading.Event()
@@ -164,6 +166,7 @@ class OpenSshMaster:
             self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
                                           start_new_session=True, close_fds=True)
         log.info("ssh master for %s@%s started (pid %d)", s.user, s.label, self._proc.pid)
+        self._record = openssh_leftovers.record_master(self._runtime_dir, self._proc.pid, self.dir)
         try:
             self._wait_ready(time.monotonic() + s.connect_timeout + s.health_timeout)
         except BaseException:
@@ -292,6 +295,7 @@ class OpenSshMaster:
                 proc.wait(STOP_WAIT)
             log.info("ssh master for %s stopped (pid %d)", self.settings.label, proc.pid)
         shutil.rmtree(self.dir, ignore_errors=True)
+        openssh_leftovers.forget_master(self._record)
 
 
 def _channel_refused(s: MasterSettings, exc: openssh_mux.MuxRefusedError) -> DbtunneldError:
@@ -317,6 +321,11 @@ class MasterPool:
         self._starting: dict[MasterSettings, threading.Lock] = {}
         self._current: dict[MasterSettings, OpenSshMaster] = {}
         self._refs: dict[int, int] = {}
+
+    def use_runtime_dir(self, runtime_dir: Path) -> None:
+        """Where masters (and their records, ``openssh_leftovers``) go from now on: the daemon's."""
+        with self._lock:
+            self._runtime_dir = runtime_dir
 
     def runtime_dir(self) -> Path:
         if self._runtime_dir is None:
