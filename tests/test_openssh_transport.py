@@ -8,11 +8,13 @@ secrets in the master's argv, and every ssh process gone by pid afterwards.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -20,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from dbtunneld.adapters import openssh_mux
+from dbtunneld.adapters import openssh_leftovers, openssh_mux
 from dbtunneld.adapters.openssh_transport import MasterPool, MasterSettings, OpenSshTransport
 from dbtunneld.adapters.transport import build_transport
 from dbtunneld.core.config import TunnelSettings, parse_config
@@ -121,6 +123,61 @@ def test_50_concurrent_transfers_byte_exact_three_rounds(bastion, tunnels, pool)
         assert not failed, f"round {rnd}: connections {failed} not byte-exact"
     assert t.status().connections_total >= 150
     eventually(lambda: t.status().connections_open == 0, what="every connection closed")
+
+
+def test_adopt_hands_over_on_the_running_loop_without_a_thread(bastion, pool, monkeypatch):
+    """``await adopt`` runs the mux hand-over on the caller's asyncio loop: 20 at once, no thread
+    started and the blocking path never used; each adopted socket is forwarded byte-exact."""
+    sshd, echo = bastion
+    t = OpenSshTransport(settings_for(sshd), pool)
+    t.connect()
+
+    def no_blocking(*a, **kw):
+        raise AssertionError("adopt_blocking used on the loop")
+    monkeypatch.setattr(openssh_mux, "forward_client", no_blocking)
+
+    def ours() -> set[int]:                               # the echo server's threads aside
+        return {th.ident or 0 for th in threading.enumerate() if "(_echo)" not in th.name}
+
+    async def hand_over() -> tuple[list, list, int]:
+        pairs = [socket.socketpair() for _ in range(20)]
+        before = ours()
+        handles = await asyncio.gather(*(t.adopt(theirs, "127.0.0.1", echo.port, 10) for _, theirs in pairs))
+        return pairs, handles, len(ours() - before)
+
+    try:
+        pairs, handles, new_threads = asyncio.run(hand_over())
+        assert new_threads == 0
+        for i, (ours, theirs) in enumerate(pairs):
+            theirs.close()                                # the master holds its own copy
+            ours.settimeout(10)
+            header = recv_exact(ours, 4)
+            recv_exact(ours, int.from_bytes(header[:3], "little"))
+            ours.sendall(b"x%d" % i * 1000)
+            assert recv_exact(ours, len(b"x%d" % i) * 1000) == b"x%d" % i * 1000
+        for h in handles:
+            h.close()
+        for ours, _ in pairs:
+            assert ours.recv(10) == b""                   # closing the handle ended the forward
+            ours.close()
+    finally:
+        t.close()
+
+
+def test_adopt_blocking_and_open_channel_still_work_off_the_loop(bastion, pool):
+    sshd, echo = bastion
+    t = OpenSshTransport(settings_for(sshd), pool)
+    t.connect()
+    try:
+        chan = t.open_channel("127.0.0.1", echo.port, 10)   # adopt_blocking on a socketpair
+        chan.settimeout(10)
+        header = recv_exact(chan, 4)
+        recv_exact(chan, int.from_bytes(header[:3], "little"))
+        chan.sendall(b"ping")
+        assert recv_exact(chan, 4) == b"ping"
+        chan.close()
+    finally:
+        t.close()
 
 
 def test_mariadb_cli_and_pymysql_through_the_master(stack, bastion, tunnels, pool, tmp_path):
@@ -277,6 +334,99 @@ def test_mux_alive_check_answers_with_the_master_pid(bastion, pool):
     assert not master.ping(1) and not pid_alive(master.pid)
 
 
+class _RegisterThenPause:
+    """The watcher's selector, with a pause after each register until the forward has ended
+    (at most 0.5 s): lets the select thread end a forward the master already ended before
+    ``watch`` returns, the interleaving that once left a stale registration."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+    def register(self, fileobj: Any, events: int, data: Any = None) -> Any:
+        key = self.real.register(fileobj, events, data)
+        if data is not None:
+            data.done.wait(0.5)
+        return key
+
+
+def test_end_watcher_leaves_no_stale_registration_when_the_master_ends_a_forward_at_once():
+    watcher = openssh_mux.EndWatcher("test-ends")
+    real = watcher._selector
+    try:
+        watcher._selector = _RegisterThenPause(real)
+        for _ in range(3):
+            ours, master_side = socket.socketpair()
+            master_side.close()                            # the master ended it: EOF at once
+            fwd = openssh_mux.MuxForward(openssh_mux.MuxConnection(ours), 1, "ended-at-once")
+            watcher.watch(fwd)
+            assert fwd.done.wait(5)
+            eventually(lambda: len(real.get_map()) == 1, timeout=5, what="only the wake socket left")
+        watcher._selector = real
+        ours, master_side = socket.socketpair()            # likely the same fd number again
+        fwd = openssh_mux.MuxForward(openssh_mux.MuxConnection(ours), 2, "next")
+        watcher.watch(fwd)                                 # once: KeyError, and the forward leaked
+        assert not fwd.ended and real.get_key(ours).data is fwd
+        master_side.close()
+        assert fwd.done.wait(5)
+    finally:
+        watcher.close()
+
+
+def test_forget_never_drops_another_forwards_registration():
+    watcher = openssh_mux.EndWatcher("test-forget")
+    try:
+        a, a_peer = socket.socketpair()
+        first = openssh_mux.MuxForward(openssh_mux.MuxConnection(a), 1, "first")
+        watcher.watch(first)
+        second = openssh_mux.MuxForward(openssh_mux.MuxConnection(a), 2, "same fd, not registered")
+        watcher.forget(second)
+        assert watcher._selector.get_key(a).data is first
+        first.close()
+        assert len(watcher._selector.get_map()) == 1
+        a_peer.close()
+    finally:
+        watcher.close()
+
+
+@pytest.mark.fault
+def test_master_killed_while_clients_arrive_leaks_no_forward(bastion, tunnels, pool, caplog):
+    """Clients keep connecting while the master is killed twice and the tunnel reconnects:
+    every connection ends, no callback fails, no KeyError."""
+    sshd, echo = bastion
+    t = tunnels(OpenSshTransport(settings_for(sshd), pool), ("127.0.0.1", echo.port))
+    eventually(lambda: t.state == S.UP, what="up")
+    stop = threading.Event()
+    held: list[socket.socket] = []
+
+    def arrive() -> None:
+        while not stop.is_set():
+            try:
+                held.append(socket.create_connection(("127.0.0.1", t.local_port), timeout=5))
+            except OSError:
+                pass
+    arrivals = [threading.Thread(target=arrive) for _ in range(4)]
+    for th in arrivals:
+        th.start()
+    try:
+        for _ in range(2):
+            eventually(lambda: t.status().connections_open >= 5, timeout=20, what="clients forwarded")
+            [old] = master_pids(pool)
+            os.kill(old, signal.SIGKILL)
+            eventually(lambda: master_pids(pool) not in ([], [old]) and t.state == S.UP, timeout=20,
+                       what="a new master")
+    finally:
+        stop.set()
+        for th in arrivals:
+            th.join(10)
+        for c in held:
+            c.close()
+    eventually(lambda: t.status().connections_open == 0, timeout=20, what="every connection ended")
+    assert "KeyError" not in caplog.text and "end callback failed" not in caplog.text
+
+
 def test_paths_with_spaces_and_percent_reach_ssh_as_one_path(bastion, tmp_path):
     """A key and known_hosts in a folder named "my keys %h": ssh must not split or expand them."""
     sshd, _ = bastion
@@ -338,3 +488,120 @@ def test_config_without_ssh_on_path_says_how_to_fix(monkeypatch):
         parse_config(BASE.format(extra='client = "openssh"'))
     text = str(info.value)
     assert "bastion.client" in text and "install the OpenSSH client" in text
+
+
+# ---- masters a killed daemon left ----------------------------------------------------------------
+
+def _fake_master(tmp_path: Path) -> tuple[subprocess.Popen, Path]:
+    """A process whose command line reads like a master's (``-o ControlMaster=yes``) and its folder."""
+    folder = tmp_path / "run" / "ssh-fake"
+    folder.mkdir(parents=True)
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "-o", "ControlMaster=yes"])
+    eventually(lambda: "ControlMaster=yes" in Path(f"/proc/{proc.pid}/cmdline").read_bytes().decode(errors="replace"),
+               what="the fake master's command line")
+    return proc, folder
+
+
+def _dead_owner() -> tuple[int, Any]:
+    """The pid and identity of a process that has ended (a daemon killed earlier)."""
+    from dbtunneld.core.paths import process_identity
+    owner = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    identity = process_identity(owner.pid)
+    owner.stdin.close()
+    owner.wait(10)
+    return owner.pid, identity
+
+
+def _rewrite(path: Path, **changes: Any) -> None:
+    import json
+    doc = json.loads(path.read_text())
+    doc.update(changes)
+    path.write_text(json.dumps(doc))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads /proc")
+def test_leftover_master_of_a_dead_daemon_is_stopped_by_pid(tmp_path):
+    proc, folder = _fake_master(tmp_path)
+    try:
+        record = openssh_leftovers.record_master(tmp_path / "run", proc.pid, folder)
+        owner_pid, owner = _dead_owner()
+        _rewrite(record, owner_pid=owner_pid, owner_started=owner.started, owner_command=owner.command)
+        assert openssh_leftovers.end_leftover_masters(tmp_path / "run") == [proc.pid]
+        assert proc.wait(5) == -signal.SIGTERM
+        assert not record.exists() and not folder.exists()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads /proc")
+def test_masters_of_a_live_daemon_and_reused_pids_are_left_alone(tmp_path):
+    proc, folder = _fake_master(tmp_path)
+    try:
+        record = openssh_leftovers.record_master(tmp_path / "run", proc.pid, folder)
+        # recorded by this (live) process: another daemon's master, even when asked from another pid
+        assert openssh_leftovers.end_leftover_masters(tmp_path / "run", me=1) == []
+        assert proc.poll() is None and record.exists()
+        # the owner is dead but the pid is now another process (another start time): not ours
+        owner_pid, owner = _dead_owner()
+        _rewrite(record, owner_pid=owner_pid, owner_started=owner.started, owner_command=owner.command,
+                 started=owner.started.rsplit(":", 1)[0] + ":1")
+        assert openssh_leftovers.end_leftover_masters(tmp_path / "run") == []
+        assert proc.poll() is None
+        assert not record.exists()                     # a record that names nothing of ours is dropped
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.fault
+def test_daemon_killed_with_an_openssh_tunnel_up_ends_the_old_master_at_restart(stack):
+    import json
+    import tempfile
+    from dbtunneld.sandbox.daemonproc import DaemonUnderTest
+    from dbtunneld.core.paths import process_identity
+
+    root = Path(tempfile.mkdtemp(prefix="dbt-ossh-", dir="/tmp"))    # short: the control path fits
+    old: dict[str, Any] = {}
+    old_identity = None
+    try:
+        with DaemonUnderTest(stack, root) as d:
+            d.write_config(d.config.replace('transport = "ssh"\n', 'transport = "ssh"\nclient = "openssh"\n', 1))
+            d.start()
+            d.sign_in()
+            d.cli("connect", "orders", "--wait", "45")
+            d.wait_up(["orders"])
+            assert _daemon_query(d, "orders")
+            records = openssh_leftovers.records_dir(d.paths.runtime_dir)
+            [found] = [json.loads(p.read_text()) for p in records.glob("*.json")]
+            old.update(found)
+            assert old["owner_pid"] == d.pid and pid_alive(old["pid"])
+            old_identity = process_identity(old["pid"])
+            d.kill()                                    # SIGKILL: the master outlives it
+            assert process_identity(old["pid"]) == old_identity
+            d.start()
+            assert process_identity(old["pid"]) != old_identity, "the old master still runs"
+            d.cli("connect", "orders", "--wait", "45")
+            d.wait_up(["orders"])
+            assert _daemon_query(d, "orders")
+            [new] = [json.loads(p.read_text()) for p in records.glob("*.json")]
+            assert new["pid"] != old["pid"] and new["owner_pid"] == d.pid and pid_alive(new["pid"])
+            d.stop()
+            eventually(lambda: not pid_alive(new["pid"]), timeout=10, what="the new master stopped with the daemon")
+            assert list(records.glob("*.json")) == []
+    finally:
+        if old and process_identity(old["pid"]) == old_identity:
+            os.kill(old["pid"], signal.SIGKILL)         # this test's own leftover, by pid
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _daemon_query(d: Any, name: str) -> bool:
+    c = d.creds(name)
+    conn = pymysql.connect(host="127.0.0.1", port=c["port"], user=c["username"], password=c["password"],
+                           database=c["database"] or None, connect_timeout=20, read_timeout=20)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1")
+            return cur.fetchone() == (1,)
+    finally:
+        conn.close()

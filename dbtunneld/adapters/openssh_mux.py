@@ -19,11 +19,15 @@ written from openssh-portable:
   of the same steps is ``mux_client_hello_exchange``, ``mux_client_request_alive`` and
   ``mux_client_request_stdio_fwd``.
 
+``forward_client_async`` is the same hand-over on the caller's asyncio loop (the engine loop):
+no thread waits on the master or the bastion while a client connection is handed over.
 ``EndWatcher`` is one selector thread per master that notices forwards ending (it wakes only then).
 """
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import logging
 import selectors
 import socket
@@ -77,7 +81,7 @@ class _Body:
     def u32(self) -> int:
         if self.at + 4 > len(self.data):
             raise ProtocolError("mux: message cut short")
-        (value,) = struct.unpack_from(">I", self.data, self.at)
+        value: int = struct.unpack_from(">I", self.data, self.at)[0]
         self.at += 4
         return value
 
@@ -106,6 +110,27 @@ def read_message(sock: socket.socket) -> tuple[int, _Body]:
         raise ProtocolError(f"mux: bad message length {length}")
     body = _Body(_recv_exact(sock, length))
     return body.u32(), body
+
+
+def check_hello(kind: int, body: _Body) -> None:
+    if kind != MUX_MSG_HELLO:
+        raise ProtocolError(f"mux: expected the master's hello, got 0x{kind:08x}")
+    version = body.u32()
+    if version != MUX_VERSION:
+        raise ProtocolError(f"mux: the ssh master speaks protocol {version}, not {MUX_VERSION}",
+                            hint="use OpenSSH 5.9 or newer")
+
+
+def check_reply(kind: int, body: _Body, rid: int, *wanted: int) -> _Body:
+    """The body of the reply to request ``rid``; a refusal as MuxRefusedError."""
+    if kind in (MUX_S_FAILURE, MUX_S_PERMISSION_DENIED):
+        body.u32()
+        raise MuxRefusedError(f"the ssh master refused: {body.string()}")
+    if kind not in wanted:
+        raise ProtocolError(f"mux: unexpected reply 0x{kind:08x}")
+    if body.u32() != rid:
+        raise ProtocolError("mux: reply to another request")
+    return body
 
 
 # ---- one control connection ----------------------------------------------------------------------
@@ -144,13 +169,7 @@ class MuxConnection:
         return conn
 
     def _read_hello(self) -> None:
-        kind, body = read_message(self.sock)
-        if kind != MUX_MSG_HELLO:
-            raise ProtocolError(f"mux: expected the master's hello, got 0x{kind:08x}")
-        version = body.u32()
-        if version != MUX_VERSION:
-            raise ProtocolError(f"mux: the ssh master speaks protocol {version}, not {MUX_VERSION}",
-                                hint="use OpenSSH 5.9 or newer")
+        check_hello(*read_message(self.sock))
 
     def _request_id(self) -> int:
         rid, self._next_id = self._next_id, self._next_id + 1
@@ -158,14 +177,7 @@ class MuxConnection:
 
     def _reply(self, rid: int, *wanted: int) -> _Body:
         kind, body = read_message(self.sock)
-        if kind in (MUX_S_FAILURE, MUX_S_PERMISSION_DENIED):
-            body.u32()
-            raise MuxRefusedError(f"the ssh master refused: {body.string()}")
-        if kind not in wanted:
-            raise ProtocolError(f"mux: unexpected reply 0x{kind:08x}")
-        if body.u32() != rid:
-            raise ProtocolError("mux: reply to another request")
-        return body
+        return check_reply(kind, body, rid, *wanted)
 
     def alive_check(self) -> int:
         """The master's pid, when it answers (MUX_C_ALIVE_CHECK -> MUX_S_ALIVE)."""
@@ -245,12 +257,12 @@ class MuxForward:
     abort = close
 
     def _finish(self) -> None:
-        with self._lock:
+        with self._lock:               # ordered with EndWatcher.watch: see there
             if self.done.is_set():
                 return
             self.done.set()
             callbacks, self._on_end = self._on_end, []
-        watcher = self.watcher
+            watcher = self.watcher
         if watcher is not None:
             watcher.forget(self)
         self._conn.close()          # the master sees EOF and ends the channel (control cleanup)
@@ -276,21 +288,34 @@ class EndWatcher:
         self._thread.start()
 
     def watch(self, forward: "MuxForward") -> None:
+        """Watch ``forward`` until it ends (ended at once when the watcher has closed).
+
+        Registered and given its ``watcher`` under the forward's own lock, which ``_finish`` holds
+        while it marks the end and reads ``watcher``: a forward this thread's select reports at
+        once (its master ended it already) is unregistered before its socket closes. Once the
+        other way round (registered, ended by the select thread, ``watcher`` set afterwards), its
+        fd number stayed registered after the close; the next forward given that number raised
+        KeyError ("already registered") and was never closed."""
         with self._lock:
-            if not self._closed:
-                self._selector.register(forward.sock, selectors.EVENT_READ, forward)
-                forward.watcher = self
-                return
-        forward.close()
+            with forward._lock:
+                registered = not self._closed and not forward.done.is_set()
+                if registered:
+                    forward.watcher = self
+                    self._selector.register(forward.sock, selectors.EVENT_READ, forward)
+        if not registered:
+            forward.close()
 
     def forget(self, forward: "MuxForward") -> None:
-        """Before its socket is closed (a reused fd number must not meet a stale registration)."""
+        """Before its socket is closed (a reused fd number must not meet a stale registration);
+        only its own registration (never another forward's on a reused fd number)."""
         with self._lock:
-            if not self._closed:
-                try:
+            if self._closed:
+                return
+            try:
+                if self._selector.get_key(forward.sock).data is forward:
                     self._selector.unregister(forward.sock)
-                except (KeyError, ValueError):
-                    pass
+            except (KeyError, ValueError):
+                pass
 
     def _run(self) -> None:
         while True:
@@ -329,26 +354,113 @@ class EndWatcher:
 def forward_client(control_path: str, client: socket.socket, host: str, port: int, timeout: float,
                    label: str) -> MuxForward:
     """Hand ``client`` to the master for host:port; the caller may close its own copy afterwards
-    (the master holds its own copies from here on)."""
+    (the master holds its own copies from here on). Blocking: see ``forward_client_async``."""
     rid = 1
     request = MuxConnection.stdio_forward_request(rid, host, port)
     conn = MuxConnection.open(control_path, timeout, request, (client.fileno(), client.fileno()))
     started = time.monotonic()
     try:
         session = conn.stdio_forward_reply(rid)
-    except socket.timeout:
+    except BaseException as exc:
         conn.close()
-        raise TransientError(f"the bastion did not open a channel to {host}:{port} within "
-                             f"{time.monotonic() - started:.1f} s") from None
-    except MuxRefusedError as exc:
-        conn.close()
-        raise MuxRefusedError(f"cannot forward to {host}:{port}: {exc.message}",
-                              hint="check that the bastion may reach it (PermitOpen / security groups)") from None
-    except OSError as exc:
-        conn.close()
-        raise TransientError(f"the ssh master failed while forwarding to {host}:{port}: {exc}") from None
-    except BaseException:
-        conn.close()
-        raise
+        raise _forward_failed(exc, host, port, time.monotonic() - started) from None
     conn.sock.settimeout(None)
     return MuxForward(conn, session, label)
+
+
+def _forward_failed(exc: BaseException, host: str, port: int, waited: float) -> BaseException:
+    """What a failed hand-over raises (one place for the blocking and the asyncio path)."""
+    if isinstance(exc, (socket.timeout, asyncio.TimeoutError)):
+        return TransientError(f"the bastion did not open a channel to {host}:{port} within {waited:.1f} s")
+    if isinstance(exc, MuxRefusedError):
+        return MuxRefusedError(f"cannot forward to {host}:{port}: {exc.message}",
+                               hint="check that the bastion may reach it (PermitOpen / security groups)")
+    if isinstance(exc, ConnectionRefusedError | FileNotFoundError):
+        return TransientError(f"cannot reach the ssh master's control socket: {exc.strerror or exc}")
+    if isinstance(exc, OSError):
+        return TransientError(f"the ssh master failed while forwarding to {host}:{port}: {exc}")
+    return exc
+
+
+async def forward_client_async(control_path: str, client: socket.socket, host: str, port: int,
+                               timeout: float, label: str) -> MuxForward:
+    """``forward_client`` on the running asyncio loop: connect, hello + request + the two fds,
+    the master's hello, its reply; each step waits on the loop, the whole within ``timeout``."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    started = time.monotonic()
+    try:
+        session = await asyncio.wait_for(_hand_over(sock, control_path, client.fileno(), host, port), timeout)
+    except BaseException as exc:
+        sock.close()
+        raise _forward_failed(exc, host, port, time.monotonic() - started) from None
+    sock.setblocking(True)
+    return MuxForward(MuxConnection(sock), session, label)
+
+
+async def _hand_over(sock: socket.socket, control_path: str, fd: int, host: str, port: int) -> int:
+    loop = asyncio.get_running_loop()
+    await _connect_unix(sock, control_path)
+    rid = 1
+    await loop.sock_sendall(sock, _message(MUX_MSG_HELLO, _u32(MUX_VERSION))
+                            + MuxConnection.stdio_forward_request(rid, host, port))
+    for _ in range(2):                         # stdin, stdout: the same socket
+        await _send_fd(sock, fd)
+    check_hello(*await _read_message_async(sock))
+    return check_reply(*await _read_message_async(sock), rid, MUX_S_SESSION_OPENED).u32()
+
+
+async def _connect_unix(sock: socket.socket, path: str) -> None:
+    """A non-blocking AF_UNIX connect fails with EAGAIN while the master's backlog is full
+    (it never completes later, unlike TCP's EINPROGRESS): try again on the next turns."""
+    while True:
+        try:
+            sock.connect(path)
+            return
+        except BlockingIOError as exc:
+            if exc.errno != errno.EAGAIN:
+                raise
+        await asyncio.sleep(0.002)
+
+
+async def _send_fd(sock: socket.socket, fd: int) -> None:
+    """One SCM_RIGHTS message of one fd and one byte (monitor_fdpass.c ``mm_receive_fd``)."""
+    while True:
+        try:
+            socket.send_fds(sock, [b"\0"], [fd])
+            return
+        except BlockingIOError:
+            await _writable(sock)
+
+
+async def _writable(sock: socket.socket) -> None:
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+    loop.add_writer(sock.fileno(), wake)
+    try:
+        await ready
+    finally:
+        loop.remove_writer(sock.fileno())
+
+
+async def _read_message_async(sock: socket.socket) -> tuple[int, _Body]:
+    (length,) = struct.unpack(">I", await _recv_exact_async(sock, 4))
+    if not 4 <= length <= MAX_MESSAGE:
+        raise ProtocolError(f"mux: bad message length {length}")
+    body = _Body(await _recv_exact_async(sock, length))
+    return body.u32(), body
+
+
+async def _recv_exact_async(sock: socket.socket, n: int) -> bytes:
+    loop = asyncio.get_running_loop()
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = await loop.sock_recv(sock, n - len(buf))
+        if not chunk:
+            raise ClosedError("the ssh master closed the control connection")
+        buf += chunk
+    return bytes(buf)

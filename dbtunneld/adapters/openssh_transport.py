@@ -29,8 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..core.errors import DbtunneldError, ClosedError, HostKeyError, NeedsUserError, PermissionDeniedError, TransientError
-from . import openssh_mux
+from ..core.errors import (ClosedError, DbtunneldError, HostKeyError, NeedsUserError, PermissionDeniedError,
+                           ProtocolError, TransientError)
+from . import openssh_leftovers, openssh_mux
 from .transport import Transport
 
 log = logging.getLogger(__name__)
@@ -144,11 +145,13 @@ class OpenSshMaster:
 
     def __init__(self, settings: MasterSettings, runtime_dir: Path) -> None:
         self.settings = settings
+        self._runtime_dir = runtime_dir
+        self._record: Path | None = None
         self.dir = _private_dir(runtime_dir)
         self.control_path = str(self.dir / "c")
         self.exited = threading.Event()
         self._on_exit: list[Any] = []
-        self._proc: subprocess.Popen | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
         self._watcher: openssh_mux.EndWatcher | None = None
         self._lock = threading.Lock()
 
@@ -163,6 +166,7 @@ class OpenSshMaster:
             self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
                                           start_new_session=True, close_fds=True)
         log.info("ssh master for %s@%s started (pid %d)", s.user, s.label, self._proc.pid)
+        self._record = openssh_leftovers.record_master(self._runtime_dir, self._proc.pid, self.dir)
         try:
             self._wait_ready(time.monotonic() + s.connect_timeout + s.health_timeout)
         except BaseException:
@@ -250,14 +254,32 @@ class OpenSshMaster:
             return False
         try:
             return openssh_mux.alive_check(self.control_path, timeout) == self.pid
-        except (TransientError, ClosedError, openssh_mux.ProtocolError):
+        except (TransientError, ClosedError, ProtocolError):
             return False
 
     def forward(self, client: socket.socket, host: str, port: int, timeout: float, label: str) -> openssh_mux.MuxForward:
+        self._check_alive()
+        return self._watched(openssh_mux.forward_client(self.control_path, client, host, port, timeout, label))
+
+    async def forward_async(self, client: socket.socket, host: str, port: int, timeout: float,
+                            label: str) -> openssh_mux.MuxForward:
+        """``forward`` on the running asyncio loop (the engine's): no thread waits meanwhile."""
+        self._check_alive()
+        fwd = await openssh_mux.forward_client_async(self.control_path, client, host, port, timeout, label)
+        return self._watched(fwd)
+
+    def _check_alive(self) -> None:
         if not self.is_alive() or self._watcher is None:
             raise TransientError(f"the ssh master for {self.settings.label} is gone")
-        fwd = openssh_mux.forward_client(self.control_path, client, host, port, timeout, label)
-        self._watcher.watch(fwd)
+
+    def _watched(self, fwd: openssh_mux.MuxForward) -> openssh_mux.MuxForward:
+        watcher = self._watcher
+        assert watcher is not None
+        try:
+            watcher.watch(fwd)
+        except BaseException:
+            fwd.close()                  # never a forward nobody watches or holds
+            raise
         return fwd
 
     def stop(self) -> None:
@@ -273,6 +295,12 @@ class OpenSshMaster:
                 proc.wait(STOP_WAIT)
             log.info("ssh master for %s stopped (pid %d)", self.settings.label, proc.pid)
         shutil.rmtree(self.dir, ignore_errors=True)
+        openssh_leftovers.forget_master(self._record)
+
+
+def _channel_refused(s: MasterSettings, exc: openssh_mux.MuxRefusedError) -> DbtunneldError:
+    from .ssh import ChannelOpenError
+    return ChannelOpenError(f"the bastion {s.label} could not open a channel: {exc.message}", hint=exc.hint)
 
 
 def _private_dir(runtime_dir: Path) -> Path:
@@ -293,6 +321,11 @@ class MasterPool:
         self._starting: dict[MasterSettings, threading.Lock] = {}
         self._current: dict[MasterSettings, OpenSshMaster] = {}
         self._refs: dict[int, int] = {}
+
+    def use_runtime_dir(self, runtime_dir: Path) -> None:
+        """Where masters (and their records, ``openssh_leftovers``) go from now on: the daemon's."""
+        with self._lock:
+            self._runtime_dir = runtime_dir
 
     def runtime_dir(self) -> Path:
         if self._runtime_dir is None:
@@ -336,7 +369,8 @@ MASTERS = MasterPool()
 
 
 class OpenSshTransport(Transport):
-    """``ssh`` through a shared OpenSSH master: ``adopt`` hands a client socket over;
+    """``ssh`` through a shared OpenSSH master: ``adopt`` hands a client socket over (on the
+    engine's asyncio loop; ``adopt_blocking`` elsewhere);
     ``open_channel`` (probes, relays that must see the bytes) gives one end of a socketpair."""
 
     kind = "ssh"
@@ -365,15 +399,26 @@ class OpenSshTransport(Transport):
             raise TransientError("ssh: not connected")
         return master
 
-    def adopt(self, client: socket.socket, host: str, port: int, timeout: float,
-              label: str = "") -> openssh_mux.MuxForward:
-        """Hand ``client`` to the master (the caller closes its copy); a handle with close()/done."""
+    async def adopt(self, client: socket.socket, host: str, port: int, timeout: float,
+                    label: str = "") -> openssh_mux.MuxForward:
+        """Hand ``client`` to the master on the running asyncio loop (the caller closes its copy);
+        a handle with close()/done."""
+        try:
+            fwd = await self._current().forward_async(client, host, port, timeout, label or f"{host}:{port}")
+        except openssh_mux.MuxRefusedError as exc:
+            raise _channel_refused(self.settings, exc) from None
+        return self._track(fwd)
+
+    def adopt_blocking(self, client: socket.socket, host: str, port: int, timeout: float,
+                       label: str = "") -> openssh_mux.MuxForward:
+        """``adopt`` for callers off any loop (``open_channel``): blocks the calling thread."""
         try:
             fwd = self._current().forward(client, host, port, timeout, label or f"{host}:{port}")
         except openssh_mux.MuxRefusedError as exc:
-            from .ssh import ChannelOpenError
-            raise ChannelOpenError(f"the bastion {self.settings.label} could not open a channel: {exc.message}",
-                                   hint=exc.hint) from None
+            raise _channel_refused(self.settings, exc) from None
+        return self._track(fwd)
+
+    def _track(self, fwd: openssh_mux.MuxForward) -> openssh_mux.MuxForward:
         with self._lock:
             self._forwards.add(fwd)
         fwd.on_end(self._forgotten)
@@ -386,7 +431,7 @@ class OpenSshTransport(Transport):
     def open_channel(self, host: str, port: int, timeout: float) -> Any:
         ours, theirs = socket.socketpair()
         try:
-            self.adopt(theirs, host, port, timeout)
+            self.adopt_blocking(theirs, host, port, timeout)
         except BaseException:
             ours.close()
             raise

@@ -37,8 +37,9 @@ class Transport(ABC):
     # was measured to help: plain SSH. Over SSM, pinned threads cut 50-connection transfers short
     # (the SSH socket's writes failed), so those paths stay unpinned until that is understood.
     pin_data_path = False
-    # True: the tunnel hands accepted client sockets to ``adopt(client, host, port, timeout)``
-    # (a handle with close() / done / on_end) and never moves their bytes (``openssh_transport``).
+    # True: the tunnel hands accepted client sockets to ``await adopt(client, host, port, timeout)``
+    # on its engine loop (a handle with close() / done / on_end) and never moves their bytes
+    # (``openssh_transport``).
     adopts_clients = False
 
     @abstractmethod
@@ -57,9 +58,14 @@ class Transport(ABC):
         """Does the far side answer within ``timeout``? (SSH keepalive; liveness otherwise.)"""
         return self.is_alive()
 
-    def adopt(self, client: socket.socket, host: str, port: int, timeout: float) -> Any:
-        """Forward ``client`` to host:port itself (only when ``adopts_clients``); a handle with
-        ``on_end`` / ``abort`` / ``received``, like a ``forward_link.Link``."""
+    async def adopt(self, client: socket.socket, host: str, port: int, timeout: float) -> Any:
+        """Forward ``client`` to host:port itself (only when ``adopts_clients``), handed over on the
+        running asyncio loop (the engine's); a handle with ``on_end`` / ``abort`` / ``received``,
+        like a ``forward_link.Link``."""
+        raise NotImplementedError(f"transport {self.kind!r} does not adopt client sockets")
+
+    def adopt_blocking(self, client: socket.socket, host: str, port: int, timeout: float) -> Any:
+        """``adopt`` for a caller on no loop: blocks the calling thread."""
         raise NotImplementedError(f"transport {self.kind!r} does not adopt client sockets")
 
     def ping_interval(self, keepalive_interval: float) -> float:

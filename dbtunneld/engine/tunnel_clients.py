@@ -240,7 +240,9 @@ class ClientSide:
                 return got
             generation, checks = got
             try:
-                return await self._blocking(self._open_channel, deadline, adopt), generation
+                if adopt is not None:
+                    return await self._adopt_on_loop(deadline, adopt), generation
+                return await self._blocking(self._open_channel, deadline), generation
             except (DbtunneldError, OSError) as exc:
                 if isinstance(exc, NeedsUserError) or _remote_refused(exc):
                     self._gate.kick("check")
@@ -249,13 +251,21 @@ class ClientSide:
                 self._gate.kick("suspect")
                 seen = generation
 
-    def _open_channel(self, deadline: float, adopt: socket.socket | None = None) -> Any:
-        """On the worker pool: one channel, or the transport's handle on the adopted client (closed
-        at once if the tunnel stopped meanwhile)."""
-        timeout = max(0.5, min(self._gate.settings.health_timeout, deadline - time.monotonic()))
-        transport = self._gate.transport
-        chan = (transport.adopt(adopt, *self._gate.remote, timeout) if adopt is not None
-                else transport.open_channel(*self._gate.remote, timeout=timeout))
+    def _open_channel(self, deadline: float) -> Any:
+        """On the worker pool: one channel (closed at once if the tunnel stopped meanwhile)."""
+        chan = self._gate.transport.open_channel(*self._gate.remote, timeout=self._open_timeout(deadline))
+        return self._unless_stopping(chan)
+
+    async def _adopt_on_loop(self, deadline: float, client: socket.socket) -> Any:
+        """On the engine loop (no worker thread): the transport's handle on the adopted client
+        (closed at once if the tunnel stopped meanwhile)."""
+        handle = await self._gate.transport.adopt(client, *self._gate.remote, self._open_timeout(deadline))
+        return self._unless_stopping(handle)
+
+    def _open_timeout(self, deadline: float) -> float:
+        return max(0.5, min(self._gate.settings.health_timeout, deadline - time.monotonic()))
+
+    def _unless_stopping(self, chan: Any) -> Any:
         if self._forwarder is None:
             close_quietly(chan)
             raise OSError("the tunnel is stopping")

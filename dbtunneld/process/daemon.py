@@ -177,6 +177,7 @@ class Daemon:
             self.engine.stop()          # never started: closes the loop
             raise
         try:
+            self._end_leftover_ssh_masters()      # before any tunnel starts one
             self.engine.start()
             config = self._load_config()
             factories = self.factories or default_factories()
@@ -193,6 +194,14 @@ class Daemon:
         sd_notify("READY=1")
         log.info("dbtunneld daemon ready (pid %d, config %s)", os.getpid(), self.config_path)
         return self
+
+    def _end_leftover_ssh_masters(self) -> None:
+        """``ssh -M`` masters a killed earlier life of this daemon left (its records in our runtime
+        dir; never another daemon's or any other ssh), stopped by pid; new masters recorded there."""
+        from ..adapters import openssh_leftovers
+        from ..adapters.openssh_transport import MASTERS
+        openssh_leftovers.end_leftover_masters(self.paths.runtime_dir)
+        MASTERS.use_runtime_dir(self.paths.runtime_dir)
 
     def _record_ssm_sessions(self) -> Any:
         from ..adapters.ssm import session_registry
