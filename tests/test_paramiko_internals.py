@@ -100,6 +100,15 @@ def check_check_add_window():
     assert "self.in_window_sofar += n" in text and "return out" in text
 
 
+def check_send_message():
+    """send_keepalive sends from the engine loop without waiting: ``_send_message(data)`` writes
+    through the packetizer (under its write lock), ``clear_to_send``/``clear_to_send_lock`` gate it."""
+    assert params(paramiko.Transport._send_message) == ["self", "data"]
+    assert "packetizer.send_message" in source(paramiko.Transport._send_message)
+    t = paramiko.Transport(socket.socketpair()[0])
+    assert hasattr(t, "clear_to_send") and hasattr(t, "clear_to_send_lock")
+
+
 def check_send_user_message():
     assert params(paramiko.Transport._send_user_message) == ["self", "data"]
     assert "self.clear_to_send" in source(paramiko.Transport._send_user_message)   # waits out a kex
@@ -168,6 +177,7 @@ PINNED = {
     "_window_adjust": check_window_adjust,
     "_check_add_window": check_check_add_window,
     "_send_user_message": check_send_user_message,
+    "_send_message": check_send_message,
     "_active_check_timeout": check_active_check_timeout,
     "_Packetizer__write_lock": check_packetizer_write_lock,
     "_closed": check_sock_closed,

@@ -31,7 +31,7 @@ from typing import Any
 
 from ..core.errors import (ClosedError, DbtunneldError, HostKeyError, NeedsUserError, PermissionDeniedError,
                            ProtocolError, TransientError)
-from . import openssh_leftovers, openssh_mux
+from . import openssh_leftovers, openssh_mux, upstream_end
 from .transport import Transport
 
 log = logging.getLogger(__name__)
@@ -382,16 +382,18 @@ class OpenSshTransport(Transport):
         self._master: OpenSshMaster | None = None
         self._gone = threading.Event()
         self._gone.set()
+        self._end = upstream_end.ended()     # told when the master exits, or on close (on_closed)
         self._forwards: set[openssh_mux.MuxForward] = set()
         self._lock = threading.Lock()
 
     def connect(self) -> None:
         self.close()
         master = self._pool.acquire(self.settings)
-        gone = threading.Event()
+        gone, end = threading.Event(), upstream_end.UpstreamEnd()
         with self._lock:
-            self._master, self._gone = master, gone
+            self._master, self._gone, self._end = master, gone, end
         master.on_exit(gone.set)
+        master.on_exit(end.end)
 
     def _current(self) -> OpenSshMaster:
         master = self._master
@@ -452,6 +454,9 @@ class OpenSshTransport(Transport):
         unanswered: no periodic ping from the tunnel (``ping`` stays for checks on demand)."""
         return math.inf
 
+    def on_closed(self, callback: Any) -> None:
+        self._end.add(callback)
+
     def wait_closed(self, timeout: float | None = None) -> bool:
         return self._gone.wait(timeout)
 
@@ -463,12 +468,14 @@ class OpenSshTransport(Transport):
         with self._lock:
             master, self._master = self._master, None
             forwards, self._forwards = list(self._forwards), set()
-            gone = self._gone
+            gone, end = self._gone, self._end
         gone.set()
+        end.end()
         for fwd in forwards:
             fwd.close()
         if master is not None:
             master.forget(gone.set)
+            master.forget(end.end)
             self._pool.release(master)
 
     def describe(self) -> str:

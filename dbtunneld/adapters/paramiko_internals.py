@@ -25,6 +25,15 @@ only (``tests/test_paramiko_internals.py`` scans for it). What this module relie
 - ``Packetizer.complete_handshake()``: paramiko calls it after every message it reads; only the
   first call does anything, so later ones are skipped (a lock and an Event.set each).
 - ``Transport._active_check_timeout``: how often the reader wakes while logging in (1 s, not 0.1 s).
+- ``Transport.run`` (the reader thread's body): wrapped, so its end is an event (``on_reader_end``),
+  not something to poll ``is_active()`` for.
+- ``Transport._parse_request_success`` / ``_parse_request_failure`` (bound into ``_handler_table``
+  by ``Transport.__init__``): extended to answer our keepalives (``send_keepalive``) without
+  paramiko's ``global_request(wait=True)``, which polls every 0.1 s on a thread of its own.
+- ``Transport._send_user_message(m)`` / ``_send_message(m)``, ``clear_to_send`` (Event) and
+  ``clear_to_send_lock``, ``Transport.sock``, ``paramiko.common.cMSG_GLOBAL_REQUEST``: a keepalive
+  sent without waiting only when nothing is in its way (no key exchange, the write lock free,
+  nothing gathered, room in the socket), else the caller sends it with waiting on a worker.
 - ``Transport.stop_thread`` reads ``sock._closed`` of a socket-like carrier: carriers that are not
   sockets define it (``dbtunneld.adapters.ssm.plugin.PluginProxy._closed``).
 
@@ -36,13 +45,18 @@ pins the same; outside it
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
+import select
+import socket
 import threading
 from typing import Any, Callable, ContextManager, Iterator, Protocol
 
 import paramiko
 import paramiko.common
+
+from .upstream_end import UpstreamEnd
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +199,32 @@ class _QuietTransport(paramiko.Transport):  # type: ignore[misc]  # paramiko is 
                          packetizer_class=_GatheringPacketizer)
         self.sink_lock = threading.Lock()
         self.packetizer.complete_handshake = _once(self.packetizer.complete_handshake)
+        self.reader_end = UpstreamEnd()
+        self.keepalive_lock = threading.Lock()
+        self.keepalive_waiters: collections.deque[Callable[[], None]] = collections.deque()
+
+    def run(self) -> None:
+        """paramiko's reader loop; its end (EOF, a broken socket, ``close``) is told at once."""
+        try:
+            super().run()
+        finally:
+            self.reader_end.end()
+
+    def _parse_request_success(self, m: Any) -> None:
+        super()._parse_request_success(m)
+        self._keepalive_answered()
+
+    def _parse_request_failure(self, m: Any) -> None:
+        super()._parse_request_failure(m)
+        self._keepalive_answered()
+
+    def _keepalive_answered(self) -> None:
+        """A reply to the oldest global request (replies come in order, RFC 4254 4): success or
+        failure, the server is alive."""
+        with self.keepalive_lock:
+            answered = self.keepalive_waiters.popleft() if self.keepalive_waiters else None
+        if answered is not None:
+            answered()
 
 
 def _once(fn: Callable[[], None]) -> Callable[[], None]:
@@ -208,6 +248,73 @@ def new_transport(sock: Any, window_size: int, max_packet: int, log_channel: str
     transport.set_log_channel(log_channel)
     transport.packetizer.set_log(transport.logger)
     return transport
+
+
+def on_reader_end(transport: paramiko.Transport, callback: Callable[[], None]) -> None:
+    """``callback()`` once when the reader thread of a ``new_transport`` ends (at once if it has)."""
+    transport.reader_end.add(callback)
+
+
+def send_keepalive(transport: paramiko.Transport, answered: Callable[[], None], wait: bool) -> bool | None:
+    """Send ``keepalive@openssh.com`` wanting a reply; ``answered()`` runs on the reader thread
+    when it comes (no thread per ping). True: sent; False: the connection is gone; None (only
+    with ``wait=False``): not sent, something is in the way (a key exchange, another writer,
+    a full socket): send it again with ``wait=True`` on a thread that may block."""
+    if not transport.is_active():
+        return False
+    m = paramiko.Message()
+    m.add_byte(paramiko.common.cMSG_GLOBAL_REQUEST)
+    m.add_string("keepalive@openssh.com")
+    m.add_boolean(True)
+    with transport.keepalive_lock:
+        transport.keepalive_waiters.append(answered)
+    try:
+        if wait:
+            transport._send_user_message(m)      # waits out a key exchange; drops it when dead
+            sent = True
+        else:
+            sent = _send_now(transport, m)
+    except (paramiko.SSHException, EOFError, OSError):
+        sent = False
+    if not sent:
+        with transport.keepalive_lock:
+            if answered in transport.keepalive_waiters:
+                transport.keepalive_waiters.remove(answered)
+        return None if transport.is_active() and not wait else False
+    return bool(transport.is_active())
+
+
+def _send_now(transport: paramiko.Transport, m: paramiko.Message) -> bool:
+    """Send ``m`` only if that cannot block; False (nothing sent) otherwise."""
+    if not transport.clear_to_send_lock.acquire(blocking=False):
+        return False
+    try:
+        if not transport.clear_to_send.is_set():
+            return False                                   # a key exchange runs
+        packetizer = transport.packetizer
+        write_lock = packetizer._Packetizer__write_lock
+        if not write_lock.acquire(blocking=False):
+            return False                                   # another thread is writing
+        try:
+            if packetizer._gathered or not _has_room(transport.sock):
+                return False
+            transport._send_message(m)
+            return True
+        finally:
+            write_lock.release()
+    finally:
+        transport.clear_to_send_lock.release()
+
+
+def _has_room(sock: Any) -> bool:
+    """A real socket that takes a small write without blocking (a carrier that is not a socket: no)."""
+    if not isinstance(sock, socket.socket) or sock.fileno() < 0:
+        return False
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(sock, select.POLLOUT)
+        return bool(poller.poll(0))
+    return bool(select.select([], [sock], [], 0)[1])
 
 
 def gathering(transport: paramiko.Transport) -> ContextManager[None]:

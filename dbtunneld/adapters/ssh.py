@@ -11,7 +11,8 @@ Instance Connect key), ``ssh_channel`` (channels as forwarding upstreams) and
 Tuning (see STACK-NOTES, "SSH forwarding speed"): 16 MiB channel windows, 256 KiB packets,
 aes128-gcm first, TCP_NODELAY, a reader thread that blocks without a timeout once logged in
 (no poll() per read, no idle wake-ups), channel data written straight into the client's socket
-by that thread, and the packets of one forwarding-loop turn written together.
+by that thread, and the packets of one forwarding-loop turn written together. Its end and its
+keepalive replies are events from that thread (``on_closed``, ``keepalive``): nothing polls.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-from typing import Any
+from typing import Any, Callable
 
 import paramiko
 
@@ -131,7 +132,6 @@ class SshConnection:
         self._transport = transport
         self._sock = sock
         self._options = options
-        self._ping_lock = threading.Lock()
 
     @property
     def label(self) -> str:
@@ -152,23 +152,22 @@ class SshConnection:
         return ForwardChannel(chan)
 
     def ping(self, timeout: float) -> bool:
-        """True when the server answers a keepalive request within ``timeout`` seconds."""
-        if not self.is_alive():
-            return False
-        with self._ping_lock:
-            answered = threading.Event()
-            worker = threading.Thread(target=self._ping_once, args=(answered,),
-                                      name=f"ssh-ping {self.label}", daemon=True)
-            worker.start()
-            return answered.wait(timeout)
+        """True when the server answers a keepalive request within ``timeout`` seconds (sent from
+        this thread; the reader thread's reply sets an Event: no thread per ping)."""
+        answered = threading.Event()
+        return bool(self.keepalive(answered.set, wait=True)) and answered.wait(timeout)
 
-    def _ping_once(self, answered: threading.Event) -> None:
-        try:
-            self._transport.global_request("keepalive@openssh.com", wait=True)
-        except Exception:  # a dying transport raises assorted errors: not an answer
-            return
-        if self._transport.is_active():
-            answered.set()   # success or failure reply: either proves the server is alive
+    def keepalive(self, answered: Callable[[], None], wait: bool = False) -> bool | None:
+        """Send one keepalive; ``answered()`` runs on paramiko's reader thread when the server
+        replies (success or failure: either proves it alive). True: sent; False: the connection
+        is gone; None: not sent, it would have had to wait (try again with ``wait=True`` off the
+        engine loop; see ``paramiko_internals.send_keepalive``)."""
+        return paramiko_internals.send_keepalive(self._transport, answered, wait)
+
+    def on_closed(self, callback: Callable[[], None]) -> None:
+        """``callback()`` once when the connection ends (paramiko's reader thread leaves: EOF,
+        a reset, ``close``); at once if it has."""
+        paramiko_internals.on_reader_end(self._transport, callback)
 
     def is_alive(self) -> bool:
         return bool(self._transport.is_active())

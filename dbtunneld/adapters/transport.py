@@ -72,6 +72,23 @@ class Transport(ABC):
         """How often the tunnel pings while up (an upstream that keeps itself alive: never)."""
         return keepalive_interval
 
+    def keepalive(self, answered: Callable[[], None], wait: bool = False) -> bool | None:
+        """Send one keepalive without waiting for its reply; ``answered()`` runs (any thread) when
+        the far side replies. True: sent; False: the upstream is gone; None: not sent (it would
+        block, or this transport has none that answers by event): the tunnel then calls ``ping``
+        on a worker thread."""
+        return None
+
+    def on_closed(self, callback: Callable[[], None]) -> None:
+        """``callback()`` once (any thread) when the current upstream ends, underneath or by
+        ``close``; at once when there is none. Every dbtunneld transport signals it by event
+        (``upstream_end.UpstreamEnd``); this fallback, for stand-ins, waits in ``wait_closed``."""
+        if not self.is_alive():
+            callback()
+            return
+        threading.Thread(target=lambda: (self.wait_closed(None), callback()), name=f"{self.kind}-end-watch",
+                         daemon=True).start()
+
     def wait_closed(self, timeout: float | None = None) -> bool:
         """Block until the current upstream dies (or ``timeout``); True when it is gone."""
         end = None if timeout is None else time.monotonic() + timeout
@@ -146,6 +163,17 @@ class SshBasedTransport(Transport):
     def ping(self, timeout: float) -> bool:
         conn = self._conn
         return conn is not None and conn.ping(timeout)
+
+    def keepalive(self, answered: Callable[[], None], wait: bool = False) -> bool | None:
+        conn = self._conn
+        return False if conn is None else conn.keepalive(answered, wait)
+
+    def on_closed(self, callback: Callable[[], None]) -> None:
+        conn = self._conn
+        if conn is None:
+            callback()
+        else:
+            conn.on_closed(callback)     # paramiko's reader ends: EOF from the carrier, or close()
 
     def wait_closed(self, timeout: float | None = None) -> bool:
         conn = self._conn
@@ -342,6 +370,20 @@ class SsmPortForwardTransport(Transport):
     def is_alive(self) -> bool:
         session = self._session
         return session is not None and session.is_alive()
+
+    def keepalive(self, answered: Callable[[], None], wait: bool = False) -> bool | None:
+        """The session keeps itself alive (WebSocket pings); a keepalive is its liveness flag."""
+        if not self.is_alive():
+            return False
+        answered()
+        return True
+
+    def on_closed(self, callback: Callable[[], None]) -> None:
+        session = self._session
+        if session is None:
+            callback()
+        else:
+            session.on_closed(callback)   # the data channel closed (underneath, or close())
 
     def wait_closed(self, timeout: float | None = None) -> bool:
         session = self._session

@@ -17,8 +17,9 @@ Public API (blocking; each session runs its own event-loop thread)::
     pf.close()
 
 Both sessions have ``session_id``, ``target``, ``closed`` (a ``threading.Event``),
-``wait_closed(timeout)``, ``is_alive()``, ``last_error`` (why it ended underneath: the service
-terminated it, a resume failed...), ``stats`` and ``close()``; they are context managers.
+``wait_closed(timeout)``, ``on_closed(callback)`` (once, when it ends), ``is_alive()``,
+``last_error`` (why it ended underneath: the service terminated it, a resume failed...),
+``stats`` and ``close()``; they are context managers.
 ``start_*`` raise the project's errors: ``ConfigError`` (bad target/port), ``SignInNeededError``,
 ``PermissionDeniedError`` (e.g. no kms:GenerateDataKey for a KMS-encrypted session),
 ``NeedsUserError`` (old agents, a disabled KMS key),

@@ -25,6 +25,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, Self, TypeVar
 
 from ...core.errors import ClosedError, DbtunneldError, NeedsUserError, TransientError
+from ..upstream_end import UpstreamEnd
 from .api import Grant, SsmApi
 from .channel import DataChannel
 from .channel_handshake import Handshake
@@ -103,6 +104,7 @@ class _BaseSession:
         self.session_id = grant.session_id
         self.target = target
         self.closed = threading.Event()
+        self.ended = UpstreamEnd()            # told when ``closed`` is set (``on_closed``)
         self.last_error: DbtunneldError | None = None
         self._api = api
         self._grant = grant
@@ -143,6 +145,7 @@ class _BaseSession:
         await self._detach()
         self.last_error = self.last_error or channel.error
         self.closed.set()
+        self.ended.end()
 
     # --- public ----------------------------------------------------------------------------
 
@@ -155,6 +158,10 @@ class _BaseSession:
 
     def wait_closed(self, timeout: float | None = None) -> bool:
         return self.closed.wait(timeout)
+
+    def on_closed(self, callback: Callable[[], None]) -> None:
+        """``callback()`` once when the session ends (its data channel closed, or ``close``)."""
+        self.ended.add(callback)
 
     def close(self, timeout: float = 15.0) -> None:
         """End the session (TerminateSession included) and stop its thread. Idempotent."""
@@ -169,6 +176,7 @@ class _BaseSession:
             log.warning("[ssm session=%s] close: %s: %s", self.session_id, type(exc).__name__, exc)
         finally:
             self.closed.set()
+            self.ended.end()
             self._loop.stop()
             _open_sessions.discard(self)
 
