@@ -227,7 +227,11 @@ def test_one_turns_packets_leave_in_one_write(conn, echo):
     assert conn.carrier.sends == before + 1
     with paramiko_internals.gathering(conn._transport):
         chans[0].sendall(b"first")
-        assert conn.ping(5)                             # the keepalive goes out from another thread
+        pinged: list = []                               # the keepalive goes out from another thread
+        pinger = threading.Thread(target=lambda: pinged.append(conn.ping(5)))
+        pinger.start()
+        pinger.join(10)
+        assert pinged == [True]
         assert conn.carrier.sends == before + 3         # gathered bytes, then the keepalive
         chans[0].sendall(b"second")
     assert [read_exact(c, 6) for c in chans] == [b"turn 0", b"turn 1", b"turn 2"]
