@@ -5,6 +5,7 @@ and the status publisher run on it (issue 16). Code on the loop never blocks: a 
 (hvac, boto3, keyring, a socket connect) goes through ``run_blocking``, which runs it on a
 bounded worker pool with a deadline. Other threads (the data path, the tray's UI thread, signal
 handlers) reach the loop only through ``call`` / ``submit`` / ``run``, which are thread-safe.
+Periodic work on the loop goes through ``timers`` (``coalesced_timers``), so it shares wake-ups.
 
 ``EngineLoop`` is a context manager; ``stop`` cancels what is still running, waits for it within
 a bound and ends the thread (no worker outlives it by more than its current call).
@@ -18,6 +19,7 @@ import logging
 import threading
 from typing import Any, Awaitable, Callable, Coroutine, TypeVar
 
+from .coalesced_timers import CoalescedTimers
 from .workers import DaemonThreadPool
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,7 @@ class EngineLoop:
         self._loop = asyncio.new_event_loop()
         self._pool = DaemonThreadPool(max_workers=workers, thread_name_prefix=f"{name}-io")   # never holds the exit
         self._loop.set_default_executor(self._pool)
+        self.timers = CoalescedTimers(self._loop)     # shared wake-ups (loop thread only)
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._closed = False

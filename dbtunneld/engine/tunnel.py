@@ -3,12 +3,13 @@
 The port is bound once and stays bound while the upstream is rebuilt: a client that connects
 during a rebuild waits (up to ``tunnels.connect_wait``) and then flows. Client side:
 ``tunnel_clients``; bytes: ``forward.Forwarder`` (one loop thread); state table and retries:
-``tunnel_state``; checks while up: ``tunnel_health``.
+``tunnel_state``; checks while up: ``tunnel_health``; keepalives and the upstream's end, by events
+on the engine loop: ``keepalive``.
 
 The keeper is a unit of the engine's ``scheduler.Scheduler``: ``Tunnel.step()`` does what the
 state calls for (connect, check, leave backoff, re-ask for credentials) and returns the delay to
 its next step, never waiting inside it; wakes (``check_now``, ``reconnect``, a waiting client, a
-dead upstream) make it due at once. The first retry after losing a proven upstream is immediate.
+dead or silent upstream) make it due at once. An idle tunnel that is up has no steps. The first retry after losing a proven upstream is immediate.
 
 The API the supervisor uses (``scheduler`` and ``engine`` go together: the scheduler that
 ``Scheduler.drive(engine)`` runs; the loop accepts clients, its pool runs steps and channel opens):
@@ -42,7 +43,8 @@ from .engine_loop import EngineLoop
 from .own_schedule import DUE_SLACK, OwnSchedule
 from .scheduler import Scheduler
 from .tunnel_clients import BeforeRelay, ClientSide, data_path_cpu, on_cpu, pin_this_thread
-from .tunnel_health import Finding, Probe, UpstreamHealth, probe_mysql, watch_liveness
+from .keepalive import UpstreamWatch
+from .tunnel_health import Finding, Probe, UpstreamHealth, probe_mysql
 from .tunnel_state import RETRY_CYCLE, RetrySchedule, StateMachine
 
 log = logging.getLogger(__name__)
@@ -99,10 +101,11 @@ class Tunnel:
         # this tunnel's data path runs on one CPU, where the transport allows it
         self._cpu = data_path_cpu() if transport.pin_data_path else None
         self._clients = ClientSide(self, self._log, cpu=self._cpu, refuse_as_mysql=refuse_as_mysql,
-                                   before_relay=before_relay, on_client=lambda: self._health.client_arrived())
+                                   before_relay=before_relay, on_client=self._client_arrived)
         self._health = UpstreamHealth(settings, clock, transport, probe, self.remote, self._clients.traffic,
                                       self._log)
         self._listener: Any = None
+        self._watch_of_upstream: UpstreamWatch | None = None   # keepalives and the end of the current upstream
         self._forwarder: forward.Forwarder | None = None
         self._run: object | None = None   # the current run's token; None while stopped
         self._step_run = threading.local()   # .run: the run the step on this thread belongs to
@@ -165,6 +168,7 @@ class Tunnel:
             scheduler.remove(self)
         self._clients.close()
         self._listener = None
+        self._unwatch_upstream()
         self.transport.close()
         self._clients.abort(lambda pipe: True)
         with self._lock:
@@ -341,11 +345,39 @@ class Tunnel:
             self._log.info("up again (%d failed attempt%s not logged one by one)", held, "s" if held != 1 else "")
         self._retry.connected()
         self._health.reset()
-        engine = self._own.engine if self._own is not None else self._engine
-        if engine is not None:             # a death wakes the keeper at once
-            watch_liveness(engine, self.transport, lambda: self._run is not None and generation == self._generation,
-                           lambda: self.kick("died"))
+        self._watch_upstream(generation)
         self._move(S.UP)
+
+    def _watch_upstream(self, generation: int) -> None:
+        """Keepalives and the upstream's end, by events on the engine loop: a death or an
+        unanswered keepalive wakes the keeper at once; nothing else does while idle."""
+        engine = self._own.engine if self._own is not None else self._engine
+        if engine is None:
+            return
+        s = self.settings
+
+        def trouble(reason: str) -> None:
+            if self._run is not None and generation == self.current_generation():
+                self.kick(reason)
+        watch = UpstreamWatch(engine, self.transport, self.transport.ping_interval(s.keepalive_interval),
+                              s.health_timeout, self._clients.traffic, trouble)
+        with self._lock:
+            old, self._watch_of_upstream = self._watch_of_upstream, watch
+        if old is not None:
+            old.stop()
+        watch.start()
+
+    def _unwatch_upstream(self) -> None:
+        with self._lock:
+            watch, self._watch_of_upstream = self._watch_of_upstream, None
+        if watch is not None:
+            watch.stop()
+
+    def _client_arrived(self) -> None:
+        """A client connected: the first since the last probe makes the keeper look when a
+        probe falls due (an idle tunnel has no steps)."""
+        if self._health.client_arrived() and self.state == S.UP:
+            self.kick("arrived")
 
     def _fail(self, exc: BaseException) -> None:
         error = exc if isinstance(exc, DbtunneldError) else TransientError(f"{type(exc).__name__}: {exc}")
@@ -375,7 +407,7 @@ class Tunnel:
         return S.RECONNECTING if self._ever_up else S.CONNECTING
 
     def _watch(self, run: object) -> float:
-        """While up: keepalive pings and greeting probes on schedule, or at once when woken."""
+        """While up: greeting probes when due, checks when asked, the upstream watch's news."""
         reasons = self._take_reasons()
         try:
             self._check_upstream(reasons)
@@ -419,6 +451,7 @@ class Tunnel:
         with self._lock:
             generation = self._generation
             self._generation += 1               # clients of the old upstream wait for a new one
+        self._unwatch_upstream()
         self.transport.close()      # first: it wakes any thread blocked writing to a dead bastion
         self._clients.abort(lambda pipe: pipe.generation <= generation)
 

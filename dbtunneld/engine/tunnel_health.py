@@ -1,14 +1,15 @@
-"""Is a tunnel's upstream still good? The checks a tunnel makes while it is up, and when.
+"""Is a tunnel's upstream still good? The checks a tunnel's keeper makes while it is up, and when.
 
-Two checks: an SSH keepalive (``Transport.ping``) every ``keepalive_interval``, and a MySQL
+The keepalives and the upstream's end are not the keeper's: ``keepalive.UpstreamWatch`` runs
+them on the engine loop by events and wakes the keeper ("died", "silent"). Here: the MySQL
 greeting probe through the tunnel (``probe_mysql``, or the login probe ``login_probe`` builds)
-after each (re)connect, when asked, and while clients log in. ``UpstreamHealth.check`` runs the
-checks that are due (blocking: the tunnel's step runs it on the engine's worker pool) and returns a
-``Finding``; the tunnel decides what the finding does to its state.
-"""
-
+after each (re)connect, when asked, and while clients log in; and a keepalive on demand (a
+check asked for). ``UpstreamHealth.check`` runs what is due (blocking: the tunnel's step runs
+it on the engine's worker pool) and returns a ``Finding``; the tunnel decides what the finding
+does to its state. An idle tunnel that has proven its path has nothing due: no steps at all.
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
@@ -18,7 +19,6 @@ from ..adapters.transport import Transport
 from ..core.config import TunnelSettings
 from ..core.errors import DbtunneldError, NeedsUserError, TransientError
 from ..core.timing import Clock
-from .engine_loop import EngineLoop
 
 Probe = Callable[[Transport, str, int, float], ProbeResult]
 
@@ -27,9 +27,6 @@ REFUSED_HINTS = {
           "and raise max_connect_errors in its parameter group",
     1040: "the cluster has too many connections; close idle sessions or raise max_connections",
 }
-# How often the engine loop looks whether an upstream died underneath (``Transport.is_alive`` reads
-# a flag: no I/O, no thread of its own); the transports have no close callback to hook instead.
-LIVENESS_POLL = 0.25
 # reasons (``Tunnel`` wakes) that make every check run now
 CHECK_NOW = frozenset({"check", "suspect"})
 
@@ -64,20 +61,6 @@ def _read_exact(chan: Any, n: int) -> bytes:
             raise EOFError("closed before the greeting")
         buf += chunk
     return buf
-
-
-def watch_liveness(engine: EngineLoop, transport: Transport, current: Callable[[], bool],
-                   on_death: Callable[[], None]) -> None:
-    """From any thread: while ``current()``, the engine loop looks every ``LIVENESS_POLL`` s whether
-    ``transport`` died; when it has, ``on_death()`` once."""
-    def look() -> None:
-        if not current():
-            return
-        if not transport.is_alive():
-            on_death()
-            return
-        engine.loop.call_later(LIVENESS_POLL, look)
-    engine.call(look)
 
 
 def close_quietly(stream: Any) -> None:
@@ -115,35 +98,41 @@ class UpstreamHealth:
         self._traffic = traffic
         self._log = log
         self._lock = threading.Lock()
-        self._next_ping = self._next_probe = 0.0
+        self._next_probe = 0.0
         self._clients_since_probe = 0
         self._probed = False              # the current upstream passed a probe already
 
     def reset(self) -> None:
-        """A fresh upstream: keepalives from now on, and a probe at once (prove the path)."""
-        now = self._clock.time()
-        self._next_ping = now + self._transport.ping_interval(self._settings.keepalive_interval)
-        self._next_probe = now
-        self._probed = False
+        """A fresh upstream: a probe at once (prove the path)."""
+        with self._lock:
+            self._next_probe = self._clock.time()
+            self._probed = False
 
-    def client_arrived(self) -> None:
+    def client_arrived(self) -> bool:
+        """Count a client; True for the first since the last probe (the keeper should look when
+        a probe falls due; until then an idle tunnel has nothing due)."""
         with self._lock:
             self._clients_since_probe += 1
+            return self._clients_since_probe == 1
 
     def due_in(self) -> float:
-        """Seconds until the next check is due (0 or less: now)."""
-        return min(self._next_ping, self._next_probe) - self._clock.time()
+        """Seconds until the next check is due (0 or less: now; ``math.inf``: nothing is due)."""
+        with self._lock:
+            if self._probed and self._clients_since_probe == 0:
+                return math.inf
+            return self._next_probe - self._clock.time()
 
     def check(self, reasons: set[str]) -> Finding:
-        """Run the checks due now (all of them when ``reasons`` ask for a check)."""
+        """Run the checks due now (all of them when ``reasons`` ask for a check). "died" and
+        "silent" are the upstream watch's news (``keepalive.UpstreamWatch``)."""
         s, now = self._settings, self._clock.time()
         if "died" in reasons or not self._transport.is_alive():
             return Finding("lost", self._transport.why_closed() or "the connection to the bastion closed")
+        if "silent" in reasons:
+            return Finding("lost", f"the bastion did not answer a keepalive within {s.health_timeout:g} s")
         asked = bool(reasons & CHECK_NOW)
-        if asked or now >= self._next_ping:
-            self._next_ping = now + self._transport.ping_interval(s.keepalive_interval)
-            if not self._keepalive_answered():
-                return Finding("lost", f"the bastion did not answer a keepalive within {s.health_timeout:g} s")
+        if asked and not self._keepalive_answered():
+            return Finding("lost", f"the bastion did not answer a keepalive within {s.health_timeout:g} s")
         if asked or now >= self._next_probe:
             self._next_probe = now + s.health_interval
             if self._probe_due(asked):
