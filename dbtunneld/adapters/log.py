@@ -221,3 +221,28 @@ class RepeatLimiter:
         """Forget the last line; return how many were held back since it."""
         held, self.held, self._text = self.held, 0, None
         return held
+
+
+class RetryLog:
+    """The failure lines of a retry loop: one WARNING per new error, then one per ``interval`` s
+    with the count of attempts held back (``RepeatLimiter``); ``recovered()`` logs how many were
+    not logged one by one and starts afresh. ``backoff_initial``: how often the loop retries while
+    a client waits (said in the line, since that is what really happens then)."""
+
+    def __init__(self, logger: Any, backoff_initial: float, interval: float = 60.0) -> None:
+        self._log = logger
+        self._backoff_initial = backoff_initial
+        self._limiter = RepeatLimiter(interval)
+
+    def failed(self, message: str, delay: float) -> None:
+        held = self._limiter.admit(message)
+        if held is None:
+            return
+        also = f"; {held} more failed attempt{'s' if held != 1 else ''} since the last such line" if held else ""
+        self._log.warning("%s; next try in %.1f s, or every %g s while a client waits%s",
+                          message, delay, self._backoff_initial, also)
+
+    def recovered(self) -> None:
+        held = self._limiter.reset()
+        if held:
+            self._log.info("up again (%d failed attempt%s not logged one by one)", held, "s" if held != 1 else "")

@@ -21,10 +21,17 @@ import threading
 from typing import Any, Callable
 
 from ..adapters.transport import Transport
+from ..core.config import TunnelSettings
 from .coalesced_timers import TimerHandle
 from .engine_loop import EngineLoop
 
 log = logging.getLogger(__name__)
+
+
+def next_on_grid(now: float, interval: float) -> float:
+    """The first multiple of ``interval`` after ``now``: rounds of every tunnel with the same
+    interval fall due together, so they share the loop's wake-ups."""
+    return (math.floor(now / interval) + 1) * interval
 
 
 class _Ping:
@@ -75,12 +82,12 @@ class UpstreamWatch:
     def _schedule_round(self) -> None:
         if self._told:
             return
-        timers = self._engine.timers
-        now = timers.time()
-        at = (math.floor(now / self._interval) + 1) * self._interval     # the grid: rounds coincide
-        self._later(at, self._round)
+        at = next_on_grid(self._engine.timers.time(), self._interval)
+        self._later(at, lambda: self._round(at))
 
-    def _round(self) -> None:
+    def _round(self, at: float) -> None:
+        """The round due at ``at`` (a grid time): its judgement is due at ``at + timeout``, on
+        the grid too when the timeout is a multiple of the interval (the default: both 5 s)."""
         if self._told:
             return
         ping = _Ping(self._traffic())
@@ -90,7 +97,7 @@ class UpstreamWatch:
         if sent is None:                    # it would block (or has no evented keepalive): a worker
             self._engine.loop.run_in_executor(None, self._send_waiting, ping)
         self.rounds += 1
-        self._later(self._engine.timers.time() + self._timeout, lambda: self._judge(ping))
+        self._later(at + self._timeout, lambda: self._judge(ping))
         self._schedule_round()
 
     def _send_waiting(self, ping: _Ping) -> None:
@@ -133,3 +140,34 @@ class UpstreamWatch:
             self._told = True
         self._engine.call(self._cancel_all)
         self._on_trouble(reason)
+
+
+class WatchSlot:
+    """A tunnel's current ``UpstreamWatch`` (at most one): ``replace`` starts a new one and stops
+    the one before; ``clear`` stops it. Any thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._watch: UpstreamWatch | None = None
+
+    def replace(self, watch: UpstreamWatch | None) -> None:
+        with self._lock:
+            old, self._watch = self._watch, watch
+        if old is not None:
+            old.stop()
+        if watch is not None:
+            watch.start()
+
+    def watch(self, engine: EngineLoop, transport: Transport, settings: TunnelSettings,
+              traffic: Callable[[], int], on_trouble: Callable[[str], None]) -> None:
+        """Watch ``transport``'s current upstream with ``settings``' keepalive interval (as the
+        transport adjusts it: ``Transport.ping_interval``) and health timeout."""
+        interval = transport.ping_interval(settings.keepalive_interval)
+        self.replace(UpstreamWatch(engine, transport, interval, settings.health_timeout, traffic, on_trouble))
+
+    def clear(self) -> None:
+        self.replace(None)
+
+    @property
+    def current(self) -> UpstreamWatch | None:
+        return self._watch

@@ -3,13 +3,13 @@
 The port is bound once and stays bound while the upstream is rebuilt: a client that connects
 during a rebuild waits (up to ``tunnels.connect_wait``) and then flows. Client side:
 ``tunnel_clients``; bytes: ``forward.Forwarder`` (one loop thread); state table and retries:
-``tunnel_state``; checks while up: ``tunnel_health``; keepalives and the upstream's end, by events
-on the engine loop: ``keepalive``.
+``tunnel_state``; checks while up: ``tunnel_health``; keepalives, the upstream's end: ``keepalive``.
 
 The keeper is a unit of the engine's ``scheduler.Scheduler``: ``Tunnel.step()`` does what the
 state calls for (connect, check, leave backoff, re-ask for credentials) and returns the delay to
 its next step, never waiting inside it; wakes (``check_now``, ``reconnect``, a waiting client, a
-dead or silent upstream) make it due at once. An idle tunnel that is up has no steps. The first retry after losing a proven upstream is immediate.
+dead or silent upstream) make it due at once. An idle tunnel that is up has no steps. The first
+retry after losing a proven upstream is immediate.
 
 The API the supervisor uses (``scheduler`` and ``engine`` go together: the scheduler that
 ``Scheduler.drive(engine)`` runs; the loop accepts clients, its pool runs steps and channel opens):
@@ -33,7 +33,7 @@ import threading
 from typing import Any, Callable
 
 from ..adapters import forward, ports
-from ..adapters.log import RepeatLimiter, unit_logger
+from ..adapters.log import RetryLog, unit_logger
 from ..adapters.transport import Transport
 from ..core.config import TunnelSettings
 from ..core.errors import DbtunneldError, NeedsUserError, PortInUseError, SignInNeededError, TransientError
@@ -43,7 +43,7 @@ from .engine_loop import EngineLoop
 from .own_schedule import DUE_SLACK, OwnSchedule
 from .scheduler import Scheduler
 from .tunnel_clients import BeforeRelay, ClientSide, data_path_cpu, on_cpu, pin_this_thread
-from .keepalive import UpstreamWatch
+from .keepalive import WatchSlot
 from .tunnel_health import Finding, Probe, UpstreamHealth, probe_mysql
 from .tunnel_state import RETRY_CYCLE, RetrySchedule, StateMachine
 
@@ -105,14 +105,14 @@ class Tunnel:
         self._health = UpstreamHealth(settings, clock, transport, probe, self.remote, self._clients.traffic,
                                       self._log)
         self._listener: Any = None
-        self._watch_of_upstream: UpstreamWatch | None = None   # keepalives and the end of the current upstream
+        self._upstream_watch = WatchSlot()      # keepalives and the end of the current upstream
         self._forwarder: forward.Forwarder | None = None
         self._run: object | None = None   # the current run's token; None while stopped
         self._step_run = threading.local()   # .run: the run the step on this thread belongs to
         self._connecting = threading.Lock()
         self._failed_attempts = 0         # connects that failed into backoff (clients wait on it)
         self._trouble_since: float | None = None   # when the tunnel last left ``up`` (or started)
-        self._failure_log = RepeatLimiter(FAILURE_LOG_INTERVAL)
+        self._failure_log = RetryLog(self._log, settings.backoff_initial, FAILURE_LOG_INTERVAL)
         self._scheduler: Scheduler | None = None
         self._engine: EngineLoop | None = None
         self._own: OwnSchedule | None = None     # a standalone run's loop and scheduler
@@ -168,7 +168,7 @@ class Tunnel:
             scheduler.remove(self)
         self._clients.close()
         self._listener = None
-        self._unwatch_upstream()
+        self._upstream_watch.clear()
         self.transport.close()
         self._clients.abort(lambda pipe: True)
         with self._lock:
@@ -340,42 +340,24 @@ class Tunnel:
                 self._reconnects += 1
             self._ever_up = True
         self._clients.reset_refusal_log()
-        held = self._failure_log.reset()
-        if held:
-            self._log.info("up again (%d failed attempt%s not logged one by one)", held, "s" if held != 1 else "")
+        self._failure_log.recovered()
         self._retry.connected()
         self._health.reset()
         self._watch_upstream(generation)
         self._move(S.UP)
 
     def _watch_upstream(self, generation: int) -> None:
-        """Keepalives and the upstream's end, by events on the engine loop: a death or an
-        unanswered keepalive wakes the keeper at once; nothing else does while idle."""
-        engine = self._own.engine if self._own is not None else self._engine
-        if engine is None:
-            return
-        s = self.settings
-
+        """Keepalives and the upstream's end by events (``keepalive``): a death or an unanswered
+        keepalive kicks the keeper; nothing else wakes an idle tunnel."""
         def trouble(reason: str) -> None:
             if self._run is not None and generation == self.current_generation():
                 self.kick(reason)
-        watch = UpstreamWatch(engine, self.transport, self.transport.ping_interval(s.keepalive_interval),
-                              s.health_timeout, self._clients.traffic, trouble)
-        with self._lock:
-            old, self._watch_of_upstream = self._watch_of_upstream, watch
-        if old is not None:
-            old.stop()
-        watch.start()
-
-    def _unwatch_upstream(self) -> None:
-        with self._lock:
-            watch, self._watch_of_upstream = self._watch_of_upstream, None
-        if watch is not None:
-            watch.stop()
+        engine = self._own.engine if self._own is not None else self._engine
+        if engine is not None:
+            self._upstream_watch.watch(engine, self.transport, self.settings, self._clients.traffic, trouble)
 
     def _client_arrived(self) -> None:
-        """A client connected: the first since the last probe makes the keeper look when a
-        probe falls due (an idle tunnel has no steps)."""
+        """The first client since the last probe: the keeper looks again (when a probe is due)."""
         if self._health.client_arrived() and self.state == S.UP:
             self.kick("arrived")
 
@@ -389,19 +371,9 @@ class Tunnel:
             delay = self._retry.failed()
             with self._lock:
                 self._failed_attempts += 1
-            self._log_failure(error.message, delay)
+            self._failure_log.failed(error.message, delay)
             self._move(S.BACKOFF, error=error.message, hint=error.hint or "dbtunneld retries by itself",
                        next_retry_at=self._clock.time() + delay)
-
-    def _log_failure(self, message: str, delay: float) -> None:
-        """One WARNING per new error, then one a minute with the count: what really happens (clients
-        that wait make the keeper try every ``backoff_initial`` s instead of after ``delay``)."""
-        held = self._failure_log.admit(message)
-        if held is None:
-            return
-        also = f"; {held} more failed attempt{'s' if held != 1 else ''} since the last such line" if held else ""
-        self._log.warning("%s; next try in %.1f s, or every %g s while a client waits%s",
-                          message, delay, self.settings.backoff_initial, also)
 
     def _reconnect_state(self) -> TunnelState:
         return S.RECONNECTING if self._ever_up else S.CONNECTING
@@ -451,7 +423,7 @@ class Tunnel:
         with self._lock:
             generation = self._generation
             self._generation += 1               # clients of the old upstream wait for a new one
-        self._unwatch_upstream()
+        self._upstream_watch.clear()
         self.transport.close()      # first: it wakes any thread blocked writing to a dead bastion
         self._clients.abort(lambda pipe: pipe.generation <= generation)
 

@@ -7,6 +7,8 @@ after each (re)connect, when asked, and while clients log in; and a keepalive on
 check asked for). ``UpstreamHealth.check`` runs what is due (blocking: the tunnel's step runs
 it on the engine's worker pool) and returns a ``Finding``; the tunnel decides what the finding
 does to its state. An idle tunnel that has proven its path has nothing due: no steps at all.
+"""
+
 from __future__ import annotations
 
 import math
