@@ -9,6 +9,9 @@ the loop sleeps until the next due time or a wake); tests drive the same schedul
 (``tests/helpers/fakevault.run_virtual``), so what the tests prove is what runs.
 
 A wake that arrives while the unit is stepping is not lost: the unit steps again right after.
+A unit whose ``step`` never blocks (``steps_on_loop = True``: the wake detector's comparison of two
+clocks) steps on the loop itself, so an idle engine's periodic step costs one wake-up, not a
+hand-off to a worker and back (issue 17).
 """
 
 from __future__ import annotations
@@ -121,6 +124,12 @@ class Scheduler:
             times = [at for u, at in self._due.items() if u not in self._stepping]
         return min(times, default=math.inf)
 
+    def idle(self) -> bool:
+        """No unit steps now or has a step due at a finite time: only wakes move it (issue 17:
+        what an engine of idle tunnels looks like)."""
+        with self._lock:
+            return not self._stepping and all(math.isinf(at) for at in self._due.values())
+
     # production: the engine loop drives the schedule
     async def drive(self, engine: "EngineLoop") -> None:
         """Run forever on ``engine``'s loop (cancel the task to stop): step every due unit on the
@@ -151,7 +160,10 @@ class Scheduler:
         (HTTP and socket timeouts), and a second step of the same unit must never overlap it."""
         delay = 1.0
         try:
-            delay = await engine.run_blocking(unit.step)
+            if getattr(unit, "steps_on_loop", False):
+                delay = unit.step()
+            else:
+                delay = await engine.run_blocking(unit.step)
         except Exception:          # step() itself must not raise (Keeper.step turns bugs into states)
             log.exception("%s: step raised; stepping again in 1 s", unit.name)
         finally:

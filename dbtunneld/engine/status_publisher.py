@@ -17,7 +17,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CHANGE_RECHECK = 0.5              # waiters re-read the status at least this often
-STATUS_POLL = 5.0                 # fallback re-read of the status; units poke the publisher on every change
+# fallback re-read of the status (what changes without a poke: the SSO cache written by another
+# process); units poke the publisher on every change. Each re-read wakes the loop and a worker,
+# so it is rare (issue 17: idle wake-ups).
+STATUS_POLL = 30.0
 SNAPSHOT_TIMEOUT = 30.0           # a snapshot that takes longer is logged and skipped
 
 

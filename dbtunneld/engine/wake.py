@@ -5,8 +5,8 @@ it yet. The detector compares how far the wall clock and the monotonic clock mov
 ticks (the monotonic clock stops during sleep on macOS and Linux' CLOCK_MONOTONIC); a gap
 beyond ``threshold`` wakes every unit of the engine's scheduler and calls ``check_now()`` on every
 registered unit at once, instead of waiting for keepalive timers. The detector is itself a unit
-of that scheduler (``step`` compares the clocks every ``tick`` s); it owns no thread. Clocks are
-injected so tests drive it with fake time.
+of that scheduler (``step`` compares the clocks every ``tick`` s, on the engine loop itself: it
+never blocks); it owns no thread. Clocks are injected so tests drive it with fake time.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ class WakeDetector:
     """After a wall/monotonic clock jump: wakes the scheduler's units, calls ``check_now()`` on the registered ones."""
 
     name = "wake-detector"
+    steps_on_loop = True       # ``step`` reads two clocks (and, after a jump, only wakes units): never blocks
 
     def __init__(self, *, clock: Clock = SYSTEM_CLOCK, tick: float = TICK, threshold: float = THRESHOLD) -> None:
         self._clock = clock
