@@ -7,7 +7,7 @@ voluntary + involuntary context switches of every thread (``/proc/PID/task/*/sta
 ``bench.data_path`` counts them) and of the ``ssh -M`` masters the daemon started, per second,
 grouped by thread name. Python threads get their names as native names (``comm``) through a
 ``sitecustomize`` on the daemon's PYTHONPATH that only this bench uses (prctl PR_SET_NAME, Linux).
-Prints one JSON object: total and per-name wake-ups/s.
+Prints one JSON object: total and per-name wake-ups/s ([all, voluntary, involuntary]).
 """
 
 from __future__ import annotations
@@ -39,28 +39,35 @@ threading.Thread._bootstrap_inner = _named
 '''
 
 
-def task_switches(pids: list[int], names: Path | None = None) -> dict[tuple[int, int], tuple[str, int]]:
-    """(pid, tid) -> (name, voluntary + involuntary context switches so far); names of Python
+def task_switches(pids: list[int], names: Path | None = None) -> dict[tuple[int, int], tuple[str, int, int]]:
+    """(pid, tid) -> (name, voluntary, involuntary context switches so far); names of Python
     threads from the file the bench's ``sitecustomize`` writes."""
     full = dict(line.split(" ", 1) for line in names.read_text().splitlines()) if names and names.exists() else {}
-    out: dict[tuple[int, int], tuple[str, int]] = {}
+    out: dict[tuple[int, int], tuple[str, int, int]] = {}
     for pid in pids:
         with contextlib.suppress(OSError):
             for task in Path(f"/proc/{pid}/task").iterdir():
                 with contextlib.suppress(OSError):
                     name = full.get(task.name) or (task / "comm").read_text().strip()
-                    total = sum(int(line.split()[1]) for line in (task / "status").read_text().splitlines()
-                                if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")))
-                    out[(pid, int(task.name))] = (name, total)
+                    lines = (task / "status").read_text().splitlines()
+                    voluntary = sum(int(line.split()[1]) for line in lines if line.startswith("voluntary_ctxt"))
+                    involuntary = sum(int(line.split()[1]) for line in lines if line.startswith("nonvoluntary_ctxt"))
+                    out[(pid, int(task.name))] = (name, voluntary, involuntary)
     return out
 
 
-def per_name(before: dict[tuple[int, int], tuple[str, int]], after: dict[tuple[int, int], tuple[str, int]],
-             seconds: float) -> dict[str, float]:
-    rates: collections.Counter[str] = collections.Counter()
-    for key, (name, total) in after.items():
-        rates[re.sub(r"\d+", "N", name)] += (total - before.get(key, (name, 0))[1]) / seconds
-    return {k: round(v, 2) for k, v in rates.most_common() if v > 0}
+def per_name(before: dict[tuple[int, int], tuple[str, int, int]], after: dict[tuple[int, int], tuple[str, int, int]],
+             seconds: float) -> dict[str, list[float]]:
+    """Per thread name (digits folded): [wake-ups/s, of which voluntary, involuntary]."""
+    rates: dict[str, list[float]] = {}
+    for key, (name, voluntary, involuntary) in after.items():
+        _, v0, i0 = before.get(key, (name, 0, 0))
+        row = rates.setdefault(re.sub(r"\d+", "N", name), [0.0, 0.0, 0.0])
+        row[1] += (voluntary - v0) / seconds
+        row[2] += (involuntary - i0) / seconds
+        row[0] = row[1] + row[2]
+    ordered = sorted(rates.items(), key=lambda kv: -kv[1][0])
+    return {k: [round(x, 2) for x in v] for k, v in ordered if v[0] > 0}
 
 
 def measure(tunnels: int, seconds: float, client: str, settle: float = 5.0,
@@ -91,9 +98,9 @@ def measure(tunnels: int, seconds: float, client: str, settle: float = 5.0,
             time.sleep(seconds)
             after = task_switches(pids, site / "names")
     threads = per_name(before, after, seconds)
-    counts = collections.Counter(re.sub(r"\d+", "N", name) for name, _ in after.values())
+    counts = collections.Counter(re.sub(r"\d+", "N", name) for name, _, _ in after.values())
     return {"tunnels": len(names), "client": client, "seconds": seconds, "processes": len(pids),
-            "wakeups_per_s": round(sum(threads.values()), 2), "by_thread": threads,
+            "wakeups_per_s": round(sum(v[0] for v in threads.values()), 2), "by_thread": threads,
             "threads": dict(counts.most_common())}
 
 
