@@ -154,7 +154,7 @@ def _rewrite_stream_urls(rewrite: dict[str, str]) -> None:
     api._grant = grant
 
 
-def _tunnel(spec: dict[str, Any], name: str):
+def _tunnel(spec: dict[str, Any], name: str, **shared: Any):
     from dbtunneld.core.config import TunnelSettings
     from dbtunneld.engine.tunnel import Tunnel
     from dbtunneld.engine.tunnel_health import probe_mysql
@@ -167,7 +167,21 @@ def _tunnel(spec: dict[str, Any], name: str):
 
     settings = TunnelSettings(**{k: spec[k] for k in ("keepalive_interval",) if k in spec})
     return Tunnel(name, 0, "127.0.0.1", spec["remote_port"], _transport(spec), settings,
-                  probe=probe, on_change=report)
+                  probe=probe, on_change=report, **shared)
+
+
+def _shared_engine():
+    """One engine loop and scheduler for every tunnel of the child, as in the daemon (so their
+    keepalives share wake-ups); the caller stops the loop."""
+    from dbtunneld.core.timing import SYSTEM_CLOCK
+    from dbtunneld.engine.engine_loop import EngineLoop
+    from dbtunneld.engine.scheduler import Scheduler
+
+    engine = EngineLoop("dbtunneld-engine")
+    engine.start()
+    scheduler = Scheduler(SYSTEM_CLOCK)
+    engine.submit(scheduler.drive(engine))
+    return engine, scheduler
 
 
 def _sshtunnel(spec: dict[str, Any]):
@@ -189,7 +203,8 @@ def tunnels_child(spec: dict[str, Any]) -> None:
         opened = [_sshtunnel(spec) for _ in range(spec["count"])]
         ports = [f.local_bind_port for f in opened]
     else:
-        opened = [_tunnel(spec, f"t{i}") for i in range(spec["count"])]
+        engine, scheduler = _shared_engine()
+        opened = [_tunnel(spec, f"t{i}", engine=engine, scheduler=scheduler) for i in range(spec["count"])]
         for t in opened:
             t.start()
         try:
@@ -203,6 +218,8 @@ def tunnels_child(spec: dict[str, Any]) -> None:
     sys.stdin.read()
     for t in opened:
         t.stop()
+    if spec["kind"] != "sshtunnel":
+        engine.stop()
 
 
 def setup_child(spec: dict[str, Any]) -> None:

@@ -71,7 +71,8 @@ def per_name(before: dict[tuple[int, int], tuple[str, int, int]], after: dict[tu
 
 
 def measure(tunnels: int, seconds: float, client: str, settle: float = 5.0,
-            tunnel_keys: dict[str, Any] | None = None) -> dict[str, Any]:
+            tunnel_keys: dict[str, Any] | None = None, source: str | None = None) -> dict[str, Any]:
+    """``source``: another tree whose ``dbtunneld`` the daemon runs (before/after figures)."""
     from bench.data_path import ssh_children
     from dbtunneld.sandbox.daemonproc import DaemonOptions, DaemonUnderTest
     from dbtunneld.sandbox.stack import start_stack
@@ -80,7 +81,7 @@ def measure(tunnels: int, seconds: float, client: str, settle: float = 5.0,
         site = Path(root) / "site"
         site.mkdir()
         (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
-        repo = str(Path(__file__).resolve().parent.parent)
+        repo = source or str(Path(__file__).resolve().parent.parent)
         options = DaemonOptions(clusters=("orders",), copies=tunnels - 1, tunnels=tunnel_keys)
         with DaemonUnderTest(stack, Path(root) / "d", options, env={"PYTHONPATH": f"{site}:{repo}",
                                                              "BENCH_THREAD_NAMES": str(site / "names")}) as d:
@@ -110,9 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--client", default="paramiko", choices=("paramiko", "openssh"))
     parser.add_argument("--keepalive", type=float, help="tunnels.keepalive_interval (default: the config's default)")
+    parser.add_argument("--source", help="a tree holding another dbtunneld/ for the daemon (e.g. `git archive main`); "
+                        "run from inside it (python -m puts the current directory first on sys.path)")
     args = parser.parse_args(argv)
     keys = {"keepalive_interval": args.keepalive} if args.keepalive is not None else None
-    print(json.dumps(measure(args.tunnels, args.seconds, args.client, tunnel_keys=keys), indent=1))
+    print(json.dumps(measure(args.tunnels, args.seconds, args.client, tunnel_keys=keys, source=args.source), indent=1))
     return 0
 
 

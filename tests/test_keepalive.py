@@ -185,7 +185,7 @@ def test_ten_watches_wake_the_loop_once_per_keepalive_interval():
     made, told = watches(engine, 10, interval=5.0, timeout=5.0)
     engine.loop.advance(60.0)
     assert engine.loop.wakeups == 12                  # 60 s / 5 s: rounds and their judgements together
-    assert [t.keepalives for _, t in made] == [12] * 10
+    assert [t.keepalives for _, t in made] == [12] * 10 and [w.rounds for w, _ in made] == [12] * 10
     assert told == [] and engine.loop.executor_calls == 0
 
 

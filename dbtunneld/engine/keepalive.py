@@ -167,7 +167,3 @@ class WatchSlot:
 
     def clear(self) -> None:
         self.replace(None)
-
-    @property
-    def current(self) -> UpstreamWatch | None:
-        return self._watch
