@@ -16,9 +16,9 @@ from dbtunneld.core.config import TunnelSettings
 from dbtunneld.core.errors import TransientError
 from dbtunneld.core.model import TunnelState
 from dbtunneld.core.timing import SYSTEM_CLOCK
-from dbtunneld.engine.coalesced_timers import CoalescedTimers
+from dbtunneld.engine.coalesced_timers import CoalescedTimers, next_on_grid
 from dbtunneld.engine.engine_loop import EngineLoop
-from dbtunneld.engine.keepalive import UpstreamWatch, next_on_grid
+from dbtunneld.engine.keepalive import UpstreamWatch
 from dbtunneld.engine.scheduler import Scheduler
 from dbtunneld.engine.tunnel import Tunnel
 

@@ -20,6 +20,13 @@ log = logging.getLogger(__name__)
 GRAIN = 0.02          # seconds: how late a callback may run so that it shares a wake-up
 
 
+def next_on_grid(now: float, interval: float) -> float:
+    """The first multiple of ``interval`` after ``now`` (monotonic seconds, the loop's clock): work
+    repeating every ``interval`` s that sits on this grid (every tunnel's keepalive rounds, the
+    wake detector's ticks) falls due at once and shares the loop's wake-ups."""
+    return (math.floor(now / interval) + 1) * interval
+
+
 class TimerHandle:
     """One callback in a slot; ``cancel`` is idempotent."""
 

@@ -22,16 +22,10 @@ from typing import Any, Callable
 
 from ..adapters.transport import Transport
 from ..core.config import TunnelSettings
-from .coalesced_timers import TimerHandle
+from .coalesced_timers import TimerHandle, next_on_grid
 from .engine_loop import EngineLoop
 
 log = logging.getLogger(__name__)
-
-
-def next_on_grid(now: float, interval: float) -> float:
-    """The first multiple of ``interval`` after ``now``: rounds of every tunnel with the same
-    interval fall due together, so they share the loop's wake-ups."""
-    return (math.floor(now / interval) + 1) * interval
 
 
 class _Ping:
@@ -79,11 +73,14 @@ class UpstreamWatch:
 
     # ---- on the loop ------------------------------------------------------------------------------
 
-    def _schedule_round(self) -> None:
+    def _schedule_round(self, at: float | None = None) -> None:
+        """The next round at ``at`` (a grid time), or at the next grid time: the first round, or
+        one after a loop so late that ``at`` has passed (no rounds to catch up)."""
         if self._told:
             return
-        at = next_on_grid(self._engine.timers.time(), self._interval)
-        self._later(at, lambda: self._round(at))
+        now = self._engine.timers.time()
+        when = at if at is not None and at > now else next_on_grid(now, self._interval)
+        self._later(when, lambda: self._round(when))
 
     def _round(self, at: float) -> None:
         """The round due at ``at`` (a grid time): its judgement is due at ``at + timeout``, on
@@ -98,7 +95,7 @@ class UpstreamWatch:
             self._engine.loop.run_in_executor(None, self._send_waiting, ping)
         self.rounds += 1
         self._later(at + self._timeout, lambda: self._judge(ping))
-        self._schedule_round()
+        self._schedule_round(at + self._interval)      # from the grid time, not the clock: never twice
 
     def _send_waiting(self, ping: _Ping) -> None:
         """Worker thread: send with waiting; a transport without an evented one pings (blocking)."""

@@ -16,6 +16,7 @@ import threading
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from ..core.timing import SYSTEM_CLOCK, Clock
+from .coalesced_timers import next_on_grid
 
 if TYPE_CHECKING:
     from .scheduler import Scheduler
@@ -92,8 +93,11 @@ class WakeDetector:
         scheduler.add(self, self._tick)
 
     def step(self) -> float:
+        """Compare the clocks; the next tick is on the grid of ``tick`` s, where keepalive rounds
+        with the same interval (5 s by default, both) wake the loop anyway."""
         self.poll()
-        return self._tick
+        mono = self._mono()
+        return next_on_grid(mono + self._tick / 2, self._tick) - mono     # half a tick at least
 
     def stop(self) -> None:
         with self._lock:
