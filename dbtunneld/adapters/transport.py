@@ -41,6 +41,7 @@ class Transport(ABC):
     # on its engine loop (a handle with close() / done / on_end) and never moves their bytes
     # (``openssh_transport``).
     adopts_clients = False
+    ssh_client = ""          # who speaks SSH: "paramiko", "openssh"; "" without SSH (ssm-port-forward)
 
     @abstractmethod
     def connect(self) -> None:
@@ -115,6 +116,8 @@ class Transport(ABC):
 
 class SshBasedTransport(Transport):
     """paramiko over some carrier (TCP, SSM stream, ProxyCommand)."""
+
+    ssh_client = "paramiko"
 
     def __init__(self, options_for: Callable[[str], ssh.SshOptions]) -> None:
         self._options_for = options_for
