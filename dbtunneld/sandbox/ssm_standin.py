@@ -520,18 +520,19 @@ class SsmStandIn:
 # --- the sandbox stack --------------------------------------------------------------------------
 
 
-def stack_service(stack: Any) -> Any:
-    """The stand-in as a service of the sandbox stack (``dbtunneld.sandbox.stack``): SSH sessions
-    to any target reach the stack's sshd; port sessions may reach the stack's MariaDB ports."""
+def stack_service(services: Any) -> Any:
+    """The stand-in as a service of the sandbox stack (``services``: the stack's
+    ``stack_services.StackServices``): SSH sessions to any target reach the stack's sshd; port
+    sessions may reach the stack's MariaDB ports."""
     from .procs import http_probe
 
-    port = stack._port("ssm")
-    args = ["--port", str(port), "--target", f"*=127.0.0.1:{stack._port('sshd')}",
-            "--vpc-dns-seed", str(stack.seed_file), "--accept-unknown-keys"]  # moto mints the keys
-    for db in stack.mariadb.values():
+    port = services.port("ssm")
+    args = ["--port", str(port), "--target", f"*=127.0.0.1:{services.port('sshd')}",
+            "--vpc-dns-seed", str(services.seed_file), "--accept-unknown-keys"]  # moto mints the keys
+    for db in services.mariadb.values():
         args += ["--allow-remote", f"127.0.0.1:{db.port}", "--allow-remote", f"localhost:{db.port}"]
     ready = http_probe(f"http://127.0.0.1:{port}/_standin/health")
-    return stack._python_service("ssm-standin", "dbtunneld.sandbox.ssm_standin", args, ready, port)
+    return services.python_service("ssm-standin", "dbtunneld.sandbox.ssm_standin", args, ready, port)
 
 
 def _cell_number() -> str:
