@@ -24,7 +24,7 @@ import pytest
 
 from dbtunneld.adapters import openssh_leftovers, openssh_mux
 from dbtunneld.adapters.openssh_transport import MasterPool, MasterSettings, OpenSshTransport
-from dbtunneld.adapters.transport import build_transport
+from dbtunneld.adapters.transport_config import build_transport
 from dbtunneld.core.config import TunnelSettings, parse_config
 from dbtunneld.core.errors import ConfigError
 from dbtunneld.core.model import TunnelState

@@ -22,7 +22,8 @@ import pytest
 from dbtunneld.adapters import ssh
 from dbtunneld.adapters.mysqlwire import ProbeResult
 from dbtunneld.adapters.ports import bind_listener
-from dbtunneld.adapters.transport import SshTransport, Transport, build_transport
+from dbtunneld.adapters.transport import SshTransport, Transport
+from dbtunneld.adapters.transport_config import build_transport
 from dbtunneld.core.config import Config, TunnelSettings, parse_config
 from dbtunneld.core.model import TunnelState
 from dbtunneld.core.model import DbCredentials
