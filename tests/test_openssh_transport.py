@@ -24,7 +24,7 @@ import pytest
 
 from dbtunneld.adapters import openssh_leftovers, openssh_mux
 from dbtunneld.adapters.openssh_transport import MasterPool, MasterSettings, OpenSshTransport
-from dbtunneld.adapters.transport import build_transport
+from dbtunneld.adapters.transport_config import build_transport
 from dbtunneld.core.config import TunnelSettings, parse_config
 from dbtunneld.core.errors import ConfigError
 from dbtunneld.core.model import TunnelState
@@ -467,9 +467,21 @@ def test_config_selects_the_client(stack, bastion):
     cfg = parse_config(BASE.format(extra='client = "openssh"'))
     assert cfg.bastion.client == "openssh"
     assert isinstance(build_transport(cfg, cfg.clusters[0]), OpenSshTransport)
-    default = parse_config(BASE.format(extra=""))
-    assert default.bastion.client == "paramiko"
-    assert not isinstance(build_transport(default, default.clusters[0]), OpenSshTransport)
+    pinned = parse_config(BASE.format(extra='client = "paramiko"'))
+    assert pinned.bastion.client == "paramiko"
+    assert not isinstance(build_transport(pinned, pinned.clusters[0]), OpenSshTransport)
+
+
+def test_auto_is_the_default_openssh_where_it_can_run(monkeypatch):
+    """``client = "auto"`` (and no client) picks OpenSSH when ssh is on PATH and the key is on
+    disk or in the agent; EC2 Instance Connect's in-memory key or no ssh fall back to paramiko,
+    without an error (an explicit "openssh" there is one, tested below)."""
+    for extra in ("", 'client = "auto"'):
+        assert parse_config(BASE.format(extra=extra)).bastion.client == "openssh"
+    eic = parse_config(BASE.format(extra="ec2_instance_connect = true"))
+    assert eic.bastion.client == "paramiko"
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert parse_config(BASE.format(extra="")).bastion.client == "paramiko"
 
 
 @pytest.mark.parametrize("extra, says", [

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dbtunneld.adapters import ssh, transport
+from dbtunneld.adapters import ssh, transport, transport_config
 from dbtunneld.core.config import parse_config
 from dbtunneld.core.errors import ClosedError, HostKeyError, NeedsUserError, TransientError
 from tunnel_servers import GreetingEchoServer, Sshd, free_port, keygen
@@ -119,14 +119,14 @@ class NoAws:
 ])
 def test_build_transport_picks_the_configured_kind(kind, cls):
     cfg = config(kind)
-    t = transport.build_transport(cfg, cfg.clusters[0], NoAws())
+    t = transport_config.build_transport(cfg, cfg.clusters[0], NoAws())
     assert type(t) is cls and t.kind == kind
 
 
 def test_cluster_override_wins():
     cfg = parse_config(CONFIG.format(kind="ssm-ssh", target='instance_id = "i-0123456789abcdef0"')
                        + 'transport = "ssm-port-forward"\n')
-    t = transport.build_transport(cfg, cfg.clusters[0], NoAws())
+    t = transport_config.build_transport(cfg, cfg.clusters[0], NoAws())
     assert isinstance(t, transport.SsmPortForwardTransport)
     assert (t.host, t.port) == ("orders.db.internal", 3306)
 
@@ -134,13 +134,13 @@ def test_cluster_override_wins():
 def test_aws_transports_need_a_session():
     cfg = config("ssm-ssh")
     with pytest.raises(NeedsUserError):
-        transport.build_transport(cfg, cfg.clusters[0], None)
+        transport_config.build_transport(cfg, cfg.clusters[0], None)
 
 
 def test_missing_plugin_is_a_clear_error_before_any_session(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
     cfg = config("plugin")
-    t = transport.build_transport(cfg, cfg.clusters[0], NoAws())
+    t = transport_config.build_transport(cfg, cfg.clusters[0], NoAws())
     before = NoAws.calls
     with pytest.raises(NeedsUserError) as info:
         t.connect()
@@ -179,7 +179,7 @@ def test_port_forward_streams_only_reach_the_sessions_endpoint():
 
 def test_tags_are_resolved_through_discovery_on_each_connect(monkeypatch):
     calls = []
-    monkeypatch.setattr(transport, "find_bastion",
+    monkeypatch.setattr(transport_config, "find_bastion",
                         lambda ec2, tags: calls.append(tags) or type("B", (), {"instance_id": f"i-{len(calls):017x}"})())
 
     class Session:
@@ -188,7 +188,7 @@ def test_tags_are_resolved_through_discovery_on_each_connect(monkeypatch):
             return object()
 
     cfg = config("ssm-ssh", target='tags = { Name = "bastion" }')
-    resolve = transport._target_resolver(cfg.bastion, lambda: Session(), cfg.aws.region, cfg.aws.endpoint_urls["ec2"])
+    resolve = transport_config._target_resolver(cfg.bastion, lambda: Session(), cfg.aws.region, cfg.aws.endpoint_urls["ec2"])
     assert resolve() == "i-00000000000000001" and resolve() == "i-00000000000000002"
     assert calls == [{"Name": "bastion"}] * 2
 
@@ -215,7 +215,7 @@ def test_ec2_instance_connect_pushes_a_fresh_key_before_each_login(sshd, echo, m
                        .replace('host = "127.0.0.1"', f'host = "127.0.0.1"\nport = {sshd.port}\n'
                                 f'host_key = "{sshd.host_key_line}"\nec2_instance_connect = true')
                        .replace('user = "tunnel"', 'user = "root"'))
-    t = transport.build_transport(cfg, cfg.clusters[0], lambda: Session())
+    t = transport_config.build_transport(cfg, cfg.clusters[0], lambda: Session())
     try:
         t.connect()
         t.connect()                       # a reconnect pushes a new key

@@ -22,7 +22,8 @@ import pytest
 from dbtunneld.adapters import ssh
 from dbtunneld.adapters.mysqlwire import ProbeResult
 from dbtunneld.adapters.ports import bind_listener
-from dbtunneld.adapters.transport import SshTransport, Transport, build_transport
+from dbtunneld.adapters.transport import SshTransport, Transport
+from dbtunneld.adapters.transport_config import build_transport
 from dbtunneld.core.config import Config, TunnelSettings, parse_config
 from dbtunneld.core.model import TunnelState
 from dbtunneld.core.model import DbCredentials
@@ -38,7 +39,7 @@ S = TunnelState
 SETTINGS = TunnelSettings(connect_wait=20, health_interval=30, health_timeout=2, keepalive_interval=2,
                           backoff_initial=0.2, backoff_max=2)
 MB = 1 << 20
-TRANSPORTS = ("ssh", "ssm-ssh", "ssm-port-forward")
+TRANSPORTS = ("ssh", "ssh/paramiko", "ssm-ssh", "ssm-port-forward")   # "ssh": the default engine (OpenSSH here)
 
 
 def eventually(predicate, timeout: float = 20.0, what: str = "condition"):
@@ -62,9 +63,13 @@ class Env:
     session: Any                      # boto3 session with the developer role's moto credentials
 
     def config(self, kind: str, endpoint: str, port: int) -> Config:
+        """``kind``: a transport, or "ssh/paramiko" (transport ssh with client = "paramiko")."""
         s = self.stack
+        kind, _, client = kind.partition("/")
         tags = ", ".join(f'"{k}" = "{v}"' for k, v in s.bastion_tags.items())
         target = f"tags = {{ {tags} }}" if kind != "ssh" else f'host = "127.0.0.1"\nport = {self.bastion.port}'
+        if client:
+            target += f'\nclient = "{client}"'
         return parse_config(f"""
 [aws]
 region = "{s.region}"

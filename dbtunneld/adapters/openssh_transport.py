@@ -375,6 +375,7 @@ class OpenSshTransport(Transport):
 
     kind = "ssh"
     adopts_clients = True
+    ssh_client = "openssh"
 
     def __init__(self, settings: MasterSettings, pool: MasterPool = MASTERS) -> None:
         self.settings = settings

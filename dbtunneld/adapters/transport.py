@@ -7,7 +7,7 @@
 
 A transport is reusable: ``connect()`` builds a fresh upstream (dropping any old one),
 ``open_channel(host, port)`` gives each client connection its own socket-like stream. It never
-retries; the tunnel that owns it does. ``build_transport`` makes one from the config.
+retries; the tunnel that owns it does. ``transport_config.build_transport`` makes one from the config.
 """
 
 from __future__ import annotations
@@ -19,10 +19,9 @@ import time
 from abc import ABC, abstractmethod
 from typing import Any, Callable
 
-from ..core.config import BastionConfig, ClusterConfig, Config
 from ..core.errors import ClosedError, NeedsUserError, TransientError
-from . import ssh, ssh_auth
-from .discovery import classify_aws_error, find_bastion
+from . import ssh
+from .discovery import classify_aws_error
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +40,7 @@ class Transport(ABC):
     # on its engine loop (a handle with close() / done / on_end) and never moves their bytes
     # (``openssh_transport``).
     adopts_clients = False
+    ssh_client = ""          # who speaks SSH: "paramiko", "openssh"; "" without SSH (ssm-port-forward)
 
     @abstractmethod
     def connect(self) -> None:
@@ -115,6 +115,8 @@ class Transport(ABC):
 
 class SshBasedTransport(Transport):
     """paramiko over some carrier (TCP, SSM stream, ProxyCommand)."""
+
+    ssh_client = "paramiko"
 
     def __init__(self, options_for: Callable[[str], ssh.SshOptions]) -> None:
         self._options_for = options_for
@@ -428,77 +430,3 @@ def _close(obj: Any) -> None:
         obj.close()
     except Exception as exc:  # closing must not raise
         log.debug("close %r: %s", obj, exc)
-
-
-# ---- construction from the config -------------------------------------------------------------
-
-def build_transport(config: Config, cluster: ClusterConfig,
-                    session_factory: SessionFactory | None = None) -> Transport:
-    """The transport for one cluster, as configured (``bastion`` + the cluster's override)."""
-    bastion = config.bastion
-    kind = cluster.effective_transport(bastion)
-    aws = config.aws
-    if kind != "ssh" and session_factory is None:
-        raise NeedsUserError(f"transport {kind!r} needs AWS credentials", hint="sign in to AWS first")
-    target = _target_resolver(bastion, session_factory, aws.region, aws.endpoint_urls.get("ec2"))
-    options_for = _options_factory(bastion)
-    ssm_url = aws.endpoint_urls.get("ssm")
-    if kind == "ssh" and bastion.client == "openssh":
-        from .openssh_transport import OpenSshTransport, master_settings
-        return OpenSshTransport(master_settings(bastion, config.tunnels))
-    if kind == "ssh":
-        eic = _eic_for_ssh(bastion, session_factory, target, aws.region, aws.endpoint_urls)
-        return SshTransport(bastion.host, bastion.port, options_for, ephemeral=eic)
-    if kind == "ssm-ssh":
-        eic = _eic(bastion, session_factory, aws.region, aws.endpoint_urls)
-        return SsmSshTransport(session_factory, target, options_for, ephemeral=eic,
-                               endpoint_url=ssm_url, region=aws.region, port=bastion.port,
-                               kms_endpoint_url=aws.endpoint_urls.get("kms"))
-    if kind == "plugin":
-        return PluginTransport(session_factory, target, options_for, bastion.plugin_path,
-                               endpoint_url=ssm_url, region=aws.region, port=bastion.port)
-    return SsmPortForwardTransport(session_factory, target, cluster.endpoint, cluster.port,
-                                   endpoint_url=ssm_url, region=aws.region,
-                                   kms_endpoint_url=aws.endpoint_urls.get("kms"))
-
-
-def _options_factory(bastion: BastionConfig) -> Callable[[str], ssh.SshOptions]:
-    def options_for(label: str) -> ssh.SshOptions:
-        return ssh.SshOptions(user=bastion.user, host_label=label, key_file=bastion.key_file,
-                              use_agent=True, host_key=bastion.host_key, known_hosts=bastion.known_hosts)
-    return options_for
-
-
-def _target_resolver(bastion: BastionConfig, session_factory: SessionFactory | None, region: str,
-                     ec2_url: str | None) -> Callable[[], str]:
-    def target() -> str:
-        if bastion.instance_id:
-            return bastion.instance_id
-        if session_factory is None:
-            raise NeedsUserError("finding the bastion by tags needs AWS credentials", hint="sign in to AWS first")
-        ec2 = session_factory().client("ec2", region_name=region, endpoint_url=ec2_url)
-        return find_bastion(ec2, tags=bastion.tags).instance_id
-    return target
-
-
-def _eic(bastion: BastionConfig, session_factory: SessionFactory | None, region: str,
-         urls: dict[str, str]) -> Callable[[str, ssh.SshOptions], ssh.SshOptions] | None:
-    """With ec2_instance_connect on: push a fresh key before each SSH login."""
-    if not bastion.ec2_instance_connect or session_factory is None:
-        return None
-
-    def with_key(instance_id: str, options: ssh.SshOptions) -> ssh.SshOptions:
-        client = session_factory().client("ec2-instance-connect", region_name=region,
-                                          endpoint_url=urls.get("ec2-instance-connect"))
-        key = ssh_auth.send_ephemeral_key(client, instance_id, options.user, classify_aws_error)
-        from dataclasses import replace
-        return replace(options, pkey=key)
-    return with_key
-
-
-def _eic_for_ssh(bastion: BastionConfig, session_factory: SessionFactory | None, target: Callable[[], str],
-                 region: str, urls: dict[str, str]) -> Callable[[ssh.SshOptions], ssh.SshOptions] | None:
-    eic = _eic(bastion, session_factory, region, urls)
-    if eic is None:
-        return None
-    return lambda options: eic(target(), options)

@@ -18,7 +18,7 @@ from .config_schema import (AwsConfig, BastionConfig, CatalogSettings, ClusterCo
                             aurora_reader_endpoint)
 
 TRANSPORTS = ("ssm-ssh", "ssm-port-forward", "ssh", "plugin")
-SSH_CLIENTS = ("paramiko", "openssh")     # bastion.client: who speaks SSH for transport "ssh"
+SSH_CLIENTS = ("auto", "paramiko", "openssh")     # bastion.client: who speaks SSH for transport "ssh"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 INSTANCE_RE = re.compile(r"^(i-[0-9a-f]{8,17}|mi-[0-9a-f]{8,17}|ecs:[A-Za-z0-9_-]+_[A-Za-z0-9]+_[A-Za-z0-9-]+)$")
 REGION_RE = re.compile(r"[a-z]{2}(-[a-z]+)+-\d")
@@ -74,17 +74,27 @@ def parse_vault(r: TableReader) -> VaultConfig:
 
 
 def _ssh_client(r: TableReader, ec2_instance_connect: bool) -> str:
-    client = r.text("client", "paramiko")
+    """The SSH engine of transport "ssh": "auto" (the default) is "openssh" where it can be (OpenSSH's
+    ssh on PATH, not Windows, a key on disk or in the agent rather than EC2 Instance Connect's
+    in-memory one) and "paramiko" elsewhere; the config keeps the resolved engine."""
+    client = r.text("client", "auto")
     if client not in SSH_CLIENTS:
         r.problem("client", f"unknown SSH client {client!r}", f"use one of {', '.join(SSH_CLIENTS)}")
         return "paramiko"
+    if client == "auto":
+        return "openssh" if not ec2_instance_connect and openssh_usable() else "paramiko"
     if client == "openssh" and ec2_instance_connect:
         r.problem("client", '"openssh" cannot log in with the EC2 Instance Connect key (it exists only in memory)',
-                  'set client = "paramiko", or turn ec2_instance_connect off and use your own key')
-    elif client == "openssh" and (sys.platform.startswith("win") or not shutil.which("ssh")):
+                  'set client = "paramiko" (or "auto"), or turn ec2_instance_connect off and use your own key')
+    elif client == "openssh" and not openssh_usable():
         r.problem("client", '"openssh" needs OpenSSH\'s ssh on PATH with connection sharing (ControlMaster; '
-                  'not OpenSSH for Windows)', 'install the OpenSSH client, or set client = "paramiko"')
+                  'not OpenSSH for Windows)', 'install the OpenSSH client, or set client = "paramiko" (or "auto")')
     return client
+
+
+def openssh_usable() -> bool:
+    """OpenSSH's ``ssh`` with connection sharing is on PATH (not OpenSSH for Windows, which has none)."""
+    return not sys.platform.startswith("win") and shutil.which("ssh") is not None
 
 
 def _sts_region(r: TableReader) -> str:

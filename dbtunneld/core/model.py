@@ -119,6 +119,7 @@ class TunnelStatus:
     hint: str = ""
     next_retry_at: float | None = None
     transport: str = ""
+    ssh_client: str = ""           # who speaks SSH on it: "paramiko", "openssh" ("" for ssm-port-forward)
     endpoint: str = ""             # remote host:port
     production: bool = False
     autoconnect: bool = False

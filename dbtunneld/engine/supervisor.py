@@ -5,8 +5,9 @@ and one tunnel unit per cluster. ``connect`` = want the cluster's credentials + 
 tunnel; ``disconnect`` = stop the tunnel + revoke the lease. What the user connected is kept
 in ``wanted.json`` (``wanted.WantedSet``) and connected again at the next start (after a crash,
 a quit or a reboot). ``reload`` is a reconcile: units whose spec is unchanged keep running,
-removed or changed ones stop first (freeing their ports), then new ones start (``cluster_slots``).
-Commands are coroutines on the engine loop (``engine_loop``); the slow parts run on its pool,
+removed or changed ones stop first (freeing their ports), then new ones start (``reload``,
+``cluster_slots``). The engine, the slots and the config are one table (``unit_table``) under one
+lock; units are built, started and stopped by ``unit_steps``. Commands are coroutines on the engine loop (``engine_loop``); the slow parts run on its pool,
 outside the lock, so status answers meanwhile. Keepers, tunnels and the wake detector are units
 of one ``scheduler.Scheduler`` driven on that loop. Status events come from ``status_publisher``.
 The engine and tunnels are built by factories (``wiring``; seams in ``units``), so tests of the
@@ -20,27 +21,26 @@ import asyncio
 import concurrent.futures
 import logging
 import os
-import threading
 import time
-from dataclasses import replace
 from typing import Any, Callable, Coroutine, Iterable, TypeVar
 
 from .. import __version__
 from ..core import model
 from ..core.config import ClusterConfig, Config
-from ..core.errors import DbtunneldError, NeedsUserError, UnknownNameError
+from ..core.errors import NeedsUserError
 from .engine_loop import EngineLoop, LoopClosedError
-from .cluster_slots import (LOCALHOST, ClusterSlot, ReloadPlan, connection_strings, credential_problem,
-                            plan_reload)
+from .cluster_slots import LOCALHOST, ClusterSlot, ReloadPlan, connection_strings, credential_problem
 from ..core.model import DaemonStatus, DbCredentials, TunnelState
 from ..core.paths import Paths
 from .local_login import local_user
+from .reload import Reconciler
 from .scheduler import Scheduler
 from .status_publisher import StatusPublisher
-from .units import (EngineFactory, EngineUnit, TunnelFactory, UnavailableTunnel, UnitSpec, engine_spec,
-                    unit_specs)
+from .unit_steps import STOP_SLACK, UnitSteps
+from .unit_table import UnitTable
+from .units import EngineFactory, EngineUnit, TunnelFactory, unit_specs
 from ..core.timing import SYSTEM_CLOCK, Clock
-from .wake import Checkable, WakeDetector
+from .wake import WakeDetector
 from .wanted import WantedSet
 
 log = logging.getLogger(__name__)
@@ -50,11 +50,9 @@ __all__ = ["Supervisor", "ClusterSlot", "ReloadPlan", "connection_strings", "cre
 CREDS_WAIT = 20.0                 # creds() waits this long for a lease being minted
 SETTLED = {TunnelState.UP, TunnelState.FAILED, TunnelState.NEEDS_SIGN_IN, TunnelState.STOPPED}
 POOL_WORKERS = 32                 # blocking calls of the engine loop: tunnel steps, keeper steps, revokes
-BLOCKING_TIMEOUT = 30.0           # a blocking call of a command (build a unit, start it) gives up after this
 RENEW_TIMEOUT = 15.0              # renew / rotate waits this long for the keeper to serve it
 START_TIMEOUT = 120.0             # the engine and every unit built and the autoconnect ones started
 COMMAND_TIMEOUT = 60.0            # a command's wrapper waits this long plus its revoke bounds
-STOP_SLACK = 5.0                  # on top of a stop's own bound
 
 T = TypeVar("T")
 
@@ -63,24 +61,20 @@ T = TypeVar("T")
 class Supervisor:
     """Owns the engine and the tunnels. Its commands are coroutines on the engine loop (blocking
     parts on its worker pool, each with a deadline); the public methods are their synchronous
-    wrappers, safe from any thread but the loop's own. The lock guards the tables only and is never
-    held across I/O, so ``status`` answers while a command waits for Vault."""
+    wrappers, safe from any thread but the loop's own. The table's lock guards the table only
+    (``unit_table``) and is never held across I/O, so ``status`` answers while a command waits for
+    Vault. Building, starting and stopping units are ``unit_steps``; a reload is ``reload``."""
 
     def __init__(self, config: Config, paths: Paths, *, engine_factory: EngineFactory,
                  tunnel_factory: TunnelFactory, on_event: Callable[[str, Any], None] | None = None,
                  config_path: str = "", clock: Clock = SYSTEM_CLOCK,
                  wake: WakeDetector | None = None, engine_loop: EngineLoop | None = None) -> None:
-        self.config = config
         self.paths = paths
         self.config_path = config_path or config.source
-        self._engine_factory = engine_factory
-        self._tunnel_factory = tunnel_factory
         self._emit = on_event or (lambda event, data: None)
         self._clock = clock
         self.started_at = clock.time()
-        self._lock = threading.RLock()
-        self._slots: dict[str, ClusterSlot] = {}
-        self._engine: EngineUnit | None = None
+        self._table = UnitTable(config)          # the engine, the slots, the config; its lock
         self._loop = engine_loop or EngineLoop(name="dbtunneld-engine", workers=POOL_WORKERS)
         self._owns_loop = engine_loop is None
         self.scheduler = Scheduler(clock)        # every keeper, tunnel and the wake detector
@@ -88,14 +82,33 @@ class Supervisor:
         self._publisher = StatusPublisher(self.status_dict, self._emit)
         self._wake = wake or WakeDetector(clock=clock)      # checks connected tunnels and the engine after a sleep
         self._wanted = WantedSet(paths.wanted_file)   # what the user connected, across restarts
-        self.stopping = False
+        self._steps = UnitSteps(self._table, paths, loop=self._loop, scheduler=self.scheduler, wake=self._wake,
+                                wanted=self._wanted, engine_factory=engine_factory, tunnel_factory=tunnel_factory,
+                                on_engine_event=self._engine_event, poke=self._publisher.poke)
+        self._reconciler = Reconciler(self._table, self._steps, self._publisher.poke)
         self._stopped = False
-        self._reloading = False                  # the engine is being replaced (see ``reload``)
-        self._reconcile: asyncio.Lock | None = None   # reloads, one at a time (on the loop)
 
     @property
     def engine_loop(self) -> EngineLoop:
         return self._loop
+
+    @property
+    def config(self) -> Config:
+        return self._table.config
+
+    @property
+    def stopping(self) -> bool:
+        return self._table.stopping
+
+    # read views of the table (the tests look at them)
+
+    @property
+    def _engine(self) -> EngineUnit | None:
+        return self._table.engine
+
+    @property
+    def _slots(self) -> dict[str, ClusterSlot]:
+        return self._table.slots
 
     # ---- running commands on the loop
 
@@ -106,16 +119,8 @@ class Supervisor:
         except LoopClosedError:
             raise NeedsUserError("the daemon is stopping", "run the command again once it has restarted") from None
 
-    async def _blocking(self, fn: Callable[..., T], *args: Any, timeout: float = BLOCKING_TIMEOUT) -> T:
-        return await self._loop.run_blocking(fn, *args, timeout=timeout)
-
-    def _reconciling(self) -> asyncio.Lock:
-        if self._reconcile is None:
-            self._reconcile = asyncio.Lock()
-        return self._reconcile
-
     def _bound(self) -> float:
-        return self.config.credentials.revoke_timeout
+        return self._steps.bound()
 
     # ---- lifecycle
 
@@ -127,26 +132,26 @@ class Supervisor:
         auto = self._run(self._start(autoconnect), START_TIMEOUT)
         self._publisher.start(self._loop)
         self._wake.start(self.scheduler)
-        log.info("supervisor started: %d clusters, %d connected at start (%s)", len(self._slots), len(auto),
+        log.info("supervisor started: %d clusters, %d connected at start (%s)", len(self._table.slots), len(auto),
                  ", ".join(f"{s.name}: {'autoconnect' if s.spec.cluster.autoconnect else 'connected before'}"
                            for s in auto) or "none")
 
     async def _start(self, autoconnect: bool) -> list[ClusterSlot]:
-        engine = await self._start_engine(self.config)
-        slots = await self._build_slots(list(unit_specs(self.config).values()), self.config, engine)
-        with self._lock:
-            self._engine = engine
-            self._slots.update({s.name: s for s in slots})
-        await self._blocking(self._wanted.keep_only, dict(self._slots))
+        engine = await self._steps.start_engine(self._table.config)
+        slots = await self._steps.build_slots(list(unit_specs(self._table.config).values()), self._table.config, engine)
+        with self._table.lock:
+            self._table.engine = engine
+            self._table.slots.update({s.name: s for s in slots})
+        await self._steps.blocking(self._wanted.keep_only, dict(self._table.slots))
         restored = self._wanted.names() if autoconnect else set()
         auto = [s for s in slots if s.spec.cluster.autoconnect or s.name in restored] if autoconnect else []
-        await self._connect_slots(auto)
+        await self._steps.connect_slots(auto)
         return auto
 
     def stop(self, timeout: float = 15.0) -> list[dict[str, Any]]:
         """Stop every tunnel, then revoke every lease and the token (bounded by ``timeout``);
         returns what became of each DB user (``model.LeaseOutcome`` dicts). Idempotent."""
-        with self._lock:
+        with self._table.lock:
             if self._stopped:
                 return []
             self._stopped = True
@@ -165,68 +170,17 @@ class Supervisor:
         return outcomes
 
     async def _stop(self, deadline: float) -> list[dict[str, Any]]:
-        with self._lock:
-            self.stopping = True
-            slots, self._slots = list(self._slots.values()), {}
-            engine, self._engine = self._engine, None
-        await self._stop_tunnels(slots, deadline)
+        with self._table.lock:
+            self._table.stopping = True
+            slots = list(self._table.slots.values())
+            self._table.slots.clear()
+            engine, self._table.engine = self._table.engine, None
+        await self._steps.stop_tunnels(slots, deadline)
         if engine is None:
             return []
         self._wake.unregister(engine)
         left = max(1.0, deadline - time.monotonic())
-        return await self._blocking(engine.stop, left, timeout=left + STOP_SLACK) or []
-
-    async def _start_engine(self, config: Config) -> EngineUnit:
-        """Build and start the engine on this loop and schedule; one that can re-check its expiries
-        is checked after a sleep."""
-        engine = await self._blocking(self._engine_factory, config, self.paths, self._engine_event)
-        attach = getattr(engine, "attach", None)
-        if callable(attach):
-            attach(self._loop, self.scheduler)
-        await self._blocking(engine.start)
-        if isinstance(engine, Checkable):
-            self._wake.register(engine)
-        return engine
-
-    async def _build_slots(self, specs: list[UnitSpec], config: Config, engine: EngineUnit) -> list["ClusterSlot"]:
-        return [await self._blocking(self._new_slot, spec, config, engine) for spec in specs]
-
-    def _new_slot(self, spec: UnitSpec, config: Config, engine: EngineUnit) -> ClusterSlot:
-        """Build a cluster's tunnel on its stable port; a port problem is the unit's failed state."""
-        try:
-            port = self._port_for(spec, config)
-            tunnel = self._tunnel_factory(spec, port, engine, self._publisher.poke)
-        except DbtunneldError as exc:
-            log.warning("[cluster=%s] cannot build the tunnel: %s", spec.cluster.name, exc.message)
-            tunnel = UnavailableTunnel(spec.cluster.name, spec.cluster.local_port or 0, exc)
-        attach = getattr(tunnel, "attach_scheduler", None)
-        if callable(attach):
-            attach(self.scheduler, self._loop)   # its keeper: a unit of the engine's schedule, clients on its loop
-        return ClusterSlot(spec, tunnel)
-
-    def _port_for(self, spec: UnitSpec, config: Config) -> int:
-        from ..adapters.ports import PortBook
-
-        pinned = [c.local_port for c in config.clusters if c.local_port and c.name != spec.cluster.name]
-        book = PortBook(self.paths.ports_file, spec.tunnels.port_range)
-        return book.port_for(spec.cluster.name, spec.cluster.local_port, reserved=pinned)
-
-    async def _stop_tunnels(self, slots: Iterable[ClusterSlot], deadline: float) -> None:
-        """Stop the tunnels in parallel, each bounded by ``deadline`` (a wedged transport is left
-        to end its call in the background)."""
-        slots = list(slots)
-        for slot in slots:
-            self._wake.unregister(slot.tunnel)
-        await asyncio.gather(*(self._stop_slot(s, deadline) for s in slots))
-
-    async def _stop_slot(self, slot: ClusterSlot, deadline: float) -> None:
-        left = max(0.5, deadline - time.monotonic())
-        try:
-            await self._blocking(slot.tunnel.stop, left, timeout=left + 0.5)
-        except asyncio.TimeoutError:
-            log.warning("[cluster=%s] tunnel stop took over %.1f s; going on", slot.name, left)
-        except Exception:
-            log.exception("[cluster=%s] tunnel stop failed", slot.name)
+        return await self._steps.blocking(engine.stop, left, timeout=left + STOP_SLACK) or []
 
     def _engine_event(self, event: str, data: Any = None) -> None:
         """Engine events go out as they are; new credentials or a sign-in wake the waiting tunnels."""
@@ -234,52 +188,12 @@ class Supervisor:
         kind = data.get("kind", "") if isinstance(data, dict) else ""
         if kind in ("db.minted", "db.rotated", "sso.signed_in", "vault.login"):
             name = data.get("name") if kind.startswith("db.") else None
-            for slot in list(self._slots.values()):
+            for slot in list(self._table.slots.values()):
                 if slot.wanted and name in (None, slot.name):
                     slot.tunnel.check_now()
         self._publisher.poke()
 
     # ---- commands
-
-    def _slot(self, name: str) -> ClusterSlot:
-        self._require_engine()
-        slot = self._slots.get(name)
-        if slot is None:
-            known = ", ".join(sorted(self._slots)) or "none"
-            raise UnknownNameError(f'no cluster named "{name}" (known: {known})')
-        return slot
-
-    def _require_engine(self) -> EngineUnit:
-        if self._reloading and not self.stopping:
-            raise NeedsUserError("the daemon is restarting its credentials after a config change",
-                                 "run the command again in a few seconds")
-        if self._engine is None or self.stopping:
-            raise NeedsUserError("the daemon is stopping", "run the command again once it has restarted")
-        return self._engine
-
-    async def _connect_slots(self, slots: list[ClusterSlot]) -> None:
-        """Mark the slots wanted (under the lock), then start them (outside it)."""
-        with self._lock:
-            engine = self._require_engine()
-            for slot in slots:
-                slot.wanted = True
-        if slots:
-            await self._blocking(self._wanted.add, [s.name for s in slots])
-        for slot in slots:
-            await self._blocking(self._start_slot, slot, engine)
-
-    def _start_slot(self, slot: ClusterSlot, engine: EngineUnit) -> None:
-        """On the worker pool: want the credentials, start the tunnel (undone if it was detached meanwhile)."""
-        cluster = slot.spec.cluster
-        engine.want(replace(cluster, name=slot.cred_name) if cluster.reader_of else cluster)
-        slot.tunnel.start()
-        with self._lock:
-            detached = self.stopping or self._slots.get(slot.name) is not slot or not slot.wanted
-        if detached:                          # a stop or disconnect came while it started
-            slot.tunnel.stop(self._bound())
-            return
-        self._wake.register(slot.tunnel)
-        log.info("[cluster=%s] connect requested (127.0.0.1:%s)", slot.name, slot.spec.cluster.local_port or "auto")
 
     def connect(self, names: Iterable[str] | None = None, wait: float = 0.0) -> list[dict[str, Any]]:
         """Connect the named clusters (all when ``names`` is None); wait up to ``wait`` s for them to settle."""
@@ -288,10 +202,10 @@ class Supervisor:
 
     async def _connect(self, names: list[str] | None) -> list[str]:
         """Not serialised with a reload (a connect during a reload that waits for Vault answers at
-        once): a slot a reload detaches meanwhile is stopped again by ``_start_slot``."""
-        with self._lock:
-            slots = [self._slot(n) for n in names] if names is not None else list(self._slots.values())
-        await self._connect_slots(slots)
+        once): a slot a reload detaches meanwhile is stopped again by ``UnitSteps.connect_slots``."""
+        with self._table.lock:
+            slots = [self._table.slot(n) for n in names] if names is not None else list(self._table.slots.values())
+        await self._steps.connect_slots(slots)
         self._publisher.poke()
         return [s.name for s in slots]
 
@@ -305,35 +219,21 @@ class Supervisor:
         return self._run(self._disconnect(None if names is None else list(names)), COMMAND_TIMEOUT + 3 * self._bound())
 
     async def _disconnect(self, names: list[str] | None) -> dict[str, Any]:
-        with self._lock:
-            slots = [self._slot(n) for n in names] if names is not None else [s for s in self._slots.values() if s.wanted]
-            engine = self._require_engine()
+        with self._table.lock:
+            slots = ([self._table.slot(n) for n in names] if names is not None
+                     else [s for s in self._table.slots.values() if s.wanted])
+            engine = self._table.require_engine()
             for slot in slots:
                 slot.wanted = False
-        await self._blocking(self._wanted.discard, [s.name for s in slots])
+        await self._steps.blocking(self._wanted.discard, [s.name for s in slots])
         # Outside the lock: stopping and revoking take up to the revoke bound; status readers go on.
-        await self._stop_tunnels(slots, time.monotonic() + self._bound())
-        release = sorted({s.cred_name for s in slots if not self._cred_still_used(s)})
-        results = await asyncio.gather(*(self._release(engine, name) for name in release))
+        await self._steps.stop_tunnels(slots, time.monotonic() + self._bound())
+        release = sorted({s.cred_name for s in slots if not self._table.cred_still_used(s)})
+        results = await asyncio.gather(*(self._steps.release(engine, name) for name in release))
         for slot in slots:
             log.info("[cluster=%s] disconnected", slot.name)
         self._publisher.poke()
         return {"disconnected": [s.name for s in slots], "revocation": [o for r in results for o in r]}
-
-    async def _release(self, engine: EngineUnit, name: str) -> list[dict[str, Any]]:
-        """Revoke a cluster's leases (the engine bounds it by ``revoke_timeout``; this deadline only
-        guards against an engine that does not)."""
-        try:
-            return await self._blocking(engine.release, name, timeout=self._bound() + STOP_SLACK) or []
-        except asyncio.TimeoutError:
-            log.warning("[cluster=%s] releasing the credentials took over %.0f s; going on", name,
-                        self._bound() + STOP_SLACK)
-            return []
-
-    def _cred_still_used(self, slot: ClusterSlot) -> bool:
-        """Another connected tunnel (a cluster and its reader port) shares the slot's DB user."""
-        with self._lock:
-            return any(s.wanted and s is not slot and s.cred_name == slot.cred_name for s in self._slots.values())
 
     def reconnect(self, names: Iterable[str] | None = None) -> list[str]:
         """Rebuild the upstream of connected tunnels now (the listener stays bound)."""
@@ -341,8 +241,9 @@ class Supervisor:
 
     def _connected(self, names: list[str] | None) -> list[ClusterSlot]:
         """The named slots, each connected (else the error that says so); all connected ones for None."""
-        with self._lock:
-            slots = [self._slot(n) for n in names] if names is not None else [s for s in self._slots.values() if s.wanted]
+        with self._table.lock:
+            slots = ([self._table.slot(n) for n in names] if names is not None
+                     else [s for s in self._table.slots.values() if s.wanted])
         for slot in slots:
             if not slot.wanted:
                 raise NeedsUserError(f'cluster "{slot.name}" is not connected', f"run `dbtunneld connect {slot.name}`")
@@ -351,7 +252,7 @@ class Supervisor:
     async def _reconnect(self, names: list[str] | None) -> list[str]:
         slots = self._connected(names)
         for slot in slots:
-            await self._blocking(slot.tunnel.reconnect)
+            await self._steps.blocking(slot.tunnel.reconnect)
         self._publisher.poke()
         return [s.name for s in slots]
 
@@ -362,18 +263,18 @@ class Supervisor:
 
     async def _renew(self, name: str | None, rotate: bool) -> list[str]:
         slots = self._connected(None if name is None else [name])
-        engine = self._require_engine()
-        await asyncio.gather(*(self._blocking(engine.renew_now, n, rotate, timeout=RENEW_TIMEOUT)
+        engine = self._table.require_engine()
+        await asyncio.gather(*(self._steps.blocking(engine.renew_now, n, rotate, timeout=RENEW_TIMEOUT)
                                for n in sorted({s.cred_name for s in slots})))
         self._publisher.poke()
         return [s.name for s in slots]
 
     def login(self, wait: float = 0.0, use_device_code: bool = False) -> dict[str, Any]:
-        return self._require_engine().sso_login(wait, use_device_code)
+        return self._table.require_engine().sso_login(wait, use_device_code)
 
     def creds(self, name: str, field: str = "username", wait: float = CREDS_WAIT) -> dict[str, Any]:
         """Username, connection strings and expiry; the password only when ``field == "password"``."""
-        slot = self._slot(name)
+        slot = self._table.slot(name)
         if not slot.wanted:
             raise NeedsUserError(f'cluster "{name}" is not connected', f"run `dbtunneld connect {name}` first")
         cred = self._wait_for_credentials(slot.cred_name, wait)
@@ -392,11 +293,11 @@ class Supervisor:
 
     def _local_passwords(self, c: ClusterConfig) -> Any:
         """The engine's local password store when the cluster uses ``login = "local"``."""
-        return getattr(self._engine, "local_passwords", None) if c.login == "local" else None
+        return getattr(self._table.engine, "local_passwords", None) if c.login == "local" else None
 
     def reset_local_password(self, name: str) -> dict[str, Any]:
         """A new local password for the cluster (saved logins need it); open sessions go on."""
-        slot = self._slot(name)
+        slot = self._table.slot(name)
         passwords = self._local_passwords(slot.spec.cluster)
         if passwords is None:
             raise NeedsUserError(f'cluster "{name}" logs in with the leased user (login = "lease")',
@@ -411,7 +312,7 @@ class Supervisor:
         deadline = time.monotonic() + wait
         while True:
             seen = self._publisher.changes
-            cred = self._require_engine().current(name)
+            cred = self._table.require_engine().current(name)
             if cred is not None:
                 return cred
             problem = self._credential_problem(name)
@@ -421,7 +322,7 @@ class Supervisor:
             self._publisher.wait_change(seen, deadline - time.monotonic())
 
     def _credential_problem(self, name: str) -> Exception | None:
-        return credential_problem(self._require_engine().credential_status(), name)
+        return credential_problem(self._table.require_engine().credential_status(), name)
 
     def _settle(self, names: list[str], wait: float) -> list[dict[str, Any]]:
         deadline = time.monotonic() + wait
@@ -438,82 +339,20 @@ class Supervisor:
     def reload(self, new: Config) -> dict[str, list[str]]:
         """Reconcile the running units with ``new`` (already validated by the caller).
 
-        The lock is held only to change the tables (``_plan_reload`` detaches, ``_install``
-        attaches): stopping tunnels, revoking leases, stopping and starting an engine and building
+        The lock is held only to change the table (``reload.Reconciler`` detaches, then attaches):
+        stopping tunnels, revoking leases, stopping and starting an engine and building
         and starting units (each up to ``revoke_timeout``, longer when Vault hangs) run outside it,
         so ``status`` answers at once during a reload. Reloads run one at a time."""
-        summary = self._run(self._reload(new), COMMAND_TIMEOUT + 4 * max(self._bound(), new.credentials.revoke_timeout))
+        bound = COMMAND_TIMEOUT + 4 * max(self._bound(), new.credentials.revoke_timeout)
+        summary = self._run(self._reconciler.reload(new), bound)
         log.info("reloaded config: %s", ", ".join(f"{k} {v}" for k, v in summary.items() if v) or "no change")
         return summary
-
-    async def _reload(self, new: Config) -> dict[str, list[str]]:
-        async with self._reconciling():
-            with self._lock:
-                plan = self._plan_reload(new)
-            await self._retire(plan)
-            if not self.stopping:
-                await self._start_planned(plan, new)
-        self._publisher.poke()
-        return plan.summary
-
-    def _plan_reload(self, new: Config) -> "ReloadPlan":
-        """Under the lock: detach the units that must stop and note what starts after (no I/O)."""
-        restart = engine_spec(new) != engine_spec(self.config)
-        plan = plan_reload(self._slots, new, restart)
-        gone = [s.name for s in plan.stop]
-        for n in gone:
-            del self._slots[n]
-        if restart:
-            log.info("AWS / Vault / credential settings changed: restarting every unit")
-            plan.old_engine, self._engine = self._engine, None
-            self._reloading = True
-        elif self._engine is not None:
-            self._engine.update_config(new)
-        return plan
-
-    async def _retire(self, plan: "ReloadPlan") -> None:
-        """Outside the lock: forget removed clusters, stop the detached tunnels, revoke their leases
-        or stop the old engine."""
-        bound = self._bound()
-        await self._blocking(self._wanted.keep_only, plan.keep)
-        await self._stop_tunnels(plan.stop, time.monotonic() + bound)
-        engine = self._engine
-        if engine is not None:
-            await asyncio.gather(*(self._release(engine, n) for n in plan.release))
-        if plan.old_engine is not None:
-            self._wake.unregister(plan.old_engine)
-            try:
-                await self._blocking(plan.old_engine.stop, bound, timeout=bound + STOP_SLACK)
-            except asyncio.TimeoutError:
-                log.warning("the old credential engine took over %.0f s to stop; going on", bound + STOP_SLACK)
-
-    async def _start_planned(self, plan: "ReloadPlan", new: Config) -> None:
-        """Outside the lock: a new engine if the old one was stopped and the new units are built,
-        then attached under the lock, then the wanted ones connected."""
-        engine = self._engine if self._engine is not None else await self._start_engine(new)
-        specs = unit_specs(new)
-        slots = await self._build_slots([specs[n] for n in plan.start], new, engine)
-        with self._lock:
-            if self.stopping:
-                late = [engine] if engine is not self._engine else []
-                slots_to_drop = slots
-            else:
-                late, slots_to_drop = [], []
-                self._engine, self._reloading = engine, False
-                self._slots.update({s.name: s for s in slots})
-                self.config = new
-        if late or slots_to_drop:             # a stop came while the new units were built
-            await self._stop_tunnels(slots_to_drop, time.monotonic() + self._bound())
-            for eng in late:
-                await self._blocking(eng.stop, self._bound(), timeout=self._bound() + STOP_SLACK)
-            return
-        await self._connect_slots([s for s in slots if s.name in plan.connect])
 
     # ---- status
 
     def status(self) -> DaemonStatus:
-        with self._lock:
-            slots, engine = list(self._slots.values()), self._engine
+        with self._table.lock:
+            slots, engine = list(self._table.slots.values()), self._table.engine
         aws, vault, dbs = engine.credential_status() if engine else (None, None, {})
         tunnels = tuple(s.status(dbs.get(s.cred_name)) for s in slots)
         return DaemonStatus(version=__version__, pid=os.getpid(), started_at=self.started_at,

@@ -215,7 +215,8 @@ class Tunnel:
         open_now, total = self._clients.counts()
         return TunnelStatus(name=self.name, local_port=self.local_port, state=now.state, since=now.since,
                             last_error=now.last_error, hint=now.hint, next_retry_at=now.next_retry_at,
-                            transport=self.transport.kind, endpoint=f"{self.remote[0]}:{self.remote[1]}",
+                            transport=self.transport.kind, ssh_client=self.transport.ssh_client,
+                            endpoint=f"{self.remote[0]}:{self.remote[1]}",
                             connections_open=open_now, connections_total=total, reconnects=reconnects)
 
     def _bind(self) -> None:

@@ -128,7 +128,7 @@ def _transport_config(spec: UnitSpec) -> Config:
 
 def tunnel_factory(spec: UnitSpec, port: int, engine: EngineUnit, on_change: Callable[[], None]) -> TunnelUnit:
     """A real ``tunnel.Tunnel`` that waits for the cluster's credentials before connecting."""
-    from ..adapters.transport import build_transport
+    from ..adapters.transport_config import build_transport
     from .tunnel import Tunnel
 
     c = spec.cluster

@@ -156,7 +156,7 @@ def check_bastion(st: DoctorState) -> str:
 
 
 def check_transport(st: DoctorState) -> str:
-    from ..adapters.transport import build_transport
+    from ..adapters.transport_config import build_transport
 
     factory = st.aws.boto3 if st.aws is not None else None
     st.transport = build_transport(st.config, st.cluster, session_factory=factory)

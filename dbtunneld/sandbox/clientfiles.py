@@ -4,7 +4,8 @@
   ``services`` section pointing every AWS service at the stack;
 - ``daemon_config_text``: a ready dbtunneld config (TOML, ``dbtunneld.core.config`` schema),
   transport ``ssh`` to the sandbox sshd, one cluster per MariaDB on a pinned local port;
-- ``client_env``: HOME, AWS_CONFIG_FILE, AWS_ENDPOINT_URL_*, AWS_PROFILE, DBTUNNELD_HOME.
+- ``client_env``: HOME, AWS_CONFIG_FILE, AWS_ENDPOINT_URL_*, AWS_PROFILE, DBTUNNELD_HOME;
+- ``write_client_files``: the AWS config and the dbtunneld config, written where ``info`` says.
 """
 
 from __future__ import annotations
@@ -105,3 +106,12 @@ def _bastion_lines(info: "StackInfo", transport: str) -> list[str]:
             lines += [f"key_file = {_toml(info.ssh_key_file)}", f"known_hosts = {_toml(info.known_hosts)}",
                       f"host_key = {_toml(info.host_key)}"]
     return lines + [""]
+
+
+def write_client_files(info: "StackInfo") -> None:
+    """``info.aws_config_file`` and ``info.config_file`` (the ``ssh`` transport), in private dirs."""
+    home = Path(info.home)
+    (home / ".aws").mkdir(parents=True, exist_ok=True, mode=0o700)
+    Path(info.aws_config_file).write_text(aws_config_text(info))
+    Path(info.dbtunneld_home).mkdir(parents=True, exist_ok=True, mode=0o700)
+    Path(info.config_file).write_text(daemon_config_text(info))

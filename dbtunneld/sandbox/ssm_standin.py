@@ -12,26 +12,12 @@ parts a session touches, following their wire behaviour (see ``ssm_agent`` for t
   upgrade must be SigV4-signed for ``ssmmessages`` (Authorization header, canonical query as
   aws-sdk-go v1 builds it; or a presigned URL) and the first message must carry the session's
   current token (OpenDataChannel); each ResumeSession issues a new token;
-* the service's preferences: the idle session timeout (default 20 min; only data messages
-  reset it, as smux keepalive would otherwise: aws/amazon-ssm-agent ``port_mux.go``
-  ``initialize``) and the max session duration; at either the service sends ``channel_closed``
-  (with the reason in ``Output``) and closes the websocket, as for TerminateSession (what the
-  client sees: aws/session-manager-plugin ``src/datachannel/streaming.go``
-  ``HandleChannelClosedMessage`` prints ``Output`` and stops the session);
-* a control API for tests and the sandbox (no auth; loopback only):
-  ``GET /_standin/health``; ``GET /_standin/sessions`` (the session table: status
-  Connecting / Connected / Disconnected / Terminated, with stats); ``GET|POST /_standin/faults``
-  (JSON, see ``ssm_agent.Faults``: ``mode``, ``idle_timeout``, ``max_session_duration``,
-  ``drop``, ``delay_ms``, ``jitter_ms``, ``close_after_messages``, ``agent_payload``, ``seed``);
-  ``POST /_standin/sessions/<id>/close-websocket`` (``{"mode": "close"|"abort"}``);
-  ``POST /_standin/sessions/<id>/terminate`` (``{"reason": "..."}``: a service-side end);
-  ``POST /_standin/sessions/<id>/pause`` (``{"seconds": 1}``: pause_publication, then
-  start_publication; ``{"start": false}``: a pause with no start after it, as the service may);
-  ``POST /_standin/sessions/<id>/freeze`` (``{"frozen": true|false}``: the path goes silent both
-  ways while the websocket stays open, as when a network path black-holes);
-  ``GET|POST /_standin/dns`` (``{"name": "db.example", "addresses": ["127.0.0.2"]}``: what the
-  VPC's resolver answers; a port session resolves its host once, like the agent);
-  ``GET|POST /_standin/instances`` (the managed nodes and their PingStatus: ``ssm_inventory``).
+* the service's preferences, the idle session timeout and the max session duration, ending a
+  session as the service does (the session table, ``ssm_sessions``, cites the sources);
+* the VPC's DNS as the agent sees it (``ssm_vpc_dns``);
+* a control API for tests and the sandbox (``ssm_control``; no auth, loopback only: health, the
+  session table, faults, closing / terminating / pausing / freezing a session, the DNS table,
+  the managed nodes).
 
 KMS-encrypted sessions (``kms``, ``ssm_kms``: the account's Session Manager preference) and a
 ``stream_base`` for stream URLs behind a TLS front are set at start (``ssm_standin_cli``).
@@ -47,7 +33,6 @@ never logged.
 from __future__ import annotations
 
 import asyncio
-import base64
 import datetime
 import hmac
 import json
@@ -56,19 +41,19 @@ import re
 import secrets
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from .ssm_agent import DEFAULT_AGENT_VERSION, AgentSession, Faults
 from .ssm_agent_port import PortPlugin, Resolver, system_resolve
+from .ssm_control import ControlApi
 from .ssm_kms import KmsEncryption, KmsSettings
 from .ssm_inventory import InventoryError, ManagedInstances
 from .ssm_http import HttpRequest, HttpResponse, HttpServer, WsConnection
+from .ssm_sessions import ACTIVE, SessionRecord, SessionTable
 from .ssm_sigv4 import SignatureError, SignedBy, Verifier
+from .ssm_vpc_dns import VpcDns
 
 log = logging.getLogger("dbtunneld.sandbox.ssm_standin")
 
@@ -76,54 +61,14 @@ SSH_DOCUMENT = "AWS-StartSSHSession"
 REMOTE_DOCUMENT = "AWS-StartPortForwardingSessionToRemoteHost"
 JSON_11 = "application/x-amz-json-1.1"
 STREAM_PATH = re.compile(r"^/v1/data-channel/([A-Za-z0-9_.@-]+)$")
-CONTROL_SESSION = re.compile(r"^/_standin/sessions/([A-Za-z0-9_.@-]+)/(close-websocket|terminate|pause|freeze)$")
 TARGET_SYNTAX = re.compile(r"^((i|mi)-[0-9a-f]{8,17}|ecs:[^_\s]+_[^_\s]+_\S+)$")
 OPEN_TIMEOUT = 10.0
-ACTIVE = ("Connecting", "Connected", "Disconnected")
-# The service's words are not public; these say what happened in the same spirit.
-IDLE_REASON = "Session terminated: idle for {minutes} (Session Manager idle session timeout)"
-MAX_DURATION_REASON = "Session terminated: it reached the maximum session duration of {minutes}"
 
 
 class ApiError(Exception):
     def __init__(self, code: str, message: str, status: int = 400) -> None:
         super().__init__(message)
         self.code, self.message, self.status = code, message, status
-
-
-@dataclass
-class SessionRecord:
-    session_id: str
-    target: str
-    document: str
-    parameters: dict[str, list[str]]
-    owner: str
-    agent: AgentSession
-    token: str = field(repr=False, default="")
-    status: str = "Connecting"
-    reason: str = ""
-    started: float = field(default_factory=time.time)
-    ended: float | None = None
-    connections: int = 0
-
-    def row(self) -> dict[str, Any]:
-        return {
-            "SessionId": self.session_id,
-            "Target": self.target,
-            "DocumentName": self.document,
-            "Status": self.status,
-            "Owner": self.owner,
-            "StartDate": self.started,
-            "EndDate": self.ended,
-            "Reason": self.reason,
-            "Connections": self.connections,
-            "ClientVersion": self.agent.client_version,
-            "Stats": dict(self.agent.stats),
-        }
-
-
-def _minutes(seconds: float) -> str:
-    return f"{seconds / 60:g} minutes" if seconds >= 60 else f"{seconds:g} seconds"
 
 
 class SsmStandIn:
@@ -151,20 +96,21 @@ class SsmStandIn:
         self.vpc_dns_file = vpc_dns_file
         self.stream_base = stream_base.rstrip("/")  # scheme://host[:port] of stream URLs (a TLS front)
         self.kms = kms  # the account encrypts sessions with this KMS key
-        self.dns: dict[str, list[str]] = {}  # /_standin/dns answers, before ``resolve``
+        self.vpc_dns = VpcDns(vpc_dns_file, resolve)   # moto's Aurora names, the /_standin/dns table
+        self.dns = self.vpc_dns.table  # /_standin/dns answers, before ``resolve``
         self.allow_unsigned_websocket = allow_unsigned_websocket
         self.verifier = Verifier(credentials, accept_unknown_keys=accept_unknown_keys)
-        # with a VPC seed, moto's Aurora endpoint names resolve to the loopback MariaDB standing in for them
-        self._system_resolve = self._vpc_resolver(resolve) if vpc_dns_file else resolve
-        self.resolve = self._resolve  # how agents look up remote hosts (once per session): the DNS seam
+        self.resolve = self.vpc_dns.resolve  # how agents look up remote hosts (once per session): the DNS seam
         self.port = port
         self.targets = dict(targets or {})
         self.allow_remote = list(allow_remote)
         self.faults = faults or Faults()
         self.agent_version = agent_version
         self.forward_url = forward_url
-        self.sessions: dict[str, SessionRecord] = {}
+        self.table = SessionTable(self.faults)
+        self.sessions = self.table.sessions
         self.instances = ManagedInstances(vpc_dns_file)  # DescribeInstanceInformation's nodes
+        self._control = ControlApi(self.table, self.faults, self.vpc_dns, self.instances)
         self._server = HttpServer(self._http, self._websocket, self._authorize_websocket)
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -180,9 +126,7 @@ class SsmStandIn:
         return self.url
 
     async def stop(self) -> None:
-        for record in list(self.sessions.values()):
-            if record.status in ACTIVE:
-                await self._end(record, "the stand-in stopped")
+        await self.table.end_all("the stand-in stopped")
         await self._server.stop()
 
     # --- in-process use ---------------------------------------------------------------------------
@@ -226,7 +170,7 @@ class SsmStandIn:
 
     async def _http(self, request: HttpRequest) -> HttpResponse:
         if request.path.startswith("/_standin/"):
-            return await self._control(request)
+            return await self._control.handle(request)
         target = request.header("x-amz-target")
         if request.method == "POST" and target.startswith("AmazonSSM."):
             return await self._api(request, target.split(".", 1)[1])
@@ -283,13 +227,12 @@ class SsmStandIn:
             plugin,
             self.faults,
             agent_version=self.agent_version,
-            on_end=lambda reason, r=record: self._end(r, reason),
-            on_state=lambda state, r=record: self._set_state(r, state),
+            on_end=lambda reason, r=record: self.table.end(r, reason),
+            on_state=lambda state, r=record: self.table.set_state(r, state),
         )
         if self.kms is not None:
             record.agent.actions.append(KmsEncryption(self.kms, session_id, target))
-        self.sessions[session_id] = record
-        asyncio.ensure_future(self._enforce_limits(record))
+        self.table.add(record)
         log.info("StartSession %s: %s on %s (%s mode)", session_id, document, target, record.agent.mode)
         return self._grant(record)
 
@@ -307,7 +250,7 @@ class SsmStandIn:
             return PortPlugin({"portNumber": port}, *address, resolve=self.resolve)
         if document == REMOTE_DOCUMENT:
             host, port = param("host"), param("portNumber")
-            address = self._vpc_address(host)
+            address = self.vpc_dns.address(host)
             if not self._remote_allowed(address, port):
                 raise ApiError("InvalidParameters", f"the stand-in only forwards to --allow-remote hosts; {host}:{port} is not one")
             props = {"portNumber": port, "type": "LocalPortForwarding", "host": host, "localPortNumber": param("localPortNumber", "0")}
@@ -322,49 +265,11 @@ class SsmStandIn:
             return self.targets["*"]
         return None
 
-    def _vpc_address(self, host: str) -> str:
-        """What the agent dials for ``host``. The real agent resolves the name once per session with
-        the VPC's DNS (agent/session/plugins/port/port.go), where Aurora endpoints resolve; here the
-        writer and reader endpoints moto made (``--vpc-dns-seed``, read at each session as the seed
-        may be rewritten by a moto restart) resolve to the loopback MariaDB standing in for them."""
-        if not self.vpc_dns_file:
-            return host
-        try:
-            clusters = json.loads(Path(self.vpc_dns_file).read_text()).get("clusters", {})
-        except (OSError, ValueError):
-            return host
-        names = {c.get(k) for c in clusters.values() for k in ("endpoint", "reader_endpoint")}
-        return "127.0.0.1" if host in names - {None, ""} else host
-
-    def _vpc_resolver(self, fallback: Resolver) -> Resolver:
-        def resolve(host: str) -> list[str]:
-            address = self._vpc_address(host)
-            return [address] if address != host else fallback(host)
-        return resolve
-
-    def _resolve(self, host: str) -> list[str]:
-        """The VPC resolver: the ``/_standin/dns`` table first (tests flip it: Aurora failover)."""
-        return list(self.dns.get(host.lower()) or self._system_resolve(host))
-
-    def _set_dns(self, body: dict[str, Any]) -> None:
-        name = str(body.get("name") or "").lower()
-        addresses = [str(a) for a in body.get("addresses") or []]
-        if not name:
-            raise ValueError("dns: name is required")
-        if addresses:
-            self.dns[name] = addresses
-        else:
-            self.dns.pop(name, None)
-        log.info("dns: %s -> %s", name, addresses or "(removed)")
-
     def _remote_allowed(self, host: str, port: str) -> bool:
         return host in self.allow_remote or f"{host}:{port}" in self.allow_remote
 
     def _grant(self, record: SessionRecord) -> dict[str, Any]:
-        record.token = secrets.token_urlsafe(32)
-        base = self.stream_base or f"ws://{self.host}:{self.port}"
-        stream_url = f"{base}/v1/data-channel/{record.session_id}?role=publish_subscribe&cell-number={_cell_number()}"
-        return {"SessionId": record.session_id, "TokenValue": record.token, "StreamUrl": stream_url}
+        return self.table.grant(record, self.stream_base or f"ws://{self.host}:{self.port}")
 
     async def _op_ResumeSession(self, body: dict[str, Any], owner: str) -> dict[str, Any]:
         record = self._session(body)
@@ -375,7 +280,7 @@ class SsmStandIn:
 
     async def _op_TerminateSession(self, body: dict[str, Any], owner: str) -> dict[str, Any]:
         record = self._session(body)
-        await self._end(record, "terminated by TerminateSession")
+        await self.table.end(record, "terminated by TerminateSession")
         return {"SessionId": record.session_id}
 
     async def _op_DescribeSessions(self, body: dict[str, Any], owner: str) -> dict[str, Any]:
@@ -383,17 +288,7 @@ class SsmStandIn:
         if state not in ("Active", "History"):
             raise ApiError("ValidationException", "State must be Active or History")
         wanted = {f.get("key"): f.get("value") for f in body.get("Filters") or []}
-        rows = []
-        for record in self.sessions.values():
-            if (record.status in ACTIVE) != (state == "Active"):
-                continue
-            if "SessionId" in wanted and record.session_id != wanted["SessionId"]:
-                continue
-            if "Target" in wanted and record.target != wanted["Target"]:
-                continue
-            row = {k: v for k, v in record.row().items() if k in ("SessionId", "Target", "Status", "StartDate", "EndDate", "DocumentName", "Owner", "Reason")}
-            rows.append({k: v for k, v in row.items() if v not in (None, "")})
-        return {"Sessions": rows}
+        return {"Sessions": self.table.describe(state, wanted)}
 
     async def _op_DescribeInstanceInformation(self, body: dict[str, Any], owner: str) -> dict[str, Any]:
         try:
@@ -406,36 +301,6 @@ class SsmStandIn:
         if record is None:
             raise ApiError("DoesNotExistException", f"session {body.get('SessionId')!r} does not exist")
         return record
-
-    async def _end(self, record: SessionRecord, reason: str) -> None:
-        if record.status not in ACTIVE:
-            return
-        record.status = "Terminated"
-        record.reason = reason
-        record.ended = time.time()
-        record.token = ""
-        log.info("session %s terminated: %s", record.session_id, reason)
-        await record.agent.end(reason)
-
-    async def _enforce_limits(self, record: SessionRecord) -> None:
-        """The service's idle timeout (data messages only: acks and pings do not count) and max duration."""
-        agent = record.agent
-        while record.status in ACTIVE:
-            idle, longest = self.faults.idle_timeout, self.faults.max_session_duration
-            await asyncio.sleep(min(1.0, idle / 10, longest / 10 if longest else 1.0))
-            now = time.monotonic()
-            if record.status not in ACTIVE:
-                return
-            if now - agent.last_data > self.faults.idle_timeout:
-                await self._end(record, IDLE_REASON.format(minutes=_minutes(self.faults.idle_timeout)))
-            elif self.faults.max_session_duration and now - agent.started > self.faults.max_session_duration:
-                await self._end(record, MAX_DURATION_REASON.format(minutes=_minutes(self.faults.max_session_duration)))
-
-    def _set_state(self, record: SessionRecord, state: str) -> None:
-        if record.status in ACTIVE:
-            record.status = state
-            if state == "Connected":
-                record.connections += 1
 
     # --- data channel websockets ------------------------------------------------------------------
 
@@ -471,75 +336,22 @@ class SsmStandIn:
             return
         await record.agent.serve(conn)
 
-    # --- control API ------------------------------------------------------------------------------
-
-    async def _control(self, request: HttpRequest) -> HttpResponse:
-        path = request.path
-        try:
-            if path == "/_standin/health":
-                return HttpResponse.json({"ok": True, "sessions": len(self.sessions)})
-            if path == "/_standin/sessions" and request.method == "GET":
-                return HttpResponse.json({"sessions": [r.row() for r in self.sessions.values()]})
-            if path == "/_standin/faults":
-                if request.method == "POST":
-                    self.faults.update(request.json())
-                    log.info("faults now %s", self.faults.to_dict())
-                return HttpResponse.json(self.faults.to_dict())
-            if path == "/_standin/dns":
-                if request.method == "POST":
-                    self._set_dns(request.json())
-                return HttpResponse.json(self.dns)
-            if path == "/_standin/instances":
-                body = request.json() if request.method == "POST" else None
-                return HttpResponse.json(self.instances.set_status(body) if body is not None else self.instances.listing())
-            match = CONTROL_SESSION.match(path)
-            if match and request.method == "POST":
-                return await self._session_action(match.group(1), match.group(2), request.json())
-        except (ValueError, TypeError) as exc:
-            return HttpResponse.json({"message": str(exc)}, 400)
-        return HttpResponse.json({"message": f"no control route {request.method} {path}"}, 404)
-
-    async def _session_action(self, session_id: str, action: str, body: dict[str, Any]) -> HttpResponse:
-        record = self.sessions.get(session_id)
-        if record is None:
-            return HttpResponse.json({"message": f"no session {session_id}"}, 404)
-        if action == "close-websocket":
-            done = await record.agent.close_websocket(str(body.get("mode") or "close"))
-            return HttpResponse.json({"closed": done})
-        if action == "terminate":
-            await self._end(record, str(body.get("reason") or "terminated by the service"))
-            return HttpResponse.json(record.row())
-        if action == "freeze":
-            record.agent.frozen = bool(body.get("frozen", True))
-            return HttpResponse.json({"frozen": record.agent.frozen})
-        seconds = None if body.get("start") is False else float(body.get("seconds") or 1.0)
-        asyncio.ensure_future(record.agent.pause(seconds))
-        return HttpResponse.json({"paused": True, "start_after": seconds})
-
-
 # --- the sandbox stack --------------------------------------------------------------------------
 
 
-def stack_service(stack: Any) -> Any:
-    """The stand-in as a service of the sandbox stack (``dbtunneld.sandbox.stack``): SSH sessions
-    to any target reach the stack's sshd; port sessions may reach the stack's MariaDB ports."""
+def stack_service(services: Any) -> Any:
+    """The stand-in as a service of the sandbox stack (``services``: the stack's
+    ``stack_services.StackServices``): SSH sessions to any target reach the stack's sshd; port
+    sessions may reach the stack's MariaDB ports."""
     from .procs import http_probe
 
-    port = stack._port("ssm")
-    args = ["--port", str(port), "--target", f"*=127.0.0.1:{stack._port('sshd')}",
-            "--vpc-dns-seed", str(stack.seed_file), "--accept-unknown-keys"]  # moto mints the keys
-    for db in stack.mariadb.values():
+    port = services.port("ssm")
+    args = ["--port", str(port), "--target", f"*=127.0.0.1:{services.port('sshd')}",
+            "--vpc-dns-seed", str(services.seed_file), "--accept-unknown-keys"]  # moto mints the keys
+    for db in services.mariadb.values():
         args += ["--allow-remote", f"127.0.0.1:{db.port}", "--allow-remote", f"localhost:{db.port}"]
     ready = http_probe(f"http://127.0.0.1:{port}/_standin/health")
-    return stack._python_service("ssm-standin", "dbtunneld.sandbox.ssm_standin", args, ready, port)
-
-
-def _cell_number() -> str:
-    """Standard base64 with padding, as real stream URLs carry it raw: always with ``+``, ``/``, ``=``."""
-    while True:
-        text = base64.b64encode(secrets.token_bytes(13)).decode()
-        if "+" in text and "/" in text:
-            return text
+    return services.python_service("ssm-standin", "dbtunneld.sandbox.ssm_standin", args, ready, port)
 
 
 def _utcnow() -> datetime.datetime:

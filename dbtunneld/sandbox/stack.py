@@ -17,6 +17,7 @@ credential; ``stack.<field>`` reads it too), the services (``stack.sshd``, ``sta
 ``stack.vault_front``, ``stack.moto``, ``stack.sso``, ``stack.ssm``, ``stack.mariadb[name]``)
 with their fault methods (``kill``, ``freeze``/``thaw``, ``stop``/``start``, ``restart``),
 and helpers (``env()``, ``dynamic_users()``, ``root_vault()``, ``role_credentials()``).
+The services are defined in ``stack_services``; the client files written from ``clientfiles``.
 Teardown stops every process by pid and removes the temp dir; a service that fails to
 start makes the whole start fail with that service's log tail (``StartError``).
 
@@ -36,7 +37,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import threading
 import time
@@ -45,15 +45,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from . import relay, sts_endpoint
+from . import relay
+from .clientfiles import write_client_files
 from .guard import DIR_PREFIX, install_signal_guard, live_stacks, stop_all_stacks, sweep_stale_stacks
-from .info import REGION, SERVER_ID, SSO_SESSION, SSO_USER, VAULT_ROLE, ClusterInfo, StackInfo
+from .info import REGION, SSO_SESSION, SSO_USER, ClusterInfo, StackInfo
 from .mariadb import MariaDB, install_datadir
 from .moto_launcher import ACCOUNT_ID, DEVELOPER_ROLE, UNBOUND_ROLE
-from .openbao import (JWT_AUDIENCE, JWT_ISSUER, JWT_MOUNT, AwsRoleBinding, BaoAdmin, ClusterDb, OpenBao, Ttls,
-                      configure_database, configure_jwt_auth, configure_policies, create_namespace)
-from .procs import Service, ServiceError, StartError, file_probe, free_port, http_probe, stop_all
+from .openbao import BaoAdmin, OpenBao, Ttls
+from .procs import Service, ServiceError, StartError, free_port, stop_all
 from .sshd import Bastion
+from .stack_services import StackServices
 from .standins import SsoStandin, VaultFront
 
 __all__ = ["ClusterInfo", "Stack", "StackInfo", "StackOptions", "StartError", "Ttls", "install_signal_guard",
@@ -112,7 +113,7 @@ class Stack:
         self.sso: SsoStandin | None = None
         self.ssm: Service | None = None
         self.started_in: float = 0.0
-        self._ports: dict[str, int] = {}
+        self._services: StackServices | None = None    # the service definitions and their ports
         self._local_ports: dict[str, int] = {}
         self._stopped = False
 
@@ -144,12 +145,13 @@ class Stack:
         self.dir = Path(tempfile.mkdtemp(prefix=DIR_PREFIX, dir=self.options.base_dir))
         os.chmod(self.dir, 0o700)
         (self.dir / "owner.pid").write_text(str(os.getpid()))
+        self._services = StackServices(self.dir, self.options, self.mariadb)
         live_stacks.add(self)
         try:
             self._build()
             self._start_all()
             self.info = self._describe()
-            self._write_client_files()
+            write_client_files(self.info)
         except BaseException:
             self.stop()
             raise
@@ -158,9 +160,7 @@ class Stack:
         return self
 
     def _port(self, name: str) -> int:
-        if name not in self._ports:
-            self._ports[name] = free_port()
-        return self._ports[name]
+        return self._services.port(name)
 
     def _want_ssm(self) -> bool:
         if self.options.ssm is not None:
@@ -173,16 +173,16 @@ class Stack:
             self.mariadb[name] = MariaDB.create(name, self.dir, self._port(f"mariadb-{name}"), tls=o.mariadb_tls)
             self._local_ports[name] = free_port()
         if o.vault:
-            self.openbao_server = OpenBao.create(self.dir, self._port("openbao"), self._configure_openbao)
+            self.openbao_server = OpenBao.create(self.dir, self._port("openbao"), self._services.configure_openbao)
             self.openbao = self.openbao_server.service
         if o.aws:
-            self.moto = self._moto_service()
+            self.moto = self._services.moto(after_restart=self._reseeded)
             if o.vault:
-                self.vault_front = self._front_service()
+                self.vault_front = self._services.vault_front(self.openbao_server.addr)
             if o.sso:
-                self.sso = self._sso_service()
+                self.sso = self._services.sso()
             if self._want_ssm():
-                self.ssm = self._ssm_service()
+                self.ssm = self._services.ssm()
         if o.ssh:
             permit = [(h, db.port) for db in self.mariadb.values() for h in ("127.0.0.1", "localhost")]
             self.bastion = Bastion.create(self.dir, self._port("sshd"), permit)
@@ -226,105 +226,17 @@ class Stack:
             starts = [e for e in errors if isinstance(e, ServiceError)]
             raise (starts or errors)[0]
 
-    # -- service definitions
-
-    def _python_service(self, name: str, module: str, args: list[str], ready: Callable[[], bool],
-                        port: int, cls: type = Service, env: dict | None = None) -> Service:
-        return cls(name=name, argv=[sys.executable, "-m", module, *args], port=port,
-                   log_path=self.dir / "logs" / f"{name}.log", ready=ready, env=env or self._child_env(),
-                   cwd=self.dir, start_timeout=30.0)
-
-    def _child_env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("AWS_", "VAULT_", "BAO_")) and k not in ("HOME",)}
-        env.update(HOME=str(self.dir), PYTHONDONTWRITEBYTECODE="1", PYTHONUNBUFFERED="1",
-                   MOTO_EC2_LOAD_DEFAULT_AMIS="false", AWS_EC2_METADATA_DISABLED="true")
-        return env
-
     @property
     def seed_file(self) -> Path:
-        return self.dir / "aws" / "seed.json"
-
-    def _moto_service(self) -> Service:
-        (self.dir / "aws").mkdir(mode=0o700, exist_ok=True)
-        clusters = [f"--cluster={n}={db.port}" for n, db in self.mariadb.items()]
-        svc = self._python_service(
-            "moto", "dbtunneld.sandbox.moto_launcher",
-            ["--port", str(self._port("moto")), "--seed-out", str(self.seed_file), "--region", REGION, *clusters],
-            file_probe(self.seed_file), self._port("moto"))
-        svc.before_start = lambda _s: self.seed_file.unlink(missing_ok=True)
-        svc.after_start = lambda _s: self._reseeded()
-        return svc
+        return self._services.seed_file
 
     def _reseeded(self) -> None:
         """After a moto restart (state lost, seeded afresh: new keys and ids) update info."""
         if self.info is not None:
             self.info = self._describe()
-            self._write_client_files()
+            write_client_files(self.info)
 
-    def _front_service(self) -> VaultFront:
-        key_file = self.dir / "aws" / "standin-jwt.pem"
-        self._jwt_public_pem = _write_jwt_key(key_file)
-        port = self._port("vault-front")
-        config = {
-            "listen_port": port, "vault_addr": self.openbao_server.addr,
-            "sts_transport": f"http://127.0.0.1:{self._port('moto')}", **self._vault_sts_config(),
-            "namespace": self.options.vault_namespace,
-            "iam_server_id_header_value": SERVER_ID, "auth_mount": JWT_MOUNT,
-            "jwt_key_file": str(key_file), "jwt_issuer": JWT_ISSUER, "jwt_audience": JWT_AUDIENCE,
-            "roles": {b.name: {"bound_iam_principal_arn": list(b.bound_iam_principal_arn)} for b in self._bindings()},
-        }
-        path = _write_private_json(self.dir / "aws" / "aws-auth-standin.json", config)
-        return self._python_service("aws-auth-standin", "dbtunneld.sandbox.aws_auth_standin",
-                                    ["--config", str(path)],
-                                    http_probe(f"http://127.0.0.1:{port}/_standin/health"), port, VaultFront)
-
-    def _vault_sts_config(self) -> dict:
-        """Vault's config/client STS settings for the stand-in (default: the global endpoint)."""
-        o = self.options
-        endpoint = o.sts_endpoint or (sts_endpoint.regional_endpoint(o.sts_region) if o.sts_region else "")
-        return {"sts_endpoint": endpoint or sts_endpoint.GLOBAL_ENDPOINT, "sts_region": o.sts_region}
-
-    def _sso_service(self) -> SsoStandin:
-        o = self.options
-        port = self._port("sso")
-        config = {
-            "listen_port": port, "start_url": f"http://127.0.0.1:{port}/start", "seed_file": str(self.seed_file),
-            "region": REGION, "user_name": SSO_USER,
-            "accounts": [{"accountId": ACCOUNT_ID, "accountName": "sandbox", "emailAddress": "aws-sandbox@example.com",
-                          "roles": [DEVELOPER_ROLE, UNBOUND_ROLE]}],
-            "access_token_ttl": o.sso_access_token_ttl, "device_code_ttl": o.sso_device_code_ttl,
-            "interval": o.sso_interval, "role_credentials_ttl": o.role_credentials_ttl,
-            "refresh_token_ttl": o.sso_refresh_token_ttl, "registration_ttl": o.sso_registration_ttl,
-            "auth_code_ttl": o.sso_auth_code_ttl,
-        }
-        path = _write_private_json(self.dir / "aws" / "sso-standin.json", config)
-        return self._python_service("sso-standin", "dbtunneld.sandbox.sso_standin", ["--config", str(path)],
-                                    http_probe(f"http://127.0.0.1:{port}/_standin/health"), port, SsoStandin)
-
-    def _ssm_service(self) -> Service:
-        from . import ssm_standin  # type: ignore[attr-defined]
-
-        factory = getattr(ssm_standin, "stack_service", None)
-        if factory is None:
-            raise StartError("ssm-standin", "dbtunneld.sandbox.ssm_standin has no stack_service() factory")
-        return factory(self)
-
-    def _bindings(self) -> list[AwsRoleBinding]:
-        return [AwsRoleBinding(VAULT_ROLE, (f"arn:aws:iam::{ACCOUNT_ID}:role/{DEVELOPER_ROLE}",))]
-
-    def _configure_openbao(self, root: BaoAdmin) -> None:
-        ttls = self.options.ttls
-        bao = root
-        if self.options.vault_namespace:
-            bao = create_namespace(root, self.options.vault_namespace)
-        configure_database(bao, [ClusterDb(n, db.port, db.database, db.admin_user, db.admin_password)
-                                 for n, db in self.mariadb.items()], ttls)
-        configure_policies(bao, self.options.lease_revoke)
-        if self.vault_front is not None:
-            configure_jwt_auth(bao, self._jwt_public_pem, self._bindings(), ttls)
-
-    # -- description and client files
+    # -- description
 
     def _describe(self) -> StackInfo:
         o = self.options
@@ -337,7 +249,7 @@ class Stack:
             rds_endpoint=seed.get("clusters", {}).get(n, {}).get("endpoint", ""))
             for n, db in self.mariadb.items()}
         info = StackInfo(dir=str(self.dir), home=str(home), ttls=o.ttls, clusters=clusters,
-                         relay_command=tuple(relay.command("127.0.0.1", self._ports.get("sshd", 0))),
+                         relay_command=tuple(relay.command("127.0.0.1", self._services.ports.get("sshd", 0))),
                          dbtunneld_home=str(self.dir / "dbtunneld"))
         if self.openbao_server is not None:
             info = replace(info, bao_addr=self.openbao_server.addr, vault_addr=self.openbao_server.addr,
@@ -362,15 +274,6 @@ class Stack:
                            known_hosts=str(b.known_hosts), host_key=b.host_key_line)
         return replace(info, aws_config_file=str(home / ".aws" / "config"),
                        config_file=str(self.dir / "dbtunneld" / "config.toml"))
-
-    def _write_client_files(self) -> None:
-        from .clientfiles import aws_config_text, daemon_config_text
-
-        home = Path(self.info.home)
-        (home / ".aws").mkdir(parents=True, exist_ok=True, mode=0o700)
-        Path(self.info.aws_config_file).write_text(aws_config_text(self.info))
-        Path(self.info.dbtunneld_home).mkdir(parents=True, exist_ok=True, mode=0o700)
-        Path(self.info.config_file).write_text(daemon_config_text(self.info))
 
     def heal(self) -> list[str]:
         """Thaw frozen services and start stopped or crashed ones (same ports); return
@@ -498,29 +401,6 @@ def ssm_standin_available() -> bool:
 
 
 # ------------------------------------------------------------------ small helpers
-
-def _write_private_json(path: Path, data: dict) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-    return path
-
-
-def _write_jwt_key(path: Path) -> str:
-    """A fresh ES256 key for the aws-auth stand-in; returns the public key PEM."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                  serialization.NoEncryption()))
-    return key.public_key().public_bytes(serialization.Encoding.PEM,
-                                         serialization.PublicFormat.SubjectPublicKeyInfo).decode()
-
 
 def _remove_quietly(path: Path) -> None:
     with contextlib.suppress(OSError):
