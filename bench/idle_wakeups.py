@@ -85,7 +85,7 @@ def measure(tunnels: int, seconds: float, client: str, settle: float = 5.0,
         options = DaemonOptions(clusters=("orders",), copies=tunnels - 1, tunnels=tunnel_keys)
         with DaemonUnderTest(stack, Path(root) / "d", options, env={"PYTHONPATH": f"{site}:{repo}",
                                                              "BENCH_THREAD_NAMES": str(site / "names")}) as d:
-            if client != "paramiko":
+            if client != "default":                # the config's default ("auto" on main since c246f89)
                 d.write_config(d.config_path.read_text().replace("[bastion]\n", f'[bastion]\nclient = "{client}"\n', 1))
             d.start()
             d.sign_in()
@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.idle_wakeups", description=__doc__.splitlines()[0])
     parser.add_argument("--tunnels", type=int, default=10)
     parser.add_argument("--seconds", type=float, default=20.0)
-    parser.add_argument("--client", default="paramiko", choices=("paramiko", "openssh"))
+    parser.add_argument("--client", default="paramiko", choices=("paramiko", "openssh", "default"),
+                        help="bastion.client (default: paramiko; 'default': leave the config's default)")
     parser.add_argument("--keepalive", type=float, help="tunnels.keepalive_interval (default: the config's default)")
     parser.add_argument("--source", help="a tree holding another dbtunneld/ for the daemon (e.g. `git archive main`); "
                         "run from inside it (python -m puts the current directory first on sys.path)")

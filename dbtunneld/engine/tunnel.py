@@ -348,8 +348,7 @@ class Tunnel:
         self._move(S.UP)
 
     def _watch_upstream(self, generation: int) -> None:
-        """Keepalives and the upstream's end by events (``keepalive``): a death or an unanswered
-        keepalive kicks the keeper; nothing else wakes an idle tunnel."""
+        """Keepalives and the upstream's end, by events (``keepalive``): trouble kicks the keeper."""
         def trouble(reason: str) -> None:
             if self._run is not None and generation == self.current_generation():
                 self.kick(reason)
