@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dbtunneld.adapters import ssh, transport, transport_config
+from dbtunneld.adapters.openssh_transport import OpenSshTransport
 from dbtunneld.core.config import parse_config
 from dbtunneld.core.errors import ClosedError, HostKeyError, NeedsUserError, TransientError
 from tunnel_servers import GreetingEchoServer, Sshd, free_port, keygen
@@ -111,16 +112,19 @@ class NoAws:
         raise AssertionError("AWS was called")
 
 
-@pytest.mark.parametrize("kind, cls", [
-    ("ssh", transport.SshTransport),
-    ("ssm-ssh", transport.SsmSshTransport),
-    ("ssm-port-forward", transport.SsmPortForwardTransport),
-    ("plugin", transport.PluginTransport),
+@pytest.mark.parametrize("kind, client, cls", [
+    ("ssh", "paramiko", transport.SshTransport),
+    ("ssh", "openssh", OpenSshTransport),
+    ("ssm-ssh", "", transport.SsmSshTransport),
+    ("ssm-port-forward", "", transport.SsmPortForwardTransport),
+    ("plugin", "", transport.PluginTransport),
 ])
-def test_build_transport_picks_the_configured_kind(kind, cls):
-    cfg = config(kind)
+def test_build_transport_picks_the_configured_kind(kind, client, cls):
+    target = 'instance_id = "i-0123456789abcdef0"' + (f'\nclient = "{client}"' if client else "")
+    cfg = config(kind, target)
     t = transport_config.build_transport(cfg, cfg.clusters[0], NoAws())
     assert type(t) is cls and t.kind == kind
+    assert t.ssh_client == ("paramiko" if kind in ("ssm-ssh", "plugin") else client)
 
 
 def test_cluster_override_wins():
