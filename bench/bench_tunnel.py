@@ -303,8 +303,8 @@ def lab() -> Iterator[Lab]:
 # ---- paths: each yields the local port a client connects to ------------------------------------
 
 @contextlib.contextmanager
-def child_tunnel_path(the_lab: Lab, kind: str, delayed: bool) -> Iterator[int]:
-    child = Child(the_lab.spec(kind, delayed))
+def child_tunnel_path(the_lab: Lab, kind: str, delayed: bool, **extra: Any) -> Iterator[int]:
+    child = Child(the_lab.spec(kind, delayed, **extra))
     try:
         yield int(child.expect("READY")[0])
     finally:
@@ -348,6 +348,8 @@ PATHS: dict[str, Callable[[Lab, bool], contextlib.AbstractContextManager[int]]] 
     "OpenSSH ssh -L": openssh_path,
     "sshtunnel": lambda lab_, d: child_tunnel_path(lab_, "sshtunnel", d),
     "dbtunneld ssh": lambda lab_, d: child_tunnel_path(lab_, "ssh", d),
+    # the default engine where ssh is on PATH (bastion.client = "auto"): an ssh -M master moves the bytes
+    "dbtunneld ssh, client openssh": lambda lab_, d: child_tunnel_path(lab_, "ssh", d, client="openssh"),
     "dbtunneld ssm-ssh": lambda lab_, d: child_tunnel_path(lab_, "ssm-ssh", d),
 }
 
