@@ -269,6 +269,10 @@ class Supervisor:
         self._publisher.poke()
         return [s.name for s in slots]
 
+    def aws_session(self) -> Any:
+        """The engine's boto3 session (credentials kept fresh by it); NeedsUserError before sign-in."""
+        return self._table.require_engine().session_factory()
+
     def login(self, wait: float = 0.0, use_device_code: bool = False) -> dict[str, Any]:
         return self._table.require_engine().sso_login(wait, use_device_code)
 

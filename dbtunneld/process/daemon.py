@@ -213,7 +213,7 @@ class Daemon:
 
         def boto3_session() -> Any:                 # asked at each try: sign-in may come later
             assert self.supervisor is not None
-            return self.supervisor._require_engine().session_factory()
+            return self.supervisor.aws_session()
         session_registry.sweep_for_daemon(registry, config.aws, boto3_session, self._ssm_sweep_stop)
 
     def _abort_start(self) -> None:
