@@ -131,11 +131,18 @@ def _transport(spec: dict[str, Any]):
                                 region_name="us-east-1")
         return SsmSshTransport(lambda: session, lambda: TARGET, opts, endpoint_url=spec["ssm_url"],
                                region="us-east-1")
-    if spec.get("client") == "openssh":                # an OpenSSH master moves the bytes
+    if spec.get("client") in ("openssh", "auto"):      # an OpenSSH master moves the bytes
         from dbtunneld.adapters.openssh_transport import MasterSettings, OpenSshTransport
-        return OpenSshTransport(MasterSettings("127.0.0.1", spec["ssh_port"], spec["user"], key_file=spec["key"],
-                                               host_key=spec["host_key"],
-                                               keepalive_interval=spec.get("keepalive_interval", 5.0)))
+        from dbtunneld.adapters.ssh_auto import AutoSshTransport
+
+        def openssh() -> OpenSshTransport:
+            return OpenSshTransport(MasterSettings("127.0.0.1", spec["ssh_port"], spec["user"], key_file=spec["key"],
+                                                   host_key=spec["host_key"],
+                                                   keepalive_interval=spec.get("keepalive_interval", 5.0)))
+        if spec["client"] == "auto":                   # the default: chosen by the round trip (ssh_auto)
+            return AutoSshTransport("127.0.0.1", spec["ssh_port"], openssh,
+                                    lambda: SshTransport("127.0.0.1", spec["ssh_port"], opts))
+        return openssh()
     return SshTransport("127.0.0.1", spec["ssh_port"], opts)
 
 
@@ -348,8 +355,8 @@ PATHS: dict[str, Callable[[Lab, bool], contextlib.AbstractContextManager[int]]] 
     "OpenSSH ssh -L": openssh_path,
     "sshtunnel": lambda lab_, d: child_tunnel_path(lab_, "sshtunnel", d),
     "dbtunneld ssh": lambda lab_, d: child_tunnel_path(lab_, "ssh", d),
-    # the default engine where ssh is on PATH (bastion.client = "auto"): an ssh -M master moves the bytes
-    "dbtunneld ssh, client openssh": lambda lab_, d: child_tunnel_path(lab_, "ssh", d, client="openssh"),
+    # the default where ssh is on PATH (bastion.client = "auto"): OpenSSH for a near bastion, paramiko for a far one
+    "dbtunneld ssh, client auto": lambda lab_, d: child_tunnel_path(lab_, "ssh", d, client="auto"),
     "dbtunneld ssm-ssh": lambda lab_, d: child_tunnel_path(lab_, "ssm-ssh", d),
 }
 

@@ -72,7 +72,7 @@ PATH_METRICS = (("down MB/s", "download", "MB/s", True), ("up MB/s", "upload", "
                 ("new conn p50 ms", "new connection to first byte p50", "ms", False),
                 ("20-at-once worst first byte ms", "worst first byte, 20 at once", "ms", False),
                 ("50-at-once worst first byte ms", "worst first byte, 50 at once", "ms", False))
-OURS = ("dbtunneld ssh", "dbtunneld ssh, client openssh", "dbtunneld ssm-ssh", "dbtunneld ssm-port-forward", "sshtunnel")
+OURS = ("dbtunneld ssh", "dbtunneld ssh, client auto", "dbtunneld ssm-ssh", "dbtunneld ssm-port-forward", "sshtunnel")
 REFERENCE = "OpenSSH ssh -L"
 
 
@@ -108,7 +108,7 @@ def _measure(bt: Any, lab: Any, path: Callable, delayed: bool, name: str, plan: 
 
 
 def _target(name: str, metric: str, delayed: bool) -> str:
-    if name not in ("dbtunneld ssh", "dbtunneld ssh, client openssh"):
+    if name not in ("dbtunneld ssh", "dbtunneld ssh, client auto"):
         return ""
     return {"down MB/s": ">= 3x" if delayed else ">= 0.7x", "up MB/s": ">= 3x" if delayed else ">= 0.7x",
             "RTT p50 ms": "<= 1.5x", "new conn p50 ms": "" if delayed else "<= 2 ms",

@@ -472,18 +472,6 @@ def test_config_selects_the_client(stack, bastion):
     assert not isinstance(build_transport(pinned, pinned.clusters[0]), OpenSshTransport)
 
 
-def test_auto_is_the_default_openssh_where_it_can_run(monkeypatch):
-    """``client = "auto"`` (and no client) picks OpenSSH when ssh is on PATH and the key is on
-    disk or in the agent; EC2 Instance Connect's in-memory key or no ssh fall back to paramiko,
-    without an error (an explicit "openssh" there is one, tested below)."""
-    for extra in ("", 'client = "auto"'):
-        assert parse_config(BASE.format(extra=extra)).bastion.client == "openssh"
-    eic = parse_config(BASE.format(extra="ec2_instance_connect = true"))
-    assert eic.bastion.client == "paramiko"
-    monkeypatch.setenv("PATH", "/nonexistent")
-    assert parse_config(BASE.format(extra="")).bastion.client == "paramiko"
-
-
 @pytest.mark.parametrize("extra, says", [
     ('client = "putty"', 'unknown SSH client'),
     ('client = "openssh"\nec2_instance_connect = true', 'client = "paramiko"'),

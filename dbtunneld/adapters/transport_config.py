@@ -23,9 +23,18 @@ def build_transport(config: Config, cluster: ClusterConfig,
     target = _target_resolver(bastion, session_factory, aws.region, aws.endpoint_urls.get("ec2"))
     options_for = _options_factory(bastion)
     ssm_url = aws.endpoint_urls.get("ssm")
-    if kind == "ssh" and bastion.client == "openssh":
+    if kind == "ssh" and bastion.client in ("openssh", "auto"):
         from .openssh_transport import OpenSshTransport, master_settings
-        return OpenSshTransport(master_settings(bastion, config.tunnels))
+        from .ssh_auto import AutoSshTransport
+
+        def openssh() -> Transport:
+            return OpenSshTransport(master_settings(bastion, config.tunnels))
+
+        def paramiko() -> Transport:
+            return SshTransport(bastion.host, bastion.port, options_for)
+        if bastion.client == "openssh":
+            return openssh()
+        return AutoSshTransport(bastion.host, bastion.port, openssh, paramiko)
     if kind == "ssh":
         eic_ssh = _eic_for_ssh(bastion, session_factory, target, aws.region, aws.endpoint_urls)
         return SshTransport(bastion.host, bastion.port, options_for, ephemeral=eic_ssh)

@@ -74,15 +74,16 @@ def parse_vault(r: TableReader) -> VaultConfig:
 
 
 def _ssh_client(r: TableReader, ec2_instance_connect: bool) -> str:
-    """The SSH engine of transport "ssh": "auto" (the default) is "openssh" where it can be (OpenSSH's
-    ssh on PATH, not Windows, a key on disk or in the agent rather than EC2 Instance Connect's
-    in-memory one) and "paramiko" elsewhere; the config keeps the resolved engine."""
+    """The SSH engine of transport "ssh". "auto" (the default) stays "auto" where OpenSSH can run
+    (its ssh on PATH, not Windows, a key on disk or in the agent rather than EC2 Instance Connect's
+    in-memory one): the engine is then chosen at each connect by the round trip to the bastion
+    (``adapters.ssh_auto``); elsewhere it is "paramiko"."""
     client = r.text("client", "auto")
     if client not in SSH_CLIENTS:
         r.problem("client", f"unknown SSH client {client!r}", f"use one of {', '.join(SSH_CLIENTS)}")
         return "paramiko"
     if client == "auto":
-        return "openssh" if not ec2_instance_connect and openssh_usable() else "paramiko"
+        return "auto" if not ec2_instance_connect and openssh_usable() else "paramiko"
     if client == "openssh" and ec2_instance_connect:
         r.problem("client", '"openssh" cannot log in with the EC2 Instance Connect key (it exists only in memory)',
                   'set client = "paramiko" (or "auto"), or turn ec2_instance_connect off and use your own key')

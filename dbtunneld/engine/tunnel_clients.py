@@ -189,11 +189,12 @@ class ClientSide:
     async def _serve(self, client: socket.socket, number: int) -> None:
         """Open the client's channel, then hand both to the forwarding loop."""
         forwarding = False
+        deadline = time.monotonic() + self._gate.settings.connect_wait
         try:
-            if self._before_relay is None and self._gate.transport.adopts_clients:
-                forwarding = await self._adopt(client)
+            if self._before_relay is None and await self._adopts(deadline):
+                forwarding = await self._adopt(client, deadline)
                 return
-            opened = await self._open_for_client(time.monotonic() + self._gate.settings.connect_wait)
+            opened = await self._open_for_client(deadline)
             if isinstance(opened, str):
                 self._refuse(client, opened)
                 return
@@ -212,10 +213,16 @@ class ClientSide:
                 with self._lock:
                     self._open -= 1
 
-    async def _adopt(self, client: socket.socket) -> bool:
+    async def _adopts(self, deadline: float) -> bool:
+        """Whether the transport forwards clients itself, asked once it is up (with client "auto"
+        the engine is chosen at each connect)."""
+        await self._await_up(deadline, -1, -1)
+        return self._gate.transport.adopts_clients
+
+    async def _adopt(self, client: socket.socket, deadline: float) -> bool:
         """The transport forwards ``client`` itself (``Transport.adopts_clients``: the OpenSSH
         master); True once it does (the handle ends it: ``_link_ended``)."""
-        opened = await self._open_for_client(time.monotonic() + self._gate.settings.connect_wait, client)
+        opened = await self._open_for_client(deadline, client)
         if isinstance(opened, str):
             self._refuse(client, opened)
             return False
