@@ -406,11 +406,15 @@ def _sysbench_paths(lab: DaemonLab, seconds: float, tables: int, table_size: int
     creds = d.creds("orders")
     proc, ssh_port = lab.openssh(c.port)
     wait_until(lambda: mysql_greeting(ssh_port, 2), 30)
-    ports = {"direct TCP": c.port, "OpenSSH ssh -L": ssh_port, "dbtunneld (daemon, ssh)": creds["port"]}
+    # the daemon's port takes its login (login = "local" by default: a local user only it knows);
+    # the references take the cluster's own user
+    admin = (c.admin_user, c.admin_password)
+    ports = {"direct TCP": (c.port, admin), "OpenSSH ssh -L": (ssh_port, admin),
+             "dbtunneld (daemon, ssh)": (creds["port"], (creds["username"], creds["password"]))}
     results = {}
     try:
-        for name, port in ports.items():
-            t = workload.Target("127.0.0.1", port, creds["username"], creds["password"], c.database)
+        for name, (port, (user, password)) in ports.items():
+            t = workload.Target("127.0.0.1", port, user, password, c.database)
             results[name] = workload.run(t, seconds, threads=4, tables=tables, table_size=table_size)
     finally:
         proc.kill()

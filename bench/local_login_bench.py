@@ -4,7 +4,7 @@ Per path: connection set-up (connect + login + SELECT 1 + close, sequential, med
 sysbench ``oltp_read_only`` (4 threads) as the same leased read-only user. The local login adds
 one round of its own (our greeting) and the upstream login happens on the already open channel.
 
-    PYTHONPATH=. python -m bench.local_login_bench [--seconds 3] [--connects 20] [--rounds 3]
+    PYTHONPATH=. python -m bench.local_login_bench [--seconds 3] [--connects 20] [--rounds 3] [--clients auto,paramiko]
 """
 
 from __future__ import annotations
@@ -44,14 +44,15 @@ def measure(paths: dict, database: str, args: argparse.Namespace) -> None:
             tps[name].append(r.tps)
     for name in names:
         times = sorted(setup[name])
-        print(f"{name:15} connect+login+SELECT 1+close median {statistics.median(times):6.2f} ms "
+        print(f"{name:32} connect+login+SELECT 1+close median {statistics.median(times):6.2f} ms "
               f"p95 {times[int(len(times) * 0.95) - 1]:6.2f} ms   sysbench median {statistics.median(tps[name]):6.1f} tps "
               f"(rounds: {', '.join(f'{t:.0f}' for t in tps[name])})")
 
 
-def connected_daemon(lab, name: str, login: str):
+def connected_daemon(lab, name: str, login: str, client: str = "auto"):
     d = lab.daemon(name, clusters=("orders",))
-    d.write_config(d.config.replace('name = "orders"', f'name = "orders"\nlogin = "{login}"', 1))
+    config = d.config.replace('name = "orders"', f'name = "orders"\nlogin = "{login}"', 1)
+    d.write_config(config.replace('transport = "ssh"\n', f'transport = "ssh"\nclient = "{client}"\n', 1))
     d.start()
     d.sign_in()
     d.cli("connect", "orders", "--wait", "60")
@@ -63,6 +64,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--connects", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--clients", default="auto", help='bastion.client values, comma-separated (e.g. "auto,paramiko")')
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="dbt-llb-", dir="/tmp"))
     with daemon_lab(root, quick=True) as lab:
@@ -70,13 +72,15 @@ def main() -> None:
         admin = workload.Target("127.0.0.1", c.port, c.admin_user, c.admin_password, c.database)
         workload.prepare(admin, 2, 10000)
         try:
-            local, lease = connected_daemon(lab, "local", "local"), connected_daemon(lab, "lease", "lease")
-            lc, pc = local.creds("orders"), lease.creds("orders")
+            paths = {}
+            for client in args.clients.split(","):
+                for login in ("local", "lease"):
+                    d = connected_daemon(lab, f"{login}-{client}", login, client)
+                    cr = d.creds("orders")
+                    paths[f"login={login}, client {client}"] = (cr["port"], cr["username"], cr["password"])
             proc, ssh_port = lab.openssh(c.port)
             wait_until(lambda: mysql_greeting(ssh_port, 2), 30)
-            paths = {"login=local": (lc["port"], lc["username"], lc["password"]),
-                     "login=lease": (pc["port"], pc["username"], pc["password"]),
-                     "OpenSSH ssh -L": (ssh_port, pc["username"], pc["password"])}
+            paths["OpenSSH ssh -L"] = (ssh_port, cr["username"], cr["password"])   # the last one's lease
             try:
                 measure(paths, c.database, args)
             finally:
