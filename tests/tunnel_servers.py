@@ -106,6 +106,8 @@ class GreetingEchoServer:
         self.sock.listen(256)
         self.port = self.sock.getsockname()[1]
         self.accepted = 0
+        self.open_connections = 0         # accepted and not yet closed
+        self._count_lock = threading.Lock()
         self._stop = False
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
@@ -116,7 +118,9 @@ class GreetingEchoServer:
                 conn, _ = self.sock.accept()
             except OSError:
                 return
-            self.accepted += 1
+            with self._count_lock:
+                self.accepted += 1
+                self.open_connections += 1
             threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
 
     def _echo(self, conn: socket.socket) -> None:
@@ -130,6 +134,8 @@ class GreetingEchoServer:
             pass
         finally:
             conn.close()
+            with self._count_lock:
+                self.open_connections -= 1
 
     def close(self) -> None:
         self._stop = True
