@@ -25,7 +25,7 @@ import pytest
 from dbtunneld.adapters import forward, forward_upstream, paramiko_internals, ssh
 from dbtunneld.core.errors import TransientError
 from dbtunneld.adapters.ssm.plugin import PluginProxy
-from tunnel_servers import GreetingEchoServer, Sshd, mysql_greeting
+from tunnel_servers import GreetingEchoServer, HeldAnswers, Sshd, mysql_greeting
 
 ROOT = Path(__file__).resolve().parent.parent
 PKG = ROOT / "dbtunneld"
@@ -405,48 +405,6 @@ def test_many_small_client_writes_arrive_exact_through_the_loop(loop, conn, echo
     sender.join(30)
 
 
-class HeldAnswers:
-    """The SSH connection through a relay whose server-to-client half can be held: the server's
-    answers (a channel-open confirmation) arrive late, as over a congested SSM path."""
-
-    def __init__(self, port: int) -> None:
-        self._tcp = socket.create_connection(("127.0.0.1", port))
-        self._ours, self.sock = socket.socketpair()
-        self.flowing = threading.Event()
-        self.flowing.set()
-        self._threads = [threading.Thread(target=self._pipe, args=(self._ours, self._tcp, None), daemon=True),
-                         threading.Thread(target=self._pipe, args=(self._tcp, self._ours, self.flowing), daemon=True)]
-        for thread in self._threads:
-            thread.start()
-
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket, gate: threading.Event | None) -> None:
-        try:
-            while data := src.recv(65536):
-                if gate is not None:
-                    gate.wait()
-                dst.sendall(data)
-        except OSError:
-            pass
-        for sock in (src, dst):
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def close(self) -> None:
-        self.flowing.set()
-        for sock in (self._tcp, self._ours, self.sock):
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        for thread in self._threads:
-            thread.join(5)
-        for sock in (self._tcp, self._ours, self.sock):
-            sock.close()
-
-
 def wait_for(predicate, timeout: float = 10.0, what: str = "condition") -> None:
     end = time.monotonic() + timeout
     while not predicate():
@@ -456,13 +414,15 @@ def wait_for(predicate, timeout: float = 10.0, what: str = "condition") -> None:
 
 
 @real_sshd
-def test_a_channel_open_given_up_on_is_closed_by_us_not_by_the_garbage_collector(sshd, echo):
+def test_a_channel_open_given_up_on_is_closed_by_us_not_by_the_garbage_collector(tmp_path):
     """The ssm-ssh race of issue 17: under load an open outlived its timeout, paramiko left the
     channel registered (weakly), the late confirmation made it active and nothing held it; the
     garbage collector then closed it (``Channel.__del__``: a blocking write) on whatever thread it
     ran, once the SSM session's own loop thread, which waited on itself until sshd gave up on
     the silent connection. Now the channel given up on is kept and closed by the next open; with
     the collector off, nothing else could close it."""
+    echo = GreetingEchoServer()           # its own: it counts open connections (channels at the bastion)
+    sshd = Sshd(tmp_path, permit_open=[echo.port]).start()
     relay = HeldAnswers(sshd.port)
     options = ssh.SshOptions(user="root", host_label=ssh.known_hosts_name("127.0.0.1", sshd.port),
                              key_file=str(sshd.client_key), use_agent=False, host_key=sshd.host_key_line,
@@ -470,7 +430,6 @@ def test_a_channel_open_given_up_on_is_closed_by_us_not_by_the_garbage_collector
     c = ssh.connect(relay.sock, options)
     gc.disable()
     try:
-        wait_for(lambda: echo.open_connections == 0, what="the echo server idle")
         accepted = echo.accepted
         relay.flowing.clear()
         with pytest.raises(TransientError, match="Timeout opening channel"):
@@ -488,6 +447,8 @@ def test_a_channel_open_given_up_on_is_closed_by_us_not_by_the_garbage_collector
         gc.enable()
         c.close()
         relay.close()
+        sshd.stop()
+        echo.close()
 
 
 @real_sshd
