@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import ast
 import configparser
+import gc
 import inspect
 import logging
 import os
 import socket
 import threading
+import time
+import weakref
 from pathlib import Path
 
 import paramiko
@@ -20,8 +23,9 @@ import paramiko.common
 import pytest
 
 from dbtunneld.adapters import forward, forward_upstream, paramiko_internals, ssh
+from dbtunneld.core.errors import TransientError
 from dbtunneld.adapters.ssm.plugin import PluginProxy
-from tunnel_servers import GreetingEchoServer, Sshd, mysql_greeting
+from tunnel_servers import GreetingEchoServer, HeldAnswers, Sshd, mysql_greeting
 
 ROOT = Path(__file__).resolve().parent.parent
 PKG = ROOT / "dbtunneld"
@@ -164,6 +168,24 @@ def check_channel_fields():
     assert called <= {"feed", "close", "empty", "read", "read_ready", "set_event"}, called
 
 
+def check_open_channel_registry():
+    """``open_channel`` takes its id from ``_next_channel()`` under ``Transport.lock`` on the calling
+    thread and registers the channel in ``_channels``, a map of weak references, before waiting
+    (so a channel it gives up on is still there, and nothing else holds it); ``Channel.__del__``
+    closes (writes to the socket on the collecting thread)."""
+    assert params(paramiko.Transport._next_channel) == ["self"]
+    text = source(paramiko.Transport.open_channel)
+    assert "chanid = self._next_channel()" in text and "self._channels.put(chanid, chan)" in text
+    assert text.index("self.lock.acquire()") < text.index("self._next_channel()") < text.index("self.lock.release()")
+    assert 'raise SSHException("Timeout opening channel.")' in text
+    t = paramiko.Transport(socket.socketpair()[0])
+    assert hasattr(t, "lock") and isinstance(t._channels._map, weakref.WeakValueDictionary)
+    assert callable(t._channels.get)
+    assert "self.close()" in source(paramiko.Channel.__del__)
+    chan = a_channel()
+    assert chan.active is False and chan.closed is False and chan.chanid == 0
+
+
 def check_message_constants():
     assert paramiko.common.MSG_CHANNEL_DATA == 94
     assert paramiko.common.MSG_CHANNEL_WINDOW_ADJUST == 93
@@ -188,6 +210,8 @@ PINNED = {
     "out_window_size": check_channel_fields,
     "remote_chanid": check_channel_fields,
     "MSG_CHANNEL_DATA": check_message_constants,
+    "_next_channel": check_open_channel_registry,
+    "_channels": check_open_channel_registry,
 }
 
 
@@ -225,7 +249,7 @@ def private_names_used(tree: ast.AST) -> set[str]:
 def test_every_private_name_the_module_uses_is_pinned():
     """A new internal in paramiko_internals fails here until it gets a check in PINNED."""
     tree = ast.parse(INTERNALS.read_text())
-    overrides = {"_channel_handler_table", "_active_check_timeout"}
+    overrides = {"_channel_handler_table", "_active_check_timeout", "_next_channel"}
     unpinned = (private_names_used(tree) - (own_names(tree) - overrides)) - set(PINNED)
     assert not unpinned, f"pin these paramiko internals in PINNED: {sorted(unpinned)}"
 
@@ -379,6 +403,52 @@ def test_many_small_client_writes_arrive_exact_through_the_loop(loop, conn, echo
     sender.start()
     assert read_exact(client, sum(map(len, pieces))) == b"".join(pieces)
     sender.join(30)
+
+
+def wait_for(predicate, timeout: float = 10.0, what: str = "condition") -> None:
+    end = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+@real_sshd
+def test_a_channel_open_given_up_on_is_closed_by_us_not_by_the_garbage_collector(tmp_path):
+    """The ssm-ssh race of issue 17: under load an open outlived its timeout, paramiko left the
+    channel registered (weakly), the late confirmation made it active and nothing held it; the
+    garbage collector then closed it (``Channel.__del__``: a blocking write) on whatever thread it
+    ran, once the SSM session's own loop thread, which waited on itself until sshd gave up on
+    the silent connection. Now the channel given up on is kept and closed by the next open; with
+    the collector off, nothing else could close it."""
+    echo = GreetingEchoServer()           # its own: it counts open connections (channels at the bastion)
+    sshd = Sshd(tmp_path, permit_open=[echo.port]).start()
+    relay = HeldAnswers(sshd.port)
+    options = ssh.SshOptions(user="root", host_label=ssh.known_hosts_name("127.0.0.1", sshd.port),
+                             key_file=str(sshd.client_key), use_agent=False, host_key=sshd.host_key_line,
+                             timeout=5)
+    c = ssh.connect(relay.sock, options)
+    gc.disable()
+    try:
+        accepted = echo.accepted
+        relay.flowing.clear()
+        with pytest.raises(TransientError, match="Timeout opening channel"):
+            c.open_channel("127.0.0.1", echo.port, timeout=0.3)
+        wait_for(lambda: echo.accepted == accepted + 1, what="sshd dialling the echo server")
+        relay.flowing.set()
+        assert c.ping(5)                  # answered after the confirmation: paramiko has seen it
+        chan = c.open_channel("127.0.0.1", echo.port, timeout=5)
+        wait_for(lambda: echo.open_connections == 1, what="the channel given up on closed at the bastion")
+        chan.settimeout(5)
+        assert read_exact(chan, len(mysql_greeting())) == mysql_greeting()
+        chan.close()
+        wait_for(lambda: echo.open_connections == 0, what="every channel closed")
+    finally:
+        gc.enable()
+        c.close()
+        relay.close()
+        sshd.stop()
+        echo.close()
 
 
 @real_sshd

@@ -9,6 +9,7 @@ to ``fast`` mode and 16 KiB messages both ways, and say so.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import socket
@@ -23,8 +24,10 @@ import pytest
 
 from dbtunneld.adapters.ssm import ChannelOptions, api, start_port_forward, start_ssh_session
 from dbtunneld.core.errors import ClosedError, NeedsUserError, TransientError
+from dbtunneld.adapters.ssm.session import SsmSession
 from dbtunneld.sandbox.ssm_standin import SsmStandIn
 from dbtunneld.sandbox.ssm_testkit import DataServer, StandInProcess, download, pattern, pattern_digest, upload
+from tunnel_servers import GreetingEchoServer, mysql_greeting
 
 TARGET = "i-0123456789abcdef0"
 ECS_TARGET = "ecs:orders_0123456789abcdef0123456789abcdef_0123456789abcdef0123456789abcdef-1234567890"
@@ -323,6 +326,36 @@ def test_service_side_terminate_ends_the_session_with_a_reason(standin, data_ser
     finally:
         session.close()
     assert standin.session(session.session_id)["Status"] == "Terminated"
+
+
+def test_output_that_comes_before_the_session_attaches_is_delivered(monkeypatch, tmp_path):
+    """The destination speaks first (sshd's banner, MySQL's greeting): the agent sends it as soon
+    as it has dialled, right behind HandshakeComplete, and the channel's reader may take it
+    before the session has set its sink (a loaded machine: here the attach waits 0.5 s). It used
+    to be acknowledged and dropped: paramiko then waited for a banner that never came ("Error
+    reading SSH protocol banner", ssm-ssh tunnels in backoff now and then)."""
+    speaker = GreetingEchoServer()
+    original = SsmSession._attach
+
+    async def late_attach(self, handshake):
+        await asyncio.sleep(0.5)
+        await original(self, handshake)
+
+    monkeypatch.setattr(SsmSession, "_attach", late_attach)
+    try:
+        with StandInProcess("--target", f"{TARGET}=127.0.0.1:{speaker.port}", log_path=str(tmp_path / "standin.log"),
+                            credentials=CREDENTIALS) as proc:
+            with start_ssh_session(aws(), TARGET, endpoint_url=proc.url) as session:
+                session.sock.settimeout(10)
+                greeting = mysql_greeting()
+                got = b""
+                while len(got) < len(greeting):
+                    chunk = session.sock.recv(4096)
+                    assert chunk, f"closed after {got!r}"
+                    got += chunk
+                assert got == greeting
+    finally:
+        speaker.close()
 
 
 def test_local_socket_closed_ends_the_ssh_session(standin):

@@ -3,7 +3,8 @@
 A private sshd bastion (the sandbox's harness, with our own PermitOpen list and its kill /
 freeze / thaw), and a MySQL-greeting echo server (speaks the first packet of the MySQL
 protocol, then echoes bytes: byte-exact tests through a tunnel whose health probe expects a
-greeting).
+greeting; it counts the connections it has open), and a relay to a server whose answers can be
+held (``HeldAnswers``).
 """
 
 from __future__ import annotations
@@ -106,6 +107,8 @@ class GreetingEchoServer:
         self.sock.listen(256)
         self.port = self.sock.getsockname()[1]
         self.accepted = 0
+        self.open_connections = 0         # accepted and not yet closed
+        self._count_lock = threading.Lock()
         self._stop = False
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
@@ -116,7 +119,9 @@ class GreetingEchoServer:
                 conn, _ = self.sock.accept()
             except OSError:
                 return
-            self.accepted += 1
+            with self._count_lock:
+                self.accepted += 1
+                self.open_connections += 1
             threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
 
     def _echo(self, conn: socket.socket) -> None:
@@ -130,6 +135,8 @@ class GreetingEchoServer:
             pass
         finally:
             conn.close()
+            with self._count_lock:
+                self.open_connections -= 1
 
     def close(self) -> None:
         self._stop = True
@@ -138,3 +145,45 @@ class GreetingEchoServer:
         except OSError:
             pass
         self.sock.close()
+
+
+class HeldAnswers:
+    """The SSH connection through a relay whose server-to-client half can be held: the server's
+    answers (a channel-open confirmation) arrive late, as over a congested SSM path."""
+
+    def __init__(self, port: int) -> None:
+        self._tcp = socket.create_connection(("127.0.0.1", port))
+        self._ours, self.sock = socket.socketpair()
+        self.flowing = threading.Event()
+        self.flowing.set()
+        self._threads = [threading.Thread(target=self._pipe, args=(self._ours, self._tcp, None), daemon=True),
+                         threading.Thread(target=self._pipe, args=(self._tcp, self._ours, self.flowing), daemon=True)]
+        for thread in self._threads:
+            thread.start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket, gate: threading.Event | None) -> None:
+        try:
+            while data := src.recv(65536):
+                if gate is not None:
+                    gate.wait()
+                dst.sendall(data)
+        except OSError:
+            pass
+        for sock in (src, dst):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.flowing.set()
+        for sock in (self._tcp, self._ours, self.sock):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for thread in self._threads:
+            thread.join(5)
+        for sock in (self._tcp, self._ours, self.sock):
+            sock.close()

@@ -36,6 +36,15 @@ only (``tests/test_paramiko_internals.py`` scans for it). What this module relie
   nothing gathered, room in the socket), else the caller sends it with waiting on a worker.
 - ``Transport.stop_thread`` reads ``sock._closed`` of a socket-like carrier: carriers that are not
   sockets define it (``dbtunneld.adapters.ssm.plugin.PluginProxy._closed``).
+- ``Transport._next_channel()`` (called by ``open_channel`` under ``Transport.lock`` on the opening
+  thread) and ``Transport._channels`` (a map of *weak* references, id -> ``Channel``): when
+  ``open_channel`` gives up (``Timeout opening channel.``) paramiko leaves the channel registered
+  and the server's late confirmation makes it active, held by nothing. ``Channel.__del__`` then
+  closes it, i.e. writes EOF and CLOSE to the transport's socket, on whatever thread the garbage
+  collector runs on. Over SSM that can be the session's event-loop thread, the only reader of
+  that socket: with the socket full it waits on itself forever, the SSM path freezes both ways
+  and sshd ends the connection ("Timeout, client not responding"). So a channel given up on is
+  kept (``abandoned``) and closed by us on a thread that may block (``close_abandoned``).
 
 ``SUPPORTED`` is the range these were checked against (``tests/test_paramiko_internals.py``,
 ``test_ssh.py`` and ``test_forward.py`` pass on each release in it; 3.4 lacks aes-gcm). setup.cfg
@@ -202,6 +211,46 @@ class _QuietTransport(paramiko.Transport):  # type: ignore[misc]  # paramiko is 
         self.reader_end = UpstreamEnd()
         self.keepalive_lock = threading.Lock()
         self.keepalive_waiters: collections.deque[Callable[[], None]] = collections.deque()
+        self.abandoned: dict[int, paramiko.Channel] = {}   # opens given up on (under self.lock)
+        self._opening = threading.local()                   # the id this thread's open took
+
+    def open_channel(self, *args: Any, **kwargs: Any) -> paramiko.Channel:
+        """paramiko's, except that a channel it gives up on (a timeout while the server is slow
+        to confirm) is kept and closed by us (``close_abandoned``), never by the garbage
+        collector on some other thread. Runs on a thread that may block, as paramiko's does."""
+        self.close_abandoned()
+        self._opening.chanid = None
+        try:
+            return super().open_channel(*args, **kwargs)
+        except BaseException:
+            self._abandon(self._opening.chanid)
+            raise
+
+    def _next_channel(self) -> int:
+        chanid: int = super()._next_channel()
+        self._opening.chanid = chanid
+        return chanid
+
+    def _abandon(self, chanid: int | None) -> None:
+        if chanid is None:                    # failed before paramiko took an id
+            return
+        with self.lock:
+            chan = self._channels.get(chanid)
+            if chan is None:                  # refused: paramiko forgot it
+                return
+            self.abandoned[chanid] = chan
+        self.close_abandoned()                # the confirmation may have come meanwhile
+
+    def close_abandoned(self) -> None:
+        """Close the channels given up on that the server has confirmed since (or forget those it
+        refused); the rest wait for their answer. Blocks like ``Channel.close``."""
+        with self.lock:
+            settled = [chan for chanid, chan in self.abandoned.items()
+                       if chan.active or chan.closed or self._channels.get(chanid) is not chan]
+            for chan in settled:
+                del self.abandoned[chan.chanid]
+        for chan in settled:
+            chan.close()
 
     def run(self) -> None:
         """paramiko's reader loop; its end (EOF, a broken socket, ``close``) is told at once."""

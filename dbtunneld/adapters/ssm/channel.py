@@ -74,6 +74,7 @@ class DataChannel(SequencedFlow):
         self._client_id = str(uuid.uuid4())
         self._label = f"[ssm session={grant.session_id}]"
         self._sink: Sink | None = None
+        self._sink_set = asyncio.Event()
         self._ws: WsClient | None = None
         self._out = OutgoingWindow(span=opts.window)
         self._in: ReorderBuffer[m.AgentMessage] = ReorderBuffer(opts.reorder_capacity)
@@ -96,8 +97,10 @@ class DataChannel(SequencedFlow):
         self.stats = {"sent": 0, "received": 0, "resent": 0, "resumes": 0, "buffered": 0, "duplicate": 0, "overflow": 0}
 
     def set_sink(self, sink: Sink) -> None:
-        """Where output payloads go, in order (awaited: a slow sink slows the channel down)."""
+        """Where output payloads go, in order (awaited: a slow sink slows the channel down).
+        Output that arrives before (the agent may send it with its HandshakeComplete) waits for it."""
         self._sink = sink
+        self._sink_set.set()
 
     def counters(self) -> dict[str, int]:
         return {**self.stats, "timeouts": self._out.timeouts, "unacknowledged": len(self._out), "held": len(self._in)}
@@ -315,12 +318,12 @@ class DataChannel(SequencedFlow):
                 await self._finish(ProtocolError(f"SSM session {self.session_id}: {exc.message}"))
                 return
         if ptype in (m.OUTPUT, m.STDERR):
-            if self._sink is not None:
-                self._in_sink = True
-                try:
-                    await self._sink(payload)
-                finally:
-                    self._in_sink = False
+            self._in_sink = True
+            try:
+                await self._sink_set.wait()     # dropping it instead lost sshd's banner now and then
+                await cast(Sink, self._sink)(payload)
+            finally:
+                self._in_sink = False
         elif ptype == m.HANDSHAKE_REQUEST:
             await self._agent.on_request(msg)
         elif ptype == m.HANDSHAKE_COMPLETE:
