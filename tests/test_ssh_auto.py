@@ -19,18 +19,16 @@ from bench.delayproxy import DelayProxy
 from dbtunneld.adapters.ssh_auto import NEAR, AutoSshTransport, ssh_round_trip
 from dbtunneld.adapters.transport import Transport
 from dbtunneld.adapters.transport_config import build_transport
-from dbtunneld.core.config import TunnelSettings, parse_config
+from dbtunneld.core.config import parse_config
 from dbtunneld.core.model import TunnelState
-from dbtunneld.engine.tunnel import Tunnel
 from dbtunneld.sandbox.procs import free_port
+from test_openssh_transport import bastion, pool, tunnels  # noqa: F401  (fixtures: a private sshd + echo server, tunnels)
 from test_tunnel_stack import echo_round_trip, eventually
-from tunnel_servers import GreetingEchoServer, Sshd
+from tunnel_servers import Sshd
 
 pytestmark = pytest.mark.skipif(not shutil.which("ssh"), reason="no OpenSSH client")
 
 S = TunnelState
-SETTINGS = TunnelSettings(connect_wait=20, health_interval=30, health_timeout=2, keepalive_interval=2,
-                          backoff_initial=0.2, backoff_max=2)
 CONFIG = """
 [vault]
 address = "http://127.0.0.1:8200"
@@ -49,32 +47,6 @@ endpoint = "127.0.0.1"
 port = {remote}
 db_role = "r"
 """
-
-
-@pytest.fixture(scope="module")
-def bastion(stack, tmp_path_factory):
-    echo = GreetingEchoServer()
-    sshd = Sshd(tmp_path_factory.mktemp("auto") / "bastion", permit_open=[stack.clusters["orders"].port, echo.port]).start()
-    try:
-        yield sshd, echo
-    finally:
-        sshd.stop()
-        echo.close()
-
-
-@pytest.fixture
-def tunnels():
-    made: list[Tunnel] = []
-
-    def make(transport: Transport, remote: tuple[str, int]) -> Tunnel:
-        t = Tunnel(f"a{len(made)}", 0, remote[0], remote[1], transport, SETTINGS)
-        made.append(t)
-        t.start()
-        return t
-
-    yield make
-    for t in made:
-        t.stop()
 
 
 def config_for(stack: Any, sshd: Sshd, port: int, remote: int, extra: str = "") -> Any:
