@@ -191,14 +191,14 @@ class ClientSide:
         forwarding = False
         deadline = time.monotonic() + self._gate.settings.connect_wait
         try:
-            if self._before_relay is None and await self._adopts(deadline):
-                forwarding = await self._adopt(client, deadline)
-                return
-            opened = await self._open_for_client(deadline)
+            opened = await self._open_for_client(deadline, client if self._before_relay is None else None)
             if isinstance(opened, str):
                 self._refuse(client, opened)
                 return
-            chan, generation = opened
+            chan, generation, adopted = opened
+            if adopted:
+                forwarding = self._adopted(client, chan, generation)
+                return
             relay = await self._ready_to_relay(client, chan)
             if relay is None:
                 return
@@ -213,20 +213,9 @@ class ClientSide:
                 with self._lock:
                     self._open -= 1
 
-    async def _adopts(self, deadline: float) -> bool:
-        """Whether the transport forwards clients itself, asked once it is up (with client "auto"
-        the engine is chosen at each connect)."""
-        await self._await_up(deadline, -1, -1)
-        return self._gate.transport.adopts_clients
-
-    async def _adopt(self, client: socket.socket, deadline: float) -> bool:
+    def _adopted(self, client: socket.socket, handle: Any, generation: int) -> bool:
         """The transport forwards ``client`` itself (``Transport.adopts_clients``: the OpenSSH
-        master); True once it does (the handle ends it: ``_link_ended``)."""
-        opened = await self._open_for_client(deadline, client)
-        if isinstance(opened, str):
-            self._refuse(client, opened)
-            return False
-        handle, generation = opened
+        master) through ``handle``; True (the handle ends it: ``_link_ended``)."""
         handle.generation = generation
         close_quietly(client)                       # the transport holds its own copy
         with self._lock:
@@ -237,9 +226,12 @@ class ClientSide:
             handle.abort()
         return True
 
-    async def _open_for_client(self, deadline: float, adopt: socket.socket | None = None) -> tuple[Any, int] | str:
-        """A channel for one client (or the transport's handle on ``adopt``), waiting through
-        rebuilds; or why there is none."""
+    async def _open_for_client(self, deadline: float,
+                               adopt: socket.socket | None = None) -> tuple[Any, int, bool] | str:
+        """A channel for one client, waiting through rebuilds: (channel, upstream id, False); or,
+        when the transport forwards clients itself (asked once it is up: with client "auto" the
+        engine is chosen at each connect), its handle on ``adopt``: (handle, upstream id, True);
+        or why there is none."""
         seen, checks = -1, -1
         while True:
             got = await self._await_up(deadline, seen, checks)
@@ -247,9 +239,9 @@ class ClientSide:
                 return got
             generation, checks = got
             try:
-                if adopt is not None:
-                    return await self._adopt_on_loop(deadline, adopt), generation
-                return await self._blocking(self._open_channel, deadline), generation
+                if adopt is not None and self._gate.transport.adopts_clients:
+                    return await self._adopt_on_loop(deadline, adopt), generation, True
+                return await self._blocking(self._open_channel, deadline), generation, False
             except (DbtunneldError, OSError) as exc:
                 if isinstance(exc, NeedsUserError) or _remote_refused(exc):
                     self._gate.kick("check")
