@@ -48,6 +48,7 @@ DELAY = 0.015
 TARGET = "i-0be4c0ffee0123456"
 PING = b"p" * 64
 TIMEOUT = 120.0
+SECRETS_ENV = "DBTUNNELD_BENCH_SECRETS"      # passwords for a child: its environment, never its argv
 
 
 # ---- child processes -------------------------------------------------------------------------
@@ -55,10 +56,11 @@ TIMEOUT = 120.0
 class Child:
     """A child process of this module (``--child SPEC``): reads its stdout lines in a thread."""
 
-    def __init__(self, spec: dict[str, Any]) -> None:
+    def __init__(self, spec: dict[str, Any], secrets: dict[str, str] | None = None) -> None:
+        env = dict(os.environ, **({SECRETS_ENV: json.dumps(secrets)} if secrets else {}))
         self.proc = subprocess.Popen([sys.executable, "-m", "bench.bench_tunnel", "--child", json.dumps(spec)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                     text=True, start_new_session=True)
+                                     text=True, start_new_session=True, env=env)
         self.lines: "queue.Queue[str]" = queue.Queue()
         self.states: list[tuple[str, float]] = []          # (state, monotonic time)
         threading.Thread(target=self._read, daemon=True).start()
@@ -174,7 +176,21 @@ def _tunnel(spec: dict[str, Any], name: str, **shared: Any):
 
     settings = TunnelSettings(**{k: spec[k] for k in ("keepalive_interval",) if k in spec})
     return Tunnel(name, 0, "127.0.0.1", spec["remote_port"], _transport(spec), settings,
-                  probe=probe, on_change=report, **shared)
+                  probe=probe, on_change=report, before_relay=_local_login(spec, name), **shared)
+
+
+def _local_login(spec: dict[str, Any], name: str):
+    """``spec["local_login"]`` = {user, lease_user} (their passwords ``password`` and
+    ``lease_password`` in the child's environment, ``SECRETS_ENV``): the tunnel speaks the local
+    login (``login = "local"``) as that local user, logging in upstream as that fixed "lease"."""
+    if not spec.get("local_login"):
+        return None
+    login = {**spec["local_login"], **json.loads(os.environ.get(SECRETS_ENV, "{}"))}
+    from dbtunneld.core.model import DbCredentials
+    from dbtunneld.engine.local_login import LocalLogin
+
+    lease = DbCredentials(login["lease_user"], login["lease_password"])
+    return LocalLogin(name, login["user"], lambda: login["password"], lambda: lease)
 
 
 def _shared_engine():

@@ -9,7 +9,12 @@ per second of 10 tunnels in one dbtunneld process vs 10 ``ssh -L`` (voluntary + 
 context switches of every thread, ``/proc/PID/task/*/status``). dbtunneld runs twice: with
 ``bastion.client = "openssh"`` (what the default "auto" picks where ssh is on PATH; its CPU, RSS and
 wake-ups count the daemon plus its ``ssh -M`` master; bench.json's top-level ratios) and with
-``client = "paramiko"`` (Windows, EC2 Instance Connect; the ``paramiko_client_`` keys).
+``client = "paramiko"`` (Windows, EC2 Instance Connect; the ``paramiko_client_`` keys). These
+tunnels pass bytes through (``login = "lease"``). The default login (``login = "local"``) runs as a
+third dbtunneld path (client openssh, clients logging in as a local user, the daemon logging in
+upstream and then relaying to the master: ``local_login_`` keys), beside two references that show
+what that relay hop costs by itself: ``ssh -L`` behind a minimal Python relay (``bench/hop_relay.py``)
+and behind socat (C; where installed).
 
     python -m bench.data_path [--quick] [--ref DIR]
 
@@ -36,6 +41,10 @@ SECTION = "Data path under load (sandbox bastion, MariaDB)"
 REFERENCE = "OpenSSH ssh -L"
 OURS = "dbtunneld ssh, client paramiko"          # bastion.client = "paramiko" (where "auto" cannot use OpenSSH)
 OURS_OPENSSH = "dbtunneld ssh, client openssh"    # the default ("auto" with ssh on PATH): an ssh -M master moves the bytes
+OURS_LOCAL = "dbtunneld ssh, client openssh, login local"   # the default login: the daemon relays to the master
+HOP_PYTHON = "ssh -L behind a Python relay hop"   # bench/hop_relay.py: the least one more hop costs in Python
+HOP_SOCAT = "ssh -L behind socat"                 # the same hop in C (where socat is on PATH)
+LOCAL_USER = "bench_local"
 
 
 @dataclass(frozen=True)
@@ -61,6 +70,8 @@ class Forwarding:
     pid: int
     stop: Callable[[], None]
     helpers: tuple[int, ...] = ()     # processes it started that forward too (the ssh master)
+    user: str | None = None           # who the clients log in as (None: the cluster's admin)
+    password: str | None = None
 
     @property
     def pids(self) -> list[int]:
@@ -113,12 +124,13 @@ def context_switches(pids: list[int]) -> int:
 
 # ---- clients --------------------------------------------------------------------------------
 
-def slap_qps(port: int, cluster: Any, queries: int, clients: int) -> float:
+def slap_qps(port: int, cluster: Any, queries: int, clients: int, user: str | None = None,
+             password: str | None = None) -> float:
     """mariadb-slap's queries/s: ``queries`` SELECT 1 over ``clients`` connections."""
-    argv = ["mariadb-slap", "--host=127.0.0.1", f"--port={port}", f"--user={cluster.admin_user}",
+    argv = ["mariadb-slap", "--host=127.0.0.1", f"--port={port}", f"--user={user or cluster.admin_user}",
             f"--create-schema={cluster.database}", "--query=SELECT 1", f"--concurrency={clients}",
             f"--number-of-queries={queries}", "--iterations=1"]
-    env = dict(os.environ, MYSQL_PWD=cluster.admin_password)
+    env = dict(os.environ, MYSQL_PWD=password or cluster.admin_password)
     out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
     m = re.search(r"Average number of seconds to run all queries: ([\d.]+)", out.stdout)
     if out.returncode != 0 or not m:
@@ -126,9 +138,10 @@ def slap_qps(port: int, cluster: Any, queries: int, clients: int) -> float:
     return queries / max(float(m.group(1)), 1e-6)
 
 
-def _target(port: int, cluster: Any) -> Any:
+def _target(port: int, cluster: Any, user: str | None = None, password: str | None = None) -> Any:
     from bench import workload
-    return workload.Target("127.0.0.1", port, cluster.admin_user, cluster.admin_password, cluster.database)
+    return workload.Target("127.0.0.1", port, user or cluster.admin_user, password or cluster.admin_password,
+                           cluster.database)
 
 
 def with_cpu(pids: list[int], fn: Callable[[], Any]) -> tuple[Any, float]:
@@ -151,7 +164,7 @@ def _openssh(info: Any, remote_port: int) -> Forwarding:
 
 
 def _dbtunneld(info: Any, remote_port: int, name: str, count: int = 1, source: str | None = None,
-               **settings: Any) -> tuple[Forwarding, list[int]]:
+               secrets: dict[str, str] | None = None, **settings: Any) -> tuple[Forwarding, list[int]]:
     """``count`` tunnels in one child process (dbtunneld from ``source`` when given)."""
     from bench.bench_tunnel import Child
 
@@ -162,13 +175,59 @@ def _dbtunneld(info: Any, remote_port: int, name: str, count: int = 1, source: s
     if source:
         os.environ["PYTHONPATH"] = f"{source}{os.pathsep}{Path(__file__).resolve().parent.parent}"
     try:
-        child = Child(spec)
+        child = Child(spec, secrets)
     finally:
         if source:
             os.environ.pop("PYTHONPATH") if saved is None else os.environ.__setitem__("PYTHONPATH", saved)
     ports = [int(p) for p in child.expect("READY")]
     masters = ssh_children(child.proc.pid)
     return Forwarding(name, ports[0], child.proc.pid, lambda: _stop_all(child.stop, masters), masters), ports
+
+
+def _local_login(info: Any, cluster: Any) -> Forwarding:
+    """The default login (``login = "local"``) on the OpenSSH engine: clients log in as a local
+    user; the tunnel logs in upstream as the "lease" (here the cluster's admin) and relays."""
+    import secrets
+
+    password = secrets.token_urlsafe(18)
+    path, _ = _dbtunneld(info, cluster.port, OURS_LOCAL, client="openssh",
+                         local_login={"user": LOCAL_USER, "lease_user": cluster.admin_user},
+                         secrets={"password": password, "lease_password": cluster.admin_password})
+    return replace(path, user=LOCAL_USER, password=password)
+
+
+def _hop(name: str, argv: list[str], ssh_l: Forwarding) -> Forwarding:
+    """``argv`` relaying a loopback port to ``ssh_l``'s (``PORT`` in argv: the port it listens on)."""
+    import socket
+
+    if argv[0] == "socat":
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        argv = [a.replace("PORT", str(port)) for a in argv]
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    if argv[0] != "socat":
+        port = int(proc.stdout.readline().split()[1])
+    from bench.bench_tunnel import wait_for
+    wait_for(lambda: _can_connect(port), 30, name)
+
+    def stop() -> None:
+        proc.kill()
+        proc.wait(10)
+    return Forwarding(name, port, proc.pid, stop, ssh_l.pids)
+
+
+def _hops(ssh_l: Forwarding) -> list[Forwarding]:
+    """One more relay in front of ``ssh -L``: in Python (``bench/hop_relay.py``), and in C
+    (socat, one process per connection) where it is installed. CPU counts the hop and the ssh."""
+    import shutil
+    import sys
+
+    hops = [_hop(HOP_PYTHON, [sys.executable, "-m", "bench.hop_relay", str(ssh_l.port)], ssh_l)]
+    if shutil.which("socat"):
+        hops.append(_hop(HOP_SOCAT, ["socat", "TCP-LISTEN:PORT,bind=127.0.0.1,fork,reuseaddr,nodelay,backlog=128",
+                                     f"TCP:127.0.0.1:{ssh_l.port},nodelay"], ssh_l))
+    return hops
 
 
 def _stop_all(stop: Callable[[], None], pids: tuple[int, ...]) -> None:
@@ -195,13 +254,15 @@ def load_round(paths: list[Forwarding], cluster: Any, plan: LoadPlan, rows: dict
     from bench import workload
 
     for p in paths:
-        qps, cpu = with_cpu(p.pids, lambda: slap_qps(p.port, cluster, plan.slap_queries, plan.slap_clients))
+        qps, cpu = with_cpu(p.pids, lambda: slap_qps(p.port, cluster, plan.slap_queries, plan.slap_clients,
+                                                     p.user, p.password))
         _add(rows, p.name, "slap qps", qps)
         _add(rows, p.name, "slap cpu us/query", cpu * 1e6 / plan.slap_queries)
     for threads in plan.sysbench_threads:
         for p in paths:
             t0 = time.monotonic()
-            r, cpu = with_cpu(p.pids, lambda: workload.run(_target(p.port, cluster), seconds=plan.sysbench_seconds,
+            r, cpu = with_cpu(p.pids, lambda: workload.run(_target(p.port, cluster, p.user, p.password),
+                                                          seconds=plan.sysbench_seconds,
                                                           threads=threads, tables=1, table_size=plan.sysbench_rows))
             queries = max(r.qps * (time.monotonic() - t0), 1.0)
             _add(rows, p.name, f"sysbench {threads} tps", r.tps)
@@ -256,14 +317,18 @@ def run(plan: LoadPlan, ref: str | None = None, progress: Callable[[str], None] 
     with start_stack(vault=False, aws=False, sso=False, ssm=False, clusters=("orders",)) as stack:
         info, cluster = stack.info, stack.info.clusters["orders"]
         workload.prepare(_target(cluster.port, cluster), tables=1, table_size=plan.sysbench_rows)
-        paths = [_dbtunneld(info, cluster.port, OURS)[0], _openssh(info, cluster.port),
-                 _dbtunneld(info, cluster.port, OURS_OPENSSH, client="openssh")[0]]
-        if ref:
-            paths.append(_dbtunneld(info, cluster.port, f"{OURS} (ref)", source=ref)[0])
+        paths: list[Forwarding] = []
         rows: dict[str, dict[str, list[float]]] = {}
-        try:
+        try:                                             # (each started path is stopped, even on failure)
+            paths.append(_dbtunneld(info, cluster.port, OURS)[0])
+            paths.append(ssh_l := _openssh(info, cluster.port))
+            paths.append(_dbtunneld(info, cluster.port, OURS_OPENSSH, client="openssh")[0])
+            paths.append(_local_login(info, cluster))
+            paths.extend(_hops(ssh_l))
+            if ref:
+                paths.append(_dbtunneld(info, cluster.port, f"{OURS} (ref)", source=ref)[0])
             for p in paths:                              # warm up (the first run is always slower)
-                slap_qps(p.port, cluster, 200, 10)
+                slap_qps(p.port, cluster, 200, 10, p.user, p.password)
             memory_before = {p.name: rss_mib_and_threads(p.pids) for p in paths}
             for n in range(plan.rounds):
                 load_round(paths, cluster, plan, rows)
@@ -271,7 +336,7 @@ def run(plan: LoadPlan, ref: str | None = None, progress: Callable[[str], None] 
             time.sleep(SETTLE)                           # opener threads idle out after 5 s
             memory_after = {p.name: rss_mib_and_threads(p.pids) for p in paths}
         finally:
-            for p in paths:
+            for p in reversed(paths):                    # the hops before the ssh -L they use
                 with contextlib.suppress(Exception):
                     p.stop()
         progress("  idle tunnels")
@@ -297,6 +362,9 @@ METRICS = (("slap qps", "mariadb-slap 50 clients SELECT 1", "q/s", True, ">= 0.9
            ("sysbench 16 cpu us/query", "forwarder CPU per query (sysbench 16)", "us", False, "<= 1.3x"))
 
 
+TARGETED = (OURS, OURS_OPENSSH, OURS_LOCAL)
+
+
 def figures(out: dict[str, Any]) -> list[Figure]:
     rows, ref = out["rows"], out["rows"].get(REFERENCE, {})
     result = []
@@ -304,12 +372,14 @@ def figures(out: dict[str, Any]) -> list[Figure]:
         for name in rows:
             if name != REFERENCE:
                 result.append(Figure(SECTION, label, name, rows[name].get(key), unit, REFERENCE, ref.get(key),
-                                     higher_is_better=higher, target=target if name in (OURS, OURS_OPENSSH) else ""))
+                                     higher_is_better=higher, target=target if name in TARGETED else ""))
     for name, (rss, threads) in out["memory_after"].items():
+        if name in (HOP_PYTHON, HOP_SOCAT):          # references for the hop's speed only
+            continue
         rss0, threads0 = out["memory_before"][name]
         result.append(Figure(SECTION, f"RSS after {out['plan']['rounds']} load rounds (+{SETTLE:g} s)", name, rss, "MiB",
                              "before the rounds", rss0, higher_is_better=False,
-                             target="+5 MiB at most" if name in (OURS, OURS_OPENSSH) else ""))
+                             target="+5 MiB at most" if name in TARGETED else ""))
         result.append(Figure(SECTION, f"threads after {out['plan']['rounds']} load rounds (+{SETTLE:g} s)", name, threads, "",
                              "before the rounds", threads0, higher_is_better=False))
     idle = out["idle_wakeups_per_s"]
@@ -323,9 +393,14 @@ def figures(out: dict[str, Any]) -> list[Figure]:
 
 def headline(out: dict[str, Any]) -> dict[str, float | None]:
     """The top-level numbers of bench.json: the default engine's (``bastion.client = "auto"``, i.e.
-    OpenSSH where ssh is on PATH); the same for client paramiko with the prefix ``paramiko_client_``."""
+    OpenSSH where ssh is on PATH) pass-through tunnel; the same for client paramiko with the prefix
+    ``paramiko_client_``, for the local login (the default login) with ``local_login_``, and for the
+    reference relay hops in front of ``ssh -L`` with ``relay_hop_python_`` / ``relay_hop_socat_``."""
     both = _headline(out, OURS_OPENSSH)
     both.update({f"paramiko_client_{k}": v for k, v in _headline(out, OURS).items()})
+    for prefix, name in (("local_login_", OURS_LOCAL), ("relay_hop_python_", HOP_PYTHON), ("relay_hop_socat_", HOP_SOCAT)):
+        if name in out["rows"]:
+            both.update({f"{prefix}{k}": v for k, v in _headline(out, name).items() if not k.startswith("idle")})
     return both
 
 

@@ -1,10 +1,10 @@
 """login = "local" vs login = "lease" vs OpenSSH ``ssh -L``, on the sandbox stack (ssh transport).
 
 Per path: connection set-up (connect + login + SELECT 1 + close, sequential, median and p95) and
-sysbench ``oltp_read_only`` (4 threads) as the same leased read-only user. The local login adds
+sysbench ``oltp_read_only`` (4 threads; ``--threads 4,16``) as the same leased read-only user. The local login adds
 one round of its own (our greeting) and the upstream login happens on the already open channel.
 
-    PYTHONPATH=. python -m bench.local_login_bench [--seconds 3] [--connects 20] [--rounds 3] [--clients auto,paramiko]
+    PYTHONPATH=. python -m bench.local_login_bench [--seconds 3] [--connects 20] [--rounds 3] [--threads 4,16] [--clients auto,paramiko]
 """
 
 from __future__ import annotations
@@ -33,20 +33,22 @@ def measure(paths: dict, database: str, args: argparse.Namespace) -> None:
     """``--rounds`` rounds, the order of the paths rotated each round (a shared machine's load
     drifts); medians over the rounds."""
     setup: dict[str, list[float]] = {n: [] for n in paths}
-    tps: dict[str, list[float]] = {n: [] for n in paths}
+    tps: dict[tuple[str, int], list[float]] = {(n, t): [] for n in paths for t in args.threads}
     names = list(paths)
     for i in range(args.rounds):
         for name in names[i % len(names):] + names[:i % len(names)]:
             port, user, password = paths[name]
             setup[name] += connect_times(port, user, password, args.connects)
-            r = workload.run(workload.Target("127.0.0.1", port, user, password, database),
-                             args.seconds, threads=4, tables=2, table_size=10000)
-            tps[name].append(r.tps)
+            for threads in args.threads:
+                r = workload.run(workload.Target("127.0.0.1", port, user, password, database),
+                                 args.seconds, threads=threads, tables=2, table_size=10000)
+                tps[name, threads].append(r.tps)
     for name in names:
         times = sorted(setup[name])
         print(f"{name:32} connect+login+SELECT 1+close median {statistics.median(times):6.2f} ms "
-              f"p95 {times[int(len(times) * 0.95) - 1]:6.2f} ms   sysbench median {statistics.median(tps[name]):6.1f} tps "
-              f"(rounds: {', '.join(f'{t:.0f}' for t in tps[name])})")
+              f"p95 {times[int(len(times) * 0.95) - 1]:6.2f} ms" + "".join(
+                  f"   sysbench {t} threads median {statistics.median(tps[name, t]):6.1f} tps "
+                  f"(rounds: {', '.join(f'{x:.0f}' for x in tps[name, t])})" for t in args.threads))
 
 
 def connected_daemon(lab, name: str, login: str, client: str = "auto"):
@@ -64,6 +66,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--connects", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", default="4", type=lambda v: [int(x) for x in v.split(",")],
+                    help="sysbench thread counts, comma-separated (e.g. 4,16)")
     ap.add_argument("--clients", default="auto", help='bastion.client values, comma-separated (e.g. "auto,paramiko")')
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="dbt-llb-", dir="/tmp"))

@@ -727,3 +727,68 @@ def test_tunnels_on_a_shared_scheduler_keep_only_their_forwarding_thread(echo):
                 t.stop()
         assert sched.units() == []
         driver.cancel()
+
+
+class QueuedOpensTransport(ScriptedTransport):
+    """Channel opens answered only after ``open_delay`` seconds while the upstream lives: a busy
+    single-stream link (ssm-ssh through the SSM agent, whose outgoing buffer holds ~10 MB) has
+    the open confirmation queued behind the download bytes already in flight
+    (amazon-ssm-agent ``agent/session/datachannel/datachannel.go`` ``SendStreamDataMessage`` puts
+    each message at the end of ``OutgoingMessageBuffer``; no message overtakes another). An open
+    given up (``timeout``) before then fails like paramiko's ``open_channel`` (an exception after
+    ``timeout``). Opens made while ``slow`` is False answer at once (the tunnel's own probe at
+    start)."""
+
+    def __init__(self, server_port: int, open_delay: float) -> None:
+        super().__init__(server_port)
+        self.open_delay = open_delay
+        self.slow = False
+        self.given_up: list[float] = []        # the timeouts of opens given up
+
+    def open_channel(self, host, port, timeout):
+        if self.slow:
+            if timeout < self.open_delay:
+                time.sleep(timeout)
+                self.given_up.append(timeout)
+                raise TransientError("scripted: timed out opening a channel")
+            time.sleep(self.open_delay)
+        return super().open_channel(host, port, timeout)
+
+
+def test_a_busy_link_s_slow_channel_open_is_waited_for_not_refused(make, echo):
+    """A client arriving while a download fills a single-stream link gets its channel once the
+    confirmation comes through (within connect_wait), instead of giving the open up after
+    health_timeout and retrying behind ever more bytes until connect_wait refuses it; the busy
+    upstream stays (bytes flow: not dead), and the check still starts after health_timeout."""
+    transport = QueuedOpensTransport(echo.port, open_delay=2.5)
+    t, _ = make(settings=TunnelSettings(connect_wait=8, health_interval=60, health_timeout=1,
+                                        keepalive_interval=60, backoff_initial=0.2, backoff_max=1),
+                transport=transport)
+    t.start()
+    eventually(lambda: t.state == S.UP)
+    busy = connect_and_greet(t.local_port)
+    stop = threading.Event()
+
+    def download() -> None:                  # bytes keep arriving on the upstream
+        while not stop.is_set():
+            busy.sendall(b"d" * 65536)
+            recv_exact(busy, 65536)
+
+    flow = threading.Thread(target=download, daemon=True)
+    flow.start()
+    transport.slow = True
+    try:
+        started = time.monotonic()
+        late = connect_and_greet(t.local_port, timeout=12)
+        waited = time.monotonic() - started
+        late.sendall(b"ping")
+        assert recv_exact(late, 4) == b"ping"
+        late.close()
+    finally:
+        stop.set()
+        flow.join(10)
+        busy.close()
+    assert waited < 6.0, f"waited {waited:.1f} s for a channel that came after 2.5 s"
+    # the check's probe (health_timeout) gave its open up: the check ran; no client's open was given up
+    assert transport.given_up and all(timeout <= 1.0 for timeout in transport.given_up), transport.given_up
+    assert t.status().reconnects == 0 and t.state == S.UP

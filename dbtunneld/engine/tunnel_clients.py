@@ -238,6 +238,7 @@ class ClientSide:
             if isinstance(got, str):
                 return got
             generation, checks = got
+            slow = asyncio.get_running_loop().call_later(self._gate.settings.health_timeout, self._open_is_slow)
             try:
                 if adopt is not None and self._gate.transport.adopts_clients:
                     return await self._adopt_on_loop(deadline, adopt), generation, True
@@ -249,6 +250,18 @@ class ClientSide:
                 self._log.info("channel open failed (%s); checking the upstream", exc)
                 self._gate.kick("suspect")
                 seen = generation
+            finally:
+                slow.cancel()
+
+    def _open_is_slow(self) -> None:
+        """A channel open unanswered after health_timeout: the upstream is checked (a dead one is
+        rebuilt, which fails the open and the client waits for the new one), while the open itself
+        goes on until connect_wait: on a busy single-stream link (ssm-ssh) the confirmation is
+        queued behind the bytes in flight, and giving the open up only queues the next one
+        behind more of them (the check counts arriving bytes as life)."""
+        self._log.info("a channel open is unanswered after %g s; checking the upstream",
+                       self._gate.settings.health_timeout)
+        self._gate.kick("suspect")
 
     def _open_channel(self, deadline: float) -> Any:
         """On the worker pool: one channel (closed at once if the tunnel stopped meanwhile)."""
@@ -262,7 +275,8 @@ class ClientSide:
         return self._unless_stopping(handle)
 
     def _open_timeout(self, deadline: float) -> float:
-        return max(0.5, min(self._gate.settings.health_timeout, deadline - time.monotonic()))
+        """The rest of connect_wait (see ``_open_is_slow`` for the check after health_timeout)."""
+        return max(0.5, deadline - time.monotonic())
 
     def _unless_stopping(self, chan: Any) -> Any:
         if self._forwarder is None:
