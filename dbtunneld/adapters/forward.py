@@ -48,6 +48,7 @@ class Forwarder:
         self._closed = False
         self._ended = False               # the loop thread has gone: calls run inline
         self._buffer = memoryview(bytearray(READ_SIZE))
+        self.read_size = READ_SIZE
 
     def recv(self, sock: socket.socket) -> bytes | None:
         """What ``sock`` has (b"" at its end; None when nothing yet), read into the loop's one

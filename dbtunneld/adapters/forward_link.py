@@ -54,6 +54,8 @@ class Link:
         self._done = False
         self._commands = commands
         self._real_client: socket.socket | None = None   # while diverted: the client, off the loop
+        self._up_fd = False               # the upstream has a socket the loop watches
+        self._watching = [-1, -1]         # what the loop was last told to wait for: client, upstream
 
     # -- any thread --
 
@@ -85,6 +87,7 @@ class Link:
         except Exception as exc:
             log.debug("%s: %s", self.label, exc)
             return self._finish(True)
+        self._up_fd = self.upstream.fileno_for_loop() is not None
         self._step(None)
 
     def _on_poke(self) -> None:
@@ -95,12 +98,20 @@ class Link:
     def ready(self, side: str, mask: int, turn: Turn) -> None:
         if self._done:
             return
-        self._step(turn, client_readable=side == "client" and bool(mask & R))
+        if side == "client":
+            # only the client is readable: a socket upstream has nothing new (the loop would have
+            # said so); an upstream without a socket is pumped at each step (its news is a poke)
+            self._step(turn, client_readable=bool(mask & R), pump=bool(mask & W) or not self._up_fd)
+        else:
+            self._step(turn)
 
-    def _step(self, turn: Turn | None, client_readable: bool = False) -> None:
+    def _step(self, turn: Turn | None, client_readable: bool = False, pump: bool = True) -> None:
         try:
-            with Turn() if turn is None else contextlib.nullcontext(turn) as t:
-                self._move(t, client_readable)
+            if turn is None:
+                with Turn() as t:
+                    self._move(t, client_readable, pump)
+            else:
+                self._move(turn, client_readable, pump)
         except Exception as exc:             # socket, paramiko and stream errors all cut the link
             if not isinstance(exc, _GONE + (EOFError,)):
                 log.debug("%s: %s: %s", self.label, type(exc).__name__, exc)
@@ -109,8 +120,9 @@ class Link:
             return self._finish(False)
         self._rewatch()
 
-    def _move(self, turn: Turn, client_readable: bool) -> None:
-        self.upstream.pump_down()
+    def _move(self, turn: Turn, client_readable: bool, pump: bool = True) -> None:
+        if pump:
+            self.upstream.pump_down()
         if self.upstream.down_ended() and not self._down_shut:
             self._down_shut = True
             shutdown_write(self.client)
@@ -152,6 +164,7 @@ class Link:
         assert self._commands is not None and self._commands.held is not None
         held = self._commands.held
         self.loop.unwatch(self.client)
+        self._watching[0] = -1
         ours, theirs = socket.socketpair()
         ours.setblocking(False)
         self._real_client, self.client = self.client, ours
@@ -176,6 +189,7 @@ class Link:
             close_quietly(upstream_end)
             return
         self.loop.unwatch(self.client)
+        self._watching[0] = -1
         close_quietly(self.client)
         close_quietly(upstream_end)
         self.client, self._real_client = real, None
@@ -192,16 +206,21 @@ class Link:
         self._up_pending = self._up_pending[sent:]
 
     def _rewatch(self) -> None:
+        """Tell the loop what to wait for on each side (only when that changed: the last
+        setting of each side is kept, ``_watching``)."""
         events = 0
         if not self._client_eof and not self._up_pending and not self._holding():
             events |= R
         if self.upstream.down_blocked():
             events |= W
-        self.loop.watch(self.client, events, (self, "client"))
-        up = self.upstream.fileno_for_loop()
-        if up is not None:
-            self.loop.watch(self.upstream, self.upstream.wants() | (W if self._up_pending else 0),
-                            (self, "upstream"))
+        if events != self._watching[0]:
+            self.loop.watch(self.client, events, (self, "client"))
+            self._watching[0] = events
+        if self._up_fd:
+            up = self.upstream.wants() | (W if self._up_pending else 0)
+            if up != self._watching[1]:
+                self.loop.watch(self.upstream, up, (self, "upstream"))
+                self._watching[1] = up
 
     def _finish(self, cut: bool) -> None:
         if self._done:
@@ -209,7 +228,7 @@ class Link:
         self._done = True
         self.loop.release(self)
         self.loop.unwatch(self.client)
-        if self.upstream.fileno_for_loop() is not None:
+        if self._up_fd:
             self.loop.unwatch(self.upstream)
         if cut:
             with contextlib.suppress(OSError):

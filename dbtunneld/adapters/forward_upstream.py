@@ -60,19 +60,23 @@ class Turn:
     end (``Upstream.batch``)."""
 
     def __init__(self) -> None:
-        self._stack = contextlib.ExitStack()
+        self._stack: contextlib.ExitStack | None = None     # made by the first batch of the turn
         self._keys: set[Any] = set()
 
     def join(self, upstream: Upstream) -> None:
         key = upstream.batch_key()
         if key is not None and key not in self._keys:
             self._keys.add(key)
+            if self._stack is None:
+                self._stack = contextlib.ExitStack()
             self._stack.enter_context(upstream.batch())
 
     def __enter__(self) -> "Turn":
         return self
 
     def __exit__(self, *exc_info: object) -> None:
+        if self._stack is None:
+            return
         try:
             self._stack.close()            # writes what the batches gathered
         except Exception as exc:           # the connection died: its owner notices and cuts the links
@@ -107,6 +111,7 @@ class SocketUpstream:
         link = self._link
         assert link is not None, "pump_down before attach"
         client = link.client
+        short = False
         while True:
             if self._pending:
                 sent = send_nowait(client, self._pending)
@@ -114,7 +119,7 @@ class SocketUpstream:
                 self._pending = self._pending[sent:]
                 if self._pending:
                     return
-            if self._eof:
+            if self._eof or short:         # a short read took all there was: the loop says when more comes
                 return
             data = link.loop.recv(self.sock)
             if data is None:
@@ -124,7 +129,7 @@ class SocketUpstream:
                 return
             if self._inspect is not None:
                 self._inspect(data)
-            self._pending = data
+            self._pending, short = data, len(data) < link.loop.read_size
 
     def down_blocked(self) -> bool:
         return bool(self._pending)
