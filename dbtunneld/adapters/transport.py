@@ -17,6 +17,7 @@ import socket
 import threading
 import time
 from abc import ABC, abstractmethod
+from dataclasses import replace
 from typing import Any, Callable
 
 from ..core.errors import ClosedError, NeedsUserError, TransientError
@@ -114,9 +115,11 @@ class Transport(ABC):
 # ---- SSH-based transports --------------------------------------------------------------------
 
 class SshBasedTransport(Transport):
-    """paramiko over some carrier (TCP, SSM stream, ProxyCommand)."""
+    """paramiko over some carrier (TCP, SSM stream, ProxyCommand). ``channel_window``, when set,
+    caps the SSH channel window the options ask for."""
 
     ssh_client = "paramiko"
+    channel_window: int | None = None
 
     def __init__(self, options_for: Callable[[str], ssh.SshOptions]) -> None:
         self._options_for = options_for
@@ -139,6 +142,8 @@ class SshBasedTransport(Transport):
             self._pending = carrier              # close() during the handshake cuts it short
         try:
             options = self._before_auth(label, self._options_for(label))
+            if self.channel_window is not None and options.window_size > self.channel_window:
+                options = replace(options, window_size=self.channel_window)
             conn = ssh.connect(carrier, options)
         except BaseException:
             _close(carrier)
@@ -220,10 +225,20 @@ class SshTransport(SshBasedTransport):
         return self._ephemeral(options) if self._ephemeral else options
 
 
+# The SSH channel window over an SSM data channel. The channel is one ordered stream and the
+# agent queues without limit (amazon-ssm-agent datachannel.go SendStreamDataMessage: no window;
+# its port plugin reads the bastion's socket as fast as it comes), so whatever sshd may send ahead
+# (the sum of the channels' windows) sits in front of every other channel's bytes: a new client's
+# open confirmation or a small query's answer waits behind it (~1 s per MB at the agent's pace).
+# 1 MiB still exceeds the data channel's bandwidth-delay product (a few MB/s x ~0.1 s).
+SSM_CHANNEL_WINDOW = 1024 * 1024
+
+
 class SsmSshTransport(SshBasedTransport):
     """SSH over an SSM ``AWS-StartSSHSession`` stream (dbtunneld's own SSM client)."""
 
     kind = "ssm-ssh"
+    channel_window = SSM_CHANNEL_WINDOW
 
     def __init__(self, session_factory: SessionFactory, target: Callable[[], str],
                  options_for: Callable[[str], ssh.SshOptions],
@@ -269,6 +284,7 @@ class PluginTransport(SshBasedTransport):
     the session token travels in the environment, the plugin is stopped with SIGINT)."""
 
     kind = "plugin"
+    channel_window = SSM_CHANNEL_WINDOW
 
     def __init__(self, session_factory: SessionFactory, target: Callable[[], str],
                  options_for: Callable[[str], ssh.SshOptions], plugin_path: str = "",
