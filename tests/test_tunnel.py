@@ -792,3 +792,23 @@ def test_a_busy_link_s_slow_channel_open_is_waited_for_not_refused(make, echo):
     # the check's probe (health_timeout) gave its open up: the check ran; no client's open was given up
     assert transport.given_up and all(timeout <= 1.0 for timeout in transport.given_up), transport.given_up
     assert t.status().reconnects == 0 and t.state == S.UP
+
+
+def test_an_open_unanswered_for_all_of_connect_wait_is_refused_with_what_happened(make, echo):
+    """The upstream stays up (bytes flow) but the channel never opens in time: the client's
+    refusal names the destination, connect_wait and the error, not "tunnel is up"."""
+    transport = QueuedOpensTransport(echo.port, open_delay=30)
+    t, _ = make(settings=TunnelSettings(connect_wait=2, health_interval=60, health_timeout=1,
+                                        keepalive_interval=60, backoff_initial=0.2, backoff_max=1),
+                transport=transport)
+    t.start()
+    eventually(lambda: t.state == S.UP)
+    transport.slow = True
+    sock = socket.create_connection(("127.0.0.1", t.local_port), timeout=15)
+    header = recv_exact(sock, 4)
+    payload = recv_exact(sock, int.from_bytes(header[:3], "little"))
+    sock.close()
+    assert payload[:1] == b"\xff"
+    text = payload[9:].decode()
+    assert "no connection to db.internal:3306 through tunnel 'orders' within connect_wait (2 s)" in text, text
+    assert "timed out opening a channel" in text, text

@@ -250,6 +250,10 @@ class ClientSide:
                 self._log.info("channel open failed (%s); checking the upstream", exc)
                 self._gate.kick("suspect")
                 seen = generation
+                if time.monotonic() >= deadline:     # it had all of connect_wait: say so, not "up"
+                    host, port = self._gate.remote
+                    return (f"dbtunneld: no connection to {host}:{port} through tunnel {self._gate.name!r} "
+                            f"within connect_wait ({self._gate.settings.connect_wait:g} s): {exc}")
             finally:
                 slow.cancel()
 
