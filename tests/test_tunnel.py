@@ -755,17 +755,23 @@ class QueuedOpensTransport(ScriptedTransport):
         return super().open_channel(host, port, timeout)
 
 
+def queued_opens_tunnel(make, echo, open_delay: float, connect_wait: float):
+    """An up tunnel over a ``QueuedOpensTransport`` (health_timeout 1 s)."""
+    transport = QueuedOpensTransport(echo.port, open_delay=open_delay)
+    t, _ = make(settings=TunnelSettings(connect_wait=connect_wait, health_interval=60, health_timeout=1,
+                                        keepalive_interval=60, backoff_initial=0.2, backoff_max=1),
+                transport=transport)
+    t.start()
+    eventually(lambda: t.state == S.UP)
+    return t, transport
+
+
 def test_a_busy_link_s_slow_channel_open_is_waited_for_not_refused(make, echo):
     """A client arriving while a download fills a single-stream link gets its channel once the
     confirmation comes through (within connect_wait), instead of giving the open up after
     health_timeout and retrying behind ever more bytes until connect_wait refuses it; the busy
     upstream stays (bytes flow: not dead), and the check still starts after health_timeout."""
-    transport = QueuedOpensTransport(echo.port, open_delay=2.5)
-    t, _ = make(settings=TunnelSettings(connect_wait=8, health_interval=60, health_timeout=1,
-                                        keepalive_interval=60, backoff_initial=0.2, backoff_max=1),
-                transport=transport)
-    t.start()
-    eventually(lambda: t.state == S.UP)
+    t, transport = queued_opens_tunnel(make, echo, open_delay=2.5, connect_wait=8)
     busy = connect_and_greet(t.local_port)
     stop = threading.Event()
 
@@ -797,12 +803,7 @@ def test_a_busy_link_s_slow_channel_open_is_waited_for_not_refused(make, echo):
 def test_an_open_unanswered_for_all_of_connect_wait_is_refused_with_what_happened(make, echo):
     """The upstream stays up (bytes flow) but the channel never opens in time: the client's
     refusal names the destination, connect_wait and the error, not "tunnel is up"."""
-    transport = QueuedOpensTransport(echo.port, open_delay=30)
-    t, _ = make(settings=TunnelSettings(connect_wait=2, health_interval=60, health_timeout=1,
-                                        keepalive_interval=60, backoff_initial=0.2, backoff_max=1),
-                transport=transport)
-    t.start()
-    eventually(lambda: t.state == S.UP)
+    t, transport = queued_opens_tunnel(make, echo, open_delay=30, connect_wait=2)
     transport.slow = True
     sock = socket.create_connection(("127.0.0.1", t.local_port), timeout=15)
     header = recv_exact(sock, 4)
