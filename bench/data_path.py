@@ -197,18 +197,16 @@ def _local_login(info: Any, cluster: Any) -> Forwarding:
 
 
 def _hop(name: str, argv: list[str], ssh_l: Forwarding) -> Forwarding:
-    """``argv`` relaying a loopback port to ``ssh_l``'s (``PORT`` in argv: the port it listens on)."""
+    """``argv`` relaying a free loopback port (``PORT`` in argv) to ``ssh_l``'s."""
     import socket
 
-    if argv[0] == "socat":
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        argv = [a.replace("PORT", str(port)) for a in argv]
-    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True)
-    if argv[0] != "socat":
-        port = int(proc.stdout.readline().split()[1])
     from bench.bench_tunnel import wait_for
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([a.replace("PORT", str(port)) for a in argv], stdin=subprocess.PIPE,
+                            start_new_session=True)
     wait_for(lambda: _can_connect(port), 30, name)
 
     def stop() -> None:
@@ -223,7 +221,7 @@ def _hops(ssh_l: Forwarding) -> list[Forwarding]:
     import shutil
     import sys
 
-    hops = [_hop(HOP_PYTHON, [sys.executable, "-m", "bench.hop_relay", str(ssh_l.port)], ssh_l)]
+    hops = [_hop(HOP_PYTHON, [sys.executable, "-m", "bench.hop_relay", "PORT", str(ssh_l.port)], ssh_l)]
     if shutil.which("socat"):
         hops.append(_hop(HOP_SOCAT, ["socat", "TCP-LISTEN:PORT,bind=127.0.0.1,fork,reuseaddr,nodelay,backlog=128",
                                      f"TCP:127.0.0.1:{ssh_l.port},nodelay"], ssh_l))

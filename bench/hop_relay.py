@@ -1,7 +1,7 @@
 """A reference for the data path bench: the least a relay hop can cost in Python.
 
-``python -m bench.hop_relay TARGET_PORT`` listens on an ephemeral loopback port (printed as
-``READY PORT``) and relays every connection to 127.0.0.1:TARGET_PORT with one thread and one
+``python -m bench.hop_relay LISTEN_PORT TARGET_PORT`` listens on 127.0.0.1:LISTEN_PORT and relays
+every connection to 127.0.0.1:TARGET_PORT with one thread and one
 ``selectors`` loop: read what a side has (one buffer), write it to the other, stop reading a side
 while its bytes wait; nothing else (no protocol, no counters, no locks). Put in front of OpenSSH
 ``ssh -L`` it shows what one more process on the path costs by itself, whatever runs in it
@@ -35,13 +35,12 @@ def _send(sock: socket.socket, data: bytes | memoryview) -> int:
         return 0
 
 
-def serve(target_port: int) -> None:
+def serve(listen_port: int, target_port: int) -> None:
     sel = selectors.DefaultSelector()
-    listener = socket.create_server(("127.0.0.1", 0))
+    listener = socket.create_server(("127.0.0.1", listen_port), backlog=128)
     listener.setblocking(False)
     sel.register(listener, R, None)
     buffer = memoryview(bytearray(256 * 1024))
-    print(f"READY {listener.getsockname()[1]}", flush=True)
 
     def close(side: _Side) -> None:
         for s in (side, side.peer):
@@ -97,7 +96,7 @@ def serve(target_port: int) -> None:
 
 
 def main() -> None:
-    threading.Thread(target=serve, args=(int(sys.argv[1]),), daemon=True).start()
+    threading.Thread(target=serve, args=(int(sys.argv[1]), int(sys.argv[2])), daemon=True).start()
     sys.stdin.read()
 
 

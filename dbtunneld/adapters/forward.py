@@ -21,11 +21,10 @@ from typing import Any, Callable
 
 from .command_watch import CommandWatch
 from .forward_link import Link
-from .forward_upstream import Turn, Upstream
+from .forward_upstream import READ_SIZE, Turn, Upstream
 
 log = logging.getLogger(__name__)
 
-READ_SIZE = 256 * 1024
 R = selectors.EVENT_READ
 
 
@@ -48,7 +47,6 @@ class Forwarder:
         self._closed = False
         self._ended = False               # the loop thread has gone: calls run inline
         self._buffer = memoryview(bytearray(READ_SIZE))
-        self.read_size = READ_SIZE
 
     def recv(self, sock: socket.socket) -> bytes | None:
         """What ``sock`` has (b"" at its end; None when nothing yet), read into the loop's one

@@ -163,8 +163,7 @@ class Link:
     def _divert(self) -> None:
         assert self._commands is not None and self._commands.held is not None
         held = self._commands.held
-        self.loop.unwatch(self.client)
-        self._watching[0] = -1
+        self._unwatch_client()
         ours, theirs = socket.socketpair()
         ours.setblocking(False)
         self._real_client, self.client = self.client, ours
@@ -188,8 +187,7 @@ class Link:
         if self._done or real is None:
             close_quietly(upstream_end)
             return
-        self.loop.unwatch(self.client)
-        self._watching[0] = -1
+        self._unwatch_client()
         close_quietly(self.client)
         close_quietly(upstream_end)
         self.client, self._real_client = real, None
@@ -204,6 +202,11 @@ class Link:
         turn.join(self.upstream)
         sent = self.upstream.send(self._up_pending)
         self._up_pending = self._up_pending[sent:]
+
+    def _unwatch_client(self) -> None:
+        """The loop stops watching the client socket (it is about to be swapped)."""
+        self.loop.unwatch(self.client)
+        self._watching[0] = -1
 
     def _rewatch(self) -> None:
         """Tell the loop what to wait for on each side (only when that changed: the last

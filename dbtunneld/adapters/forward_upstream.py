@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 R = selectors.EVENT_READ
+READ_SIZE = 256 * 1024             # the forwarding loop reads at most this much at a time
 
 
 class Upstream(Protocol):
@@ -129,7 +130,7 @@ class SocketUpstream:
                 return
             if self._inspect is not None:
                 self._inspect(data)
-            self._pending, short = data, len(data) < link.loop.read_size
+            self._pending, short = data, len(data) < READ_SIZE
 
     def down_blocked(self) -> bool:
         return bool(self._pending)
